@@ -1,0 +1,488 @@
+//! CloudEvents 1.0, JSON structured mode: the wire format of every backend.
+//!
+//! An envelope becomes one JSON object with the required attributes `specversion` ("1.0"),
+//! `id`, `source`, `type`, the optional `time` (RFC 3339), `subject`, `dataschema`,
+//! `datacontenttype`, and `data` (JSON payloads, written verbatim) or `data_base64` (any
+//! other content type). Orchestrator's own attributes are extensions: `schemaversion`,
+//! `correlationid`, `causationid`, `traceparent`, `tracestate`, and for stored events
+//! `streamid`, `streamversion` and `globalposition`. Headers are the remaining extensions.
+//!
+//! Decoding never panics: bad input is an [`Error::Decode`] naming the field at fault.
+//!
+//! ```
+//! use orchestrator_core::{EventEnvelope, cloudevents};
+//! use serde_json::json;
+//!
+//! let event = EventEnvelope::new("order.placed", &json!({"order_id": "o-1"}))?;
+//! let wire = cloudevents::encode(&event)?;
+//! assert_eq!(cloudevents::decode(&wire)?, event);
+//!
+//! let err = cloudevents::decode(br#"{"specversion":"1.0","id":"1","source":"s"}"#).unwrap_err();
+//! assert_eq!(err.decode_field(), Some("type"));
+//! # Ok::<(), orchestrator_core::Error>(())
+//! ```
+
+use std::collections::BTreeMap;
+
+use base64::Engine as _;
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde::Serialize;
+use serde_json::value::RawValue;
+
+use crate::envelope::{
+    CONTENT_TYPE_JSON, EventEnvelope, EventId, StoredPosition, TraceContext, is_json_content_type,
+    validate_event_type, validate_extension_name,
+};
+use crate::error::{Error, Result};
+
+/// The content type of a structured-mode CloudEvent in JSON.
+pub const CLOUDEVENTS_JSON: &str = "application/cloudevents+json";
+/// The only CloudEvents spec version this codec reads and writes.
+pub const SPEC_VERSION: &str = "1.0";
+
+#[derive(Serialize)]
+struct Wire<'a> {
+    specversion: &'static str,
+    id: &'a str,
+    source: &'a str,
+    #[serde(rename = "type")]
+    event_type: &'a str,
+    time: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    subject: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    dataschema: Option<&'a str>,
+    datacontenttype: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data: Option<&'a RawValue>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data_base64: Option<String>,
+    schemaversion: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    correlationid: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    causationid: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    traceparent: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tracestate: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    streamid: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    streamversion: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    globalposition: Option<u64>,
+    #[serde(flatten)]
+    headers: &'a BTreeMap<String, String>,
+}
+
+/// Encodes an envelope as a CloudEvents JSON object.
+///
+/// Fails with [`Error::Encode`] when a JSON-typed payload is not valid JSON (or not UTF-8).
+pub fn encode(event: &EventEnvelope) -> Result<Vec<u8>> {
+    let raw;
+    let (data, data_base64) = if event.data.is_empty() {
+        (None, None)
+    } else if event.is_json() {
+        let text = std::str::from_utf8(&event.data).map_err(|_| {
+            Error::encode(format!(
+                "event {}: payload is declared `{}` but is not UTF-8",
+                event.id, event.content_type
+            ))
+        })?;
+        raw = serde_json::from_str::<&RawValue>(text).map_err(|e| {
+            Error::encode(format!(
+                "event {}: payload is declared `{}` but is not valid JSON: {e}",
+                event.id, event.content_type
+            ))
+        })?;
+        (Some(raw), None)
+    } else {
+        (
+            None,
+            Some(base64::engine::general_purpose::STANDARD.encode(&event.data)),
+        )
+    };
+    let wire = Wire {
+        specversion: SPEC_VERSION,
+        id: event.id.as_str(),
+        source: &event.source,
+        event_type: &event.event_type,
+        time: event.time.to_rfc3339_opts(SecondsFormat::AutoSi, true),
+        subject: event.subject.as_deref(),
+        dataschema: event.data_schema.as_deref(),
+        datacontenttype: &event.content_type,
+        data,
+        data_base64,
+        schemaversion: event.schema_version,
+        correlationid: event.correlation_id.as_deref(),
+        causationid: event.causation_id.as_deref(),
+        traceparent: event.trace.as_ref().map(|t| t.traceparent.as_str()),
+        tracestate: event.trace.as_ref().and_then(|t| t.tracestate.as_deref()),
+        streamid: event.stream_id.as_deref(),
+        streamversion: event.position.map(|p| p.stream_version),
+        globalposition: event.position.map(|p| p.global_position),
+        headers: &event.headers,
+    };
+    serde_json::to_vec(&wire).map_err(|e| Error::encode(e.to_string()))
+}
+
+/// Decodes a CloudEvents JSON object into an envelope.
+///
+/// A missing `time` is read as the moment of decoding; a missing `datacontenttype` as
+/// `application/json`. Extensions other than orchestrator's become headers (numbers and
+/// booleans as their JSON text).
+pub fn decode(bytes: &[u8]) -> Result<EventEnvelope> {
+    let mut attrs: BTreeMap<String, &RawValue> = serde_json::from_slice(bytes)
+        .map_err(|e| Error::decode("$", format!("not a JSON object: {e}")))?;
+    // CloudEvents: an attribute whose value is null is absent.
+    attrs.retain(|_, v| v.get() != "null");
+
+    let specversion =
+        take_string(&mut attrs, "specversion")?.ok_or_else(|| missing("specversion"))?;
+    if specversion != SPEC_VERSION {
+        return Err(Error::decode(
+            "specversion",
+            format!("`{specversion}` is not supported; only \"1.0\" is"),
+        ));
+    }
+    let id = take_string(&mut attrs, "id")?.ok_or_else(|| missing("id"))?;
+    let id = EventId::parse(id).map_err(|_| Error::decode("id", "must not be empty"))?;
+    let source = take_string(&mut attrs, "source")?.ok_or_else(|| missing("source"))?;
+    if source.is_empty() {
+        return Err(Error::decode("source", "must not be empty"));
+    }
+    let event_type = take_string(&mut attrs, "type")?.ok_or_else(|| missing("type"))?;
+    validate_event_type(&event_type).map_err(|e| Error::decode("type", e.to_string()))?;
+    let time = match take_string(&mut attrs, "time")? {
+        Some(t) => DateTime::parse_from_rfc3339(&t)
+            .map_err(|e| Error::decode("time", format!("`{t}` is not an RFC 3339 timestamp: {e}")))?
+            .with_timezone(&Utc),
+        None => Utc::now(),
+    };
+    let subject = take_string(&mut attrs, "subject")?;
+    let data_schema = take_string(&mut attrs, "dataschema")?;
+    let content_type =
+        take_string(&mut attrs, "datacontenttype")?.unwrap_or_else(|| CONTENT_TYPE_JSON.to_owned());
+
+    let data = attrs.remove("data");
+    let data_base64 = take_string(&mut attrs, "data_base64")?;
+    let data: Vec<u8> = match (data, data_base64) {
+        (Some(_), Some(_)) => {
+            return Err(Error::decode(
+                "data_base64",
+                "an event carries `data` or `data_base64`, not both",
+            ));
+        }
+        (None, Some(b64)) => base64::engine::general_purpose::STANDARD
+            .decode(b64.as_bytes())
+            .map_err(|e| Error::decode("data_base64", format!("not valid base64: {e}")))?,
+        (Some(raw), None) if is_json_content_type(&content_type) => raw.get().as_bytes().to_vec(),
+        (Some(raw), None) => match serde_json::from_str::<String>(raw.get()) {
+            Ok(text) => text.into_bytes(),
+            Err(_) => {
+                return Err(Error::decode(
+                    "data",
+                    format!(
+                        "datacontenttype is `{content_type}`, which is not JSON, so `data` must \
+                         be a string (or use `data_base64`)"
+                    ),
+                ));
+            }
+        },
+        (None, None) => Vec::new(),
+    };
+
+    let schema_version = match take_integer(&mut attrs, "schemaversion")? {
+        None => 1,
+        Some(v) => u32::try_from(v)
+            .map_err(|_| Error::decode("schemaversion", format!("{v} does not fit in 32 bits")))?,
+    };
+    let correlation_id = take_string(&mut attrs, "correlationid")?;
+    let causation_id = take_string(&mut attrs, "causationid")?;
+    let traceparent = take_string(&mut attrs, "traceparent")?;
+    let tracestate = take_string(&mut attrs, "tracestate")?;
+    let trace = match (traceparent, tracestate) {
+        (Some(traceparent), tracestate) => Some(TraceContext {
+            traceparent,
+            tracestate,
+        }),
+        (None, Some(_)) => {
+            return Err(Error::decode(
+                "tracestate",
+                "`tracestate` without `traceparent`",
+            ));
+        }
+        (None, None) => None,
+    };
+    let stream_id = take_string(&mut attrs, "streamid")?;
+    let stream_version = take_integer(&mut attrs, "streamversion")?;
+    let global_position = take_integer(&mut attrs, "globalposition")?;
+    let position = match (stream_version, global_position) {
+        (Some(stream_version), Some(global_position)) => Some(StoredPosition {
+            stream_version,
+            global_position,
+        }),
+        (None, None) => None,
+        (Some(_), None) => return Err(missing_pair("globalposition", "streamversion")),
+        (None, Some(_)) => return Err(missing_pair("streamversion", "globalposition")),
+    };
+    if position.is_some() && stream_id.is_none() {
+        return Err(missing_pair("streamid", "streamversion"));
+    }
+
+    let mut headers = BTreeMap::new();
+    for (name, raw) in attrs {
+        validate_extension_name(&name).map_err(|e| Error::decode(name.clone(), e.to_string()))?;
+        let value: serde_json::Value = serde_json::from_str(raw.get())
+            .map_err(|e| Error::decode(name.clone(), e.to_string()))?;
+        let text = match value {
+            serde_json::Value::String(s) => s,
+            serde_json::Value::Number(n) => n.to_string(),
+            serde_json::Value::Bool(b) => b.to_string(),
+            other => {
+                return Err(Error::decode(
+                    name,
+                    format!(
+                        "extension values must be strings, numbers or booleans, not {}",
+                        json_kind(&other)
+                    ),
+                ));
+            }
+        };
+        headers.insert(name, text);
+    }
+
+    Ok(EventEnvelope {
+        id,
+        event_type,
+        schema_version,
+        source,
+        time,
+        subject,
+        data_schema,
+        correlation_id,
+        causation_id,
+        trace,
+        headers,
+        content_type,
+        data: data.into(),
+        stream_id,
+        position,
+    })
+}
+
+fn missing(field: &str) -> Error {
+    Error::decode(field, "required attribute is missing")
+}
+
+fn missing_pair(field: &str, because: &str) -> Error {
+    Error::decode(field, format!("required when `{because}` is present"))
+}
+
+fn take_string(attrs: &mut BTreeMap<String, &RawValue>, name: &str) -> Result<Option<String>> {
+    match attrs.remove(name) {
+        None => Ok(None),
+        Some(raw) => serde_json::from_str::<String>(raw.get())
+            .map(Some)
+            .map_err(|_| Error::decode(name, format!("must be a string, found `{}`", raw.get()))),
+    }
+}
+
+fn take_integer(attrs: &mut BTreeMap<String, &RawValue>, name: &str) -> Result<Option<u64>> {
+    let Some(raw) = attrs.remove(name) else {
+        return Ok(None);
+    };
+    let value: serde_json::Value =
+        serde_json::from_str(raw.get()).map_err(|e| Error::decode(name, e.to_string()))?;
+    let parsed = match &value {
+        serde_json::Value::Number(n) => n.as_u64(),
+        // Integer extensions may arrive as strings from producers that only write strings.
+        serde_json::Value::String(s) => s.parse::<u64>().ok(),
+        _ => None,
+    };
+    parsed.map(Some).ok_or_else(|| {
+        Error::decode(
+            name,
+            format!("must be a non-negative integer, found `{}`", raw.get()),
+        )
+    })
+}
+
+fn json_kind(value: &serde_json::Value) -> &'static str {
+    match value {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "a boolean",
+        serde_json::Value::Number(_) => "a number",
+        serde_json::Value::String(_) => "a string",
+        serde_json::Value::Array(_) => "an array",
+        serde_json::Value::Object(_) => "an object",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn full_event() -> EventEnvelope {
+        EventEnvelope::new(
+            "order.placed",
+            &json!({"z": 1, "a": [1.5, "x"], "m": {"b": null}}),
+        )
+        .unwrap()
+        .with_source("urn:shop")
+        .with_schema_version(3)
+        .with_subject("order-1")
+        .with_data_schema("https://schemas.example/order.placed/3")
+        .with_correlation_id("corr-1")
+        .with_causation_id("cause-1")
+        .with_trace_context(TraceContext {
+            traceparent: "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into(),
+            tracestate: Some("congo=t61rcWkgMzE".into()),
+        })
+        .with_header("tenant", "acme")
+        .unwrap()
+        .with_position(
+            "order-1",
+            StoredPosition {
+                stream_version: 7,
+                global_position: 42,
+            },
+        )
+    }
+
+    #[test]
+    fn exact_round_trip_keeps_every_attribute_and_payload_bytes() {
+        let event = full_event();
+        let wire = encode(&event).unwrap();
+        let back = decode(&wire).unwrap();
+        assert_eq!(back, event);
+        // The payload is carried verbatim, key order included.
+        assert_eq!(back.data_bytes(), event.data_bytes());
+        assert_eq!(encode(&back).unwrap(), wire);
+    }
+
+    #[test]
+    fn binary_payloads_use_data_base64() {
+        let event =
+            EventEnvelope::from_bytes("blob.stored", "application/octet-stream", vec![0u8, 255, 7])
+                .unwrap();
+        let wire: serde_json::Value = serde_json::from_slice(&encode(&event).unwrap()).unwrap();
+        assert_eq!(wire["data_base64"], "AP8H");
+        assert!(wire.get("data").is_none());
+        assert_eq!(decode(&encode(&event).unwrap()).unwrap(), event);
+    }
+
+    #[test]
+    fn nanosecond_times_round_trip() {
+        let time = DateTime::parse_from_rfc3339("2026-11-26T10:11:12.123456789Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        let event = EventEnvelope::new("a.b", &1).unwrap().with_time(time);
+        assert_eq!(decode(&encode(&event).unwrap()).unwrap().time(), time);
+    }
+
+    #[test]
+    fn invalid_json_payload_is_an_encode_error() {
+        let event = EventEnvelope::from_bytes("a.b", "application/json", &b"{nope"[..]).unwrap();
+        assert!(matches!(encode(&event), Err(Error::Encode { .. })));
+    }
+
+    fn field_of(input: &str) -> String {
+        match decode(input.as_bytes()) {
+            Err(Error::Decode { field, .. }) => field,
+            other => panic!("expected a decode error for {input}, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn bad_input_names_the_field() {
+        let ok = r#""specversion":"1.0","id":"1","source":"s","type":"a.b""#;
+        assert_eq!(field_of("not json"), "$");
+        assert_eq!(field_of("[1,2]"), "$");
+        assert_eq!(field_of(""), "$");
+        assert_eq!(
+            field_of(r#"{"id":"1","source":"s","type":"a.b"}"#),
+            "specversion"
+        );
+        assert_eq!(
+            field_of(r#"{"specversion":"1.0","source":"s","type":"a.b"}"#),
+            "id"
+        );
+        assert_eq!(
+            field_of(r#"{"specversion":"1.0","id":"1","type":"a.b"}"#),
+            "source"
+        );
+        assert_eq!(
+            field_of(r#"{"specversion":"1.0","id":"1","source":"s"}"#),
+            "type"
+        );
+        assert_eq!(
+            field_of(r#"{"specversion":"0.3","id":"1","source":"s","type":"a.b"}"#),
+            "specversion"
+        );
+        assert_eq!(
+            field_of(r#"{"specversion":1.0,"id":"1","source":"s","type":"a.b"}"#),
+            "specversion"
+        );
+        assert_eq!(field_of(&format!(r#"{{{ok},"time":"yesterday"}}"#)), "time");
+        assert_eq!(
+            field_of(&format!(r#"{{{ok},"time":"2026-13-01T00:00:00Z"}}"#)),
+            "time"
+        );
+        assert_eq!(
+            field_of(&format!(
+                r#"{{{ok},"datacontenttype":"application/octet-stream","data":{{"a":1}}}}"#
+            )),
+            "data"
+        );
+        assert_eq!(
+            field_of(&format!(r#"{{{ok},"data_base64":"***"}}"#)),
+            "data_base64"
+        );
+        assert_eq!(
+            field_of(&format!(r#"{{{ok},"data":1,"data_base64":"AA=="}}"#)),
+            "data_base64"
+        );
+        assert_eq!(field_of(&format!(r#"{{{ok},"Bad-Name":"x"}}"#)), "Bad-Name");
+        assert_eq!(field_of(&format!(r#"{{{ok},"x_y":"x"}}"#)), "x_y");
+        assert_eq!(
+            field_of(&format!(r#"{{{ok},"nested":{{"a":1}}}}"#)),
+            "nested"
+        );
+        assert_eq!(
+            field_of(&format!(r#"{{{ok},"schemaversion":-1}}"#)),
+            "schemaversion"
+        );
+        assert_eq!(
+            field_of(&format!(r#"{{{ok},"streamversion":1}}"#)),
+            "globalposition"
+        );
+    }
+
+    #[test]
+    fn minimal_foreign_event_decodes_with_defaults() {
+        let event = decode(
+            br#"{"specversion":"1.0","id":"abc","source":"/x","type":"a.b","n":5,"flag":true,"data":{"k":"v"}}"#,
+        )
+        .unwrap();
+        assert_eq!(event.id().as_str(), "abc");
+        assert_eq!(event.content_type(), "application/json");
+        assert_eq!(event.header("n"), Some("5"));
+        assert_eq!(event.header("flag"), Some("true"));
+        assert_eq!(
+            event.data::<serde_json::Value>().unwrap(),
+            json!({"k": "v"})
+        );
+    }
+
+    #[test]
+    fn text_data_with_text_content_type() {
+        let event = decode(
+            br#"{"specversion":"1.0","id":"1","source":"s","type":"a.b","datacontenttype":"text/plain","data":"hello"}"#,
+        )
+        .unwrap();
+        assert_eq!(&event.data_bytes()[..], b"hello");
+    }
+}

@@ -1,0 +1,254 @@
+//! Codecs: how an envelope or a payload becomes bytes.
+//!
+//! [`CloudEventsJson`] is the wire format every backend uses (see [`crate::cloudevents`]);
+//! [`Bincode`] is a compact binary form for payloads and for stores' own records.
+//!
+//! ```
+//! use orchestrator_core::{EventEnvelope, codec::{Bincode, Codec, CloudEventsJson}};
+//!
+//! let event = EventEnvelope::new("order.placed", &serde_json::json!({"id": 1}))?;
+//! for codec in [&CloudEventsJson as &dyn Codec, &Bincode] {
+//!     assert_eq!(codec.decode(&codec.encode(&event)?)?, event);
+//! }
+//! # Ok::<(), orchestrator_core::Error>(())
+//! ```
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+
+use crate::envelope::{
+    CONTENT_TYPE_BINCODE, EventEnvelope, EventId, StoredPosition, TraceContext, validate_event_type,
+};
+use crate::error::{Error, Result};
+
+/// Turns envelopes into bytes and back.
+pub trait Codec: Send + Sync {
+    /// The codec's name, for logs and errors.
+    fn name(&self) -> &'static str;
+    /// Encodes an envelope.
+    fn encode(&self, event: &EventEnvelope) -> Result<Vec<u8>>;
+    /// Decodes an envelope; bad input is an [`Error::Decode`], never a panic.
+    fn decode(&self, bytes: &[u8]) -> Result<EventEnvelope>;
+}
+
+/// CloudEvents 1.0 JSON structured mode, the wire contract.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CloudEventsJson;
+
+impl Codec for CloudEventsJson {
+    fn name(&self) -> &'static str {
+        "cloudevents-json"
+    }
+    fn encode(&self, event: &EventEnvelope) -> Result<Vec<u8>> {
+        crate::cloudevents::encode(event)
+    }
+    fn decode(&self, bytes: &[u8]) -> Result<EventEnvelope> {
+        crate::cloudevents::decode(bytes)
+    }
+}
+
+/// Compact binary encoding with bincode 2 (serde mode, standard configuration).
+///
+/// Decoding refuses to allocate more than [`Bincode::MAX_LEN`] bytes, so corrupt input
+/// cannot exhaust memory.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Bincode;
+
+type BincodeConfig = bincode::config::Configuration<
+    bincode::config::LittleEndian,
+    bincode::config::Varint,
+    bincode::config::Limit<{ Bincode::MAX_LEN }>,
+>;
+
+impl Bincode {
+    /// The largest value the decoder accepts, in bytes (64 MiB).
+    pub const MAX_LEN: usize = 64 * 1024 * 1024;
+
+    fn config() -> BincodeConfig {
+        bincode::config::standard().with_limit::<{ Self::MAX_LEN }>()
+    }
+
+    /// Encodes any serde value (a payload) with bincode.
+    pub fn encode_payload<T: Serialize>(value: &T) -> Result<Vec<u8>> {
+        bincode::serde::encode_to_vec(value, Self::config())
+            .map_err(|e| Error::encode(format!("bincode: {e}")))
+    }
+
+    /// Decodes a bincode payload into any serde type.
+    pub fn decode_payload<T: DeserializeOwned>(bytes: &[u8]) -> Result<T> {
+        let (value, used) = bincode::serde::decode_from_slice(bytes, Self::config())
+            .map_err(|e| Error::decode("data", format!("bincode: {e}")))?;
+        if used != bytes.len() {
+            return Err(Error::decode(
+                "data",
+                format!("bincode: {} trailing bytes", bytes.len() - used),
+            ));
+        }
+        Ok(value)
+    }
+
+    /// A new envelope whose payload is `value` in bincode (content type
+    /// [`CONTENT_TYPE_BINCODE`]).
+    pub fn envelope<T: Serialize>(event_type: &str, value: &T) -> Result<EventEnvelope> {
+        EventEnvelope::from_bytes(
+            event_type,
+            CONTENT_TYPE_BINCODE,
+            Self::encode_payload(value)?,
+        )
+    }
+}
+
+/// The envelope as bincode sees it. Times are kept as nanoseconds since the epoch.
+#[derive(Serialize, Deserialize)]
+struct Record {
+    id: String,
+    event_type: String,
+    schema_version: u32,
+    source: String,
+    time_secs: i64,
+    time_nanos: u32,
+    subject: Option<String>,
+    data_schema: Option<String>,
+    correlation_id: Option<String>,
+    causation_id: Option<String>,
+    traceparent: Option<String>,
+    tracestate: Option<String>,
+    headers: BTreeMap<String, String>,
+    content_type: String,
+    data: Vec<u8>,
+    stream_id: Option<String>,
+    position: Option<(u64, u64)>,
+}
+
+impl Codec for Bincode {
+    fn name(&self) -> &'static str {
+        "bincode"
+    }
+
+    fn encode(&self, e: &EventEnvelope) -> Result<Vec<u8>> {
+        let record = Record {
+            id: e.id.as_str().to_owned(),
+            event_type: e.event_type.clone(),
+            schema_version: e.schema_version,
+            source: e.source.clone(),
+            time_secs: e.time.timestamp(),
+            time_nanos: e.time.timestamp_subsec_nanos(),
+            subject: e.subject.clone(),
+            data_schema: e.data_schema.clone(),
+            correlation_id: e.correlation_id.clone(),
+            causation_id: e.causation_id.clone(),
+            traceparent: e.trace.as_ref().map(|t| t.traceparent.clone()),
+            tracestate: e.trace.as_ref().and_then(|t| t.tracestate.clone()),
+            headers: e.headers.clone(),
+            content_type: e.content_type.clone(),
+            data: e.data.to_vec(),
+            stream_id: e.stream_id.clone(),
+            position: e.position.map(|p| (p.stream_version, p.global_position)),
+        };
+        Self::encode_payload(&record)
+    }
+
+    fn decode(&self, bytes: &[u8]) -> Result<EventEnvelope> {
+        let r: Record = Self::decode_payload(bytes).map_err(|e| match e {
+            Error::Decode { reason, .. } => Error::decode("$", reason),
+            other => other,
+        })?;
+        let id = EventId::parse(r.id).map_err(|_| Error::decode("id", "must not be empty"))?;
+        validate_event_type(&r.event_type).map_err(|e| Error::decode("type", e.to_string()))?;
+        let time = DateTime::<Utc>::from_timestamp(r.time_secs, r.time_nanos)
+            .ok_or_else(|| Error::decode("time", "out of range"))?;
+        let trace = match (r.traceparent, r.tracestate) {
+            (Some(traceparent), tracestate) => Some(TraceContext {
+                traceparent,
+                tracestate,
+            }),
+            (None, None) => None,
+            (None, Some(_)) => return Err(Error::decode("tracestate", "without traceparent")),
+        };
+        Ok(EventEnvelope {
+            id,
+            event_type: r.event_type,
+            schema_version: r.schema_version,
+            source: r.source,
+            time,
+            subject: r.subject,
+            data_schema: r.data_schema,
+            correlation_id: r.correlation_id,
+            causation_id: r.causation_id,
+            trace,
+            headers: r.headers,
+            content_type: r.content_type,
+            data: r.data.into(),
+            stream_id: r.stream_id,
+            position: r
+                .position
+                .map(|(stream_version, global_position)| StoredPosition {
+                    stream_version,
+                    global_position,
+                }),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, PartialEq, Serialize, Deserialize)]
+    struct Payload {
+        n: u64,
+        name: String,
+    }
+
+    #[test]
+    fn bincode_payload_round_trip() {
+        let env = Bincode::envelope(
+            "a.b",
+            &Payload {
+                n: 7,
+                name: "x".into(),
+            },
+        )
+        .unwrap();
+        assert_eq!(env.content_type(), CONTENT_TYPE_BINCODE);
+        assert_eq!(
+            env.data::<Payload>().unwrap(),
+            Payload {
+                n: 7,
+                name: "x".into()
+            }
+        );
+    }
+
+    #[test]
+    fn bincode_envelope_round_trip() {
+        let env = EventEnvelope::new("a.b", &serde_json::json!({"k": [1, 2]}))
+            .unwrap()
+            .with_correlation_id("c")
+            .with_header("tenant", "t")
+            .unwrap()
+            .with_position(
+                "s-1",
+                StoredPosition {
+                    stream_version: 3,
+                    global_position: 9,
+                },
+            );
+        let bytes = Bincode.encode(&env).unwrap();
+        assert_eq!(Bincode.decode(&bytes).unwrap(), env);
+    }
+
+    #[test]
+    fn bincode_garbage_is_a_decode_error() {
+        let env = EventEnvelope::new("a.b", &1).unwrap();
+        let bytes = Bincode.encode(&env).unwrap();
+        for cut in 0..bytes.len() {
+            assert!(Bincode.decode(&bytes[..cut]).is_err());
+        }
+        // A length prefix claiming gigabytes must not allocate them.
+        let huge = [0xFCu8, 0xFF, 0xFF, 0xFF, 0x7F, 1, 2, 3];
+        assert!(Bincode.decode(&huge).is_err());
+    }
+}

@@ -1,0 +1,637 @@
+//! The event envelope: one type for every event, everywhere.
+
+use std::collections::BTreeMap;
+
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use serde::{Serialize, de::DeserializeOwned};
+use uuid::Uuid;
+
+use crate::error::{Error, Result};
+
+/// The content type of JSON payloads, the default.
+pub const CONTENT_TYPE_JSON: &str = "application/json";
+/// The content type of payloads encoded with the [`crate::codec::Bincode`] codec.
+pub const CONTENT_TYPE_BINCODE: &str = "application/x-bincode";
+/// The source given to events whose creator names none.
+pub const DEFAULT_SOURCE: &str = "urn:orchestrator";
+
+/// A typed event: a serde type with a stable type name and a schema version.
+///
+/// ```
+/// use orchestrator_core::{Event, EventEnvelope};
+/// use serde::{Deserialize, Serialize};
+///
+/// #[derive(Debug, PartialEq, Serialize, Deserialize)]
+/// struct OrderPlaced { order_id: String, amount_cents: u64 }
+///
+/// impl Event for OrderPlaced {
+///     const EVENT_TYPE: &'static str = "order.placed";
+///     const SCHEMA_VERSION: u32 = 2;
+/// }
+///
+/// let placed = OrderPlaced { order_id: "o-1".into(), amount_cents: 9_999 };
+/// let envelope = EventEnvelope::from_event(&placed)?;
+/// assert_eq!(envelope.event_type(), "order.placed");
+/// assert_eq!(envelope.schema_version(), 2);
+/// assert_eq!(envelope.to_event::<OrderPlaced>()?, placed);
+/// # Ok::<(), orchestrator_core::Error>(())
+/// ```
+pub trait Event: Serialize + DeserializeOwned {
+    /// The event type, dot-separated (`"order.placed"`), as routed by topic patterns.
+    const EVENT_TYPE: &'static str;
+    /// The version of this type's schema; bump it when the shape changes.
+    const SCHEMA_VERSION: u32 = 1;
+}
+
+/// W3C trace context carried with an event so that a trace crosses every broker.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct TraceContext {
+    /// The `traceparent` header value (`00-<trace id>-<span id>-<flags>`).
+    pub traceparent: String,
+    /// The `tracestate` header value, if any.
+    pub tracestate: Option<String>,
+}
+
+/// An event's id: a UUIDv7 for events made here; any non-empty string for events that
+/// arrive from other CloudEvents producers.
+#[derive(
+    Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
+#[serde(transparent)]
+pub struct EventId(String);
+
+impl EventId {
+    /// A fresh UUIDv7 id (ids made later sort after ids made earlier).
+    pub fn new() -> Self {
+        Self(Uuid::now_v7().to_string())
+    }
+
+    /// An id from a string; empty strings are an [`Error::InvalidInput`].
+    pub fn parse(id: impl Into<String>) -> Result<Self> {
+        let id = id.into();
+        if id.is_empty() {
+            return Err(Error::invalid("event id", "must not be empty"));
+        }
+        Ok(Self(id))
+    }
+
+    /// The id as a string.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The id as a UUID, when it is one.
+    pub fn as_uuid(&self) -> Option<Uuid> {
+        Uuid::parse_str(&self.0).ok()
+    }
+}
+
+impl Default for EventId {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl From<Uuid> for EventId {
+    fn from(id: Uuid) -> Self {
+        Self(id.to_string())
+    }
+}
+
+impl std::fmt::Display for EventId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl PartialEq<str> for EventId {
+    fn eq(&self, other: &str) -> bool {
+        self.0 == other
+    }
+}
+
+/// Where a stored event sits: its stream, its version in the stream and its global position.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct StoredPosition {
+    /// The event's version within its stream; the first event of a stream has version 1.
+    pub stream_version: u64,
+    /// The event's position in the store's global order; the first event has position 1,
+    /// and positions strictly increase (they may have gaps on some backends).
+    pub global_position: u64,
+}
+
+/// An event with its metadata: what travels over every transport and sits in every store.
+///
+/// Build one with [`EventEnvelope::new`] (any serde payload, encoded as JSON),
+/// [`EventEnvelope::from_event`] (a typed [`Event`]) or [`EventEnvelope::from_bytes`]; read it
+/// with [`id`](Self::id), [`event_type`](Self::event_type) and [`data`](Self::data).
+///
+/// ```
+/// use orchestrator_core::EventEnvelope;
+/// use serde_json::json;
+///
+/// let event = EventEnvelope::new("user.created", &json!({"user_id": "123"}))?
+///     .with_source("urn:users-service")
+///     .with_correlation_id("req-42");
+/// assert_eq!(event.event_type(), "user.created");
+/// let payload: serde_json::Value = event.data()?;
+/// assert_eq!(payload["user_id"], "123");
+/// # Ok::<(), orchestrator_core::Error>(())
+/// ```
+#[derive(Debug, Clone, PartialEq)]
+pub struct EventEnvelope {
+    pub(crate) id: EventId,
+    pub(crate) event_type: String,
+    pub(crate) schema_version: u32,
+    pub(crate) source: String,
+    pub(crate) time: DateTime<Utc>,
+    pub(crate) subject: Option<String>,
+    pub(crate) data_schema: Option<String>,
+    pub(crate) correlation_id: Option<String>,
+    pub(crate) causation_id: Option<String>,
+    pub(crate) trace: Option<TraceContext>,
+    pub(crate) headers: BTreeMap<String, String>,
+    pub(crate) content_type: String,
+    pub(crate) data: Bytes,
+    pub(crate) stream_id: Option<String>,
+    pub(crate) position: Option<StoredPosition>,
+}
+
+impl EventEnvelope {
+    /// A new event of `event_type` whose payload is `data` encoded as JSON.
+    ///
+    /// The id is a fresh UUIDv7, the time is now, the schema version 1.
+    pub fn new(event_type: impl Into<String>, data: &impl Serialize) -> Result<Self> {
+        let bytes = serde_json::to_vec(data)
+            .map_err(|e| Error::encode(format!("payload is not serializable as JSON: {e}")))?;
+        Self::from_bytes(event_type, CONTENT_TYPE_JSON, bytes)
+    }
+
+    /// A new event of `event_type` carrying raw `data` of the given content type.
+    pub fn from_bytes(
+        event_type: impl Into<String>,
+        content_type: impl Into<String>,
+        data: impl Into<Bytes>,
+    ) -> Result<Self> {
+        let event_type = event_type.into();
+        validate_event_type(&event_type)?;
+        let content_type = content_type.into();
+        if content_type.trim().is_empty() {
+            return Err(Error::invalid(
+                "content type",
+                "must not be empty; use \"application/json\" for JSON payloads",
+            ));
+        }
+        Ok(Self {
+            id: EventId::new(),
+            event_type,
+            schema_version: 1,
+            source: DEFAULT_SOURCE.to_owned(),
+            time: Utc::now(),
+            subject: None,
+            data_schema: None,
+            correlation_id: None,
+            causation_id: None,
+            trace: None,
+            headers: BTreeMap::new(),
+            content_type,
+            data: data.into(),
+            stream_id: None,
+            position: None,
+        })
+    }
+
+    /// An envelope for a typed event, with its type name and schema version.
+    pub fn from_event<E: Event>(event: &E) -> Result<Self> {
+        Ok(Self::new(E::EVENT_TYPE, event)?.with_schema_version(E::SCHEMA_VERSION))
+    }
+
+    /// Decodes this envelope into the typed event `E`, checking that the type names match.
+    pub fn to_event<E: Event>(&self) -> Result<E> {
+        if self.event_type != E::EVENT_TYPE {
+            return Err(Error::decode(
+                "type",
+                format!(
+                    "event is of type `{}`, not `{}`",
+                    self.event_type,
+                    E::EVENT_TYPE
+                ),
+            ));
+        }
+        self.data()
+    }
+
+    /// The event's unique id (a UUIDv7 for events made here, so ids sort by creation time).
+    pub fn id(&self) -> &EventId {
+        &self.id
+    }
+
+    /// The event type, e.g. `"order.placed"`.
+    pub fn event_type(&self) -> &str {
+        &self.event_type
+    }
+
+    /// The version of the payload's schema.
+    pub fn schema_version(&self) -> u32 {
+        self.schema_version
+    }
+
+    /// Who produced the event (a URI reference).
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
+    /// When the event happened.
+    pub fn time(&self) -> DateTime<Utc> {
+        self.time
+    }
+
+    /// The CloudEvents `subject`, if any.
+    pub fn subject(&self) -> Option<&str> {
+        self.subject.as_deref()
+    }
+
+    /// The CloudEvents `dataschema`, if any.
+    pub fn data_schema(&self) -> Option<&str> {
+        self.data_schema.as_deref()
+    }
+
+    /// The id shared by every event of one business transaction.
+    pub fn correlation_id(&self) -> Option<&str> {
+        self.correlation_id.as_deref()
+    }
+
+    /// The id of the event or command that caused this one.
+    pub fn causation_id(&self) -> Option<&str> {
+        self.causation_id.as_deref()
+    }
+
+    /// The W3C trace context, if the event was published inside a trace.
+    pub fn trace_context(&self) -> Option<&TraceContext> {
+        self.trace.as_ref()
+    }
+
+    /// Free headers (CloudEvents extensions on the wire).
+    pub fn headers(&self) -> &BTreeMap<String, String> {
+        &self.headers
+    }
+
+    /// One header's value.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).map(String::as_str)
+    }
+
+    /// The payload's content type.
+    pub fn content_type(&self) -> &str {
+        &self.content_type
+    }
+
+    /// Whether the payload is JSON (`application/json` or any `+json` type).
+    pub fn is_json(&self) -> bool {
+        is_json_content_type(&self.content_type)
+    }
+
+    /// The raw payload bytes.
+    pub fn data_bytes(&self) -> &Bytes {
+        &self.data
+    }
+
+    /// Decodes the payload into any serde type, `serde_json::Value` included.
+    ///
+    /// JSON payloads are decoded with serde_json, bincode payloads with the bincode codec;
+    /// other content types are an [`Error::Decode`].
+    pub fn data<T: DeserializeOwned>(&self) -> Result<T> {
+        if self.is_json() {
+            serde_json::from_slice(&self.data)
+                .map_err(|e| Error::decode("data", format!("payload does not fit the type: {e}")))
+        } else if self.content_type == CONTENT_TYPE_BINCODE {
+            crate::codec::Bincode::decode_payload(&self.data)
+        } else {
+            Err(Error::decode(
+                "datacontenttype",
+                format!(
+                    "cannot decode a `{}` payload into a typed value; read data_bytes() instead",
+                    self.content_type
+                ),
+            ))
+        }
+    }
+
+    /// The stream this event belongs to (set before appending, or by the store).
+    pub fn stream_id(&self) -> Option<&str> {
+        self.stream_id.as_deref()
+    }
+
+    /// For stored events, the stream version and global position.
+    pub fn position(&self) -> Option<StoredPosition> {
+        self.position
+    }
+
+    /// For stored events, the version within the stream.
+    pub fn stream_version(&self) -> Option<u64> {
+        self.position.map(|p| p.stream_version)
+    }
+
+    /// For stored events, the global position.
+    pub fn global_position(&self) -> Option<u64> {
+        self.position.map(|p| p.global_position)
+    }
+
+    /// The key that orders delivery: events with the same key are delivered in order.
+    /// It is the stream id, or the event id when there is none.
+    pub fn partition_key(&self) -> String {
+        match &self.stream_id {
+            Some(s) => s.clone(),
+            None => self.id.to_string(),
+        }
+    }
+
+    /// Sets the id (for tests and for re-creating an event read from elsewhere).
+    pub fn with_id(mut self, id: impl Into<EventId>) -> Self {
+        self.id = id.into();
+        self
+    }
+
+    /// Sets the schema version.
+    pub fn with_schema_version(mut self, version: u32) -> Self {
+        self.schema_version = version;
+        self
+    }
+
+    /// Sets the source.
+    pub fn with_source(mut self, source: impl Into<String>) -> Self {
+        self.source = source.into();
+        self
+    }
+
+    /// Sets the time.
+    pub fn with_time(mut self, time: DateTime<Utc>) -> Self {
+        self.time = time;
+        self
+    }
+
+    /// Sets the CloudEvents `subject`.
+    pub fn with_subject(mut self, subject: impl Into<String>) -> Self {
+        self.subject = Some(subject.into());
+        self
+    }
+
+    /// Sets the CloudEvents `dataschema`.
+    pub fn with_data_schema(mut self, schema: impl Into<String>) -> Self {
+        self.data_schema = Some(schema.into());
+        self
+    }
+
+    /// Sets the correlation id.
+    pub fn with_correlation_id(mut self, id: impl Into<String>) -> Self {
+        self.correlation_id = Some(id.into());
+        self
+    }
+
+    /// Sets the causation id.
+    pub fn with_causation_id(mut self, id: impl Into<String>) -> Self {
+        self.causation_id = Some(id.into());
+        self
+    }
+
+    /// Marks this event as caused by `cause`: copies its correlation id (or its id when it has
+    /// none) and sets the causation id to its id.
+    pub fn caused_by(mut self, cause: &EventEnvelope) -> Self {
+        self.correlation_id = Some(
+            cause
+                .correlation_id
+                .clone()
+                .unwrap_or_else(|| cause.id.to_string()),
+        );
+        self.causation_id = Some(cause.id.to_string());
+        self
+    }
+
+    /// Sets the W3C trace context.
+    pub fn with_trace_context(mut self, trace: TraceContext) -> Self {
+        self.trace = Some(trace);
+        self
+    }
+
+    /// Removes the trace context.
+    pub fn without_trace_context(mut self) -> Self {
+        self.trace = None;
+        self
+    }
+
+    /// Adds a header. Header names travel as CloudEvents extension attributes, so they must
+    /// be lowercase ASCII letters and digits and must not be one of the reserved attribute
+    /// names; anything else is an [`Error::InvalidInput`].
+    pub fn with_header(
+        mut self,
+        name: impl Into<String>,
+        value: impl Into<String>,
+    ) -> Result<Self> {
+        let name = name.into();
+        validate_header_name(&name)?;
+        self.headers.insert(name, value.into());
+        Ok(self)
+    }
+
+    /// Sets the stream this event belongs to (its partition key in transports).
+    pub fn with_stream_id(mut self, stream_id: impl Into<String>) -> Self {
+        self.stream_id = Some(stream_id.into());
+        self
+    }
+
+    /// Records where a store put this event. Stores call this; users rarely need to.
+    pub fn with_position(mut self, stream_id: impl Into<String>, position: StoredPosition) -> Self {
+        self.stream_id = Some(stream_id.into());
+        self.position = Some(position);
+        self
+    }
+
+    /// Clears the stored position (for re-appending an event read from elsewhere).
+    pub fn without_position(mut self) -> Self {
+        self.position = None;
+        self
+    }
+
+    /// Replaces the event type (for upcasters and transforms).
+    pub fn with_event_type(mut self, event_type: impl Into<String>) -> Result<Self> {
+        let event_type = event_type.into();
+        validate_event_type(&event_type)?;
+        self.event_type = event_type;
+        Ok(self)
+    }
+
+    /// Replaces the payload with `data` encoded as JSON (for upcasters and transforms).
+    pub fn with_data(mut self, data: &impl Serialize) -> Result<Self> {
+        self.data = serde_json::to_vec(data)
+            .map_err(|e| Error::encode(format!("payload is not serializable as JSON: {e}")))?
+            .into();
+        self.content_type = CONTENT_TYPE_JSON.to_owned();
+        Ok(self)
+    }
+
+    /// Replaces the payload with raw bytes of the given content type.
+    pub fn with_data_bytes(
+        mut self,
+        content_type: impl Into<String>,
+        data: impl Into<Bytes>,
+    ) -> Self {
+        self.content_type = content_type.into();
+        self.data = data.into();
+        self
+    }
+}
+
+/// The attribute names CloudEvents and orchestrator reserve; headers may not use them.
+pub(crate) const RESERVED_ATTRIBUTES: &[&str] = &[
+    "specversion",
+    "id",
+    "source",
+    "type",
+    "time",
+    "subject",
+    "dataschema",
+    "datacontenttype",
+    "data",
+    "data_base64",
+    "schemaversion",
+    "correlationid",
+    "causationid",
+    "traceparent",
+    "tracestate",
+    "streamid",
+    "streamversion",
+    "globalposition",
+];
+
+/// Checks an event type: non-empty, no whitespace, dot-separated non-empty segments, and
+/// none of the pattern characters `*` and `#`.
+pub fn validate_event_type(event_type: &str) -> Result<()> {
+    let bad = |reason: &str| {
+        Err(Error::invalid(
+            "event type",
+            format!("`{event_type}` {reason}"),
+        ))
+    };
+    if event_type.is_empty() {
+        return bad("is empty; name events like \"order.placed\"");
+    }
+    if event_type
+        .chars()
+        .any(|c| c.is_whitespace() || c.is_control())
+    {
+        return bad("contains whitespace or control characters");
+    }
+    if event_type.contains(['*', '#']) {
+        return bad("contains `*` or `#`, which are reserved for subscription patterns");
+    }
+    if event_type.split('.').any(str::is_empty) {
+        return bad("has an empty segment; segments are separated by single dots");
+    }
+    Ok(())
+}
+
+/// Checks a CloudEvents extension attribute name: lowercase ASCII letters and digits only.
+pub fn validate_extension_name(name: &str) -> Result<()> {
+    if name.is_empty()
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+    {
+        return Err(Error::invalid(
+            "extension attribute name",
+            format!("`{name}`: CloudEvents allows only lowercase ASCII letters and digits"),
+        ));
+    }
+    Ok(())
+}
+
+fn validate_header_name(name: &str) -> Result<()> {
+    validate_extension_name(name)?;
+    if RESERVED_ATTRIBUTES.contains(&name) {
+        return Err(Error::invalid(
+            "header name",
+            format!("`{name}` is a reserved attribute; set it through its own method"),
+        ));
+    }
+    Ok(())
+}
+
+/// Whether a content type is JSON (`application/json`, `text/json` or any `+json` type).
+pub fn is_json_content_type(content_type: &str) -> bool {
+    let essence = content_type
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_ascii_lowercase();
+    essence == "application/json" || essence == "text/json" || essence.ends_with("+json")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde::Deserialize;
+
+    #[derive(Debug, PartialEq, Serialize, Deserialize)]
+    struct Placed {
+        order: String,
+    }
+    impl Event for Placed {
+        const EVENT_TYPE: &'static str = "order.placed";
+    }
+
+    #[test]
+    fn rejects_bad_event_types() {
+        for bad in [
+            "",
+            "order placed",
+            "order.*",
+            "order.#",
+            "order..placed",
+            ".x",
+        ] {
+            assert!(
+                matches!(EventEnvelope::new(bad, &1), Err(Error::InvalidInput { .. })),
+                "{bad:?} accepted"
+            );
+        }
+    }
+
+    #[test]
+    fn typed_round_trip_checks_the_type() {
+        let env = EventEnvelope::from_event(&Placed { order: "o".into() }).unwrap();
+        assert_eq!(env.to_event::<Placed>().unwrap().order, "o");
+        let other = env.with_event_type("order.shipped").unwrap();
+        let err = other.to_event::<Placed>().unwrap_err();
+        assert_eq!(err.decode_field(), Some("type"));
+    }
+
+    #[test]
+    fn header_names_are_checked() {
+        let env = EventEnvelope::new("a.b", &1).unwrap();
+        assert!(env.clone().with_header("tenant", "t1").is_ok());
+        assert!(env.clone().with_header("Tenant", "t1").is_err());
+        assert!(env.clone().with_header("x-tenant", "t1").is_err());
+        assert!(env.with_header("traceparent", "t1").is_err());
+    }
+
+    #[test]
+    fn caused_by_propagates_correlation() {
+        let first = EventEnvelope::new("a.b", &1).unwrap();
+        let second = EventEnvelope::new("a.c", &2).unwrap().caused_by(&first);
+        let third = EventEnvelope::new("a.d", &3).unwrap().caused_by(&second);
+        let root = first.id().to_string();
+        assert_eq!(third.correlation_id(), Some(root.as_str()));
+        assert_eq!(third.causation_id(), Some(second.id().to_string().as_str()));
+    }
+
+    #[test]
+    fn json_content_types() {
+        assert!(is_json_content_type("application/json"));
+        assert!(is_json_content_type(
+            "application/cloudevents+json; charset=utf-8"
+        ));
+        assert!(!is_json_content_type("application/octet-stream"));
+    }
+}

@@ -1,0 +1,249 @@
+//! The one error type of the core, and the error handlers return.
+
+use std::time::Duration;
+
+use crate::store::ExpectedVersion;
+
+/// A boxed error from a library below us (a broker client, the file system, …).
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// `Result` with the core [`Error`] as its default error type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in orchestrator's core operations.
+///
+/// Each variant says what to fix; [`Error::is_temporary`] says whether retrying the same
+/// operation can help (a broker that is restarting) or not (a malformed event).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// An argument the caller passed is not acceptable (an empty event type, a bad pattern, …).
+    #[error("invalid {what}: {reason}")]
+    InvalidInput {
+        /// What was invalid, in the user's words ("event type", "topic pattern", …).
+        what: String,
+        /// Why, and what to do instead.
+        reason: String,
+    },
+
+    /// Bytes could not be decoded into an event; `field` names the offending field.
+    #[error("cannot decode event: field `{field}`: {reason}")]
+    Decode {
+        /// The field (CloudEvents attribute, record part) at fault; `"$"` for the whole input.
+        field: String,
+        /// What was wrong with it.
+        reason: String,
+    },
+
+    /// An event could not be encoded (for example its payload is not valid JSON while its
+    /// content type says JSON).
+    #[error("cannot encode event: {reason}")]
+    Encode {
+        /// What was wrong.
+        reason: String,
+    },
+
+    /// An append's expected version did not match the stream; nothing was written.
+    #[error(
+        "wrong expected version on stream `{stream}`: expected {expected}, but the stream {}",
+        describe_actual(*actual)
+    )]
+    WrongExpectedVersion {
+        /// The stream appended to.
+        stream: String,
+        /// What the caller expected.
+        expected: ExpectedVersion,
+        /// The stream's version at the time of the append (`None`: the stream does not exist).
+        actual: Option<u64>,
+    },
+
+    /// Something the caller referred to does not exist.
+    #[error("{what} not found")]
+    NotFound {
+        /// What was looked for ("saga `order`", "dead letter 0191…").
+        what: String,
+    },
+
+    /// The implementation cannot do this; see its capabilities.
+    #[error("`{operation}` is not supported by {backend}: {hint}")]
+    Unsupported {
+        /// The backend or implementation ("redis", "in-memory", …).
+        backend: &'static str,
+        /// The operation or capability asked for.
+        operation: &'static str,
+        /// What to do instead.
+        hint: &'static str,
+    },
+
+    /// A broker, file or other backend failed.
+    #[error("{backend} failed: {source}")]
+    Backend {
+        /// The backend's name.
+        backend: &'static str,
+        /// Whether retrying the operation can help.
+        temporary: bool,
+        /// The backend's own error.
+        #[source]
+        source: BoxError,
+    },
+
+    /// An operation did not finish in time.
+    #[error("{operation} timed out after {after:?}")]
+    Timeout {
+        /// What timed out.
+        operation: String,
+        /// How long it was given.
+        after: Duration,
+    },
+
+    /// The component was closed or shut down.
+    #[error("{what} is closed")]
+    Closed {
+        /// What is closed ("transport", "subscription", …).
+        what: String,
+    },
+
+    /// A handler returned an error.
+    #[error("handler failed: {0}")]
+    Handler(HandlerError),
+}
+
+fn describe_actual(actual: Option<u64>) -> String {
+    match actual {
+        None => "does not exist".to_owned(),
+        Some(v) => format!("is at version {v}"),
+    }
+}
+
+impl Error {
+    /// Shorthand for [`Error::InvalidInput`].
+    pub fn invalid(what: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self::InvalidInput {
+            what: what.into(),
+            reason: reason.into(),
+        }
+    }
+
+    /// Shorthand for [`Error::Decode`].
+    pub fn decode(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self::Decode {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+
+    /// Shorthand for [`Error::Encode`].
+    pub fn encode(reason: impl Into<String>) -> Self {
+        Self::Encode {
+            reason: reason.into(),
+        }
+    }
+
+    /// Wraps a backend failure, recording whether a retry can help.
+    pub fn backend(backend: &'static str, temporary: bool, source: impl Into<BoxError>) -> Self {
+        Self::Backend {
+            backend,
+            temporary,
+            source: source.into(),
+        }
+    }
+
+    /// Whether retrying the same operation may succeed.
+    pub fn is_temporary(&self) -> bool {
+        match self {
+            Self::Backend { temporary, .. } => *temporary,
+            Self::Timeout { .. } => true,
+            Self::Handler(e) => e.is_retryable(),
+            _ => false,
+        }
+    }
+
+    /// The decode error's field, if this is a decode error.
+    pub fn decode_field(&self) -> Option<&str> {
+        match self {
+            Self::Decode { field, .. } => Some(field),
+            _ => None,
+        }
+    }
+}
+
+/// The error an event, command or saga-step handler returns.
+///
+/// It carries whether a retry can help: [`HandlerError::retryable`] for passing trouble
+/// (a timeout calling another service), [`HandlerError::permanent`] for failures a retry
+/// cannot fix (malformed data); permanent failures go to the dead-letter queue at once.
+/// Any `std::error::Error` converts into a retryable `HandlerError` with `?`.
+#[derive(Debug)]
+pub struct HandlerError {
+    message: String,
+    retryable: bool,
+    source: Option<BoxError>,
+}
+
+impl HandlerError {
+    /// A failure that a retry may fix.
+    pub fn retryable(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            retryable: true,
+            source: None,
+        }
+    }
+
+    /// A failure that no retry can fix.
+    pub fn permanent(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            retryable: false,
+            source: None,
+        }
+    }
+
+    /// Wraps an error, keeping it as the source.
+    pub fn from_error(error: impl Into<BoxError>, retryable: bool) -> Self {
+        let source = error.into();
+        Self {
+            message: source.to_string(),
+            retryable,
+            source: Some(source),
+        }
+    }
+
+    /// Whether a retry may help.
+    pub fn is_retryable(&self) -> bool {
+        self.retryable
+    }
+
+    /// The failure's message.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+
+    /// The wrapped error, if any.
+    pub fn source_error(&self) -> Option<&(dyn std::error::Error + Send + Sync + 'static)> {
+        self.source.as_deref()
+    }
+}
+
+impl std::fmt::Display for HandlerError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+// `HandlerError` deliberately does not implement `std::error::Error`, so that every error type
+// converts into it with `?` (the same trick as `anyhow::Error`).
+impl<E> From<E> for HandlerError
+where
+    E: std::error::Error + Send + Sync + 'static,
+{
+    fn from(error: E) -> Self {
+        Self::from_error(error, true)
+    }
+}
+
+impl From<HandlerError> for Error {
+    fn from(error: HandlerError) -> Self {
+        Self::Handler(error)
+    }
+}

@@ -1,0 +1,9 @@
+//! Conformance suites: the behaviour every [`EventStore`](crate::EventStore) and
+//! [`Transport`](crate::Transport) must show. An implementation runs a whole suite with one
+//! call from its own tests, e.g. `testkit::store::run_all(|| async { MyStore::new() }).await`.
+//!
+//! The suites panic with a message naming the case and what was wrong, like any test.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+pub mod store;
+pub mod transport;

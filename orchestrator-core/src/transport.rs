@@ -1,0 +1,265 @@
+//! The transport: how events travel from publishers to consumer groups.
+//!
+//! A consumer group subscribes to topic patterns. Within a group, consumers compete: each
+//! event goes to one of them. Across groups, every group gets every matching event. Each
+//! [`Delivery`] is settled exactly once: [`Delivery::ack`], [`Delivery::nack`] (redeliver
+//! after a delay) or [`Delivery::dead_letter`] (park it in the [`DeadLetterQueue`]). A
+//! delivery dropped without being settled is returned to the transport and redelivered, so
+//! an event is never lost by forgetting it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+
+use crate::dlq::{DeadLetter, DeadLetterQueue};
+use crate::envelope::EventEnvelope;
+use crate::error::{Error, Result};
+use crate::pattern::TopicPattern;
+
+/// How a consumer group subscribes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SubscribeOptions {
+    /// The consumer group: consumers of one group share the work.
+    pub group: String,
+    /// The topic patterns the group receives.
+    pub patterns: Vec<TopicPattern>,
+    /// How many deliveries a consumer may hold unsettled at once (a hint; backends that
+    /// have no such notion ignore it).
+    pub prefetch: usize,
+}
+
+impl SubscribeOptions {
+    /// Subscribes `group` to one pattern (`"user.created"`, `"user.*"`, `"order.#"`).
+    pub fn new(group: impl Into<String>, pattern: &str) -> Result<Self> {
+        let group = group.into();
+        validate_group(&group)?;
+        Ok(Self {
+            group,
+            patterns: vec![TopicPattern::parse(pattern)?],
+            prefetch: 64,
+        })
+    }
+
+    /// Adds another pattern.
+    pub fn pattern(mut self, pattern: &str) -> Result<Self> {
+        self.patterns.push(TopicPattern::parse(pattern)?);
+        Ok(self)
+    }
+
+    /// Sets the prefetch hint (at least 1).
+    pub fn prefetch(mut self, prefetch: usize) -> Self {
+        self.prefetch = prefetch.max(1);
+        self
+    }
+
+    /// Whether `topic` matches any of the patterns.
+    pub fn matches(&self, topic: &str) -> bool {
+        self.patterns.iter().any(|p| p.matches(topic))
+    }
+}
+
+/// Checks a consumer group name: non-empty ASCII letters, digits, `-`, `_`, `.` and `:`.
+pub fn validate_group(group: &str) -> Result<()> {
+    if group.is_empty()
+        || !group
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
+    {
+        return Err(Error::invalid(
+            "consumer group",
+            format!("`{group}`: use ASCII letters, digits, `-`, `_`, `.` or `:`"),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks a topic name: a valid event type (dot-separated segments, no wildcards).
+pub fn validate_topic(topic: &str) -> Result<()> {
+    crate::envelope::validate_event_type(topic).map_err(|e| match e {
+        Error::InvalidInput { reason, .. } => Error::invalid("topic", reason),
+        other => other,
+    })
+}
+
+/// Settles a delivery with its transport. Implemented by each transport.
+#[async_trait]
+pub trait Acknowledge: Send + Sync {
+    /// The delivery was handled.
+    async fn ack(self: Box<Self>) -> Result<()>;
+    /// Redeliver after `delay`, recording `reason` as the last error.
+    async fn nack(self: Box<Self>, delay: Duration, reason: String) -> Result<()>;
+    /// Park the delivery in the dead-letter queue.
+    async fn dead_letter(self: Box<Self>, letter: DeadLetter) -> Result<()>;
+}
+
+/// One event handed to one consumer of a group.
+pub struct Delivery {
+    event: EventEnvelope,
+    topic: String,
+    group: String,
+    attempt: u32,
+    first_attempt_at: DateTime<Utc>,
+    last_error: Option<String>,
+    acker: Box<dyn Acknowledge>,
+}
+
+impl std::fmt::Debug for Delivery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Delivery")
+            .field("event_id", self.event.id())
+            .field("event_type", &self.event.event_type())
+            .field("topic", &self.topic)
+            .field("group", &self.group)
+            .field("attempt", &self.attempt)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The redelivery history a transport keeps with a message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeliveryInfo {
+    /// The topic it was published to.
+    pub topic: String,
+    /// The consumer group it is delivered to.
+    pub group: String,
+    /// 1 for the first delivery, 2 for the first redelivery, …
+    pub attempt: u32,
+    /// When it was first delivered to this group.
+    pub first_attempt_at: DateTime<Utc>,
+    /// The reason given by the last nack, if any.
+    pub last_error: Option<String>,
+}
+
+impl Delivery {
+    /// Made by transports.
+    pub fn new(event: EventEnvelope, info: DeliveryInfo, acker: Box<dyn Acknowledge>) -> Self {
+        Self {
+            event,
+            topic: info.topic,
+            group: info.group,
+            attempt: info.attempt.max(1),
+            first_attempt_at: info.first_attempt_at,
+            last_error: info.last_error,
+            acker,
+        }
+    }
+
+    /// The event.
+    pub fn event(&self) -> &EventEnvelope {
+        &self.event
+    }
+
+    /// The topic it was published to.
+    pub fn topic(&self) -> &str {
+        &self.topic
+    }
+
+    /// The consumer group it was delivered to.
+    pub fn group(&self) -> &str {
+        &self.group
+    }
+
+    /// Which attempt this is: 1 for the first delivery.
+    pub fn attempt(&self) -> u32 {
+        self.attempt
+    }
+
+    /// When the event was first delivered to this group.
+    pub fn first_attempt_at(&self) -> DateTime<Utc> {
+        self.first_attempt_at
+    }
+
+    /// The reason given when the previous attempt was nacked.
+    pub fn last_error(&self) -> Option<&str> {
+        self.last_error.as_deref()
+    }
+
+    /// Acknowledges: the event was handled and will not be delivered to this group again.
+    pub async fn ack(self) -> Result<()> {
+        self.acker.ack().await
+    }
+
+    /// Negative acknowledgement: deliver again after `delay`, as attempt `attempt() + 1`.
+    pub async fn nack(self, delay: Duration, reason: impl Into<String>) -> Result<()> {
+        self.acker.nack(delay, reason.into()).await
+    }
+
+    /// Parks the event in the dead-letter queue with `reason`; the letter records the
+    /// attempts so far, the first and last failure time, the topic and the group.
+    pub async fn dead_letter(self, reason: impl Into<String>) -> Result<()> {
+        let letter = DeadLetter::new(
+            self.event,
+            self.topic,
+            self.group,
+            reason.into(),
+            self.attempt,
+            self.first_attempt_at,
+            Utc::now(),
+        );
+        self.acker.dead_letter(letter).await
+    }
+}
+
+/// The deliveries of one subscription.
+#[async_trait]
+pub trait DeliveryStream: Send {
+    /// The next delivery; `Ok(None)` once the subscription or the transport is closed.
+    async fn next(&mut self) -> Result<Option<Delivery>>;
+}
+
+/// Carries events from publishers to consumer groups.
+///
+/// Object-safe (`Arc<dyn Transport>`): the umbrella picks the transport at run time. Every
+/// implementation runs `orchestrator_core::testkit::transport::run_all` (feature `testkit`).
+#[async_trait]
+pub trait Transport: Send + Sync + 'static {
+    /// The implementation's name ("in-process", "redis", …).
+    fn name(&self) -> &'static str;
+
+    /// Publishes `event` to `topic`; returns once the transport has accepted it (for
+    /// brokers: once the broker confirmed it). May wait when consumers are behind.
+    async fn publish(&self, topic: &str, event: EventEnvelope) -> Result<()>;
+
+    /// Publishes several events to one topic, in order. Backends override this to use one
+    /// round trip.
+    async fn publish_batch(&self, topic: &str, events: Vec<EventEnvelope>) -> Result<()> {
+        for event in events {
+            self.publish(topic, event).await?;
+        }
+        Ok(())
+    }
+
+    /// Subscribes a consumer of `options.group`.
+    async fn subscribe(&self, options: SubscribeOptions) -> Result<Box<dyn DeliveryStream>>;
+
+    /// Delivers `event` again to `group` alone, as if just published to `topic` (used to
+    /// reprocess dead letters, attempt count reset).
+    async fn redeliver(&self, group: &str, topic: &str, event: EventEnvelope) -> Result<()>;
+
+    /// Where this transport parks dead-lettered deliveries.
+    fn dead_letter_queue(&self) -> Arc<dyn DeadLetterQueue>;
+}
+
+#[async_trait]
+impl<T: Transport + ?Sized> Transport for Arc<T> {
+    fn name(&self) -> &'static str {
+        (**self).name()
+    }
+    async fn publish(&self, topic: &str, event: EventEnvelope) -> Result<()> {
+        (**self).publish(topic, event).await
+    }
+    async fn publish_batch(&self, topic: &str, events: Vec<EventEnvelope>) -> Result<()> {
+        (**self).publish_batch(topic, events).await
+    }
+    async fn subscribe(&self, options: SubscribeOptions) -> Result<Box<dyn DeliveryStream>> {
+        (**self).subscribe(options).await
+    }
+    async fn redeliver(&self, group: &str, topic: &str, event: EventEnvelope) -> Result<()> {
+        (**self).redeliver(group, topic, event).await
+    }
+    fn dead_letter_queue(&self) -> Arc<dyn DeadLetterQueue> {
+        (**self).dead_letter_queue()
+    }
+}

@@ -1,0 +1,148 @@
+//! Project automation for orchestrator, run as `cargo xtask <command>`.
+//!
+//! Built the rust-analyzer way: no dependencies, so it compiles in seconds on a
+//! fresh clone, and one function per subcommand. See `cargo xtask help`.
+
+mod json;
+mod metadata;
+mod services;
+mod test_all;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+
+/// Errors are messages for the person at the terminal.
+type Result<T, E = String> = std::result::Result<T, E>;
+
+/// Printed by `cargo xtask help` and on usage errors.
+const USAGE: &str = "\
+Usage: cargo xtask <command>
+
+Commands:
+  test-all [--quick] [-- <test args>...]
+        Everything CI checks, stopping at the first failure: services up,
+        cargo fmt --check, clippy -D warnings (default features, each package
+        feature on its own, all features), cargo test --workspace --all-features.
+        --quick skips the clippy run per feature. Arguments after `--` go to the
+        test harness, e.g. `cargo xtask test-all -- --nocapture`.
+        Missing services skip backend tests, except with CI=true where they fail.
+  services up|status|down [<service>...]
+        Start (if needed) and wait for, report on, or stop the brokers backend
+        tests use: redis (ORCHESTRATOR_REDIS_URL, default redis://127.0.0.1:6379)
+        and rabbitmq (ORCHESTRATOR_AMQP_URL, default
+        amqp://guest:guest@127.0.0.1:5672/%2f). `status` exits 1 unless all are up.
+        `down` is for use by hand: other sessions and CI rely on these services.
+  help  This text.
+";
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(code) => code,
+        Err(message) => {
+            eprintln!("xtask: error: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Dispatches to the subcommand named on the command line.
+fn run() -> Result<ExitCode> {
+    let args = std::env::args_os()
+        .skip(1)
+        .map(|arg| {
+            arg.into_string()
+                .map_err(|arg| format!("argument {arg:?} is not valid UTF-8"))
+        })
+        .collect::<Result<Vec<String>>>()?;
+    let (command, rest) = match args.split_first() {
+        Some((command, rest)) => (command.as_str(), rest),
+        None => ("help", &[][..]),
+    };
+    match command {
+        "help" | "--help" | "-h" => {
+            print!("{USAGE}");
+            Ok(ExitCode::SUCCESS)
+        }
+        "test-all" => {
+            let options = test_all::Options::parse(rest)?;
+            test_all::test_all(&project_root()?, &options)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        "services" => match rest.split_first() {
+            Some((action, names)) if action == "up" => {
+                services::up(names)?;
+                Ok(ExitCode::SUCCESS)
+            }
+            Some((action, names)) if action == "status" => services::status(names),
+            Some((action, names)) if action == "down" => {
+                services::down(names)?;
+                Ok(ExitCode::SUCCESS)
+            }
+            _ => Err(format!("services: expected up, status or down\n\n{USAGE}")),
+        },
+        other => Err(format!("unknown command `{other}`\n\n{USAGE}")),
+    }
+}
+
+/// The workspace root: the parent of xtask's own folder.
+///
+/// `cargo run` sets `CARGO_MANIFEST_DIR` for the program too; preferring that
+/// over the compile-time value keeps a binary reused from a shared
+/// `CARGO_TARGET_DIR` (CI's fresh clones) pointed at the current checkout.
+fn project_root() -> Result<PathBuf> {
+    let manifest_dir = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from);
+    manifest_dir
+        .parent()
+        .map(PathBuf::from)
+        .ok_or_else(|| format!("{} has no parent folder", manifest_dir.display()))
+}
+
+/// A `cargo` command run from `root`, using the cargo that runs us.
+fn cargo(root: &Path) -> Command {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.current_dir(root);
+    cmd
+}
+
+/// A command line as a person would type it, for messages.
+fn describe(cmd: &Command) -> String {
+    let quote = |s: &str| {
+        if s.is_empty() || s.contains(char::is_whitespace) {
+            format!("\"{s}\"")
+        } else {
+            s.to_owned()
+        }
+    };
+    let mut words = vec![quote(&cmd.get_program().to_string_lossy())];
+    words.extend(cmd.get_args().map(|a| quote(&a.to_string_lossy())));
+    words.join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{describe, project_root};
+    use std::process::Command;
+
+    #[test]
+    fn commands_are_described_as_typed() {
+        let mut cmd = Command::new("redis-server");
+        cmd.args(["--save", "", "--port", "6379", "a b"]);
+        assert_eq!(
+            describe(&cmd),
+            r#"redis-server --save "" --port 6379 "a b""#
+        );
+    }
+
+    #[test]
+    fn project_root_holds_the_workspace_manifest() {
+        let root = project_root();
+        assert!(
+            root.as_ref()
+                .is_ok_and(|root| root.join("xtask/Cargo.toml").is_file()
+                    && root.join("Cargo.toml").is_file()),
+            "{root:?}"
+        );
+    }
+}

@@ -1,0 +1,693 @@
+//! `cargo xtask services up|status|down`: the brokers backend tests talk to.
+//!
+//! Every service is a row of [`SERVICES`]: where its address comes from, how to
+//! tell it is ready (its real protocol, not just an open port), how to start and
+//! stop it. A new backend adds a row.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::net::{IpAddr, Shutdown, TcpStream, ToSocketAddrs};
+use std::path::Path;
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+use std::{fmt, thread};
+
+use crate::{Result, describe};
+
+/// How long to wait for a TCP connection to a service.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long to wait for a service to answer a readiness probe.
+const IO_TIMEOUT: Duration = Duration::from_secs(2);
+/// Pause between readiness probes while a service starts or stops.
+const POLL_INTERVAL: Duration = Duration::from_millis(250);
+/// How long `down` waits for a service to stop answering.
+const STOP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// One service backend tests depend on.
+pub(crate) struct Service {
+    /// Short name used on the command line, e.g. `redis`.
+    pub(crate) name: &'static str,
+    /// Name for humans, e.g. `Redis`.
+    pub(crate) title: &'static str,
+    /// Environment variable holding the address, shared with the tests.
+    pub(crate) env: &'static str,
+    /// Address used when the variable is unset.
+    pub(crate) default_url: &'static str,
+    /// Reads host and port out of the address.
+    pub(crate) endpoint: fn(&str) -> Result<Endpoint>,
+    /// Checks, with the service's own protocol, that it answers.
+    pub(crate) probe: fn(&Endpoint) -> Health,
+    /// The command that starts it in the background on this machine.
+    pub(crate) start: fn(&Endpoint) -> Result<Command>,
+    /// How long it may take to become ready after `start`.
+    pub(crate) start_timeout: Duration,
+    /// Asks it to stop.
+    pub(crate) stop: fn(&Endpoint) -> Result<()>,
+    /// Debian package providing the start command.
+    pub(crate) package: &'static str,
+    /// How a person starts it by hand on a machine with systemd.
+    pub(crate) by_hand: &'static str,
+}
+
+/// Every service, in the order they are started.
+pub(crate) const SERVICES: &[Service] = &[
+    Service {
+        name: "redis",
+        title: "Redis",
+        env: "ORCHESTRATOR_REDIS_URL",
+        default_url: "redis://127.0.0.1:6379",
+        endpoint: |url| parse_url(url, &[("redis", 6379, false), ("rediss", 6379, true)]),
+        probe: redis_probe,
+        start: redis_start,
+        start_timeout: Duration::from_secs(20),
+        stop: redis_stop,
+        package: "redis-server",
+        by_hand: "sudo systemctl start redis-server",
+    },
+    Service {
+        name: "rabbitmq",
+        title: "RabbitMQ",
+        env: "ORCHESTRATOR_AMQP_URL",
+        default_url: "amqp://guest:guest@127.0.0.1:5672/%2f",
+        endpoint: |url| parse_url(url, &[("amqp", 5672, false), ("amqps", 5671, true)]),
+        probe: amqp_probe,
+        start: |_| {
+            let mut cmd = Command::new("rabbitmq-server");
+            cmd.arg("-detached");
+            Ok(cmd)
+        },
+        start_timeout: Duration::from_secs(120),
+        stop: amqp_stop,
+        package: "rabbitmq-server",
+        by_hand: "sudo systemctl start rabbitmq-server",
+    },
+];
+
+/// Where a service listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Endpoint {
+    /// Host name or IP address, without IPv6 brackets.
+    pub(crate) host: String,
+    /// TCP port.
+    pub(crate) port: u16,
+    /// Whether the scheme asks for TLS, which xtask cannot speak.
+    pub(crate) tls: bool,
+}
+
+impl fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
+impl Endpoint {
+    /// Whether the service runs on this machine, so xtask may start or stop it.
+    fn is_local(&self) -> bool {
+        self.host.eq_ignore_ascii_case("localhost")
+            || self.host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+    }
+}
+
+/// The outcome of a readiness probe.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Health {
+    /// It answered as expected; the text says how.
+    Ready(String),
+    /// It did not; the text says why.
+    Down(String),
+}
+
+/// Reads host and port from a URL such as `amqp://user:pass@host:5672/vhost`.
+///
+/// `schemes` lists the accepted schemes with their default port and whether
+/// they use TLS. User, password, path and query are ignored.
+pub(crate) fn parse_url(url: &str, schemes: &[(&str, u16, bool)]) -> Result<Endpoint> {
+    let accepted = || {
+        let names: Vec<String> = schemes.iter().map(|(s, ..)| format!("{s}://")).collect();
+        names.join(" or ")
+    };
+    let (scheme, rest) = url
+        .split_once("://")
+        .ok_or_else(|| format!("`{url}` is not a URL; expected {}host:port", accepted()))?;
+    let &(_, default_port, tls) = schemes
+        .iter()
+        .find(|(name, ..)| name.eq_ignore_ascii_case(scheme))
+        .ok_or_else(|| {
+            format!(
+                "`{url}`: unsupported scheme `{scheme}`, expected {}",
+                accepted()
+            )
+        })?;
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    let host_port = authority.rsplit_once('@').map_or(authority, |(_, hp)| hp);
+    let (host, port) = match host_port.strip_prefix('[') {
+        Some(bracketed) => {
+            let (host, after) = bracketed
+                .split_once(']')
+                .ok_or_else(|| format!("`{url}`: unclosed `[` in the host"))?;
+            let port = match after {
+                "" => None,
+                after => Some(after.strip_prefix(':').ok_or_else(|| {
+                    format!("`{url}`: expected `:port` after `]`, found `{after}`")
+                })?),
+            };
+            (host, port)
+        }
+        None => match host_port.rsplit_once(':') {
+            Some((host, port)) => (host, Some(port)),
+            None => (host_port, None),
+        },
+    };
+    let port = match port {
+        None => default_port,
+        Some(port) => port
+            .parse()
+            .map_err(|_| format!("`{url}`: `{port}` is not a valid port"))?,
+    };
+    if host.is_empty() {
+        return Err(format!("`{url}` has no host"));
+    }
+    Ok(Endpoint {
+        host: host.to_owned(),
+        port,
+        tls,
+    })
+}
+
+/// Opens a TCP connection with timeouts on connect, read and write.
+fn connect(endpoint: &Endpoint) -> io::Result<TcpStream> {
+    let mut last = io::Error::new(io::ErrorKind::NotFound, "host resolves to no address");
+    for addr in (endpoint.host.as_str(), endpoint.port).to_socket_addrs()? {
+        match TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT) {
+            Ok(stream) => {
+                stream.set_read_timeout(Some(IO_TIMEOUT))?;
+                stream.set_write_timeout(Some(IO_TIMEOUT))?;
+                return Ok(stream);
+            }
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
+}
+
+/// Sends `request` and reads the reply until `complete` says it is enough or the
+/// peer closes. An empty reply means the peer closed without answering.
+fn exchange(
+    endpoint: &Endpoint,
+    request: &[u8],
+    complete: fn(&[u8]) -> bool,
+) -> io::Result<Vec<u8>> {
+    let mut stream = connect(endpoint)?;
+    stream.write_all(request)?;
+    let mut reply = Vec::new();
+    let mut buf = [0; 512];
+    while !complete(&reply) {
+        match stream.read(&mut buf)? {
+            0 => break,
+            n => reply.extend_from_slice(&buf[..n]),
+        }
+    }
+    // The probe is done either way; a failed shutdown changes nothing.
+    let _ = stream.shutdown(Shutdown::Both);
+    Ok(reply)
+}
+
+/// The first line of a reply, printable, for error messages.
+fn first_line(reply: &[u8]) -> String {
+    let line = reply.split(|&b| b == b'\n').next().unwrap_or_default();
+    String::from_utf8_lossy(line)
+        .trim_end()
+        .escape_debug()
+        .to_string()
+}
+
+/// For TLS endpoints: only checks that the port accepts connections.
+fn tcp_probe(endpoint: &Endpoint) -> Health {
+    match connect(endpoint) {
+        Ok(_) => Health::Ready("port open; TLS, so the protocol was not checked".to_owned()),
+        Err(e) => Health::Down(e.to_string()),
+    }
+}
+
+/// Redis answers a RESP `PING` with `+PONG`, or `-NOAUTH` when it wants a password.
+fn redis_probe(endpoint: &Endpoint) -> Health {
+    if endpoint.tls {
+        return tcp_probe(endpoint);
+    }
+    match exchange(endpoint, b"*1\r\n$4\r\nPING\r\n", |r| r.contains(&b'\n')) {
+        Ok(reply) if reply.starts_with(b"+PONG") => Health::Ready("PONG".to_owned()),
+        Ok(reply) if reply.starts_with(b"-NOAUTH") => {
+            Health::Ready("answers, needs a password".to_owned())
+        }
+        Ok(reply) if reply.is_empty() => Health::Down("closed the connection on PING".to_owned()),
+        Ok(reply) => Health::Down(format!("answered PING with `{}`", first_line(&reply))),
+        Err(e) => Health::Down(e.to_string()),
+    }
+}
+
+/// The command that starts a throwaway, non-persistent Redis on the endpoint's port.
+fn redis_start(endpoint: &Endpoint) -> Result<Command> {
+    let mut cmd = Command::new("redis-server");
+    cmd.args(["--daemonize", "yes", "--bind", "127.0.0.1", "-::1"])
+        .args(["--port", &endpoint.port.to_string()])
+        .args(["--save", "", "--appendonly", "no"]);
+    if Path::new("/var/lib/redis").is_dir() {
+        cmd.args(["--dir", "/var/lib/redis"]);
+    }
+    // Opening the file is the only std way to learn whether we may write there.
+    let log = "/var/log/redis/ci.log";
+    if OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .is_ok()
+    {
+        cmd.args(["--logfile", log]);
+    }
+    Ok(cmd)
+}
+
+/// Sends RESP `SHUTDOWN NOSAVE`; Redis closes the connection without a reply when it obeys.
+fn redis_stop(endpoint: &Endpoint) -> Result<()> {
+    let request = b"*2\r\n$8\r\nSHUTDOWN\r\n$6\r\nNOSAVE\r\n";
+    match exchange(endpoint, request, |r| r.contains(&b'\n')) {
+        Ok(reply) if reply.is_empty() => Ok(()),
+        Ok(reply) => Err(format!("Redis refused SHUTDOWN: `{}`", first_line(&reply))),
+        Err(e) if e.kind() == io::ErrorKind::ConnectionReset => Ok(()),
+        Err(e) => Err(format!(
+            "SHUTDOWN NOSAVE to Redis at {endpoint} failed: {e}"
+        )),
+    }
+}
+
+/// RabbitMQ answers the AMQP 0-9-1 protocol header with a method frame
+/// (type 1, Connection.Start); we then hang up.
+fn amqp_probe(endpoint: &Endpoint) -> Health {
+    if endpoint.tls {
+        return tcp_probe(endpoint);
+    }
+    match exchange(endpoint, b"AMQP\x00\x00\x09\x01", |r| !r.is_empty()) {
+        Ok(reply) if reply.first() == Some(&1) => Health::Ready("Connection.Start".to_owned()),
+        Ok(reply) if reply.starts_with(b"AMQP") => Health::Down(format!(
+            "does not speak AMQP 0-9-1, offers protocol header {:?}",
+            &reply[..reply.len().min(8)]
+        )),
+        Ok(reply) if reply.is_empty() => {
+            Health::Down("closed the connection on the AMQP header".to_owned())
+        }
+        Ok(reply) => Health::Down(format!("unexpected first byte {} in reply", reply[0])),
+        Err(e) => Health::Down(e.to_string()),
+    }
+}
+
+/// Stops the local RabbitMQ node with `rabbitmqctl stop`.
+fn amqp_stop(_: &Endpoint) -> Result<()> {
+    let mut cmd = Command::new("rabbitmqctl");
+    cmd.arg("stop");
+    let status = cmd
+        .status()
+        .map_err(|e| spawn_error(&cmd, &e, "rabbitmq-server"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("`{}` failed ({status})", describe(&cmd)))
+    }
+}
+
+/// Explains a failure to run `cmd`, singling out "not installed".
+fn spawn_error(cmd: &Command, error: &io::Error, package: &str) -> String {
+    let program = cmd.get_program().to_string_lossy();
+    if error.kind() == io::ErrorKind::NotFound {
+        format!(
+            "`{program}` is not installed (not found on PATH); install it \
+             (Debian: `sudo apt-get install {package}`)"
+        )
+    } else {
+        format!("cannot run `{}`: {error}", describe(cmd))
+    }
+}
+
+impl Service {
+    /// Where this service is, from its environment variable or the default.
+    fn resolve(&self) -> Result<Endpoint> {
+        let url = match std::env::var(self.env) {
+            Ok(url) if !url.trim().is_empty() => url,
+            Ok(_) | Err(std::env::VarError::NotPresent) => self.default_url.to_owned(),
+            Err(e) => return Err(format!("{}: {e}", self.env)),
+        };
+        (self.endpoint)(url.trim()).map_err(|e| format!("{} ({}): {e}", self.title, self.env))
+    }
+
+    /// Probes until `wanted` holds or `timeout` passes; returns the last probe.
+    fn wait_for(
+        &self,
+        endpoint: &Endpoint,
+        timeout: Duration,
+        wanted: fn(&Health) -> bool,
+    ) -> Health {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let health = (self.probe)(endpoint);
+            if wanted(&health) || Instant::now() >= deadline {
+                return health;
+            }
+            thread::sleep(POLL_INTERVAL);
+        }
+    }
+
+    /// Makes sure the service answers, starting it if needed.
+    fn up(&self) -> Result<()> {
+        let endpoint = self.resolve()?;
+        let reason = match (self.probe)(&endpoint) {
+            Health::Ready(how) => {
+                eprintln!("{} at {endpoint}: ready ({how})", self.title);
+                return Ok(());
+            }
+            Health::Down(reason) => reason,
+        };
+        let elsewhere = format!("point {} at a running {}", self.env, self.title);
+        if !endpoint.is_local() || endpoint.tls {
+            return Err(format!(
+                "{} at {endpoint} is down ({reason}); xtask only starts plain services on \
+                 this machine: start it where it runs, or {elsewhere}",
+                self.title
+            ));
+        }
+        let mut cmd = (self.start)(&endpoint)?;
+        let command = describe(&cmd);
+        eprintln!(
+            "{} at {endpoint}: down ({reason}); starting: {command}",
+            self.title
+        );
+        let log_path = std::env::temp_dir().join(format!("orchestrator-xtask-{}.log", self.name));
+        let log = File::create(&log_path)
+            .map_err(|e| format!("cannot create {}: {e}", log_path.display()))?;
+        let log_err = log
+            .try_clone()
+            .map_err(|e| format!("cannot reuse {}: {e}", log_path.display()))?;
+        // Daemons may keep inherited pipes open forever, which would hang whoever
+        // reads our output (CI); their start-up output goes to a file instead.
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log_err)
+            .spawn()
+            .map_err(|e| {
+                format!(
+                    "cannot start {}: {}, or {elsewhere}",
+                    self.title,
+                    spawn_error(&cmd, &e, self.package)
+                )
+            })?;
+        self.wait_started(&endpoint, child, &log_path).map_err(|why| {
+            format!(
+                "{} at {endpoint} did not become ready: {why}\n  tried: {command}\n  its output: \
+                 {}{}\n  start it by hand: `{}`, or run the command above in a shell to see \
+                 what goes wrong, or {elsewhere}",
+                self.title,
+                log_path.display(),
+                log_tail(&log_path),
+                self.by_hand,
+            )
+        })
+    }
+
+    /// Waits until the started service answers, or its start command fails.
+    fn wait_started(&self, endpoint: &Endpoint, mut child: Child, log: &Path) -> Result<()> {
+        let started = Instant::now();
+        loop {
+            // Start commands daemonize, so exiting is normal; only failure is news.
+            if let Ok(Some(status)) = child.try_wait() {
+                if !status.success() {
+                    return Err(format!("the start command failed ({status})"));
+                }
+            }
+            match (self.probe)(endpoint) {
+                Health::Ready(how) => {
+                    eprintln!(
+                        "{} at {endpoint}: ready after {:.1}s ({how}); start-up output in {}",
+                        self.title,
+                        started.elapsed().as_secs_f64(),
+                        log.display()
+                    );
+                    return Ok(());
+                }
+                Health::Down(reason) if started.elapsed() >= self.start_timeout => {
+                    return Err(format!(
+                        "still down after {}s ({reason})",
+                        self.start_timeout.as_secs()
+                    ));
+                }
+                Health::Down(_) => thread::sleep(POLL_INTERVAL),
+            }
+        }
+    }
+
+    /// Stops the service if it answers, and waits until it no longer does.
+    fn down(&self) -> Result<()> {
+        let endpoint = self.resolve()?;
+        if let Health::Down(reason) = (self.probe)(&endpoint) {
+            eprintln!("{} at {endpoint}: already down ({reason})", self.title);
+            return Ok(());
+        }
+        if !endpoint.is_local() {
+            return Err(format!(
+                "{} at {endpoint} is not on this machine; not stopping it",
+                self.title
+            ));
+        }
+        eprintln!("{} at {endpoint}: stopping", self.title);
+        (self.stop)(&endpoint)?;
+        match self.wait_for(&endpoint, STOP_TIMEOUT, |h| matches!(h, Health::Down(_))) {
+            Health::Down(_) => {
+                eprintln!("{} at {endpoint}: stopped", self.title);
+                Ok(())
+            }
+            Health::Ready(_) => Err(format!(
+                "{} at {endpoint} still answers {}s after being asked to stop",
+                self.title,
+                STOP_TIMEOUT.as_secs()
+            )),
+        }
+    }
+}
+
+/// The last lines of a start-up log, indented, or nothing if it is empty.
+fn log_tail(path: &Path) -> String {
+    let text = fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    let tail = &lines[lines.len().saturating_sub(15)..];
+    tail.iter().map(|line| format!("\n    | {line}")).collect()
+}
+
+/// The services named in `names`, or all of them when `names` is empty.
+fn select(names: &[String]) -> Result<Vec<&'static Service>> {
+    if names.is_empty() {
+        return Ok(SERVICES.iter().collect());
+    }
+    names
+        .iter()
+        .map(|name| {
+            SERVICES.iter().find(|s| s.name == name).ok_or_else(|| {
+                let known: Vec<&str> = SERVICES.iter().map(|s| s.name).collect();
+                format!("unknown service `{name}`; known: {}", known.join(", "))
+            })
+        })
+        .collect()
+}
+
+/// `services up`: every selected service answers afterwards, or an error lists those
+/// that do not. Tries them all before failing.
+pub(crate) fn up(names: &[String]) -> Result<()> {
+    let failures: Vec<String> = select(names)?
+        .into_iter()
+        .filter_map(|service| service.up().err())
+        .collect();
+    if failures.is_empty() {
+        Ok(())
+    } else {
+        Err(failures.join("\n"))
+    }
+}
+
+/// `services status`: prints each service's address and state; success only if all are up.
+pub(crate) fn status(names: &[String]) -> Result<ExitCode> {
+    let mut all_up = true;
+    for service in select(names)? {
+        let endpoint = service.resolve()?;
+        let (state, detail) = match (service.probe)(&endpoint) {
+            Health::Ready(how) => ("up", how),
+            Health::Down(why) => {
+                all_up = false;
+                ("down", why)
+            }
+        };
+        let address = endpoint.to_string();
+        println!("{:<10} {address:<22} {state:<5} ({detail})", service.name);
+    }
+    Ok(if all_up {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// `services down`: stops the selected services that answer.
+pub(crate) fn down(names: &[String]) -> Result<()> {
+    eprintln!(
+        "warning: other sessions and CI run against these services; stop them only if you \
+         know nobody needs them (`cargo xtask services up` brings them back)"
+    );
+    let failures: Vec<String> = select(names)?
+        .into_iter()
+        .filter_map(|service| service.down().err())
+        .collect();
+    if failures.is_empty() {
+        Ok(())
+    } else {
+        Err(failures.join("\n"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Endpoint, SERVICES, parse_url};
+
+    /// Parses with the schemes of the service named `name`.
+    fn endpoint(name: &str, url: &str) -> Result<Endpoint, String> {
+        let service = SERVICES
+            .iter()
+            .find(|s| s.name == name)
+            .ok_or("no such service")?;
+        (service.endpoint)(url)
+    }
+
+    fn at(host: &str, port: u16, tls: bool) -> Result<Endpoint, String> {
+        Ok(Endpoint {
+            host: host.to_owned(),
+            port,
+            tls,
+        })
+    }
+
+    #[test]
+    fn redis_urls() {
+        assert_eq!(
+            endpoint("redis", "redis://127.0.0.1:6379"),
+            at("127.0.0.1", 6379, false)
+        );
+        assert_eq!(
+            endpoint("redis", "redis://localhost"),
+            at("localhost", 6379, false)
+        );
+        assert_eq!(
+            endpoint(
+                "redis",
+                "redis://user:p%40ss@cache.internal:6390/2?protocol=resp3"
+            ),
+            at("cache.internal", 6390, false)
+        );
+        assert_eq!(
+            endpoint("redis", "redis://:secret@10.0.0.5/0"),
+            at("10.0.0.5", 6379, false)
+        );
+        assert_eq!(
+            endpoint("redis", "rediss://[::1]:6380"),
+            at("::1", 6380, true)
+        );
+        assert_eq!(endpoint("redis", "REDIS://[::1]"), at("::1", 6379, false));
+        assert_eq!(
+            endpoint("redis", "redis://a@b@host:1"),
+            at("host", 1, false)
+        );
+    }
+
+    #[test]
+    fn amqp_urls() {
+        assert_eq!(
+            endpoint("rabbitmq", "amqp://guest:guest@127.0.0.1:5672/%2f"),
+            at("127.0.0.1", 5672, false)
+        );
+        assert_eq!(
+            endpoint("rabbitmq", "amqp://rabbit"),
+            at("rabbit", 5672, false)
+        );
+        assert_eq!(
+            endpoint("rabbitmq", "amqps://u:p@mq.example.com/vh"),
+            at("mq.example.com", 5671, true)
+        );
+        assert_eq!(
+            endpoint("rabbitmq", "amqp://[fe80::1]:5673/?heartbeat=10"),
+            at("fe80::1", 5673, false)
+        );
+    }
+
+    #[test]
+    fn bad_urls_are_explained() {
+        for (name, url) in [
+            ("redis", "127.0.0.1:6379"),
+            ("redis", "http://127.0.0.1"),
+            ("redis", "redis://host:port"),
+            ("redis", "redis://host:70000"),
+            ("redis", "redis://host:"),
+            ("redis", "redis://:6379"),
+            ("redis", "redis://[::1"),
+            ("redis", "redis://[::1]6379"),
+            ("rabbitmq", "redis://127.0.0.1"),
+            ("rabbitmq", "amqp://"),
+        ] {
+            let parsed = endpoint(name, url);
+            assert!(parsed.is_err(), "{url} gave {parsed:?}");
+        }
+        let message = parse_url("ftp://x", &[("amqp", 1, false)])
+            .err()
+            .unwrap_or_default();
+        assert!(message.contains("amqp://"), "{message}");
+    }
+
+    #[test]
+    fn endpoints_display_and_locality() {
+        let v6 = Endpoint {
+            host: "::1".to_owned(),
+            port: 6379,
+            tls: false,
+        };
+        assert_eq!(v6.to_string(), "[::1]:6379");
+        assert!(v6.is_local());
+        let v4 = Endpoint {
+            host: "127.0.0.2".to_owned(),
+            port: 1,
+            tls: false,
+        };
+        assert_eq!(v4.to_string(), "127.0.0.2:1");
+        assert!(v4.is_local());
+        assert!(
+            Endpoint {
+                host: "LocalHost".to_owned(),
+                port: 1,
+                tls: false
+            }
+            .is_local()
+        );
+        assert!(
+            !Endpoint {
+                host: "10.1.1.1".to_owned(),
+                port: 1,
+                tls: false
+            }
+            .is_local()
+        );
+        assert!(
+            !Endpoint {
+                host: "redis".to_owned(),
+                port: 1,
+                tls: false
+            }
+            .is_local()
+        );
+    }
+}
