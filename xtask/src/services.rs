@@ -383,7 +383,10 @@ impl Service {
             "{} at {endpoint}: down ({reason}); starting: {command}",
             self.title
         );
-        let log_path = std::env::temp_dir().join(format!("orchestrator-xtask-{}.log", self.name));
+        let log_path = std::env::temp_dir().join(format!(
+            "orchestrator-xtask-{}-{}.log",
+            self.name, endpoint.port
+        ));
         let log = File::create(&log_path)
             .map_err(|e| format!("cannot create {}: {e}", log_path.display()))?;
         let log_err = log

@@ -88,7 +88,7 @@ impl Run<'_> {
         let started = Instant::now();
         let result = match cmd.status() {
             Ok(status) if status.success() => Ok(()),
-            Ok(status) => Err(format!("`{command}` exited with {status}")),
+            Ok(status) => Err(format!("`{command}` failed ({status})")),
             Err(e) => Err(format!("cannot run `{command}`: {e}")),
         };
         self.record(name, started, result)
