@@ -37,6 +37,7 @@ pub mod error;
 pub mod handler;
 pub mod pattern;
 pub mod retry;
+pub mod schema;
 pub mod store;
 pub mod transport;
 
@@ -50,6 +51,7 @@ pub use error::{BoxError, Error, HandlerError, Result};
 pub use handler::{EventHandler, JsonHandler};
 pub use pattern::TopicPattern;
 pub use retry::{Jitter, RetryPolicy};
+pub use schema::{EventSchemas, NoSchemas};
 pub use store::{
     AppendResult, EventFilter, EventStore, EventStream, ExpectedVersion, ReadAll, StoreCapabilities,
 };

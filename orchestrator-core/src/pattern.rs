@@ -1,8 +1,9 @@
 //! Topic patterns: `user.created` (exact), `user.*` (one segment), `order.#` (any depth).
 //!
-//! Topics and patterns are dot-separated segments. `*` matches exactly one segment; `#`
-//! matches zero or more segments. These are AMQP topic-exchange semantics, so RabbitMQ
-//! carries patterns unchanged; other backends translate them (see their module docs).
+//! Topics and patterns are dot-separated segments. `*` matches exactly one segment; `#`,
+//! allowed only as the last segment, matches zero or more segments. These are a subset of
+//! AMQP topic-exchange semantics, so RabbitMQ carries patterns unchanged; other backends
+//! translate them (see their module docs, and [`TopicPattern::to_regex`]).
 //!
 //! ```
 //! use orchestrator_core::TopicPattern;
@@ -38,8 +39,8 @@ pub struct TopicPattern {
 }
 
 impl TopicPattern {
-    /// Parses a pattern. `*` and `#` must stand alone as whole segments; segments must not
-    /// be empty.
+    /// Parses a pattern. `*` and `#` must stand alone as whole segments, `#` only as the
+    /// last one; segments must not be empty.
     pub fn parse(pattern: &str) -> Result<Self> {
         let bad = |reason: String| {
             Err(Error::invalid(
@@ -53,12 +54,18 @@ impl TopicPattern {
         if pattern.chars().any(|c| c.is_whitespace() || c.is_control()) {
             return bad("contains whitespace".into());
         }
-        let mut segments = Vec::new();
-        for (i, seg) in pattern.split('.').enumerate() {
-            let s = match seg {
+        let parts: Vec<&str> = pattern.split('.').collect();
+        let mut segments = Vec::with_capacity(parts.len());
+        for (i, seg) in parts.iter().enumerate() {
+            let s = match *seg {
                 "" => return bad(format!("segment {} is empty", i + 1)),
                 "*" => Segment::One,
-                "#" => Segment::Any,
+                "#" if i + 1 == parts.len() => Segment::Any,
+                "#" => {
+                    return bad(
+                        "`#` may only be the last segment (it matches any remaining depth)".into(),
+                    );
+                }
                 s if s.contains(['*', '#']) => {
                     return bad(format!(
                         "`{s}` mixes text with a wildcard; `*` and `#` must be whole segments"
@@ -185,16 +192,16 @@ mod tests {
         assert!(!m("user.*", "user.a.b"));
         assert!(m("#", "anything.at.all"));
         assert!(m("order.#", "order"));
-        assert!(m("order.#.done", "order.done"));
-        assert!(m("order.#.done", "order.a.b.done"));
-        assert!(!m("order.#.done", "order.a.b"));
+        assert!(m("order.#", "order.a.b"));
+        assert!(!m("order.#", "orders"));
         assert!(m("*.created", "user.created"));
-        assert!(m("#.created", "a.b.created"));
+        assert!(m("*.*.#", "a.b"));
+        assert!(!m("*.*.#", "a"));
     }
 
     #[test]
     fn bad_patterns_are_typed_errors() {
-        for p in ["", "a..b", "a.b*", "a.#b", ".a", "a b"] {
+        for p in ["", "a..b", "a.b*", "a.#b", ".a", "a b", "#.a", "a.#.b", "a."] {
             assert!(
                 matches!(TopicPattern::parse(p), Err(Error::InvalidInput { .. })),
                 "{p}"

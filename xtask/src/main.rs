@@ -3,6 +3,7 @@
 //! Built the rust-analyzer way: no dependencies, so it compiles in seconds on a
 //! fresh clone, and one function per subcommand. See `cargo xtask help`.
 
+mod endpoint;
 mod json;
 mod metadata;
 mod services;

@@ -6,12 +6,13 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
-use std::net::{IpAddr, Shutdown, TcpStream, ToSocketAddrs};
+use std::net::{Shutdown, TcpStream, ToSocketAddrs};
 use std::path::Path;
 use std::process::{Child, Command, ExitCode, Stdio};
+use std::thread;
 use std::time::{Duration, Instant};
-use std::{fmt, thread};
 
+use crate::endpoint::{Endpoint, parse_url};
 use crate::{Result, describe};
 
 /// How long to wait for a TCP connection to a service.
@@ -83,35 +84,6 @@ pub(crate) const SERVICES: &[Service] = &[
     },
 ];
 
-/// Where a service listens.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Endpoint {
-    /// Host name or IP address, without IPv6 brackets.
-    pub(crate) host: String,
-    /// TCP port.
-    pub(crate) port: u16,
-    /// Whether the scheme asks for TLS, which xtask cannot speak.
-    pub(crate) tls: bool,
-}
-
-impl fmt::Display for Endpoint {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.host.contains(':') {
-            write!(f, "[{}]:{}", self.host, self.port)
-        } else {
-            write!(f, "{}:{}", self.host, self.port)
-        }
-    }
-}
-
-impl Endpoint {
-    /// Whether the service runs on this machine, so xtask may start or stop it.
-    fn is_local(&self) -> bool {
-        self.host.eq_ignore_ascii_case("localhost")
-            || self.host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
-    }
-}
-
 /// The outcome of a readiness probe.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Health {
@@ -119,63 +91,6 @@ pub(crate) enum Health {
     Ready(String),
     /// It did not; the text says why.
     Down(String),
-}
-
-/// Reads host and port from a URL such as `amqp://user:pass@host:5672/vhost`.
-///
-/// `schemes` lists the accepted schemes with their default port and whether
-/// they use TLS. User, password, path and query are ignored.
-pub(crate) fn parse_url(url: &str, schemes: &[(&str, u16, bool)]) -> Result<Endpoint> {
-    let accepted = || {
-        let names: Vec<String> = schemes.iter().map(|(s, ..)| format!("{s}://")).collect();
-        names.join(" or ")
-    };
-    let (scheme, rest) = url
-        .split_once("://")
-        .ok_or_else(|| format!("`{url}` is not a URL; expected {}host:port", accepted()))?;
-    let &(_, default_port, tls) = schemes
-        .iter()
-        .find(|(name, ..)| name.eq_ignore_ascii_case(scheme))
-        .ok_or_else(|| {
-            format!(
-                "`{url}`: unsupported scheme `{scheme}`, expected {}",
-                accepted()
-            )
-        })?;
-    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
-    let host_port = authority.rsplit_once('@').map_or(authority, |(_, hp)| hp);
-    let (host, port) = match host_port.strip_prefix('[') {
-        Some(bracketed) => {
-            let (host, after) = bracketed
-                .split_once(']')
-                .ok_or_else(|| format!("`{url}`: unclosed `[` in the host"))?;
-            let port = match after {
-                "" => None,
-                after => Some(after.strip_prefix(':').ok_or_else(|| {
-                    format!("`{url}`: expected `:port` after `]`, found `{after}`")
-                })?),
-            };
-            (host, port)
-        }
-        None => match host_port.rsplit_once(':') {
-            Some((host, port)) => (host, Some(port)),
-            None => (host_port, None),
-        },
-    };
-    let port = match port {
-        None => default_port,
-        Some(port) => port
-            .parse()
-            .map_err(|_| format!("`{url}`: `{port}` is not a valid port"))?,
-    };
-    if host.is_empty() {
-        return Err(format!("`{url}` has no host"));
-    }
-    Ok(Endpoint {
-        host: host.to_owned(),
-        port,
-        tls,
-    })
 }
 
 /// Opens a TCP connection with timeouts on connect, read and write.
@@ -424,10 +339,9 @@ impl Service {
         let started = Instant::now();
         loop {
             // Start commands daemonize, so exiting is normal; only failure is news.
-            if let Ok(Some(status)) = child.try_wait() {
-                if !status.success() {
-                    return Err(format!("the start command failed ({status})"));
-                }
+            let failed = child.try_wait().ok().flatten().filter(|s| !s.success());
+            if let Some(status) = failed {
+                return Err(format!("the start command failed ({status})"));
             }
             match (self.probe)(endpoint) {
                 Health::Ready(how) => {
@@ -558,7 +472,7 @@ pub(crate) fn down(names: &[String]) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::{Endpoint, SERVICES, parse_url};
+    use super::{Endpoint, SERVICES};
 
     /// Parses with the schemes of the service named `name`.
     fn endpoint(name: &str, url: &str) -> Result<Endpoint, String> {
@@ -646,51 +560,5 @@ mod tests {
             let parsed = endpoint(name, url);
             assert!(parsed.is_err(), "{url} gave {parsed:?}");
         }
-        let message = parse_url("ftp://x", &[("amqp", 1, false)])
-            .err()
-            .unwrap_or_default();
-        assert!(message.contains("amqp://"), "{message}");
-    }
-
-    #[test]
-    fn endpoints_display_and_locality() {
-        let v6 = Endpoint {
-            host: "::1".to_owned(),
-            port: 6379,
-            tls: false,
-        };
-        assert_eq!(v6.to_string(), "[::1]:6379");
-        assert!(v6.is_local());
-        let v4 = Endpoint {
-            host: "127.0.0.2".to_owned(),
-            port: 1,
-            tls: false,
-        };
-        assert_eq!(v4.to_string(), "127.0.0.2:1");
-        assert!(v4.is_local());
-        assert!(
-            Endpoint {
-                host: "LocalHost".to_owned(),
-                port: 1,
-                tls: false
-            }
-            .is_local()
-        );
-        assert!(
-            !Endpoint {
-                host: "10.1.1.1".to_owned(),
-                port: 1,
-                tls: false
-            }
-            .is_local()
-        );
-        assert!(
-            !Endpoint {
-                host: "redis".to_owned(),
-                port: 1,
-                tls: false
-            }
-            .is_local()
-        );
     }
 }

@@ -185,11 +185,7 @@ fn list_features(root: &Path) -> Result<Vec<metadata::PackageFeatures>> {
         .output()
         .map_err(|e| format!("cannot run `{}`: {e}", describe(&cmd)))?;
     if !output.status.success() {
-        return Err(format!(
-            "`{}` exited with {}",
-            describe(&cmd),
-            output.status
-        ));
+        return Err(format!("`{}` failed ({})", describe(&cmd), output.status));
     }
     let text = String::from_utf8(output.stdout)
         .map_err(|_| "`cargo metadata` printed invalid UTF-8".to_owned())?;

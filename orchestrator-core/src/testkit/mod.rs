@@ -5,5 +5,6 @@
 //! The suites panic with a message naming the case and what was wrong, like any test.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+pub mod services;
 pub mod store;
 pub mod transport;
