@@ -39,7 +39,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .subscribe("order.#", move |event: EventEnvelope| {
             let done = done.clone();
             async move {
-                println!("order event {}: {}", event.event_type(), event.data::<serde_json::Value>()?);
+                println!(
+                    "order event {}: {}",
+                    event.event_type(),
+                    event.data::<serde_json::Value>()?
+                );
                 done.send(event.event_type().to_owned()).await.ok();
                 Ok::<_, HandlerError>(())
             }
@@ -61,13 +65,22 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .await?;
 
     orchestrator
-        .publish_event("user.created", json!({"user_id": "123", "username": "john_doe"}))
+        .publish_event(
+            "user.created",
+            json!({"user_id": "123", "username": "john_doe"}),
+        )
         .await?;
     orchestrator
-        .publish_event("order.placed", json!({"order_id": "ORDER123", "amount": 99.99}))
+        .publish_event(
+            "order.placed",
+            json!({"order_id": "ORDER123", "amount": 99.99}),
+        )
         .await?;
     orchestrator
-        .publish_event("order.shipped", json!({"order_id": "ORDER123", "tracking": "TRACK123"}))
+        .publish_event(
+            "order.shipped",
+            json!({"order_id": "ORDER123", "tracking": "TRACK123"}),
+        )
         .await?;
     orchestrator
         .publish_event("payment.requested", json!({"order_id": "ORDER123"}))

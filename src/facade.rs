@@ -67,7 +67,9 @@ impl EventOrchestrator {
         event_type_or_pattern: &str,
         handler: impl EventHandler,
     ) -> Result<Subscription> {
-        self.bus.subscribe(event_type_or_pattern, Arc::new(handler)).await
+        self.bus
+            .subscribe(event_type_or_pattern, Arc::new(handler))
+            .await
     }
 
     /// Publishes an event of `event_type` with a JSON payload; returns its id.
@@ -82,10 +84,7 @@ impl EventOrchestrator {
     /// names one, else to the stream named after its event type.
     pub async fn publish(&self, event: EventEnvelope) -> Result<EventId> {
         let id = event.id().clone();
-        let stream = event
-            .stream_id()
-            .unwrap_or(event.event_type())
-            .to_owned();
+        let stream = event.stream_id().unwrap_or(event.event_type()).to_owned();
         let written = self
             .store
             .append(&stream, ExpectedVersion::Any, vec![event.clone()])

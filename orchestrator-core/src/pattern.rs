@@ -201,7 +201,9 @@ mod tests {
 
     #[test]
     fn bad_patterns_are_typed_errors() {
-        for p in ["", "a..b", "a.b*", "a.#b", ".a", "a b", "#.a", "a.#.b", "a."] {
+        for p in [
+            "", "a..b", "a.b*", "a.#b", ".a", "a b", "#.a", "a.#.b", "a.",
+        ] {
             assert!(
                 matches!(TopicPattern::parse(p), Err(Error::InvalidInput { .. })),
                 "{p}"

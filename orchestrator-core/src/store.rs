@@ -213,7 +213,8 @@ pub trait EventStore: Send + Sync + 'static {
     ///
     /// On a mismatch returns [`crate::Error::WrongExpectedVersion`] and writes nothing.
     /// The stored events get the stream id, their stream version and global position.
-    /// An empty `events` writes nothing and reports the current version.
+    /// An empty `events` still checks `expected`, writes nothing, and reports the current
+    /// version with the empty position range `head + 1 ..= head`.
     async fn append(
         &self,
         stream: &str,
@@ -222,7 +223,8 @@ pub trait EventStore: Send + Sync + 'static {
     ) -> Result<AppendResult>;
 
     /// Reads up to `limit` events of `stream`, from version `from_version` (inclusive) on.
-    /// A stream that does not exist reads as empty.
+    /// A stream that does not exist reads as empty; an invalid stream id is
+    /// [`crate::Error::InvalidInput`].
     async fn read_stream(
         &self,
         stream: &str,
@@ -230,7 +232,8 @@ pub trait EventStore: Send + Sync + 'static {
         limit: usize,
     ) -> Result<Vec<EventEnvelope>>;
 
-    /// Reads events in global order.
+    /// Reads events in global order: exactly `min(limit, matching events from the
+    /// position)`, so callers page by resuming after the last position returned.
     async fn read_all(&self, query: ReadAll) -> Result<Vec<EventEnvelope>>;
 
     /// The stream's current version, `None` if it has no events.
@@ -239,7 +242,7 @@ pub trait EventStore: Send + Sync + 'static {
     /// The global position of the last event written, 0 when the store is empty.
     async fn head_position(&self) -> Result<u64>;
 
-    /// Events from `from_position` (inclusive) that pass `filter`: first those already
+    /// Events from `from_position` (inclusive; 0 is the start) that pass `filter`: first those already
     /// stored, then new ones as they are appended, with no gap and no duplicate at the
     /// hand-over. The stream ends only when the store closes; errors are items.
     async fn subscribe(&self, from_position: u64, filter: EventFilter) -> Result<EventStream>;

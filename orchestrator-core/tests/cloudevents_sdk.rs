@@ -9,27 +9,30 @@ use orchestrator_core::{EventEnvelope, StoredPosition, TraceContext, cloudevents
 use serde_json::json;
 
 fn rich_event() -> EventEnvelope {
-    EventEnvelope::new("order.placed", &json!({"order_id": "o-1", "lines": [1, 2, 3]}))
-        .unwrap()
-        .with_source("https://shop.example/orders")
-        .with_schema_version(2)
-        .with_subject("o-1")
-        .with_data_schema("https://schemas.example/order.placed/2.json")
-        .with_correlation_id("corr-9")
-        .with_causation_id("cause-8")
-        .with_trace_context(TraceContext {
-            traceparent: "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into(),
-            tracestate: Some("vendor=abc".into()),
-        })
-        .with_header("tenant", "acme")
-        .unwrap()
-        .with_position(
-            "order-o-1",
-            StoredPosition {
-                stream_version: 4,
-                global_position: 1234,
-            },
-        )
+    EventEnvelope::new(
+        "order.placed",
+        &json!({"order_id": "o-1", "lines": [1, 2, 3]}),
+    )
+    .unwrap()
+    .with_source("https://shop.example/orders")
+    .with_schema_version(2)
+    .with_subject("o-1")
+    .with_data_schema("https://schemas.example/order.placed/2.json")
+    .with_correlation_id("corr-9")
+    .with_causation_id("cause-8")
+    .with_trace_context(TraceContext {
+        traceparent: "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into(),
+        tracestate: Some("vendor=abc".into()),
+    })
+    .with_header("tenant", "acme")
+    .unwrap()
+    .with_position(
+        "order-o-1",
+        StoredPosition {
+            stream_version: 4,
+            global_position: 1234,
+        },
+    )
 }
 
 fn ext(event: &cloudevents::Event, name: &str) -> ExtensionValue {
@@ -79,8 +82,12 @@ fn our_encoding_parses_in_the_sdk_with_every_attribute() {
 
 #[test]
 fn binary_payloads_survive_the_sdk() {
-    let ours = EventEnvelope::from_bytes("blob.stored", "application/octet-stream", vec![0u8, 1, 2, 254, 255])
-        .unwrap();
+    let ours = EventEnvelope::from_bytes(
+        "blob.stored",
+        "application/octet-stream",
+        vec![0u8, 1, 2, 254, 255],
+    )
+    .unwrap();
     let sdk: cloudevents::Event = serde_json::from_slice(&ce::encode(&ours).unwrap()).unwrap();
     assert_eq!(sdk.data(), Some(&Data::Binary(vec![0, 1, 2, 254, 255])));
     let back = ce::decode(&serde_json::to_vec(&sdk).unwrap()).unwrap();
@@ -117,7 +124,10 @@ fn sdk_events_decode_here() {
     assert_eq!(ours.header("region"), Some("eu"));
     assert_eq!(ours.header("retries"), Some("2"));
     assert_eq!(ours.header("vip"), Some("true"));
-    assert_eq!(ours.data::<serde_json::Value>().unwrap(), json!({"user_id": "u-1"}));
+    assert_eq!(
+        ours.data::<serde_json::Value>().unwrap(),
+        json!({"user_id": "u-1"})
+    );
 }
 
 #[test]

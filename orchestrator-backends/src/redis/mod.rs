@@ -1,1 +1,155 @@
-//! Redis Streams backend (in progress).
+//! Redis Streams: [`RedisEventStore`], [`RedisTransport`] and [`RedisDeadLetterQueue`]
+//! (feature `redis`).
+//!
+//! Requires Redis 6.2 or later (`XAUTOCLAIM`, exclusive ranges); single-node or
+//! primary/replica deployments — Redis Cluster is not supported, because the store's append
+//! script touches keys that would live in different slots.
+//!
+//! ```
+//! use std::time::Duration;
+//! use orchestrator_backends::redis::RedisConfig;
+//!
+//! // Building a config parses the URL; nothing connects yet.
+//! let config = RedisConfig::new("redis://app:secret@127.0.0.1:6379/0")?
+//!     .with_prefix("shop:")
+//!     .with_claim_min_idle(Duration::from_secs(60));
+//! assert_eq!(config.prefix(), "shop:");
+//! assert_eq!(config.redacted_url(), "redis://app:***@127.0.0.1:6379/0");
+//! // Then: RedisEventStore::connect(config.clone()).await?, RedisTransport::connect(config).await?
+//! # Ok::<(), orchestrator_core::Error>(())
+//! ```
+//!
+//! # Connecting: URLs, AUTH and TLS
+//!
+//! [`RedisConfig::new`] takes a redis-rs URL:
+//!
+//! - `redis://host:port/db` — plain TCP;
+//! - `redis://:password@host:port` or `redis://user:password@host:port` — `AUTH` (with an ACL
+//!   user in the second form) on every connection, reconnections included;
+//! - `rediss://user:password@host:port/db` — TLS. TLS is a feature of redis-rs: add
+//!   `redis = { version = "1.8", features = ["tokio-native-tls-comp"] }` (system OpenSSL) or
+//!   `features = ["tokio-rustls-comp"]` (rustls; then install a rustls `CryptoProvider` at
+//!   start-up) to your application's `Cargo.toml`, and cargo enables it for this backend too.
+//!   Append `#insecure` to the URL only to skip certificate checks in development.
+//!
+//! Passwords never appear in logs or `Debug` output ([`RedisConfig::redacted_url`]); event
+//! payloads are never logged either — logs name events by id and type only.
+//!
+//! Commands go through one `redis::aio::ConnectionManager` per store or transport, which
+//! reconnects on its own; a command that fails on a connection error (Redis restarting, a
+//! network blip, `LOADING` after a restart) is retried with exponential backoff for up to
+//! [`RedisConfig::with_retry_for`] (30 s by default) before the error — a
+//! [`Backend`](orchestrator_core::Error::Backend) error with `backend: "redis"` whose
+//! `is_temporary()` says whether retrying can help — reaches the caller. Every subscription
+//! reads on a connection of its own, so blocking reads never hold up other commands, and it
+//! reconnects and carries on for as long as it lives.
+//!
+//! # Keys
+//!
+//! Every key starts with the configured prefix `P` (default `orchestrator:`):
+//!
+//! | key | type | what |
+//! |---|---|---|
+//! | `P` `stream:<stream id>` | stream | one event stream; entry id `0-<stream version>`, fields `type`, `event`, `id` (event id), `position` (global position) |
+//! | `P` `all` | stream | every stored event in global order; entry id `0-<global position>`, fields `type`, `event` |
+//! | `P` `position` | string | the last global position handed out |
+//! | `P` `topic:<topic>` | stream | one transport topic; fields `type`, `event`; one consumer group per subscribing group |
+//! | `P` `topics` | set | every topic published or subscribed to |
+//! | `P` `patterns` | set | `"<group> <pattern>"` for every pattern a group subscribed to |
+//! | `P` `retry:<group>` | stream | messages for one group only — nacked, dropped, or [`redeliver`](orchestrator_core::Transport::redeliver)ed; fields `type`, `event`, `topic`, `attempt`, `first` (ms since the epoch), `error`; consumer group `<group>` |
+//! | `P` `delayed:<group>` | sorted set | nacked messages waiting out their delay, scored by due time (ms, Redis server clock) |
+//! | `P` `dlq` | stream | dead letters, oldest first; fields `id`, `type`, `subscription`, `letter` (JSON: `id`, `topic`, `subscription`, `reason`, `attempts`, `first_failure_at`, `last_failure_at`, `event`) |
+//! | `P` `dlq:index` | hash | dead-letter id → `dlq` entry id |
+//!
+//! A store and a transport may share a prefix. [`RedisEventStore::delete_all`] and
+//! [`RedisTransport::delete_all`] delete every key under the prefix (`SCAN` + `DEL`).
+//!
+//! # Wire format
+//!
+//! As DESIGN.md fixes for every backend: each entry's field `type` is the event type and
+//! field `event` is the event as a CloudEvents 1.0 JSON object (structured mode, see
+//! [`orchestrator_core::cloudevents`]). Stored events carry the extensions `streamid`,
+//! `streamversion` and `globalposition` in that JSON. Any client can write a topic entry
+//! with `XADD P topic:<topic> * type <type> event <json>`; an entry without `event`, or whose
+//! `event` is not a valid CloudEvent, is dead-lettered with the reason (its raw bytes kept as
+//! an `application/octet-stream` event carrying the header `redisentryid`), and the consumer
+//! carries on.
+//!
+//! # The event store
+//!
+//! An append is one `EVALSHA` of a Lua script that checks the expected version against the
+//! stream's length, takes positions with `INCRBY` on `P position`, and `XADD`s both entries
+//! of every event — atomic, one round trip for any batch size. Global positions have no gaps.
+//! If the reply of an append is lost to a connection error, the retry first checks whether
+//! the stream already ends with the batch's last event and, if so, reports that append
+//! instead of writing it twice. Reads are `XRANGE`s; a subscription catches up with `XRANGE`
+//! on `P all` and then follows with `XREAD BLOCK`, always from the last entry it handed over.
+//! Every event is stored twice (its stream and `P all`): reads in either order are one range
+//! scan, at twice the memory.
+//!
+//! # The transport
+//!
+//! **Publishing** is `XADD` to `P topic:<topic>`; a batch is one pipeline. A publish that
+//! fails on a connection error is retried; the retry first skips the events the failed
+//! attempt did write (found in the stream's tail by event id), so a lost reply does not
+//! duplicate them. Topic streams are not trimmed unless
+//! [`RedisConfig::with_topic_max_len`] is set.
+//!
+//! **Subscribing** makes the group a Redis consumer group, named as the group, on the stream
+//! of every topic its patterns match, plus on its own retry stream `P retry:<group>`. Each
+//! subscription is one consumer (`XREADGROUP`, all its streams in one blocking read); several
+//! subscriptions of a group share the work. Groups are durable: a group that subscribes again
+//! carries on where it stopped. A new group starts with the events published after it
+//! subscribed.
+//!
+//! **Patterns** have the in-process meaning ([`orchestrator_core::TopicPattern`]: `*` one
+//! segment, `#` any number, otherwise exact). Redis has no pattern subscriptions on streams,
+//! so they map to consumer groups on concrete topic streams:
+//!
+//! 1. subscribing adds `"<group> <pattern>"` to `P patterns`, then creates the group (at
+//!    `$`, "from now") on every topic in `P topics` that matches;
+//! 2. the first publish to a topic anywhere adds it to `P topics` and, when it is new, creates
+//!    the groups of all matching registered patterns *reading from the start* of the new
+//!    stream before writing to it — so events published to a topic that did not exist when
+//!    the group subscribed are not missed;
+//! 3. each consumer of a pattern subscription re-reads `P topics` every
+//!    [`RedisConfig::with_discovery_interval`] (1 s) and adds the matching new streams to its
+//!    reads. Events published meanwhile wait in the stream for the group; they are not lost.
+//!
+//! **Acks** are `XACK`s sent in batches by a task of the subscription (whatever accumulated
+//! while the previous batch was in flight goes in one pipeline), so `ack()` returns once the
+//! ack is queued, without a round trip. If the process dies before the batch is sent, the
+//! event is redelivered — at-least-once, as ever.
+//!
+//! **Nacks** run one script that acks the entry and adds the message, with its attempt count,
+//! first-attempt time and the nack's reason, either to the group's retry stream (no delay) or
+//! to the sorted set `P delayed:<group>` scored by due time. Delayed messages are moved to
+//! the retry stream by a script, when their time comes, by a timer of the nacking process and
+//! — should that process die — by every consumer of the group, which polls every
+//! [`RedisConfig::with_delayed_poll_interval`] (1 s). Since both sets live in Redis, a nacked
+//! message survives the death of its consumer. Only the nacking group sees the retry.
+//! A [`Delivery`](orchestrator_core::Delivery) dropped without being settled is nacked with
+//! no delay from its `Drop`, and so comes straight back.
+//!
+//! **Dead consumers**: a delivery left unsettled for [`RedisConfig::with_claim_min_idle`]
+//! (30 s) — its consumer crashed, or lost its connection for good — is taken over by another
+//! consumer of the group with `XAUTOCLAIM`, run every
+//! [`RedisConfig::claim_interval`], and delivered again as the next attempt.
+//!
+//! **Dead letters** go to [`RedisDeadLetterQueue`] in one script that also acks the delivery.
+//! To reprocess a letter, [`redeliver`](orchestrator_core::Transport::redeliver) its event to
+//! its subscription (it goes to that group's retry stream, attempt 1) and
+//! [`remove`](orchestrator_core::DeadLetterQueue::remove) it.
+
+mod config;
+mod conn;
+mod consumer;
+mod dlq;
+mod scripts;
+mod store;
+mod transport;
+
+pub use config::{DEFAULT_PREFIX, RedisConfig};
+pub use dlq::RedisDeadLetterQueue;
+pub use store::RedisEventStore;
+pub use transport::RedisTransport;

@@ -1,0 +1,625 @@
+//! One consumer of a group: the reader task, the deliveries it hands out and how they are
+//! settled.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use chrono::{DateTime, TimeZone, Utc};
+use orchestrator_core::envelope::validate_event_type;
+use orchestrator_core::{
+    Acknowledge, DeadLetter, Delivery, DeliveryInfo, DeliveryStream, EventEnvelope, Result,
+    SubscribeOptions, cloudevents,
+};
+use redis::Value;
+use redis::aio::ConnectionManager;
+use tokio::sync::mpsc;
+
+use super::conn::{
+    Entry, backoff, is_no_group, parse_autoclaim, parse_read, redis_error, with_retry,
+};
+use super::scripts;
+use super::transport::{RedisTransport, Shared};
+
+/// The event type given to dead letters made of entries that hold no readable event.
+const INVALID_EVENT_TYPE: &str = "orchestrator.invalid";
+
+/// The deliveries of one subscription, read ahead by a background task.
+pub(crate) struct RedisDeliveries {
+    rx: mpsc::Receiver<Result<Pending>>,
+}
+
+/// A delivery read from Redis and not yet handed to the application.
+pub(crate) struct Pending {
+    event: EventEnvelope,
+    info: DeliveryInfo,
+    acker: Acker,
+}
+
+#[async_trait]
+impl DeliveryStream for RedisDeliveries {
+    async fn next(&mut self) -> Result<Option<Delivery>> {
+        match self.rx.recv().await {
+            None => Ok(None),
+            Some(Err(error)) => Err(error),
+            Some(Ok(mut pending)) => {
+                pending.acker.handed_out = true;
+                Ok(Some(Delivery::new(
+                    pending.event,
+                    pending.info,
+                    Box::new(pending.acker),
+                )))
+            }
+        }
+    }
+}
+
+/// Starts a consumer of `options.group` reading `streams` (the group's retry stream first).
+pub(crate) async fn start(
+    transport: &RedisTransport,
+    options: SubscribeOptions,
+    streams: Vec<String>,
+) -> Result<RedisDeliveries> {
+    let shared = transport.shared.clone();
+    let blocking = shared.config.blocking_manager().await?;
+    let prefetch = options.prefetch.max(1);
+    let (tx, rx) = mpsc::channel(prefetch);
+    let (acks, ack_rx) = mpsc::unbounded_channel();
+    let consumer = uuid::Uuid::now_v7().simple().to_string();
+    tokio::spawn(ack_loop(shared.clone(), options.group.clone(), ack_rx));
+    let now = Instant::now();
+    let reader = Reader {
+        transport: transport.clone(),
+        shared,
+        blocking,
+        exact_only: options.patterns.iter().all(|p| p.is_exact()),
+        options,
+        consumer,
+        known: streams.iter().cloned().collect(),
+        streams,
+        tx,
+        acks,
+        prefetch,
+        next_poll: now,
+        next_discovery: now,
+        next_claim: now,
+    };
+    tracing::debug!(group = %reader.options.group, consumer = %reader.consumer, "consumer started");
+    transport.track(tokio::spawn(reader.run()));
+    Ok(RedisDeliveries { rx })
+}
+
+struct Reader {
+    transport: RedisTransport,
+    shared: Arc<Shared>,
+    blocking: ConnectionManager,
+    options: SubscribeOptions,
+    exact_only: bool,
+    consumer: String,
+    streams: Vec<String>,
+    known: HashSet<String>,
+    tx: mpsc::Sender<Result<Pending>>,
+    acks: mpsc::UnboundedSender<AckItem>,
+    prefetch: usize,
+    next_poll: Instant,
+    next_discovery: Instant,
+    next_claim: Instant,
+}
+
+impl Reader {
+    async fn run(mut self) {
+        let mut closed = self.shared.closed.subscribe();
+        let mut failures = 0u32;
+        loop {
+            if *closed.borrow() || self.tx.is_closed() {
+                break;
+            }
+            let step = tokio::select! {
+                step = self.step() => step,
+                _ = closed.changed() => break,
+            };
+            match step {
+                Ok(()) => failures = 0,
+                Err(error) if error.is_temporary() => {
+                    failures = failures.saturating_add(1);
+                    let delay = backoff()
+                        .delay_after(failures)
+                        .unwrap_or(Duration::from_secs(1));
+                    tracing::warn!(group = %self.options.group, %error, ?delay, "consumer: reading failed; retrying");
+                    tokio::time::sleep(delay).await;
+                }
+                Err(error) => {
+                    tracing::error!(group = %self.options.group, %error, "consumer stopped");
+                    let _ = self.tx.send(Err(error)).await;
+                    break;
+                }
+            }
+        }
+        tracing::debug!(group = %self.options.group, consumer = %self.consumer, "consumer stopped");
+    }
+
+    /// Housekeeping that is due, then one blocking read.
+    async fn step(&mut self) -> Result<()> {
+        let now = Instant::now();
+        if now >= self.next_poll {
+            let wait = move_due(&self.shared, &self.options.group).await?;
+            let poll = self.shared.config.delayed_poll_interval;
+            self.next_poll = Instant::now() + wait.map_or(poll, |w| w.min(poll));
+        }
+        if !self.exact_only && now >= self.next_discovery {
+            self.discover().await?;
+            self.next_discovery = Instant::now() + self.shared.config.discovery_interval;
+        }
+        if now >= self.next_claim {
+            self.claim().await?;
+            self.next_claim = Instant::now() + self.shared.config.claim_interval();
+        }
+        // Read no more than there is room for.
+        match self.tx.reserve().await {
+            Ok(permit) => drop(permit),
+            Err(_) => return Ok(()),
+        }
+        let count = self.tx.capacity().max(1);
+        let mut until = self.next_poll.min(self.next_claim);
+        if !self.exact_only {
+            until = until.min(self.next_discovery);
+        }
+        let block = until
+            .saturating_duration_since(Instant::now())
+            .min(self.shared.config.block_timeout)
+            .max(Duration::from_millis(1));
+        let mut cmd = redis::cmd("XREADGROUP");
+        cmd.arg("GROUP")
+            .arg(&self.options.group)
+            .arg(&self.consumer)
+            .arg("COUNT")
+            .arg(count)
+            .arg("BLOCK")
+            .arg(u64::try_from(block.as_millis()).unwrap_or(1000))
+            .arg("STREAMS")
+            .arg(&self.streams);
+        for _ in &self.streams {
+            cmd.arg(">");
+        }
+        let reply = cmd.query_async::<Value>(&mut self.blocking).await;
+        let streams = match reply {
+            Ok(value) => parse_read(value)?,
+            Err(error) if is_no_group(&error) => {
+                // A stream or group was deleted under us: make them again, reading whatever
+                // the stream holds now (it was written after the deletion).
+                tracing::warn!(group = %self.options.group, "consumer group missing; recreating");
+                for key in self.streams.clone() {
+                    self.transport
+                        .create_group(&key, &self.options.group, "0")
+                        .await?;
+                }
+                return Ok(());
+            }
+            Err(error) => return Err(redis_error(error)),
+        };
+        for (key, entries) in streams {
+            for entry in entries {
+                if !self.forward(&key, entry, false).await {
+                    return Ok(());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Adds the streams of newly registered topics that the patterns match.
+    async fn discover(&mut self) -> Result<()> {
+        for topic in self.transport.topics().await? {
+            if !self.options.matches(&topic) {
+                continue;
+            }
+            let key = self.shared.keys.topic(&topic);
+            if self.known.contains(&key) {
+                continue;
+            }
+            // Registering a topic creates the groups of matching patterns; a group can only be
+            // missing here if the registering client stopped half-way, and then the stream
+            // holds only events published since the topic was new.
+            self.transport
+                .create_group(&key, &self.options.group, "0")
+                .await?;
+            tracing::debug!(group = %self.options.group, topic, "pattern subscription found a new topic");
+            self.known.insert(key.clone());
+            self.streams.push(key);
+        }
+        Ok(())
+    }
+
+    /// Reclaims entries that stayed unsettled with any consumer of the group for longer than
+    /// the claim min-idle time (`XAUTOCLAIM`), and delivers them again.
+    async fn claim(&mut self) -> Result<()> {
+        let min_idle = u64::try_from(self.shared.config.claim_min_idle.as_millis()).unwrap_or(0);
+        for key in self.streams.clone() {
+            let mut cursor = "0-0".to_owned();
+            // Bounded, so a large backlog does not starve reading.
+            for _ in 0..10 {
+                let reply: Value = with_retry(&self.shared.config, "XAUTOCLAIM", |_| {
+                    let mut manager = self.shared.manager.clone();
+                    let mut cmd = redis::cmd("XAUTOCLAIM");
+                    cmd.arg(&key)
+                        .arg(&self.options.group)
+                        .arg(&self.consumer)
+                        .arg(min_idle)
+                        .arg(&cursor)
+                        .arg("COUNT")
+                        .arg(self.prefetch);
+                    async move { cmd.query_async(&mut manager).await }
+                })
+                .await?;
+                let (next, entries, deleted) = parse_autoclaim(reply)?;
+                if !deleted.is_empty() {
+                    // Entries trimmed away while pending: nothing left to deliver.
+                    for id in deleted {
+                        let _ = self.acks.send(AckItem {
+                            key: key.clone(),
+                            id,
+                            delete: false,
+                        });
+                    }
+                }
+                for entry in entries {
+                    tracing::debug!(group = %self.options.group, entry = %entry.id, "reclaimed an unsettled delivery");
+                    if !self.forward(&key, entry, true).await {
+                        return Ok(());
+                    }
+                }
+                if next == "0-0" {
+                    break;
+                }
+                cursor = next;
+            }
+        }
+        Ok(())
+    }
+
+    /// Turns an entry into a delivery and hands it over; entries that hold no valid event are
+    /// dead-lettered instead. False once the subscriber is gone.
+    async fn forward(&mut self, key: &str, entry: Entry, reclaimed: bool) -> bool {
+        let item = match self.pending(key, entry, reclaimed) {
+            Ok(pending) => pending,
+            Err((acker, reason)) => {
+                let envelope = match invalid_envelope(&acker) {
+                    Ok(envelope) => envelope,
+                    Err(error) => {
+                        tracing::error!(%error, "cannot describe an unreadable entry; acking it");
+                        return Box::new(acker).ack().await.is_ok();
+                    }
+                };
+                let letter = DeadLetter::new(
+                    envelope,
+                    acker.topic.clone(),
+                    acker.group.clone(),
+                    reason,
+                    acker.attempt,
+                    acker.first_attempt_at,
+                    Utc::now(),
+                );
+                tracing::warn!(group = %acker.group, entry = %acker.entry_id, reason = %letter.reason, "dead-lettering an unreadable entry");
+                if let Err(error) = Box::new(acker).dead_letter(letter).await {
+                    // It stays pending and is reclaimed (and judged again) later.
+                    tracing::error!(%error, "could not dead-letter an unreadable entry");
+                }
+                return true;
+            }
+        };
+        self.tx.send(Ok(item)).await.is_ok()
+    }
+
+    #[allow(clippy::result_large_err)]
+    fn pending(
+        &self,
+        key: &str,
+        entry: Entry,
+        reclaimed: bool,
+    ) -> std::result::Result<Pending, (Acker, String)> {
+        let is_retry = self.streams.first().is_some_and(|k| k == key);
+        let topic = if is_retry {
+            entry.text("topic").unwrap_or_default().to_owned()
+        } else {
+            self.shared.keys.topic_of(key).unwrap_or(key).to_owned()
+        };
+        let mut attempt = if is_retry {
+            entry
+                .text("attempt")
+                .and_then(|a| a.parse().ok())
+                .unwrap_or(1)
+        } else {
+            1
+        };
+        let mut last_error = entry
+            .text("error")
+            .filter(|e| is_retry && !e.is_empty())
+            .map(str::to_owned);
+        if reclaimed {
+            attempt += 1;
+            last_error.get_or_insert_with(|| {
+                format!(
+                    "not settled within {:?}; reclaimed from its consumer",
+                    self.shared.config.claim_min_idle
+                )
+            });
+        }
+        let first_attempt_at = entry
+            .text("first")
+            .filter(|_| is_retry)
+            .and_then(|f| f.parse::<i64>().ok())
+            .and_then(|ms| Utc.timestamp_millis_opt(ms).single())
+            .unwrap_or_else(Utc::now);
+        let event_type = entry.text("type").unwrap_or_default().to_owned();
+        let decoded = match entry.field("event") {
+            None => Err(format!(
+                "entry {} of `{key}` has no `event` field",
+                entry.id
+            )),
+            Some(json) => {
+                cloudevents::decode(json).map_err(|e| format!("entry {} of `{key}`: {e}", entry.id))
+            }
+        };
+        let Entry { id, fields } = entry;
+        let event_json = fields
+            .into_iter()
+            .find(|(k, _)| k == b"event")
+            .map(|(_, v)| v)
+            .unwrap_or_default();
+        let acker = Acker {
+            shared: self.shared.clone(),
+            acks: self.acks.clone(),
+            group: self.options.group.clone(),
+            stream_key: key.to_owned(),
+            entry_id: id,
+            is_retry,
+            topic: topic.clone(),
+            event_type,
+            event_json,
+            attempt,
+            first_attempt_at,
+            last_error: last_error.clone(),
+            handed_out: false,
+            settled: false,
+        };
+        match decoded {
+            Ok(event) => Ok(Pending {
+                info: DeliveryInfo {
+                    topic,
+                    group: self.options.group.clone(),
+                    attempt,
+                    first_attempt_at,
+                    last_error,
+                },
+                event,
+                acker,
+            }),
+            Err(reason) => Err((acker, reason)),
+        }
+    }
+}
+
+/// An envelope that carries the raw `event` bytes of an unreadable entry into the
+/// dead-letter queue, under the entry's type if that is a valid one.
+fn invalid_envelope(acker: &Acker) -> Result<EventEnvelope> {
+    let make = |t: &str| {
+        EventEnvelope::from_bytes(t, "application/octet-stream", acker.event_json.clone())
+    };
+    let envelope = if validate_event_type(&acker.event_type).is_ok() {
+        make(&acker.event_type)?
+    } else {
+        make(INVALID_EVENT_TYPE)?
+    };
+    envelope.with_header("redisentryid", acker.entry_id.clone())
+}
+
+/// Moves the group's delayed messages that are due into its retry stream; returns how long
+/// until the next one is due.
+pub(crate) async fn move_due(shared: &Shared, group: &str) -> Result<Option<Duration>> {
+    let (delayed, retry) = (shared.keys.delayed(group), shared.keys.retry(group));
+    let (_moved, wait): (i64, i64) = with_retry(&shared.config, "move due", |_| {
+        let mut manager = shared.manager.clone();
+        let mut invocation = scripts::MOVE_DUE.prepare_invoke();
+        invocation.key(&delayed).key(&retry).arg(1000);
+        async move { invocation.invoke_async(&mut manager).await }
+    })
+    .await?;
+    Ok(u64::try_from(wait).ok().map(Duration::from_millis))
+}
+
+/// An ack waiting to be sent.
+struct AckItem {
+    key: String,
+    id: String,
+    delete: bool,
+}
+
+/// Sends acks in batches: whatever accumulated while the previous batch was in flight goes in
+/// one pipeline.
+async fn ack_loop(shared: Arc<Shared>, group: String, mut rx: mpsc::UnboundedReceiver<AckItem>) {
+    let mut batch = Vec::new();
+    while rx.recv_many(&mut batch, 1000).await > 0 {
+        let mut by_key: BTreeMap<&str, (Vec<&str>, Vec<&str>)> = BTreeMap::new();
+        for item in &batch {
+            let (ack, del) = by_key.entry(&item.key).or_default();
+            ack.push(&item.id);
+            if item.delete {
+                del.push(&item.id);
+            }
+        }
+        let mut pipe = redis::pipe();
+        for (key, (ack, del)) in &by_key {
+            pipe.cmd("XACK").arg(*key).arg(&group).arg(ack).ignore();
+            if !del.is_empty() {
+                pipe.cmd("XDEL").arg(*key).arg(del).ignore();
+            }
+        }
+        let sent = with_retry(&shared.config, "XACK", |_| {
+            let mut manager = shared.manager.clone();
+            let pipe = &pipe;
+            async move { pipe.query_async::<()>(&mut manager).await }
+        })
+        .await;
+        if let Err(error) = sent {
+            // The entries stay pending and are reclaimed after the min-idle time.
+            tracing::error!(%error, acks = batch.len(), "acks failed; the events will be redelivered");
+        }
+        batch.clear();
+    }
+}
+
+/// Settles one delivery with Redis.
+struct Acker {
+    shared: Arc<Shared>,
+    acks: mpsc::UnboundedSender<AckItem>,
+    group: String,
+    stream_key: String,
+    entry_id: String,
+    is_retry: bool,
+    topic: String,
+    event_type: String,
+    event_json: Vec<u8>,
+    attempt: u32,
+    first_attempt_at: DateTime<Utc>,
+    last_error: Option<String>,
+    /// Whether the application got it (a delivery never handed out goes back without
+    /// counting an attempt).
+    handed_out: bool,
+    settled: bool,
+}
+
+impl Acker {
+    /// Sends the message back for attempt `attempt` after `delay`.
+    async fn requeue(&self, delay: Duration, attempt: u32, error: &str) -> Result<()> {
+        let shared = &self.shared;
+        let keys = &shared.keys;
+        let (retry, delayed) = (keys.retry(&self.group), keys.delayed(&self.group));
+        let delay_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
+        let first = self.first_attempt_at.timestamp_millis().to_string();
+        let nonce = uuid::Uuid::now_v7().simple().to_string();
+        let done: i64 = with_retry(&shared.config, "nack", |_| {
+            let mut manager = shared.manager.clone();
+            let mut invocation = scripts::NACK.prepare_invoke();
+            invocation
+                .key(&self.stream_key)
+                .key(&retry)
+                .key(&delayed)
+                .arg(&self.group)
+                .arg(&self.entry_id)
+                .arg(if self.is_retry { "1" } else { "0" })
+                .arg(delay_ms)
+                .arg(&self.topic)
+                .arg(&self.event_type)
+                .arg(self.event_json.as_slice())
+                .arg(attempt)
+                .arg(&first)
+                .arg(error)
+                .arg(&nonce);
+            async move { invocation.invoke_async(&mut manager).await }
+        })
+        .await?;
+        if done == 0 {
+            tracing::debug!(entry = %self.entry_id, "nack of a delivery that was settled already");
+        } else if !delay.is_zero() {
+            // Move it back on time from here; the consumers' polling covers a process that
+            // stops before then.
+            let shared = shared.clone();
+            let group = self.group.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(delay).await;
+                if let Err(error) = move_due(&shared, &group).await {
+                    tracing::debug!(%error, "moving a delayed message failed; polling will");
+                }
+            });
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Acknowledge for Acker {
+    async fn ack(mut self: Box<Self>) -> Result<()> {
+        self.settled = true;
+        self.acks
+            .send(AckItem {
+                key: std::mem::take(&mut self.stream_key),
+                id: std::mem::take(&mut self.entry_id),
+                delete: self.is_retry,
+            })
+            .map_err(|_| orchestrator_core::Error::Closed {
+                what: "redis consumer".into(),
+            })
+    }
+
+    async fn nack(mut self: Box<Self>, delay: Duration, reason: String) -> Result<()> {
+        self.settled = true;
+        self.requeue(delay, self.attempt.saturating_add(1), &reason)
+            .await
+    }
+
+    async fn dead_letter(mut self: Box<Self>, letter: DeadLetter) -> Result<()> {
+        self.settled = true;
+        let shared = &self.shared;
+        let mut invocation = scripts::DEAD_LETTER.prepare_invoke();
+        shared.dlq.park_invocation(&mut invocation, &letter)?;
+        invocation
+            .key(&self.stream_key)
+            .arg(&self.group)
+            .arg(&self.entry_id)
+            .arg(if self.is_retry { "1" } else { "0" });
+        let invocation = &invocation;
+        let done: i64 = with_retry(&shared.config, "dead letter", |_| {
+            let mut manager = shared.manager.clone();
+            async move { invocation.invoke_async(&mut manager).await }
+        })
+        .await?;
+        if done == 0 {
+            tracing::debug!(entry = %self.entry_id, "dead-lettering a delivery that was settled already");
+        } else {
+            tracing::debug!(letter = %letter.id, event = %letter.event.id(), group = %self.group, "dead-lettered");
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Acker {
+    fn drop(&mut self) {
+        if self.settled {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            // No runtime to send it back from: it stays pending and is reclaimed later.
+            return;
+        };
+        let acker = Acker {
+            shared: self.shared.clone(),
+            acks: self.acks.clone(),
+            group: std::mem::take(&mut self.group),
+            stream_key: std::mem::take(&mut self.stream_key),
+            entry_id: std::mem::take(&mut self.entry_id),
+            is_retry: self.is_retry,
+            topic: std::mem::take(&mut self.topic),
+            event_type: std::mem::take(&mut self.event_type),
+            event_json: std::mem::take(&mut self.event_json),
+            attempt: self.attempt,
+            first_attempt_at: self.first_attempt_at,
+            last_error: self.last_error.take(),
+            handed_out: self.handed_out,
+            settled: true,
+        };
+        runtime.spawn(async move {
+            let (attempt, error) = if acker.handed_out {
+                (
+                    acker.attempt.saturating_add(1),
+                    "the delivery was dropped without being settled".to_owned(),
+                )
+            } else {
+                (acker.attempt, acker.last_error.clone().unwrap_or_default())
+            };
+            if let Err(error) = acker.requeue(Duration::ZERO, attempt, &error).await {
+                tracing::warn!(%error, entry = %acker.entry_id, "returning a dropped delivery failed; it will be reclaimed");
+            }
+        });
+    }
+}

@@ -1,0 +1,167 @@
+//! The Lua scripts that make multi-key changes atomic. Each runs with `EVALSHA` (loaded on
+//! first use, and again after a server restart forgets it).
+//!
+//! Scripts only touch the keys they are given; numbers are formatted with `%d` so that large
+//! positions never turn into floating-point notation.
+
+use std::sync::LazyLock;
+
+use redis::Script;
+
+/// Appends events to a stream and the global stream, if the stream's version is as expected.
+///
+/// KEYS: stream, global stream, position counter.
+/// ARGV: mode (`any` | `none` | `exists` | `exact`), exact version, retry flag (`1` when a
+/// previous attempt may have been applied), n, then per event: type, event id, CloudEvents
+/// JSON without its closing `}` … the script appends the positions it assigns.
+///
+/// Returns `{1, version, first position, last position}` on success, `{0, version}` when the
+/// stream's version does not satisfy the expectation.
+pub(crate) static APPEND: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local len = redis.call('XLEN', KEYS[1])
+local n = tonumber(ARGV[4])
+if ARGV[3] == '1' and n > 0 and len > 0 then
+  -- A retry after a lost reply: if our last event is the stream's last, it was written.
+  local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)[1]
+  local f = last[2]
+  local id, pos
+  for i = 1, #f, 2 do
+    if f[i] == 'id' then id = f[i + 1] elseif f[i] == 'position' then pos = tonumber(f[i + 1]) end
+  end
+  if id == ARGV[4 + (n - 1) * 3 + 2] and pos then
+    return {1, len, pos - n + 1, pos}
+  end
+end
+local mode = ARGV[1]
+local ok
+if mode == 'any' then ok = true
+elseif mode == 'none' then ok = (len == 0)
+elseif mode == 'exists' then ok = (len > 0)
+else ok = (len == tonumber(ARGV[2])) end
+if not ok then return {0, len} end
+if n == 0 then
+  local head = tonumber(redis.call('GET', KEYS[3]) or '0')
+  return {1, len, head, head}
+end
+local last = redis.call('INCRBY', KEYS[3], n)
+local first = last - n + 1
+for i = 1, n do
+  local base = 4 + (i - 1) * 3
+  local version = string.format('%d', len + i)
+  local position = string.format('%d', first + i - 1)
+  local event = ARGV[base + 3] .. ',"streamversion":' .. version .. ',"globalposition":' .. position .. '}'
+  redis.call('XADD', KEYS[1], '0-' .. version, 'type', ARGV[base + 1], 'event', event,
+    'id', ARGV[base + 2], 'position', position)
+  redis.call('XADD', KEYS[2], '0-' .. position, 'type', ARGV[base + 1], 'event', event)
+end
+return {1, len + n, first, last}
+"#,
+    )
+});
+
+/// Settles a delivery by sending it back for another attempt: acks it in its stream and adds
+/// it to the group's retry stream now, or to the group's delayed set to be moved there later.
+/// Does nothing if the entry was no longer pending (someone else settled it).
+///
+/// KEYS: source stream, retry stream, delayed set.
+/// ARGV: group, entry id, delete source (`1` for retry-stream entries), delay ms, topic, type,
+/// event JSON, attempt, first attempt (ms since the epoch), last error, nonce.
+pub(crate) static NACK: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+if redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) == 0 then return 0 end
+if ARGV[3] == '1' then redis.call('XDEL', KEYS[1], ARGV[2]) end
+local delay = tonumber(ARGV[4])
+if delay <= 0 then
+  redis.call('XADD', KEYS[2], '*', 'type', ARGV[6], 'event', ARGV[7], 'topic', ARGV[5],
+    'attempt', ARGV[8], 'first', ARGV[9], 'error', ARGV[10])
+else
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local member = cjson.encode({topic = ARGV[5], type = ARGV[6], event = ARGV[7],
+    attempt = ARGV[8], first = ARGV[9], error = ARGV[10], nonce = ARGV[11]})
+  redis.call('ZADD', KEYS[3], now + delay, member)
+end
+return 1
+"#,
+    )
+});
+
+/// Moves the delayed messages whose time has come into the retry stream.
+///
+/// KEYS: delayed set, retry stream. ARGV: at most this many.
+/// Returns `{moved, ms until the next one is due or -1}`.
+pub(crate) static MOVE_DUE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[1]))
+for _, member in ipairs(due) do
+  local ok, r = pcall(cjson.decode, member)
+  if ok and type(r) == 'table' and r.event then
+    redis.call('XADD', KEYS[2], '*', 'type', tostring(r.type or ''), 'event', r.event,
+      'topic', tostring(r.topic or ''), 'attempt', tostring(r.attempt or '1'),
+      'first', tostring(r.first or ''), 'error', tostring(r.error or ''))
+  else
+    -- Not ours to read: hand it over as is, so the consumer dead-letters it with a reason.
+    redis.call('XADD', KEYS[2], '*', 'delayed', member)
+  end
+  redis.call('ZREM', KEYS[1], member)
+end
+local nxt = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+local wait = -1
+if nxt[2] then wait = math.max(0, tonumber(nxt[2]) - now) end
+return {#due, string.format('%d', wait)}
+"#,
+    )
+});
+
+/// Parks a letter in the dead-letter queue and, for a delivery, acks it in its stream — or
+/// does nothing when the delivery was no longer pending.
+///
+/// KEYS: dead-letter stream, dead-letter index, [source stream].
+/// ARGV: letter id, event type, subscription, letter JSON, [group, entry id, delete source].
+/// Returns 1 when parked, 0 when the delivery had been settled already.
+pub(crate) static DEAD_LETTER: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+if KEYS[3] then
+  if redis.call('XACK', KEYS[3], ARGV[5], ARGV[6]) == 0 then return 0 end
+  if ARGV[7] == '1' then redis.call('XDEL', KEYS[3], ARGV[6]) end
+end
+local old = redis.call('HGET', KEYS[2], ARGV[1])
+if old then redis.call('XDEL', KEYS[1], old) end
+local entry = redis.call('XADD', KEYS[1], '*', 'id', ARGV[1], 'type', ARGV[2],
+  'subscription', ARGV[3], 'letter', ARGV[4])
+redis.call('HSET', KEYS[2], ARGV[1], entry)
+return 1
+"#,
+    )
+});
+
+/// Reads one letter and, if asked, removes it.
+///
+/// KEYS: dead-letter stream, dead-letter index. ARGV: letter id, remove (`1`/`0`).
+/// Returns the letter JSON or nil.
+pub(crate) static TAKE_LETTER: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local entry = redis.call('HGET', KEYS[2], ARGV[1])
+if not entry then return false end
+local found = redis.call('XRANGE', KEYS[1], entry, entry)
+if ARGV[2] == '1' then
+  redis.call('XDEL', KEYS[1], entry)
+  redis.call('HDEL', KEYS[2], ARGV[1])
+end
+if not found[1] then return false end
+local f = found[1][2]
+for i = 1, #f, 2 do
+  if f[i] == 'letter' then return f[i + 1] end
+end
+return false
+"#,
+    )
+});
