@@ -1,30 +1,75 @@
-//! The event bus: handlers subscribed to topic patterns, with retry and dead-lettering,
-//! on any [`Transport`].
+//! The event bus: handlers subscribed to topic patterns on any [`Transport`], with
+//! filters, transforms, middleware, concurrency, per-key order, retry with backoff,
+//! dead-lettering, metrics and graceful shutdown.
 //!
-//! Each subscription is a consumer group of its own (so every subscription sees every
-//! matching event) unless it names a group to share. A handler's outcome settles the
-//! delivery: success acks it; a retryable error nacks it with the subscription's
-//! [`RetryPolicy`] backoff until the attempts are spent; then — or at once for a permanent
-//! error, or a panic — the event is dead-lettered with the reason. Nothing is dropped.
+//! Events are published to the topic named by their event type. A handler's outcome
+//! settles each delivery: success acks it; a retryable error retries it with the
+//! subscription's [`RetryPolicy`] backoff until the attempts are spent; then — or at once
+//! for a permanent error — the event is dead-lettered with the reason, the attempts, the
+//! first and last failure time and the subscription's name. A panicking handler is caught
+//! and counts as a retryable failure. Nothing is dropped.
 
-use std::panic::AssertUnwindSafe;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use futures::FutureExt as _;
 use orchestrator_core::transport::validate_topic;
 use orchestrator_core::{
-    Delivery, DeliveryStream, EventEnvelope, EventHandler, HandlerError, Result, RetryPolicy,
-    SubscribeOptions, Transport,
+    Clock, Error, EventEnvelope, EventHandler, EventSchemas, NoSchemas, Result, RetryPolicy,
+    SubscribeOptions, SystemClock, TopicPattern, Transport,
 };
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tracing::Instrument as _;
 
-/// Publishes events and runs subscribed handlers on a [`Transport`].
+use crate::dead_letters::DeadLetters;
+use crate::dispatch::{self, Runner, Unfinished};
+use crate::metrics::PublishMetrics;
+use crate::middleware::{Deduplicate, Middleware};
+use crate::subscription::{RetryMode, SubscriptionConfig};
+
+/// Publishes events and runs subscribed handlers on a [`Transport`]. Clones share the
+/// same bus.
+///
+/// ```
+/// use std::sync::Arc;
+/// use orchestrator_bus::{EventBus, InProcessTransport};
+/// use orchestrator_core::{EventEnvelope, HandlerError};
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> orchestrator_core::Result<()> {
+/// let bus = EventBus::new(Arc::new(InProcessTransport::new()));
+/// let (tx, mut rx) = tokio::sync::mpsc::channel(8);
+/// bus.subscribe("user.*", Arc::new(move |event: EventEnvelope| {
+///     let tx = tx.clone();
+///     async move { tx.send(event.event_type().to_owned()).await.ok(); Ok::<_, HandlerError>(()) }
+/// })).await?;
+/// bus.publish(EventEnvelope::new("user.created", &serde_json::json!({"id": 1}))?).await?;
+/// assert_eq!(rx.recv().await.as_deref(), Some("user.created"));
+/// # Ok(()) }
+/// ```
 #[derive(Clone)]
 pub struct EventBus {
     transport: Arc<dyn Transport>,
     retry: RetryPolicy,
+    clock: Arc<dyn Clock>,
+    schemas: Arc<dyn EventSchemas>,
+    shared: Arc<Shared>,
+}
+
+#[derive(Default)]
+struct Shared {
+    closed: AtomicBool,
+    subscriptions: Mutex<Vec<Arc<Control>>>,
+    publish_metrics: PublishMetrics,
+}
+
+impl Shared {
+    fn subscriptions(&self) -> std::sync::MutexGuard<'_, Vec<Arc<Control>>> {
+        // Pushes and retains only; a poisoned lock still guards a consistent list.
+        self.subscriptions
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
 }
 
 impl std::fmt::Debug for EventBus {
@@ -32,22 +77,57 @@ impl std::fmt::Debug for EventBus {
         f.debug_struct("EventBus")
             .field("transport", &self.transport.name())
             .field("retry", &self.retry)
-            .finish()
+            .field("subscriptions", &self.shared.subscriptions().len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// What [`EventBus::shutdown`] left undone.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ShutdownReport {
+    /// How many subscriptions were stopped.
+    pub subscriptions: usize,
+    /// Events still being handled, or waiting behind their key, when the deadline came.
+    /// They were not acknowledged, so the transport delivers them again.
+    pub unfinished: Vec<Unfinished>,
+}
+
+impl ShutdownReport {
+    /// Whether everything finished in time.
+    pub fn is_clean(&self) -> bool {
+        self.unfinished.is_empty()
     }
 }
 
 impl EventBus {
-    /// A bus on `transport` with the default [`RetryPolicy`].
+    /// A bus on `transport` with the default [`RetryPolicy`], the system clock and no
+    /// schemas.
     pub fn new(transport: Arc<dyn Transport>) -> Self {
         Self {
             transport,
             retry: RetryPolicy::default(),
+            clock: Arc::new(SystemClock),
+            schemas: Arc::new(NoSchemas),
+            shared: Arc::new(Shared::default()),
         }
     }
 
-    /// Sets the retry policy of subscriptions made from now on.
+    /// Sets the retry policy of subscriptions that name none.
     pub fn with_retry_policy(mut self, retry: RetryPolicy) -> Self {
         self.retry = retry;
+        self
+    }
+
+    /// Sets the clock that times in-place retries (tests pass a
+    /// [`ManualClock`](orchestrator_core::ManualClock)).
+    pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// Validates events on publish and upcasts them before handlers see them.
+    pub fn with_schemas(mut self, schemas: Arc<dyn EventSchemas>) -> Self {
+        self.schemas = schemas;
         self
     }
 
@@ -56,133 +136,220 @@ impl EventBus {
         &self.transport
     }
 
-    /// Publishes `event` to the topic named by its event type.
-    pub async fn publish(&self, event: EventEnvelope) -> Result<()> {
-        let topic = event.event_type().to_owned();
-        validate_topic(&topic)?;
-        self.transport.publish(&topic, event).await
+    /// The dead-letter tools: list, inspect, reprocess, discard, report.
+    pub fn dead_letters(&self) -> DeadLetters {
+        DeadLetters::new(
+            self.transport.dead_letter_queue(),
+            Arc::clone(&self.transport),
+        )
     }
 
-    /// Subscribes `handler` to `pattern` (`"user.created"`, `"user.*"`, `"order.#"`) in a
-    /// consumer group of its own; it receives every matching event published from now on.
+    /// Publishes `event` to the topic named by its event type, after schema validation.
+    pub async fn publish(&self, event: EventEnvelope) -> Result<()> {
+        if self.shared.closed.load(Ordering::Acquire) {
+            return Err(Error::Closed {
+                what: "event bus".to_owned(),
+            });
+        }
+        validate_topic(event.event_type())?;
+        self.schemas.validate(&event)?;
+        let span = tracing::info_span!(
+            "bus.publish",
+            event_type = %event.event_type(),
+            event_id = %event.id(),
+        );
+        let topic = event.event_type().to_owned();
+        self.transport
+            .publish(&topic, event)
+            .instrument(span)
+            .await?;
+        self.shared.publish_metrics.published(&topic);
+        Ok(())
+    }
+
+    /// Subscribes `handler` to `pattern` (`"user.created"`, `"user.*"`, `"order.#"`) with
+    /// default options: it receives every matching event published from now on.
     pub async fn subscribe(
         &self,
         pattern: &str,
         handler: Arc<dyn EventHandler>,
     ) -> Result<Subscription> {
-        let group = format!("sub-{}", uuid::Uuid::now_v7().simple());
-        self.subscribe_group(&group, pattern, handler).await
+        self.subscribe_with(SubscriptionConfig::new(pattern), handler)
+            .await
     }
 
-    /// Subscribes `handler` as one consumer of `group`: the consumers of a group share its
-    /// events, each event going to one of them.
-    pub async fn subscribe_group(
+    /// Subscribes `handler` with the given options.
+    pub async fn subscribe_with(
         &self,
-        group: &str,
-        pattern: &str,
+        config: SubscriptionConfig,
         handler: Arc<dyn EventHandler>,
     ) -> Result<Subscription> {
-        let options = SubscribeOptions::new(group, pattern)?;
+        if self.shared.closed.load(Ordering::Acquire) {
+            return Err(Error::Closed {
+                what: "event bus".to_owned(),
+            });
+        }
+        let patterns = config
+            .patterns
+            .iter()
+            .map(|p| TopicPattern::parse(p))
+            .collect::<Result<Vec<_>>>()?;
+        let name = config
+            .name
+            .clone()
+            .unwrap_or_else(|| format!("sub-{}", uuid::Uuid::now_v7().simple()));
+        let mut options = SubscribeOptions::new(name.clone(), "#")?;
+        options.patterns = patterns;
+        options = options.prefetch(config.concurrency.saturating_mul(4).max(16));
+
+        let mut chain: Vec<Arc<dyn Middleware>> = Vec::new();
+        if let Some(window) = config.dedup_window {
+            chain.push(Arc::new(Deduplicate::new(window)));
+        }
+        chain.extend(config.middleware.iter().cloned());
+        let mode = config.retry_mode.unwrap_or(if config.ordered {
+            RetryMode::InPlace
+        } else {
+            RetryMode::Redeliver
+        });
+        let runner = Arc::new(Runner::new(
+            name.clone(),
+            handler,
+            chain,
+            config.filter.clone(),
+            config.transform.clone(),
+            config.retry.unwrap_or(self.retry),
+            mode,
+            config.concurrency,
+            config.ordered,
+            Arc::clone(&self.clock),
+            Arc::clone(&self.schemas),
+        ));
+
         let stream = self.transport.subscribe(options).await?;
         let (stop, stopped) = watch::channel(false);
-        let task = tokio::spawn(consume(stream, handler, self.retry, stopped));
-        Ok(Subscription {
-            group: group.to_owned(),
-            pattern: pattern.to_owned(),
+        let task = tokio::spawn(dispatch::run(Arc::clone(&runner), stream, stopped));
+        let control = Arc::new(Control {
+            name,
+            patterns: config.patterns.join(", "),
             stop,
-            task,
-        })
+            task: Mutex::new(Some(task)),
+            runner,
+        });
+        let mut subscriptions = self.shared.subscriptions();
+        subscriptions.retain(|c| !c.is_finished());
+        subscriptions.push(Arc::clone(&control));
+        Ok(Subscription { control })
+    }
+
+    /// Stops the bus: no more publishes or subscriptions, each subscription stops taking
+    /// deliveries, and handlers in flight get until `deadline` to finish. What did not
+    /// finish is reported — its deliveries were not acknowledged, so the transport keeps
+    /// them for redelivery.
+    pub async fn shutdown(&self, deadline: Duration) -> ShutdownReport {
+        self.shared.closed.store(true, Ordering::Release);
+        let subscriptions: Vec<Arc<Control>> = self.shared.subscriptions().drain(..).collect();
+        let count = subscriptions.len();
+        let waits = subscriptions.iter().map(|c| c.stop_within(deadline));
+        let unfinished = futures::future::join_all(waits)
+            .await
+            .into_iter()
+            .flatten()
+            .collect();
+        ShutdownReport {
+            subscriptions: count,
+            unfinished,
+        }
+    }
+}
+
+/// A subscription's controls, shared by its handle and the bus.
+struct Control {
+    name: String,
+    patterns: String,
+    stop: watch::Sender<bool>,
+    task: Mutex<Option<JoinHandle<()>>>,
+    runner: Arc<Runner>,
+}
+
+impl Control {
+    fn take_task(&self) -> Option<JoinHandle<()>> {
+        self.task
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+    }
+
+    fn is_finished(&self) -> bool {
+        self.task
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+            .is_none_or(JoinHandle::is_finished)
+    }
+
+    /// Stops taking deliveries and waits up to `deadline` for those held; returns the ones
+    /// that did not finish (aborted, so the transport redelivers them).
+    async fn stop_within(&self, deadline: Duration) -> Vec<Unfinished> {
+        let _ = self.stop.send(true);
+        let Some(mut task) = self.take_task() else {
+            return Vec::new();
+        };
+        if tokio::time::timeout(deadline, &mut task).await.is_ok() {
+            return Vec::new();
+        }
+        let unfinished = self.runner.unfinished();
+        task.abort();
+        // Wait for the abort to drop the held deliveries back to the transport.
+        let _ = task.await;
+        tracing::warn!(
+            subscription = %self.name,
+            unfinished = unfinished.len(),
+            "subscription stopped with deliveries unfinished; they will be redelivered"
+        );
+        unfinished
     }
 }
 
 /// A running subscription. Dropping the handle leaves it running; call
 /// [`Subscription::unsubscribe`] to stop it.
-#[derive(Debug)]
 pub struct Subscription {
-    group: String,
-    pattern: String,
-    stop: watch::Sender<bool>,
-    task: JoinHandle<()>,
+    control: Arc<Control>,
+}
+
+impl std::fmt::Debug for Subscription {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Subscription")
+            .field("name", &self.control.name)
+            .field("patterns", &self.control.patterns)
+            .finish()
+    }
 }
 
 impl Subscription {
-    /// The consumer group this subscription consumes as.
-    pub fn group(&self) -> &str {
-        &self.group
+    /// The subscription's name: its consumer group, recorded in dead letters.
+    pub fn name(&self) -> &str {
+        &self.control.name
     }
 
-    /// The pattern subscribed to.
-    pub fn pattern(&self) -> &str {
-        &self.pattern
+    /// The patterns subscribed to, comma-separated.
+    pub fn patterns(&self) -> &str {
+        &self.control.patterns
     }
 
-    /// Stops receiving: the delivery being handled, if any, is finished and settled first.
+    /// Whether the subscription has stopped (unsubscribed, or its transport closed).
+    pub fn is_finished(&self) -> bool {
+        self.control.is_finished()
+    }
+
+    /// Stops taking deliveries and waits for the ones being handled to be settled.
     pub async fn unsubscribe(self) {
-        let _ = self.stop.send(true);
-        // The task only ends by returning; a join error would mean the consumer loop
-        // panicked, which catch_unwind around handlers rules out.
-        let _ = self.task.await;
+        let _ = self.control.stop_within(Duration::MAX).await;
     }
-}
 
-async fn consume(
-    mut stream: Box<dyn DeliveryStream>,
-    handler: Arc<dyn EventHandler>,
-    retry: RetryPolicy,
-    mut stopped: watch::Receiver<bool>,
-) {
-    let mut failures: u32 = 0;
-    loop {
-        let next = tokio::select! {
-            _ = stopped.changed() => break,
-            next = stream.next() => next,
-        };
-        match next {
-            Ok(Some(delivery)) => {
-                failures = 0;
-                settle(delivery, handler.as_ref(), &retry).await;
-            }
-            Ok(None) => break,
-            Err(error) if error.is_temporary() => {
-                failures = failures.saturating_add(1);
-                let delay = retry
-                    .with_max_attempts(u32::MAX)
-                    .delay_after(failures)
-                    .unwrap_or(Duration::from_secs(1));
-                tracing::warn!(%error, ?delay, "receiving failed; retrying");
-                tokio::time::sleep(delay).await;
-            }
-            Err(error) => {
-                tracing::error!(%error, "subscription stopped: receiving failed for good");
-                break;
-            }
-        }
-    }
-}
-
-async fn settle(delivery: Delivery, handler: &dyn EventHandler, retry: &RetryPolicy) {
-    let event = delivery.event().clone();
-    let outcome = AssertUnwindSafe(handler.handle(event))
-        .catch_unwind()
-        .await
-        .unwrap_or_else(|_| Err(HandlerError::permanent("handler panicked")));
-    let attempt = delivery.attempt();
-    let settled = match outcome {
-        Ok(()) => delivery.ack().await,
-        Err(error) => match retry.delay_after(attempt).filter(|_| error.is_retryable()) {
-            Some(delay) => {
-                tracing::debug!(attempt, ?delay, error = error.message(), "handler failed; retrying");
-                delivery.nack(delay, error.message()).await
-            }
-            None => {
-                tracing::warn!(attempt, error = error.message(), "handler failed; dead-lettering");
-                delivery.dead_letter(error.message()).await
-            }
-        },
-    };
-    if let Err(error) = settled {
-        // The transport could not record the outcome; it will redeliver the event, so it is
-        // not lost, but the handler may see it again.
-        tracing::error!(%error, "settling a delivery failed; it will be redelivered");
+    /// Stops taking deliveries and gives those being handled until `deadline`; returns the
+    /// ones that did not finish (they will be redelivered).
+    pub async fn unsubscribe_within(self, deadline: Duration) -> Vec<Unfinished> {
+        self.control.stop_within(deadline).await
     }
 }

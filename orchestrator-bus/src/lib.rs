@@ -1,41 +1,68 @@
 //! # orchestrator-bus
 //!
-//! The event bus of orchestrator, built on the core [`Transport`](orchestrator_core::Transport)
-//! trait so that it behaves the same on every transport.
+//! The event bus of orchestrator, built once on the core
+//! [`Transport`](orchestrator_core::Transport) trait so it behaves the same on the
+//! in-process transport and on Redis, Kafka and RabbitMQ.
 //!
-//! Today the crate holds the in-process pieces in [`memory`]: [`InProcessTransport`], a
-//! transport between the tasks of one process with one bounded queue per consumer group
-//! (slow consumers slow publishers down instead of growing memory), and
-//! [`InMemoryDeadLetterQueue`]. Routing with filters and transforms, retry with backoff,
-//! dead-letter tooling and metrics arrive with the event-bus issue, on top of any transport.
+//! - [`EventBus`]: publish events; subscribe handlers to topic patterns (`user.created`,
+//!   `user.*`, `order.#`) with a [`SubscriptionConfig`] — filter, transform, concurrency
+//!   limit, per-key order, [middleware](middleware), per-subscription
+//!   [`RetryPolicy`](orchestrator_core::RetryPolicy), idempotent consumer; consumer groups
+//!   (named subscriptions compete, different names each get everything); graceful
+//!   [`shutdown`](EventBus::shutdown); [metrics](metrics) and `tracing` spans.
+//! - [`DeadLetters`]: list, inspect, reprocess, discard, and a failure report.
+//! - [`memory`]: [`InProcessTransport`] (one bounded queue per consumer group: slow consumers
+//!   slow publishers instead of growing memory) and [`InMemoryDeadLetterQueue`].
 //!
 //! ```
-//! use orchestrator_bus::InProcessTransport;
-//! use orchestrator_core::{EventEnvelope, SubscribeOptions, Transport};
+//! use std::sync::Arc;
+//! use std::time::Duration;
+//! use orchestrator_bus::{EventBus, InProcessTransport, SubscriptionConfig};
+//! use orchestrator_core::{EventEnvelope, HandlerError, RetryPolicy};
 //! use serde_json::json;
 //!
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() -> orchestrator_core::Result<()> {
-//! let transport = InProcessTransport::new();
-//! let mut billing = transport.subscribe(SubscribeOptions::new("billing", "order.*")?).await?;
+//! let bus = EventBus::new(Arc::new(InProcessTransport::new()))
+//!     .with_retry_policy(RetryPolicy::exponential(3, Duration::from_millis(10)));
+//! let (tx, mut rx) = tokio::sync::mpsc::channel(8);
+//! let config = SubscriptionConfig::new("order.*")
+//!     .named("billing")
+//!     .filter(|e| e.event_type() != "order.cancelled");
+//! bus.subscribe_with(config, Arc::new(move |event: EventEnvelope| {
+//!     let tx = tx.clone();
+//!     async move {
+//!         let order: serde_json::Value = event.data()?;
+//!         tx.send(order["order_id"].to_string()).await.ok();
+//!         Ok::<_, HandlerError>(())
+//!     }
+//! })).await?;
 //!
-//! let placed = EventEnvelope::new("order.placed", &json!({"order_id": "o-1"}))?;
-//! transport.publish("order.placed", placed).await?;
-//!
-//! if let Some(delivery) = billing.next().await? {
-//!     let order: serde_json::Value = delivery.event().data()?;
-//!     assert_eq!(order["order_id"], "o-1");
-//!     assert_eq!(delivery.attempt(), 1);
-//!     delivery.ack().await?; // handled: not delivered to `billing` again
-//! }
+//! bus.publish(EventEnvelope::new("order.placed", &json!({"order_id": "o-1"}))?).await?;
+//! assert_eq!(rx.recv().await.as_deref(), Some("\"o-1\""));
+//! assert!(bus.shutdown(Duration::from_secs(1)).await.is_clean());
 //! # Ok(())
 //! # }
 //! ```
 //!
-//! The in-process transport runs inside a tokio runtime. It passes the core conformance
-//! suite (`orchestrator_core::testkit::transport`), like every broker transport.
+//! Use the bus inside a tokio runtime. The in-process transport passes the core
+//! conformance suite (`orchestrator_core::testkit::transport`), like every broker
+//! transport.
 
+pub mod bus;
+pub mod dead_letters;
+mod dispatch;
 pub mod memory;
+pub mod metrics;
+pub mod middleware;
+pub mod subscription;
 
 #[doc(inline)]
+pub use bus::{EventBus, ShutdownReport, Subscription};
+#[doc(inline)]
+pub use dead_letters::{DeadLetters, FailureGroup, FailureReport};
+pub use dispatch::Unfinished;
+#[doc(inline)]
 pub use memory::{InMemoryDeadLetterQueue, InProcessTransport, InProcessTransportBuilder};
+#[doc(inline)]
+pub use subscription::{Filter, RetryMode, SubscriptionConfig, Transform};

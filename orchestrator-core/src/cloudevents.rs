@@ -255,9 +255,9 @@ pub fn decode(bytes: &[u8]) -> Result<EventEnvelope> {
 
     Ok(EventEnvelope {
         id,
-        event_type,
+        event_type: event_type.into(),
         schema_version,
-        source,
+        source: source.into(),
         time,
         subject,
         data_schema,
@@ -265,7 +265,7 @@ pub fn decode(bytes: &[u8]) -> Result<EventEnvelope> {
         causation_id,
         trace,
         headers,
-        content_type,
+        content_type: content_type.into(),
         data: data.into(),
         stream_id,
         position,

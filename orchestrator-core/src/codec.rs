@@ -15,6 +15,7 @@
 
 use std::collections::BTreeMap;
 
+use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
@@ -100,8 +101,9 @@ impl Bincode {
     }
 }
 
-/// The envelope as bincode sees it. Times are kept as nanoseconds since the epoch.
-#[derive(Serialize, Deserialize)]
+/// The envelope as bincode sees it, for decoding. Times are seconds and nanoseconds since
+/// the epoch. [`RecordRef`] must list the same fields in the same order with the same types.
+#[derive(Deserialize)]
 struct Record {
     id: String,
     event_type: String,
@@ -117,8 +119,30 @@ struct Record {
     tracestate: Option<String>,
     headers: BTreeMap<String, String>,
     content_type: String,
-    data: Vec<u8>,
+    data: Bytes,
     stream_id: Option<String>,
+    position: Option<(u64, u64)>,
+}
+
+/// The borrowed twin of [`Record`], for encoding without copying.
+#[derive(Serialize)]
+struct RecordRef<'a> {
+    id: &'a str,
+    event_type: &'a str,
+    schema_version: u32,
+    source: &'a str,
+    time_secs: i64,
+    time_nanos: u32,
+    subject: Option<&'a str>,
+    data_schema: Option<&'a str>,
+    correlation_id: Option<&'a str>,
+    causation_id: Option<&'a str>,
+    traceparent: Option<&'a str>,
+    tracestate: Option<&'a str>,
+    headers: &'a BTreeMap<String, String>,
+    content_type: &'a str,
+    data: &'a Bytes,
+    stream_id: Option<&'a str>,
     position: Option<(u64, u64)>,
 }
 
@@ -128,23 +152,23 @@ impl Codec for Bincode {
     }
 
     fn encode(&self, e: &EventEnvelope) -> Result<Vec<u8>> {
-        let record = Record {
-            id: e.id.as_str().to_owned(),
-            event_type: e.event_type.clone(),
+        let record = RecordRef {
+            id: e.id.as_str(),
+            event_type: &e.event_type,
             schema_version: e.schema_version,
-            source: e.source.clone(),
+            source: &e.source,
             time_secs: e.time.timestamp(),
             time_nanos: e.time.timestamp_subsec_nanos(),
-            subject: e.subject.clone(),
-            data_schema: e.data_schema.clone(),
-            correlation_id: e.correlation_id.clone(),
-            causation_id: e.causation_id.clone(),
-            traceparent: e.trace.as_ref().map(|t| t.traceparent.clone()),
-            tracestate: e.trace.as_ref().and_then(|t| t.tracestate.clone()),
-            headers: e.headers.clone(),
-            content_type: e.content_type.clone(),
-            data: e.data.to_vec(),
-            stream_id: e.stream_id.clone(),
+            subject: e.subject.as_deref(),
+            data_schema: e.data_schema.as_deref(),
+            correlation_id: e.correlation_id.as_deref(),
+            causation_id: e.causation_id.as_deref(),
+            traceparent: e.trace.as_ref().map(|t| t.traceparent.as_str()),
+            tracestate: e.trace.as_ref().and_then(|t| t.tracestate.as_deref()),
+            headers: &e.headers,
+            content_type: &e.content_type,
+            data: &e.data,
+            stream_id: e.stream_id.as_deref(),
             position: e.position.map(|p| (p.stream_version, p.global_position)),
         };
         Self::encode_payload(&record)
@@ -169,9 +193,9 @@ impl Codec for Bincode {
         };
         Ok(EventEnvelope {
             id,
-            event_type: r.event_type,
+            event_type: r.event_type.into(),
             schema_version: r.schema_version,
-            source: r.source,
+            source: r.source.into(),
             time,
             subject: r.subject,
             data_schema: r.data_schema,
@@ -179,8 +203,8 @@ impl Codec for Bincode {
             causation_id: r.causation_id,
             trace,
             headers: r.headers,
-            content_type: r.content_type,
-            data: r.data.into(),
+            content_type: r.content_type.into(),
+            data: r.data,
             stream_id: r.stream_id,
             position: r
                 .position

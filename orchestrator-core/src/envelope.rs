@@ -1,6 +1,7 @@
 //! The event envelope: one type for every event, everywhere.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
@@ -55,16 +56,31 @@ pub struct TraceContext {
 
 /// An event's id: a UUIDv7 for events made here; any non-empty string for events that
 /// arrive from other CloudEvents producers.
-#[derive(
-    Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
-)]
-#[serde(transparent)]
-pub struct EventId(String);
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct EventId(Arc<str>);
+
+impl Serialize for EventId {
+    fn serialize<S: serde::Serializer>(
+        &self,
+        serializer: S,
+    ) -> std::result::Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.0)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for EventId {
+    fn deserialize<D: serde::Deserializer<'de>>(
+        deserializer: D,
+    ) -> std::result::Result<Self, D::Error> {
+        let id = String::deserialize(deserializer)?;
+        Self::parse(id).map_err(serde::de::Error::custom)
+    }
+}
 
 impl EventId {
     /// A fresh UUIDv7 id (ids made later sort after ids made earlier).
     pub fn new() -> Self {
-        Self(Uuid::now_v7().to_string())
+        Self(Uuid::now_v7().to_string().into())
     }
 
     /// An id from a string; empty strings are an [`Error::InvalidInput`].
@@ -73,7 +89,7 @@ impl EventId {
         if id.is_empty() {
             return Err(Error::invalid("event id", "must not be empty"));
         }
-        Ok(Self(id))
+        Ok(Self(id.into()))
     }
 
     /// The id as a string.
@@ -95,7 +111,7 @@ impl Default for EventId {
 
 impl From<Uuid> for EventId {
     fn from(id: Uuid) -> Self {
-        Self(id.to_string())
+        Self(id.to_string().into())
     }
 }
 
@@ -107,7 +123,7 @@ impl std::fmt::Display for EventId {
 
 impl PartialEq<str> for EventId {
     fn eq(&self, other: &str) -> bool {
-        self.0 == other
+        &*self.0 == other
     }
 }
 
@@ -142,9 +158,9 @@ pub struct StoredPosition {
 #[derive(Debug, Clone, PartialEq)]
 pub struct EventEnvelope {
     pub(crate) id: EventId,
-    pub(crate) event_type: String,
+    pub(crate) event_type: Arc<str>,
     pub(crate) schema_version: u32,
-    pub(crate) source: String,
+    pub(crate) source: Arc<str>,
     pub(crate) time: DateTime<Utc>,
     pub(crate) subject: Option<String>,
     pub(crate) data_schema: Option<String>,
@@ -152,7 +168,7 @@ pub struct EventEnvelope {
     pub(crate) causation_id: Option<String>,
     pub(crate) trace: Option<TraceContext>,
     pub(crate) headers: BTreeMap<String, String>,
-    pub(crate) content_type: String,
+    pub(crate) content_type: Arc<str>,
     pub(crate) data: Bytes,
     pub(crate) stream_id: Option<String>,
     pub(crate) position: Option<StoredPosition>,
@@ -185,9 +201,9 @@ impl EventEnvelope {
         }
         Ok(Self {
             id: EventId::new(),
-            event_type,
+            event_type: event_type.into(),
             schema_version: 1,
-            source: DEFAULT_SOURCE.to_owned(),
+            source: DEFAULT_SOURCE.into(),
             time: Utc::now(),
             subject: None,
             data_schema: None,
@@ -195,7 +211,7 @@ impl EventEnvelope {
             causation_id: None,
             trace: None,
             headers: BTreeMap::new(),
-            content_type,
+            content_type: content_type.into(),
             data: data.into(),
             stream_id: None,
             position: None,
@@ -209,7 +225,7 @@ impl EventEnvelope {
 
     /// Decodes this envelope into the typed event `E`, checking that the type names match.
     pub fn to_event<E: Event>(&self) -> Result<E> {
-        if self.event_type != E::EVENT_TYPE {
+        if &*self.event_type != E::EVENT_TYPE {
             return Err(Error::decode(
                 "type",
                 format!(
@@ -305,7 +321,7 @@ impl EventEnvelope {
         if self.is_json() {
             serde_json::from_slice(&self.data)
                 .map_err(|e| Error::decode("data", format!("payload does not fit the type: {e}")))
-        } else if self.content_type == CONTENT_TYPE_BINCODE {
+        } else if &*self.content_type == CONTENT_TYPE_BINCODE {
             crate::codec::Bincode::decode_payload(&self.data)
         } else {
             Err(Error::decode(
@@ -361,7 +377,7 @@ impl EventEnvelope {
 
     /// Sets the source.
     pub fn with_source(mut self, source: impl Into<String>) -> Self {
-        self.source = source.into();
+        self.source = source.into().into();
         self
     }
 
@@ -457,7 +473,7 @@ impl EventEnvelope {
     pub fn with_event_type(mut self, event_type: impl Into<String>) -> Result<Self> {
         let event_type = event_type.into();
         validate_event_type(&event_type)?;
-        self.event_type = event_type;
+        self.event_type = event_type.into();
         Ok(self)
     }
 
@@ -466,7 +482,7 @@ impl EventEnvelope {
         self.data = serde_json::to_vec(data)
             .map_err(|e| Error::encode(format!("payload is not serializable as JSON: {e}")))?
             .into();
-        self.content_type = CONTENT_TYPE_JSON.to_owned();
+        self.content_type = CONTENT_TYPE_JSON.into();
         Ok(self)
     }
 
@@ -476,7 +492,7 @@ impl EventEnvelope {
         content_type: impl Into<String>,
         data: impl Into<Bytes>,
     ) -> Self {
-        self.content_type = content_type.into();
+        self.content_type = content_type.into().into();
         self.data = data.into();
         self
     }

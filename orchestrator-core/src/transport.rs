@@ -200,12 +200,37 @@ impl Delivery {
         );
         self.acker.dead_letter(letter).await
     }
+
+    /// Parks the event in the dead-letter queue with the failure story told by the caller:
+    /// for consumers that retried in place, so the transport's own counts fall short.
+    pub async fn dead_letter_after(
+        self,
+        reason: impl Into<String>,
+        attempts: u32,
+        first_failure_at: DateTime<Utc>,
+        last_failure_at: DateTime<Utc>,
+    ) -> Result<()> {
+        let letter = DeadLetter::new(
+            self.event,
+            self.topic,
+            self.group,
+            reason.into(),
+            attempts.max(self.attempt),
+            first_failure_at,
+            last_failure_at,
+        );
+        self.acker.dead_letter(letter).await
+    }
 }
 
 /// The deliveries of one subscription.
 #[async_trait]
 pub trait DeliveryStream: Send {
     /// The next delivery; `Ok(None)` once the subscription or the transport is closed.
+    ///
+    /// Must be cancel-safe: dropping the future before it completes loses no event (a
+    /// message taken from the broker but not yet returned must come back, as if its
+    /// delivery had been dropped unsettled).
     async fn next(&mut self) -> Result<Option<Delivery>>;
 }
 
@@ -231,11 +256,13 @@ pub trait Transport: Send + Sync + 'static {
         Ok(())
     }
 
-    /// Subscribes a consumer of `options.group`.
+    /// Subscribes a consumer of `options.group`. Once this returns, the group receives
+    /// every event published later to a matching topic.
     async fn subscribe(&self, options: SubscribeOptions) -> Result<Box<dyn DeliveryStream>>;
 
     /// Delivers `event` again to `group` alone, as if just published to `topic` (used to
-    /// reprocess dead letters, attempt count reset).
+    /// reprocess dead letters, attempt count reset). A group the transport has never seen
+    /// is [`Error::NotFound`].
     async fn redeliver(&self, group: &str, topic: &str, event: EventEnvelope) -> Result<()>;
 
     /// Where this transport parks dead-lettered deliveries.

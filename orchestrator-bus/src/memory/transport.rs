@@ -10,8 +10,8 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use orchestrator_core::transport::{validate_group, validate_topic};
 use orchestrator_core::{
-    Acknowledge, DeadLetter, DeadLetterQueue, Delivery, DeliveryInfo, DeliveryStream, Error,
-    EventEnvelope, Result, SubscribeOptions, TopicPattern, Transport,
+    Acknowledge, Clock, DeadLetter, DeadLetterQueue, Delivery, DeliveryInfo, DeliveryStream, Error,
+    EventEnvelope, Result, SubscribeOptions, SystemClock, TopicPattern, Transport,
 };
 
 use super::InMemoryDeadLetterQueue;
@@ -85,6 +85,7 @@ impl Drop for Handle {
 
 struct Shared {
     capacity: usize,
+    clock: Arc<dyn Clock>,
     dead_letters: Arc<dyn DeadLetterQueue>,
     closed: AtomicBool,
     routes: RwLock<Routes>,
@@ -230,6 +231,7 @@ impl std::fmt::Debug for InProcessTransport {
 #[derive(Default)]
 pub struct InProcessTransportBuilder {
     capacity: Option<usize>,
+    clock: Option<Arc<dyn Clock>>,
     dead_letters: Option<Arc<dyn DeadLetterQueue>>,
 }
 
@@ -237,6 +239,7 @@ impl std::fmt::Debug for InProcessTransportBuilder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("InProcessTransportBuilder")
             .field("capacity", &self.capacity)
+            .field("clock", &self.clock)
             .field(
                 "dead_letters",
                 &self.dead_letters.as_ref().map(|d| d.name()),
@@ -259,10 +262,18 @@ impl InProcessTransportBuilder {
         self
     }
 
+    /// The clock that times nack delays and stamps first-attempt times (default: the
+    /// system clock). Tests pass a [`orchestrator_core::ManualClock`].
+    pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = Some(clock);
+        self
+    }
+
     /// The transport.
     pub fn build(self) -> InProcessTransport {
         let shared = Shared {
             capacity: self.capacity.unwrap_or(DEFAULT_CAPACITY),
+            clock: self.clock.unwrap_or_else(|| Arc::new(SystemClock)),
             dead_letters: self
                 .dead_letters
                 .unwrap_or_else(|| Arc::new(InMemoryDeadLetterQueue::new())),
@@ -309,7 +320,8 @@ impl Shared {
         }
     }
 
-    /// The groups `topic` goes to, from the cache or worked out and cached.
+    /// The groups `topic` goes to, from the cache or worked out and cached. Checks that
+    /// `topic` is valid (only topics that passed the check are cached).
     fn route(&self, topic: &str) -> Result<Arc<Route>> {
         if self.is_closed() {
             return Err(closed());
@@ -317,6 +329,7 @@ impl Shared {
         if let Some(route) = self.read().by_topic.get(topic) {
             return Ok(Arc::clone(route));
         }
+        validate_topic(topic)?;
         let mut routes = self.write();
         if routes.by_topic.len() >= MAX_CACHED_ROUTES {
             routes.by_topic.clear();
@@ -363,13 +376,11 @@ impl Transport for InProcessTransport {
     }
 
     async fn publish(&self, topic: &str, event: EventEnvelope) -> Result<()> {
-        validate_topic(topic)?;
         let route = self.handle.shared.route(topic)?;
         send_to(&route, event).await
     }
 
     async fn publish_batch(&self, topic: &str, events: Vec<EventEnvelope>) -> Result<()> {
-        validate_topic(topic)?;
         let route = self.handle.shared.route(topic)?;
         for event in events {
             send_to(&route, event).await?;
@@ -471,7 +482,9 @@ impl DeliveryStream for Subscription {
         if self.shared.is_closed() {
             return Ok(None);
         }
-        let first_attempt_at = *message.first_attempt_at.get_or_insert_with(Utc::now);
+        let first_attempt_at = *message
+            .first_attempt_at
+            .get_or_insert_with(|| self.shared.clock.now());
         let info = DeliveryInfo {
             topic: message.topic.to_string(),
             group: self.group.name.clone(),
@@ -482,6 +495,7 @@ impl DeliveryStream for Subscription {
         let event = message.event.clone();
         let settle = Settle {
             group: Arc::clone(&self.group),
+            clock: Arc::clone(&self.shared.clock),
             dead_letters: Arc::clone(&self.shared.dead_letters),
             message: Some(message),
         };
@@ -493,6 +507,7 @@ impl DeliveryStream for Subscription {
 /// dropped unsettled (or whose dead-lettering failed) goes back to its queue.
 struct Settle {
     group: Arc<Group>,
+    clock: Arc<dyn Clock>,
     dead_letters: Arc<dyn DeadLetterQueue>,
     /// `None` once settled.
     message: Option<Message>,
@@ -531,8 +546,9 @@ impl Acknowledge for Settle {
             return Err(no_runtime("a nack's delay"));
         };
         let group = Arc::clone(&self.group);
+        let clock = Arc::clone(&self.clock);
         runtime.spawn(async move {
-            tokio::time::sleep(delay).await;
+            clock.sleep(delay).await;
             // Fails only once the transport is closed, which discards queued events anyway.
             let _ = group.send(message).await;
         });

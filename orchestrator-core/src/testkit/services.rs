@@ -1,7 +1,7 @@
 //! Where the real brokers are, and what to do when one is unreachable.
 //!
 //! Backend tests read broker addresses from the environment with loopback defaults. When a
-//! broker is unreachable, [`unreachable`] skips the test with a printed reason locally and
+//! broker is unreachable, [`unreachable()`](fn@unreachable) skips the test with a printed reason locally and
 //! fails it when `CI=true`, so CI never passes by silently skipping a backend.
 
 /// `ORCHESTRATOR_REDIS_URL`, default `redis://127.0.0.1:6379`.

@@ -1,0 +1,128 @@
+//! The bus's metrics, through the `metrics` facade (install any recorder to collect them).
+//!
+//! | name | kind | labels |
+//! |---|---|---|
+//! | `orchestrator_bus_published_total` | counter | `event_type` |
+//! | `orchestrator_bus_delivered_total` | counter | `event_type`, `subscription` |
+//! | `orchestrator_bus_handler_errors_total` | counter | `event_type`, `subscription` |
+//! | `orchestrator_bus_retries_total` | counter | `event_type`, `subscription` |
+//! | `orchestrator_bus_dead_lettered_total` | counter | `event_type`, `subscription` |
+//! | `orchestrator_bus_filtered_total` | counter | `event_type`, `subscription` |
+//! | `orchestrator_bus_duplicates_total` | counter | `event_type`, `subscription` |
+//! | `orchestrator_bus_handler_duration_seconds` | histogram | `event_type`, `subscription` |
+//! | `orchestrator_bus_in_flight` | gauge | `subscription` |
+//!
+//! Handles are registered once per subscription and event type and cached, so the hot path
+//! does not build label sets.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+
+use metrics::{Counter, Gauge, Histogram};
+
+/// `orchestrator_bus_published_total`
+pub const PUBLISHED: &str = "orchestrator_bus_published_total";
+/// `orchestrator_bus_delivered_total`
+pub const DELIVERED: &str = "orchestrator_bus_delivered_total";
+/// `orchestrator_bus_handler_errors_total`
+pub const HANDLER_ERRORS: &str = "orchestrator_bus_handler_errors_total";
+/// `orchestrator_bus_retries_total`
+pub const RETRIES: &str = "orchestrator_bus_retries_total";
+/// `orchestrator_bus_dead_lettered_total`
+pub const DEAD_LETTERED: &str = "orchestrator_bus_dead_lettered_total";
+/// `orchestrator_bus_filtered_total`
+pub const FILTERED: &str = "orchestrator_bus_filtered_total";
+/// `orchestrator_bus_duplicates_total`
+pub const DUPLICATES: &str = "orchestrator_bus_duplicates_total";
+/// `orchestrator_bus_handler_duration_seconds`
+pub const HANDLER_DURATION: &str = "orchestrator_bus_handler_duration_seconds";
+/// `orchestrator_bus_in_flight`
+pub const IN_FLIGHT: &str = "orchestrator_bus_in_flight";
+
+/// Counts a skipped duplicate (the dedup middleware has no cached handles).
+pub(crate) fn duplicate(subscription: &str, event_type: &str) {
+    metrics::counter!(DUPLICATES, "event_type" => event_type.to_owned(), "subscription" => subscription.to_owned())
+        .increment(1);
+}
+
+/// Publish counters by event type.
+#[derive(Default)]
+pub(crate) struct PublishMetrics {
+    by_type: RwLock<HashMap<Arc<str>, Counter>>,
+}
+
+impl PublishMetrics {
+    pub(crate) fn published(&self, event_type: &str) {
+        // The map only ever gains entries; a poisoned lock still holds valid handles.
+        if let Some(c) = self
+            .by_type
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(event_type)
+        {
+            c.increment(1);
+            return;
+        }
+        let counter = metrics::counter!(PUBLISHED, "event_type" => event_type.to_owned());
+        counter.increment(1);
+        let mut map = self.by_type.write().unwrap_or_else(PoisonError::into_inner);
+        if map.len() < MAX_TYPES {
+            map.insert(Arc::from(event_type), counter);
+        }
+    }
+}
+
+/// Caps how many event types' handles are cached, against unbounded label sets.
+const MAX_TYPES: usize = 1024;
+
+/// The handles of one subscription and event type.
+#[derive(Clone)]
+pub(crate) struct Handles {
+    pub(crate) delivered: Counter,
+    pub(crate) errors: Counter,
+    pub(crate) retries: Counter,
+    pub(crate) dead_lettered: Counter,
+    pub(crate) filtered: Counter,
+    pub(crate) duration: Histogram,
+}
+
+/// One subscription's metrics.
+pub(crate) struct SubscriptionMetrics {
+    subscription: String,
+    pub(crate) in_flight: Gauge,
+    by_type: Mutex<HashMap<Arc<str>, Handles>>,
+}
+
+impl SubscriptionMetrics {
+    pub(crate) fn new(subscription: &str) -> Self {
+        Self {
+            subscription: subscription.to_owned(),
+            in_flight: metrics::gauge!(IN_FLIGHT, "subscription" => subscription.to_owned()),
+            by_type: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub(crate) fn for_type(&self, event_type: &str) -> Handles {
+        // The map only ever gains entries; a poisoned lock still holds valid handles.
+        let mut map = self.by_type.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(h) = map.get(event_type) {
+            return h.clone();
+        }
+        let labels = [
+            ("event_type", event_type.to_owned()),
+            ("subscription", self.subscription.clone()),
+        ];
+        let handles = Handles {
+            delivered: metrics::counter!(DELIVERED, &labels),
+            errors: metrics::counter!(HANDLER_ERRORS, &labels),
+            retries: metrics::counter!(RETRIES, &labels),
+            dead_lettered: metrics::counter!(DEAD_LETTERED, &labels),
+            filtered: metrics::counter!(FILTERED, &labels),
+            duration: metrics::histogram!(HANDLER_DURATION, &labels),
+        };
+        if map.len() < MAX_TYPES {
+            map.insert(Arc::from(event_type), handles.clone());
+        }
+        handles
+    }
+}

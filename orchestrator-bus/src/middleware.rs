@@ -1,0 +1,238 @@
+//! Middleware: cross-cutting code wrapped around every handler call of a subscription
+//! (logging, timing, deduplication, authorization, …), and the [`DeliveryContext`] it sees.
+//!
+//! A middleware gets the event, the context and [`Next`] — the rest of the chain ending in
+//! the handler. It may change the event, skip the handler (return without calling `next`),
+//! or look at the outcome.
+//!
+//! ```
+//! use async_trait::async_trait;
+//! use orchestrator_bus::middleware::{DeliveryContext, Middleware, Next};
+//! use orchestrator_core::{EventEnvelope, HandlerError};
+//!
+//! /// Refuses events without a tenant header, for good.
+//! struct RequireTenant;
+//!
+//! #[async_trait]
+//! impl Middleware for RequireTenant {
+//!     async fn handle(
+//!         &self,
+//!         event: EventEnvelope,
+//!         ctx: &DeliveryContext,
+//!         next: Next<'_>,
+//!     ) -> Result<(), HandlerError> {
+//!         if event.header("tenant").is_none() {
+//!             return Err(HandlerError::permanent("no tenant header"));
+//!         }
+//!         next.run(event, ctx).await
+//!     }
+//! }
+//! ```
+
+use std::collections::{HashSet, VecDeque};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Instant;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use orchestrator_core::{EventEnvelope, EventHandler, EventId, HandlerError};
+
+/// What a handler or middleware knows about the delivery it is handling.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeliveryContext {
+    /// The subscription's name (its consumer group).
+    pub subscription: String,
+    /// The topic the event was published to.
+    pub topic: String,
+    /// Which attempt this is: 1 for the first.
+    pub attempt: u32,
+    /// The error of the previous attempt, if this is a retry.
+    pub last_error: Option<String>,
+    /// When the event was first delivered to this subscription.
+    pub first_attempt_at: DateTime<Utc>,
+}
+
+tokio::task_local! {
+    static CURRENT: DeliveryContext;
+}
+
+impl DeliveryContext {
+    /// The context of the delivery being handled by the calling task, if any: lets a plain
+    /// closure handler read its attempt count and last error.
+    pub fn current() -> Option<DeliveryContext> {
+        CURRENT.try_with(Clone::clone).ok()
+    }
+
+    pub(crate) async fn scope<F: std::future::Future>(self, f: F) -> F::Output {
+        CURRENT.scope(self, f).await
+    }
+}
+
+/// Code wrapped around a subscription's handler.
+#[async_trait]
+pub trait Middleware: Send + Sync + 'static {
+    /// Handles `event`, usually by calling `next.run(event, ctx)` somewhere inside.
+    async fn handle(
+        &self,
+        event: EventEnvelope,
+        ctx: &DeliveryContext,
+        next: Next<'_>,
+    ) -> Result<(), HandlerError>;
+}
+
+/// The rest of a middleware chain, ending in the handler.
+pub struct Next<'a> {
+    rest: &'a [Arc<dyn Middleware>],
+    handler: &'a dyn EventHandler,
+}
+
+impl std::fmt::Debug for Next<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Next")
+            .field("middleware_left", &self.rest.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<'a> Next<'a> {
+    pub(crate) fn new(chain: &'a [Arc<dyn Middleware>], handler: &'a dyn EventHandler) -> Self {
+        Self {
+            rest: chain,
+            handler,
+        }
+    }
+
+    /// Runs the rest of the chain and the handler.
+    pub async fn run(
+        self,
+        event: EventEnvelope,
+        ctx: &DeliveryContext,
+    ) -> Result<(), HandlerError> {
+        match self.rest.split_first() {
+            Some((first, rest)) => {
+                first
+                    .handle(event, ctx, Next::new(rest, self.handler))
+                    .await
+            }
+            None => self.handler.handle(event).await,
+        }
+    }
+}
+
+/// Logs each handled event (type, id, attempt, duration, outcome) with `tracing` — never
+/// the payload.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LogEvents;
+
+#[async_trait]
+impl Middleware for LogEvents {
+    async fn handle(
+        &self,
+        event: EventEnvelope,
+        ctx: &DeliveryContext,
+        next: Next<'_>,
+    ) -> Result<(), HandlerError> {
+        let event_type = event.event_type().to_owned();
+        let event_id = event.id().clone();
+        let started = Instant::now();
+        let outcome = next.run(event, ctx).await;
+        let elapsed = started.elapsed();
+        match &outcome {
+            Ok(()) => tracing::info!(
+                subscription = %ctx.subscription, %event_type, %event_id,
+                attempt = ctx.attempt, ?elapsed, "handled"
+            ),
+            Err(error) => tracing::warn!(
+                subscription = %ctx.subscription, %event_type, %event_id,
+                attempt = ctx.attempt, ?elapsed, error = error.message(),
+                retryable = error.is_retryable(), "handler failed"
+            ),
+        }
+        outcome
+    }
+}
+
+/// The idempotent consumer: skips an event whose id was handled successfully within the
+/// last `window` distinct events of this subscription, so a redelivery does not repeat side
+/// effects. Memory is bounded by the window.
+#[derive(Debug)]
+pub struct Deduplicate {
+    window: usize,
+    seen: Mutex<Seen>,
+}
+
+#[derive(Debug, Default)]
+struct Seen {
+    ids: HashSet<EventId>,
+    order: VecDeque<EventId>,
+}
+
+impl Deduplicate {
+    /// Remembers the last `window` (at least 1) successfully handled event ids.
+    pub fn new(window: usize) -> Self {
+        Self {
+            window: window.max(1),
+            seen: Mutex::new(Seen::default()),
+        }
+    }
+
+    fn seen(&self) -> std::sync::MutexGuard<'_, Seen> {
+        // Every critical section is a lookup, or an insert followed by a bounded eviction,
+        // none of which can panic halfway; a poisoned lock still guards a consistent set.
+        self.seen.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Whether `id` was handled within the window.
+    pub fn contains(&self, id: &EventId) -> bool {
+        self.seen().ids.contains(id)
+    }
+
+    fn remember(&self, id: EventId) {
+        let mut seen = self.seen();
+        if seen.ids.insert(id.clone()) {
+            seen.order.push_back(id);
+            while seen.order.len() > self.window {
+                if let Some(old) = seen.order.pop_front() {
+                    seen.ids.remove(&old);
+                }
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Middleware for Deduplicate {
+    async fn handle(
+        &self,
+        event: EventEnvelope,
+        ctx: &DeliveryContext,
+        next: Next<'_>,
+    ) -> Result<(), HandlerError> {
+        let id = event.id().clone();
+        if self.contains(&id) {
+            crate::metrics::duplicate(&ctx.subscription, event.event_type());
+            tracing::debug!(subscription = %ctx.subscription, event_id = %id, "duplicate skipped");
+            return Ok(());
+        }
+        next.run(event, ctx).await?;
+        self.remember(id);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dedup_window_is_bounded() {
+        let d = Deduplicate::new(2);
+        let ids: Vec<EventId> = (0..3).map(|_| EventId::new()).collect();
+        for id in &ids {
+            d.remember(id.clone());
+        }
+        assert!(!d.contains(&ids[0]), "evicted beyond the window");
+        assert!(d.contains(&ids[1]) && d.contains(&ids[2]));
+        assert_eq!(d.seen().order.len(), 2);
+    }
+}

@@ -1,0 +1,179 @@
+//! How a subscription behaves: its patterns, filter, transform, concurrency, ordering,
+//! middleware, retry policy and deduplication.
+
+use std::sync::Arc;
+
+use orchestrator_core::{EventEnvelope, HandlerError, RetryPolicy};
+
+use crate::middleware::Middleware;
+
+/// A predicate on the envelope: events it rejects are acknowledged without reaching the
+/// handler (and counted in `orchestrator_bus_filtered_total`).
+pub type Filter = Arc<dyn Fn(&EventEnvelope) -> bool + Send + Sync>;
+
+/// Maps the envelope before the handler sees it (enrich, upcast, redact). An error is a
+/// handler failure: retried if retryable, else dead-lettered.
+pub type Transform =
+    Arc<dyn Fn(EventEnvelope) -> Result<EventEnvelope, HandlerError> + Send + Sync>;
+
+/// Where a failed event waits for its next attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RetryMode {
+    /// The bus waits out the backoff and calls the handler again, holding the delivery:
+    /// later events of the same key wait, so per-key order holds even across failures.
+    /// The default for subscriptions ordered by key.
+    InPlace,
+    /// The delivery is nacked with the backoff as its delay and the transport redelivers
+    /// it: the consumer moves on meanwhile, and a retry survives a crash of this process on
+    /// durable transports. The default for unordered subscriptions.
+    Redeliver,
+}
+
+/// The options of one subscription. Built with [`SubscriptionConfig::new`] and the
+/// chainable setters, then passed to [`EventBus::subscribe_with`](crate::EventBus::subscribe_with).
+///
+/// ```
+/// use std::time::Duration;
+/// use orchestrator_bus::{SubscriptionConfig, middleware::LogEvents};
+/// use orchestrator_core::RetryPolicy;
+///
+/// let config = SubscriptionConfig::new("order.#")
+///     .named("billing")
+///     .filter(|e| e.header("tenant") == Some("acme"))
+///     .concurrency(8)
+///     .ordered_by_key()
+///     .middleware(LogEvents)
+///     .retry(RetryPolicy::exponential(5, Duration::from_millis(50)))
+///     .idempotent(10_000);
+/// # let _ = config;
+/// ```
+#[derive(Clone)]
+pub struct SubscriptionConfig {
+    pub(crate) name: Option<String>,
+    pub(crate) patterns: Vec<String>,
+    pub(crate) filter: Option<Filter>,
+    pub(crate) transform: Option<Transform>,
+    pub(crate) concurrency: usize,
+    pub(crate) ordered: bool,
+    pub(crate) middleware: Vec<Arc<dyn Middleware>>,
+    pub(crate) retry: Option<RetryPolicy>,
+    pub(crate) retry_mode: Option<RetryMode>,
+    pub(crate) dedup_window: Option<usize>,
+}
+
+impl std::fmt::Debug for SubscriptionConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SubscriptionConfig")
+            .field("name", &self.name)
+            .field("patterns", &self.patterns)
+            .field("filter", &self.filter.is_some())
+            .field("transform", &self.transform.is_some())
+            .field("concurrency", &self.concurrency)
+            .field("ordered", &self.ordered)
+            .field("middleware", &self.middleware.len())
+            .field("retry", &self.retry)
+            .field("retry_mode", &self.retry_mode)
+            .field("dedup_window", &self.dedup_window)
+            .finish()
+    }
+}
+
+impl SubscriptionConfig {
+    /// A subscription to `pattern` (`"user.created"`, `"user.*"`, `"order.#"`): one event
+    /// at a time, the bus's retry policy, no filter, transform or middleware.
+    pub fn new(pattern: impl Into<String>) -> Self {
+        Self {
+            name: None,
+            patterns: vec![pattern.into()],
+            filter: None,
+            transform: None,
+            concurrency: 1,
+            ordered: false,
+            middleware: Vec::new(),
+            retry: None,
+            retry_mode: None,
+            dedup_window: None,
+        }
+    }
+
+    /// Names the subscription. The name is its consumer group: subscriptions with the same
+    /// name share the events (competing consumers), each event going to one of them; dead
+    /// letters record it and reprocessing goes back to it. Unnamed subscriptions get a
+    /// unique name, so each sees every event.
+    pub fn named(mut self, name: impl Into<String>) -> Self {
+        self.name = Some(name.into());
+        self
+    }
+
+    /// Adds another pattern.
+    pub fn pattern(mut self, pattern: impl Into<String>) -> Self {
+        self.patterns.push(pattern.into());
+        self
+    }
+
+    /// Only events for which `filter` returns true reach the handler; it runs before the
+    /// transform.
+    pub fn filter(
+        mut self,
+        filter: impl Fn(&EventEnvelope) -> bool + Send + Sync + 'static,
+    ) -> Self {
+        self.filter = Some(Arc::new(filter));
+        self
+    }
+
+    /// Maps each event (after the filter) before the middleware and handler see it.
+    pub fn transform(
+        mut self,
+        transform: impl Fn(EventEnvelope) -> Result<EventEnvelope, HandlerError> + Send + Sync + 'static,
+    ) -> Self {
+        self.transform = Some(Arc::new(transform));
+        self
+    }
+
+    /// Handles up to `limit` events at once (at least 1; default 1).
+    pub fn concurrency(mut self, limit: usize) -> Self {
+        self.concurrency = limit.max(1);
+        self
+    }
+
+    /// Keeps per-key order: events with the same [partition key](EventEnvelope::partition_key)
+    /// (the stream id) are handled one after another, in delivery order, even with
+    /// concurrency above 1. Retries default to [`RetryMode::InPlace`] so failures keep the
+    /// order too.
+    pub fn ordered_by_key(mut self) -> Self {
+        self.ordered = true;
+        self
+    }
+
+    /// Appends a middleware; the first added is the outermost.
+    pub fn middleware(mut self, middleware: impl Middleware) -> Self {
+        self.middleware.push(Arc::new(middleware));
+        self
+    }
+
+    /// Appends a shared middleware.
+    pub fn middleware_arc(mut self, middleware: Arc<dyn Middleware>) -> Self {
+        self.middleware.push(middleware);
+        self
+    }
+
+    /// This subscription's retry policy (default: the bus's).
+    pub fn retry(mut self, policy: RetryPolicy) -> Self {
+        self.retry = Some(policy);
+        self
+    }
+
+    /// Where failed events wait for their retry (default: in place when ordered by key,
+    /// else redelivered by the transport).
+    pub fn retry_mode(mut self, mode: RetryMode) -> Self {
+        self.retry_mode = Some(mode);
+        self
+    }
+
+    /// The idempotent consumer: skip events whose id was handled successfully within the
+    /// last `window` events, so a redelivery does not repeat side effects.
+    pub fn idempotent(mut self, window: usize) -> Self {
+        self.dedup_window = Some(window);
+        self
+    }
+}
