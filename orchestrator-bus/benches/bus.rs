@@ -1,0 +1,156 @@
+//! Publish → handle throughput of the event bus on the in-process transport, against a raw
+//! bounded `tokio::sync::mpsc` channel carrying the same envelope, in the same run.
+//!
+//! `cargo bench -p orchestrator-bus --bench bus`
+#![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use orchestrator_bus::{EventBus, InProcessTransport};
+use orchestrator_core::{EventEnvelope, HandlerError};
+use tokio::sync::{Notify, mpsc};
+
+const EVENTS: u64 = 20_000;
+
+/// A ~200-byte JSON payload.
+fn envelope() -> EventEnvelope {
+    let payload = serde_json::json!({
+        "order_id": "ORDER-0000000001",
+        "customer": "customer-0000000042",
+        "amount_cents": 99_99,
+        "currency": "EUR",
+        "lines": [{"sku": "SKU-1", "qty": 1}, {"sku": "SKU-2", "qty": 3}],
+        "note": "leave at the door, ring twice",
+    });
+    EventEnvelope::new("order.placed", &payload).unwrap()
+}
+
+struct Counter {
+    handled: AtomicU64,
+    target: AtomicU64,
+    done: Notify,
+}
+
+impl Counter {
+    fn new() -> Arc<Self> {
+        Arc::new(Self {
+            handled: AtomicU64::new(0),
+            target: AtomicU64::new(u64::MAX),
+            done: Notify::new(),
+        })
+    }
+
+    fn hit(&self) {
+        let n = self.handled.fetch_add(1, Ordering::AcqRel) + 1;
+        if n == self.target.load(Ordering::Acquire) {
+            self.done.notify_one();
+        }
+    }
+
+    async fn run(&self, expected: u64, publish: impl std::future::Future<Output = ()>) {
+        let target = self.handled.load(Ordering::Acquire) + expected;
+        self.target.store(target, Ordering::Release);
+        let notified = self.done.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        publish.await;
+        if self.handled.load(Ordering::Acquire) < target {
+            notified.await;
+        }
+    }
+}
+
+fn bench(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let event = envelope();
+    let mut group = c.benchmark_group("publish_to_handle");
+    group.throughput(Throughput::Elements(EVENTS));
+    group.sample_size(20);
+    group.measurement_time(Duration::from_secs(5));
+
+    for subscribers in [1usize, 4] {
+        // Raw: a bounded(1024) channel per subscriber, one consumer task each.
+        let counter = Counter::new();
+        let senders: Vec<mpsc::Sender<EventEnvelope>> = (0..subscribers)
+            .map(|_| {
+                let (tx, mut rx) = mpsc::channel::<EventEnvelope>(1024);
+                let counter = counter.clone();
+                rt.spawn(async move {
+                    while let Some(e) = rx.recv().await {
+                        std::hint::black_box(&e);
+                        counter.hit();
+                    }
+                });
+                tx
+            })
+            .collect();
+        group.bench_function(format!("raw_mpsc/{subscribers}_subscribers"), |b| {
+            b.to_async(&rt).iter_custom(|iters| {
+                let (counter, senders, event) = (counter.clone(), senders.clone(), event.clone());
+                async move {
+                    let start = Instant::now();
+                    for _ in 0..iters {
+                        counter
+                            .run(EVENTS * subscribers as u64, async {
+                                for _ in 0..EVENTS {
+                                    for tx in &senders {
+                                        tx.send(event.clone()).await.unwrap();
+                                    }
+                                }
+                            })
+                            .await;
+                    }
+                    start.elapsed()
+                }
+            });
+        });
+
+        // The bus: no-op handlers, one subscription (consumer group) per subscriber.
+        let counter = Counter::new();
+        let bus = EventBus::new(Arc::new(InProcessTransport::new()));
+        rt.block_on(async {
+            for _ in 0..subscribers {
+                let counter = counter.clone();
+                bus.subscribe(
+                    "order.#",
+                    Arc::new(move |e: EventEnvelope| {
+                        std::hint::black_box(&e);
+                        counter.hit();
+                        async { Ok::<_, HandlerError>(()) }
+                    }),
+                )
+                .await
+                .unwrap();
+            }
+        });
+        group.bench_function(format!("bus/{subscribers}_subscribers"), |b| {
+            b.to_async(&rt).iter_custom(|iters| {
+                let (counter, bus, event) = (counter.clone(), bus.clone(), event.clone());
+                async move {
+                    let start = Instant::now();
+                    for _ in 0..iters {
+                        counter
+                            .run(EVENTS * subscribers as u64, async {
+                                for _ in 0..EVENTS {
+                                    bus.publish(event.clone()).await.unwrap();
+                                }
+                            })
+                            .await;
+                    }
+                    start.elapsed()
+                }
+            });
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
