@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use orchestrator_bus::{EventBus, InProcessTransport};
-use orchestrator_core::{EventEnvelope, HandlerError};
+use orchestrator_core::{EventEnvelope, HandlerError, SubscribeOptions, Transport};
 use tokio::sync::{Notify, mpsc};
 
 const EVENTS: u64 = 20_000;
@@ -97,13 +97,19 @@ fn bench(c: &mut Criterion) {
                 async move {
                     let start = Instant::now();
                     for _ in 0..iters {
+                        let (senders, event) = (senders.clone(), event.clone());
                         counter
-                            .run(EVENTS * subscribers as u64, async {
-                                for _ in 0..EVENTS {
-                                    for tx in &senders {
-                                        tx.send(event.clone()).await.unwrap();
+                            .run(EVENTS * subscribers as u64, async move {
+                                // The publisher is a task too: task → task, as in DESIGN.md.
+                                tokio::spawn(async move {
+                                    for _ in 0..EVENTS {
+                                        for tx in &senders {
+                                            tx.send(event.clone()).await.unwrap();
+                                        }
                                     }
-                                }
+                                })
+                                .await
+                                .unwrap();
                             })
                             .await;
                     }
@@ -111,6 +117,53 @@ fn bench(c: &mut Criterion) {
                 }
             });
         });
+
+        // The in-process transport alone (publish, next, ack), to split the bus's cost.
+        if subscribers == 1 {
+            let counter = Counter::new();
+            let transport = Arc::new(InProcessTransport::new());
+            rt.block_on(async {
+                let mut stream = transport
+                    .subscribe(SubscribeOptions::new("raw-transport", "order.#").unwrap())
+                    .await
+                    .unwrap();
+                let counter = counter.clone();
+                tokio::spawn(async move {
+                    while let Ok(Some(d)) = stream.next().await {
+                        std::hint::black_box(d.event());
+                        d.ack().await.unwrap();
+                        counter.hit();
+                    }
+                });
+            });
+            group.bench_function("transport_only/1_subscribers", |b| {
+                b.to_async(&rt).iter_custom(|iters| {
+                    let (counter, transport, event) =
+                        (counter.clone(), transport.clone(), event.clone());
+                    async move {
+                        let start = Instant::now();
+                        for _ in 0..iters {
+                            let (transport, event) = (transport.clone(), event.clone());
+                            counter
+                                .run(EVENTS, async move {
+                                    tokio::spawn(async move {
+                                        for _ in 0..EVENTS {
+                                            transport
+                                                .publish("order.placed", event.clone())
+                                                .await
+                                                .unwrap();
+                                        }
+                                    })
+                                    .await
+                                    .unwrap();
+                                })
+                                .await;
+                        }
+                        start.elapsed()
+                    }
+                });
+            });
+        }
 
         // The bus: no-op handlers, one subscription (consumer group) per subscriber.
         let counter = Counter::new();
@@ -136,11 +189,16 @@ fn bench(c: &mut Criterion) {
                 async move {
                     let start = Instant::now();
                     for _ in 0..iters {
+                        let (bus, event) = (bus.clone(), event.clone());
                         counter
-                            .run(EVENTS * subscribers as u64, async {
-                                for _ in 0..EVENTS {
-                                    bus.publish(event.clone()).await.unwrap();
-                                }
+                            .run(EVENTS * subscribers as u64, async move {
+                                tokio::spawn(async move {
+                                    for _ in 0..EVENTS {
+                                        bus.publish(event.clone()).await.unwrap();
+                                    }
+                                })
+                                .await
+                                .unwrap();
                             })
                             .await;
                     }

@@ -158,11 +158,14 @@ impl EventBus {
             event_type = %event.event_type(),
             event_id = %event.id(),
         );
-        let topic = event.event_type().to_owned();
-        self.transport
-            .publish(&topic, event)
-            .instrument(span)
-            .await?;
+        let topic = event.event_type_shared();
+        // `as_ref`: call the transport itself, not the boxing `Arc<T>` forwarding impl.
+        let publish = self.transport.as_ref().publish(&topic, event);
+        if span.is_disabled() {
+            publish.await?;
+        } else {
+            publish.instrument(span).await?;
+        }
         self.shared.publish_metrics.published(&topic);
         Ok(())
     }
@@ -226,7 +229,7 @@ impl EventBus {
             Arc::clone(&self.schemas),
         ));
 
-        let stream = self.transport.subscribe(options).await?;
+        let stream = self.transport.as_ref().subscribe(options).await?;
         let (stop, stopped) = watch::channel(false);
         let task = tokio::spawn(dispatch::run(Arc::clone(&runner), stream, stopped));
         let control = Arc::new(Control {

@@ -34,7 +34,7 @@ pub struct Unfinished {
 
 /// Everything one subscription needs to handle a delivery.
 pub(crate) struct Runner {
-    pub(crate) name: String,
+    pub(crate) name: Arc<str>,
     pub(crate) handler: Arc<dyn EventHandler>,
     pub(crate) chain: Vec<Arc<dyn Middleware>>,
     pub(crate) filter: Option<Filter>,
@@ -47,7 +47,7 @@ pub(crate) struct Runner {
     pub(crate) schemas: Arc<dyn EventSchemas>,
     pub(crate) metrics: SubscriptionMetrics,
     /// Deliveries received and not yet settled, for the shutdown report.
-    holding: Mutex<HashMap<u64, (EventId, String)>>,
+    holding: Mutex<HashMap<u64, (EventId, Arc<str>)>>,
     next_ticket: AtomicU64,
 }
 
@@ -68,7 +68,7 @@ impl Runner {
     ) -> Self {
         let metrics = SubscriptionMetrics::new(&name);
         Self {
-            name,
+            name: name.into(),
             handler,
             chain,
             filter,
@@ -85,7 +85,7 @@ impl Runner {
         }
     }
 
-    fn holding(&self) -> std::sync::MutexGuard<'_, HashMap<u64, (EventId, String)>> {
+    fn holding(&self) -> std::sync::MutexGuard<'_, HashMap<u64, (EventId, Arc<str>)>> {
         // Inserts and removes only; a poisoned lock still guards a consistent map.
         self.holding.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -95,9 +95,9 @@ impl Runner {
         self.holding()
             .values()
             .map(|(id, t)| Unfinished {
-                subscription: self.name.clone(),
+                subscription: self.name.to_string(),
                 event_id: id.clone(),
-                event_type: t.clone(),
+                event_type: t.to_string(),
             })
             .collect()
     }
@@ -106,7 +106,7 @@ impl Runner {
         let id = self.next_ticket.fetch_add(1, Ordering::Relaxed);
         let event = delivery.event();
         self.holding()
-            .insert(id, (event.id().clone(), event.event_type().to_owned()));
+            .insert(id, (event.id().clone(), event.event_type_shared()));
         Ticket {
             runner: Arc::clone(self),
             id,
@@ -123,7 +123,7 @@ impl Runner {
             event_id = %delivery.event().id(),
             attempt = delivery.attempt(),
         );
-        async move {
+        let work = async move {
             let event = match self.schemas.upcast(delivery.event().clone()) {
                 Ok(event) => event,
                 Err(error) => {
@@ -142,19 +142,19 @@ impl Runner {
                 settled(delivery.ack().await);
                 return;
             }
-            let mut ctx = DeliveryContext {
-                subscription: self.name.clone(),
-                topic: delivery.topic().to_owned(),
+            let mut ctx = Arc::new(DeliveryContext {
+                subscription: Arc::clone(&self.name),
+                topic: delivery.topic().into(),
                 attempt: delivery.attempt(),
                 last_error: delivery.last_error().map(str::to_owned),
                 first_attempt_at: delivery.first_attempt_at(),
-            };
+            });
             let mut first_failure = (delivery.attempt() > 1).then(|| delivery.first_attempt_at());
             loop {
                 handles.delivered.increment(1);
                 self.metrics.in_flight.increment(1.0);
                 let started = Instant::now();
-                let outcome = self.attempt(event.clone(), &ctx).await;
+                let outcome = self.attempt(event.clone(), Arc::clone(&ctx)).await;
                 handles.duration.record(started.elapsed().as_secs_f64());
                 self.metrics.in_flight.decrement(1.0);
                 let error = match outcome {
@@ -182,8 +182,9 @@ impl Runner {
                             "retrying in place"
                         );
                         self.clock.sleep(delay).await;
-                        ctx.attempt += 1;
-                        ctx.last_error = Some(error.message().to_owned());
+                        let next = Arc::make_mut(&mut ctx);
+                        next.attempt += 1;
+                        next.last_error = Some(error.message().to_owned());
                     }
                     (Some(delay), RetryMode::Redeliver) => {
                         handles.retries.increment(1);
@@ -212,23 +213,27 @@ impl Runner {
                     }
                 }
             }
+        };
+        // An instrumented wrapper moves the whole future; skip it when nobody listens.
+        if span.is_disabled() {
+            work.await;
+        } else {
+            work.instrument(span).await;
         }
-        .instrument(span)
-        .await;
     }
 
     /// One attempt: transform, middleware, handler; a panic is a retryable failure.
     async fn attempt(
         &self,
         event: EventEnvelope,
-        ctx: &DeliveryContext,
+        ctx: Arc<DeliveryContext>,
     ) -> Result<(), HandlerError> {
         let event = match &self.transform {
             Some(transform) => transform(event)?,
             None => event,
         };
-        let run = Next::new(&self.chain, self.handler.as_ref()).run(event, ctx);
-        ctx.clone()
+        let run = Next::new(&self.chain, self.handler.as_ref()).run(event, &ctx);
+        Arc::clone(&ctx)
             .scope(AssertUnwindSafe(run).catch_unwind())
             .await
             .unwrap_or_else(|panic| {
@@ -269,7 +274,7 @@ impl Drop for Ticket {
 struct Job {
     delivery: Delivery,
     _ticket: Ticket,
-    _buffered: OwnedSemaphorePermit,
+    _buffered: Option<OwnedSemaphorePermit>,
 }
 
 type KeyQueues = Arc<Mutex<HashMap<String, VecDeque<Job>>>>;
@@ -284,23 +289,34 @@ pub(crate) async fn run(
 ) {
     let concurrency = runner.concurrency;
     // Bounds the deliveries held at once (running or waiting behind their key).
-    let buffer = Arc::new(Semaphore::new(concurrency.saturating_mul(4).max(1)));
+    let buffer = Arc::new(Semaphore::new(concurrency.saturating_mul(4)));
     let running = Arc::new(Semaphore::new(concurrency));
     let keys: KeyQueues = Arc::new(Mutex::new(HashMap::new()));
     let mut tasks = JoinSet::new();
     let mut receive_failures: u32 = 0;
+    // One waiter for the whole loop: re-creating `changed()` each time would register and
+    // unregister a waiter per delivery.
+    let stopped = async move {
+        let _ = stop.changed().await;
+    };
+    tokio::pin!(stopped);
     loop {
-        let permit = tokio::select! {
-            biased;
-            _ = stop.changed() => break,
-            permit = Arc::clone(&buffer).acquire_owned() => match permit {
-                Ok(permit) => permit,
-                Err(_) => break,
-            },
+        // One at a time needs no buffer: the loop itself waits for each delivery.
+        let permit = if concurrency == 1 {
+            None
+        } else {
+            tokio::select! {
+                biased;
+                _ = &mut stopped => break,
+                permit = Arc::clone(&buffer).acquire_owned() => match permit {
+                    Ok(permit) => Some(permit),
+                    Err(_) => break,
+                },
+            }
         };
         let next = tokio::select! {
             biased;
-            _ = stop.changed() => break,
+            _ = &mut stopped => break,
             next = stream.next() => next,
         };
         let delivery = match next {
@@ -314,7 +330,7 @@ pub(crate) async fn run(
                     .unwrap_or(Duration::from_secs(1));
                 tracing::warn!(subscription = %runner.name, %error, ?delay, "receiving failed; retrying");
                 tokio::select! {
-                    _ = stop.changed() => break,
+                    _ = &mut stopped => break,
                     () = runner.clock.sleep(delay) => continue,
                 }
             }

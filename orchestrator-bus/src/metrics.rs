@@ -76,7 +76,6 @@ impl PublishMetrics {
 const MAX_TYPES: usize = 1024;
 
 /// The handles of one subscription and event type.
-#[derive(Clone)]
 pub(crate) struct Handles {
     pub(crate) delivered: Counter,
     pub(crate) errors: Counter,
@@ -90,7 +89,7 @@ pub(crate) struct Handles {
 pub(crate) struct SubscriptionMetrics {
     subscription: String,
     pub(crate) in_flight: Gauge,
-    by_type: Mutex<HashMap<Arc<str>, Handles>>,
+    by_type: Mutex<HashMap<Arc<str>, Arc<Handles>>>,
 }
 
 impl SubscriptionMetrics {
@@ -102,26 +101,26 @@ impl SubscriptionMetrics {
         }
     }
 
-    pub(crate) fn for_type(&self, event_type: &str) -> Handles {
+    pub(crate) fn for_type(&self, event_type: &str) -> Arc<Handles> {
         // The map only ever gains entries; a poisoned lock still holds valid handles.
         let mut map = self.by_type.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(h) = map.get(event_type) {
-            return h.clone();
+            return Arc::clone(h);
         }
         let labels = [
             ("event_type", event_type.to_owned()),
             ("subscription", self.subscription.clone()),
         ];
-        let handles = Handles {
+        let handles = Arc::new(Handles {
             delivered: metrics::counter!(DELIVERED, &labels),
             errors: metrics::counter!(HANDLER_ERRORS, &labels),
             retries: metrics::counter!(RETRIES, &labels),
             dead_lettered: metrics::counter!(DEAD_LETTERED, &labels),
             filtered: metrics::counter!(FILTERED, &labels),
             duration: metrics::histogram!(HANDLER_DURATION, &labels),
-        };
+        });
         if map.len() < MAX_TYPES {
-            map.insert(Arc::from(event_type), handles.clone());
+            map.insert(Arc::from(event_type), Arc::clone(&handles));
         }
         handles
     }

@@ -41,9 +41,9 @@ use orchestrator_core::{EventEnvelope, EventHandler, EventId, HandlerError};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeliveryContext {
     /// The subscription's name (its consumer group).
-    pub subscription: String,
+    pub subscription: Arc<str>,
     /// The topic the event was published to.
-    pub topic: String,
+    pub topic: Arc<str>,
     /// Which attempt this is: 1 for the first.
     pub attempt: u32,
     /// The error of the previous attempt, if this is a retry.
@@ -53,17 +53,17 @@ pub struct DeliveryContext {
 }
 
 tokio::task_local! {
-    static CURRENT: DeliveryContext;
+    static CURRENT: Arc<DeliveryContext>;
 }
 
 impl DeliveryContext {
     /// The context of the delivery being handled by the calling task, if any: lets a plain
     /// closure handler read its attempt count and last error.
-    pub fn current() -> Option<DeliveryContext> {
-        CURRENT.try_with(Clone::clone).ok()
+    pub fn current() -> Option<Arc<DeliveryContext>> {
+        CURRENT.try_with(Arc::clone).ok()
     }
 
-    pub(crate) async fn scope<F: std::future::Future>(self, f: F) -> F::Output {
+    pub(crate) async fn scope<F: std::future::Future>(self: Arc<Self>, f: F) -> F::Output {
         CURRENT.scope(self, f).await
     }
 }

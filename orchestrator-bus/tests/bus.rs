@@ -25,7 +25,9 @@ fn event(event_type: &str, n: u64) -> EventEnvelope {
 }
 
 fn n_of(event: &EventEnvelope) -> u64 {
-    event.data::<serde_json::Value>().unwrap()["n"].as_u64().unwrap()
+    event.data::<serde_json::Value>().unwrap()["n"]
+        .as_u64()
+        .unwrap()
 }
 
 /// A handler that forwards every event it sees.
@@ -40,12 +42,17 @@ fn forward(tx: mpsc::UnboundedSender<EventEnvelope>) -> Arc<dyn EventHandler> {
 }
 
 async fn recv(rx: &mut mpsc::UnboundedReceiver<EventEnvelope>) -> EventEnvelope {
-    timeout(WAIT, rx.recv()).await.expect("timed out").expect("closed")
+    timeout(WAIT, rx.recv())
+        .await
+        .expect("timed out")
+        .expect("closed")
 }
 
 async fn nothing_more(rx: &mut mpsc::UnboundedReceiver<EventEnvelope>) {
     assert!(
-        timeout(Duration::from_millis(200), rx.recv()).await.is_err(),
+        timeout(Duration::from_millis(200), rx.recv())
+            .await
+            .is_err(),
         "unexpected extra event"
     );
 }
@@ -58,10 +65,26 @@ fn bus() -> EventBus {
 async fn routing_table() {
     let bus = bus();
     let cases: &[(&str, &[&str], &[&str])] = &[
-        ("user.created", &["user.created"], &["user.deleted", "user.created.v2", "user"]),
-        ("user.*", &["user.created", "user.deleted"], &["user", "user.a.b", "users.created"]),
-        ("order.#", &["order", "order.placed", "order.line.added"], &["orders.placed", "x.order"]),
-        ("*.created", &["user.created", "order.created"], &["created", "a.b.created"]),
+        (
+            "user.created",
+            &["user.created"],
+            &["user.deleted", "user.created.v2", "user"],
+        ),
+        (
+            "user.*",
+            &["user.created", "user.deleted"],
+            &["user", "user.a.b", "users.created"],
+        ),
+        (
+            "order.#",
+            &["order", "order.placed", "order.line.added"],
+            &["orders.placed", "x.order"],
+        ),
+        (
+            "*.created",
+            &["user.created", "order.created"],
+            &["created", "a.b.created"],
+        ),
         ("#", &["a", "a.b.c"], &[]),
     ];
     for (pattern, matching, other) in cases {
@@ -71,7 +94,11 @@ async fn routing_table() {
             bus.publish(event(topic, i as u64)).await.unwrap();
         }
         for topic in *matching {
-            assert_eq!(recv(&mut rx).await.event_type(), *topic, "pattern {pattern}");
+            assert_eq!(
+                recv(&mut rx).await.event_type(),
+                *topic,
+                "pattern {pattern}"
+            );
         }
         nothing_more(&mut rx).await;
         sub.unsubscribe().await;
@@ -83,8 +110,14 @@ async fn bad_patterns_and_topics_are_typed_errors() {
     let bus = bus();
     let (tx, _rx) = mpsc::unbounded_channel();
     for pattern in ["", "user..created", "order.#.placed", "#.x", "user.cre*"] {
-        let err = bus.subscribe(pattern, forward(tx.clone())).await.unwrap_err();
-        assert!(matches!(err, Error::InvalidInput { .. }), "{pattern}: {err}");
+        let err = bus
+            .subscribe(pattern, forward(tx.clone()))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, Error::InvalidInput { .. }),
+            "{pattern}: {err}"
+        );
     }
     assert!(matches!(
         EventEnvelope::new("", &1),
@@ -99,13 +132,19 @@ async fn groups_compete_and_different_groups_fan_out() {
     let (b_tx, mut b_rx) = mpsc::unbounded_channel();
     let (c_tx, mut c_rx) = mpsc::unbounded_channel();
     for tx in [a_tx, b_tx] {
-        bus.subscribe_with(SubscriptionConfig::new("job.#").named("workers"), forward(tx))
-            .await
-            .unwrap();
-    }
-    bus.subscribe_with(SubscriptionConfig::new("job.#").named("audit"), forward(c_tx))
+        bus.subscribe_with(
+            SubscriptionConfig::new("job.#").named("workers"),
+            forward(tx),
+        )
         .await
         .unwrap();
+    }
+    bus.subscribe_with(
+        SubscriptionConfig::new("job.#").named("audit"),
+        forward(c_tx),
+    )
+    .await
+    .unwrap();
     for i in 0..100 {
         bus.publish(event("job.run", i)).await.unwrap();
     }
@@ -123,7 +162,11 @@ async fn groups_compete_and_different_groups_fan_out() {
         }
     }
     worked.sort_unstable();
-    assert_eq!(worked, (0..100).collect::<Vec<_>>(), "each job exactly once");
+    assert_eq!(
+        worked,
+        (0..100).collect::<Vec<_>>(),
+        "each job exactly once"
+    );
 }
 
 /// A handler failing the first `fail` calls, recording each call's attempt number.
@@ -134,7 +177,10 @@ fn flaky(fail: u32, calls: Arc<Mutex<Vec<(u32, Option<String>)>>>) -> Arc<dyn Ev
         let calls = calls.clone();
         async move {
             let ctx = DeliveryContext::current().expect("handlers run inside a delivery context");
-            calls.lock().unwrap().push((ctx.attempt, ctx.last_error.clone()));
+            calls
+                .lock()
+                .unwrap()
+                .push((ctx.attempt, ctx.last_error.clone()));
             let n = count.fetch_add(1, Ordering::SeqCst) + 1;
             if n <= fail {
                 return Err(HandlerError::retryable(format!("boom {n}")));
@@ -184,7 +230,11 @@ async fn in_place_retries_follow_the_backoff_exactly() {
     for (delay_ms, expected_calls) in [(100, 2), (200, 3), (400, 4)] {
         clock.advance(Duration::from_millis(delay_ms - 1));
         settle_tasks().await;
-        assert_eq!(calls.lock().unwrap().len(), expected_calls - 1, "retried too early");
+        assert_eq!(
+            calls.lock().unwrap().len(),
+            expected_calls - 1,
+            "retried too early"
+        );
         clock.advance(Duration::from_millis(1));
         wait_until(|| calls.lock().unwrap().len() == expected_calls).await;
     }
@@ -230,7 +280,11 @@ async fn redelivered_retries_use_the_transport_and_its_clock() {
     wait_until(|| calls.lock().unwrap().len() == 3).await;
     assert_eq!(
         calls.lock().unwrap().clone(),
-        vec![(1, None), (2, Some("boom 1".into())), (3, Some("boom 2".into()))]
+        vec![
+            (1, None),
+            (2, Some("boom 1".into())),
+            (3, Some("boom 2".into()))
+        ]
     );
 }
 
@@ -243,7 +297,9 @@ async fn exhausted_retries_dead_letter_with_the_whole_story_and_reprocess_works(
     let (f, h) = (fixed.clone(), handled.clone());
     let policy = RetryPolicy::exponential(3, Duration::from_millis(5)).with_jitter(Jitter::None);
     bus.subscribe_with(
-        SubscriptionConfig::new("invoice.#").named("invoicing").retry(policy),
+        SubscriptionConfig::new("invoice.#")
+            .named("invoicing")
+            .retry(policy),
         Arc::new(move |_e: EventEnvelope| {
             let (f, h) = (f.clone(), h.clone());
             async move {
@@ -326,7 +382,11 @@ async fn permanent_errors_dead_letter_at_once() {
     bus.publish(event("bad.data", 1)).await.unwrap();
     let tools = bus.dead_letters();
     wait_until_async(|| async { tools.count().await.unwrap() == 1 }).await;
-    let letter = tools.list(&DeadLetterQuery::default()).await.unwrap().remove(0);
+    let letter = tools
+        .list(&DeadLetterQuery::default())
+        .await
+        .unwrap()
+        .remove(0);
     assert_eq!((letter.attempts, letter.reason.as_str()), (1, "malformed"));
     assert_eq!(calls.load(Ordering::SeqCst), 1);
 }
@@ -357,7 +417,11 @@ async fn a_panicking_handler_is_retried_then_dead_lettered_and_the_bus_keeps_goi
     assert_eq!(n_of(&recv(&mut rx).await), 1, "the bus survived the panic");
     let tools = bus.dead_letters();
     wait_until_async(|| async { tools.count().await.unwrap() == 1 }).await;
-    let letter = tools.list(&DeadLetterQuery::default()).await.unwrap().remove(0);
+    let letter = tools
+        .list(&DeadLetterQuery::default())
+        .await
+        .unwrap()
+        .remove(0);
     assert_eq!(letter.attempts, 2);
     assert!(letter.reason.contains("handler bug"), "{}", letter.reason);
 }
@@ -396,7 +460,9 @@ async fn per_key_order_holds_under_concurrency() {
     let max_in_flight = Arc::new(AtomicUsize::new(0));
     let (l, i, m) = (log.clone(), in_flight.clone(), max_in_flight.clone());
     bus.subscribe_with(
-        SubscriptionConfig::new("acct.#").concurrency(4).ordered_by_key(),
+        SubscriptionConfig::new("acct.#")
+            .concurrency(4)
+            .ordered_by_key(),
         Arc::new(move |e: EventEnvelope| {
             let (l, i, m) = (l.clone(), i.clone(), m.clone());
             async move {
@@ -404,7 +470,9 @@ async fn per_key_order_holds_under_concurrency() {
                 m.fetch_max(now, Ordering::SeqCst);
                 // Uneven handling times shuffle completion order across keys.
                 tokio::time::sleep(Duration::from_micros(fastrand_like(n_of(&e)))).await;
-                l.lock().unwrap().push((e.stream_id().unwrap().to_owned(), n_of(&e)));
+                l.lock()
+                    .unwrap()
+                    .push((e.stream_id().unwrap().to_owned(), n_of(&e)));
                 i.fetch_sub(1, Ordering::SeqCst);
                 Ok::<_, HandlerError>(())
             }
@@ -414,17 +482,26 @@ async fn per_key_order_holds_under_concurrency() {
     .unwrap();
     for n in 0..50 {
         for key in ["a", "b", "c", "d"] {
-            bus.publish(event("acct.moved", n).with_stream_id(key)).await.unwrap();
+            bus.publish(event("acct.moved", n).with_stream_id(key))
+                .await
+                .unwrap();
         }
     }
     wait_until(|| log.lock().unwrap().len() == 200).await;
     let log = log.lock().unwrap().clone();
     for key in ["a", "b", "c", "d"] {
-        let ns: Vec<u64> = log.iter().filter(|(k, _)| k == key).map(|(_, n)| *n).collect();
+        let ns: Vec<u64> = log
+            .iter()
+            .filter(|(k, _)| k == key)
+            .map(|(_, n)| *n)
+            .collect();
         assert_eq!(ns, (0..50).collect::<Vec<_>>(), "key {key} out of order");
     }
     assert!(max_in_flight.load(Ordering::SeqCst) > 1, "ran concurrently");
-    assert!(max_in_flight.load(Ordering::SeqCst) <= 4, "respected the limit");
+    assert!(
+        max_in_flight.load(Ordering::SeqCst) <= 4,
+        "respected the limit"
+    );
 }
 
 fn fastrand_like(n: u64) -> u64 {
@@ -440,7 +517,9 @@ async fn in_place_retries_keep_key_order_across_failures() {
     let failed_once = Arc::new(AtomicU32::new(0));
     let (l, f) = (log.clone(), failed_once.clone());
     bus.subscribe_with(
-        SubscriptionConfig::new("k.#").concurrency(2).ordered_by_key(),
+        SubscriptionConfig::new("k.#")
+            .concurrency(2)
+            .ordered_by_key(),
         Arc::new(move |e: EventEnvelope| {
             let (l, f) = (l.clone(), f.clone());
             async move {
@@ -455,7 +534,9 @@ async fn in_place_retries_keep_key_order_across_failures() {
     .await
     .unwrap();
     for n in 0..10 {
-        bus.publish(event("k.v", n).with_stream_id("one-key")).await.unwrap();
+        bus.publish(event("k.v", n).with_stream_id("one-key"))
+            .await
+            .unwrap();
     }
     wait_until(|| log.lock().unwrap().len() == 10).await;
     assert_eq!(*log.lock().unwrap(), (0..10).collect::<Vec<_>>());
@@ -513,7 +594,9 @@ async fn the_idempotent_consumer_skips_redelivered_ids() {
     let h = handled.clone();
     let sub = bus
         .subscribe_with(
-            SubscriptionConfig::new("pay.#").named("payments").idempotent(100),
+            SubscriptionConfig::new("pay.#")
+                .named("payments")
+                .idempotent(100),
             Arc::new(move |_e: EventEnvelope| {
                 h.fetch_add(1, Ordering::SeqCst);
                 async { Ok::<_, HandlerError>(()) }
@@ -525,7 +608,10 @@ async fn the_idempotent_consumer_skips_redelivered_ids() {
     bus.publish(e.clone()).await.unwrap();
     wait_until(|| handled.load(Ordering::SeqCst) == 1).await;
     // The same event again (a redelivery, or a publisher retry): skipped.
-    transport.redeliver(sub.name(), "pay.captured", e.clone()).await.unwrap();
+    transport
+        .redeliver(sub.name(), "pay.captured", e.clone())
+        .await
+        .unwrap();
     bus.publish(e).await.unwrap();
     bus.publish(event("pay.captured", 2)).await.unwrap();
     wait_until(|| handled.load(Ordering::SeqCst) == 2).await;
@@ -560,7 +646,11 @@ async fn shutdown_drains_in_flight_handlers_within_the_deadline() {
     let report = bus.shutdown(Duration::from_secs(5)).await;
     assert!(report.is_clean(), "{report:?}");
     assert_eq!(report.subscriptions, 1);
-    assert_eq!(finished.load(Ordering::SeqCst), 2, "both finished before shutdown returned");
+    assert_eq!(
+        finished.load(Ordering::SeqCst),
+        2,
+        "both finished before shutdown returned"
+    );
     assert!(matches!(
         bus.publish(event("slow.job", 3)).await,
         Err(Error::Closed { .. })

@@ -19,7 +19,11 @@ type Entry = (
 
 struct Snapshot(Vec<Entry>);
 
-fn value<'a>(snapshot: &'a Snapshot, name: &str, labels: &[(&str, &str)]) -> Option<&'a DebugValue> {
+fn value<'a>(
+    snapshot: &'a Snapshot,
+    name: &str,
+    labels: &[(&str, &str)],
+) -> Option<&'a DebugValue> {
     snapshot.0.iter().find_map(|(key, _, _, value)| {
         let key = key.key();
         let matches = key.name() == name
@@ -60,7 +64,9 @@ async fn published_delivered_retried_dead_lettered_and_durations_are_counted() {
     .await
     .unwrap();
     for t in ["metric.ok", "metric.ok", "metric.fail", "metric.skip"] {
-        bus.publish(EventEnvelope::new(t, &json!({})).unwrap()).await.unwrap();
+        bus.publish(EventEnvelope::new(t, &json!({})).unwrap())
+            .await
+            .unwrap();
     }
     let tools = bus.dead_letters();
     tokio::time::timeout(Duration::from_secs(10), async {
@@ -78,7 +84,10 @@ async fn published_delivered_retried_dead_lettered_and_durations_are_counted() {
     let ok = [("event_type", "metric.ok"), ("subscription", "metered")];
     let fail = [("event_type", "metric.fail"), ("subscription", "metered")];
     let skip = [("event_type", "metric.skip"), ("subscription", "metered")];
-    assert_eq!(counter(&snapshotter, m::PUBLISHED, &[("event_type", "metric.ok")]), 2);
+    assert_eq!(
+        counter(&snapshotter, m::PUBLISHED, &[("event_type", "metric.ok")]),
+        2
+    );
     assert_eq!(counter(&snapshotter, m::DELIVERED, &ok), 2);
     assert_eq!(counter(&snapshotter, m::DELIVERED, &fail), 3);
     assert_eq!(counter(&snapshotter, m::HANDLER_ERRORS, &fail), 3);

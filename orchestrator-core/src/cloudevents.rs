@@ -30,8 +30,8 @@ use serde::Serialize;
 use serde_json::value::RawValue;
 
 use crate::envelope::{
-    CONTENT_TYPE_JSON, EventEnvelope, EventId, StoredPosition, TraceContext, is_json_content_type,
-    validate_event_type, validate_extension_name,
+    CONTENT_TYPE_JSON, EventEnvelope, EventId, Fields, StoredPosition, TraceContext,
+    is_json_content_type, validate_event_type, validate_extension_name,
 };
 use crate::error::{Error, Result};
 
@@ -80,10 +80,11 @@ struct Wire<'a> {
 ///
 /// Fails with [`Error::Encode`] when a JSON-typed payload is not valid JSON (or not UTF-8).
 pub fn encode(event: &EventEnvelope) -> Result<Vec<u8>> {
+    let event = &*event.inner;
     let raw;
     let (data, data_base64) = if event.data.is_empty() {
         (None, None)
-    } else if event.is_json() {
+    } else if is_json_content_type(&event.content_type) {
         let text = std::str::from_utf8(&event.data).map_err(|_| {
             Error::encode(format!(
                 "event {}: payload is declared `{}` but is not UTF-8",
@@ -253,7 +254,7 @@ pub fn decode(bytes: &[u8]) -> Result<EventEnvelope> {
         headers.insert(name, text);
     }
 
-    Ok(EventEnvelope {
+    Ok(EventEnvelope::from_fields(Fields {
         id,
         event_type: event_type.into(),
         schema_version,
@@ -269,7 +270,7 @@ pub fn decode(bytes: &[u8]) -> Result<EventEnvelope> {
         data: data.into(),
         stream_id,
         position,
-    })
+    }))
 }
 
 fn missing(field: &str) -> Error {

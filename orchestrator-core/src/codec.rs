@@ -20,7 +20,8 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
 use crate::envelope::{
-    CONTENT_TYPE_BINCODE, EventEnvelope, EventId, StoredPosition, TraceContext, validate_event_type,
+    CONTENT_TYPE_BINCODE, EventEnvelope, EventId, Fields, StoredPosition, TraceContext,
+    validate_event_type,
 };
 use crate::error::{Error, Result};
 
@@ -152,6 +153,7 @@ impl Codec for Bincode {
     }
 
     fn encode(&self, e: &EventEnvelope) -> Result<Vec<u8>> {
+        let e = &*e.inner;
         let record = RecordRef {
             id: e.id.as_str(),
             event_type: &e.event_type,
@@ -191,7 +193,7 @@ impl Codec for Bincode {
             (None, None) => None,
             (None, Some(_)) => return Err(Error::decode("tracestate", "without traceparent")),
         };
-        Ok(EventEnvelope {
+        Ok(EventEnvelope::from_fields(Fields {
             id,
             event_type: r.event_type.into(),
             schema_version: r.schema_version,
@@ -212,7 +214,7 @@ impl Codec for Bincode {
                     stream_version,
                     global_position,
                 }),
-        })
+        }))
     }
 }
 

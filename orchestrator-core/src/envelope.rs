@@ -157,6 +157,14 @@ pub struct StoredPosition {
 /// ```
 #[derive(Debug, Clone, PartialEq)]
 pub struct EventEnvelope {
+    // Shared: a clone (one per subscriber, per retry, per store read) costs a reference
+    // count, and moving an envelope moves one pointer. `with_*` copies on write.
+    pub(crate) inner: Arc<Fields>,
+}
+
+/// The envelope's contents, shared between clones until one of them is changed.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Fields {
     pub(crate) id: EventId,
     pub(crate) event_type: Arc<str>,
     pub(crate) schema_version: u32,
@@ -199,7 +207,7 @@ impl EventEnvelope {
                 "must not be empty; use \"application/json\" for JSON payloads",
             ));
         }
-        Ok(Self {
+        Ok(Self::from_fields(Fields {
             id: EventId::new(),
             event_type: event_type.into(),
             schema_version: 1,
@@ -215,7 +223,17 @@ impl EventEnvelope {
             data: data.into(),
             stream_id: None,
             position: None,
-        })
+        }))
+    }
+
+    pub(crate) fn from_fields(fields: Fields) -> Self {
+        Self {
+            inner: Arc::new(fields),
+        }
+    }
+
+    fn fields_mut(&mut self) -> &mut Fields {
+        Arc::make_mut(&mut self.inner)
     }
 
     /// An envelope for a typed event, with its type name and schema version.
@@ -225,12 +243,12 @@ impl EventEnvelope {
 
     /// Decodes this envelope into the typed event `E`, checking that the type names match.
     pub fn to_event<E: Event>(&self) -> Result<E> {
-        if &*self.event_type != E::EVENT_TYPE {
+        if &*self.inner.event_type != E::EVENT_TYPE {
             return Err(Error::decode(
                 "type",
                 format!(
                     "event is of type `{}`, not `{}`",
-                    self.event_type,
+                    self.inner.event_type,
                     E::EVENT_TYPE
                 ),
             ));
@@ -240,77 +258,82 @@ impl EventEnvelope {
 
     /// The event's unique id (a UUIDv7 for events made here, so ids sort by creation time).
     pub fn id(&self) -> &EventId {
-        &self.id
+        &self.inner.id
     }
 
     /// The event type, e.g. `"order.placed"`.
     pub fn event_type(&self) -> &str {
-        &self.event_type
+        &self.inner.event_type
+    }
+
+    /// The event type as a shared string (cloning it does not allocate).
+    pub fn event_type_shared(&self) -> Arc<str> {
+        Arc::clone(&self.inner.event_type)
     }
 
     /// The version of the payload's schema.
     pub fn schema_version(&self) -> u32 {
-        self.schema_version
+        self.inner.schema_version
     }
 
     /// Who produced the event (a URI reference).
     pub fn source(&self) -> &str {
-        &self.source
+        &self.inner.source
     }
 
     /// When the event happened.
     pub fn time(&self) -> DateTime<Utc> {
-        self.time
+        self.inner.time
     }
 
     /// The CloudEvents `subject`, if any.
     pub fn subject(&self) -> Option<&str> {
-        self.subject.as_deref()
+        self.inner.subject.as_deref()
     }
 
     /// The CloudEvents `dataschema`, if any.
     pub fn data_schema(&self) -> Option<&str> {
-        self.data_schema.as_deref()
+        self.inner.data_schema.as_deref()
     }
 
     /// The id shared by every event of one business transaction.
     pub fn correlation_id(&self) -> Option<&str> {
-        self.correlation_id.as_deref()
+        self.inner.correlation_id.as_deref()
     }
 
     /// The id of the event or command that caused this one.
     pub fn causation_id(&self) -> Option<&str> {
-        self.causation_id.as_deref()
+        self.inner.causation_id.as_deref()
     }
 
     /// The W3C trace context, if the event was published inside a trace.
     pub fn trace_context(&self) -> Option<&TraceContext> {
-        self.trace.as_ref()
+        self.inner.trace.as_ref()
     }
 
     /// Free headers (CloudEvents extensions on the wire).
     pub fn headers(&self) -> &BTreeMap<String, String> {
-        &self.headers
+        &self.inner.headers
     }
 
     /// One header's value.
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.get(name).map(String::as_str)
+        self.inner.headers.get(name).map(String::as_str)
     }
 
     /// The payload's content type.
     pub fn content_type(&self) -> &str {
-        &self.content_type
+        &self.inner.content_type
     }
 
     /// Whether the payload is JSON (`application/json` or any `+json` type).
     pub fn is_json(&self) -> bool {
-        is_json_content_type(&self.content_type)
+        is_json_content_type(&self.inner.content_type)
     }
 
     /// The raw payload bytes.
     pub fn data_bytes(&self) -> &Bytes {
-        &self.data
+        &self.inner.data
     }
 
     /// Decodes the payload into any serde type, `serde_json::Value` included.
@@ -319,16 +342,16 @@ impl EventEnvelope {
     /// other content types are an [`Error::Decode`].
     pub fn data<T: DeserializeOwned>(&self) -> Result<T> {
         if self.is_json() {
-            serde_json::from_slice(&self.data)
+            serde_json::from_slice(&self.inner.data)
                 .map_err(|e| Error::decode("data", format!("payload does not fit the type: {e}")))
-        } else if &*self.content_type == CONTENT_TYPE_BINCODE {
-            crate::codec::Bincode::decode_payload(&self.data)
+        } else if &*self.inner.content_type == CONTENT_TYPE_BINCODE {
+            crate::codec::Bincode::decode_payload(&self.inner.data)
         } else {
             Err(Error::decode(
                 "datacontenttype",
                 format!(
                     "cannot decode a `{}` payload into a typed value; read data_bytes() instead",
-                    self.content_type
+                    self.inner.content_type
                 ),
             ))
         }
@@ -336,103 +359,104 @@ impl EventEnvelope {
 
     /// The stream this event belongs to (set before appending, or by the store).
     pub fn stream_id(&self) -> Option<&str> {
-        self.stream_id.as_deref()
+        self.inner.stream_id.as_deref()
     }
 
     /// For stored events, the stream version and global position.
     pub fn position(&self) -> Option<StoredPosition> {
-        self.position
+        self.inner.position
     }
 
     /// For stored events, the version within the stream.
     pub fn stream_version(&self) -> Option<u64> {
-        self.position.map(|p| p.stream_version)
+        self.inner.position.map(|p| p.stream_version)
     }
 
     /// For stored events, the global position.
     pub fn global_position(&self) -> Option<u64> {
-        self.position.map(|p| p.global_position)
+        self.inner.position.map(|p| p.global_position)
     }
 
     /// The key that orders delivery: events with the same key are delivered in order.
     /// It is the stream id, or the event id when there is none.
     pub fn partition_key(&self) -> String {
-        match &self.stream_id {
+        match &self.inner.stream_id {
             Some(s) => s.clone(),
-            None => self.id.to_string(),
+            None => self.inner.id.to_string(),
         }
     }
 
     /// Sets the id (for tests and for re-creating an event read from elsewhere).
     pub fn with_id(mut self, id: impl Into<EventId>) -> Self {
-        self.id = id.into();
+        self.fields_mut().id = id.into();
         self
     }
 
     /// Sets the schema version.
     pub fn with_schema_version(mut self, version: u32) -> Self {
-        self.schema_version = version;
+        self.fields_mut().schema_version = version;
         self
     }
 
     /// Sets the source.
     pub fn with_source(mut self, source: impl Into<String>) -> Self {
-        self.source = source.into().into();
+        self.fields_mut().source = source.into().into();
         self
     }
 
     /// Sets the time.
     pub fn with_time(mut self, time: DateTime<Utc>) -> Self {
-        self.time = time;
+        self.fields_mut().time = time;
         self
     }
 
     /// Sets the CloudEvents `subject`.
     pub fn with_subject(mut self, subject: impl Into<String>) -> Self {
-        self.subject = Some(subject.into());
+        self.fields_mut().subject = Some(subject.into());
         self
     }
 
     /// Sets the CloudEvents `dataschema`.
     pub fn with_data_schema(mut self, schema: impl Into<String>) -> Self {
-        self.data_schema = Some(schema.into());
+        self.fields_mut().data_schema = Some(schema.into());
         self
     }
 
     /// Sets the correlation id.
     pub fn with_correlation_id(mut self, id: impl Into<String>) -> Self {
-        self.correlation_id = Some(id.into());
+        self.fields_mut().correlation_id = Some(id.into());
         self
     }
 
     /// Sets the causation id.
     pub fn with_causation_id(mut self, id: impl Into<String>) -> Self {
-        self.causation_id = Some(id.into());
+        self.fields_mut().causation_id = Some(id.into());
         self
     }
 
     /// Marks this event as caused by `cause`: copies its correlation id (or its id when it has
     /// none) and sets the causation id to its id.
     pub fn caused_by(mut self, cause: &EventEnvelope) -> Self {
-        self.correlation_id = Some(
+        self.fields_mut().correlation_id = Some(
             cause
+                .inner
                 .correlation_id
                 .clone()
-                .unwrap_or_else(|| cause.id.to_string()),
+                .unwrap_or_else(|| cause.inner.id.to_string()),
         );
-        self.causation_id = Some(cause.id.to_string());
+        self.fields_mut().causation_id = Some(cause.inner.id.to_string());
         self
     }
 
     /// Sets the W3C trace context.
     pub fn with_trace_context(mut self, trace: TraceContext) -> Self {
-        self.trace = Some(trace);
+        self.fields_mut().trace = Some(trace);
         self
     }
 
     /// Removes the trace context.
     pub fn without_trace_context(mut self) -> Self {
-        self.trace = None;
+        self.fields_mut().trace = None;
         self
     }
 
@@ -446,26 +470,26 @@ impl EventEnvelope {
     ) -> Result<Self> {
         let name = name.into();
         validate_header_name(&name)?;
-        self.headers.insert(name, value.into());
+        self.fields_mut().headers.insert(name, value.into());
         Ok(self)
     }
 
     /// Sets the stream this event belongs to (its partition key in transports).
     pub fn with_stream_id(mut self, stream_id: impl Into<String>) -> Self {
-        self.stream_id = Some(stream_id.into());
+        self.fields_mut().stream_id = Some(stream_id.into());
         self
     }
 
     /// Records where a store put this event. Stores call this; users rarely need to.
     pub fn with_position(mut self, stream_id: impl Into<String>, position: StoredPosition) -> Self {
-        self.stream_id = Some(stream_id.into());
-        self.position = Some(position);
+        self.fields_mut().stream_id = Some(stream_id.into());
+        self.fields_mut().position = Some(position);
         self
     }
 
     /// Clears the stored position (for re-appending an event read from elsewhere).
     pub fn without_position(mut self) -> Self {
-        self.position = None;
+        self.fields_mut().position = None;
         self
     }
 
@@ -473,16 +497,16 @@ impl EventEnvelope {
     pub fn with_event_type(mut self, event_type: impl Into<String>) -> Result<Self> {
         let event_type = event_type.into();
         validate_event_type(&event_type)?;
-        self.event_type = event_type.into();
+        self.fields_mut().event_type = event_type.into();
         Ok(self)
     }
 
     /// Replaces the payload with `data` encoded as JSON (for upcasters and transforms).
     pub fn with_data(mut self, data: &impl Serialize) -> Result<Self> {
-        self.data = serde_json::to_vec(data)
+        self.fields_mut().data = serde_json::to_vec(data)
             .map_err(|e| Error::encode(format!("payload is not serializable as JSON: {e}")))?
             .into();
-        self.content_type = CONTENT_TYPE_JSON.into();
+        self.fields_mut().content_type = CONTENT_TYPE_JSON.into();
         Ok(self)
     }
 
@@ -492,8 +516,8 @@ impl EventEnvelope {
         content_type: impl Into<String>,
         data: impl Into<Bytes>,
     ) -> Self {
-        self.content_type = content_type.into().into();
-        self.data = data.into();
+        self.fields_mut().content_type = content_type.into().into();
+        self.fields_mut().data = data.into();
         self
     }
 }

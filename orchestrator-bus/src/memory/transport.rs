@@ -5,7 +5,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Duration;
 
-use async_channel::{Receiver, Sender, TrySendError};
+use tokio::sync::{Notify, mpsc};
+
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use orchestrator_core::transport::{validate_group, validate_topic};
@@ -87,7 +88,7 @@ struct Shared {
     capacity: usize,
     clock: Arc<dyn Clock>,
     dead_letters: Arc<dyn DeadLetterQueue>,
-    closed: AtomicBool,
+    closer: Arc<Closer>,
     routes: RwLock<Routes>,
 }
 
@@ -120,17 +121,95 @@ struct Route {
     groups: Vec<Arc<Group>>,
 }
 
-/// One consumer group's queue. It holds a receiver itself so the queue outlives its
-/// consumers.
+/// One consumer group's queue: a bounded tokio channel whose receiver the group's
+/// consumers take turns holding (competing consumers). The group keeps the receiver itself,
+/// so the queue outlives its consumers.
 struct Group {
     name: String,
-    sender: Sender<Message>,
-    receiver: Receiver<Message>,
+    sender: mpsc::Sender<Message>,
+    receiver: tokio::sync::Mutex<mpsc::Receiver<Message>>,
+    closer: Arc<Closer>,
+}
+
+/// The transport's closed flag, and a way to wake whoever waits on a queue when it flips.
+#[derive(Default)]
+struct Closer {
+    closed: AtomicBool,
+    notify: Notify,
+}
+
+impl Closer {
+    fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
+    /// Returns `false` if it was already closed.
+    fn close(&self) -> bool {
+        if self.closed.swap(true, Ordering::AcqRel) {
+            return false;
+        }
+        self.notify.notify_waiters();
+        true
+    }
 }
 
 impl Group {
+    /// Queues `message`, waiting while the queue is full; fails once the transport closes.
     async fn send(&self, message: Message) -> Result<()> {
-        self.sender.send(message).await.map_err(|_| closed())
+        // The fast path registers no waiter.
+        let message = match self.sender.try_send(message) {
+            Ok(()) => return Ok(()),
+            Err(mpsc::error::TrySendError::Closed(_)) => return Err(closed()),
+            Err(mpsc::error::TrySendError::Full(message)) => message,
+        };
+        let closing = self.closer.notify.notified();
+        tokio::pin!(closing);
+        closing.as_mut().enable();
+        if self.closer.is_closed() {
+            return Err(closed());
+        }
+        tokio::select! {
+            sent = self.sender.send(message) => sent.map_err(|_| closed()),
+            () = closing => Err(closed()),
+        }
+    }
+
+    /// Puts `message` back without waiting if there is room; hands it back if not.
+    fn try_requeue(&self, message: Message) -> Option<Message> {
+        match self.sender.try_send(message) {
+            Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => None,
+            Err(mpsc::error::TrySendError::Full(message)) => Some(message),
+        }
+    }
+
+    /// The next message, or `None` once the transport closes. Cancel-safe: a message is
+    /// only taken off the queue in the same poll that returns it.
+    async fn recv(&self) -> Option<Message> {
+        let closing = self.closer.notify.notified();
+        tokio::pin!(closing);
+        closing.as_mut().enable();
+        if self.closer.is_closed() {
+            return None;
+        }
+        tokio::select! {
+            biased;
+            () = &mut closing => None,
+            mut receiver = self.receiver.lock() => {
+                if let Ok(message) = receiver.try_recv() {
+                    return Some(message);
+                }
+                tokio::select! {
+                    biased;
+                    () = closing => None,
+                    message = receiver.recv() => message,
+                }
+            }
+        }
+    }
+
+    /// How many messages wait.
+    fn len(&self) -> usize {
+        self.sender.max_capacity() - self.sender.capacity()
     }
 }
 
@@ -192,7 +271,7 @@ impl InProcessTransport {
     /// How many events wait in `group`'s queue (`None` if the group was never subscribed).
     pub fn queued(&self, group: &str) -> Option<usize> {
         let routes = self.handle.shared.read();
-        routes.groups.get(group).map(|g| g.queue.receiver.len())
+        routes.groups.get(group).map(|g| g.queue.len())
     }
 
     /// Closes the transport: every subscription's `next()` returns `Ok(None)`, publishers
@@ -277,7 +356,7 @@ impl InProcessTransportBuilder {
             dead_letters: self
                 .dead_letters
                 .unwrap_or_else(|| Arc::new(InMemoryDeadLetterQueue::new())),
-            closed: AtomicBool::new(false),
+            closer: Arc::new(Closer::default()),
             routes: RwLock::new(Routes::default()),
         };
         InProcessTransport {
@@ -302,22 +381,17 @@ impl Shared {
     }
 
     fn is_closed(&self) -> bool {
-        self.closed.load(Ordering::Acquire)
+        self.closer.is_closed()
     }
 
     fn close(&self) {
-        // The flag is set before taking the lock, and `subscribe` checks it under the lock,
-        // so no group can be created after its queue would have been closed here.
-        if self.closed.swap(true, Ordering::AcqRel) {
+        // Wakes every consumer waiting on an empty queue and every publisher waiting on a
+        // full one, of every group (they share the closer). `subscribe` checks the flag
+        // under the routes lock, so no group is created after this.
+        if !self.closer.close() {
             return;
         }
-        let mut routes = self.write();
-        routes.by_topic.clear();
-        for entry in routes.groups.values() {
-            // Wakes every consumer waiting on an empty queue and every publisher waiting
-            // on a full one.
-            entry.queue.sender.close();
-        }
+        self.write().by_topic.clear();
     }
 
     /// The groups `topic` goes to, from the cache or worked out and cached. Checks that
@@ -411,12 +485,13 @@ impl Transport for InProcessTransport {
             .groups
             .entry(options.group.clone())
             .or_insert_with(|| {
-                let (sender, receiver) = async_channel::bounded(capacity);
+                let (sender, receiver) = mpsc::channel(capacity);
                 GroupEntry {
                     queue: Arc::new(Group {
                         name: options.group.clone(),
                         sender,
-                        receiver,
+                        receiver: tokio::sync::Mutex::new(receiver),
+                        closer: Arc::clone(&shared.closer),
                     }),
                     subscriptions: Vec::new(),
                 }
@@ -476,7 +551,7 @@ impl DeliveryStream for Subscription {
             return Ok(None);
         }
         // `recv` is cancel-safe: dropping it before it completes takes nothing off the queue.
-        let Ok(mut message) = self.group.receiver.recv().await else {
+        let Some(mut message) = self.group.recv().await else {
             return Ok(None);
         };
         if self.shared.is_closed() {
@@ -574,9 +649,8 @@ impl Drop for Settle {
 /// Puts a message back at once: straight into the queue when there is room, else through
 /// a task that waits for room (never blocking the caller, which may be a `Drop`).
 fn requeue(group: &Arc<Group>, message: Message) {
-    let message = match group.sender.try_send(message) {
-        Ok(()) | Err(TrySendError::Closed(_)) => return,
-        Err(TrySendError::Full(message)) => message,
+    let Some(message) = group.try_requeue(message) else {
+        return;
     };
     let Ok(runtime) = tokio::runtime::Handle::try_current() else {
         tracing::error!(
