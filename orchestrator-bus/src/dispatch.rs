@@ -48,6 +48,8 @@ pub(crate) struct Runner {
     pub(crate) metrics: SubscriptionMetrics,
     /// Deliveries received and not yet settled, for the shutdown report.
     holding: Mutex<HashMap<u64, (EventId, Arc<str>)>>,
+    /// With concurrency 1, the one delivery held (cheaper than the map).
+    current: Mutex<Option<(EventId, Arc<str>)>>,
     next_ticket: AtomicU64,
 }
 
@@ -81,6 +83,7 @@ impl Runner {
             schemas,
             metrics,
             holding: Mutex::new(HashMap::new()),
+            current: Mutex::new(None),
             next_ticket: AtomicU64::new(0),
         }
     }
@@ -90,10 +93,17 @@ impl Runner {
         self.holding.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    fn current(&self) -> std::sync::MutexGuard<'_, Option<(EventId, Arc<str>)>> {
+        // A plain slot: a poisoned lock still holds a consistent value.
+        self.current.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     /// The deliveries received and not yet settled.
     pub(crate) fn unfinished(&self) -> Vec<Unfinished> {
+        let current = self.current().clone();
         self.holding()
             .values()
+            .chain(current.as_ref())
             .map(|(id, t)| Unfinished {
                 subscription: self.name.to_string(),
                 event_id: id.clone(),
@@ -103,10 +113,16 @@ impl Runner {
     }
 
     fn track(self: &Arc<Self>, delivery: &Delivery) -> Ticket {
-        let id = self.next_ticket.fetch_add(1, Ordering::Relaxed);
         let event = delivery.event();
-        self.holding()
-            .insert(id, (event.id().clone(), event.event_type_shared()));
+        let entry = (event.id().clone(), event.event_type_shared());
+        let id = if self.concurrency == 1 {
+            *self.current() = Some(entry);
+            None
+        } else {
+            let id = self.next_ticket.fetch_add(1, Ordering::Relaxed);
+            self.holding().insert(id, entry);
+            Some(id)
+        };
         Ticket {
             runner: Arc::clone(self),
             id,
@@ -261,12 +277,18 @@ fn settled(result: orchestrator_core::Result<()>) {
 /// Marks a delivery as held by the subscription until dropped.
 struct Ticket {
     runner: Arc<Runner>,
-    id: u64,
+    /// `None`: the runner's single `current` slot.
+    id: Option<u64>,
 }
 
 impl Drop for Ticket {
     fn drop(&mut self) {
-        self.runner.holding().remove(&self.id);
+        match self.id {
+            Some(id) => {
+                self.runner.holding().remove(&id);
+            }
+            None => *self.runner.current() = None,
+        }
     }
 }
 

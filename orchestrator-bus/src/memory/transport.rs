@@ -185,6 +185,14 @@ impl Group {
     /// The next message, or `None` once the transport closes. Cancel-safe: a message is
     /// only taken off the queue in the same poll that returns it.
     async fn recv(&self) -> Option<Message> {
+        // The fast path (a message waiting, no other consumer holding the queue) registers
+        // no waiter.
+        if !self.closer.is_closed()
+            && let Ok(mut receiver) = self.receiver.try_lock()
+            && let Ok(message) = receiver.try_recv()
+        {
+            return Some(message);
+        }
         let closing = self.closer.notify.notified();
         tokio::pin!(closing);
         closing.as_mut().enable();
