@@ -170,7 +170,10 @@ async fn groups_compete_and_different_groups_fan_out() {
 }
 
 /// A handler failing the first `fail` calls, recording each call's attempt number.
-fn flaky(fail: u32, calls: Arc<Mutex<Vec<(u32, Option<String>)>>>) -> Arc<dyn EventHandler> {
+/// Each call's attempt number and last error.
+type Calls = Arc<Mutex<Vec<(u32, Option<String>)>>>;
+
+fn flaky(fail: u32, calls: Calls) -> Arc<dyn EventHandler> {
     let count = Arc::new(AtomicU32::new(0));
     Arc::new(move |_e: EventEnvelope| {
         let count = count.clone();
@@ -435,7 +438,7 @@ async fn filter_runs_before_transform_and_both_before_the_handler() {
     let config = SubscriptionConfig::new("order.#")
         .filter(move |e| {
             s.lock().unwrap().push(e.header("stage").map(str::to_owned));
-            n_of(e) % 2 == 0
+            n_of(e).is_multiple_of(2)
         })
         .transform(|e| Ok(e.with_header("stage", "transformed")?));
     bus.subscribe_with(config, forward(tx)).await.unwrap();

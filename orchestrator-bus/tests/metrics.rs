@@ -85,20 +85,20 @@ async fn published_delivered_retried_dead_lettered_and_durations_are_counted() {
     let fail = [("event_type", "metric.fail"), ("subscription", "metered")];
     let skip = [("event_type", "metric.skip"), ("subscription", "metered")];
     assert_eq!(
-        counter(&snapshotter, m::PUBLISHED, &[("event_type", "metric.ok")]),
+        counter(snapshotter, m::PUBLISHED, &[("event_type", "metric.ok")]),
         2
     );
-    assert_eq!(counter(&snapshotter, m::DELIVERED, &ok), 2);
-    assert_eq!(counter(&snapshotter, m::DELIVERED, &fail), 3);
-    assert_eq!(counter(&snapshotter, m::HANDLER_ERRORS, &fail), 3);
-    assert_eq!(counter(&snapshotter, m::RETRIES, &fail), 2);
-    assert_eq!(counter(&snapshotter, m::DEAD_LETTERED, &fail), 1);
-    assert_eq!(counter(&snapshotter, m::FILTERED, &skip), 1);
-    match value(&snapshotter, m::HANDLER_DURATION, &ok) {
+    assert_eq!(counter(snapshotter, m::DELIVERED, &ok), 2);
+    assert_eq!(counter(snapshotter, m::DELIVERED, &fail), 3);
+    assert_eq!(counter(snapshotter, m::HANDLER_ERRORS, &fail), 3);
+    assert_eq!(counter(snapshotter, m::RETRIES, &fail), 2);
+    assert_eq!(counter(snapshotter, m::DEAD_LETTERED, &fail), 1);
+    assert_eq!(counter(snapshotter, m::FILTERED, &skip), 1);
+    match value(snapshotter, m::HANDLER_DURATION, &ok) {
         Some(DebugValue::Histogram(samples)) => assert_eq!(samples.len(), 2),
         other => panic!("duration histogram: {other:?}"),
     }
-    match value(&snapshotter, m::IN_FLIGHT, &[("subscription", "metered")]) {
+    match value(snapshotter, m::IN_FLIGHT, &[("subscription", "metered")]) {
         Some(DebugValue::Gauge(v)) => assert_eq!(v.into_inner(), 0.0),
         other => panic!("in-flight gauge: {other:?}"),
     }
