@@ -91,7 +91,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     // Wait until the failing event reaches the dead-letter queue.
     let dlq = orchestrator.dead_letters();
-    while dlq.is_empty().await? {
+    while dlq.count().await? == 0 {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     for letter in dlq.list(&DeadLetterQuery::default()).await? {

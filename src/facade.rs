@@ -2,10 +2,10 @@
 
 use std::sync::Arc;
 
-use orchestrator_bus::{EventBus, InProcessTransport, Subscription};
+use orchestrator_bus::{DeadLetters, EventBus, InProcessTransport, Subscription};
 use orchestrator_core::{
-    DeadLetterQueue, EventEnvelope, EventHandler, EventId, EventStore, ExpectedVersion, Result,
-    RetryPolicy, StoredPosition, Transport,
+    EventEnvelope, EventHandler, EventId, EventStore, ExpectedVersion, Result, RetryPolicy,
+    StoredPosition, Transport,
 };
 use orchestrator_store::InMemoryEventStore;
 use serde_json::Value;
@@ -87,6 +87,7 @@ impl EventOrchestrator {
         let stream = event.stream_id().unwrap_or(event.event_type()).to_owned();
         let written = self
             .store
+            .as_ref()
             .append(&stream, ExpectedVersion::Any, vec![event.clone()])
             .await?;
         let stored = event.with_position(
@@ -115,8 +116,8 @@ impl EventOrchestrator {
         &self.bus
     }
 
-    /// Where events whose handlers failed for good are parked.
-    pub fn dead_letters(&self) -> Arc<dyn DeadLetterQueue> {
-        self.bus.transport().dead_letter_queue()
+    /// Events whose handlers failed for good: list, inspect, reprocess, discard, report.
+    pub fn dead_letters(&self) -> DeadLetters {
+        self.bus.dead_letters()
     }
 }

@@ -54,7 +54,9 @@ pub use orchestrator_store as store;
 /// The names a user of the facade needs.
 pub mod prelude {
     pub use crate::EventOrchestrator;
-    pub use orchestrator_bus::{EventBus, InProcessTransport, Subscription};
+    pub use orchestrator_bus::{
+        DeadLetters, EventBus, InProcessTransport, Subscription, SubscriptionConfig,
+    };
     pub use orchestrator_core::{
         DeadLetter, DeadLetterQuery, DeadLetterQueue, Error, Event, EventEnvelope, EventFilter,
         EventHandler, EventId, EventStore, ExpectedVersion, HandlerError, JsonHandler, ReadAll,
