@@ -34,6 +34,15 @@
 //! - [`core`] (`orchestrator-core`): the envelope, the CloudEvents codec, the traits.
 //! - [`bus`] (`orchestrator-bus`): the in-process transport and the event bus.
 //! - [`store`] (`orchestrator-store`): the in-memory event store.
+//! - `backends` (`orchestrator-backends`): Redis, RabbitMQ and Kafka, each behind its own
+//!   feature.
+//!
+//! ## Features
+//!
+//! - `redis`, `rabbitmq`, `kafka` — the broker backends (`orchestrator::backends::…`).
+//! - `rabbitmq-tls` — `amqps://` for the RabbitMQ backend.
+//!
+//! No backend is on by default: the embedded default needs no broker.
 
 mod facade;
 
@@ -50,6 +59,12 @@ pub use orchestrator_bus as bus;
 
 /// The event stores (`orchestrator-store`).
 pub use orchestrator_store as store;
+
+/// Broker backends (`orchestrator-backends`): Redis, RabbitMQ and Kafka, each behind the
+/// feature of the same name.
+#[cfg(any(feature = "redis", feature = "rabbitmq", feature = "kafka"))]
+#[cfg_attr(docsrs, doc(cfg(any(feature = "redis", feature = "rabbitmq", feature = "kafka"))))]
+pub use orchestrator_backends as backends;
 
 /// The names a user of the facade needs.
 pub mod prelude {

@@ -17,20 +17,27 @@
 //!
 //! ## Features
 //!
-//! - `redis` — [`redis`]: Redis Streams.
-//! - `rabbitmq` — [`rabbitmq`]: RabbitMQ.
+//! - `redis` — module `redis`: Redis Streams.
+//! - `rabbitmq` — module `rabbitmq`: RabbitMQ.
+//! - `rabbitmq-tls` — `amqps://` URLs for the RabbitMQ backend (rustls with the ring
+//!   provider and the webpki roots; no C crypto build).
+//! - `kafka` — module `kafka`: Kafka (rdkafka with a bundled librdkafka).
 
+#[cfg(feature = "kafka")]
+pub mod kafka;
 #[cfg(feature = "rabbitmq")]
 pub mod rabbitmq;
 #[cfg(feature = "redis")]
 pub mod redis;
 
-/// The backends compiled into this build ("redis", "rabbitmq").
+/// The backends compiled into this build ("redis", "rabbitmq", "kafka").
 pub fn enabled_backends() -> &'static [&'static str] {
     &[
         #[cfg(feature = "redis")]
         "redis",
         #[cfg(feature = "rabbitmq")]
         "rabbitmq",
+        #[cfg(feature = "kafka")]
+        "kafka",
     ]
 }

@@ -1,34 +1,63 @@
 //! # orchestrator-store
 //!
-//! The event-sourcing side of orchestrator, for applications without a broker: event stores
-//! that implement [`orchestrator_core::EventStore`]. For now that is the
-//! [`InMemoryEventStore`], for tests and for events that need not outlive the process; the
-//! embedded durable store, replay, projections, snapshots and the schema registry come later.
+//! The event-sourcing side of orchestrator, for applications without a broker, and the
+//! schema registry:
 //!
-//! Every store here passes the conformance suite of `orchestrator_core::testkit::store`, the
-//! same one every broker-backed store runs.
+//! - event stores implementing [`orchestrator_core::EventStore`]: the
+//!   [`InMemoryEventStore`] (tests, events that need not outlive the process) and the
+//!   embedded durable [`FileEventStore`] (append-only checksummed segment files, group
+//!   commit, crash recovery) — both pass the conformance suite of
+//!   `orchestrator_core::testkit::store`, the same one every broker-backed store runs;
+//! - [`replay`]: stored events again, to a handler or any async sink, with progress;
+//! - [`temporal`]: a stream's or a read model's state as of a position or a time;
+//! - [`projection`]: named read models fed from the global order with a durable checkpoint
+//!   in the store, retries and parking;
+//! - [`snapshot`]: aggregate snapshots (in memory or in files) and a snapshot policy;
+//! - [`schema`]: the [`SchemaRegistry`] (JSON Schema per event type and version, upcasters)
+//!   implementing the core schema hooks, and a store wrapper validating on append.
+//!
+//! Everything above the stores works on any `EventStore`, brokers' included.
 //!
 //! ```
 //! use orchestrator_core::{EventEnvelope, EventStore, ExpectedVersion, ReadAll};
-//! use orchestrator_store::InMemoryEventStore;
+//! use orchestrator_store::{FileEventStore, InMemoryEventStore};
 //! use serde_json::json;
 //!
 //! # #[tokio::main(flavor = "current_thread")]
-//! # async fn main() -> orchestrator_core::Result<()> {
-//! let store = InMemoryEventStore::new();
-//! let placed = EventEnvelope::new("order.placed", &json!({ "order_id": "o-1" }))?;
-//! let written = store.append("order-o-1", ExpectedVersion::NoStream, vec![placed]).await?;
-//! assert_eq!(written.next_expected_version, 1);
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let dir = tempfile::tempdir()?;
+//! let durable = FileEventStore::open(dir.path())?;
+//! for store in [&durable as &dyn EventStore, &InMemoryEventStore::new()] {
+//!     let placed = EventEnvelope::new("order.placed", &json!({ "order_id": "o-1" }))?;
+//!     let written = store.append("order-o-1", ExpectedVersion::NoStream, vec![placed]).await?;
+//!     assert_eq!(written.next_expected_version, 1);
 //!
-//! let events = store.read_stream("order-o-1", 1, 100).await?;
-//! assert_eq!(events[0].event_type(), "order.placed");
-//! assert_eq!(events[0].stream_version(), Some(1));
-//! assert_eq!(store.read_all(ReadAll::from(1, 100)).await?, events);
+//!     let events = store.read_stream("order-o-1", 1, 100).await?;
+//!     assert_eq!(events[0].event_type(), "order.placed");
+//!     assert_eq!(events[0].stream_version(), Some(1));
+//!     assert_eq!(store.read_all(ReadAll::from(1, 100)).await?, events);
+//! }
 //! # Ok(())
 //! # }
 //! ```
+//!
+//! ## Features
+//!
+//! None: everything is always built.
 
+pub mod error;
+pub mod file;
 pub mod memory;
+pub mod projection;
+pub mod replay;
+pub mod schema;
+pub mod snapshot;
+pub mod temporal;
 
+pub use error::{Error, Result};
+#[doc(inline)]
+pub use file::FileEventStore;
 #[doc(inline)]
 pub use memory::InMemoryEventStore;
+#[doc(inline)]
+pub use schema::SchemaRegistry;

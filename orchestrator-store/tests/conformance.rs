@@ -1,4 +1,6 @@
-//! The in-memory store against the shared event store conformance suite.
+//! Every store of this crate against the shared event store conformance suite: the
+//! in-memory store, the embedded file store (each sync policy, small segments, one store
+//! shared by every case) and the schema-validating wrapper.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use async_trait::async_trait;
@@ -8,6 +10,10 @@ use orchestrator_core::{
     ReadAll, Result, StoreCapabilities,
 };
 use orchestrator_store::InMemoryEventStore;
+use orchestrator_store::file::{FileEventStore, FileStoreOptions, FsyncPolicy};
+use orchestrator_store::schema::{SchemaRegistry, ValidatingStore};
+use std::sync::Arc;
+use std::time::Duration;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn in_memory_store_conforms() {
@@ -89,4 +95,53 @@ impl EventStore for AppendOnlyStore {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_store_with_fewer_capabilities_conforms() {
     run_all(|| async { AppendOnlyStore(InMemoryEventStore::new()) }).await;
+}
+
+fn file_store(root: &tempfile::TempDir, options: FileStoreOptions) -> FileEventStore {
+    let dir = root.path().join(uuid_like());
+    let store = FileEventStore::open_with(dir, options).unwrap();
+    assert!(store.capabilities().durable);
+    store
+}
+
+fn uuid_like() -> String {
+    format!("{:016x}", fastrand::u64(..))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn file_store_conforms() {
+    let root = tempfile::tempdir().unwrap();
+    run_all(|| async { file_store(&root, FileStoreOptions::default()) }).await;
+}
+
+/// Small segments (so cases roll over many times), a sync interval, one store for all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_shared_file_store_with_small_segments_conforms() {
+    let root = tempfile::tempdir().unwrap();
+    let options = FileStoreOptions::default()
+        .max_segment_bytes(4096)
+        .fsync(FsyncPolicy::Interval(Duration::from_millis(2)));
+    let shared = file_store(&root, options);
+    run_all(|| {
+        let store = shared.clone();
+        async move { store }
+    })
+    .await;
+    assert!(shared.stats().segments_created > 10, "{:?}", shared.stats());
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn file_store_without_sync_conforms_on_one_thread() {
+    let root = tempfile::tempdir().unwrap();
+    let options = FileStoreOptions::default().fsync(FsyncPolicy::Never);
+    run_all(|| async { file_store(&root, options.clone()) }).await;
+}
+
+/// With nothing registered, the validating wrapper must be invisible.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn validating_store_conforms() {
+    run_all(|| async {
+        ValidatingStore::new(InMemoryEventStore::new(), Arc::new(SchemaRegistry::new()))
+    })
+    .await;
 }

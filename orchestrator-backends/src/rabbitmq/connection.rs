@@ -104,6 +104,22 @@ pub(crate) fn redact(url: &str) -> String {
     }
 }
 
+/// How long closing a channel or connection may wait for the broker's answer: a broker
+/// that went away never answers, and lapin does not always notice at once.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How long acknowledging a message may wait: an ack on a connection that just died may
+/// never be answered.
+pub(crate) const SETTLE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Closes `channel` (which returns its unacknowledged messages to their queues), waiting
+/// for the broker at most [`CLOSE_TIMEOUT`].
+pub(crate) async fn close_channel(channel: &Channel, reason: &str) {
+    if channel.status().connected() {
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, channel.close(200, reason.into())).await;
+    }
+}
+
 /// Exponential backoff between reconnection attempts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Backoff {
@@ -156,16 +172,16 @@ impl Connector {
         let mut current = timeout_at(deadline, self.current.lock())
             .await
             .map_err(|_| self.unreachable("another task is still reconnecting"))?;
-        if let Some(connection) = current.as_ref() {
-            if connection.status().connected() {
-                return Ok(connection.clone());
-            }
+        if let Some(connection) = current.as_ref()
+            && connection.status().connected()
+        {
+            return Ok(connection.clone());
         }
         *current = None;
         let mut failures = 0;
         loop {
-            let properties = ConnectionProperties::default()
-                .with_connection_name(self.name.clone().into());
+            let properties =
+                ConnectionProperties::default().with_connection_name(self.name.clone().into());
             let error = match timeout_at(deadline, Connection::connect(&self.url, properties)).await
             {
                 Ok(Ok(connection)) => {
@@ -215,10 +231,11 @@ impl Connector {
     /// Closes the connection, if open; a later call reconnects.
     pub(crate) async fn close(&self) {
         let connection = self.current.lock().await.take();
-        if let Some(connection) = connection {
-            if connection.status().connected() {
-                let _ = connection.close(200, "closed by orchestrator".into()).await;
-            }
+        if let Some(connection) = connection
+            && connection.status().connected()
+        {
+            let closing = connection.close(200, "closed by orchestrator".into());
+            let _ = tokio::time::timeout(CLOSE_TIMEOUT, closing).await;
         }
     }
 
@@ -281,10 +298,10 @@ impl Publisher {
         let mut slot = timeout_at(deadline, self.channel.lock())
             .await
             .map_err(|_| failure(true, "timed out waiting for the publishing channel"))?;
-        if let Some(channel) = slot.as_ref() {
-            if channel.status().connected() {
-                return Ok(channel.clone());
-            }
+        if let Some(channel) = slot.as_ref()
+            && channel.status().connected()
+        {
+            return Ok(channel.clone());
         }
         *slot = None;
         let channel = self.connector.channel(deadline).await?;

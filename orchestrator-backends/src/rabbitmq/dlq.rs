@@ -14,7 +14,9 @@ use orchestrator_core::{DeadLetter, DeadLetterQuery, DeadLetterQueue, EventEnvel
 use tokio::sync::Mutex;
 use tokio::time::{Instant, timeout};
 
-use super::connection::{Connector, Outgoing, Publisher, failure, from_lapin, is_not_found};
+use super::connection::{
+    Connector, Outgoing, Publisher, close_channel, failure, from_lapin, is_not_found,
+};
 use super::wire;
 
 /// The event type given to a dead letter whose message was not a CloudEvent; its payload
@@ -145,7 +147,7 @@ impl RabbitMqDeadLetterQueue {
         let channel = self.inner.reader.channel(deadline).await?;
         let result = self.scan_on(&channel, &mut visit).await;
         // Closing the channel returns every unacknowledged letter to its place.
-        let _ = channel.close(200, "dead letters read".into()).await;
+        close_channel(&channel, "dead letters read").await;
         result
     }
 
@@ -343,8 +345,14 @@ impl DeadLetterQueue for RabbitMqDeadLetterQueue {
     }
 
     async fn remove(&self, id: &str) -> Result<Option<DeadLetter>> {
-        self.scan(|letter| if letter.id == id { Step::Take } else { Step::Next })
-            .await
+        self.scan(|letter| {
+            if letter.id == id {
+                Step::Take
+            } else {
+                Step::Next
+            }
+        })
+        .await
     }
 
     async fn len(&self) -> Result<usize> {
@@ -352,7 +360,7 @@ impl DeadLetterQueue for RabbitMqDeadLetterQueue {
         let deadline = Instant::now() + self.inner.timeout;
         let channel = self.inner.reader.channel(deadline).await?;
         let count = self.count_on(&channel).await;
-        let _ = channel.close(200, "dead letters counted".into()).await;
+        close_channel(&channel, "dead letters counted").await;
         let count = count?;
         usize::try_from(count).map_err(|_| failure(false, "dead-letter count overflows usize"))
     }

@@ -102,7 +102,11 @@ pub(crate) fn truncate(value: &str) -> &str {
 }
 
 /// Sets (or replaces) one header.
-pub(crate) fn set_header(properties: BasicProperties, name: &str, value: AMQPValue) -> BasicProperties {
+pub(crate) fn set_header(
+    properties: BasicProperties,
+    name: &str,
+    value: AMQPValue,
+) -> BasicProperties {
     let mut headers = properties.headers().clone().unwrap_or_default();
     headers.insert(name.into(), value);
     properties.with_headers(headers)

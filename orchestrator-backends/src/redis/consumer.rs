@@ -1,7 +1,7 @@
 //! One consumer of a group: the reader task, the deliveries it hands out and how they are
 //! settled.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -25,9 +25,13 @@ use super::transport::{RedisTransport, Shared};
 /// The event type given to dead letters made of entries that hold no readable event.
 const INVALID_EVENT_TYPE: &str = "orchestrator.invalid";
 
-/// The deliveries of one subscription, read ahead by a background task.
+/// The deliveries of one subscription, read ahead by a background task one batch (one
+/// `XREADGROUP`) at a time.
 pub(crate) struct RedisDeliveries {
-    rx: mpsc::Receiver<Result<Pending>>,
+    rx: mpsc::Receiver<Result<Vec<Pending>>>,
+    /// The rest of the last batch. Dropped with the stream, each goes back to Redis (see
+    /// [`Acker`]'s `Drop`) without counting an attempt.
+    buffer: VecDeque<Pending>,
 }
 
 /// A delivery read from Redis and not yet handed to the application.
@@ -40,16 +44,20 @@ pub(crate) struct Pending {
 #[async_trait]
 impl DeliveryStream for RedisDeliveries {
     async fn next(&mut self) -> Result<Option<Delivery>> {
-        match self.rx.recv().await {
-            None => Ok(None),
-            Some(Err(error)) => Err(error),
-            Some(Ok(mut pending)) => {
+        loop {
+            if let Some(mut pending) = self.buffer.pop_front() {
                 pending.acker.handed_out = true;
-                Ok(Some(Delivery::new(
+                return Ok(Some(Delivery::new(
                     pending.event,
                     pending.info,
                     Box::new(pending.acker),
-                )))
+                )));
+            }
+            // Cancel-safe: a batch is either received whole or left in the channel.
+            match self.rx.recv().await {
+                None => return Ok(None),
+                Some(Err(error)) => return Err(error),
+                Some(Ok(batch)) => self.buffer.extend(batch),
             }
         }
     }
@@ -64,10 +72,12 @@ pub(crate) async fn start(
     let shared = transport.shared.clone();
     let blocking = shared.config.blocking_manager().await?;
     let prefetch = options.prefetch.max(1);
-    let (tx, rx) = mpsc::channel(prefetch);
+    // One batch waits here while the application works through the one before.
+    let (tx, rx) = mpsc::channel(1);
     let (acks, ack_rx) = mpsc::unbounded_channel();
     let consumer = uuid::Uuid::now_v7().simple().to_string();
-    tokio::spawn(ack_loop(shared.clone(), options.group.clone(), ack_rx));
+    let group: Arc<str> = Arc::from(options.group.as_str());
+    tokio::spawn(ack_loop(shared.clone(), group.clone(), ack_rx));
     let now = Instant::now();
     let reader = Reader {
         transport: transport.clone(),
@@ -75,6 +85,7 @@ pub(crate) async fn start(
         blocking,
         exact_only: options.patterns.iter().all(|p| p.is_exact()),
         options,
+        group,
         consumer,
         known: streams.iter().cloned().collect(),
         streams,
@@ -87,7 +98,10 @@ pub(crate) async fn start(
     };
     tracing::debug!(group = %reader.options.group, consumer = %reader.consumer, "consumer started");
     transport.track(tokio::spawn(reader.run()));
-    Ok(RedisDeliveries { rx })
+    Ok(RedisDeliveries {
+        rx,
+        buffer: VecDeque::new(),
+    })
 }
 
 struct Reader {
@@ -95,11 +109,12 @@ struct Reader {
     shared: Arc<Shared>,
     blocking: ConnectionManager,
     options: SubscribeOptions,
+    group: Arc<str>,
     exact_only: bool,
     consumer: String,
     streams: Vec<String>,
     known: HashSet<String>,
-    tx: mpsc::Sender<Result<Pending>>,
+    tx: mpsc::Sender<Result<Vec<Pending>>>,
     acks: mpsc::UnboundedSender<AckItem>,
     prefetch: usize,
     next_poll: Instant,
@@ -155,12 +170,11 @@ impl Reader {
             self.claim().await?;
             self.next_claim = Instant::now() + self.shared.config.claim_interval();
         }
-        // Read no more than there is room for.
-        match self.tx.reserve().await {
-            Ok(permit) => drop(permit),
-            Err(_) => return Ok(()),
-        }
-        let count = self.tx.capacity().max(1);
+        // Read only when there is room for the batch.
+        let Ok(permit) = self.tx.reserve().await else {
+            return Ok(());
+        };
+        let count = self.prefetch;
         let mut until = self.next_poll.min(self.next_claim);
         if !self.exact_only {
             until = until.min(self.next_discovery);
@@ -198,12 +212,17 @@ impl Reader {
             }
             Err(error) => return Err(redis_error(error)),
         };
+        let mut batch = Vec::with_capacity(count);
         for (key, entries) in streams {
+            let key: Arc<str> = Arc::from(key);
             for entry in entries {
-                if !self.forward(&key, entry, false).await {
-                    return Ok(());
+                if let Some(pending) = self.pending_or_dead_letter(&key, entry, false).await {
+                    batch.push(pending);
                 }
             }
+        }
+        if !batch.is_empty() {
+            permit.send(Ok(batch));
         }
         Ok(())
     }
@@ -257,17 +276,23 @@ impl Reader {
                     // Entries trimmed away while pending: nothing left to deliver.
                     for id in deleted {
                         let _ = self.acks.send(AckItem {
-                            key: key.clone(),
+                            key: Arc::from(key.as_str()),
                             id,
                             delete: false,
                         });
                     }
                 }
+                let key_arc: Arc<str> = Arc::from(key.as_str());
+                let mut batch = Vec::new();
                 for entry in entries {
-                    tracing::debug!(group = %self.options.group, entry = %entry.id, "reclaimed an unsettled delivery");
-                    if !self.forward(&key, entry, true).await {
-                        return Ok(());
+                    tracing::debug!(group = %self.group, entry = %entry.id, "reclaimed an unsettled delivery");
+                    if let Some(pending) = self.pending_or_dead_letter(&key_arc, entry, true).await
+                    {
+                        batch.push(pending);
                     }
+                }
+                if !batch.is_empty() && self.tx.send(Ok(batch)).await.is_err() {
+                    return Ok(());
                 }
                 if next == "0-0" {
                     break;
@@ -278,47 +303,51 @@ impl Reader {
         Ok(())
     }
 
-    /// Turns an entry into a delivery and hands it over; entries that hold no valid event are
-    /// dead-lettered instead. False once the subscriber is gone.
-    async fn forward(&mut self, key: &str, entry: Entry, reclaimed: bool) -> bool {
-        let item = match self.pending(key, entry, reclaimed) {
-            Ok(pending) => pending,
-            Err((acker, reason)) => {
-                let envelope = match invalid_envelope(&acker) {
-                    Ok(envelope) => envelope,
-                    Err(error) => {
-                        tracing::error!(%error, "cannot describe an unreadable entry; acking it");
-                        return Box::new(acker).ack().await.is_ok();
-                    }
-                };
-                let letter = DeadLetter::new(
-                    envelope,
-                    acker.topic.clone(),
-                    acker.group.clone(),
-                    reason,
-                    acker.attempt,
-                    acker.first_attempt_at,
-                    Utc::now(),
-                );
-                tracing::warn!(group = %acker.group, entry = %acker.entry_id, reason = %letter.reason, "dead-lettering an unreadable entry");
-                if let Err(error) = Box::new(acker).dead_letter(letter).await {
-                    // It stays pending and is reclaimed (and judged again) later.
-                    tracing::error!(%error, "could not dead-letter an unreadable entry");
-                }
-                return true;
+    /// Turns an entry into a delivery; entries that hold no valid event are dead-lettered
+    /// instead.
+    async fn pending_or_dead_letter(
+        &self,
+        key: &Arc<str>,
+        entry: Entry,
+        reclaimed: bool,
+    ) -> Option<Pending> {
+        let (acker, reason) = match self.pending(key, entry, reclaimed) {
+            Ok(pending) => return Some(pending),
+            Err(unreadable) => unreadable,
+        };
+        let envelope = match invalid_envelope(&acker) {
+            Ok(envelope) => envelope,
+            Err(error) => {
+                tracing::error!(%error, "cannot describe an unreadable entry; acking it");
+                let _ = Box::new(acker).ack().await;
+                return None;
             }
         };
-        self.tx.send(Ok(item)).await.is_ok()
+        let letter = DeadLetter::new(
+            envelope,
+            acker.topic.to_string(),
+            self.options.group.clone(),
+            reason,
+            acker.attempt,
+            acker.first_attempt_at,
+            Utc::now(),
+        );
+        tracing::warn!(group = %self.group, entry = %acker.entry_id, reason = %letter.reason, "dead-lettering an unreadable entry");
+        if let Err(error) = Box::new(acker).dead_letter(letter).await {
+            // It stays pending and is reclaimed (and judged again) later.
+            tracing::error!(%error, "could not dead-letter an unreadable entry");
+        }
+        None
     }
 
     #[allow(clippy::result_large_err)]
     fn pending(
         &self,
-        key: &str,
+        key: &Arc<str>,
         entry: Entry,
         reclaimed: bool,
     ) -> std::result::Result<Pending, (Acker, String)> {
-        let is_retry = self.streams.first().is_some_and(|k| k == key);
+        let is_retry = self.streams.first().is_some_and(|k| **k == **key);
         let topic = if is_retry {
             entry.text("topic").unwrap_or_default().to_owned()
         } else {
@@ -370,8 +399,8 @@ impl Reader {
         let acker = Acker {
             shared: self.shared.clone(),
             acks: self.acks.clone(),
-            group: self.options.group.clone(),
-            stream_key: key.to_owned(),
+            group: self.group.clone(),
+            stream_key: key.clone(),
             entry_id: id,
             is_retry,
             topic: topic.clone(),
@@ -430,14 +459,14 @@ pub(crate) async fn move_due(shared: &Shared, group: &str) -> Result<Option<Dura
 
 /// An ack waiting to be sent.
 struct AckItem {
-    key: String,
+    key: Arc<str>,
     id: String,
     delete: bool,
 }
 
 /// Sends acks in batches: whatever accumulated while the previous batch was in flight goes in
 /// one pipeline.
-async fn ack_loop(shared: Arc<Shared>, group: String, mut rx: mpsc::UnboundedReceiver<AckItem>) {
+async fn ack_loop(shared: Arc<Shared>, group: Arc<str>, mut rx: mpsc::UnboundedReceiver<AckItem>) {
     let mut batch = Vec::new();
     while rx.recv_many(&mut batch, 1000).await > 0 {
         let mut by_key: BTreeMap<&str, (Vec<&str>, Vec<&str>)> = BTreeMap::new();
@@ -450,7 +479,7 @@ async fn ack_loop(shared: Arc<Shared>, group: String, mut rx: mpsc::UnboundedRec
         }
         let mut pipe = redis::pipe();
         for (key, (ack, del)) in &by_key {
-            pipe.cmd("XACK").arg(*key).arg(&group).arg(ack).ignore();
+            pipe.cmd("XACK").arg(*key).arg(&*group).arg(ack).ignore();
             if !del.is_empty() {
                 pipe.cmd("XDEL").arg(*key).arg(del).ignore();
             }
@@ -473,8 +502,8 @@ async fn ack_loop(shared: Arc<Shared>, group: String, mut rx: mpsc::UnboundedRec
 struct Acker {
     shared: Arc<Shared>,
     acks: mpsc::UnboundedSender<AckItem>,
-    group: String,
-    stream_key: String,
+    group: Arc<str>,
+    stream_key: Arc<str>,
     entry_id: String,
     is_retry: bool,
     topic: String,
@@ -502,10 +531,10 @@ impl Acker {
             let mut manager = shared.manager.clone();
             let mut invocation = scripts::NACK.prepare_invoke();
             invocation
-                .key(&self.stream_key)
+                .key(&*self.stream_key)
                 .key(&retry)
                 .key(&delayed)
-                .arg(&self.group)
+                .arg(&*self.group)
                 .arg(&self.entry_id)
                 .arg(if self.is_retry { "1" } else { "0" })
                 .arg(delay_ms)
@@ -525,7 +554,7 @@ impl Acker {
             // Move it back on time from here; the consumers' polling covers a process that
             // stops before then.
             let shared = shared.clone();
-            let group = self.group.clone();
+            let group = self.group.to_string();
             tokio::spawn(async move {
                 tokio::time::sleep(delay).await;
                 if let Err(error) = move_due(&shared, &group).await {
@@ -543,7 +572,7 @@ impl Acknowledge for Acker {
         self.settled = true;
         self.acks
             .send(AckItem {
-                key: std::mem::take(&mut self.stream_key),
+                key: self.stream_key.clone(),
                 id: std::mem::take(&mut self.entry_id),
                 delete: self.is_retry,
             })
@@ -564,8 +593,8 @@ impl Acknowledge for Acker {
         let mut invocation = scripts::DEAD_LETTER.prepare_invoke();
         shared.dlq.park_invocation(&mut invocation, &letter)?;
         invocation
-            .key(&self.stream_key)
-            .arg(&self.group)
+            .key(&*self.stream_key)
+            .arg(&*self.group)
             .arg(&self.entry_id)
             .arg(if self.is_retry { "1" } else { "0" });
         let invocation = &invocation;
@@ -595,8 +624,8 @@ impl Drop for Acker {
         let acker = Acker {
             shared: self.shared.clone(),
             acks: self.acks.clone(),
-            group: std::mem::take(&mut self.group),
-            stream_key: std::mem::take(&mut self.stream_key),
+            group: self.group.clone(),
+            stream_key: self.stream_key.clone(),
             entry_id: std::mem::take(&mut self.entry_id),
             is_retry: self.is_retry,
             topic: std::mem::take(&mut self.topic),

@@ -16,9 +16,10 @@ use super::scripts;
 ///
 /// Letters live in the stream `<prefix>dlq` (one entry per letter, oldest first, with fields
 /// `id`, `type`, `subscription` and `letter`, the letter as JSON with the event as a CloudEvent)
-/// and the hash `<prefix>dlq:index` (letter id → entry id). Get one with
-/// [`RedisTransport::dead_letter_queue`](super::RedisTransport::dead_letter_queue) or
-/// [`RedisDeadLetterQueue::connect`].
+/// and the hash `<prefix>dlq:index` (letter id → entry id). Get one from a transport with
+/// [`Transport::dead_letter_queue`](orchestrator_core::Transport::dead_letter_queue) or
+/// [`RedisTransport::redis_dead_letter_queue`](super::RedisTransport::redis_dead_letter_queue),
+/// or on its own with [`RedisDeadLetterQueue::connect`].
 #[derive(Clone)]
 pub struct RedisDeadLetterQueue {
     pub(crate) manager: ConnectionManager,

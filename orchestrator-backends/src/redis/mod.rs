@@ -30,7 +30,8 @@
 //!   `redis = { version = "1.8", features = ["tokio-native-tls-comp"] }` (system OpenSSL) or
 //!   `features = ["tokio-rustls-comp"]` (rustls; then install a rustls `CryptoProvider` at
 //!   start-up) to your application's `Cargo.toml`, and cargo enables it for this backend too.
-//!   Append `#insecure` to the URL only to skip certificate checks in development.
+//!   `rediss://host:port/#insecure` skips certificate checks (development only; with rustls
+//!   it also needs redis-rs's `tls-rustls-insecure` feature).
 //!
 //! Passwords never appear in logs or `Debug` output ([`RedisConfig::redacted_url`]); event
 //! payloads are never logged either — logs name events by id and type only.
@@ -46,20 +47,21 @@
 //!
 //! # Keys
 //!
-//! Every key starts with the configured prefix `P` (default `orchestrator:`):
+//! Every key starts with the configured prefix, written `<prefix>` here (default
+//! `orchestrator:`, so the global stream is `orchestrator:all`):
 //!
 //! | key | type | what |
 //! |---|---|---|
-//! | `P` `stream:<stream id>` | stream | one event stream; entry id `0-<stream version>`, fields `type`, `event`, `id` (event id), `position` (global position) |
-//! | `P` `all` | stream | every stored event in global order; entry id `0-<global position>`, fields `type`, `event` |
-//! | `P` `position` | string | the last global position handed out |
-//! | `P` `topic:<topic>` | stream | one transport topic; fields `type`, `event`; one consumer group per subscribing group |
-//! | `P` `topics` | set | every topic published or subscribed to |
-//! | `P` `patterns` | set | `"<group> <pattern>"` for every pattern a group subscribed to |
-//! | `P` `retry:<group>` | stream | messages for one group only — nacked, dropped, or [`redeliver`](orchestrator_core::Transport::redeliver)ed; fields `type`, `event`, `topic`, `attempt`, `first` (ms since the epoch), `error`; consumer group `<group>` |
-//! | `P` `delayed:<group>` | sorted set | nacked messages waiting out their delay, scored by due time (ms, Redis server clock) |
-//! | `P` `dlq` | stream | dead letters, oldest first; fields `id`, `type`, `subscription`, `letter` (JSON: `id`, `topic`, `subscription`, `reason`, `attempts`, `first_failure_at`, `last_failure_at`, `event`) |
-//! | `P` `dlq:index` | hash | dead-letter id → `dlq` entry id |
+//! | `<prefix>stream:<stream id>` | stream | one event stream; entry id `0-<stream version>`, fields `type`, `event`, `id` (event id), `position` (global position) |
+//! | `<prefix>all` | stream | every stored event in global order; entry id `0-<global position>`, fields `type`, `event` |
+//! | `<prefix>position` | string | the last global position handed out |
+//! | `<prefix>topic:<topic>` | stream | one transport topic; fields `type`, `event`; one consumer group per subscribing group |
+//! | `<prefix>topics` | set | every topic published or subscribed to |
+//! | `<prefix>patterns` | set | `"<group> <pattern>"` for every pattern a group subscribed to |
+//! | `<prefix>retry:<group>` | stream | messages for one group only — nacked, dropped, or [`redeliver`](orchestrator_core::Transport::redeliver)ed; fields `type`, `event`, `topic`, `attempt`, `first` (ms since the epoch), `error`; consumer group `<group>` |
+//! | `<prefix>delayed:<group>` | sorted set | nacked messages waiting out their delay, scored by due time (ms, Redis server clock) |
+//! | `<prefix>dlq` | stream | dead letters, oldest first; fields `id`, `type`, `subscription`, `letter` (JSON: `id`, `topic`, `subscription`, `reason`, `attempts`, `first_failure_at`, `last_failure_at`, `event`) |
+//! | `<prefix>dlq:index` | hash | dead-letter id → `dlq` entry id |
 //!
 //! A store and a transport may share a prefix. [`RedisEventStore::delete_all`] and
 //! [`RedisTransport::delete_all`] delete every key under the prefix (`SCAN` + `DEL`).
@@ -70,7 +72,7 @@
 //! field `event` is the event as a CloudEvents 1.0 JSON object (structured mode, see
 //! [`orchestrator_core::cloudevents`]). Stored events carry the extensions `streamid`,
 //! `streamversion` and `globalposition` in that JSON. Any client can write a topic entry
-//! with `XADD P topic:<topic> * type <type> event <json>`; an entry without `event`, or whose
+//! with `XADD <prefix>topic:<topic> * type <type> event <json>`; an entry without `event`, or whose
 //! `event` is not a valid CloudEvent, is dead-lettered with the reason (its raw bytes kept as
 //! an `application/octet-stream` event carrying the header `redisentryid`), and the consumer
 //! carries on.
@@ -78,25 +80,25 @@
 //! # The event store
 //!
 //! An append is one `EVALSHA` of a Lua script that checks the expected version against the
-//! stream's length, takes positions with `INCRBY` on `P position`, and `XADD`s both entries
+//! stream's length, takes positions with `INCRBY` on `<prefix>position`, and `XADD`s both entries
 //! of every event — atomic, one round trip for any batch size. Global positions have no gaps.
 //! If the reply of an append is lost to a connection error, the retry first checks whether
 //! the stream already ends with the batch's last event and, if so, reports that append
 //! instead of writing it twice. Reads are `XRANGE`s; a subscription catches up with `XRANGE`
-//! on `P all` and then follows with `XREAD BLOCK`, always from the last entry it handed over.
-//! Every event is stored twice (its stream and `P all`): reads in either order are one range
+//! on `<prefix>all` and then follows with `XREAD BLOCK`, always from the last entry it handed over.
+//! Every event is stored twice (its stream and `<prefix>all`): reads in either order are one range
 //! scan, at twice the memory.
 //!
 //! # The transport
 //!
-//! **Publishing** is `XADD` to `P topic:<topic>`; a batch is one pipeline. A publish that
+//! **Publishing** is `XADD` to `<prefix>topic:<topic>`; a batch is one pipeline. A publish that
 //! fails on a connection error is retried; the retry first skips the events the failed
 //! attempt did write (found in the stream's tail by event id), so a lost reply does not
 //! duplicate them. Topic streams are not trimmed unless
 //! [`RedisConfig::with_topic_max_len`] is set.
 //!
 //! **Subscribing** makes the group a Redis consumer group, named as the group, on the stream
-//! of every topic its patterns match, plus on its own retry stream `P retry:<group>`. Each
+//! of every topic its patterns match, plus on its own retry stream `<prefix>retry:<group>`. Each
 //! subscription is one consumer (`XREADGROUP`, all its streams in one blocking read); several
 //! subscriptions of a group share the work. Groups are durable: a group that subscribes again
 //! carries on where it stopped. A new group starts with the events published after it
@@ -106,13 +108,13 @@
 //! segment, `#` any number, otherwise exact). Redis has no pattern subscriptions on streams,
 //! so they map to consumer groups on concrete topic streams:
 //!
-//! 1. subscribing adds `"<group> <pattern>"` to `P patterns`, then creates the group (at
-//!    `$`, "from now") on every topic in `P topics` that matches;
-//! 2. the first publish to a topic anywhere adds it to `P topics` and, when it is new, creates
+//! 1. subscribing adds `"<group> <pattern>"` to `<prefix>patterns`, then creates the group (at
+//!    `$`, "from now") on every topic in `<prefix>topics` that matches;
+//! 2. the first publish to a topic anywhere adds it to `<prefix>topics` and, when it is new, creates
 //!    the groups of all matching registered patterns *reading from the start* of the new
 //!    stream before writing to it — so events published to a topic that did not exist when
 //!    the group subscribed are not missed;
-//! 3. each consumer of a pattern subscription re-reads `P topics` every
+//! 3. each consumer of a pattern subscription re-reads `<prefix>topics` every
 //!    [`RedisConfig::with_discovery_interval`] (1 s) and adds the matching new streams to its
 //!    reads. Events published meanwhile wait in the stream for the group; they are not lost.
 //!
@@ -123,7 +125,7 @@
 //!
 //! **Nacks** run one script that acks the entry and adds the message, with its attempt count,
 //! first-attempt time and the nack's reason, either to the group's retry stream (no delay) or
-//! to the sorted set `P delayed:<group>` scored by due time. Delayed messages are moved to
+//! to the sorted set `<prefix>delayed:<group>` scored by due time. Delayed messages are moved to
 //! the retry stream by a script, when their time comes, by a timer of the nacking process and
 //! — should that process die — by every consumer of the group, which polls every
 //! [`RedisConfig::with_delayed_poll_interval`] (1 s). Since both sets live in Redis, a nacked

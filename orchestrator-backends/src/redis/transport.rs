@@ -128,7 +128,7 @@ impl RedisTransport {
 
     /// Writes entries to a topic stream in one round trip. A retry after a connection error
     /// first looks at the stream's tail and skips the events the failed attempt did write.
-    async fn add_entries(&self, topic: &str, entries: &[(String, String, Vec<u8>)]) -> Result<()> {
+    async fn add_entries(&self, topic: &str, entries: &[(&str, &str, Vec<u8>)]) -> Result<()> {
         let shared = &self.shared;
         let key = shared.keys.topic(topic);
         let max_len = shared.config.topic_max_len;
@@ -143,7 +143,7 @@ impl RedisTransport {
                 };
                 let mut pipe = redis::pipe();
                 for (event_type, id, json) in entries {
-                    if written.contains(id) {
+                    if written.contains(*id) {
                         continue;
                     }
                     let cmd = pipe.cmd("XADD").arg(&key);
@@ -156,6 +156,10 @@ impl RedisTransport {
                         .arg("event")
                         .arg(json.as_slice())
                         .ignore();
+                }
+                if pipe.is_empty() {
+                    // The failed attempt had written everything.
+                    return Ok(());
                 }
                 pipe.query_async::<()>(&mut manager).await
             }
@@ -293,10 +297,11 @@ async fn ids_in_tail(
         .collect())
 }
 
-fn encode_for_topic(event: &EventEnvelope) -> Result<(String, String, Vec<u8>)> {
+/// An event as a topic entry: its type, its id (to recognise it on a retry) and its JSON.
+fn encode_for_topic(event: &EventEnvelope) -> Result<(&str, &str, Vec<u8>)> {
     Ok((
-        event.event_type().to_owned(),
-        event.id().to_string(),
+        event.event_type(),
+        event.id().as_str(),
         cloudevents::encode(event)?,
     ))
 }

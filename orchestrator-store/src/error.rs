@@ -1,0 +1,209 @@
+//! The crate's error type: what can go wrong opening the embedded store or configuring the
+//! schema registry, beyond the core [`orchestrator_core::Error`].
+//!
+//! Every variant converts into the core error (`?` works in functions returning
+//! `orchestrator_core::Result`): schema violations become [`CoreError::Decode`] naming the JSON
+//! pointer of the offending value, file trouble becomes [`CoreError::Backend`] with this error
+//! as its source, so callers holding a core error can still
+//! [`downcast`](std::error::Error::source) to the typed variant.
+
+use std::path::PathBuf;
+
+use orchestrator_core::Error as CoreError;
+
+/// `Result` with this crate's [`Error`] as its default error type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in this crate's own operations.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A record of the embedded store failed its checks somewhere a crash cannot have left
+    /// it (not a torn tail): the store refuses to open past it.
+    ///
+    /// Restore the file from a backup, or, if losing everything from `offset` on is
+    /// acceptable, truncate the file at `offset` (and remove later segments) yourself.
+    #[error("corrupt record in {} at byte offset {offset}: {reason}", file.display())]
+    Corrupt {
+        /// The segment file.
+        file: PathBuf,
+        /// The byte offset of the bad record (or header) within the file.
+        offset: u64,
+        /// What was wrong.
+        reason: String,
+    },
+
+    /// The file system failed.
+    #[error("{operation} {}: {source}", path.display())]
+    Io {
+        /// What was being done ("open", "write", "sync", …).
+        operation: &'static str,
+        /// The file or directory.
+        path: PathBuf,
+        /// The operating system's error.
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// An event's schema version is not registered for its type.
+    #[error(
+        "unknown schema version {version} of event type `{event_type}`; registered: {registered}"
+    )]
+    UnknownSchemaVersion {
+        /// The event type.
+        event_type: String,
+        /// The version the event claims.
+        version: u32,
+        /// The registered versions, e.g. `"1..=3"`.
+        registered: String,
+    },
+
+    /// A payload violates its JSON Schema.
+    #[error("event `{event_type}` v{version} violates its schema at `{pointer}`: {reason}")]
+    SchemaViolation {
+        /// The event type.
+        event_type: String,
+        /// The schema version checked against.
+        version: u32,
+        /// The JSON pointer (RFC 6901) of the first offending value; for a missing required
+        /// property, the pointer the property would have.
+        pointer: String,
+        /// What is wrong there.
+        reason: String,
+    },
+
+    /// A schema version was registered without an upcaster from the previous version.
+    #[error(
+        "version {version} of event type `{event_type}` needs an upcaster from version {previous}: \
+         events stored as v{previous} could not be read as v{version}"
+    )]
+    MissingUpcaster {
+        /// The event type.
+        event_type: String,
+        /// The version being registered.
+        version: u32,
+        /// The latest version registered before it.
+        previous: u32,
+    },
+
+    /// Versions must be registered in order, each one more than the last.
+    #[error(
+        "cannot register version {version} of event type `{event_type}`: the next version is {expected}"
+    )]
+    VersionOutOfOrder {
+        /// The event type.
+        event_type: String,
+        /// The version being registered.
+        version: u32,
+        /// The version that may be registered next.
+        expected: u32,
+    },
+
+    /// A JSON Schema could not be compiled.
+    #[error("invalid JSON Schema for `{event_type}` v{version}: {reason}")]
+    InvalidSchema {
+        /// The event type.
+        event_type: String,
+        /// The version.
+        version: u32,
+        /// The compiler's complaint.
+        reason: String,
+    },
+
+    /// A core operation failed.
+    #[error(transparent)]
+    Core(#[from] CoreError),
+}
+
+impl Error {
+    pub(crate) fn io(
+        operation: &'static str,
+        path: impl Into<PathBuf>,
+        source: std::io::Error,
+    ) -> Self {
+        Self::Io {
+            operation,
+            path: path.into(),
+            source,
+        }
+    }
+
+    pub(crate) fn corrupt(
+        file: impl Into<PathBuf>,
+        offset: u64,
+        reason: impl Into<String>,
+    ) -> Self {
+        Self::Corrupt {
+            file: file.into(),
+            offset,
+            reason: reason.into(),
+        }
+    }
+
+    /// The typed error behind a core error, if it came from this crate (see the module docs).
+    pub fn from_core(error: &CoreError) -> Option<&Self> {
+        match error {
+            CoreError::Backend { source, .. } => source.downcast_ref::<Self>(),
+            _ => None,
+        }
+    }
+}
+
+/// The backend name file errors carry inside the core error.
+pub(crate) const FILE_BACKEND: &str = "file";
+
+impl From<Error> for CoreError {
+    fn from(error: Error) -> Self {
+        match error {
+            Error::Core(e) => e,
+            Error::SchemaViolation {
+                ref pointer,
+                ref reason,
+                ..
+            } => CoreError::decode(pointer.clone(), reason.clone()),
+            Error::UnknownSchemaVersion { .. } => {
+                CoreError::decode("schemaversion", error.to_string())
+            }
+            Error::MissingUpcaster { .. }
+            | Error::VersionOutOfOrder { .. }
+            | Error::InvalidSchema { .. } => {
+                CoreError::invalid("schema registration", error.to_string())
+            }
+            Error::Io { ref source, .. } => {
+                let temporary = matches!(
+                    source.kind(),
+                    std::io::ErrorKind::Interrupted
+                        | std::io::ErrorKind::WouldBlock
+                        | std::io::ErrorKind::TimedOut
+                );
+                CoreError::backend(FILE_BACKEND, temporary, error)
+            }
+            Error::Corrupt { .. } => CoreError::backend(FILE_BACKEND, false, error),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn typed_errors_survive_the_core_error() {
+        let corrupt = Error::corrupt("/d/segment-1.log", 42, "bad checksum");
+        let core: CoreError = corrupt.into();
+        assert!(!core.is_temporary());
+        match Error::from_core(&core) {
+            Some(Error::Corrupt { offset, file, .. }) => {
+                assert_eq!((*offset, file.to_str()), (42, Some("/d/segment-1.log")));
+            }
+            other => panic!("{other:?}"),
+        }
+        let violation = Error::SchemaViolation {
+            event_type: "a.b".into(),
+            version: 1,
+            pointer: "/items/0".into(),
+            reason: "bad".into(),
+        };
+        assert_eq!(CoreError::from(violation).decode_field(), Some("/items/0"));
+    }
+}

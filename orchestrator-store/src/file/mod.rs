@@ -1,0 +1,458 @@
+//! The embedded durable store: events in append-only segment files under one directory.
+//!
+//! For applications that want their events to survive a restart on one machine, without a
+//! broker. [`FileEventStore`] implements [`EventStore`] with every capability
+//! ([`StoreCapabilities::FULL`]) and passes the same conformance suite as every other store.
+//!
+//! # How it works
+//!
+//! - **Records.** Each event is one frame: length, CRC-32 of the body, CRC-32 of the header,
+//!   an end-of-append flag, then the stored envelope encoded with the core
+//!   [`Bincode`](orchestrator_core::codec::Bincode) codec. See `format.rs` for the layout.
+//! - **Segments.** Frames go to `segment-NNNNNNNNNN.log`; when the next append would push a
+//!   segment past [`FileStoreOptions::max_segment_bytes`], the segment is synced and sealed
+//!   and a new one begins. An append never spans two segments.
+//! - **Group commit.** One writer thread takes every append queued while the previous group
+//!   was being written, writes them with one `write` and syncs once, per the
+//!   [`FsyncPolicy`]. An append is acknowledged, and becomes visible to readers, only after
+//!   its group is durable per the policy.
+//! - **Recovery.** Opening scans every segment, checks both checksums of every frame and
+//!   the sequence of positions and versions, and rebuilds the index in memory (the index is
+//!   not persisted: rebuilding is a sequential read, and it cannot disagree with the data).
+//!   A torn tail of the last segment (what a crash mid-write leaves, including an append
+//!   missing its last frames) is cut off; anything else that fails a check is an
+//!   [`Error::Corrupt`](crate::Error::Corrupt) naming the file and byte offset, and the store
+//!   does not open. [`FileEventStore::recovery_report`] tells what was found.
+//! - **Reads.** The index holds each event's location, stream, type and time, so filtered
+//!   reads fetch only matching frames; frames next to each other are fetched with one
+//!   positioned read and checked again before decoding. Reads are plain blocking file reads
+//!   on the calling task (mostly served from the page cache).
+//!
+//! One directory must be opened by one store at a time; a second process opening it while
+//! the first writes would corrupt it. Dropping the last handle of a store waits for the
+//! writer to finish the appends in flight and sync them.
+//!
+//! ```
+//! use orchestrator_core::{EventEnvelope, EventStore, ExpectedVersion};
+//! use orchestrator_store::file::{FileEventStore, FileStoreOptions, FsyncPolicy};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let dir = tempfile::tempdir()?;
+//! let options = FileStoreOptions::default().fsync(FsyncPolicy::EveryAppend);
+//! let store = FileEventStore::open_with(dir.path(), options.clone())?;
+//! let placed = EventEnvelope::new("order.placed", &serde_json::json!({ "order_id": "o-1" }))?;
+//! store.append("order-o-1", ExpectedVersion::NoStream, vec![placed]).await?;
+//! drop(store);
+//!
+//! let reopened = FileEventStore::open_with(dir.path(), options)?;
+//! assert_eq!(reopened.recovery_report().events, 1);
+//! assert_eq!(reopened.stream_version("order-o-1").await?, Some(1));
+//! # Ok(())
+//! # }
+//! ```
+
+mod format;
+mod index;
+mod read;
+mod recovery;
+mod segment;
+mod subscription;
+mod writer;
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, Sender};
+use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use orchestrator_core::store::validate_stream_id;
+use orchestrator_core::{
+    AppendResult, Error as CoreError, EventEnvelope, EventFilter, EventStore, EventStream,
+    ExpectedVersion, ReadAll, Result, StoreCapabilities,
+};
+use tokio::sync::{oneshot, watch};
+
+use crate::error::Error;
+
+pub use recovery::RecoveryReport;
+pub(crate) use segment::sync_dir;
+
+use index::{Index, Loc};
+use writer::{AppendRequest, Request, Writer};
+
+/// How many index entries one read looks at before letting go of the index lock.
+const SCAN_CHUNK: usize = 4096;
+
+/// When the writer syncs written appends to disk; an append is acknowledged only once the
+/// policy is satisfied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FsyncPolicy {
+    /// Sync every group of appends before acknowledging it: an acknowledged append
+    /// survives a power loss. Concurrent appends share one sync.
+    #[default]
+    EveryAppend,
+    /// Write at once, sync at most this often: appends wait up to this long for their
+    /// acknowledgement, and many share one sync. Acknowledged appends survive a power loss.
+    Interval(Duration),
+    /// Never sync (except when sealing a segment): acknowledged appends are in the
+    /// operating system's cache and survive a crash of the process, not of the machine.
+    Never,
+}
+
+/// How a [`FileEventStore`] is set up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct FileStoreOptions {
+    /// When to sync; [`FsyncPolicy::EveryAppend`] by default.
+    pub fsync: FsyncPolicy,
+    /// The size past which a segment is sealed and a new one started (64 MiB by default).
+    pub max_segment_bytes: u64,
+}
+
+impl Default for FileStoreOptions {
+    fn default() -> Self {
+        Self {
+            fsync: FsyncPolicy::EveryAppend,
+            max_segment_bytes: 64 * 1024 * 1024,
+        }
+    }
+}
+
+impl FileStoreOptions {
+    /// Sets the sync policy.
+    pub fn fsync(mut self, policy: FsyncPolicy) -> Self {
+        self.fsync = policy;
+        self
+    }
+
+    /// Sets the segment size (at least 4 KiB).
+    pub fn max_segment_bytes(mut self, bytes: u64) -> Self {
+        self.max_segment_bytes = bytes.max(4096);
+        self
+    }
+}
+
+/// Counters of the writer's work, to see group commit at work.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct FileStoreStats {
+    /// Appends that wrote at least one event.
+    pub appends: u64,
+    /// Events written.
+    pub events: u64,
+    /// `write` calls.
+    pub writes: u64,
+    /// Syncs of written appends (sealing a segment is not counted).
+    pub syncs: u64,
+    /// Segments created since the store was opened.
+    pub segments_created: u64,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct Stats {
+    appends: AtomicU64,
+    events: AtomicU64,
+    writes: AtomicU64,
+    syncs: AtomicU64,
+    segments: AtomicU64,
+}
+
+/// What the writer and the readers share.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) index: RwLock<Index>,
+    /// The published head position; subscriptions wait on it and see the store close when
+    /// it drops.
+    pub(crate) head: watch::Sender<u64>,
+    pub(crate) stats: Stats,
+}
+
+impl Shared {
+    // A poisoned lock is recovered: the only writer of the index (the writer thread's
+    // `publish`) pushes entries with operations that cannot panic half-way for reasons of
+    // ours, so a panic elsewhere while a guard was held cannot have left it half-written.
+    pub(crate) fn index(&self) -> RwLockReadGuard<'_, Index> {
+        self.index.read().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// The embedded durable [`EventStore`]; see the [module docs](self).
+///
+/// Clones share the same store. Subscriptions end when the last clone is dropped.
+#[derive(Clone)]
+pub struct FileEventStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    dir: PathBuf,
+    shared: Arc<Shared>,
+    /// `None` only while dropping.
+    requests: Mutex<Option<Sender<Request>>>,
+    writer: Mutex<Option<JoinHandle<()>>>,
+    report: RecoveryReport,
+    options: FileStoreOptions,
+}
+
+impl Inner {
+    fn closed(&self) -> CoreError {
+        CoreError::Closed {
+            what: format!("embedded store in {}", self.dir.display()),
+        }
+    }
+
+    fn send(&self, request: Request) -> Result<()> {
+        let sent = self
+            .requests
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+            .is_some_and(|requests| requests.send(request).is_ok());
+        if sent { Ok(()) } else { Err(self.closed()) }
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // Closing the channel lets the writer finish what is queued and exit; waiting for
+        // it means a store reopened right after this drop sees every acknowledged append.
+        drop(
+            self.requests
+                .get_mut()
+                .unwrap_or_else(PoisonError::into_inner)
+                .take(),
+        );
+        if let Some(writer) = self
+            .writer
+            .get_mut()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+            && writer.join().is_err()
+        {
+            tracing::error!(dir = %self.dir.display(), "the embedded store's writer panicked");
+        }
+    }
+}
+
+impl FileEventStore {
+    /// Opens the store in `dir` (created if missing) with the default options.
+    pub fn open(dir: impl AsRef<Path>) -> crate::Result<Self> {
+        Self::open_with(dir, FileStoreOptions::default())
+    }
+
+    /// Opens the store in `dir` (created if missing): scans and checks every segment,
+    /// cuts off a torn tail, rebuilds the index and starts the writer thread.
+    ///
+    /// This reads every segment once, with blocking file I/O: call it at start-up (or in
+    /// `spawn_blocking`). A corrupt record is an [`Error::Corrupt`](crate::Error::Corrupt)
+    /// naming the file and offset.
+    pub fn open_with(dir: impl AsRef<Path>, options: FileStoreOptions) -> crate::Result<Self> {
+        let dir = dir.as_ref().to_owned();
+        std::fs::create_dir_all(&dir).map_err(|e| Error::io("create", &dir, e))?;
+        let recovered = recovery::recover(&dir)?;
+        let head = recovered.index.head();
+        let shared = Arc::new(Shared {
+            index: RwLock::new(recovered.index),
+            head: watch::Sender::new(head),
+            stats: Stats::default(),
+        });
+        let (requests, receiver) = mpsc::channel();
+        let writer = Writer::new(
+            dir.clone(),
+            shared.clone(),
+            receiver,
+            options.fsync,
+            options.max_segment_bytes,
+            recovered.last_file,
+            recovered.last_seq,
+            recovered.last_len,
+            head + 1,
+        );
+        let writer = std::thread::Builder::new()
+            .name("orchestrator-file-store".to_owned())
+            .spawn(move || writer.run())
+            .map_err(|e| Error::io("start writer for", &dir, e))?;
+        tracing::debug!(dir = %dir.display(), report = ?recovered.report, "embedded store opened");
+        Ok(Self {
+            inner: Arc::new(Inner {
+                dir,
+                shared,
+                requests: Mutex::new(Some(requests)),
+                writer: Mutex::new(Some(writer)),
+                report: recovered.report,
+                options,
+            }),
+        })
+    }
+
+    /// The store's directory.
+    pub fn dir(&self) -> &Path {
+        &self.inner.dir
+    }
+
+    /// The options the store was opened with.
+    pub fn options(&self) -> &FileStoreOptions {
+        &self.inner.options
+    }
+
+    /// What opening the store found (segments, events, a torn tail cut off).
+    pub fn recovery_report(&self) -> &RecoveryReport {
+        &self.inner.report
+    }
+
+    /// The writer's counters since the store was opened.
+    pub fn stats(&self) -> FileStoreStats {
+        let s = &self.inner.shared.stats;
+        FileStoreStats {
+            appends: s.appends.load(Ordering::Relaxed),
+            events: s.events.load(Ordering::Relaxed),
+            writes: s.writes.load(Ordering::Relaxed),
+            syncs: s.syncs.load(Ordering::Relaxed),
+            segments_created: s.segments.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Syncs every append written so far to disk and acknowledges it, without waiting for
+    /// the [`FsyncPolicy::Interval`] deadline (and, under [`FsyncPolicy::Never`], making
+    /// what was written so far survive a power loss).
+    pub async fn sync(&self) -> Result<()> {
+        let (reply, answer) = oneshot::channel();
+        self.inner.send(Request::Sync(reply))?;
+        answer.await.map_err(|_| self.inner.closed())?
+    }
+
+    /// Reads the events at `locs` (taken from the index, which must be released).
+    fn read(&self, locs: &[Loc]) -> Result<Vec<EventEnvelope>> {
+        let segments = self.inner.shared.index().segments.clone();
+        let mut events = Vec::new();
+        read::read_locs(&segments, locs, &mut events)?;
+        Ok(events)
+    }
+}
+
+impl fmt::Debug for FileEventStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let index = self.inner.shared.index();
+        f.debug_struct("FileEventStore")
+            .field("dir", &self.inner.dir)
+            .field("head_position", &index.head())
+            .field("streams", &index.stream_count())
+            .field("segments", &index.segments.len())
+            .finish()
+    }
+}
+
+/// Reads up to `limit` events matching `filter` from `from`, no further than `until`,
+/// chunk by chunk so the index lock is never held for long. Returns the events and the
+/// position of the first event not looked at.
+pub(crate) fn read_range(
+    shared: &Shared,
+    from: u64,
+    until: u64,
+    filter: &EventFilter,
+    limit: usize,
+) -> crate::Result<(Vec<EventEnvelope>, u64)> {
+    let mut events = Vec::new();
+    let mut next = from.max(1);
+    let mut locs = Vec::new();
+    while events.len() < limit && next <= until {
+        let chunk_end = next.saturating_add(SCAN_CHUNK as u64 - 1).min(until);
+        locs.clear();
+        let segments = {
+            let index = shared.index();
+            let compiled = index.compile(filter);
+            next = index.scan(next, chunk_end, &compiled, limit - events.len(), |loc| {
+                locs.push(loc);
+            });
+            index.segments.clone()
+        };
+        read::read_locs(&segments, &locs, &mut events)?;
+    }
+    Ok((events, next))
+}
+
+#[async_trait]
+impl EventStore for FileEventStore {
+    fn name(&self) -> &'static str {
+        "file"
+    }
+
+    fn capabilities(&self) -> StoreCapabilities {
+        StoreCapabilities::FULL
+    }
+
+    async fn append(
+        &self,
+        stream: &str,
+        expected: ExpectedVersion,
+        events: Vec<EventEnvelope>,
+    ) -> Result<AppendResult> {
+        validate_stream_id(stream)?;
+        let (reply, answer) = oneshot::channel();
+        self.inner.send(Request::Append(AppendRequest {
+            stream: stream.to_owned(),
+            expected,
+            events,
+            reply,
+        }))?;
+        answer.await.map_err(|_| self.inner.closed())?
+    }
+
+    async fn read_stream(
+        &self,
+        stream: &str,
+        from_version: u64,
+        limit: usize,
+    ) -> Result<Vec<EventEnvelope>> {
+        validate_stream_id(stream)?;
+        let mut events = Vec::new();
+        let mut from = from_version.max(1);
+        while events.len() < limit {
+            let locs = self.inner.shared.index().stream_locs(
+                stream,
+                from,
+                (limit - events.len()).min(SCAN_CHUNK),
+            );
+            if locs.is_empty() {
+                break;
+            }
+            from += locs.len() as u64;
+            events.extend(self.read(&locs)?);
+        }
+        Ok(events)
+    }
+
+    async fn read_all(&self, query: ReadAll) -> Result<Vec<EventEnvelope>> {
+        // Events appended while this read runs are not waited for: it ends at today's head.
+        let until = self.inner.shared.index().head();
+        let (events, _) = read_range(
+            &self.inner.shared,
+            query.from_position,
+            until,
+            &query.filter,
+            query.limit,
+        )?;
+        Ok(events)
+    }
+
+    async fn stream_version(&self, stream: &str) -> Result<Option<u64>> {
+        validate_stream_id(stream)?;
+        Ok(self.inner.shared.index().stream_version(stream))
+    }
+
+    async fn head_position(&self) -> Result<u64> {
+        Ok(self.inner.shared.index().head())
+    }
+
+    async fn subscribe(&self, from_position: u64, filter: EventFilter) -> Result<EventStream> {
+        Ok(subscription::subscribe(
+            &self.inner.shared,
+            from_position,
+            filter,
+        ))
+    }
+}
