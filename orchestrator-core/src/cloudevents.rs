@@ -26,8 +26,10 @@ use std::collections::BTreeMap;
 
 use base64::Engine as _;
 use chrono::{DateTime, SecondsFormat, Utc};
-use serde::Serialize;
+use serde::de::{MapAccess, Visitor};
+use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
+use std::borrow::Cow;
 
 use crate::envelope::{
     CONTENT_TYPE_JSON, EventEnvelope, EventId, Fields, StoredPosition, TraceContext,
@@ -134,10 +136,8 @@ pub fn encode(event: &EventEnvelope) -> Result<Vec<u8>> {
 /// `application/json`. Extensions other than orchestrator's become headers (numbers and
 /// booleans as their JSON text).
 pub fn decode(bytes: &[u8]) -> Result<EventEnvelope> {
-    let mut attrs: BTreeMap<String, &RawValue> = serde_json::from_slice(bytes)
+    let mut attrs: Attrs<'_> = serde_json::from_slice(bytes)
         .map_err(|e| Error::decode("$", format!("not a JSON object: {e}")))?;
-    // CloudEvents: an attribute whose value is null is absent.
-    attrs.retain(|_, v| v.get() != "null");
 
     let specversion =
         take_string(&mut attrs, "specversion")?.ok_or_else(|| missing("specversion"))?;
@@ -233,7 +233,8 @@ pub fn decode(bytes: &[u8]) -> Result<EventEnvelope> {
     }
 
     let mut headers = BTreeMap::new();
-    for (name, raw) in attrs {
+    for (name, raw) in attrs.0 {
+        let name = name.into_owned();
         validate_extension_name(&name).map_err(|e| Error::decode(name.clone(), e.to_string()))?;
         let value: serde_json::Value = serde_json::from_str(raw.get())
             .map_err(|e| Error::decode(name.clone(), e.to_string()))?;
@@ -281,19 +282,111 @@ fn missing_pair(field: &str, because: &str) -> Error {
     Error::decode(field, format!("required when `{because}` is present"))
 }
 
-fn take_string(attrs: &mut BTreeMap<String, &RawValue>, name: &str) -> Result<Option<String>> {
-    match attrs.remove(name) {
-        None => Ok(None),
-        Some(raw) => serde_json::from_str::<String>(raw.get())
-            .map(Some)
-            .map_err(|_| Error::decode(name, format!("must be a string, found `{}`", raw.get()))),
+/// The top-level attributes of a CloudEvent, in one pass, borrowing keys and values from
+/// the input where it can. Null values are dropped (CloudEvents: null means absent); a
+/// repeated key keeps its last value.
+struct Attrs<'a>(Vec<(Cow<'a, str>, &'a RawValue)>);
+
+impl<'a> Attrs<'a> {
+    fn remove(&mut self, name: &str) -> Option<&'a RawValue> {
+        let at = self.0.iter().position(|(k, _)| k == name)?;
+        Some(self.0.swap_remove(at).1)
     }
 }
 
-fn take_integer(attrs: &mut BTreeMap<String, &RawValue>, name: &str) -> Result<Option<u64>> {
+impl<'de> Deserialize<'de> for Attrs<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(
+        deserializer: D,
+    ) -> std::result::Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> Visitor<'de> for Visit {
+            type Value = Attrs<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<M: MapAccess<'de>>(
+                self,
+                mut map: M,
+            ) -> std::result::Result<Attrs<'de>, M::Error> {
+                let mut attrs: Vec<(Cow<'de, str>, &'de RawValue)> = Vec::with_capacity(16);
+                while let Some(Key(key)) = map.next_key()? {
+                    let value: &'de RawValue = map.next_value()?;
+                    if value.get() == "null" {
+                        attrs.retain(|(k, _)| *k != key);
+                        continue;
+                    }
+                    match attrs.iter_mut().find(|(k, _)| *k == key) {
+                        Some(slot) => slot.1 = value,
+                        None => attrs.push((key, value)),
+                    }
+                }
+                Ok(Attrs(attrs))
+            }
+        }
+        deserializer.deserialize_map(Visit)
+    }
+}
+
+/// An object key, borrowed from the input unless it has escapes.
+struct Key<'a>(Cow<'a, str>);
+
+impl<'de> Deserialize<'de> for Key<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(
+        deserializer: D,
+    ) -> std::result::Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> Visitor<'de> for Visit {
+            type Value = Key<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E: serde::de::Error>(
+                self,
+                v: &'de str,
+            ) -> std::result::Result<Key<'de>, E> {
+                Ok(Key(Cow::Borrowed(v)))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> std::result::Result<Key<'de>, E> {
+                Ok(Key(Cow::Owned(v.to_owned())))
+            }
+            fn visit_string<E: serde::de::Error>(
+                self,
+                v: String,
+            ) -> std::result::Result<Key<'de>, E> {
+                Ok(Key(Cow::Owned(v)))
+            }
+        }
+        deserializer.deserialize_str(Visit)
+    }
+}
+
+/// A JSON string's text: sliced straight from the input when it has no escapes.
+fn json_string(raw: &RawValue) -> Option<Cow<'_, str>> {
+    let text = raw.get();
+    if let Some(inner) = text.strip_prefix('"').and_then(|t| t.strip_suffix('"'))
+        && !inner.contains(['\\', '"'])
+    {
+        return Some(Cow::Borrowed(inner));
+    }
+    serde_json::from_str::<String>(text).ok().map(Cow::Owned)
+}
+
+fn take_string(attrs: &mut Attrs<'_>, name: &str) -> Result<Option<String>> {
+    match attrs.remove(name) {
+        None => Ok(None),
+        Some(raw) => json_string(raw)
+            .map(|s| Some(s.into_owned()))
+            .ok_or_else(|| Error::decode(name, format!("must be a string, found `{}`", raw.get()))),
+    }
+}
+
+fn take_integer(attrs: &mut Attrs<'_>, name: &str) -> Result<Option<u64>> {
     let Some(raw) = attrs.remove(name) else {
         return Ok(None);
     };
+    if let Ok(n) = raw.get().parse::<u64>() {
+        return Ok(Some(n));
+    }
     let value: serde_json::Value =
         serde_json::from_str(raw.get()).map_err(|e| Error::decode(name, e.to_string()))?;
     let parsed = match &value {
