@@ -63,7 +63,10 @@ pub use orchestrator_store as store;
 /// Broker backends (`orchestrator-backends`): Redis, RabbitMQ and Kafka, each behind the
 /// feature of the same name.
 #[cfg(any(feature = "redis", feature = "rabbitmq", feature = "kafka"))]
-#[cfg_attr(docsrs, doc(cfg(any(feature = "redis", feature = "rabbitmq", feature = "kafka"))))]
+#[cfg_attr(
+    docsrs,
+    doc(cfg(any(feature = "redis", feature = "rabbitmq", feature = "kafka")))
+)]
 pub use orchestrator_backends as backends;
 
 /// The names a user of the facade needs.

@@ -398,3 +398,54 @@ async fn deliveries_of_a_dead_consumer_are_reclaimed() {
     expect_quiet(&mut sub, "after the reclaimed delivery was acked").await;
     survivor.close().await;
 }
+
+/// A live consumer that holds deliveries longer than the claim min-idle time — a slow
+/// handler, or deliveries read ahead — keeps them: neither it nor another consumer of the
+/// group reclaims them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_deliveries_are_not_reclaimed_from_a_live_consumer() {
+    let Some(url) = reachable().await else { return };
+    let prefix = random_prefix();
+    let _cleanup = Cleanup::new(&url, &prefix);
+    let cfg = config(&url, &prefix).with_claim_min_idle(Duration::from_millis(600));
+    let transport = RedisTransport::connect(cfg).await.unwrap();
+    let topic = "report.requested";
+    let options = SubscribeOptions::new("reports", topic).unwrap().prefetch(4);
+    let mut slow = transport.subscribe(options.clone()).await.unwrap();
+    for i in 0..3 {
+        transport.publish(topic, event(topic, i)).await.unwrap();
+    }
+    // One in hand, the others read ahead behind it: all three pending with the slow consumer
+    // before the other one arrives.
+    let first = recv(&mut slow, "the slow consumer's first delivery").await;
+    let mut conn = raw(&url).await;
+    let started = Instant::now();
+    loop {
+        let pending: (u64, redis::Value, redis::Value, redis::Value) = redis::cmd("XPENDING")
+            .arg(format!("{prefix}topic:{topic}"))
+            .arg("reports")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        if pending.0 == 3 {
+            break;
+        }
+        assert!(
+            started.elapsed() < WAIT,
+            "the slow consumer did not read ahead"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let mut other = transport.subscribe(options).await.unwrap();
+    // Several claim rounds pass while the slow consumer works.
+    expect_quiet(&mut other, "another consumer reclaimed a held delivery").await;
+    assert_eq!(first.attempt(), 1);
+    first.ack().await.unwrap();
+    for _ in 0..2 {
+        let d = recv(&mut slow, "the deliveries read ahead").await;
+        assert_eq!(d.attempt(), 1, "a held delivery was delivered again");
+        d.ack().await.unwrap();
+    }
+    expect_quiet(&mut slow, "after every delivery was acked").await;
+    transport.close().await;
+}

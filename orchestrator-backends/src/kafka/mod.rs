@@ -1,1 +1,228 @@
-//! Kafka backend (in progress).
+//! Kafka: [`KafkaTransport`], [`KafkaEventStore`] and [`KafkaDeadLetterQueue`] (feature
+//! `kafka`).
+//!
+//! Built on rdkafka 0.39 with librdkafka compiled from its bundled source (no system
+//! librdkafka needed; the build wants gcc, g++, make and python3). Works with any cluster that
+//! speaks the Kafka protocol; nothing here depends on a particular broker.
+//!
+//! ```no_run
+//! use orchestrator_backends::kafka::{KafkaConfig, KafkaTransport};
+//! use orchestrator_core::{EventEnvelope, SubscribeOptions, Transport};
+//!
+//! # async fn example() -> orchestrator_core::Result<()> {
+//! let config = KafkaConfig::new("127.0.0.1:9092").with_prefix("shop.")?;
+//! let transport = KafkaTransport::connect(config).await?;
+//! let mut orders = transport
+//!     .subscribe(SubscribeOptions::new("billing", "order.*")?)
+//!     .await?;
+//! let event = EventEnvelope::new("order.placed", &serde_json::json!({"id": "o-1"}))?
+//!     .with_stream_id("order-o-1");
+//! transport.publish("order.placed", event).await?; // Kafka topic `shop.order.placed`
+//! if let Some(delivery) = orders.next().await? {
+//!     delivery.ack().await?;
+//! }
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # Connecting: brokers, TLS and SASL
+//!
+//! [`KafkaConfig::new`] takes librdkafka's `bootstrap.servers` (`host:port,host:port`).
+//! Everything else librdkafka knows passes through [`KafkaConfig::with_property`] (every
+//! client), [`with_producer_property`](KafkaConfig::with_producer_property) and
+//! [`with_consumer_property`](KafkaConfig::with_consumer_property), applied after the
+//! backend's own settings:
+//!
+//! - TLS: `security.protocol=ssl`, `ssl.ca.location`, `ssl.certificate.location`,
+//!   `ssl.key.location`, `ssl.key.password`, …;
+//! - SASL: `security.protocol=sasl_ssl` (or `sasl_plaintext`), `sasl.mechanism`
+//!   (`PLAIN`, `SCRAM-SHA-256`, `SCRAM-SHA-512`, `OAUTHBEARER`), `sasl.username`,
+//!   `sasl.password`, ….
+//!
+//! This crate builds librdkafka without OpenSSL and without Cyrus SASL, so that it builds on a
+//! bare machine. For TLS or SCRAM/GSSAPI, turn on the matching rdkafka feature in your own
+//! `Cargo.toml` — cargo unifies features, so this backend gets it too:
+//! `rdkafka = { version = "0.39", features = ["ssl-vendored"] }` (OpenSSL built from source)
+//! or `features = ["ssl", "sasl"]` (system libraries). SASL `PLAIN` needs neither. Values of
+//! properties whose names contain `password`, `secret`, `pem`, `jaas` or
+//! `oauthbearer.config` never appear in `Debug` output, and event payloads are never logged
+//! (logs name events by id and type).
+//!
+//! # Topics, keys and names
+//!
+//! Every name starts with the configured prefix, written `<prefix>` here (default none;
+//! [`KafkaConfig::with_prefix`]). Kafka topic names allow only ASCII letters, digits, `.`,
+//! `_` and `-` (at most 249): in event topics and group names, every other byte — and `_`
+//! itself — is written `_XX` in upper-case hex (`user_created` → `user_5Fcreated`,
+//! `a:b` → `a_3Ab`). Dots stay dots.
+//!
+//! | Kafka topic | partitions | what |
+//! |---|---|---|
+//! | `<prefix><event topic>` | configured (3) | events published to that topic: `order.placed` → `<prefix>order.placed` |
+//! | `<prefix>__orchestrator.retry.<group>` | configured (3) | one group's nacked, dropped and [`redeliver`](orchestrator_core::Transport::redeliver)ed messages |
+//! | `<prefix>__orchestrator.deadletters` | 1, compacted | dead letters, keyed by letter id |
+//! | `<prefix>__orchestrator.events` | 1 | the event store's log ([`KafkaConfig::with_store_topic`]) |
+//!
+//! Consumer groups are named `<prefix><group>`. Topics are created through the admin API
+//! when first published to or subscribed to ([`KafkaConfig::with_partitions`],
+//! [`with_replication_factor`](KafkaConfig::with_replication_factor)); clusters where topics
+//! are provisioned separately turn that off with
+//! [`with_create_topics(false)`](KafkaConfig::with_create_topics).
+//!
+//! **Message key** = the event's stream id, else its event id, so one stream keeps its order
+//! (one partition). The partition is librdkafka's default partitioner's choice
+//! (`consistent_random`: CRC32 of the key); set the producer property
+//! `partitioner=murmur2_random` to place keys as Java clients do. One exception:
+//! [`publish_batch`](orchestrator_core::Transport::publish_batch) sends the events of a batch
+//! that have no stream id to one partition, chosen per batch, so that the batch is delivered
+//! in order.
+//!
+//! # Wire format
+//!
+//! As DESIGN.md fixes for every backend: the message value is the event as a CloudEvents 1.0
+//! JSON object (structured mode, see [`orchestrator_core::cloudevents`]), with the headers
+//! `content-type: application/cloudevents+json` and, when the event carries trace context,
+//! `traceparent` (and `tracestate`). Any client can publish to an event topic. A message that
+//! is not a valid CloudEvent (or has no value) is dead-lettered with the reason — its raw
+//! value kept as an [`UNDECODABLE_EVENT_TYPE`] event (`application/octet-stream`) with the
+//! headers `kafkatopic`, `kafkapartition` and `kafkaoffset` — and the consumer carries on.
+//!
+//! # Subscriptions and patterns
+//!
+//! Each [`subscribe`](orchestrator_core::Transport::subscribe) is one librdkafka consumer of
+//! group `<prefix><group>` (assignment strategy `cooperative-sticky`), subscribed to:
+//!
+//! - an exact pattern's topic (created if missing);
+//! - for a pattern with wildcards, an anchored regular expression over topic names, which
+//!   librdkafka matches against the cluster's topic list (POSIX extended syntax). Each
+//!   segment maps as follows, with `SEG` = `([A-Za-z0-9-]|_[0-9A-F][0-9A-F])+` (one escaped
+//!   segment, which never contains `__`, so the `__orchestrator` topics never match):
+//!
+//!   | pattern | regex |
+//!   |---|---|
+//!   | `user.created` | the topic `<prefix>user.created` itself, no regex |
+//!   | `user.*` | `^<prefix>user\.SEG$` |
+//!   | `order.#` | `^<prefix>order(\.SEG)*$` |
+//!   | `#` | `^<prefix>(SEG(\.SEG)*)?$` |
+//!   | `*.created` | `^<prefix>SEG\.created$` |
+//!
+//!   Literal segments are escaped as topic names are; dots in the prefix are escaped.
+//!   Without a prefix, `#` matches every topic of the cluster that escaping could have
+//!   produced, other applications' included: give each application a prefix.
+//! - its group's retry topic.
+//!
+//! `subscribe` returns once the group has handed the new consumer its partitions, so events
+//! published afterwards reach the group. A group with no committed offset on a partition
+//! reads it **from the earliest offset** (`auto.offset.reset=earliest`): a new group also
+//! receives what a topic already held, and — the point — a topic that appears after the
+//! subscription is read from its first event, so nothing published to a new matching topic
+//! is missed while the consumer has not yet noticed it. A consumer notices new topics when
+//! this process creates one (it refreshes at once) or at the latest after
+//! [`KafkaConfig::with_metadata_refresh_interval`] (5 s). Several subscriptions of one group
+//! share the partitions; with more consumers than partitions, some stay idle.
+//!
+//! A consumer reads ahead: up to `prefetch` deliveries wait for the application; beyond
+//! that, the consumer pauses its partitions (and keeps serving the group's heartbeats and
+//! rebalances) until the application catches up.
+//!
+//! # Offsets: at-least-once
+//!
+//! Offsets are committed only for settled deliveries (acked, nacked into the retry topic, or
+//! dead-lettered). Per partition, the consumer tracks the deliveries in flight and commits
+//! only the end of the run of settled ones from the oldest — an ack that overtakes an
+//! earlier, unsettled delivery never commits past it. Settled offsets go to librdkafka's
+//! offset store (`enable.auto.offset.store=false`) and are committed every
+//! [`KafkaConfig::with_commit_interval`] (1 s), when partitions are revoked in a rebalance,
+//! and when the subscription is dropped. A consumer that dies redelivers, to the group's next
+//! consumer, whatever it had not committed: duplicates, never losses. When a partition moves
+//! to another consumer, deliveries of it still held here settle into nothing (their messages
+//! come back from the committed offset) and those not yet handed out are dropped; a
+//! rebalance never commits an offset past an unsettled delivery, nor twice.
+//!
+//! # Nacks, retries and dead letters
+//!
+//! A nack produces the message to its group's retry topic, with the headers
+//! `orchestrator-topic` (the event topic), `orchestrator-attempt` (the next attempt),
+//! `orchestrator-first-attempt-at` (RFC 3339), `orchestrator-last-error` (the nack's reason)
+//! and `orchestrator-due-at` (ms since the epoch), and then settles the original delivery —
+//! so a long delay never blocks the partition. The group's consumers read the retry topic
+//! like any other and hold each message until it is due (at most
+//! [`KafkaConfig::with_max_delayed`] at once; past that the retry topic is paused). A retried
+//! message is delivered after the events published meanwhile: per-key order holds for first
+//! deliveries, not across retries. A [`Delivery`](orchestrator_core::Delivery) dropped
+//! without being settled is nacked with no delay from its `Drop`, and so comes back; a nack
+//! or dead-letter that fails (broker away) is retried from `Drop` until it succeeds.
+//! [`redeliver`](orchestrator_core::Transport::redeliver) produces to the retry topic of one
+//! group, attempt 1, due at once; a group without a retry topic has never subscribed and is
+//! [`NotFound`](orchestrator_core::Error::NotFound).
+//!
+//! Dead letters go to [`KafkaDeadLetterQueue`]; see there for their format and how removal
+//! works on an append-only log (tombstones on a compacted topic). To reprocess a letter,
+//! `redeliver` its event to its subscription and `remove` it.
+//!
+//! # The event store
+//!
+//! [`KafkaEventStore`] keeps every stream in one log topic with **one partition**, so that
+//! the log has one order:
+//!
+//! - **global position = offset + 1** (Kafka offsets start at 0, positions at 1); positions
+//!   are stable, strictly increasing and comparable across streams (gaps are possible where
+//!   a cluster skips offsets, e.g. transaction markers). One partition also means one broker
+//!   takes every write: the store's write throughput is that of one partition.
+//! - **stream version** = the event's rank among the records of its stream (the key), in log
+//!   order. The store reads the log's keys into an in-memory index (stream → offsets, 8 bytes
+//!   per event) on first use and keeps it up to date; versions therefore have no gaps and
+//!   agree for every reader, however many processes append. The JSON written carries the
+//!   `streamid` extension but no `streamversion` or `globalposition`: those come from the log.
+//! - **capabilities** ([`KAFKA_STORE_CAPABILITIES`]): `durable` and `read_stream` (by the
+//!   index: only the stream's own records are decoded). Not `expected_version`: Kafka cannot
+//!   make a write conditional on what the log holds, so `ExpectedVersion::Exact`, `NoStream`
+//!   and `StreamExists` return [`Unsupported`](orchestrator_core::Error::Unsupported) (only
+//!   `Any` appends); and not `atomic_batch`: the records of one append are produced one by
+//!   one (idempotently, in order), and another writer's records may land between them.
+//! - `read_all` reads the log from the position on, filters, and stops at the limit;
+//!   `subscribe` reads it from the position on and goes on reading live — one reader, so no
+//!   gap and no duplicate at the hand-over.
+//!
+//! # Producer
+//!
+//! One idempotent producer (`enable.idempotence=true`: acks from all in-sync replicas,
+//! retries without duplicates or reordering) per transport or store. `publish` returns once
+//! the broker acknowledged the event; `publish_batch` queues every event, then awaits every
+//! acknowledgement.
+//!
+//! # Errors
+//!
+//! librdkafka failures are [`Backend`](orchestrator_core::Error::Backend) errors with
+//! `backend: "kafka"`; `is_temporary()` is false only for what a retry cannot fix
+//! (configuration, authorisation, invalid topics, oversized messages).
+//!
+//! # Tested against tansu
+//!
+//! The tests run against [tansu](https://crates.io/crates/tansu) 0.6.0, an Apache-2.0
+//! Kafka-protocol broker, which differs from Apache Kafka in ways the backend allows for
+//! without depending on them:
+//!
+//! - topics are never auto-created: the backend creates every topic it uses through the admin
+//!   API (as production clusters with auto-creation off require anyway);
+//! - a topic created through the admin API can take a moment to appear in metadata
+//!   responses: topic creation waits until metadata shows it;
+//! - `cleanup.policy=compact` is accepted but not acted on: the dead-letter topic keeps its
+//!   tombstoned letters, which readers skip (correct either way; compaction only saves space).
+
+mod client;
+mod config;
+mod consumer;
+mod dlq;
+mod names;
+mod offsets;
+mod reader;
+mod store;
+mod transport;
+mod wire;
+
+pub use config::{DEFAULT_PREFIX, KafkaConfig};
+pub use dlq::KafkaDeadLetterQueue;
+pub use store::{KAFKA_STORE_CAPABILITIES, KafkaEventStore};
+pub use transport::KafkaTransport;
+pub use wire::UNDECODABLE_EVENT_TYPE;

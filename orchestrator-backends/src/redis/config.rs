@@ -123,17 +123,18 @@ impl RedisConfig {
         self
     }
 
-    /// How long a delivery may stay unsettled with its consumer before another consumer of
-    /// the group reclaims it with `XAUTOCLAIM` (default 30 s). This is how messages of a
-    /// consumer that died are redelivered; a handler that takes longer than this may see its
-    /// event redelivered to another consumer.
+    /// How long a pending entry may go untouched before a consumer of the group reclaims it
+    /// with `XAUTOCLAIM` and delivers it again (default 30 s). This is how messages of a
+    /// consumer that died are redelivered. Live consumers touch the entries they hold every
+    /// [`claim_interval`](Self::claim_interval), so keep that well below this.
     pub fn with_claim_min_idle(mut self, min_idle: Duration) -> Self {
         self.claim_min_idle = min_idle;
         self
     }
 
-    /// How often each consumer looks for messages to reclaim (default: a third of the
-    /// claim min-idle time, at least 100 ms).
+    /// How often each consumer touches the entries it holds and looks for messages to
+    /// reclaim (default: a third of the claim min-idle time; never more than half of it, and
+    /// at least 100 ms).
     pub fn with_claim_interval(mut self, interval: Duration) -> Self {
         self.claim_interval = Some(interval);
         self
@@ -180,6 +181,7 @@ impl RedisConfig {
     pub fn claim_interval(&self) -> Duration {
         self.claim_interval
             .unwrap_or(self.claim_min_idle / 3)
+            .min(self.claim_min_idle / 2)
             .max(Duration::from_millis(100))
     }
 
@@ -266,5 +268,15 @@ mod tests {
             .unwrap()
             .with_claim_min_idle(Duration::from_secs(3));
         assert_eq!(config.claim_interval(), Duration::from_secs(1));
+        let config = config.with_claim_interval(Duration::from_secs(60));
+        assert_eq!(config.claim_interval(), Duration::from_millis(1500));
+    }
+
+    #[test]
+    fn tls_urls_need_a_tls_build() {
+        // This crate does not enable redis-rs's TLS; an application may (see the module docs).
+        if let Err(error) = RedisConfig::new("rediss://127.0.0.1:6380") {
+            assert!(error.to_string().contains("TLS"), "{error}");
+        }
     }
 }

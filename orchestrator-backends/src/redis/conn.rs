@@ -283,6 +283,12 @@ pub(crate) async fn delete_prefix(
     manager: &mut redis::aio::ConnectionManager,
     prefix: &str,
 ) -> Result<usize> {
+    if prefix.is_empty() {
+        return Err(Error::invalid(
+            "key prefix",
+            "is empty: deleting by prefix would delete the whole database",
+        ));
+    }
     let pattern = format!("{}*", escape_glob(prefix));
     let mut cursor: u64 = 0;
     let mut deleted = 0;

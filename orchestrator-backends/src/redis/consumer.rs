@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use chrono::{DateTime, TimeZone, Utc};
+use chrono::{TimeZone, Utc};
 use orchestrator_core::envelope::validate_event_type;
 use orchestrator_core::{
     Acknowledge, DeadLetter, Delivery, DeliveryInfo, DeliveryStream, EventEnvelope, Result,
@@ -19,8 +19,13 @@ use tokio::sync::mpsc;
 use super::conn::{
     Entry, backoff, is_no_group, parse_autoclaim, parse_read, redis_error, with_retry,
 };
-use super::scripts;
-use super::transport::{RedisTransport, Shared};
+use super::settle::{AckItem, Acker, ack_loop, move_due};
+use super::transport::{RedisTransport, Shared, lock};
+
+/// The entries this consumer holds and has not settled: read ahead, or handed out. Their
+/// idle time is reset at every claim round, so that no consumer of the group — this one
+/// included — reclaims them while this consumer lives.
+pub(super) type InFlight = Arc<std::sync::Mutex<HashSet<(Arc<str>, String)>>>;
 
 /// The event type given to dead letters made of entries that hold no readable event.
 const INVALID_EVENT_TYPE: &str = "orchestrator.invalid";
@@ -91,6 +96,8 @@ pub(crate) async fn start(
         streams,
         tx,
         acks,
+        in_flight: InFlight::default(),
+        backlog: VecDeque::new(),
         prefetch,
         next_poll: now,
         next_discovery: now,
@@ -116,6 +123,9 @@ struct Reader {
     known: HashSet<String>,
     tx: mpsc::Sender<Result<Vec<Pending>>>,
     acks: mpsc::UnboundedSender<AckItem>,
+    in_flight: InFlight,
+    /// Reclaimed entries waiting for room in the channel.
+    backlog: VecDeque<Vec<Pending>>,
     prefetch: usize,
     next_poll: Instant,
     next_discovery: Instant,
@@ -170,15 +180,24 @@ impl Reader {
             self.claim().await?;
             self.next_claim = Instant::now() + self.shared.config.claim_interval();
         }
-        // Read only when there is room for the batch.
-        let Ok(permit) = self.tx.reserve().await else {
-            return Ok(());
-        };
-        let count = self.prefetch;
         let mut until = self.next_poll.min(self.next_claim);
         if !self.exact_only {
             until = until.min(self.next_discovery);
         }
+        // Read only when there is room for the batch; housekeeping goes on meanwhile (held
+        // entries must be touched however slowly the application consumes).
+        let permit = tokio::select! {
+            permit = self.tx.reserve() => match permit {
+                Ok(permit) => permit,
+                Err(_) => return Ok(()),
+            },
+            () = tokio::time::sleep_until(until.into()) => return Ok(()),
+        };
+        if let Some(reclaimed) = self.backlog.pop_front() {
+            permit.send(Ok(reclaimed));
+            return Ok(());
+        }
+        let count = self.prefetch;
         let block = until
             .saturating_duration_since(Instant::now())
             .min(self.shared.config.block_timeout)
@@ -222,9 +241,49 @@ impl Reader {
             }
         }
         if !batch.is_empty() {
+            self.hold(&batch);
             permit.send(Ok(batch));
         }
         Ok(())
+    }
+
+    fn hold(&self, batch: &[Pending]) {
+        let mut in_flight = lock(&self.in_flight);
+        for pending in batch {
+            in_flight.insert((
+                pending.acker.stream_key.clone(),
+                pending.acker.entry_id.clone(),
+            ));
+        }
+    }
+
+    /// Resets the idle time of the entries this consumer holds (`XCLAIM … JUSTID`, which
+    /// does not count as a delivery), so they are not reclaimed from a live consumer.
+    async fn touch(&self) -> Result<()> {
+        let mut by_key: BTreeMap<Arc<str>, Vec<String>> = BTreeMap::new();
+        for (key, id) in lock(&self.in_flight).iter() {
+            by_key.entry(key.clone()).or_default().push(id.clone());
+        }
+        if by_key.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        for (key, ids) in &by_key {
+            pipe.cmd("XCLAIM")
+                .arg(&**key)
+                .arg(&*self.group)
+                .arg(&self.consumer)
+                .arg(0)
+                .arg(ids)
+                .arg("JUSTID")
+                .ignore();
+        }
+        with_retry(&self.shared.config, "XCLAIM", |_| {
+            let mut manager = self.shared.manager.clone();
+            let pipe = &pipe;
+            async move { pipe.query_async::<()>(&mut manager).await }
+        })
+        .await
     }
 
     /// Adds the streams of newly registered topics that the patterns match.
@@ -253,6 +312,11 @@ impl Reader {
     /// Reclaims entries that stayed unsettled with any consumer of the group for longer than
     /// the claim min-idle time (`XAUTOCLAIM`), and delivers them again.
     async fn claim(&mut self) -> Result<()> {
+        self.touch().await?;
+        if !self.backlog.is_empty() {
+            // The last round's catch is not even handed over yet.
+            return Ok(());
+        }
         let min_idle = u64::try_from(self.shared.config.claim_min_idle.as_millis()).unwrap_or(0);
         for key in self.streams.clone() {
             let mut cursor = "0-0".to_owned();
@@ -285,14 +349,19 @@ impl Reader {
                 let key_arc: Arc<str> = Arc::from(key.as_str());
                 let mut batch = Vec::new();
                 for entry in entries {
+                    if lock(&self.in_flight).contains(&(key_arc.clone(), entry.id.clone())) {
+                        // Ours, still held: it only looked idle.
+                        continue;
+                    }
                     tracing::debug!(group = %self.group, entry = %entry.id, "reclaimed an unsettled delivery");
                     if let Some(pending) = self.pending_or_dead_letter(&key_arc, entry, true).await
                     {
                         batch.push(pending);
                     }
                 }
-                if !batch.is_empty() && self.tx.send(Ok(batch)).await.is_err() {
-                    return Ok(());
+                if !batch.is_empty() {
+                    self.hold(&batch);
+                    self.backlog.push_back(batch);
                 }
                 if next == "0-0" {
                     break;
@@ -332,7 +401,8 @@ impl Reader {
             acker.first_attempt_at,
             Utc::now(),
         );
-        tracing::warn!(group = %self.group, entry = %acker.entry_id, reason = %letter.reason, "dead-lettering an unreadable entry");
+        // The reason stays out of the log: it may quote the entry, and payloads are not logged.
+        tracing::warn!(group = %self.group, entry = %acker.entry_id, letter = %letter.id, "dead-lettering an unreadable entry");
         if let Err(error) = Box::new(acker).dead_letter(letter).await {
             // It stays pending and is reclaimed (and judged again) later.
             tracing::error!(%error, "could not dead-letter an unreadable entry");
@@ -399,6 +469,7 @@ impl Reader {
         let acker = Acker {
             shared: self.shared.clone(),
             acks: self.acks.clone(),
+            in_flight: self.in_flight.clone(),
             group: self.group.clone(),
             stream_key: key.clone(),
             entry_id: id,
@@ -441,214 +512,4 @@ fn invalid_envelope(acker: &Acker) -> Result<EventEnvelope> {
         make(INVALID_EVENT_TYPE)?
     };
     envelope.with_header("redisentryid", acker.entry_id.clone())
-}
-
-/// Moves the group's delayed messages that are due into its retry stream; returns how long
-/// until the next one is due.
-pub(crate) async fn move_due(shared: &Shared, group: &str) -> Result<Option<Duration>> {
-    let (delayed, retry) = (shared.keys.delayed(group), shared.keys.retry(group));
-    let (_moved, wait): (i64, i64) = with_retry(&shared.config, "move due", |_| {
-        let mut manager = shared.manager.clone();
-        let mut invocation = scripts::MOVE_DUE.prepare_invoke();
-        invocation.key(&delayed).key(&retry).arg(1000);
-        async move { invocation.invoke_async(&mut manager).await }
-    })
-    .await?;
-    Ok(u64::try_from(wait).ok().map(Duration::from_millis))
-}
-
-/// An ack waiting to be sent.
-struct AckItem {
-    key: Arc<str>,
-    id: String,
-    delete: bool,
-}
-
-/// Sends acks in batches: whatever accumulated while the previous batch was in flight goes in
-/// one pipeline.
-async fn ack_loop(shared: Arc<Shared>, group: Arc<str>, mut rx: mpsc::UnboundedReceiver<AckItem>) {
-    let mut batch = Vec::new();
-    while rx.recv_many(&mut batch, 1000).await > 0 {
-        let mut by_key: BTreeMap<&str, (Vec<&str>, Vec<&str>)> = BTreeMap::new();
-        for item in &batch {
-            let (ack, del) = by_key.entry(&item.key).or_default();
-            ack.push(&item.id);
-            if item.delete {
-                del.push(&item.id);
-            }
-        }
-        let mut pipe = redis::pipe();
-        for (key, (ack, del)) in &by_key {
-            pipe.cmd("XACK").arg(*key).arg(&*group).arg(ack).ignore();
-            if !del.is_empty() {
-                pipe.cmd("XDEL").arg(*key).arg(del).ignore();
-            }
-        }
-        let sent = with_retry(&shared.config, "XACK", |_| {
-            let mut manager = shared.manager.clone();
-            let pipe = &pipe;
-            async move { pipe.query_async::<()>(&mut manager).await }
-        })
-        .await;
-        if let Err(error) = sent {
-            // The entries stay pending and are reclaimed after the min-idle time.
-            tracing::error!(%error, acks = batch.len(), "acks failed; the events will be redelivered");
-        }
-        batch.clear();
-    }
-}
-
-/// Settles one delivery with Redis.
-struct Acker {
-    shared: Arc<Shared>,
-    acks: mpsc::UnboundedSender<AckItem>,
-    group: Arc<str>,
-    stream_key: Arc<str>,
-    entry_id: String,
-    is_retry: bool,
-    topic: String,
-    event_type: String,
-    event_json: Vec<u8>,
-    attempt: u32,
-    first_attempt_at: DateTime<Utc>,
-    last_error: Option<String>,
-    /// Whether the application got it (a delivery never handed out goes back without
-    /// counting an attempt).
-    handed_out: bool,
-    settled: bool,
-}
-
-impl Acker {
-    /// Sends the message back for attempt `attempt` after `delay`.
-    async fn requeue(&self, delay: Duration, attempt: u32, error: &str) -> Result<()> {
-        let shared = &self.shared;
-        let keys = &shared.keys;
-        let (retry, delayed) = (keys.retry(&self.group), keys.delayed(&self.group));
-        let delay_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
-        let first = self.first_attempt_at.timestamp_millis().to_string();
-        let nonce = uuid::Uuid::now_v7().simple().to_string();
-        let done: i64 = with_retry(&shared.config, "nack", |_| {
-            let mut manager = shared.manager.clone();
-            let mut invocation = scripts::NACK.prepare_invoke();
-            invocation
-                .key(&*self.stream_key)
-                .key(&retry)
-                .key(&delayed)
-                .arg(&*self.group)
-                .arg(&self.entry_id)
-                .arg(if self.is_retry { "1" } else { "0" })
-                .arg(delay_ms)
-                .arg(&self.topic)
-                .arg(&self.event_type)
-                .arg(self.event_json.as_slice())
-                .arg(attempt)
-                .arg(&first)
-                .arg(error)
-                .arg(&nonce);
-            async move { invocation.invoke_async(&mut manager).await }
-        })
-        .await?;
-        if done == 0 {
-            tracing::debug!(entry = %self.entry_id, "nack of a delivery that was settled already");
-        } else if !delay.is_zero() {
-            // Move it back on time from here; the consumers' polling covers a process that
-            // stops before then.
-            let shared = shared.clone();
-            let group = self.group.to_string();
-            tokio::spawn(async move {
-                tokio::time::sleep(delay).await;
-                if let Err(error) = move_due(&shared, &group).await {
-                    tracing::debug!(%error, "moving a delayed message failed; polling will");
-                }
-            });
-        }
-        Ok(())
-    }
-}
-
-#[async_trait]
-impl Acknowledge for Acker {
-    async fn ack(mut self: Box<Self>) -> Result<()> {
-        self.settled = true;
-        self.acks
-            .send(AckItem {
-                key: self.stream_key.clone(),
-                id: std::mem::take(&mut self.entry_id),
-                delete: self.is_retry,
-            })
-            .map_err(|_| orchestrator_core::Error::Closed {
-                what: "redis consumer".into(),
-            })
-    }
-
-    async fn nack(mut self: Box<Self>, delay: Duration, reason: String) -> Result<()> {
-        self.settled = true;
-        self.requeue(delay, self.attempt.saturating_add(1), &reason)
-            .await
-    }
-
-    async fn dead_letter(mut self: Box<Self>, letter: DeadLetter) -> Result<()> {
-        self.settled = true;
-        let shared = &self.shared;
-        let mut invocation = scripts::DEAD_LETTER.prepare_invoke();
-        shared.dlq.park_invocation(&mut invocation, &letter)?;
-        invocation
-            .key(&*self.stream_key)
-            .arg(&*self.group)
-            .arg(&self.entry_id)
-            .arg(if self.is_retry { "1" } else { "0" });
-        let invocation = &invocation;
-        let done: i64 = with_retry(&shared.config, "dead letter", |_| {
-            let mut manager = shared.manager.clone();
-            async move { invocation.invoke_async(&mut manager).await }
-        })
-        .await?;
-        if done == 0 {
-            tracing::debug!(entry = %self.entry_id, "dead-lettering a delivery that was settled already");
-        } else {
-            tracing::debug!(letter = %letter.id, event = %letter.event.id(), group = %self.group, "dead-lettered");
-        }
-        Ok(())
-    }
-}
-
-impl Drop for Acker {
-    fn drop(&mut self) {
-        if self.settled {
-            return;
-        }
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            // No runtime to send it back from: it stays pending and is reclaimed later.
-            return;
-        };
-        let acker = Acker {
-            shared: self.shared.clone(),
-            acks: self.acks.clone(),
-            group: self.group.clone(),
-            stream_key: self.stream_key.clone(),
-            entry_id: std::mem::take(&mut self.entry_id),
-            is_retry: self.is_retry,
-            topic: std::mem::take(&mut self.topic),
-            event_type: std::mem::take(&mut self.event_type),
-            event_json: std::mem::take(&mut self.event_json),
-            attempt: self.attempt,
-            first_attempt_at: self.first_attempt_at,
-            last_error: self.last_error.take(),
-            handed_out: self.handed_out,
-            settled: true,
-        };
-        runtime.spawn(async move {
-            let (attempt, error) = if acker.handed_out {
-                (
-                    acker.attempt.saturating_add(1),
-                    "the delivery was dropped without being settled".to_owned(),
-                )
-            } else {
-                (acker.attempt, acker.last_error.clone().unwrap_or_default())
-            };
-            if let Err(error) = acker.requeue(Duration::ZERO, attempt, &error).await {
-                tracing::warn!(%error, entry = %acker.entry_id, "returning a dropped delivery failed; it will be reclaimed");
-            }
-        });
-    }
 }

@@ -64,7 +64,8 @@
 //! | `<prefix>dlq:index` | hash | dead-letter id → `dlq` entry id |
 //!
 //! A store and a transport may share a prefix. [`RedisEventStore::delete_all`] and
-//! [`RedisTransport::delete_all`] delete every key under the prefix (`SCAN` + `DEL`).
+//! [`RedisTransport::delete_all`] delete every key under the prefix (`SCAN` + `DEL`; refused
+//! for an empty prefix).
 //!
 //! # Wire format
 //!
@@ -87,7 +88,8 @@
 //! instead of writing it twice. Reads are `XRANGE`s; a subscription catches up with `XRANGE`
 //! on `<prefix>all` and then follows with `XREAD BLOCK`, always from the last entry it handed over.
 //! Every event is stored twice (its stream and `<prefix>all`): reads in either order are one range
-//! scan, at twice the memory.
+//! scan, at twice the memory. Versions are stream lengths: never trim or `XDEL` these
+//! streams.
 //!
 //! # The transport
 //!
@@ -102,7 +104,10 @@
 //! subscription is one consumer (`XREADGROUP`, all its streams in one blocking read); several
 //! subscriptions of a group share the work. Groups are durable: a group that subscribes again
 //! carries on where it stopped. A new group starts with the events published after it
-//! subscribed.
+//! subscribed. A consumer reads ahead: up to `prefetch` entries per stream in one
+//! `XREADGROUP`, one such batch waiting while the application works through the previous
+//! one. Entries read ahead but never handed out go back to the group, without counting an
+//! attempt, when the subscription's stream is dropped.
 //!
 //! **Patterns** have the in-process meaning ([`orchestrator_core::TopicPattern`]: `*` one
 //! segment, `#` any number, otherwise exact). Redis has no pattern subscriptions on streams,
@@ -134,9 +139,12 @@
 //! no delay from its `Drop`, and so comes straight back.
 //!
 //! **Dead consumers**: a delivery left unsettled for [`RedisConfig::with_claim_min_idle`]
-//! (30 s) — its consumer crashed, or lost its connection for good — is taken over by another
-//! consumer of the group with `XAUTOCLAIM`, run every
-//! [`RedisConfig::claim_interval`], and delivered again as the next attempt.
+//! (30 s) — its consumer crashed, or lost its connection for good, or Redis received its read
+//! but the reply was lost — is taken over by a consumer of the group with `XAUTOCLAIM`, run
+//! every [`RedisConfig::claim_interval`], and delivered again as the next attempt. A live
+//! consumer resets the idle time of every entry it holds (read ahead or handed out, not yet
+//! settled) at each of those rounds with `XCLAIM … JUSTID`, so slow handlers and read-ahead
+//! buffers are never reclaimed from under it.
 //!
 //! **Dead letters** go to [`RedisDeadLetterQueue`] in one script that also acks the delivery.
 //! To reprocess a letter, [`redeliver`](orchestrator_core::Transport::redeliver) its event to
@@ -148,6 +156,7 @@ mod conn;
 mod consumer;
 mod dlq;
 mod scripts;
+mod settle;
 mod store;
 mod transport;
 

@@ -166,7 +166,6 @@ impl EventStore for RedisEventStore {
             }
             args.push((event.event_type().to_owned(), event.id().to_string(), json));
         }
-        let ids: Vec<&str> = events.iter().map(|e| e.id().as_str()).collect();
         let reply: Vec<Value> = with_retry(&self.config, "append", |attempt| {
             let mut invocation = scripts::APPEND.prepare_invoke();
             invocation
@@ -191,7 +190,7 @@ impl EventStore for RedisEventStore {
                     first_position: as_u64(first)?,
                     last_position: as_u64(last)?,
                 };
-                tracing::debug!(stream, events = ?ids, ?result, "appended");
+                tracing::debug!(stream, events = events.len(), ?result, "appended");
                 Ok(result)
             }
             [_, version] => {

@@ -1,6 +1,6 @@
 //! [`RedisTransport`]: topics as Redis streams, consumer groups, retries and dead letters.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
@@ -405,21 +405,21 @@ impl Transport for RedisTransport {
         self.create_group(&key, group, "0").await?;
         let json = cloudevents::encode(&event)?;
         let first = Utc::now().timestamp_millis().to_string();
-        let fields: HashMap<&str, &[u8]> = HashMap::from([
+        let fields: [(&str, &[u8]); 6] = [
             ("type", event.event_type().as_bytes()),
             ("event", json.as_slice()),
             ("topic", topic.as_bytes()),
-            ("attempt", b"1".as_slice()),
+            ("attempt", b"1"),
             ("first", first.as_bytes()),
-            ("error", b"".as_slice()),
-        ]);
+            ("error", b""),
+        ];
         with_retry(&shared.config, "redeliver", |_| {
             let mut manager = shared.manager.clone();
             let (key, fields) = (&key, &fields);
             async move {
                 let mut cmd = redis::cmd("XADD");
                 cmd.arg(key).arg("*");
-                for (name, value) in fields {
+                for (name, value) in fields.iter() {
                     cmd.arg(*name).arg(*value);
                 }
                 cmd.query_async::<Value>(&mut manager).await

@@ -40,7 +40,7 @@ pub struct ProjectionHandle {
 
 enum Applied {
     Yes,
-    Parked,
+    Parked(Box<ParkedEvent>),
     Stopped,
 }
 
@@ -158,11 +158,25 @@ impl ProjectionRunner {
             match self.apply(event, status, &mut stop).await {
                 Applied::Yes => {}
                 Applied::Stopped => break,
-                Applied::Parked => {
+                Applied::Parked(parked) => {
+                    // Checkpoint first, so that whoever sees the status parked also sees
+                    // the checkpoint just before the failing event.
                     if unsaved > 0 {
                         checkpoints.save(store, &self.name, last).await?;
                         status.send_modify(|s| s.checkpoint = last);
                     }
+                    tracing::warn!(
+                        projection = %self.name,
+                        event = %parked.event.id(),
+                        position = parked.event.global_position(),
+                        attempts = parked.attempts,
+                        "projection parked: {}",
+                        parked.error
+                    );
+                    status.send_modify(|s| {
+                        s.state = ProjectionState::Parked;
+                        s.parked = Some(parked);
+                    });
                     stop_requested(&mut stop).await;
                     return Ok(());
                 }
@@ -214,24 +228,12 @@ impl ProjectionRunner {
                 None
             };
             let Some(delay) = delay else {
-                tracing::warn!(
-                    projection = %self.name,
-                    event = %event.id(),
-                    position = event.global_position(),
+                return Applied::Parked(Box::new(ParkedEvent {
+                    event,
+                    error: error.message().to_owned(),
+                    retryable,
                     attempts,
-                    "projection parked: {}",
-                    error.message()
-                );
-                status.send_modify(|s| {
-                    s.state = ProjectionState::Parked;
-                    s.parked = Some(Box::new(ParkedEvent {
-                        event,
-                        error: error.message().to_owned(),
-                        retryable,
-                        attempts,
-                    }));
-                });
-                return Applied::Parked;
+                }));
             };
             status.send_modify(|s| {
                 s.state = ProjectionState::Retrying {

@@ -1,0 +1,662 @@
+//! One subscription: a group consumer, the task that pumps its messages, its deliveries and
+//! their settling.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use orchestrator_core::transport::{Acknowledge, DeliveryInfo};
+use orchestrator_core::{DeadLetter, Delivery, DeliveryStream, EventEnvelope, Result, cloudevents};
+use rdkafka::client::ClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::message::BorrowedMessage;
+use rdkafka::{Message, Offset, TopicPartitionList};
+use tokio::sync::{mpsc, watch};
+
+use super::client::kafka_error;
+use super::names;
+use super::offsets::{Slot, Tracker};
+use super::transport::Shared;
+use super::wire::{self, RetryInfo};
+
+/// How often settled offsets are handed to librdkafka (which commits them every commit
+/// interval).
+const STORE_INTERVAL: Duration = Duration::from_millis(50);
+
+/// The longest pause between attempts to park a message that must not be lost.
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// What the pump, the consumer's callbacks, the stream and the deliveries of one
+/// subscription share.
+pub(crate) struct Subscription {
+    pub(crate) transport: Arc<Shared>,
+    pub(crate) group: String,
+    pub(crate) retry_topic: String,
+    tracker: Mutex<Tracker>,
+    /// How many assignments the consumer has received.
+    assignments: watch::Sender<u64>,
+    /// How many rebalances happened (assignment changes).
+    rebalances: AtomicU64,
+}
+
+impl Subscription {
+    pub(crate) fn new(transport: Arc<Shared>, group: String, retry_topic: String) -> Self {
+        Self {
+            transport,
+            group,
+            retry_topic,
+            tracker: Mutex::new(Tracker::default()),
+            assignments: watch::Sender::new(0),
+            rebalances: AtomicU64::new(0),
+        }
+    }
+
+    fn tracker(&self) -> MutexGuard<'_, Tracker> {
+        self.tracker.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Waits until the consumer got its first assignment (possibly empty: more consumers
+    /// than partitions).
+    pub(crate) async fn assigned(&self) {
+        let mut rx = self.assignments.subscribe();
+        // The sender lives as long as `self`, so waiting cannot fail.
+        let _ = rx.wait_for(|n| *n > 0).await;
+    }
+
+    fn settle(&self, slot: &Slot) -> bool {
+        self.tracker().settle(slot)
+    }
+
+    fn is_current(&self, slot: &Slot) -> bool {
+        self.tracker().is_current(slot)
+    }
+
+    /// Hands the offsets settled since the last call to librdkafka's offset store.
+    fn store_offsets<C: Consumer<X>, X: ConsumerContext>(&self, consumer: &C) {
+        let pending = {
+            let mut tracker = self.tracker();
+            if !tracker.is_dirty() {
+                return;
+            }
+            tracker.take_pending()
+        };
+        store(consumer, &pending);
+    }
+}
+
+fn store<C: Consumer<X>, X: ConsumerContext>(consumer: &C, offsets: &[(Arc<str>, i32, i64)]) {
+    if offsets.is_empty() {
+        return;
+    }
+    let mut tpl = TopicPartitionList::with_capacity(offsets.len());
+    for (topic, partition, offset) in offsets {
+        if tpl
+            .add_partition_offset(topic, *partition, Offset::Offset(*offset))
+            .is_err()
+        {
+            return;
+        }
+    }
+    if let Err(error) = consumer.store_offsets(&tpl) {
+        // A partition lost in a rebalance meanwhile: its next owner reads from the last
+        // committed offset, so nothing is lost.
+        tracing::debug!(%error, "storing settled offsets failed");
+    }
+}
+
+/// The consumer's callbacks: keep the tracker in step with the partition assignment.
+pub(crate) struct Context {
+    sub: Arc<Subscription>,
+}
+
+impl Context {
+    pub(crate) fn new(sub: Arc<Subscription>) -> Self {
+        Self { sub }
+    }
+}
+
+impl ClientContext for Context {}
+
+impl ConsumerContext for Context {
+    fn pre_rebalance(&self, base: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        {
+            let (kind, tpl) = match rebalance {
+                Rebalance::Assign(t) => ("assign", Some(*t)),
+                Rebalance::Revoke(t) => ("revoke", Some(*t)),
+                Rebalance::Error(_) => ("error", None),
+            };
+            let parts: Vec<String> = tpl
+                .map(|t| {
+                    t.elements()
+                        .iter()
+                        .map(|e| {
+                            format!(
+                                "{}{}",
+                                if e.topic().contains("retry") {
+                                    "r"
+                                } else {
+                                    "t"
+                                },
+                                e.partition()
+                            )
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            eprintln!(
+                "DEBUG {:p} {:?} {kind} {:?} coop={}",
+                Arc::as_ptr(&self.sub),
+                std::time::SystemTime::now(),
+                parts,
+                matches!(
+                    base.rebalance_protocol(),
+                    rdkafka::consumer::RebalanceProtocol::Cooperative
+                )
+            );
+        }
+        match rebalance {
+            Rebalance::Assign(tpl) => {
+                let mut tracker = self.sub.tracker();
+                for e in tpl.elements() {
+                    tracker.assign(e.topic(), e.partition());
+                }
+            }
+            Rebalance::Revoke(tpl) => {
+                let pending: Vec<(Arc<str>, i32, i64)> = {
+                    let mut tracker = self.sub.tracker();
+                    tpl.elements()
+                        .iter()
+                        .filter_map(|e| {
+                            tracker
+                                .revoke(e.topic(), e.partition())
+                                .map(|o| (Arc::from(e.topic()), e.partition(), o))
+                        })
+                        .collect()
+                };
+                // Still assigned here: librdkafka commits these as it lets the partitions go.
+                store(base, &pending);
+            }
+            Rebalance::Error(error) => {
+                tracing::warn!(%error, group = %self.sub.group, "Kafka rebalance failed");
+            }
+        }
+        self.sub.rebalances.fetch_add(1, Ordering::SeqCst);
+    }
+
+    fn post_rebalance(&self, _base: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(tpl) = rebalance {
+            tracing::debug!(group = %self.sub.group, partitions = tpl.count(), "assigned");
+            self.sub.assignments.send_modify(|n| *n += 1);
+        }
+    }
+}
+
+/// The group consumer of one subscription.
+pub(crate) type GroupConsumer = StreamConsumer<Context>;
+
+/// A message read, waiting to be handed out.
+pub(crate) struct Pending {
+    event: EventEnvelope,
+    topic: Arc<str>,
+    attempt: u32,
+    first_attempt_at: DateTime<Utc>,
+    last_error: Option<String>,
+    slot: Slot,
+}
+
+/// The pump's bookkeeping of what to pause.
+#[derive(Default)]
+struct Paused {
+    all: bool,
+    retry: bool,
+    /// The rebalance count when the pause was applied (new partitions start unpaused).
+    at_rebalance: u64,
+}
+
+/// The subscription's task: reads messages, turns them into pending deliveries, holds
+/// retries until they are due, hands them to the stream, stores settled offsets, and
+/// pauses fetching while the application is behind.
+pub(crate) async fn pump(
+    sub: Arc<Subscription>,
+    consumer: Arc<GroupConsumer>,
+    tx: mpsc::Sender<Pending>,
+    prefetch: usize,
+) {
+    let max_delayed = sub.transport.config.max_delayed;
+    let mut ready: VecDeque<Pending> = VecDeque::new();
+    let mut delayed: BTreeMap<(i64, u64), Pending> = BTreeMap::new();
+    let mut sequence = 0_u64;
+    let mut logical: HashMap<String, Arc<str>> = HashMap::new();
+    let mut paused = Paused::default();
+    let mut store_tick = tokio::time::interval(STORE_INTERVAL);
+    store_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+
+    'pump: loop {
+        while let Some(p) = ready.pop_front() {
+            match tx.try_send(p) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(p)) => {
+                    ready.push_front(p);
+                    break;
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => break 'pump,
+            }
+        }
+        let want_all = if paused.all {
+            !ready.is_empty()
+        } else {
+            ready.len() >= prefetch
+        };
+        let want_retry = if paused.retry {
+            delayed.len() >= max_delayed / 2
+        } else {
+            delayed.len() >= max_delayed
+        };
+        let rebalances = sub.rebalances.load(Ordering::SeqCst);
+        if want_all != paused.all
+            || want_retry != paused.retry
+            || ((want_all || want_retry) && rebalances != paused.at_rebalance)
+        {
+            apply_pause(&consumer, &sub.retry_topic, want_all, want_retry);
+            paused = Paused {
+                all: want_all,
+                retry: want_retry,
+                at_rebalance: rebalances,
+            };
+        }
+        let next_due = delayed.first_key_value().map(|(&(due, _), _)| due);
+        let due_in = next_due.map(|due| {
+            let wait = due.saturating_sub(Utc::now().timestamp_millis());
+            tokio::time::Instant::now() + Duration::from_millis(u64::try_from(wait).unwrap_or(0))
+        });
+
+        tokio::select! {
+            biased;
+            () = tx.closed() => break,
+            permit = tx.reserve(), if !ready.is_empty() => match permit {
+                Ok(permit) => {
+                    if let Some(p) = ready.pop_front() {
+                        permit.send(p);
+                    }
+                }
+                Err(_) => break,
+            },
+            () = sleep_until(due_in), if due_in.is_some() => {
+                let now = Utc::now().timestamp_millis();
+                while let Some(entry) = delayed.first_entry() {
+                    if entry.key().0 > now {
+                        break;
+                    }
+                    ready.push_back(entry.remove());
+                }
+            }
+            _ = store_tick.tick() => sub.store_offsets(&*consumer),
+            message = consumer.recv() => match message {
+                Ok(message) => {
+                    let now = Utc::now();
+                    if let Some((p, due)) = read(&sub, &message, &mut logical, now) {
+                        if due > now.timestamp_millis() {
+                            sequence += 1;
+                            delayed.insert((due, sequence), p);
+                        } else {
+                            ready.push_back(p);
+                        }
+                    }
+                }
+                Err(error) => {
+                    let error = kafka_error(error);
+                    if !error.is_temporary() {
+                        tracing::error!(%error, group = %sub.group, "Kafka consumer failed; closing the subscription");
+                        break;
+                    }
+                    tracing::warn!(%error, group = %sub.group, "Kafka consumer error; carrying on");
+                }
+            },
+        }
+    }
+    sub.store_offsets(&*consumer);
+    // Leaving the group commits the stored offsets and talks to the cluster: not on the async
+    // threads.
+    tokio::task::spawn_blocking(move || {
+        // Deliveries still held settle into a tracker that owns nothing: they come back
+        // from the committed offset to the group's next consumer.
+        sub.store_offsets(&*consumer);
+        sub.tracker().revoke_all();
+        drop(consumer);
+    });
+}
+
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Pauses every assigned partition (`all`) or the retry topic's (`retry`), resuming the
+/// rest.
+fn apply_pause(consumer: &GroupConsumer, retry_topic: &str, all: bool, retry: bool) {
+    let Ok(assignment) = consumer.assignment() else {
+        return;
+    };
+    let mut pause = TopicPartitionList::new();
+    for e in assignment.elements() {
+        if all || (retry && e.topic() == retry_topic) {
+            pause.add_partition(e.topic(), e.partition());
+        }
+    }
+    if let Err(error) = consumer.resume(&assignment) {
+        tracing::debug!(%error, "resuming partitions failed");
+    }
+    if pause.count() > 0
+        && let Err(error) = consumer.pause(&pause)
+    {
+        tracing::debug!(%error, "pausing partitions failed");
+    }
+}
+
+/// Turns a message into a pending delivery and its due time (ms since the epoch), or
+/// dead-letters it when it is not a CloudEvent.
+fn read(
+    sub: &Arc<Subscription>,
+    message: &BorrowedMessage<'_>,
+    logical: &mut HashMap<String, Arc<str>>,
+    now: DateTime<Utc>,
+) -> Option<(Pending, i64)> {
+    let kafka_topic = message.topic();
+    let slot = sub
+        .tracker()
+        .begin(kafka_topic, message.partition(), message.offset())?;
+    let (topic, attempt, first_attempt_at, last_error, due) = if kafka_topic == sub.retry_topic {
+        match wire::read_retry(message.headers()) {
+            Some(info) => (
+                Arc::from(info.topic.as_str()),
+                info.attempt,
+                info.first_attempt_at.unwrap_or(now),
+                info.last_error,
+                info.due_at_ms,
+            ),
+            None => {
+                let reason = format!(
+                    "a message in retry topic `{kafka_topic}` without the `{}` header",
+                    wire::TOPIC
+                );
+                dead_letter_raw(sub, message, kafka_topic.to_owned(), slot, reason);
+                return None;
+            }
+        }
+    } else {
+        let topic = match logical.get(kafka_topic) {
+            Some(t) => Arc::clone(t),
+            None => {
+                let prefix = &sub.transport.config.prefix;
+                let t: Arc<str> = names::logical_topic(prefix, kafka_topic)
+                    .unwrap_or_else(|| kafka_topic.to_owned())
+                    .into();
+                logical.insert(kafka_topic.to_owned(), Arc::clone(&t));
+                t
+            }
+        };
+        (topic, 1, now, None, 0)
+    };
+    let event = match message.payload().map(cloudevents::decode) {
+        Some(Ok(event)) => event,
+        Some(Err(error)) => {
+            let reason = format!("not a CloudEvent: {error}");
+            dead_letter_raw(sub, message, topic.to_string(), slot, reason);
+            return None;
+        }
+        None => {
+            let reason = "not a CloudEvent: the message has no value".to_owned();
+            dead_letter_raw(sub, message, topic.to_string(), slot, reason);
+            return None;
+        }
+    };
+    Some((
+        Pending {
+            event,
+            topic,
+            attempt,
+            first_attempt_at,
+            last_error,
+            slot,
+        },
+        due,
+    ))
+}
+
+/// Parks a message that is not an event in the dead-letter queue, from a task of its own so
+/// the consumer keeps going; settles it once parked.
+fn dead_letter_raw(
+    sub: &Arc<Subscription>,
+    message: &BorrowedMessage<'_>,
+    topic: String,
+    slot: Slot,
+    reason: String,
+) {
+    tracing::warn!(
+        kafka_topic = message.topic(),
+        partition = message.partition(),
+        offset = message.offset(),
+        group = %sub.group,
+        %reason,
+        "dead-lettering a message that is not an event"
+    );
+    let value = message.payload().unwrap_or_default();
+    let event = match wire::undecodable(
+        value,
+        message.topic(),
+        message.partition(),
+        message.offset(),
+    ) {
+        Ok(event) => event,
+        Err(error) => {
+            // Constant type and content type, digits in the headers: cannot happen; if it
+            // did, the message stays unsettled and comes back after a restart.
+            tracing::error!(%error, "cannot wrap an undecodable message");
+            return;
+        }
+    };
+    let now = Utc::now();
+    let letter = DeadLetter::new(event, topic, sub.group.clone(), reason, 1, now, now);
+    let sub = Arc::clone(sub);
+    tokio::spawn(async move {
+        let dlq = sub.transport.dlq.clone();
+        persist(&sub, &slot, || {
+            let dlq = dlq.clone();
+            let letter = letter.clone();
+            async move {
+                use orchestrator_core::DeadLetterQueue as _;
+                dlq.push(letter).await
+            }
+        })
+        .await;
+    });
+}
+
+/// Runs `write` until it succeeds (then settles `slot`) or the slot's partition moved on
+/// (then the message comes back from the committed offset anyway).
+async fn persist<F, Fut>(sub: &Subscription, slot: &Slot, mut write: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<()>>,
+{
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match write().await {
+            Ok(()) => {
+                sub.settle(slot);
+                return;
+            }
+            Err(error) if sub.is_current(slot) => {
+                tracing::warn!(%error, group = %sub.group, "parking a message failed; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+            Err(_) => return,
+        }
+    }
+}
+
+/// The deliveries of one subscription.
+pub(crate) struct KafkaDeliveryStream {
+    rx: mpsc::Receiver<Pending>,
+    sub: Arc<Subscription>,
+}
+
+impl KafkaDeliveryStream {
+    pub(crate) fn new(rx: mpsc::Receiver<Pending>, sub: Arc<Subscription>) -> Self {
+        Self { rx, sub }
+    }
+}
+
+#[async_trait]
+impl DeliveryStream for KafkaDeliveryStream {
+    async fn next(&mut self) -> Result<Option<Delivery>> {
+        loop {
+            let Some(p) = self.rx.recv().await else {
+                return Ok(None);
+            };
+            // A message of a partition lost in a rebalance since it was read: its new owner
+            // reads it again from the committed offset.
+            if !self.sub.is_current(&p.slot) {
+                continue;
+            }
+            let info = DeliveryInfo {
+                topic: p.topic.to_string(),
+                group: self.sub.group.clone(),
+                attempt: p.attempt,
+                first_attempt_at: p.first_attempt_at,
+                last_error: p.last_error,
+            };
+            let acker = KafkaAcker {
+                sub: Arc::clone(&self.sub),
+                slot: p.slot,
+                event: p.event.clone(),
+                topic: p.topic,
+                attempt: p.attempt,
+                first_attempt_at: p.first_attempt_at,
+                settled: false,
+                retry: None,
+            };
+            return Ok(Some(Delivery::new(p.event, info, Box::new(acker))));
+        }
+    }
+}
+
+/// Settles one delivery.
+struct KafkaAcker {
+    sub: Arc<Subscription>,
+    slot: Slot,
+    event: EventEnvelope,
+    topic: Arc<str>,
+    attempt: u32,
+    first_attempt_at: DateTime<Utc>,
+    settled: bool,
+    /// The delay and reason of a nack that failed, for the retry from `Drop`.
+    retry: Option<(Duration, String)>,
+}
+
+impl KafkaAcker {
+    fn retry_info(&self, delay: Duration, reason: String) -> RetryInfo {
+        let delay = i64::try_from(delay.as_millis()).unwrap_or(i64::MAX);
+        RetryInfo {
+            topic: self.topic.to_string(),
+            attempt: self.attempt.saturating_add(1),
+            first_attempt_at: Some(self.first_attempt_at),
+            last_error: Some(reason),
+            due_at_ms: Utc::now().timestamp_millis().saturating_add(delay),
+        }
+    }
+
+    fn settle(&mut self) {
+        self.settled = true;
+        self.sub.settle(&self.slot);
+    }
+}
+
+#[async_trait]
+impl Acknowledge for KafkaAcker {
+    async fn ack(mut self: Box<Self>) -> Result<()> {
+        self.settle();
+        Ok(())
+    }
+
+    async fn nack(mut self: Box<Self>, delay: Duration, reason: String) -> Result<()> {
+        if !self.sub.is_current(&self.slot) {
+            // The partition moved on: the message comes back from the committed offset.
+            self.settled = true;
+            return Ok(());
+        }
+        let info = self.retry_info(delay, reason.clone());
+        let sub = Arc::clone(&self.sub);
+        match sub
+            .transport
+            .send_retry(&sub.retry_topic, &self.event, &info)
+            .await
+        {
+            Ok(()) => {
+                self.settle();
+                Ok(())
+            }
+            Err(error) => {
+                // `Drop` keeps trying, so the message is not stuck.
+                self.retry = Some((delay, reason));
+                Err(error)
+            }
+        }
+    }
+
+    async fn dead_letter(mut self: Box<Self>, letter: DeadLetter) -> Result<()> {
+        use orchestrator_core::DeadLetterQueue as _;
+        let reason = letter.reason.clone();
+        match self.sub.transport.dlq.push(letter).await {
+            Ok(()) => {
+                self.settle();
+                Ok(())
+            }
+            Err(error) => {
+                self.retry = Some((Duration::ZERO, reason));
+                Err(error)
+            }
+        }
+    }
+}
+
+impl Drop for KafkaAcker {
+    /// An unsettled delivery goes to its group's retry topic, due at once (or after the
+    /// delay of a nack that failed), so it comes back.
+    fn drop(&mut self) {
+        if self.settled {
+            return;
+        }
+        self.settled = true;
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            // No runtime to send from: the message stays unsettled and comes back from the
+            // committed offset after the next rebalance or restart.
+            return;
+        };
+        let (delay, reason) = self.retry.take().unwrap_or_else(|| {
+            (
+                Duration::ZERO,
+                "the delivery was dropped without being settled".to_owned(),
+            )
+        });
+        let info = self.retry_info(delay, reason);
+        let (sub, slot, event) = (Arc::clone(&self.sub), self.slot.clone(), self.event.clone());
+        runtime.spawn(async move {
+            persist(&sub, &slot, || {
+                let (sub, event, info) = (Arc::clone(&sub), event.clone(), info.clone());
+                async move {
+                    sub.transport
+                        .send_retry(&sub.retry_topic, &event, &info)
+                        .await
+                }
+            })
+            .await;
+        });
+    }
+}

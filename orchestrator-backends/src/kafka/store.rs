@@ -1,0 +1,499 @@
+//! [`KafkaEventStore`]: every stream in one single-partition log topic.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use futures::StreamExt as _;
+use orchestrator_core::store::validate_stream_id;
+use orchestrator_core::{
+    AppendResult, Error, EventEnvelope, EventFilter, EventStore, EventStream, ExpectedVersion,
+    ReadAll, Result, StoreCapabilities, StoredPosition, cloudevents,
+};
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::BorrowedMessage;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{Message, Offset, TopicPartitionList};
+use tokio::sync::{Mutex, mpsc, watch};
+
+use super::client::{BACKEND, TopicKind, Topics, failure, kafka_error, producer};
+use super::config::KafkaConfig;
+use super::reader::{Flow, LogReader};
+use super::wire;
+
+/// What [`KafkaEventStore`] guarantees: durable, `read_stream` by index, but neither exact
+/// expected versions nor all-or-nothing batches (see the [module docs](super)).
+pub const KAFKA_STORE_CAPABILITIES: StoreCapabilities =
+    StoreCapabilities::new(false, false, true, true);
+
+/// An event store on a Kafka topic (feature `kafka`).
+///
+/// Every event of every stream is one record of the log topic (`<prefix>__orchestrator.events`
+/// by default, one partition): key = stream id, value = the event as CloudEvents JSON with
+/// the `streamid` extension, headers `content-type` and `traceparent`. A global position is
+/// the record's offset + 1; a stream version is the event's rank among its stream's records
+/// in log order. See the [module docs](super) for what that means for expected versions.
+///
+/// Clones share one producer, index and readers; subscriptions end when the last clone is
+/// dropped.
+#[derive(Clone)]
+pub struct KafkaEventStore {
+    inner: Arc<Inner>,
+    _closer: Arc<watch::Sender<bool>>,
+}
+
+struct Inner {
+    config: KafkaConfig,
+    topic: String,
+    producer: FutureProducer,
+    /// Which records belong to which stream.
+    index: Mutex<Index>,
+    index_reader: LogReader,
+    query_reader: LogReader,
+    closed: watch::Receiver<bool>,
+}
+
+/// Every stream's record offsets, read from the log up to `next`.
+#[derive(Default)]
+struct Index {
+    next: i64,
+    streams: HashMap<String, Vec<i64>>,
+}
+
+impl Index {
+    /// Records the message at `offset` of `stream` (the next one in the log).
+    fn add(&mut self, stream: Option<&str>, offset: i64) {
+        if let Some(stream) = stream {
+            match self.streams.get_mut(stream) {
+                Some(offsets) => offsets.push(offset),
+                None => {
+                    self.streams.insert(stream.to_owned(), vec![offset]);
+                }
+            }
+        }
+        self.next = offset + 1;
+    }
+
+    /// The version of the record at `offset` in `stream`.
+    fn version(&self, stream: &str, offset: i64) -> Option<u64> {
+        let offsets = self.streams.get(stream)?;
+        let i = offsets.binary_search(&offset).ok()?;
+        u64::try_from(i + 1).ok()
+    }
+}
+
+impl std::fmt::Debug for KafkaEventStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaEventStore")
+            .field("brokers", &self.inner.config.brokers)
+            .field("topic", &self.inner.topic)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The stream a log record belongs to: its key.
+fn record_stream<'a>(message: &'a BorrowedMessage<'_>) -> Option<&'a str> {
+    message.key().and_then(|k| std::str::from_utf8(k).ok())
+}
+
+impl KafkaEventStore {
+    /// Connects to the log topic `config.store_topic()`, creating it (one partition) if
+    /// needed.
+    pub async fn connect(config: KafkaConfig) -> Result<Self> {
+        let topics = Topics::new(&config)?;
+        let topic = config.store_topic();
+        topics.ensure(&[&topic], TopicKind::Log).await?;
+        let (closer, closed) = watch::channel(false);
+        Ok(Self {
+            inner: Arc::new(Inner {
+                producer: producer(&config)?,
+                index: Mutex::new(Index::default()),
+                index_reader: LogReader::new(&config)?,
+                query_reader: LogReader::new(&config)?,
+                closed,
+                topic,
+                config,
+            }),
+            _closer: Arc::new(closer),
+        })
+    }
+
+    /// The log topic's name.
+    pub fn topic(&self) -> &str {
+        &self.inner.topic
+    }
+
+    /// Deletes the log topic with every event in it (for tests and tear-down).
+    pub async fn delete_topic(&self) -> Result<()> {
+        Topics::new(&self.inner.config)?
+            .delete(&[&self.inner.topic])
+            .await
+    }
+}
+
+impl Inner {
+    /// Reads the log into the index until it covers offsets below `upto` (or the log's
+    /// current end, if that is sooner and `upto` is `None`).
+    async fn catch_up(&self, index: &mut Index, upto: Option<i64>) -> Result<()> {
+        let deadline = tokio::time::Instant::now() + self.config.operation_timeout;
+        loop {
+            if upto.is_some_and(|u| index.next >= u) {
+                return Ok(());
+            }
+            let from = index.next;
+            let next = self
+                .index_reader
+                .read(&self.topic, 0, from, |message| {
+                    index.add(record_stream(message), message.offset());
+                    Ok(match upto {
+                        Some(u) if index.next >= u => Flow::Stop,
+                        _ => Flow::Continue,
+                    })
+                })
+                .await?;
+            // The log may begin after `from` (retention): skip what is gone.
+            index.next = index.next.max(next);
+            match upto {
+                None => return Ok(()),
+                Some(u) if index.next >= u => return Ok(()),
+                Some(u) if tokio::time::Instant::now() >= deadline => {
+                    return Err(Error::Timeout {
+                        operation: format!(
+                            "reading the Kafka log `{}` up to offset {u}",
+                            self.topic
+                        ),
+                        after: self.config.operation_timeout,
+                    });
+                }
+                // Written but not yet readable (the high watermark lags): try again.
+                Some(_) => tokio::time::sleep(std::time::Duration::from_millis(5)).await,
+            }
+        }
+    }
+
+    /// The offset the next record will get: the global position of the last event.
+    async fn head(&self) -> Result<i64> {
+        Ok(self.index_reader.watermarks(&self.topic, 0).await?.1)
+    }
+
+    /// Decodes a log record into a stored event, without its version yet.
+    fn decode(&self, message: &BorrowedMessage<'_>) -> Option<(i64, String, EventEnvelope)> {
+        let stream = record_stream(message)?;
+        let value = message.payload()?;
+        match cloudevents::decode(value) {
+            Ok(event) if event.stream_id() == Some(stream) => {
+                Some((message.offset(), stream.to_owned(), event))
+            }
+            Ok(event) => Some((
+                message.offset(),
+                stream.to_owned(),
+                event.with_stream_id(stream),
+            )),
+            Err(error) => {
+                tracing::warn!(
+                    topic = %self.topic,
+                    offset = message.offset(),
+                    %error,
+                    "skipping a record of the event log that is not a CloudEvent"
+                );
+                None
+            }
+        }
+    }
+
+    /// Gives decoded records their positions, catching the index up as needed.
+    async fn position(
+        &self,
+        records: Vec<(i64, String, EventEnvelope)>,
+    ) -> Result<Vec<EventEnvelope>> {
+        let Some(last) = records.last().map(|r| r.0) else {
+            return Ok(Vec::new());
+        };
+        let mut index = self.index.lock().await;
+        self.catch_up(&mut index, Some(last + 1)).await?;
+        records
+            .into_iter()
+            .map(|(offset, stream, event)| {
+                let version = index.version(&stream, offset).ok_or_else(|| {
+                    failure(
+                        false,
+                        format!(
+                            "offset {offset} of `{}` is missing from the index",
+                            self.topic
+                        ),
+                    )
+                })?;
+                Ok(stored(event, stream, version, offset))
+            })
+            .collect()
+    }
+}
+
+/// The event with its store position.
+fn stored(event: EventEnvelope, stream: String, version: u64, offset: i64) -> EventEnvelope {
+    event.with_position(
+        stream,
+        StoredPosition {
+            stream_version: version,
+            global_position: u64::try_from(offset + 1).unwrap_or(0),
+        },
+    )
+}
+
+fn offset_of(position: u64) -> i64 {
+    i64::try_from(position.max(1) - 1).unwrap_or(i64::MAX)
+}
+
+fn position_of(offset: i64) -> u64 {
+    u64::try_from(offset + 1).unwrap_or(0)
+}
+
+#[async_trait]
+impl EventStore for KafkaEventStore {
+    fn name(&self) -> &'static str {
+        BACKEND
+    }
+
+    fn capabilities(&self) -> StoreCapabilities {
+        KAFKA_STORE_CAPABILITIES
+    }
+
+    async fn append(
+        &self,
+        stream: &str,
+        expected: ExpectedVersion,
+        events: Vec<EventEnvelope>,
+    ) -> Result<AppendResult> {
+        validate_stream_id(stream)?;
+        if expected != ExpectedVersion::Any {
+            return Err(Error::Unsupported {
+                backend: BACKEND,
+                operation: "append with an expected version other than Any",
+                hint: "Kafka cannot check a stream's version atomically with a write; append \
+                       with ExpectedVersion::Any, or use a store with the `expected_version` \
+                       capability",
+            });
+        }
+        let inner = &self.inner;
+        if events.is_empty() {
+            let head = inner.head().await?;
+            let mut index = inner.index.lock().await;
+            inner.catch_up(&mut index, Some(head)).await?;
+            let version = index.streams.get(stream).map_or(0, Vec::len);
+            return Ok(AppendResult {
+                next_expected_version: u64::try_from(version).unwrap_or(0),
+                first_position: position_of(head),
+                last_position: position_of(head - 1),
+            });
+        }
+        let mut pending = Vec::with_capacity(events.len());
+        for event in events {
+            let event = event.without_position().with_stream_id(stream);
+            let value = cloudevents::encode(&event)?;
+            let record = FutureRecord::to(&inner.topic)
+                .partition(0)
+                .key(stream.as_bytes())
+                .payload(&value[..])
+                .headers(wire::event_headers(&event));
+            let delivery = inner
+                .producer
+                .send_result(record)
+                .map_err(|(e, _)| kafka_error(e))?;
+            pending.push(delivery);
+        }
+        let mut offsets = Vec::with_capacity(pending.len());
+        for delivery in pending {
+            let delivered = delivery
+                .await
+                .map_err(|_| failure(true, "the Kafka producer was dropped"))?
+                .map_err(|(e, _)| kafka_error(e))?;
+            offsets.push(delivered.offset);
+        }
+        let (first, last) = match (offsets.iter().min(), offsets.iter().max()) {
+            (Some(&first), Some(&last)) => (first, last),
+            _ => return Err(failure(false, "an append delivered no record")),
+        };
+        let mut index = inner.index.lock().await;
+        inner.catch_up(&mut index, Some(last + 1)).await?;
+        let version = index.version(stream, last).ok_or_else(|| {
+            failure(
+                false,
+                format!(
+                    "offset {last} of `{}` is missing from the index",
+                    inner.topic
+                ),
+            )
+        })?;
+        Ok(AppendResult {
+            next_expected_version: version,
+            first_position: position_of(first),
+            last_position: position_of(last),
+        })
+    }
+
+    async fn read_stream(
+        &self,
+        stream: &str,
+        from_version: u64,
+        limit: usize,
+    ) -> Result<Vec<EventEnvelope>> {
+        validate_stream_id(stream)?;
+        let inner = &self.inner;
+        let wanted: Vec<i64> = {
+            let head = inner.head().await?;
+            let mut index = inner.index.lock().await;
+            inner.catch_up(&mut index, Some(head)).await?;
+            let skip = usize::try_from(from_version.max(1) - 1).unwrap_or(usize::MAX);
+            index
+                .streams
+                .get(stream)
+                .map(|o| o.iter().skip(skip).take(limit).copied().collect())
+                .unwrap_or_default()
+        };
+        let Some(&first) = wanted.first() else {
+            return Ok(Vec::new());
+        };
+        let mut records = Vec::with_capacity(wanted.len());
+        let mut want = wanted.iter().peekable();
+        inner
+            .query_reader
+            .read(&inner.topic, 0, first, |message| {
+                while want.next_if(|&&o| o < message.offset()).is_some() {}
+                if want.next_if_eq(&&message.offset()).is_some()
+                    && let Some(record) = inner.decode(message)
+                {
+                    records.push(record);
+                }
+                Ok(if want.peek().is_some() {
+                    Flow::Continue
+                } else {
+                    Flow::Stop
+                })
+            })
+            .await?;
+        inner.position(records).await
+    }
+
+    async fn read_all(&self, query: ReadAll) -> Result<Vec<EventEnvelope>> {
+        if query.limit == 0 {
+            return Ok(Vec::new());
+        }
+        let inner = &self.inner;
+        let mut records = Vec::new();
+        inner
+            .query_reader
+            .read(&inner.topic, 0, offset_of(query.from_position), |message| {
+                if let Some(record) = inner.decode(message)
+                    && query.filter.matches(&record.2)
+                {
+                    records.push(record);
+                }
+                Ok(if records.len() >= query.limit {
+                    Flow::Stop
+                } else {
+                    Flow::Continue
+                })
+            })
+            .await?;
+        inner.position(records).await
+    }
+
+    async fn stream_version(&self, stream: &str) -> Result<Option<u64>> {
+        validate_stream_id(stream)?;
+        let inner = &self.inner;
+        let head = inner.head().await?;
+        let mut index = inner.index.lock().await;
+        inner.catch_up(&mut index, Some(head)).await?;
+        Ok(index
+            .streams
+            .get(stream)
+            .and_then(|o| u64::try_from(o.len()).ok()))
+    }
+
+    async fn head_position(&self) -> Result<u64> {
+        Ok(u64::try_from(self.inner.head().await?).unwrap_or(0))
+    }
+
+    async fn subscribe(&self, from_position: u64, filter: EventFilter) -> Result<EventStream> {
+        let inner = Arc::clone(&self.inner);
+        let consumer: StreamConsumer = inner.config.reader(false).create().map_err(kafka_error)?;
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(&inner.topic, 0, Offset::Offset(offset_of(from_position)))
+            .map_err(kafka_error)?;
+        consumer.assign(&tpl).map_err(kafka_error)?;
+        let (tx, rx) = mpsc::channel(256);
+        tokio::spawn(follow(inner, consumer, filter, tx));
+        Ok(futures::stream::unfold(rx, |mut rx| async move {
+            rx.recv().await.map(|item| (item, rx))
+        })
+        .boxed())
+    }
+}
+
+/// A subscription's task: reads the log from its position on, for as long as the receiver
+/// and the store live.
+async fn follow(
+    inner: Arc<Inner>,
+    consumer: StreamConsumer,
+    filter: EventFilter,
+    tx: mpsc::Sender<Result<EventEnvelope>>,
+) {
+    let mut closed = inner.closed.clone();
+    loop {
+        let message = tokio::select! {
+            () = tx.closed() => break,
+            changed = closed.changed() => match changed {
+                Ok(()) => continue,
+                Err(_) => break,
+            },
+            message = consumer.recv() => message,
+        };
+        let item = match message {
+            Ok(message) => {
+                let Some((offset, stream, event)) = inner.decode(&message) else {
+                    continue;
+                };
+                let mut index = inner.index.lock().await;
+                if index.next == offset {
+                    // This subscription is the first to read this record: index it here
+                    // rather than reading it again.
+                    index.add(Some(&stream), offset);
+                }
+                if let Err(error) = inner.catch_up(&mut index, Some(offset + 1)).await {
+                    Err(error)
+                } else {
+                    match index.version(&stream, offset) {
+                        Some(version) => {
+                            let event = stored(event, stream, version, offset);
+                            if !filter.matches(&event) {
+                                continue;
+                            }
+                            Ok(event)
+                        }
+                        None => Err(failure(
+                            false,
+                            format!(
+                                "offset {offset} of `{}` is missing from the index",
+                                inner.topic
+                            ),
+                        )),
+                    }
+                }
+            }
+            Err(error) => {
+                let error = kafka_error(error);
+                if error.is_temporary() {
+                    tracing::warn!(%error, topic = %inner.topic, "event log subscription: retrying");
+                    continue;
+                }
+                Err(error)
+            }
+        };
+        let fatal = item.is_err();
+        if tx.send(item).await.is_err() || fatal {
+            break;
+        }
+    }
+    // Closing a consumer talks to the cluster: not on the async threads.
+    tokio::task::spawn_blocking(move || drop(consumer));
+}

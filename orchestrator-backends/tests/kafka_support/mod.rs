@@ -1,0 +1,91 @@
+//! What the Kafka tests share: reaching the live broker, random topic prefixes, clean-up.
+#![allow(dead_code, unreachable_pub)]
+
+use std::time::Duration;
+
+use orchestrator_backends::kafka::{KafkaConfig, KafkaTransport};
+use orchestrator_core::testkit::services;
+
+/// A fresh topic prefix, so tests never see each other's topics or groups.
+pub fn random_prefix() -> String {
+    format!("ot{}.", uuid::Uuid::now_v7().simple())
+}
+
+/// A config for `brokers` under `prefix`, tuned for tests: quick metadata refreshes and
+/// commits, short waits.
+pub fn config(brokers: &str, prefix: &str) -> KafkaConfig {
+    KafkaConfig::new(brokers)
+        .with_prefix(prefix)
+        .unwrap()
+        .with_metadata_refresh_interval(Duration::from_millis(500))
+        .with_commit_interval(Duration::from_millis(200))
+        .with_fetch_wait(Duration::from_millis(20))
+        .with_operation_timeout(Duration::from_secs(10))
+        .with_subscribe_timeout(Duration::from_secs(30))
+}
+
+/// The live broker's address and a transport under `prefix`, or `None` (after reporting
+/// why) when it does not answer.
+pub async fn reachable(prefix: &str) -> Option<(String, KafkaTransport)> {
+    let brokers = services::kafka_brokers();
+    let connect = KafkaTransport::connect(config(&brokers, prefix));
+    match tokio::time::timeout(Duration::from_secs(15), connect).await {
+        Ok(Ok(transport)) => Some((brokers, transport)),
+        Ok(Err(error)) => {
+            services::unreachable("Kafka", &brokers, &error);
+            None
+        }
+        Err(_) => {
+            services::unreachable("Kafka", &brokers, &"no answer within 15 s");
+            None
+        }
+    }
+}
+
+/// Deletes every topic under `transport`'s prefix.
+pub async fn cleanup(transport: &KafkaTransport) {
+    match transport.delete_all_topics().await {
+        Ok(()) => eprintln!(
+            "cleanup: deleted the topics under `{}`",
+            transport.config().prefix()
+        ),
+        Err(e) => eprintln!("cleanup of `{}` failed: {e}", transport.config().prefix()),
+    }
+}
+
+/// Deletes the topics of `prefix` when dropped — also when the test panics.
+pub struct Cleanup {
+    brokers: String,
+    prefix: String,
+}
+
+impl Cleanup {
+    pub fn new(brokers: &str, prefix: &str) -> Self {
+        Self {
+            brokers: brokers.to_owned(),
+            prefix: prefix.to_owned(),
+        }
+    }
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let (brokers, prefix) = (self.brokers.clone(), self.prefix.clone());
+        // A runtime of its own: Drop may run inside (or outside) the test's runtime.
+        let done = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async {
+                let config = config(&brokers, &prefix);
+                match KafkaTransport::connect(config).await {
+                    Ok(t) => cleanup(&t).await,
+                    Err(e) => eprintln!("cleanup of `{prefix}` failed: {e}"),
+                }
+            });
+        });
+        let _ = done.join();
+    }
+}

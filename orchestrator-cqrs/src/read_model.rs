@@ -1,0 +1,420 @@
+//! Read models: documents kept up to date by a projection of the event store, for queries
+//! to read.
+//!
+//! A [`ReadModel`] applies events to a [`ReadModelStore`] (JSON documents by key; in memory
+//! by default, [`InMemoryReadModelStore`]). [`QueryBus::attach_read_model`](crate::QueryBus::attach_read_model)
+//! runs it with a [`ProjectionRunner`] of `orchestrator-store` — catch-up then live, retries,
+//! parking, a checkpoint — and, after each event it applies:
+//!
+//! - tells the query cache, which drops the cached results that depend on the event;
+//! - advances the read model's position, which read-your-writes queries wait for.
+//!
+//! The projection sees every event (so its position passes every command's writes); the
+//! definition's filter only decides which ones reach [`ReadModel::apply`]. Where the
+//! documents record their position ([`ReadModelStore::position`], as the in-memory store
+//! does), the projection resumes from it rather than from the checkpoint — so an in-memory
+//! read model is rebuilt from the first event at every start, even over a durable store.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, PoisonError, RwLock};
+
+use async_trait::async_trait;
+use orchestrator_core::{EventEnvelope, EventFilter, HandlerError};
+use orchestrator_store::projection::{
+    Projection, ProjectionHandle, ProjectionOptions, ProjectionState, ProjectionStatus,
+};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+use tokio::sync::watch;
+
+use crate::query::cache::Versions;
+use crate::telemetry;
+
+/// Where a read model keeps its documents: JSON values by key, plus the position of the last
+/// event applied.
+#[async_trait]
+pub trait ReadModelStore: Send + Sync + 'static {
+    /// The document at `key`.
+    async fn get(&self, key: &str) -> orchestrator_core::Result<Option<Value>>;
+    /// Stores `value` at `key`, replacing what was there.
+    async fn put(&self, key: &str, value: Value) -> orchestrator_core::Result<()>;
+    /// Removes the document at `key`, returning it.
+    async fn remove(&self, key: &str) -> orchestrator_core::Result<Option<Value>>;
+    /// Every document, sorted by key.
+    async fn list(&self) -> orchestrator_core::Result<Vec<(String, Value)>>;
+    /// Removes every document and forgets the position (before a rebuild).
+    async fn clear(&self) -> orchestrator_core::Result<()>;
+    /// The global position of the last event applied, if the store records it (`None`: the
+    /// projection's checkpoint decides where to resume).
+    async fn position(&self) -> orchestrator_core::Result<Option<u64>>;
+    /// Records the position of the last event applied.
+    async fn set_position(&self, position: u64) -> orchestrator_core::Result<()>;
+}
+
+/// Typed access to a [`ReadModelStore`]'s documents.
+pub trait ReadModelStoreExt: ReadModelStore {
+    /// The document at `key`, decoded into `T`.
+    fn get_as<T: DeserializeOwned>(
+        &self,
+        key: &str,
+    ) -> impl Future<Output = orchestrator_core::Result<Option<T>>> + Send {
+        async move {
+            match self.get(key).await? {
+                None => Ok(None),
+                Some(value) => serde_json::from_value(value).map(Some).map_err(|e| {
+                    orchestrator_core::Error::decode(key, format!("document does not fit: {e}"))
+                }),
+            }
+        }
+    }
+
+    /// Stores `value`, encoded as JSON, at `key`.
+    fn put_as<T: Serialize + Sync>(
+        &self,
+        key: &str,
+        value: &T,
+    ) -> impl Future<Output = orchestrator_core::Result<()>> + Send {
+        async move {
+            let value = serde_json::to_value(value).map_err(|e| {
+                orchestrator_core::Error::encode(format!("document does not serialize: {e}"))
+            })?;
+            self.put(key, value).await
+        }
+    }
+}
+
+impl<S: ReadModelStore + ?Sized> ReadModelStoreExt for S {}
+
+/// A [`ReadModelStore`] in memory (the default). Clones share the documents.
+#[derive(Debug, Clone, Default)]
+pub struct InMemoryReadModelStore {
+    inner: Arc<MemoryInner>,
+}
+
+#[derive(Debug, Default)]
+struct MemoryInner {
+    documents: RwLock<BTreeMap<String, Value>>,
+    position: AtomicU64,
+}
+
+impl InMemoryReadModelStore {
+    /// An empty store at position 0.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    // Each critical section is one map operation: a panic cannot leave the map
+    // half-updated, so a poisoned lock is safe to use.
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, Value>> {
+        self.inner
+            .documents
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, BTreeMap<String, Value>> {
+        self.inner
+            .documents
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+#[async_trait]
+impl ReadModelStore for InMemoryReadModelStore {
+    async fn get(&self, key: &str) -> orchestrator_core::Result<Option<Value>> {
+        Ok(self.read().get(key).cloned())
+    }
+    async fn put(&self, key: &str, value: Value) -> orchestrator_core::Result<()> {
+        self.write().insert(key.to_owned(), value);
+        Ok(())
+    }
+    async fn remove(&self, key: &str) -> orchestrator_core::Result<Option<Value>> {
+        Ok(self.write().remove(key))
+    }
+    async fn list(&self) -> orchestrator_core::Result<Vec<(String, Value)>> {
+        Ok(self
+            .read()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect())
+    }
+    async fn clear(&self) -> orchestrator_core::Result<()> {
+        self.write().clear();
+        self.inner.position.store(0, Ordering::SeqCst);
+        Ok(())
+    }
+    async fn position(&self) -> orchestrator_core::Result<Option<u64>> {
+        Ok(Some(self.inner.position.load(Ordering::SeqCst)))
+    }
+    async fn set_position(&self, position: u64) -> orchestrator_core::Result<()> {
+        self.inner.position.fetch_max(position, Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+/// Applies events to a read model's documents. Any
+/// `Fn(EventEnvelope, Arc<dyn ReadModelStore>) -> Future<Output = Result<(), E>>` closure is
+/// one.
+#[async_trait]
+pub trait ReadModel: Send + Sync + 'static {
+    /// Applies one stored event. A retryable error is retried per the projection's policy;
+    /// a permanent one parks the read model (see `orchestrator_store::projection`).
+    async fn apply(
+        &self,
+        event: EventEnvelope,
+        store: &Arc<dyn ReadModelStore>,
+    ) -> Result<(), HandlerError>;
+}
+
+#[async_trait]
+impl<F, Fut, E> ReadModel for F
+where
+    F: Fn(EventEnvelope, Arc<dyn ReadModelStore>) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<(), E>> + Send + 'static,
+    E: Into<HandlerError> + 'static,
+{
+    async fn apply(
+        &self,
+        event: EventEnvelope,
+        store: &Arc<dyn ReadModelStore>,
+    ) -> Result<(), HandlerError> {
+        self(event, store.clone()).await.map_err(Into::into)
+    }
+}
+
+/// A read model to attach to a query bus: its name (which names its projection's
+/// checkpoint), what it does with events, where it keeps its documents, and which events
+/// it wants.
+pub struct ReadModelDefinition {
+    pub(crate) name: String,
+    pub(crate) model: Arc<dyn ReadModel>,
+    pub(crate) storage: Arc<dyn ReadModelStore>,
+    pub(crate) filter: EventFilter,
+    pub(crate) options: ProjectionOptions,
+}
+
+impl fmt::Debug for ReadModelDefinition {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ReadModelDefinition")
+            .field("name", &self.name)
+            .field("filter", &self.filter)
+            .field("options", &self.options)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ReadModelDefinition {
+    /// A read model `name` applying events with `model`, kept in a new
+    /// [`InMemoryReadModelStore`], seeing every event.
+    pub fn new(name: impl Into<String>, model: impl ReadModel) -> Self {
+        Self {
+            name: name.into(),
+            model: Arc::new(model),
+            storage: Arc::new(InMemoryReadModelStore::new()),
+            filter: EventFilter::all(),
+            options: ProjectionOptions::default(),
+        }
+    }
+
+    /// Keeps the documents in `storage`.
+    pub fn storage(mut self, storage: Arc<dyn ReadModelStore>) -> Self {
+        self.storage = storage;
+        self
+    }
+
+    /// Only events passing `filter` reach [`ReadModel::apply`].
+    pub fn filter(mut self, filter: EventFilter) -> Self {
+        self.filter = filter;
+        self
+    }
+
+    /// Only events of these types reach [`ReadModel::apply`].
+    pub fn event_types<I, T>(mut self, event_types: I) -> Self
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<String>,
+    {
+        self.filter = event_types
+            .into_iter()
+            .fold(self.filter, |f, t| f.event_type(t));
+        self
+    }
+
+    /// Retries, clock and checkpoint frequency of the projection (its filter is replaced:
+    /// the projection sees every event, and [`filter`](Self::filter) selects).
+    pub fn projection_options(mut self, options: ProjectionOptions) -> Self {
+        self.options = options;
+        self
+    }
+}
+
+/// The shared state of an attached read model.
+pub(crate) struct Attached {
+    pub(crate) name: Arc<str>,
+    pub(crate) storage: Arc<dyn ReadModelStore>,
+    pub(crate) position: watch::Sender<u64>,
+    pub(crate) projection: tokio::sync::RwLock<Option<ProjectionHandle>>,
+}
+
+impl Attached {
+    /// The runner's status, unless it was stopped or is being stopped.
+    pub(crate) fn status(&self) -> Option<ProjectionStatus> {
+        self.projection
+            .try_read()
+            .ok()
+            .and_then(|p| p.as_ref().map(ProjectionHandle::status))
+    }
+
+    /// Waits until the position reaches `wanted`; `Err` with the runner's state if the
+    /// runner ends first (parked, failed or stopped).
+    pub(crate) async fn reach(&self, wanted: u64) -> Result<(), String> {
+        let mut position = self.position.subscribe();
+        let projection = self.projection.read().await;
+        let Some(handle) = projection.as_ref() else {
+            return match *position.borrow() >= wanted {
+                true => Ok(()),
+                false => Err("stopped".to_owned()),
+            };
+        };
+        tokio::select! {
+            biased;
+            reached = position.wait_for(|p| *p >= wanted) => match reached {
+                Ok(_) => Ok(()),
+                Err(_) => Err("stopped".to_owned()),
+            },
+            status = handle.wait_for(ProjectionStatus::is_finished) => {
+                if *position.borrow() >= wanted {
+                    return Ok(());
+                }
+                Err(describe(&status))
+            }
+        }
+    }
+}
+
+pub(crate) fn describe(status: &ProjectionStatus) -> String {
+    match (&status.state, &status.parked) {
+        (ProjectionState::Parked, Some(parked)) => format!(
+            "parked at position {:?}: {}",
+            parked.event.global_position(),
+            parked.error
+        ),
+        (state, _) => format!("{state:?}"),
+    }
+}
+
+/// An attached read model: its documents, its position, its projection's status.
+/// Cheap to clone.
+#[derive(Clone)]
+pub struct ReadModelHandle {
+    pub(crate) attached: Arc<Attached>,
+}
+
+impl fmt::Debug for ReadModelHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ReadModelHandle")
+            .field("name", &self.attached.name)
+            .field("position", &self.position())
+            .finish_non_exhaustive()
+    }
+}
+
+impl ReadModelHandle {
+    /// The read model's name.
+    pub fn name(&self) -> &str {
+        &self.attached.name
+    }
+
+    /// Its documents, for query handlers to read.
+    pub fn storage(&self) -> &Arc<dyn ReadModelStore> {
+        &self.attached.storage
+    }
+
+    /// The global position of the last event it has seen (applied or filtered out).
+    pub fn position(&self) -> u64 {
+        *self.attached.position.borrow()
+    }
+
+    /// Its projection's status; `None` once stopped.
+    pub fn status(&self) -> Option<ProjectionStatus> {
+        self.attached.status()
+    }
+
+    /// Waits until it has seen the event at `position` and everything before it; an error
+    /// naming its state if its projection ends first. (Queries wait with a timeout through
+    /// [`QueryRequest::at_least`](crate::QueryRequest::at_least).)
+    pub async fn wait_for_position(&self, position: u64) -> crate::Result<()> {
+        self.attached
+            .reach(position)
+            .await
+            .map_err(|state| crate::Error::NotCaughtUp {
+                read_model: self.attached.name.to_string(),
+                reached: self.position(),
+                wanted: position,
+                waited: std::time::Duration::ZERO,
+                state: Some(state),
+            })
+    }
+
+    /// Stops its projection (after the event in hand, with a final checkpoint) and returns
+    /// the last status; `None` if it was already stopped. Queries keep reading its documents.
+    pub async fn stop(&self) -> Option<ProjectionStatus> {
+        let handle = self.attached.projection.write().await.take()?;
+        Some(handle.stop().await)
+    }
+}
+
+/// The projection the runner feeds: applies matching events, then invalidates the cache and
+/// advances the position.
+pub(crate) struct Feed {
+    pub(crate) attached: Arc<Attached>,
+    pub(crate) model: Arc<dyn ReadModel>,
+    pub(crate) filter: EventFilter,
+    pub(crate) versions: Arc<Versions>,
+}
+
+#[async_trait]
+impl Projection for Feed {
+    async fn apply(&self, event: EventEnvelope) -> Result<(), HandlerError> {
+        let position = event.global_position();
+        if self.filter.matches(&event) {
+            self.model
+                .apply(event.clone(), &self.attached.storage)
+                .await?;
+            // After the documents changed: a query that read them before this point cached
+            // a result under the old versions, which no longer match.
+            self.versions.event_applied(&self.attached.name, &event);
+        }
+        if let Some(position) = position {
+            self.attached.storage.set_position(position).await?;
+            self.attached.position.send_if_modified(|p| {
+                let newer = position > *p;
+                *p = (*p).max(position);
+                newer
+            });
+            #[allow(clippy::cast_precision_loss)] // a gauge: precision past 2^53 is moot
+            metrics::gauge!(telemetry::READ_MODEL_POSITION, "read_model" => self.attached.name.clone())
+                .set(position as f64);
+        }
+        Ok(())
+    }
+
+    async fn reset(&self) -> Result<(), HandlerError> {
+        self.attached.storage.clear().await?;
+        self.attached.position.send_replace(0);
+        Ok(())
+    }
+
+    async fn stored_position(&self) -> Result<Option<u64>, HandlerError> {
+        let stored = self.attached.storage.position().await?;
+        if let Some(p) = stored {
+            self.attached.position.send_modify(|mine| *mine = (*mine).max(p));
+        }
+        Ok(stored)
+    }
+}
