@@ -12,11 +12,11 @@ use serde_json::json;
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let orchestrator = EventOrchestrator::with_parts(
-        Arc::new(InProcessTransport::new()),
-        Arc::new(InMemoryEventStore::new()),
-        RetryPolicy::exponential(3, Duration::from_millis(20)),
-    );
+    // The embedded default (in-process transport, in-memory store), with quick retries.
+    let orchestrator = EventOrchestrator::builder()
+        .retry_policy(RetryPolicy::exponential(3, Duration::from_millis(20)))
+        .build()
+        .await?;
     let (done_tx, mut done_rx) = tokio::sync::mpsc::channel::<String>(16);
 
     // A handler for one event type.

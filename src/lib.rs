@@ -1,8 +1,9 @@
 //! # orchestrator
 //!
-//! Event-driven architecture for Rust services: an event bus, an event store, and (as their
-//! crates land) sagas, CQRS and broker backends — in-process by default, on Redis, Kafka or
-//! RabbitMQ when you outgrow one machine.
+//! Event-driven architecture for Rust services: an event bus, an event store with replay and
+//! projections, sagas with compensation, CQRS with a cached query side — in-process by
+//! default, on Redis, Kafka or RabbitMQ when you outgrow one machine, with one
+//! OpenTelemetry trace from a publish through any broker into handlers, sagas and commands.
 //!
 //! This umbrella crate re-exports the workspace crates and offers [`EventOrchestrator`], a
 //! facade that wires them together. Start with the [`prelude`]:
@@ -26,30 +27,64 @@
 //!     .await?;
 //! orchestrator.publish_event("user.created", json!({"user_id": "123", "username": "john_doe"})).await?;
 //! assert_eq!(rx.recv().await.as_deref(), Some("\"john_doe\""));
+//!
+//! // Every published event is in the store, so it can be replayed to the subscribers.
+//! assert_eq!(orchestrator.replay_events("user.created").await?, 1);
+//! assert_eq!(rx.recv().await.as_deref(), Some("\"john_doe\""));
 //! # Ok(()) }
 //! ```
+//!
+//! ## What the facade offers
+//!
+//! - events: [`subscribe`](EventOrchestrator::subscribe), [`publish_event`](EventOrchestrator::publish_event),
+//!   [`replay_events`](EventOrchestrator::replay_events) with a [`ReplayFilter`];
+//! - sagas and workflows: [`define_saga`](EventOrchestrator::define_saga),
+//!   [`start_saga`](EventOrchestrator::start_saga), [`sagas`](EventOrchestrator::sagas);
+//! - CQRS: [`register_command_handler`](EventOrchestrator::register_command_handler),
+//!   [`send_command`](EventOrchestrator::send_command),
+//!   [`register_query_handler`](EventOrchestrator::register_query_handler),
+//!   [`execute_query`](EventOrchestrator::execute_query);
+//! - the dead-letter queue ([`dead_letters`](EventOrchestrator::dead_letters)), the
+//!   schema registry ([`schemas`](EventOrchestrator::schemas)), [`metrics`], and
+//!   [`propagation`] of trace context and causation;
+//! - [`EventOrchestrator::builder`] to pick the transport and the store — as values or as
+//!   URLs ([`connect`]).
 //!
 //! ## Crates
 //!
 //! - [`core`] (`orchestrator-core`): the envelope, the CloudEvents codec, the traits.
 //! - [`bus`] (`orchestrator-bus`): the in-process transport and the event bus.
-//! - [`store`] (`orchestrator-store`): the in-memory event store.
+//! - [`store`] (`orchestrator-store`): the in-memory and embedded durable stores, replay,
+//!   projections, snapshots, the schema registry.
+//! - [`saga`] (`orchestrator-saga`): sagas and workflows.
+//! - [`cqrs`] (`orchestrator-cqrs`): command and query buses, aggregates, read models.
 //! - `backends` (`orchestrator-backends`): Redis, RabbitMQ and Kafka, each behind its own
 //!   feature.
 //!
 //! ## Features
 //!
-//! - `redis`, `rabbitmq`, `kafka` — the broker backends (`orchestrator::backends::…`).
+//! - `redis`, `rabbitmq`, `kafka` — the broker backends (`orchestrator::backends::…`, and
+//!   `redis://`, `amqp://`, `kafka://` URLs in the builder and the CLI).
 //! - `rabbitmq-tls` — `amqps://` for the RabbitMQ backend.
+//! - `cli` — the `orchestrator` command-line tool (`tail`, `publish`, `dlq`, `replay`,
+//!   `streams`, `sagas`, `trace`).
 //!
-//! No backend is on by default: the embedded default needs no broker.
+//! No feature is on by default: the embedded default needs no broker.
 
+pub mod connect;
+mod error;
 mod facade;
+pub mod metrics;
+pub mod propagation;
 
-pub use facade::EventOrchestrator;
+pub use error::{Error, Result};
+pub use facade::{EventOrchestrator, EventOrchestratorBuilder, ReplayFilter};
 
-#[doc(inline)]
-pub use orchestrator_core::{Error, Result};
+/// The OpenTelemetry API this crate propagates trace context with (install its SDK and a
+/// [`tracing_opentelemetry`] layer to record traces).
+pub use opentelemetry;
+/// The bridge from `tracing` spans to OpenTelemetry, in the version this crate uses.
+pub use tracing_opentelemetry;
 
 /// The core vocabulary (`orchestrator-core`).
 pub use orchestrator_core as core;
@@ -57,8 +92,15 @@ pub use orchestrator_core as core;
 /// The event bus and in-process transport (`orchestrator-bus`).
 pub use orchestrator_bus as bus;
 
-/// The event stores (`orchestrator-store`).
+/// The event stores, replay, projections, snapshots and the schema registry
+/// (`orchestrator-store`).
 pub use orchestrator_store as store;
+
+/// Sagas and workflows (`orchestrator-saga`).
+pub use orchestrator_saga as saga;
+
+/// Commands, queries, aggregates and read models (`orchestrator-cqrs`).
+pub use orchestrator_cqrs as cqrs;
 
 /// Broker backends (`orchestrator-backends`): Redis, RabbitMQ and Kafka, each behind the
 /// feature of the same name.
@@ -71,14 +113,16 @@ pub use orchestrator_backends as backends;
 
 /// The names a user of the facade needs.
 pub mod prelude {
-    pub use crate::EventOrchestrator;
+    pub use crate::{Error, EventOrchestrator, ReplayFilter, Result};
     pub use orchestrator_bus::{
         DeadLetters, EventBus, InProcessTransport, Subscription, SubscriptionConfig,
     };
     pub use orchestrator_core::{
-        DeadLetter, DeadLetterQuery, DeadLetterQueue, Error, Event, EventEnvelope, EventFilter,
+        DeadLetter, DeadLetterQuery, DeadLetterQueue, Event, EventEnvelope, EventFilter,
         EventHandler, EventId, EventStore, ExpectedVersion, HandlerError, JsonHandler, ReadAll,
-        Result, RetryPolicy, TopicPattern, Transport,
+        RetryPolicy, TopicPattern, Transport,
     };
-    pub use orchestrator_store::InMemoryEventStore;
+    pub use orchestrator_cqrs::{QueryCacheConfig, QueryOptions};
+    pub use orchestrator_saga::{SagaDefinition, SagaOutcome, SagaStatus, SagaStep};
+    pub use orchestrator_store::{FileEventStore, InMemoryEventStore, SchemaRegistry};
 }

@@ -130,7 +130,8 @@ pub trait Aggregate: Default + Serialize + DeserializeOwned + Send + Sync + 'sta
     /// Decides: the events that `command` causes given the current state, or a refusal.
     /// It may run more than once for one command (after a conflict), on fresher state each
     /// time, so it must not have side effects.
-    fn handle(&self, command: &Self::Command) -> std::result::Result<Vec<Self::Event>, Self::Error>;
+    fn handle(&self, command: &Self::Command)
+    -> std::result::Result<Vec<Self::Event>, Self::Error>;
 
     /// Evolves: the state after `event`. Events are facts, so this cannot fail.
     fn apply(&mut self, event: Self::Event);
@@ -254,7 +255,11 @@ impl<A: Aggregate> AggregateRepository<A> {
     }
 
     /// Loads from (and saves to) `snapshots`, taking one when `policy` says it is due.
-    pub fn with_snapshots(mut self, snapshots: Arc<dyn SnapshotStore>, policy: SnapshotPolicy) -> Self {
+    pub fn with_snapshots(
+        mut self,
+        snapshots: Arc<dyn SnapshotStore>,
+        policy: SnapshotPolicy,
+    ) -> Self {
         self.snapshots = Some((snapshots, policy));
         self
     }
@@ -289,7 +294,8 @@ impl<A: Aggregate> AggregateRepository<A> {
     async fn load_stream(&self, stream: &str) -> Result<LoadedAggregate<A>> {
         let (folded, snapshot_version) = match &self.snapshots {
             Some((snapshots, _)) => {
-                let loaded = load_aggregate::<StateOf<A>>(&*self.store, &**snapshots, stream).await?;
+                let loaded =
+                    load_aggregate::<StateOf<A>>(&*self.store, &**snapshots, stream).await?;
                 let snapshot_version = loaded.snapshot_version();
                 let events = loaded.events_read();
                 let (version, position) = (loaded.version(), loaded.folded().position);
@@ -299,10 +305,11 @@ impl<A: Aggregate> AggregateRepository<A> {
             }
             None => {
                 let start = Folded::new(StateOf::<A>::default());
-                let folded = fold_stream(&*self.store, stream, 1, AsOf::Latest, start, |state, e| {
-                    temporal::Aggregate::apply(state, e)
-                })
-                .await?;
+                let folded =
+                    fold_stream(&*self.store, stream, 1, AsOf::Latest, start, |state, e| {
+                        temporal::Aggregate::apply(state, e)
+                    })
+                    .await?;
                 (folded, None)
             }
         };
@@ -373,7 +380,13 @@ impl<A: Aggregate> AggregateRepository<A> {
                         snapshot_taken: false,
                     };
                     let (state, taken) = self
-                        .snapshot_if_due(stream, loaded.snapshot_version, executed.state, executed.version, written.last_position)
+                        .snapshot_if_due(
+                            stream,
+                            loaded.snapshot_version,
+                            executed.state,
+                            executed.version,
+                            written.last_position,
+                        )
                         .await;
                     (executed.state, executed.snapshot_taken) = (state, taken);
                     return Ok(executed);

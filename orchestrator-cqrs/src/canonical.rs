@@ -69,7 +69,10 @@ mod tests {
     fn key_order_does_not_matter() {
         let a: Value = serde_json::from_str(r#"{"b":1,"a":{"y":[1,"x\"y"],"x":null}}"#).unwrap();
         let b: Value = serde_json::from_str(r#"{"a":{"x":null,"y":[1,"x\"y"]},"b":1}"#).unwrap();
-        assert_eq!(canonical_json(&a), r#"{"a":{"x":null,"y":[1,"x\"y"]},"b":1}"#);
+        assert_eq!(
+            canonical_json(&a),
+            r#"{"a":{"x":null,"y":[1,"x\"y"]},"b":1}"#
+        );
         assert_eq!(canonical_json(&a), canonical_json(&b));
         assert_eq!(fingerprint(&a), fingerprint(&b));
         assert_ne!(fingerprint(&a), fingerprint(&json!({"b": 2})));

@@ -32,8 +32,10 @@ impl std::fmt::Display for HandlerKind {
 /// [`Error::is_temporary`] says whether sending the same command (or query) again may
 /// succeed. Handlers may return these errors too (through [`HandlerError`], e.g. with `?`):
 /// the buses recognise a [`Validation`](Error::Validation), [`Unauthorized`](Error::Unauthorized),
-/// [`Conflict`](Error::Conflict), [`Rejected`](Error::Rejected) or
-/// [`NotCaughtUp`](Error::NotCaughtUp) error inside a handler's failure and report it as itself.
+/// [`Conflict`](Error::Conflict), [`NotCaughtUp`](Error::NotCaughtUp) or
+/// [`NoHandler`](Error::NoHandler) error inside a handler's failure and report it as itself
+/// (a [`Rejected`](Error::Rejected) one stays a handler failure carrying its message, since
+/// its source cannot be copied out).
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
@@ -133,14 +135,14 @@ pub enum Error {
     },
 
     /// A command or query handler failed.
-    #[error("{kind} `{name}` failed: {source}")]
+    #[error("{kind} `{name}` failed: {error}")]
     Handler {
         /// Command or query.
         kind: HandlerKind,
         /// Its name.
         name: String,
         /// The handler's error, with whether a retry may help.
-        source: HandlerError,
+        error: HandlerError,
     },
 
     /// The event store, the snapshot store or the codec failed.
@@ -169,7 +171,7 @@ impl Error {
     pub fn is_temporary(&self) -> bool {
         match self {
             Self::Conflict { .. } | Self::NotCaughtUp { .. } => true,
-            Self::Handler { source, .. } => source.is_retryable(),
+            Self::Handler { error, .. } => error.is_retryable(),
             Self::Core(e) => e.is_temporary(),
             _ => false,
         }
@@ -220,7 +222,7 @@ impl Error {
         Self::Handler {
             kind,
             name: name.to_owned(),
-            source: error,
+            error,
         }
     }
 
@@ -278,12 +280,20 @@ mod tests {
         };
         let wrapped = HandlerError::from(conflict);
         match Error::from_handler(HandlerKind::Command, "deposit", wrapped) {
-            Error::Conflict { stream, attempts } => assert_eq!((stream.as_str(), attempts), ("account-1", 3)),
+            Error::Conflict { stream, attempts } => {
+                assert_eq!((stream.as_str(), attempts), ("account-1", 3))
+            }
             other => panic!("{other:?}"),
         }
         let other = HandlerError::permanent("boom");
         let err = Error::from_handler(HandlerKind::Query, "q", other);
-        assert!(matches!(err, Error::Handler { kind: HandlerKind::Query, .. }));
+        assert!(matches!(
+            err,
+            Error::Handler {
+                kind: HandlerKind::Query,
+                ..
+            }
+        ));
         assert!(!err.is_temporary());
         assert_eq!(err.label(), "handler_error");
     }
@@ -293,7 +303,10 @@ mod tests {
         let err = Error::Validation {
             kind: HandlerKind::Command,
             name: "create_user".into(),
-            errors: vec![FieldError::new("/name", "required"), FieldError::new("/age", "must be positive")],
+            errors: vec![
+                FieldError::new("/name", "required"),
+                FieldError::new("/age", "must be positive"),
+            ],
         };
         assert_eq!(
             err.to_string(),

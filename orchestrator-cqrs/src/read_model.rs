@@ -288,7 +288,7 @@ impl Attached {
                 Err(_) => Err("stopped".to_owned()),
             },
             status = handle.wait_for(ProjectionStatus::is_finished) => {
-                if *position.borrow() >= wanted {
+                if *self.position.borrow() >= wanted {
                     return Ok(());
                 }
                 Err(describe(&status))
@@ -413,7 +413,9 @@ impl Projection for Feed {
     async fn stored_position(&self) -> Result<Option<u64>, HandlerError> {
         let stored = self.attached.storage.position().await?;
         if let Some(p) = stored {
-            self.attached.position.send_modify(|mine| *mine = (*mine).max(p));
+            self.attached
+                .position
+                .send_modify(|mine| *mine = (*mine).max(p));
         }
         Ok(stored)
     }

@@ -137,7 +137,8 @@ pub struct JsonSchemaValidator {
 
 impl fmt::Debug for JsonSchemaValidator {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("JsonSchemaValidator").finish_non_exhaustive()
+        f.debug_struct("JsonSchemaValidator")
+            .finish_non_exhaustive()
     }
 }
 

@@ -114,7 +114,7 @@ async fn replay_reports_progress_and_ends_at_the_head_it_started_with() {
             .await
             .unwrap();
         assert_eq!(count, 20);
-        let reports = reports.lock().unwrap();
+        let reports = reports.lock().unwrap().clone();
         assert!(reports.len() >= 6, "{reports:?}");
         assert!(
             reports

@@ -17,6 +17,7 @@ use rdkafka::{Message, Offset, TopicPartitionList};
 use tokio::sync::{mpsc, watch};
 
 use super::client::kafka_error;
+use super::live::LiveConsumer;
 use super::names;
 use super::offsets::{Slot, Tracker};
 use super::transport::Shared;
@@ -36,8 +37,8 @@ pub(crate) struct Subscription {
     pub(crate) group: String,
     pub(crate) retry_topic: String,
     tracker: Mutex<Tracker>,
-    /// How many assignments the consumer has received.
-    assignments: watch::Sender<u64>,
+    /// Which of the two consumers (bit 0: events, bit 1: retries) had an assignment.
+    assignments: watch::Sender<u8>,
     /// How many rebalances happened (assignment changes).
     rebalances: AtomicU64,
 }
@@ -58,12 +59,13 @@ impl Subscription {
         self.tracker.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Waits until the consumer got its first assignment (possibly empty: more consumers
-    /// than partitions).
-    pub(crate) async fn assigned(&self) {
+    /// Waits until the retry consumer — and, with `events`, the event consumer — got its
+    /// first assignment (possibly empty: more consumers than partitions).
+    pub(crate) async fn assigned(&self, events: bool) {
+        let wanted = if events { 0b11 } else { 0b10 };
         let mut rx = self.assignments.subscribe();
         // The sender lives as long as `self`, so waiting cannot fail.
-        let _ = rx.wait_for(|n| *n > 0).await;
+        let _ = rx.wait_for(|bits| *bits & wanted == wanted).await;
     }
 
     fn settle(&self, slot: &Slot) -> bool {
@@ -107,14 +109,24 @@ fn store<C: Consumer<X>, X: ConsumerContext>(consumer: &C, offsets: &[(Arc<str>,
     }
 }
 
-/// The consumer's callbacks: keep the tracker in step with the partition assignment.
+/// Which of a subscription's two consumers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Role {
+    /// Reads the event topics, in the group `<prefix><group>`.
+    Events,
+    /// Reads the group's retry topic, in a group named as that topic.
+    Retries,
+}
+
+/// A consumer's callbacks: keep the tracker in step with the partition assignment.
 pub(crate) struct Context {
     sub: Arc<Subscription>,
+    role: Role,
 }
 
 impl Context {
-    pub(crate) fn new(sub: Arc<Subscription>) -> Self {
-        Self { sub }
+    pub(crate) fn new(sub: Arc<Subscription>, role: Role) -> Self {
+        Self { sub, role }
     }
 }
 
@@ -122,41 +134,6 @@ impl ClientContext for Context {}
 
 impl ConsumerContext for Context {
     fn pre_rebalance(&self, base: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        {
-            let (kind, tpl) = match rebalance {
-                Rebalance::Assign(t) => ("assign", Some(*t)),
-                Rebalance::Revoke(t) => ("revoke", Some(*t)),
-                Rebalance::Error(_) => ("error", None),
-            };
-            let parts: Vec<String> = tpl
-                .map(|t| {
-                    t.elements()
-                        .iter()
-                        .map(|e| {
-                            format!(
-                                "{}{}",
-                                if e.topic().contains("retry") {
-                                    "r"
-                                } else {
-                                    "t"
-                                },
-                                e.partition()
-                            )
-                        })
-                        .collect()
-                })
-                .unwrap_or_default();
-            eprintln!(
-                "DEBUG {:p} {:?} {kind} {:?} coop={}",
-                Arc::as_ptr(&self.sub),
-                std::time::SystemTime::now(),
-                parts,
-                matches!(
-                    base.rebalance_protocol(),
-                    rdkafka::consumer::RebalanceProtocol::Cooperative
-                )
-            );
-        }
         match rebalance {
             Rebalance::Assign(tpl) => {
                 let mut tracker = self.sub.tracker();
@@ -189,7 +166,11 @@ impl ConsumerContext for Context {
     fn post_rebalance(&self, _base: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Assign(tpl) = rebalance {
             tracing::debug!(group = %self.sub.group, partitions = tpl.count(), "assigned");
-            self.sub.assignments.send_modify(|n| *n += 1);
+            let bit = match self.role {
+                Role::Events => 0b01,
+                Role::Retries => 0b10,
+            };
+            self.sub.assignments.send_modify(|bits| *bits |= bit);
         }
     }
 }
@@ -222,9 +203,11 @@ struct Paused {
 pub(crate) async fn pump(
     sub: Arc<Subscription>,
     consumer: Arc<GroupConsumer>,
+    retries: Arc<GroupConsumer>,
     tx: mpsc::Sender<Pending>,
     prefetch: usize,
 ) {
+    let live = LiveConsumer::new(&sub.transport.config.prefix);
     let max_delayed = sub.transport.config.max_delayed;
     let mut ready: VecDeque<Pending> = VecDeque::new();
     let mut delayed: BTreeMap<(i64, u64), Pending> = BTreeMap::new();
@@ -260,7 +243,8 @@ pub(crate) async fn pump(
             || want_retry != paused.retry
             || ((want_all || want_retry) && rebalances != paused.at_rebalance)
         {
-            apply_pause(&consumer, &sub.retry_topic, want_all, want_retry);
+            apply_pause(&consumer, want_all);
+            apply_pause(&retries, want_all || want_retry);
             paused = Paused {
                 all: want_all,
                 retry: want_retry,
@@ -293,40 +277,70 @@ pub(crate) async fn pump(
                     ready.push_back(entry.remove());
                 }
             }
-            _ = store_tick.tick() => sub.store_offsets(&*consumer),
-            message = consumer.recv() => match message {
-                Ok(message) => {
-                    let now = Utc::now();
-                    if let Some((p, due)) = read(&sub, &message, &mut logical, now) {
-                        if due > now.timestamp_millis() {
-                            sequence += 1;
-                            delayed.insert((due, sequence), p);
-                        } else {
-                            ready.push_back(p);
-                        }
-                    }
+            _ = store_tick.tick() => {
+                sub.store_offsets(&*consumer);
+                sub.store_offsets(&*retries);
+            }
+            message = consumer.recv() => {
+                if !take(&sub, message, &mut logical, &mut ready, &mut delayed, &mut sequence) {
+                    break;
                 }
-                Err(error) => {
-                    let error = kafka_error(error);
-                    if !error.is_temporary() {
-                        tracing::error!(%error, group = %sub.group, "Kafka consumer failed; closing the subscription");
-                        break;
-                    }
-                    tracing::warn!(%error, group = %sub.group, "Kafka consumer error; carrying on");
+            }
+            message = retries.recv() => {
+                if !take(&sub, message, &mut logical, &mut ready, &mut delayed, &mut sequence) {
+                    break;
                 }
-            },
+            }
         }
     }
-    sub.store_offsets(&*consumer);
     // Leaving the group commits the stored offsets and talks to the cluster: not on the async
     // threads.
     tokio::task::spawn_blocking(move || {
         // Deliveries still held settle into a tracker that owns nothing: they come back
         // from the committed offset to the group's next consumer.
-        sub.store_offsets(&*consumer);
-        sub.tracker().revoke_all();
+        let pending = sub.tracker().revoke_all();
+        store(&*consumer, &pending);
+        store(&*retries, &pending);
         drop(consumer);
+        drop(retries);
+        drop(live);
     });
+}
+
+/// Takes what a consumer read: a message becomes ready or delayed; an error is logged.
+/// Returns false when the consumer failed for good.
+fn take(
+    sub: &Arc<Subscription>,
+    message: std::result::Result<BorrowedMessage<'_>, rdkafka::error::KafkaError>,
+    logical: &mut HashMap<String, Arc<str>>,
+    ready: &mut VecDeque<Pending>,
+    delayed: &mut BTreeMap<(i64, u64), Pending>,
+    sequence: &mut u64,
+) -> bool {
+    match message {
+        Ok(message) => {
+            let now = Utc::now();
+            if let Some((p, due)) = read(sub, &message, logical, now) {
+                if due > now.timestamp_millis() {
+                    *sequence += 1;
+                    delayed.insert((due, *sequence), p);
+                } else {
+                    ready.push_back(p);
+                }
+            }
+            true
+        }
+        Err(error) => {
+            let error = kafka_error(error);
+            if error.is_temporary() {
+                tracing::warn!(%error, group = %sub.group, "Kafka consumer error; carrying on");
+                true
+            } else {
+                tracing::error!(%error, group = %sub.group, "Kafka consumer failed; closing the subscription");
+                false
+            }
+        }
+    }
 }
 
 async fn sleep_until(at: Option<tokio::time::Instant>) {
@@ -336,25 +350,18 @@ async fn sleep_until(at: Option<tokio::time::Instant>) {
     }
 }
 
-/// Pauses every assigned partition (`all`) or the retry topic's (`retry`), resuming the
-/// rest.
-fn apply_pause(consumer: &GroupConsumer, retry_topic: &str, all: bool, retry: bool) {
+/// Pauses or resumes every partition assigned to `consumer`.
+fn apply_pause(consumer: &GroupConsumer, pause: bool) {
     let Ok(assignment) = consumer.assignment() else {
         return;
     };
-    let mut pause = TopicPartitionList::new();
-    for e in assignment.elements() {
-        if all || (retry && e.topic() == retry_topic) {
-            pause.add_partition(e.topic(), e.partition());
-        }
-    }
-    if let Err(error) = consumer.resume(&assignment) {
-        tracing::debug!(%error, "resuming partitions failed");
-    }
-    if pause.count() > 0
-        && let Err(error) = consumer.pause(&pause)
-    {
-        tracing::debug!(%error, "pausing partitions failed");
+    let result = if pause {
+        consumer.pause(&assignment)
+    } else {
+        consumer.resume(&assignment)
+    };
+    if let Err(error) = result {
+        tracing::debug!(%error, pause, "pausing or resuming partitions failed");
     }
 }
 

@@ -214,6 +214,7 @@ mod client;
 mod config;
 mod consumer;
 mod dlq;
+mod live;
 mod names;
 mod offsets;
 mod reader;

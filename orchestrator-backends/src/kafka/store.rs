@@ -18,6 +18,7 @@ use tokio::sync::{Mutex, mpsc, watch};
 
 use super::client::{BACKEND, TopicKind, Topics, failure, kafka_error, producer};
 use super::config::KafkaConfig;
+use super::live::{self, LiveConsumer};
 use super::reader::{Flow, LogReader};
 use super::wire;
 
@@ -123,8 +124,14 @@ impl KafkaEventStore {
         &self.inner.topic
     }
 
-    /// Deletes the log topic with every event in it (for tests and tear-down).
+    /// Deletes the log topic with every event in it (for tests and tear-down), once this
+    /// process's subscriptions to it have closed (waiting at most the operation timeout).
     pub async fn delete_topic(&self) -> Result<()> {
+        live::wait_closed(
+            &self.inner.config.prefix,
+            self.inner.config.operation_timeout,
+        )
+        .await;
         Topics::new(&self.inner.config)?
             .delete(&[&self.inner.topic])
             .await
@@ -438,6 +445,7 @@ async fn follow(
     filter: EventFilter,
     tx: mpsc::Sender<Result<EventEnvelope>>,
 ) {
+    let live = LiveConsumer::new(&inner.config.prefix);
     let mut closed = inner.closed.clone();
     loop {
         let message = tokio::select! {
@@ -495,5 +503,8 @@ async fn follow(
         }
     }
     // Closing a consumer talks to the cluster: not on the async threads.
-    tokio::task::spawn_blocking(move || drop(consumer));
+    tokio::task::spawn_blocking(move || {
+        drop(consumer);
+        drop(live);
+    });
 }

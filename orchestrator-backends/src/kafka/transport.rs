@@ -18,8 +18,9 @@ use tokio::sync::mpsc;
 
 use super::client::{BACKEND, TopicKind, Topics, failure, kafka_error, producer, send};
 use super::config::KafkaConfig;
-use super::consumer::{Context, GroupConsumer, KafkaDeliveryStream, Subscription, pump};
+use super::consumer::{Context, GroupConsumer, KafkaDeliveryStream, Role, Subscription, pump};
 use super::dlq::KafkaDeadLetterQueue;
+use super::live;
 use super::names;
 use super::wire::{self, RetryInfo};
 
@@ -140,9 +141,10 @@ impl KafkaTransport {
         names::event_topic(&self.shared.config.prefix, topic)
     }
 
-    /// Deletes every topic under the configured prefix — event, retry and dead-letter
-    /// topics alike (for tests and tear-down). Refused without a prefix, which would mean
-    /// every topic of the cluster.
+    /// Deletes every topic under the configured prefix — event, retry, dead-letter and
+    /// store topics alike (for tests and tear-down), once this process's subscriptions under
+    /// the prefix have closed (waiting at most the operation timeout). Refused without a
+    /// prefix, which would mean every topic of the cluster.
     pub async fn delete_all_topics(&self) -> Result<()> {
         let prefix = &self.shared.config.prefix;
         if prefix.is_empty() {
@@ -151,9 +153,20 @@ impl KafkaTransport {
                 "delete_all_topics needs a prefix; without one it would delete every topic",
             ));
         }
+        live::wait_closed(prefix, self.shared.config.operation_timeout).await;
         let topics = self.shared.topics.list(prefix).await?;
         let refs: Vec<&str> = topics.iter().map(String::as_str).collect();
         self.shared.topics.delete(&refs).await
+    }
+
+    /// Whether some existing event topic matches one of the subscription's patterns.
+    async fn any_topic_matches(&self, options: &SubscribeOptions) -> Result<bool> {
+        let prefix = &self.shared.config.prefix;
+        let topics = self.shared.topics.list(prefix).await?;
+        Ok(topics
+            .iter()
+            .filter_map(|t| names::logical_topic(prefix, t))
+            .any(|t| options.matches(&t)))
     }
 
     /// Queues one event for `kafka_topic`; `partition` overrides the key's partition.
@@ -288,20 +301,27 @@ impl Transport for KafkaTransport {
             .topics
             .ensure(&[&retry_topic], TopicKind::Partitioned)
             .await?;
-        subscriptions.push(retry_topic.clone());
 
         let sub = Arc::new(Subscription::new(
             Arc::clone(&self.shared),
             options.group.clone(),
-            retry_topic,
+            retry_topic.clone(),
         ));
+        // Two consumers: the event topics' partitions are shared among the group's consumers
+        // by themselves, the retry topic's in a group of its own, so that a retry topic never
+        // takes a consumer's share of the events.
         let group_id = names::group_id(&config.prefix, &options.group);
         let consumer: GroupConsumer = config
             .group_consumer(&group_id)
-            .create_with_context(Context::new(Arc::clone(&sub)))
+            .create_with_context(Context::new(Arc::clone(&sub), Role::Events))
             .map_err(kafka_error)?;
         let refs: Vec<&str> = subscriptions.iter().map(String::as_str).collect();
         consumer.subscribe(&refs).map_err(kafka_error)?;
+        let retries: GroupConsumer = config
+            .group_consumer(&retry_topic)
+            .create_with_context(Context::new(Arc::clone(&sub), Role::Retries))
+            .map_err(kafka_error)?;
+        retries.subscribe(&[&retry_topic]).map_err(kafka_error)?;
         let consumer = Arc::new(consumer);
         if by_pattern {
             self.shared
@@ -312,9 +332,21 @@ impl Transport for KafkaTransport {
         }
         let prefetch = options.prefetch.max(1);
         let (tx, rx) = mpsc::channel(prefetch);
-        tokio::spawn(pump(Arc::clone(&sub), consumer, tx, prefetch));
+        tokio::spawn(pump(
+            Arc::clone(&sub),
+            consumer,
+            Arc::new(retries),
+            tx,
+            prefetch,
+        ));
+        // librdkafka joins the group only once some topic matches; until one does there is
+        // nothing to wait for (a topic that appears later is read from its start).
+        let events = !exact.is_empty() || self.any_topic_matches(&options).await?;
         let timeout = config.subscribe_timeout;
-        if tokio::time::timeout(timeout, sub.assigned()).await.is_err() {
+        if tokio::time::timeout(timeout, sub.assigned(events))
+            .await
+            .is_err()
+        {
             return Err(Error::Timeout {
                 operation: format!(
                     "joining Kafka consumer group `{group_id}` (waiting for its partition \

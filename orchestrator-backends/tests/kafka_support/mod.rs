@@ -6,6 +6,15 @@ use std::time::Duration;
 use orchestrator_backends::kafka::{KafkaConfig, KafkaTransport};
 use orchestrator_core::testkit::services;
 
+/// Held for the whole of a test: the Kafka tests of one binary run one at a time, so that
+/// one test's topic deletion never overlaps another's traffic (see the module docs on tansu).
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Takes this binary's Kafka test turn.
+pub async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().await
+}
+
 /// A fresh topic prefix, so tests never see each other's topics or groups.
 pub fn random_prefix() -> String {
     format!("ot{}.", uuid::Uuid::now_v7().simple())

@@ -56,8 +56,11 @@ use crate::telemetry;
 /// ```
 pub struct IdempotencyMiddleware {
     completed: moka::future::Cache<Arc<str>, Arc<Remembered>>,
-    in_flight: Arc<Mutex<HashMap<Arc<str>, Arc<tokio::sync::Mutex<()>>>>>,
+    in_flight: InFlight,
 }
+
+/// One lock per command key being run.
+type InFlight = Arc<Mutex<HashMap<Arc<str>, Arc<tokio::sync::Mutex<()>>>>>;
 
 struct Remembered {
     fingerprint: u64,
@@ -91,7 +94,12 @@ impl IdempotencyMiddleware {
         }
     }
 
-    async fn remembered(&self, key: &Arc<str>, request: &CommandRequest, fingerprint: u64) -> Result<Option<CommandOutcome>> {
+    async fn remembered(
+        &self,
+        key: &Arc<str>,
+        request: &CommandRequest,
+        fingerprint: u64,
+    ) -> Result<Option<CommandOutcome>> {
         let Some(hit) = self.completed.get(key).await else {
             return Ok(None);
         };
@@ -101,14 +109,18 @@ impl IdempotencyMiddleware {
                 id: request.id.as_deref().unwrap_or_default().to_owned(),
             });
         }
-        metrics::counter!(telemetry::IDEMPOTENT_REPLAYS, "command" => request.name.clone()).increment(1);
+        metrics::counter!(telemetry::IDEMPOTENT_REPLAYS, "command" => request.name.clone())
+            .increment(1);
         Ok(Some(hit.outcome.clone().replayed()))
     }
 
     /// Waits for this key's turn: one command per key runs at a time.
     async fn turn(&self, key: &Arc<str>) -> Turn {
         let lock = {
-            let mut map = self.in_flight.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut map = self
+                .in_flight
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
             map.entry(key.clone()).or_default().clone()
         };
         let guard = lock.clone().lock_owned().await;
@@ -124,7 +136,7 @@ impl IdempotencyMiddleware {
 /// A key's turn; dropping it lets the next duplicate in, and forgets the key's lock when
 /// nobody else waits for it.
 struct Turn {
-    map: Arc<Mutex<HashMap<Arc<str>, Arc<tokio::sync::Mutex<()>>>>>,
+    map: InFlight,
     key: Arc<str>,
     lock: Arc<tokio::sync::Mutex<()>>,
     guard: Option<OwnedMutexGuard<()>>,
@@ -182,7 +194,13 @@ mod tests {
         let key: Arc<str> = "k".into();
         let first = middleware.turn(&key).await;
         let waiting = {
-            let lock = middleware.in_flight.lock().unwrap().get(&key).cloned().unwrap();
+            let lock = middleware
+                .in_flight
+                .lock()
+                .unwrap()
+                .get(&key)
+                .cloned()
+                .unwrap();
             lock.try_lock().is_err()
         };
         assert!(waiting, "the key is held");

@@ -111,10 +111,7 @@ impl CommandRequest {
     /// A typed command, serialized.
     pub fn from_command<C: Command>(command: &C) -> Result<Self> {
         let payload = serde_json::to_value(command).map_err(|e| {
-            Error::invalid(
-                "command",
-                format!("`{}` does not serialize: {e}", C::NAME),
-            )
+            Error::invalid("command", format!("`{}` does not serialize: {e}", C::NAME))
         })?;
         Ok(Self::new(C::NAME, payload))
     }
@@ -180,7 +177,10 @@ impl CommandOutcome {
     /// Decodes the value into the typed result `T`.
     pub fn decode<T: DeserializeOwned>(self) -> Result<CommandOutcome<T>> {
         let value = serde_json::from_value(self.value).map_err(|e| {
-            Error::invalid("command result", format!("does not fit the typed output: {e}"))
+            Error::invalid(
+                "command result",
+                format!("does not fit the typed output: {e}"),
+            )
         })?;
         Ok(CommandOutcome {
             value,
@@ -241,7 +241,10 @@ where
             .await
             .map_err(|e| Error::from_handler(HandlerKind::Command, name, e.into()))?;
         serde_json::to_value(output).map_err(|e| {
-            Error::invalid("command result", format!("`{name}` result does not serialize: {e}"))
+            Error::invalid(
+                "command result",
+                format!("`{name}` result does not serialize: {e}"),
+            )
         })
     }
 }
@@ -507,8 +510,11 @@ pub(crate) async fn run_handler(
         id: request.id,
         correlation_id: request.correlation_id,
     };
-    let (value, position) =
-        context::scoped(info, registered.handler.call(&registered.name, request.payload)).await;
+    let (value, position) = context::scoped(
+        info,
+        registered.handler.call(&registered.name, request.payload),
+    )
+    .await;
     Ok(CommandOutcome::new(value?, position))
 }
 

@@ -148,7 +148,11 @@ pub(crate) struct QueryCache {
 }
 
 impl QueryCache {
-    pub(crate) fn new(config: QueryCacheConfig, clock: Arc<dyn Clock>, versions: Arc<Versions>) -> Self {
+    pub(crate) fn new(
+        config: QueryCacheConfig,
+        clock: Arc<dyn Clock>,
+        versions: Arc<Versions>,
+    ) -> Self {
         Self {
             entries: moka::future::Cache::builder()
                 .max_capacity(config.capacity)

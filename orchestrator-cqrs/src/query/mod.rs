@@ -19,8 +19,85 @@
 //!
 //! Each query runs in a span `cqrs.query` (field `query`) and is timed in
 //! [`QUERY_DURATION`](crate::telemetry::QUERY_DURATION), with cache hits and misses counted.
+//!
+//! A read model of users, a cached `get_user` that only events of that user's stream
+//! invalidate, and read-your-writes after each write:
+//!
+//! ```
+//! use std::sync::Arc;
+//! use orchestrator_core::{EventEnvelope, EventStore, ExpectedVersion, HandlerError};
+//! use orchestrator_cqrs::{
+//!     CommandBus, PositionTrackingStore, QueryBus, QueryOptions, QueryRequest,
+//!     ReadModelDefinition, ReadModelStore,
+//! };
+//! use orchestrator_store::InMemoryEventStore;
+//! use serde_json::{Value, json};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> orchestrator_cqrs::Result<()> {
+//! let store: Arc<dyn EventStore> = Arc::new(PositionTrackingStore::new(InMemoryEventStore::new()));
+//! let (commands, queries) = (CommandBus::new(), QueryBus::new());
+//!
+//! // The read model: one document per user, from the user events.
+//! let project = |event: EventEnvelope, users: Arc<dyn ReadModelStore>| async move {
+//!     let user: Value = event.data()?;
+//!     let id = user["user_id"].as_str().unwrap_or_default().to_owned();
+//!     users.put(&id, user).await?;
+//!     Ok::<_, HandlerError>(())
+//! };
+//! let users = queries
+//!     .attach_read_model(
+//!         store.clone(),
+//!         ReadModelDefinition::new("users", project).event_types(["user.created", "user.renamed"]),
+//!     )
+//!     .await?;
+//!
+//! // The write side: commands append user events.
+//! let events = store.clone();
+//! commands.register("save_user", move |user: Value| {
+//!     let events = events.clone();
+//!     async move {
+//!         let stream = format!("user-{}", user["user_id"].as_str().unwrap_or_default());
+//!         let kind = match events.stream_version(&stream).await? {
+//!             None => "user.created",
+//!             Some(_) => "user.renamed",
+//!         };
+//!         let event = EventEnvelope::new(kind, &user)?;
+//!         events.append(&stream, ExpectedVersion::Any, vec![event]).await?;
+//!         Ok::<_, HandlerError>(json!({ "user_id": user["user_id"] }))
+//!     }
+//! })?;
+//!
+//! // The read side: get_user reads the documents; only its own user's events invalidate it.
+//! let documents = users.storage().clone();
+//! let get_user = move |params: Value| {
+//!     let documents = documents.clone();
+//!     async move {
+//!         let user = documents.get(params["user_id"].as_str().unwrap_or_default()).await?;
+//!         Ok::<_, HandlerError>(user.unwrap_or(Value::Null))
+//!     }
+//! };
+//! let options = QueryOptions::new()
+//!     .reads("users")
+//!     .keyed_by_stream(|params| Some(format!("user-{}", params["user_id"].as_str()?)));
+//! queries.register_with("get_user", options, get_user)?;
+//!
+//! let get_7 = || QueryRequest::new("get_user", json!({ "user_id": "7" }));
+//! let saved = commands.send("save_user", json!({ "user_id": "7", "name": "John" })).await?;
+//! let user = queries.execute_request(get_7().at_least(saved.position)).await?;
+//! assert_eq!(user["name"], "John"); // the projection had caught up first
+//!
+//! let renamed = commands.send("save_user", json!({ "user_id": "7", "name": "Johnny" })).await?;
+//! let user = queries.execute_request(get_7().at_least(renamed.position)).await?;
+//! assert_eq!(user["name"], "Johnny"); // the cached "John" was invalidated
+//! # queries.shutdown().await;
+//! # Ok(())
+//! # }
+//! ```
 
 pub(crate) mod cache;
+mod options;
+mod read_models;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -30,23 +107,22 @@ use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use orchestrator_core::{Clock, EventStore, HandlerError, JsonHandler, SystemClock};
-use orchestrator_store::projection::{ProjectionRunner, ProjectionState};
+use orchestrator_core::{Clock, HandlerError, JsonHandler, SystemClock};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
-use tokio::sync::watch;
 use tracing::Instrument;
 
 use crate::canonical::canonical_json;
 use crate::command::check_name;
 use crate::error::{Error, HandlerKind, Result};
-use crate::read_model::{Attached, Feed, ReadModelDefinition, ReadModelHandle};
+use crate::read_model::ReadModelHandle;
 use crate::telemetry;
-use crate::validation::{Validator, decode_error};
+use crate::validation::decode_error;
 
 pub use cache::QueryCacheConfig;
-use cache::{Lookup, QueryCache, Tag, Versions};
+use cache::{Lookup, QueryCache, Versions};
+pub use options::{QueryOptions, QueryRequest};
 
 /// A typed query: a serde type (its parameters) with a stable name and a typed result.
 ///
@@ -70,163 +146,6 @@ pub trait Query: Serialize + DeserializeOwned + Send + 'static {
     const NAME: &'static str;
     /// What the handler returns.
     type Output: Serialize + DeserializeOwned + Send + 'static;
-}
-
-/// How a query's results are cached and what invalidates them.
-///
-/// By default a result is cached, and any event applied by the read models the query
-/// [`reads`](Self::reads) (by any read model, if it names none) invalidates it — always
-/// correct, rarely a hit under steady writes. Narrow it down:
-///
-/// - [`invalidated_by`](Self::invalidated_by): only events of these types;
-/// - [`keyed_by_stream`](Self::keyed_by_stream): only events of the stream the parameters
-///   name (`get_user {"user_id": "7"}` → `user-7`); with `invalidated_by`, only events of
-///   those types in that stream.
-#[derive(Clone)]
-pub struct QueryOptions {
-    cached: bool,
-    event_types: Vec<String>,
-    stream_of: Option<Arc<dyn Fn(&Value) -> Option<String> + Send + Sync>>,
-    reads: Vec<String>,
-    validator: Option<Arc<dyn Validator>>,
-}
-
-impl fmt::Debug for QueryOptions {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("QueryOptions")
-            .field("cached", &self.cached)
-            .field("event_types", &self.event_types)
-            .field("keyed_by_stream", &self.stream_of.is_some())
-            .field("reads", &self.reads)
-            .field("validator", &self.validator.is_some())
-            .finish()
-    }
-}
-
-impl Default for QueryOptions {
-    fn default() -> Self {
-        Self {
-            cached: true,
-            event_types: Vec::new(),
-            stream_of: None,
-            reads: Vec::new(),
-            validator: None,
-        }
-    }
-}
-
-impl QueryOptions {
-    /// Cached, invalidated by any event of the read models it reads.
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// Never cached.
-    pub fn no_cache(mut self) -> Self {
-        self.cached = false;
-        self
-    }
-
-    /// Invalidated only by events of these types.
-    pub fn invalidated_by<I, T>(mut self, event_types: I) -> Self
-    where
-        I: IntoIterator<Item = T>,
-        T: Into<String>,
-    {
-        self.event_types
-            .extend(event_types.into_iter().map(Into::into));
-        self
-    }
-
-    /// Invalidated only by events of the stream `stream_of` names for the parameters
-    /// (`None`: the parameters name no stream, fall back to the other rules).
-    pub fn keyed_by_stream(
-        mut self,
-        stream_of: impl Fn(&Value) -> Option<String> + Send + Sync + 'static,
-    ) -> Self {
-        self.stream_of = Some(Arc::new(stream_of));
-        self
-    }
-
-    /// Reads the read model `name`: read-your-writes waits for it, and its events
-    /// invalidate the cache (unless narrowed down). May be called for several.
-    pub fn reads(mut self, read_model: impl Into<String>) -> Self {
-        self.reads.push(read_model.into());
-        self
-    }
-
-    /// Validates the parameters before the handler runs.
-    pub fn validator(mut self, validator: impl Validator) -> Self {
-        self.validator = Some(Arc::new(validator));
-        self
-    }
-
-    /// The tags a result for `params` depends on (see the `cache` module).
-    fn tags<'a>(&'a self, stream: Option<&'a str>) -> Vec<Tag<'a>> {
-        match (self.event_types.is_empty(), stream) {
-            (false, Some(s)) => self.event_types.iter().map(|t| Tag::TypeInStream(t, s)).collect(),
-            (false, None) => self.event_types.iter().map(|t| Tag::Type(t)).collect(),
-            (true, Some(s)) => vec![Tag::Stream(s)],
-            (true, None) if self.reads.is_empty() => vec![Tag::Any],
-            (true, None) => self.reads.iter().map(|r| Tag::ReadModel(r)).collect(),
-        }
-    }
-}
-
-/// A query on its way through the bus: name, parameters, and how fresh the answer must be.
-#[derive(Debug, Clone, PartialEq)]
-#[non_exhaustive]
-pub struct QueryRequest {
-    /// The query's name.
-    pub name: String,
-    /// The parameters.
-    pub params: Value,
-    /// The global position the read models must have seen first (read-your-writes).
-    pub at_least: Option<u64>,
-    /// How long to wait for that; the bus's default when `None`.
-    pub timeout: Option<Duration>,
-    /// Whether the cache may answer (it still stores the result).
-    pub use_cache: bool,
-}
-
-impl QueryRequest {
-    /// The query `name` with `params`.
-    pub fn new(name: impl Into<String>, params: Value) -> Self {
-        Self {
-            name: name.into(),
-            params,
-            at_least: None,
-            timeout: None,
-            use_cache: true,
-        }
-    }
-
-    /// A typed query, serialized.
-    pub fn from_query<Q: Query>(query: &Q) -> Result<Self> {
-        let params = serde_json::to_value(query).map_err(|e| {
-            Error::invalid("query", format!("`{}` does not serialize: {e}", Q::NAME))
-        })?;
-        Ok(Self::new(Q::NAME, params))
-    }
-
-    /// Waits until the read models have seen `position` (`None`: no wait), e.g. a command's
-    /// [`CommandOutcome::position`](crate::CommandOutcome::position).
-    pub fn at_least(mut self, position: impl Into<Option<u64>>) -> Self {
-        self.at_least = position.into();
-        self
-    }
-
-    /// Waits at most `timeout` for [`at_least`](Self::at_least).
-    pub fn timeout(mut self, timeout: Duration) -> Self {
-        self.timeout = Some(timeout);
-        self
-    }
-
-    /// Runs the handler even if a cached result is fresh.
-    pub fn bypass_cache(mut self) -> Self {
-        self.use_cache = false;
-        self
-    }
 }
 
 #[async_trait]
@@ -266,7 +185,10 @@ where
             .await
             .map_err(|e| Error::from_handler(HandlerKind::Query, name, e.into()))?;
         serde_json::to_value(output).map_err(|e| {
-            Error::invalid("query result", format!("`{name}` result does not serialize: {e}"))
+            Error::invalid(
+                "query result",
+                format!("`{name}` result does not serialize: {e}"),
+            )
         })
     }
 }
@@ -309,7 +231,10 @@ impl fmt::Debug for QueryBus {
         f.debug_struct("QueryBus")
             .field("queries", &self.query_names())
             .field("cached", &self.inner.cache.is_some())
-            .field("read_models", &self.read_models().keys().collect::<Vec<_>>())
+            .field(
+                "read_models",
+                &self.read_models().keys().collect::<Vec<_>>(),
+            )
             .finish()
     }
 }
@@ -403,7 +328,12 @@ impl QueryBus {
             .unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn insert(&self, name: &str, options: QueryOptions, handler: Box<dyn DynQueryHandler>) -> Result<()> {
+    fn insert(
+        &self,
+        name: &str,
+        options: QueryOptions,
+        handler: Box<dyn DynQueryHandler>,
+    ) -> Result<()> {
         check_name(HandlerKind::Query, name)?;
         let mut handlers = self
             .inner
@@ -433,7 +363,12 @@ impl QueryBus {
     }
 
     /// Registers a dynamic query with `options`.
-    pub fn register_with(&self, name: &str, options: QueryOptions, handler: impl JsonHandler) -> Result<()> {
+    pub fn register_with(
+        &self,
+        name: &str,
+        options: QueryOptions,
+        handler: impl JsonHandler,
+    ) -> Result<()> {
         self.insert(name, options, Box::new(JsonQuery(Arc::new(handler))))
     }
 
@@ -471,11 +406,18 @@ impl QueryBus {
     }
 
     /// Executes the typed query `query` once the read models have seen `position`.
-    pub async fn query_after<Q: Query>(&self, query: Q, position: impl Into<Option<u64>>) -> Result<Q::Output> {
+    pub async fn query_after<Q: Query>(
+        &self,
+        query: Q,
+        position: impl Into<Option<u64>>,
+    ) -> Result<Q::Output> {
         let request = QueryRequest::from_query(&query)?.at_least(position);
         let value = self.execute_request(request).await?;
         serde_json::from_value(value).map_err(|e| {
-            Error::invalid("query result", format!("`{}` result does not fit: {e}", Q::NAME))
+            Error::invalid(
+                "query result",
+                format!("`{}` result does not fit: {e}", Q::NAME),
+            )
         })
     }
 
@@ -505,7 +447,11 @@ impl QueryBus {
     }
 
     /// Runs one query; returns its result and what the cache did (`hit`, `miss`, `off`).
-    async fn run(&self, registered: &RegisteredQuery, request: QueryRequest) -> (Result<Value>, &'static str) {
+    async fn run(
+        &self,
+        registered: &RegisteredQuery,
+        request: QueryRequest,
+    ) -> (Result<Value>, &'static str) {
         let options = &registered.options;
         if let Some(validator) = &options.validator {
             let errors = validator.validate(&request.params);
@@ -515,19 +461,33 @@ impl QueryBus {
         }
         if let Some(position) = request.at_least {
             let timeout = request.timeout.unwrap_or(self.inner.wait_timeout);
-            if let Err(e) = self.wait_for_position(&options.reads, position, timeout).await {
+            if let Err(e) = self
+                .wait_for_position(&options.reads, position, timeout)
+                .await
+            {
                 return (Err(e), "off");
             }
         }
         let cache = self.inner.cache.as_ref().filter(|_| options.cached);
         let Some(cache) = cache else {
-            return (registered.handler.call(&registered.name, request.params).await, "off");
+            return (
+                registered
+                    .handler
+                    .call(&registered.name, request.params)
+                    .await,
+                "off",
+            );
         };
-        let key = format!("{}\u{0}{}", registered.name, canonical_json(&request.params));
+        let key = format!(
+            "{}\u{0}{}",
+            registered.name,
+            canonical_json(&request.params)
+        );
         if request.use_cache {
             match cache.get(&key).await {
                 Lookup::Hit(value) => {
-                    metrics::counter!(telemetry::CACHE_HITS, "query" => registered.name.clone()).increment(1);
+                    metrics::counter!(telemetry::CACHE_HITS, "query" => registered.name.clone())
+                        .increment(1);
                     return (Ok(value), "hit");
                 }
                 Lookup::Miss(reason) => {
@@ -539,116 +499,14 @@ impl QueryBus {
         let stream = options.stream_of.as_ref().and_then(|f| f(&request.params));
         // Before the handler reads anything: see the `cache` module docs.
         let seen = self.inner.versions.seen(&options.tags(stream.as_deref()));
-        let result = registered.handler.call(&registered.name, request.params).await;
+        let result = registered
+            .handler
+            .call(&registered.name, request.params)
+            .await;
         if let Ok(value) = &result {
             cache.insert(key, value.clone(), seen).await;
         }
         (result, "miss")
-    }
-
-    /// Waits until the read models named in `reads` (all attached ones if empty) have seen
-    /// `position`, for at most `timeout` on the bus's clock.
-    pub async fn wait_for_position(&self, reads: &[String], position: u64, timeout: Duration) -> Result<()> {
-        let models: Vec<ReadModelHandle> = {
-            let all = self.read_models();
-            if reads.is_empty() {
-                all.values().cloned().collect()
-            } else {
-                let mut models = Vec::with_capacity(reads.len());
-                for name in reads {
-                    let model = all.get(name).cloned().ok_or_else(|| {
-                        Error::invalid("read model", format!("`{name}` is not attached to this query bus"))
-                    })?;
-                    models.push(model);
-                }
-                models
-            }
-        };
-        let started = Instant::now();
-        let mut deadline = self.inner.clock.sleep(timeout);
-        for model in models {
-            if model.position() >= position {
-                continue;
-            }
-            let not_caught_up = |state: Option<String>| Error::NotCaughtUp {
-                read_model: model.name().to_owned(),
-                reached: model.position(),
-                wanted: position,
-                waited: started.elapsed(),
-                state,
-            };
-            tokio::select! {
-                reached = model.attached.reach(position) => {
-                    reached.map_err(|state| not_caught_up(Some(state)))?;
-                }
-                () = &mut deadline => {
-                    let stuck = model
-                        .status()
-                        .filter(|s| !matches!(s.state, ProjectionState::Live | ProjectionState::CatchingUp))
-                        .map(|s| crate::read_model::describe(&s));
-                    return Err(not_caught_up(stuck));
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// Attaches a read model fed from `store`: starts its projection and waits until it has
-    /// loaded where to resume. Its events invalidate this bus's cache, and read-your-writes
-    /// queries wait for it. A name attached twice is [`Error::AlreadyRegistered`].
-    pub async fn attach_read_model(
-        &self,
-        store: Arc<dyn EventStore>,
-        definition: ReadModelDefinition,
-    ) -> Result<ReadModelHandle> {
-        let ReadModelDefinition {
-            name,
-            model,
-            storage,
-            filter,
-            options,
-        } = definition;
-        check_name(HandlerKind::Query, &name)?;
-        if self.read_models().contains_key(&name) {
-            return Err(Error::invalid("read model", format!("`{name}` is already attached")));
-        }
-        let attached = Arc::new(Attached {
-            name: name.as_str().into(),
-            storage,
-            position: watch::Sender::new(0),
-            projection: tokio::sync::RwLock::new(None),
-        });
-        let feed = Feed {
-            attached: attached.clone(),
-            model,
-            filter,
-            versions: self.inner.versions.clone(),
-        };
-        let options = options.filter(orchestrator_core::EventFilter::all());
-        let handle = ProjectionRunner::new(store, name.clone(), Arc::new(feed))
-            .with_options(options)
-            .spawn();
-        let status = handle.wait_for(|s| s.state != ProjectionState::Starting).await;
-        attached.position.send_modify(|p| *p = (*p).max(status.position));
-        *attached.projection.write().await = Some(handle);
-        let model = ReadModelHandle { attached };
-        let mut read_models = self
-            .inner
-            .read_models
-            .write()
-            .unwrap_or_else(PoisonError::into_inner);
-        if read_models.contains_key(&name) {
-            drop(read_models);
-            model.stop().await;
-            return Err(Error::invalid("read model", format!("`{name}` is already attached")));
-        }
-        read_models.insert(name, model.clone());
-        Ok(model)
-    }
-
-    /// The attached read model `name`.
-    pub fn read_model(&self, name: &str) -> Option<ReadModelHandle> {
-        self.read_models().get(name).cloned()
     }
 
     /// How many results the cache holds (after pending evictions); 0 without a cache.
@@ -663,14 +521,6 @@ impl QueryBus {
     pub fn clear_cache(&self) {
         if let Some(cache) = &self.inner.cache {
             cache.clear();
-        }
-    }
-
-    /// Stops every read model's projection.
-    pub async fn shutdown(&self) {
-        let models: Vec<_> = self.read_models().values().cloned().collect();
-        for model in models {
-            model.stop().await;
         }
     }
 }

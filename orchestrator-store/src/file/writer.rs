@@ -216,8 +216,7 @@ impl Writer {
             events,
             reply,
         } = request;
-        let stream_name = self.stream_name(&stream);
-        let actual = self.version_of(&stream_name);
+        let (stream_name, actual) = self.lookup(&stream);
         if !expected.is_satisfied_by(actual) {
             let result = Err(CoreError::WrongExpectedVersion {
                 stream,
@@ -299,27 +298,16 @@ impl Writer {
         });
     }
 
-    fn stream_name(&self, stream: &str) -> Arc<str> {
-        if let Some((name, _)) = self.pending_versions.get_key_value(stream) {
-            return name.clone();
+    /// The stream's shared name and its version, written-but-unpublished appends included.
+    fn lookup(&self, stream: &str) -> (Arc<str>, Option<u64>) {
+        if let Some((name, &version)) = self.pending_versions.get_key_value(stream) {
+            return (name.clone(), Some(version));
         }
-        self.shared
-            .index
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .stream_name(stream)
-            .unwrap_or_else(|| Arc::from(stream))
-    }
-
-    fn version_of(&self, stream: &str) -> Option<u64> {
-        if let Some(&v) = self.pending_versions.get(stream) {
-            return Some(v);
+        let index = self.shared.index();
+        match index.stream_name(stream) {
+            Some(name) => (name, index.stream_version(stream)),
+            None => (Arc::from(stream), None),
         }
-        self.shared
-            .index
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .stream_version(stream)
     }
 
     /// Rolls over to a new segment if `bytes` more would overflow the open one (which must
@@ -380,7 +368,7 @@ impl Writer {
                 Err(e) => return self.fail(e),
             }
         }
-        let pending = std::mem::take(&mut self.pending);
+        let mut pending = std::mem::take(&mut self.pending);
         let mut appends = 0;
         let mut events = 0;
         let head = {
@@ -392,13 +380,13 @@ impl Writer {
             for reader in readers {
                 index.push_segment(reader);
             }
-            for p in &pending {
-                if p.result.is_ok() {
+            for p in &mut pending {
+                if !p.entries.is_empty() {
                     appends += 1;
                 }
                 events += p.entries.len() as u64;
-                for entry in &p.entries {
-                    index.push(entry.clone());
+                for entry in p.entries.drain(..) {
+                    index.push(entry);
                 }
             }
             index.head()

@@ -1,0 +1,90 @@
+//! `KafkaEventStore` against the live broker: the event store conformance suite (which checks
+//! the capabilities the store claims), plus the typed `Unsupported` answers and positions that
+//! survive a new store instance.
+#![cfg(feature = "kafka")]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod kafka_support;
+
+use kafka_support::{Cleanup, config, random_prefix, reachable, serial};
+use orchestrator_backends::kafka::{KAFKA_STORE_CAPABILITIES, KafkaEventStore};
+use orchestrator_core::testkit::store::run_all;
+use orchestrator_core::{Error, EventEnvelope, EventStore, ExpectedVersion, ReadAll};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_store_conforms() {
+    let _serial = serial().await;
+    let prefix = random_prefix();
+    let Some((brokers, _probe)) = reachable(&prefix).await else {
+        return;
+    };
+    let _cleanup = Cleanup::new(&brokers, &prefix);
+    // One log for every case: each case names its own streams and event types.
+    let store = KafkaEventStore::connect(config(&brokers, &prefix))
+        .await
+        .unwrap();
+    run_all(|| {
+        let store = store.clone();
+        async move { store }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expected_versions_are_unsupported_and_typed() {
+    let _serial = serial().await;
+    let prefix = random_prefix();
+    let Some((brokers, _probe)) = reachable(&prefix).await else {
+        return;
+    };
+    let _cleanup = Cleanup::new(&brokers, &prefix);
+    let store = KafkaEventStore::connect(config(&brokers, &prefix))
+        .await
+        .unwrap();
+    assert!(!store.capabilities().expected_version);
+    assert!(!store.capabilities().atomic_batch);
+    assert!(store.capabilities().durable && store.capabilities().read_stream);
+    assert_eq!(store.capabilities(), KAFKA_STORE_CAPABILITIES);
+
+    let event = || EventEnvelope::new("account.opened", &serde_json::json!({"n": 1})).unwrap();
+    for expected in [
+        ExpectedVersion::Exact(0),
+        ExpectedVersion::Exact(3),
+        ExpectedVersion::NoStream,
+        ExpectedVersion::StreamExists,
+    ] {
+        match store.append("acct-1", expected, vec![event()]).await {
+            Err(Error::Unsupported {
+                backend: "kafka",
+                operation,
+                ..
+            }) => assert!(operation.contains("expected version"), "{operation}"),
+            other => panic!("append expecting {expected}: expected Unsupported, got {other:?}"),
+        }
+    }
+    assert_eq!(
+        store.head_position().await.unwrap(),
+        0,
+        "nothing was written"
+    );
+    let written = store
+        .append("acct-1", ExpectedVersion::Any, vec![event(), event()])
+        .await
+        .unwrap();
+    assert_eq!(written.next_expected_version, 2);
+    assert_eq!((written.first_position, written.last_position), (1, 2));
+
+    // A second store instance rebuilds the same versions and positions from the log.
+    let again = KafkaEventStore::connect(config(&brokers, &prefix))
+        .await
+        .unwrap();
+    let events = again.read_stream("acct-1", 1, 10).await.unwrap();
+    let positions: Vec<(u64, u64)> = events
+        .iter()
+        .map(|e| (e.stream_version().unwrap(), e.global_position().unwrap()))
+        .collect();
+    assert_eq!(positions, [(1, 1), (2, 2)]);
+    let all = again.read_all(ReadAll::from(2, 10)).await.unwrap();
+    assert_eq!(all.len(), 1);
+    assert_eq!(all[0].id(), events[1].id());
+}

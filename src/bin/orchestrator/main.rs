@@ -1,0 +1,2 @@
+//! The orchestrator CLI (being written).
+fn main() {}

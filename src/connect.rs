@@ -1,0 +1,315 @@
+//! Stores and transports from URLs: what the builder's `store_url` / `transport_url` and the
+//! CLI's `--store` / `--transport` accept.
+//!
+//! | URL | store | transport | feature |
+//! |---|---|---|---|
+//! | `memory:` | [`InMemoryEventStore`] | [`InProcessTransport`] | — |
+//! | `file://DIR` (`file:///abs/dir`, `file://./rel`) | [`FileEventStore`] in `DIR` | — | — |
+//! | `redis://…`, `rediss://…` | `RedisEventStore` | `RedisTransport` | `redis` |
+//! | `amqp://…` (`amqps://…`) | `RabbitMqEventStore` | `RabbitMqTransport` | `rabbitmq` (`rabbitmq-tls`) |
+//! | `kafka://host:port[,host:port…]` | `KafkaEventStore` | `KafkaTransport` | `kafka` |
+//!
+//! A URL whose backend is not compiled in is [`Error::FeatureDisabled`], naming the feature
+//! to enable. Credentials in URLs never appear in errors ([`redact`]).
+//!
+//! ```
+//! use orchestrator::connect::Backend;
+//!
+//! assert_eq!(Backend::parse("file:///var/lib/app")?, Backend::File("/var/lib/app".into()));
+//! assert_eq!(Backend::parse("memory:")?, Backend::Memory);
+//! assert!(Backend::parse("ftp://example.com").is_err());
+//! assert_eq!(
+//!     orchestrator::connect::redact("amqp://guest:secret@127.0.0.1:5672/%2f"),
+//!     "amqp://guest:***@127.0.0.1:5672/%2f"
+//! );
+//! # Ok::<(), orchestrator::Error>(())
+//! ```
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use orchestrator_bus::InProcessTransport;
+use orchestrator_core::{EventStore, Transport};
+use orchestrator_store::{FileEventStore, InMemoryEventStore};
+
+use crate::error::{Error, Result};
+
+/// A parsed backend URL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Backend {
+    /// `memory:` — in this process only.
+    Memory,
+    /// `file://DIR` — the embedded durable store in `DIR`.
+    File(PathBuf),
+    /// `redis://…` or `rediss://…`, the whole URL.
+    Redis(String),
+    /// `amqp://…` or `amqps://…`, the whole URL.
+    Amqp(String),
+    /// `kafka://…`: the bootstrap servers (`host:port,host:port`).
+    Kafka(String),
+}
+
+impl Backend {
+    /// Parses a backend URL (see the [module docs](self)).
+    pub fn parse(url: &str) -> Result<Self> {
+        let url = url.trim();
+        if matches!(url, "memory" | "memory:" | "memory://") {
+            return Ok(Self::Memory);
+        }
+        let Some((scheme, rest)) = url.split_once("://") else {
+            return Err(unknown(url));
+        };
+        match scheme {
+            "file" if !rest.is_empty() => Ok(Self::File(PathBuf::from(rest))),
+            "file" => Err(Error::Core(orchestrator_core::Error::invalid(
+                "store URL",
+                "`file://` needs a directory: file:///var/lib/app or file://./data",
+            ))),
+            "redis" | "rediss" => Ok(Self::Redis(url.to_owned())),
+            "amqp" | "amqps" => Ok(Self::Amqp(url.to_owned())),
+            "kafka" => {
+                let brokers = rest.trim_end_matches('/');
+                if brokers.is_empty() {
+                    return Err(Error::Core(orchestrator_core::Error::invalid(
+                        "Kafka URL",
+                        "name the brokers: kafka://127.0.0.1:9092[,host:port…]",
+                    )));
+                }
+                Ok(Self::Kafka(brokers.to_owned()))
+            }
+            _ => Err(unknown(url)),
+        }
+    }
+
+    /// The URL scheme, for messages.
+    pub fn scheme(&self) -> &str {
+        match self {
+            Self::Memory => "memory",
+            Self::File(_) => "file",
+            Self::Redis(url) | Self::Amqp(url) => url.split_once("://").map_or("", |(s, _)| s),
+            Self::Kafka(_) => "kafka",
+        }
+    }
+}
+
+fn unknown(url: &str) -> Error {
+    Error::Core(orchestrator_core::Error::invalid(
+        "backend URL",
+        format!(
+            "`{}` is not one of memory:, file://DIR, redis://…, amqp://…, kafka://host:port",
+            redact(url)
+        ),
+    ))
+}
+
+/// `url` with the password of its user info replaced by `***`.
+pub fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let Some(at) = rest[..authority_end].rfind('@') else {
+        return url.to_owned();
+    };
+    let user_info = &rest[..at];
+    let user = user_info
+        .split_once(':')
+        .map_or(user_info, |(user, _)| user);
+    let masked = if user_info.contains(':') {
+        format!("{user}:***")
+    } else {
+        "***".to_owned()
+    };
+    format!("{scheme}://{masked}{}", &rest[at..])
+}
+
+/// Opens the event store a URL names.
+pub async fn store(url: &str) -> Result<Arc<dyn EventStore>> {
+    match Backend::parse(url)? {
+        Backend::Memory => Ok(Arc::new(InMemoryEventStore::new())),
+        Backend::File(dir) => {
+            // Opening reads every segment with blocking I/O.
+            let opened = tokio::task::spawn_blocking(move || FileEventStore::open(dir))
+                .await
+                .map_err(|e| {
+                    orchestrator_core::Error::backend("file", false, format!("open failed: {e}"))
+                })??;
+            Ok(Arc::new(opened))
+        }
+        Backend::Redis(url) => redis_store(&url).await,
+        Backend::Amqp(url) => rabbitmq_store(&url).await,
+        Backend::Kafka(brokers) => kafka_store(&brokers).await,
+    }
+}
+
+/// Connects the transport a URL names (`memory:` is a fresh [`InProcessTransport`]).
+pub async fn transport(url: &str) -> Result<Arc<dyn Transport>> {
+    match Backend::parse(url)? {
+        Backend::Memory => Ok(Arc::new(InProcessTransport::new())),
+        Backend::File(_) => Err(Error::Core(orchestrator_core::Error::invalid(
+            "transport URL",
+            "there is no file transport: events travel in-process (memory:) or through a \
+             broker (redis://, amqp://, kafka://); file:// names a store",
+        ))),
+        Backend::Redis(url) => redis_transport(&url).await,
+        Backend::Amqp(url) => rabbitmq_transport(&url).await,
+        Backend::Kafka(brokers) => kafka_transport(&brokers).await,
+    }
+}
+
+#[cfg(feature = "redis")]
+async fn redis_store(url: &str) -> Result<Arc<dyn EventStore>> {
+    use orchestrator_backends::redis::{RedisConfig, RedisEventStore};
+    Ok(Arc::new(
+        RedisEventStore::connect(RedisConfig::new(url)?).await?,
+    ))
+}
+
+#[cfg(feature = "redis")]
+async fn redis_transport(url: &str) -> Result<Arc<dyn Transport>> {
+    use orchestrator_backends::redis::{RedisConfig, RedisTransport};
+    Ok(Arc::new(
+        RedisTransport::connect(RedisConfig::new(url)?).await?,
+    ))
+}
+
+#[cfg(not(feature = "redis"))]
+async fn redis_store(url: &str) -> Result<Arc<dyn EventStore>> {
+    Err(disabled(url, "redis"))
+}
+
+#[cfg(not(feature = "redis"))]
+async fn redis_transport(url: &str) -> Result<Arc<dyn Transport>> {
+    Err(disabled(url, "redis"))
+}
+
+#[cfg(feature = "rabbitmq")]
+fn check_tls(url: &str) -> Result<()> {
+    if url.starts_with("amqps://") && !cfg!(feature = "rabbitmq-tls") {
+        return Err(disabled(url, "rabbitmq-tls"));
+    }
+    Ok(())
+}
+
+#[cfg(feature = "rabbitmq")]
+async fn rabbitmq_store(url: &str) -> Result<Arc<dyn EventStore>> {
+    use orchestrator_backends::rabbitmq::{RabbitMqEventStore, RabbitMqStoreConfig};
+    check_tls(url)?;
+    Ok(Arc::new(
+        RabbitMqEventStore::connect(RabbitMqStoreConfig::new(url)).await?,
+    ))
+}
+
+#[cfg(feature = "rabbitmq")]
+async fn rabbitmq_transport(url: &str) -> Result<Arc<dyn Transport>> {
+    use orchestrator_backends::rabbitmq::{RabbitMqConfig, RabbitMqTransport};
+    check_tls(url)?;
+    Ok(Arc::new(
+        RabbitMqTransport::connect(RabbitMqConfig::new(url)).await?,
+    ))
+}
+
+#[cfg(not(feature = "rabbitmq"))]
+async fn rabbitmq_store(url: &str) -> Result<Arc<dyn EventStore>> {
+    Err(disabled(url, "rabbitmq"))
+}
+
+#[cfg(not(feature = "rabbitmq"))]
+async fn rabbitmq_transport(url: &str) -> Result<Arc<dyn Transport>> {
+    Err(disabled(url, "rabbitmq"))
+}
+
+#[cfg(feature = "kafka")]
+async fn kafka_store(brokers: &str) -> Result<Arc<dyn EventStore>> {
+    use orchestrator_backends::kafka::{KafkaConfig, KafkaEventStore};
+    Ok(Arc::new(
+        KafkaEventStore::connect(KafkaConfig::new(brokers)).await?,
+    ))
+}
+
+#[cfg(feature = "kafka")]
+async fn kafka_transport(brokers: &str) -> Result<Arc<dyn Transport>> {
+    use orchestrator_backends::kafka::{KafkaConfig, KafkaTransport};
+    Ok(Arc::new(
+        KafkaTransport::connect(KafkaConfig::new(brokers)).await?,
+    ))
+}
+
+#[cfg(not(feature = "kafka"))]
+async fn kafka_store(_brokers: &str) -> Result<Arc<dyn EventStore>> {
+    Err(disabled("kafka://", "kafka"))
+}
+
+#[cfg(not(feature = "kafka"))]
+async fn kafka_transport(_brokers: &str) -> Result<Arc<dyn Transport>> {
+    Err(disabled("kafka://", "kafka"))
+}
+
+fn disabled(url: &str, feature: &'static str) -> Error {
+    Error::FeatureDisabled {
+        scheme: url.split_once("://").map_or(url, |(s, _)| s).to_owned(),
+        feature,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_parse_into_backends() {
+        assert_eq!(
+            Backend::parse("file://./data").unwrap(),
+            Backend::File("./data".into())
+        );
+        assert_eq!(
+            Backend::parse("kafka://a:9092,b:9092/").unwrap(),
+            Backend::Kafka("a:9092,b:9092".into())
+        );
+        assert_eq!(Backend::parse("rediss://h:1").unwrap().scheme(), "rediss");
+        assert!(Backend::parse("file://").is_err());
+        assert!(Backend::parse("kafka://").is_err());
+        let err = Backend::parse("postgres://u:pw@h/db")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("u:***@h") && !err.contains("pw"), "{err}");
+    }
+
+    #[test]
+    fn redaction_keeps_everything_but_the_password() {
+        assert_eq!(redact("redis://127.0.0.1:6379"), "redis://127.0.0.1:6379");
+        assert_eq!(redact("redis://:pw@h:1/0"), "redis://:***@h:1/0");
+        assert_eq!(redact("redis://token@h"), "redis://***@h");
+        assert_eq!(redact("file:///a@b/c"), "file:///a@b/c");
+    }
+
+    #[tokio::test]
+    async fn backends_not_compiled_in_name_their_feature() {
+        if !cfg!(feature = "kafka") {
+            let Err(err) = store("kafka://127.0.0.1:9092").await else {
+                panic!("kafka is not compiled in")
+            };
+            assert!(matches!(
+                err,
+                Error::FeatureDisabled {
+                    feature: "kafka",
+                    ..
+                }
+            ));
+        }
+        if !cfg!(feature = "redis") {
+            let Err(err) = transport("redis://127.0.0.1:6379").await else {
+                panic!("redis is not compiled in")
+            };
+            assert!(matches!(
+                err,
+                Error::FeatureDisabled {
+                    feature: "redis",
+                    ..
+                }
+            ));
+        }
+        assert!(transport("file:///tmp/x").await.is_err());
+    }
+}

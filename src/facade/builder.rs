@@ -1,0 +1,246 @@
+//! [`EventOrchestratorBuilder`]: transport, store, dead letters, retry defaults, clock,
+//! schemas, query cache, saga concurrency.
+
+use std::sync::Arc;
+
+use orchestrator_bus::{EventBus, InProcessTransport};
+use orchestrator_core::{Clock, DeadLetterQueue, EventStore, RetryPolicy, SystemClock, Transport};
+use orchestrator_cqrs::{CommandBus, QueryBus, QueryCacheConfig};
+use orchestrator_saga::SagaOrchestrator;
+use orchestrator_store::{InMemoryEventStore, SchemaRegistry};
+
+use super::EventOrchestrator;
+use crate::connect::{self, Backend};
+use crate::error::{Error, Result};
+
+/// Where the builder gets a transport or a store from.
+enum Source<T: ?Sized> {
+    Ready(Arc<T>),
+    Url(String),
+}
+
+/// Configures an [`EventOrchestrator`]; from [`EventOrchestrator::builder`].
+///
+/// Everything has a default: the in-process transport, the in-memory store, the default
+/// [`RetryPolicy`], the system clock, an empty schema registry, a query cache of 10,000
+/// results for 30 s, up to 1024 sagas at once.
+///
+/// ```
+/// use std::time::Duration;
+/// use orchestrator::prelude::*;
+/// use orchestrator::store::FileEventStore;
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// # let dir = tempfile::tempdir()?;
+/// let orchestrator = EventOrchestrator::builder()
+///     // Events survive a restart: the embedded durable store.
+///     .store(std::sync::Arc::new(FileEventStore::open(dir.path())?))
+///     .retry_policy(RetryPolicy::exponential(5, Duration::from_millis(100)))
+///     .build()
+///     .await?;
+/// // Or by URL, as the CLI does: .store_url("file:///var/lib/app"), .transport_url("redis://…").
+/// # let _ = orchestrator;
+/// # Ok(()) }
+/// ```
+#[must_use = "a builder does nothing until `build` is called"]
+pub struct EventOrchestratorBuilder {
+    transport: Option<Source<dyn Transport>>,
+    store: Option<Source<dyn EventStore>>,
+    dead_letters: Option<Arc<dyn DeadLetterQueue>>,
+    retry: RetryPolicy,
+    clock: Arc<dyn Clock>,
+    schemas: Option<Arc<SchemaRegistry>>,
+    query_cache: Option<QueryCacheConfig>,
+    max_concurrent_sagas: Option<usize>,
+}
+
+impl Default for EventOrchestratorBuilder {
+    fn default() -> Self {
+        Self {
+            transport: None,
+            store: None,
+            dead_letters: None,
+            retry: RetryPolicy::default(),
+            clock: Arc::new(SystemClock),
+            schemas: None,
+            query_cache: Some(QueryCacheConfig::default()),
+            max_concurrent_sagas: None,
+        }
+    }
+}
+
+impl std::fmt::Debug for EventOrchestratorBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let describe = |source: Option<String>| source.unwrap_or_else(|| "default".to_owned());
+        f.debug_struct("EventOrchestratorBuilder")
+            .field(
+                "transport",
+                &describe(self.transport.as_ref().map(|s| match s {
+                    Source::Ready(t) => t.name().to_owned(),
+                    Source::Url(url) => connect::redact(url),
+                })),
+            )
+            .field(
+                "store",
+                &describe(self.store.as_ref().map(|s| match s {
+                    Source::Ready(t) => t.name().to_owned(),
+                    Source::Url(url) => connect::redact(url),
+                })),
+            )
+            .field("retry", &self.retry)
+            .field("query_cache", &self.query_cache)
+            .finish_non_exhaustive()
+    }
+}
+
+impl EventOrchestratorBuilder {
+    /// Carries events on `transport` (a broker transport, or an
+    /// [`InProcessTransport`] you configured).
+    pub fn transport(mut self, transport: Arc<dyn Transport>) -> Self {
+        self.transport = Some(Source::Ready(transport));
+        self
+    }
+
+    /// Carries events on the transport `url` names, connected by [`build`](Self::build):
+    /// `memory:`, `redis://…`, `amqp://…`, `kafka://host:port` (see [`crate::connect`]).
+    pub fn transport_url(mut self, url: impl Into<String>) -> Self {
+        self.transport = Some(Source::Url(url.into()));
+        self
+    }
+
+    /// Keeps events (and saga logs) in `store`: the embedded durable
+    /// [`FileEventStore`](orchestrator_store::FileEventStore) for events that survive a
+    /// restart, or a broker-backed store.
+    pub fn store(mut self, store: Arc<dyn EventStore>) -> Self {
+        self.store = Some(Source::Ready(store));
+        self
+    }
+
+    /// Keeps events in the store `url` names, opened by [`build`](Self::build): `memory:`,
+    /// `file://DIR`, `redis://…`, `amqp://…`, `kafka://host:port`.
+    pub fn store_url(mut self, url: impl Into<String>) -> Self {
+        self.store = Some(Source::Url(url.into()));
+        self
+    }
+
+    /// Parks failed deliveries in `queue`. Applies to the default in-process transport; a
+    /// broker transport keeps its own durable queue, and giving both is an error.
+    pub fn dead_letter_queue(mut self, queue: Arc<dyn DeadLetterQueue>) -> Self {
+        self.dead_letters = Some(queue);
+        self
+    }
+
+    /// The retry policy of subscriptions that name none.
+    pub fn retry_policy(mut self, retry: RetryPolicy) -> Self {
+        self.retry = retry;
+        self
+    }
+
+    /// The clock for retry backoff, saga timeouts and the query cache's time-to-live (tests
+    /// pass a [`ManualClock`](orchestrator_core::ManualClock)).
+    pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// Validates and upcasts events with `registry` (shared, so you can keep registering).
+    pub fn schemas(mut self, registry: Arc<SchemaRegistry>) -> Self {
+        self.schemas = Some(registry);
+        self
+    }
+
+    /// The query cache's capacity and time-to-live.
+    pub fn query_cache(mut self, config: QueryCacheConfig) -> Self {
+        self.query_cache = Some(config);
+        self
+    }
+
+    /// No query cache: every query runs its handler.
+    pub fn without_query_cache(mut self) -> Self {
+        self.query_cache = None;
+        self
+    }
+
+    /// How many sagas run at once (default 1024); more wait for a slot.
+    pub fn max_concurrent_sagas(mut self, sagas: usize) -> Self {
+        self.max_concurrent_sagas = Some(sagas);
+        self
+    }
+
+    /// Connects what was given by URL and builds the orchestrator.
+    ///
+    /// A URL naming a backend this build does not carry is [`Error::FeatureDisabled`]; an
+    /// unreachable broker is the backend's connection error.
+    pub async fn build(mut self) -> Result<EventOrchestrator> {
+        let store: Arc<dyn EventStore> = match self.store.take() {
+            None => Arc::new(InMemoryEventStore::new()),
+            Some(Source::Ready(store)) => store,
+            Some(Source::Url(url)) => connect::store(&url).await?,
+        };
+        let transport = match self.transport.take() {
+            Some(Source::Url(url)) if Backend::parse(&url)? == Backend::Memory => None,
+            Some(Source::Url(url)) => Some(connect::transport(&url).await?),
+            Some(Source::Ready(transport)) => Some(transport),
+            None => None,
+        };
+        let transport = match transport {
+            Some(transport) if self.dead_letters.is_some() => {
+                return Err(Error::Core(orchestrator_core::Error::invalid(
+                    "dead-letter queue",
+                    format!(
+                        "the {} transport keeps its own dead-letter queue; \
+                         `dead_letter_queue` applies to the in-process transport only",
+                        transport.name()
+                    ),
+                )));
+            }
+            Some(transport) => transport,
+            None => self.in_process_transport(),
+        };
+        Ok(self.assemble(transport, store))
+    }
+
+    /// The embedded default, which needs nothing connected.
+    pub(super) fn build_in_process(mut self) -> EventOrchestrator {
+        let transport = self.in_process_transport();
+        self.assemble(transport, Arc::new(InMemoryEventStore::new()))
+    }
+
+    fn in_process_transport(&mut self) -> Arc<dyn Transport> {
+        let mut builder = InProcessTransport::builder().clock(Arc::clone(&self.clock));
+        if let Some(queue) = self.dead_letters.take() {
+            builder = builder.dead_letter_queue(queue);
+        }
+        Arc::new(builder.build())
+    }
+
+    pub(super) fn assemble(
+        self,
+        transport: Arc<dyn Transport>,
+        store: Arc<dyn EventStore>,
+    ) -> EventOrchestrator {
+        let schemas = self.schemas.unwrap_or_default();
+        let bus = EventBus::new(transport)
+            .with_retry_policy(self.retry)
+            .with_clock(Arc::clone(&self.clock))
+            .with_schemas(schemas.clone());
+        let mut sagas =
+            SagaOrchestrator::builder(Arc::clone(&store)).clock(Arc::clone(&self.clock));
+        if let Some(limit) = self.max_concurrent_sagas {
+            sagas = sagas.max_concurrent(limit);
+        }
+        let queries = QueryBus::builder().clock(self.clock);
+        let queries = match self.query_cache {
+            Some(config) => queries.cache(config),
+            None => queries.without_cache(),
+        };
+        EventOrchestrator {
+            bus,
+            store,
+            schemas,
+            sagas: sagas.build(),
+            commands: CommandBus::new(),
+            queries: queries.build(),
+        }
+    }
+}

@@ -1,0 +1,244 @@
+//! [`EventOrchestrator`]: the facade that wires a transport, a store, the bus, sagas and
+//! CQRS together.
+
+mod builder;
+mod cqrs;
+mod replay;
+mod saga;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use orchestrator_bus::{DeadLetters, EventBus, ShutdownReport, Subscription, SubscriptionConfig};
+use orchestrator_core::{
+    Event, EventEnvelope, EventHandler, EventId, EventSchemas as _, EventStore, ExpectedVersion,
+    HandlerError, RetryPolicy, StoredPosition, Transport,
+};
+use orchestrator_cqrs::{CommandBus, QueryBus};
+use orchestrator_saga::SagaOrchestrator;
+use orchestrator_store::SchemaRegistry;
+use serde_json::Value;
+use tracing::Instrument as _;
+
+use crate::error::Result;
+use crate::propagation::{self, TracePropagation};
+
+pub use builder::EventOrchestratorBuilder;
+pub use replay::ReplayFilter;
+
+/// The main entry point: publish events and subscribe handlers, run sagas, send commands
+/// and queries, replay stored events — the original design's `EventOrchestrator`.
+///
+/// [`EventOrchestrator::new`] runs on the embedded default: the in-process transport and
+/// the in-memory event store. [`EventOrchestrator::builder`] picks a transport, a store (the
+/// embedded durable [`FileEventStore`](orchestrator_store::FileEventStore), a broker), the
+/// retry defaults and the clock. Every published event is appended to the store, then
+/// published on the transport; saga logs go to the same store.
+///
+/// Clones share everything. Use it inside a tokio runtime.
+///
+/// ```
+/// use orchestrator::prelude::*;
+/// use serde_json::json;
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> orchestrator::Result<()> {
+/// let orchestrator = EventOrchestrator::new();
+/// orchestrator.register_command_handler("create_user", |data: serde_json::Value| async move {
+///     Ok::<_, HandlerError>(json!({"user_id": "USER123", "name": data["name"]}))
+/// })?;
+/// let user = orchestrator.send_command("create_user", json!({"name": "John"})).await?;
+/// assert_eq!(user["user_id"], "USER123");
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct EventOrchestrator {
+    bus: EventBus,
+    store: Arc<dyn EventStore>,
+    schemas: Arc<SchemaRegistry>,
+    sagas: SagaOrchestrator,
+    commands: CommandBus,
+    queries: QueryBus,
+}
+
+impl std::fmt::Debug for EventOrchestrator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EventOrchestrator")
+            .field("bus", &self.bus)
+            .field("store", &self.store.name())
+            .field("sagas", &self.sagas.defined())
+            .field("commands", &self.commands.command_names())
+            .field("queries", &self.queries.query_names())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for EventOrchestrator {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl EventOrchestrator {
+    /// An orchestrator on the embedded default: in-process transport, in-memory store,
+    /// default retry policy, system clock, empty schema registry.
+    pub fn new() -> Self {
+        EventOrchestratorBuilder::default().build_in_process()
+    }
+
+    /// A builder, to pick the transport, the store, the retry defaults, the clock, ….
+    pub fn builder() -> EventOrchestratorBuilder {
+        EventOrchestratorBuilder::default()
+    }
+
+    /// An orchestrator on the given transport and store, with `retry` for subscriptions
+    /// (the builder's shortcut, for transports and stores at hand).
+    pub fn with_parts(
+        transport: Arc<dyn Transport>,
+        store: Arc<dyn EventStore>,
+        retry: RetryPolicy,
+    ) -> Self {
+        EventOrchestratorBuilder::default()
+            .retry_policy(retry)
+            .assemble(transport, store)
+    }
+
+    /// Subscribes `handler` to an event type or pattern (`"user.created"`, `"user.*"`,
+    /// `"order.#"`). The handler — an async closure or fn taking the [`EventEnvelope`] and
+    /// returning `Result<(), E>` for any error type `E` — receives each matching event
+    /// published from now on. When it fails with a retryable error the event is retried
+    /// with backoff, then dead-lettered; a permanent error dead-letters it at once.
+    pub async fn subscribe(
+        &self,
+        event_type_or_pattern: &str,
+        handler: impl EventHandler,
+    ) -> Result<Subscription> {
+        self.subscribe_with(SubscriptionConfig::new(event_type_or_pattern), handler)
+            .await
+    }
+
+    /// Subscribes `handler` with the bus's options: a name (consumer group), filter,
+    /// transform, concurrency, per-key order, middleware, retry policy, deduplication. The
+    /// facade adds [`TracePropagation`] to the middleware.
+    pub async fn subscribe_with(
+        &self,
+        config: SubscriptionConfig,
+        handler: impl EventHandler,
+    ) -> Result<Subscription> {
+        Ok(self
+            .bus
+            .subscribe_with(config.middleware(TracePropagation), Arc::new(handler))
+            .await?)
+    }
+
+    /// Subscribes a handler of the typed event `E` to its event type: each event is
+    /// decoded into `E` first; one that does not decode is dead-lettered at once.
+    pub async fn subscribe_typed<E, F, Fut, Fail>(&self, handler: F) -> Result<Subscription>
+    where
+        E: Event + Send + 'static,
+        F: Fn(E) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = std::result::Result<(), Fail>> + Send + 'static,
+        Fail: Into<HandlerError> + 'static,
+    {
+        let handler = Arc::new(handler);
+        self.subscribe(E::EVENT_TYPE, move |event: EventEnvelope| {
+            let handler = Arc::clone(&handler);
+            async move {
+                let typed = event
+                    .to_event::<E>()
+                    .map_err(|e| HandlerError::permanent(e.to_string()))?;
+                handler(typed).await.map_err(Into::into)
+            }
+        })
+        .await
+    }
+
+    /// Publishes an event of `event_type` with a JSON payload; returns its id.
+    ///
+    /// The event is appended to the event store (to the stream named after its event
+    /// type), then published to subscribers.
+    pub async fn publish_event(&self, event_type: &str, data: Value) -> Result<EventId> {
+        self.publish(EventEnvelope::new(event_type, &data)?).await
+    }
+
+    /// Publishes a typed event; returns its id.
+    pub async fn publish_typed<E: Event>(&self, event: &E) -> Result<EventId> {
+        self.publish(EventEnvelope::from_event(event)?).await
+    }
+
+    /// Publishes a prepared envelope; returns its id.
+    ///
+    /// In order: the event gets the current trace context (W3C `traceparent`) and, when
+    /// published from a handler, the handled event as its cause (see [`propagation`]); it
+    /// is validated against the [schema registry](Self::schemas); it is appended to its own
+    /// stream if it names one, else to the stream named after its event type; then it is
+    /// published on the transport, carrying its stored position.
+    pub async fn publish(&self, event: EventEnvelope) -> Result<EventId> {
+        let span = tracing::info_span!(
+            "orchestrator.publish",
+            otel.kind = "producer",
+            event_type = %event.event_type(),
+            event_id = %event.id(),
+        );
+        let event = propagation::inject(propagation::with_cause(event), &span);
+        self.store_and_publish(event).instrument(span).await
+    }
+
+    async fn store_and_publish(&self, event: EventEnvelope) -> Result<EventId> {
+        self.schemas.validate(&event)?;
+        let id = event.id().clone();
+        let stream = event.stream_id().unwrap_or(event.event_type()).to_owned();
+        let written = self
+            .store
+            .as_ref()
+            .append(&stream, ExpectedVersion::Any, vec![event.clone()])
+            .instrument(tracing::debug_span!("orchestrator.append", stream = %stream))
+            .await?;
+        let stored = event.with_position(
+            stream,
+            StoredPosition {
+                stream_version: written.next_expected_version,
+                global_position: written.last_position,
+            },
+        );
+        self.bus.publish(stored).await?;
+        Ok(id)
+    }
+
+    /// Events whose handlers failed for good: list, inspect, reprocess, discard, report.
+    pub fn dead_letters(&self) -> DeadLetters {
+        self.bus.dead_letters()
+    }
+
+    /// The schema registry: JSON Schemas per event type and version, and upcasters. Events
+    /// are validated against it before they are stored and published, and upcast before
+    /// handlers see them. Register schemas at any time.
+    pub fn schemas(&self) -> &Arc<SchemaRegistry> {
+        &self.schemas
+    }
+
+    /// The event store.
+    pub fn store(&self) -> &Arc<dyn EventStore> {
+        &self.store
+    }
+
+    /// The transport.
+    pub fn transport(&self) -> &Arc<dyn Transport> {
+        self.bus.transport()
+    }
+
+    /// The bus.
+    pub fn bus(&self) -> &EventBus {
+        &self.bus
+    }
+
+    /// Stops the orchestrator: no more publishes or subscriptions; handlers in flight get
+    /// until `deadline` to finish (what did not finish is reported, and redelivered by
+    /// durable transports); running sagas stop where they stand (their logs let
+    /// [`SagaOrchestrator::recover`] carry them on); read models stop.
+    pub async fn shutdown(&self, deadline: Duration) -> ShutdownReport {
+        let report = self.bus.shutdown(deadline).await;
+        self.sagas.shutdown();
+        self.queries.shutdown().await;
+        report
+    }
+}
