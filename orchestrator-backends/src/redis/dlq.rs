@@ -1,12 +1,8 @@
 //! [`RedisDeadLetterQueue`]: dead letters in a stream of their own, indexed by letter id.
 
-use std::collections::BTreeMap;
-
 use async_trait::async_trait;
-use chrono::{DateTime, SecondsFormat, Utc};
-use orchestrator_core::{DeadLetter, DeadLetterQuery, DeadLetterQueue, Error, Result, cloudevents};
+use orchestrator_core::{DeadLetter, DeadLetterQuery, DeadLetterQueue, Error, Result};
 use redis::aio::ConnectionManager;
-use serde_json::value::RawValue;
 
 use super::config::RedisConfig;
 use super::conn::{Keys, parse_entries, protocol_error, with_retry};
@@ -185,64 +181,21 @@ impl DeadLetterQueue for RedisDeadLetterQueue {
     }
 }
 
-fn time_text(time: DateTime<Utc>) -> String {
-    time.to_rfc3339_opts(SecondsFormat::AutoSi, true)
-}
-
-/// A letter as JSON, the event embedded verbatim as its CloudEvent.
+/// A letter as JSON, the event embedded verbatim as its CloudEvent (core's format).
 pub(crate) fn encode_letter(letter: &DeadLetter) -> Result<String> {
-    let event = cloudevents::encode(&letter.event)?;
-    let event = String::from_utf8(event)
-        .map_err(|_| Error::encode("a CloudEvents JSON encoding is not UTF-8"))?;
-    let text = |s: &str| serde_json::Value::String(s.to_owned()).to_string();
-    Ok(format!(
-        r#"{{"id":{},"topic":{},"subscription":{},"reason":{},"attempts":{},"first_failure_at":{},"last_failure_at":{},"event":{}}}"#,
-        text(&letter.id),
-        text(&letter.topic),
-        text(&letter.subscription),
-        text(&letter.reason),
-        letter.attempts,
-        text(&time_text(letter.first_failure_at)),
-        text(&time_text(letter.last_failure_at)),
-        event
-    ))
+    String::from_utf8(letter.to_json()?)
+        .map_err(|_| Error::encode("a dead letter's JSON encoding is not UTF-8"))
 }
 
 /// Reads a letter written by [`encode_letter`].
 pub(crate) fn decode_letter(json: &[u8]) -> Result<DeadLetter> {
-    let bad = |field: &str, reason: &str| Error::decode(format!("letter.{field}"), reason);
-    let attrs: BTreeMap<String, &RawValue> = serde_json::from_slice(json)
-        .map_err(|e| Error::decode("letter", format!("not a JSON object: {e}")))?;
-    let string = |name: &str| -> Result<String> {
-        let raw = attrs.get(name).ok_or_else(|| bad(name, "missing"))?;
-        serde_json::from_str::<String>(raw.get()).map_err(|_| bad(name, "not a string"))
-    };
-    let time = |name: &str| -> Result<DateTime<Utc>> {
-        let text = string(name)?;
-        DateTime::parse_from_rfc3339(&text)
-            .map(|t| t.with_timezone(&Utc))
-            .map_err(|_| bad(name, "not an RFC 3339 time"))
-    };
-    let attempts = attrs
-        .get("attempts")
-        .and_then(|raw| serde_json::from_str::<u32>(raw.get()).ok())
-        .ok_or_else(|| bad("attempts", "missing or not a number"))?;
-    let event = attrs.get("event").ok_or_else(|| bad("event", "missing"))?;
-    Ok(DeadLetter {
-        id: string("id")?,
-        event: cloudevents::decode(event.get().as_bytes())?,
-        topic: string("topic")?,
-        subscription: string("subscription")?,
-        reason: string("reason")?,
-        attempts,
-        first_failure_at: time("first_failure_at")?,
-        last_failure_at: time("last_failure_at")?,
-    })
+    DeadLetter::from_json(json)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use chrono::Utc;
     use orchestrator_core::EventEnvelope;
 
     #[test]
