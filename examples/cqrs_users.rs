@@ -52,8 +52,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 return Err(HandlerError::permanent("`name` is required"));
             };
             let user_id = format!("USER{}", next_id.fetch_add(1, Ordering::SeqCst));
-            let created = EventEnvelope::new("user.created", &json!({"user_id": user_id, "name": name}))?
-                .with_stream_id(format!("user-{user_id}"));
+            let created =
+                EventEnvelope::new("user.created", &json!({"user_id": user_id, "name": name}))?
+                    .with_stream_id(format!("user-{user_id}"));
             events.publish(created).await?;
             Ok(json!({ "user_id": user_id, "created": true }))
         }
@@ -111,7 +112,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     assert_eq!(user, cached);
 
     orchestrator
-        .send_command("rename_user", json!({ "user_id": user_id, "name": "Johnny" }))
+        .send_command(
+            "rename_user",
+            json!({ "user_id": user_id, "name": "Johnny" }),
+        )
         .await?;
     users
         .wait_for_position(orchestrator.store().head_position().await?)

@@ -20,8 +20,14 @@ impl std::fmt::Display for ShippingError {
 impl std::error::Error for ShippingError {}
 
 async fn validate_order(context: Value) -> Result<Value, HandlerError> {
-    println!("  [validate] order {} for {}", context["order_id"], context["amount"]);
-    if context["amount"].as_f64().is_none_or(|amount| amount <= 0.0) {
+    println!(
+        "  [validate] order {} for {}",
+        context["order_id"], context["amount"]
+    );
+    if context["amount"]
+        .as_f64()
+        .is_none_or(|amount| amount <= 0.0)
+    {
         return Err(HandlerError::permanent("the amount must be positive"));
     }
     Ok(json!({ "valid": true }))
@@ -34,7 +40,10 @@ async fn process_payment(context: Value) -> Result<Value, HandlerError> {
 }
 
 async fn refund_payment(context: Value) -> Result<(), HandlerError> {
-    println!("  [payment: compensate] refunded {}", context["transaction_id"]);
+    println!(
+        "  [payment: compensate] refunded {}",
+        context["transaction_id"]
+    );
     Ok(())
 }
 
@@ -92,13 +101,20 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     assert_eq!(refunded.status, SagaStatus::Compensated);
 
     // Every transition was logged to the store before the saga moved on.
-    println!("\nthe saga log of ORDER124 (stream {}):", refunded.id.stream());
+    println!(
+        "\nthe saga log of ORDER124 (stream {}):",
+        refunded.id.stream()
+    );
     for record in orchestrator
         .store()
         .read_stream(&refunded.id.stream(), 1, 100)
         .await?
     {
-        println!("  {} {}", record.time().format("%H:%M:%S%.3f"), record.event_type());
+        println!(
+            "  {} {}",
+            record.time().format("%H:%M:%S%.3f"),
+            record.event_type()
+        );
     }
     Ok(())
 }

@@ -354,9 +354,12 @@ impl<A: Aggregate> AggregateRepository<A> {
             }
             let mut envelopes = Vec::with_capacity(events.len());
             for event in &events {
-                let mut envelope = EventEnvelope::new(event.event_type(), event)?
-                    .with_schema_version(event.schema_version())
-                    .with_stream_id(stream);
+                // The store sets the stream id and position; only a non-default schema
+                // version needs setting here.
+                let mut envelope = EventEnvelope::new(event.event_type(), event)?;
+                if event.schema_version() != 1 {
+                    envelope = envelope.with_schema_version(event.schema_version());
+                }
                 if let Some(info) = &command_info {
                     envelope = info.stamp(envelope);
                 }

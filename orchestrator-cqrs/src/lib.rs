@@ -71,6 +71,7 @@ mod canonical;
 pub mod command;
 pub mod context;
 mod error;
+mod handler;
 pub mod query;
 pub mod read_model;
 pub mod telemetry;

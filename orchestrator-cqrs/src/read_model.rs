@@ -3,7 +3,7 @@
 //!
 //! A [`ReadModel`] applies events to a [`ReadModelStore`] (JSON documents by key; in memory
 //! by default, [`InMemoryReadModelStore`]). [`QueryBus::attach_read_model`](crate::QueryBus::attach_read_model)
-//! runs it with a [`ProjectionRunner`] of `orchestrator-store` — catch-up then live, retries,
+//! runs it with a [`ProjectionRunner`](orchestrator_store::projection::ProjectionRunner) of `orchestrator-store` — catch-up then live, retries,
 //! parking, a checkpoint — and, after each event it applies:
 //!
 //! - tells the query cache, which drops the cached results that depend on the event;
@@ -259,6 +259,8 @@ pub(crate) struct Attached {
     pub(crate) storage: Arc<dyn ReadModelStore>,
     pub(crate) position: watch::Sender<u64>,
     pub(crate) projection: tokio::sync::RwLock<Option<ProjectionHandle>>,
+    /// Set when a stop begins, so waiters let go of the projection for the stop to take it.
+    pub(crate) stopping: watch::Sender<bool>,
 }
 
 impl Attached {
@@ -274,12 +276,13 @@ impl Attached {
     /// runner ends first (parked, failed or stopped).
     pub(crate) async fn reach(&self, wanted: u64) -> Result<(), String> {
         let mut position = self.position.subscribe();
+        let mut stopping = self.stopping.subscribe();
+        if *stopping.borrow_and_update() {
+            return self.reached_or_stopped(wanted);
+        }
         let projection = self.projection.read().await;
         let Some(handle) = projection.as_ref() else {
-            return match *position.borrow() >= wanted {
-                true => Ok(()),
-                false => Err("stopped".to_owned()),
-            };
+            return self.reached_or_stopped(wanted);
         };
         tokio::select! {
             biased;
@@ -287,12 +290,23 @@ impl Attached {
                 Ok(_) => Ok(()),
                 Err(_) => Err("stopped".to_owned()),
             },
+            _ = stopping.wait_for(|s| *s) => self.reached_or_stopped(wanted),
             status = handle.wait_for(ProjectionStatus::is_finished) => {
                 if *self.position.borrow() >= wanted {
                     return Ok(());
                 }
                 Err(describe(&status))
             }
+        }
+    }
+}
+
+impl Attached {
+    fn reached_or_stopped(&self, wanted: u64) -> Result<(), String> {
+        if *self.position.borrow() >= wanted {
+            Ok(())
+        } else {
+            Err("stopped".to_owned())
         }
     }
 }
@@ -364,6 +378,7 @@ impl ReadModelHandle {
     /// Stops its projection (after the event in hand, with a final checkpoint) and returns
     /// the last status; `None` if it was already stopped. Queries keep reading its documents.
     pub async fn stop(&self) -> Option<ProjectionStatus> {
+        self.attached.stopping.send_replace(true);
         let handle = self.attached.projection.write().await.take()?;
         Some(handle.stop().await)
     }

@@ -21,16 +21,7 @@ fn quick_retries(attempts: u32) -> RetryPolicy {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn eight_concurrent_commands_on_one_aggregate_all_apply() {
-    let events = InMemoryEventStore::new();
-    AggregateRepository::<Account>::new(shared(events.clone()))
-        .execute(
-            "a-1",
-            AccountCommand::Open {
-                owner: "ann".into(),
-            },
-        )
-        .await
-        .unwrap();
+    let events = store_with_open_account("a-1").await;
     // All eight load version 1 before any appends: one wins, seven conflict and retry.
     let store = Arc::new(BarrierStore::new(events.clone(), 8));
     let accounts = AggregateRepository::<Account>::new(store.clone()).with_retry(quick_retries(16));
@@ -66,16 +57,7 @@ async fn eight_concurrent_commands_on_one_aggregate_all_apply() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_conflict_outlasting_the_policy_is_reported_and_writes_nothing() {
-    let events = InMemoryEventStore::new();
-    AggregateRepository::<Account>::new(shared(events.clone()))
-        .execute(
-            "a-1",
-            AccountCommand::Open {
-                owner: "ann".into(),
-            },
-        )
-        .await
-        .unwrap();
+    let events = store_with_open_account("a-1").await;
     let store = Arc::new(BarrierStore::new(events.clone(), 2));
     let accounts = AggregateRepository::<Account>::new(store).with_retry(RetryPolicy::never());
     let (a, b) = tokio::join!(

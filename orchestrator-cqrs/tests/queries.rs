@@ -574,3 +574,39 @@ async fn an_in_memory_read_model_rebuilds_from_the_start_when_attached_again() {
     );
     second.shutdown().await;
 }
+
+#[tokio::test]
+async fn stopping_a_read_model_releases_queries_waiting_for_it() {
+    let store = shared(InMemoryEventStore::new());
+    let bus = QueryBus::builder()
+        .wait_timeout(Duration::from_secs(600))
+        .build();
+    let users = bus.attach_read_model(store.clone(), users()).await.unwrap();
+    register_get_user(&bus, users.storage().clone());
+    // A position nobody has written yet: the query waits for it.
+    let waiting = tokio::spawn({
+        let bus = bus.clone();
+        async move {
+            bus.execute_request(
+                QueryRequest::new("get_user", json!({ "user_id": "1" })).at_least(99),
+            )
+            .await
+        }
+    });
+    for _ in 0..10 {
+        tokio::task::yield_now().await;
+    }
+    let status = users.stop().await.unwrap();
+    assert!(status.is_finished());
+    let err = waiting.await.unwrap().unwrap_err();
+    let Error::NotCaughtUp {
+        state: Some(state),
+        wanted: 99,
+        ..
+    } = &err
+    else {
+        panic!("{err:?}")
+    };
+    assert_eq!(state, "stopped");
+    assert!(users.stop().await.is_none(), "already stopped");
+}

@@ -6,7 +6,7 @@
 //!
 //! - [`stream_state_at`] / [`fold_stream`]: one stream's state.
 //! - [`fold_all`]: a read-model's state over the global order (any filter), as a pure fold.
-//! - [`projection_state_at`]: resets a [`Projection`](crate::projection::Projection) and
+//! - [`projection_state_at`]: resets a [`Projection`] and
 //!   replays into it up to the point, for read models kept elsewhere.
 //!
 //! ```

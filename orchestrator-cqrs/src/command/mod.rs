@@ -22,11 +22,9 @@ pub mod middleware;
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::future::Future;
-use std::marker::PhantomData;
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Instant;
 
-use async_trait::async_trait;
 use orchestrator_core::{HandlerError, JsonHandler};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -35,8 +33,9 @@ use tracing::Instrument;
 
 use crate::context::{self, CommandInfo};
 use crate::error::{Error, HandlerKind, Result};
+use crate::handler::{DynHandler, Dynamic, Typed};
 use crate::telemetry;
-use crate::validation::{FieldError, Validator, decode_error};
+use crate::validation::{FieldError, Validator};
 
 pub use idempotency::IdempotencyMiddleware;
 pub use middleware::{
@@ -190,79 +189,10 @@ impl CommandOutcome {
     }
 }
 
-/// A handler as the bus stores it: validation and the call, on JSON.
-#[async_trait]
-pub(crate) trait DynCommandHandler: Send + Sync + 'static {
-    async fn call(&self, name: &str, payload: Value) -> Result<Value>;
-}
-
-struct JsonCommand {
-    handler: Arc<dyn JsonHandler>,
-    validator: Option<Arc<dyn Validator>>,
-}
-
-#[async_trait]
-impl DynCommandHandler for JsonCommand {
-    async fn call(&self, name: &str, payload: Value) -> Result<Value> {
-        if let Some(validator) = &self.validator {
-            let errors = validator.validate(&payload);
-            if !errors.is_empty() {
-                return Err(validation_failed(name, errors));
-            }
-        }
-        self.handler
-            .call(payload)
-            .await
-            .map_err(|e| Error::from_handler(HandlerKind::Command, name, e))
-    }
-}
-
-struct TypedCommand<C, F> {
-    handler: F,
-    _command: PhantomData<fn(C)>,
-}
-
-#[async_trait]
-impl<C, F, Fut, E> DynCommandHandler for TypedCommand<C, F>
-where
-    C: Command,
-    F: Fn(C) -> Fut + Send + Sync + 'static,
-    Fut: Future<Output = std::result::Result<C::Output, E>> + Send + 'static,
-    E: Into<HandlerError> + 'static,
-{
-    async fn call(&self, name: &str, payload: Value) -> Result<Value> {
-        let command: C = serde_json::from_value(payload)
-            .map_err(|e| validation_failed(name, decode_error(&e)))?;
-        let errors = command.validate();
-        if !errors.is_empty() {
-            return Err(validation_failed(name, errors));
-        }
-        let output = (self.handler)(command)
-            .await
-            .map_err(|e| Error::from_handler(HandlerKind::Command, name, e.into()))?;
-        serde_json::to_value(output).map_err(|e| {
-            Error::invalid(
-                "command result",
-                format!("`{name}` result does not serialize: {e}"),
-            )
-        })
-    }
-}
-
-fn validation_failed(name: &str, errors: Vec<FieldError>) -> Error {
-    metrics::counter!(telemetry::VALIDATION_FAILURES, "kind" => "command", "name" => name.to_owned())
-        .increment(1);
-    Error::Validation {
-        kind: HandlerKind::Command,
-        name: name.to_owned(),
-        errors,
-    }
-}
-
 /// A registered command: its name (shared, for labels) and handler.
 pub(crate) struct Registered {
     pub(crate) name: Arc<str>,
-    pub(crate) handler: Arc<dyn DynCommandHandler>,
+    pub(crate) handler: Arc<dyn DynHandler>,
 }
 
 /// Sends commands to their handlers; see the [module docs](self).
@@ -371,7 +301,7 @@ impl CommandBus {
             .unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn insert(&self, name: &str, handler: Arc<dyn DynCommandHandler>) -> Result<()> {
+    fn insert(&self, name: &str, handler: Arc<dyn DynHandler>) -> Result<()> {
         check_name(HandlerKind::Command, name)?;
         let mut handlers = self
             .inner
@@ -395,7 +325,8 @@ impl CommandBus {
     pub fn register(&self, name: &str, handler: impl JsonHandler) -> Result<()> {
         self.insert(
             name,
-            Arc::new(JsonCommand {
+            Arc::new(Dynamic {
+                kind: HandlerKind::Command,
                 handler: Arc::new(handler),
                 validator: None,
             }),
@@ -412,7 +343,8 @@ impl CommandBus {
     ) -> Result<()> {
         self.insert(
             name,
-            Arc::new(JsonCommand {
+            Arc::new(Dynamic {
+                kind: HandlerKind::Command,
                 handler: Arc::new(handler),
                 validator: Some(Arc::new(validator)),
             }),
@@ -431,10 +363,7 @@ impl CommandBus {
     {
         self.insert(
             C::NAME,
-            Arc::new(TypedCommand {
-                handler,
-                _command: PhantomData,
-            }),
+            Arc::new(Typed::new(HandlerKind::Command, handler, C::validate)),
         )
     }
 

@@ -5,7 +5,7 @@
 //! form the facade uses — or as a typed [`Query`] ([`QueryBus::query`]). Either way:
 //!
 //! 1. the handler is looked up ([`Error::NoHandler`] if there is none) and the parameters
-//!    validated if it has a [`Validator`];
+//!    validated if it has a [`Validator`](crate::Validator);
 //! 2. with [`QueryRequest::at_least`] a position (a command's
 //!    [`CommandOutcome::position`](crate::CommandOutcome::position)), the query waits until
 //!    the read models it reads have seen that position — or fails with
@@ -102,11 +102,9 @@ mod read_models;
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::future::Future;
-use std::marker::PhantomData;
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
-use async_trait::async_trait;
 use orchestrator_core::{Clock, HandlerError, JsonHandler, SystemClock};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -116,9 +114,9 @@ use tracing::Instrument;
 use crate::canonical::canonical_json;
 use crate::command::check_name;
 use crate::error::{Error, HandlerKind, Result};
+use crate::handler::{DynHandler, Dynamic, Typed, check};
 use crate::read_model::ReadModelHandle;
 use crate::telemetry;
-use crate::validation::decode_error;
 
 pub use cache::QueryCacheConfig;
 use cache::{Lookup, QueryCache, Versions};
@@ -148,64 +146,9 @@ pub trait Query: Serialize + DeserializeOwned + Send + 'static {
     type Output: Serialize + DeserializeOwned + Send + 'static;
 }
 
-#[async_trait]
-trait DynQueryHandler: Send + Sync + 'static {
-    async fn call(&self, name: &str, params: Value) -> Result<Value>;
-}
-
-struct JsonQuery(Arc<dyn JsonHandler>);
-
-#[async_trait]
-impl DynQueryHandler for JsonQuery {
-    async fn call(&self, name: &str, params: Value) -> Result<Value> {
-        self.0
-            .call(params)
-            .await
-            .map_err(|e| Error::from_handler(HandlerKind::Query, name, e))
-    }
-}
-
-struct TypedQuery<Q, F> {
-    handler: F,
-    _query: PhantomData<fn(Q)>,
-}
-
-#[async_trait]
-impl<Q, F, Fut, E> DynQueryHandler for TypedQuery<Q, F>
-where
-    Q: Query,
-    F: Fn(Q) -> Fut + Send + Sync + 'static,
-    Fut: Future<Output = std::result::Result<Q::Output, E>> + Send + 'static,
-    E: Into<HandlerError> + 'static,
-{
-    async fn call(&self, name: &str, params: Value) -> Result<Value> {
-        let query: Q = serde_json::from_value(params)
-            .map_err(|e| validation_failed(name, decode_error(&e).into_iter().collect()))?;
-        let output = (self.handler)(query)
-            .await
-            .map_err(|e| Error::from_handler(HandlerKind::Query, name, e.into()))?;
-        serde_json::to_value(output).map_err(|e| {
-            Error::invalid(
-                "query result",
-                format!("`{name}` result does not serialize: {e}"),
-            )
-        })
-    }
-}
-
-fn validation_failed(name: &str, errors: Vec<crate::FieldError>) -> Error {
-    metrics::counter!(telemetry::VALIDATION_FAILURES, "kind" => "query", "name" => name.to_owned())
-        .increment(1);
-    Error::Validation {
-        kind: HandlerKind::Query,
-        name: name.to_owned(),
-        errors,
-    }
-}
-
 struct RegisteredQuery {
     name: Arc<str>,
-    handler: Box<dyn DynQueryHandler>,
+    handler: Box<dyn DynHandler>,
     options: QueryOptions,
 }
 
@@ -332,7 +275,7 @@ impl QueryBus {
         &self,
         name: &str,
         options: QueryOptions,
-        handler: Box<dyn DynQueryHandler>,
+        handler: Box<dyn DynHandler>,
     ) -> Result<()> {
         check_name(HandlerKind::Query, name)?;
         let mut handlers = self
@@ -369,7 +312,12 @@ impl QueryBus {
         options: QueryOptions,
         handler: impl JsonHandler,
     ) -> Result<()> {
-        self.insert(name, options, Box::new(JsonQuery(Arc::new(handler))))
+        let handler = Dynamic {
+            kind: HandlerKind::Query,
+            handler: Arc::new(handler),
+            validator: None,
+        };
+        self.insert(name, options, Box::new(handler))
     }
 
     /// Registers the handler of the typed query `Q` under [`Query::NAME`] with `options`;
@@ -381,10 +329,7 @@ impl QueryBus {
         Fut: Future<Output = std::result::Result<Q::Output, E>> + Send + 'static,
         E: Into<HandlerError> + 'static,
     {
-        let handler = TypedQuery {
-            handler,
-            _query: PhantomData,
-        };
+        let handler = Typed::new(HandlerKind::Query, handler, |_: &Q| Vec::new());
         self.insert(Q::NAME, options, Box::new(handler))
     }
 
@@ -453,11 +398,14 @@ impl QueryBus {
         request: QueryRequest,
     ) -> (Result<Value>, &'static str) {
         let options = &registered.options;
-        if let Some(validator) = &options.validator {
-            let errors = validator.validate(&request.params);
-            if !errors.is_empty() {
-                return (Err(validation_failed(&registered.name, errors)), "off");
-            }
+        if let Some(validator) = &options.validator
+            && let Err(e) = check(
+                HandlerKind::Query,
+                &registered.name,
+                validator.validate(&request.params),
+            )
+        {
+            return (Err(e), "off");
         }
         if let Some(position) = request.at_least {
             let timeout = request.timeout.unwrap_or(self.inner.wait_timeout);

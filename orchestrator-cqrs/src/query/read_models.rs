@@ -94,6 +94,7 @@ impl QueryBus {
             name: name.as_str().into(),
             storage,
             position: watch::Sender::new(0),
+            stopping: watch::Sender::new(false),
             projection: tokio::sync::RwLock::new(None),
         });
         let feed = Feed {

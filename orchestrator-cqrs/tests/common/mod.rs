@@ -169,3 +169,18 @@ impl<S: EventStore> EventStore for BarrierStore<S> {
 pub fn shared(store: impl EventStore) -> Arc<dyn EventStore> {
     Arc::new(store)
 }
+
+/// An in-memory store holding account `id`, opened by "ann".
+pub async fn store_with_open_account(id: &str) -> orchestrator_store::InMemoryEventStore {
+    let events = orchestrator_store::InMemoryEventStore::new();
+    orchestrator_cqrs::AggregateRepository::<Account>::new(shared(events.clone()))
+        .execute(
+            id,
+            AccountCommand::Open {
+                owner: "ann".into(),
+            },
+        )
+        .await
+        .unwrap();
+    events
+}

@@ -21,7 +21,7 @@
 //!   not persisted: rebuilding is a sequential read, and it cannot disagree with the data).
 //!   A torn tail of the last segment (what a crash mid-write leaves, including an append
 //!   missing its last frames) is cut off; anything else that fails a check is an
-//!   [`Error::Corrupt`](crate::Error::Corrupt) naming the file and byte offset, and the store
+//!   [`Error::Corrupt`] naming the file and byte offset, and the store
 //!   does not open. [`FileEventStore::recovery_report`] tells what was found.
 //! - **Reads.** The index holds each event's location, stream, type and time, so filtered
 //!   reads fetch only matching frames; frames next to each other are fetched with one
@@ -248,7 +248,7 @@ impl FileEventStore {
     /// cuts off a torn tail, rebuilds the index and starts the writer thread.
     ///
     /// This reads every segment once, with blocking file I/O: call it at start-up (or in
-    /// `spawn_blocking`). A corrupt record is an [`Error::Corrupt`](crate::Error::Corrupt)
+    /// `spawn_blocking`). A corrupt record is an [`Error::Corrupt`]
     /// naming the file and offset.
     pub fn open_with(dir: impl AsRef<Path>, options: FileStoreOptions) -> crate::Result<Self> {
         let dir = dir.as_ref().to_owned();

@@ -125,6 +125,7 @@ impl Writer {
             let mut syncs = Vec::new();
             let mut next = Some(first);
             let mut bytes = 0;
+            let mut yielded = false;
             while let Some(request) = next.take() {
                 match request {
                     Request::Append(append) => {
@@ -139,6 +140,14 @@ impl Writer {
                 }
                 if bytes < MAX_GROUP_BYTES {
                     next = self.requests.try_recv().ok();
+                    if next.is_none() && !yielded {
+                        // Appenders issued together are often still being queued: give
+                        // them one chance to join this group rather than wait for the next
+                        // sync.
+                        yielded = true;
+                        std::thread::yield_now();
+                        next = self.requests.try_recv().ok();
+                    }
                 }
             }
             self.commit(group);

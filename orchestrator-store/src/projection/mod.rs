@@ -12,8 +12,8 @@
 //!    position order, as every store's conformance suite checks — so appends racing the
 //!    runner cannot make it skip an event; it also drops any event at or before the last
 //!    one it applied, so nothing is applied twice within a run;
-//! 3. applies each event, retrying failures per the [`RetryPolicy`](orchestrator_core::RetryPolicy)
-//!    (on the injected [`Clock`](orchestrator_core::Clock)); a permanent failure, or one that
+//! 3. applies each event, retrying failures per the [`RetryPolicy`]
+//!    (on the injected [`Clock`]); a permanent failure, or one that
 //!    outlasts the policy, **parks** the projection: it stops, its status shows
 //!    [`ProjectionState::Parked`] with the failing event, the error and the attempts, and a
 //!    restart begins with that event again;
