@@ -33,7 +33,7 @@ use std::borrow::Cow;
 
 use crate::envelope::{
     CONTENT_TYPE_JSON, EventEnvelope, EventId, Fields, StoredPosition, TraceContext,
-    is_json_content_type, validate_event_type, validate_extension_name,
+    is_json_content_type, shared_str, validate_event_type, validate_extension_name,
 };
 use crate::error::{Error, Result};
 
@@ -259,7 +259,7 @@ pub fn decode(bytes: &[u8]) -> Result<EventEnvelope> {
         id,
         event_type: event_type.into(),
         schema_version,
-        source: source.into(),
+        source: shared_str(&source),
         time,
         subject,
         data_schema,
@@ -267,7 +267,7 @@ pub fn decode(bytes: &[u8]) -> Result<EventEnvelope> {
         causation_id,
         trace,
         headers,
-        content_type: content_type.into(),
+        content_type: shared_str(&content_type),
         data: data.into(),
         stream_id,
         position,

@@ -20,7 +20,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
 use crate::envelope::{
-    CONTENT_TYPE_BINCODE, EventEnvelope, EventId, Fields, StoredPosition, TraceContext,
+    CONTENT_TYPE_BINCODE, EventEnvelope, EventId, Fields, StoredPosition, TraceContext, shared_str,
     validate_event_type,
 };
 use crate::error::{Error, Result};
@@ -105,11 +105,11 @@ impl Bincode {
 /// The envelope as bincode sees it, for decoding. Times are seconds and nanoseconds since
 /// the epoch. [`RecordRef`] must list the same fields in the same order with the same types.
 #[derive(Deserialize)]
-struct Record {
-    id: String,
-    event_type: String,
+struct Record<'a> {
+    id: &'a str,
+    event_type: &'a str,
     schema_version: u32,
-    source: String,
+    source: &'a str,
     time_secs: i64,
     time_nanos: u32,
     subject: Option<String>,
@@ -119,8 +119,8 @@ struct Record {
     traceparent: Option<String>,
     tracestate: Option<String>,
     headers: BTreeMap<String, String>,
-    content_type: String,
-    data: Bytes,
+    content_type: &'a str,
+    data: &'a [u8],
     stream_id: Option<String>,
     position: Option<(u64, u64)>,
 }
@@ -177,12 +177,22 @@ impl Codec for Bincode {
     }
 
     fn decode(&self, bytes: &[u8]) -> Result<EventEnvelope> {
-        let r: Record = Self::decode_payload(bytes).map_err(|e| match e {
-            Error::Decode { reason, .. } => Error::decode("$", reason),
-            other => other,
-        })?;
-        let id = EventId::parse(r.id).map_err(|_| Error::decode("id", "must not be empty"))?;
-        validate_event_type(&r.event_type).map_err(|e| Error::decode("type", e.to_string()))?;
+        // Borrowing decode: strings and the payload are read in place, then copied once into
+        // the envelope.
+        let (r, used): (Record<'_>, usize) =
+            bincode::serde::borrow_decode_from_slice(bytes, Self::config())
+                .map_err(|e| Error::decode("$", format!("bincode: {e}")))?;
+        if used != bytes.len() {
+            return Err(Error::decode(
+                "$",
+                format!("bincode: {} trailing bytes", bytes.len() - used),
+            ));
+        }
+        if r.id.is_empty() {
+            return Err(Error::decode("id", "must not be empty"));
+        }
+        let id = EventId::from_checked(r.id);
+        validate_event_type(r.event_type).map_err(|e| Error::decode("type", e.to_string()))?;
         let time = DateTime::<Utc>::from_timestamp(r.time_secs, r.time_nanos)
             .ok_or_else(|| Error::decode("time", "out of range"))?;
         let trace = match (r.traceparent, r.tracestate) {
@@ -197,7 +207,7 @@ impl Codec for Bincode {
             id,
             event_type: r.event_type.into(),
             schema_version: r.schema_version,
-            source: r.source.into(),
+            source: shared_str(r.source),
             time,
             subject: r.subject,
             data_schema: r.data_schema,
@@ -205,8 +215,8 @@ impl Codec for Bincode {
             causation_id: r.causation_id,
             trace,
             headers: r.headers,
-            content_type: r.content_type.into(),
-            data: r.data,
+            content_type: shared_str(r.content_type),
+            data: Bytes::copy_from_slice(r.data),
             stream_id: r.stream_id,
             position: r
                 .position

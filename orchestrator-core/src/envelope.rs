@@ -78,6 +78,11 @@ impl<'de> serde::Deserialize<'de> for EventId {
 }
 
 impl EventId {
+    /// An id from a string known to be non-empty.
+    pub(crate) fn from_checked(id: &str) -> Self {
+        Self(Arc::from(id))
+    }
+
     /// A fresh UUIDv7 id (ids made later sort after ids made earlier).
     pub fn new() -> Self {
         Self(Uuid::now_v7().to_string().into())
@@ -211,7 +216,7 @@ impl EventEnvelope {
             id: EventId::new(),
             event_type: event_type.into(),
             schema_version: 1,
-            source: DEFAULT_SOURCE.into(),
+            source: shared_str(DEFAULT_SOURCE),
             time: Utc::now(),
             subject: None,
             data_schema: None,
@@ -219,7 +224,7 @@ impl EventEnvelope {
             causation_id: None,
             trace: None,
             headers: BTreeMap::new(),
-            content_type: content_type.into(),
+            content_type: shared_str(&content_type),
             data: data.into(),
             stream_id: None,
             position: None,
@@ -506,7 +511,7 @@ impl EventEnvelope {
         self.fields_mut().data = serde_json::to_vec(data)
             .map_err(|e| Error::encode(format!("payload is not serializable as JSON: {e}")))?
             .into();
-        self.fields_mut().content_type = CONTENT_TYPE_JSON.into();
+        self.fields_mut().content_type = shared_str(CONTENT_TYPE_JSON);
         Ok(self)
     }
 
@@ -543,6 +548,20 @@ pub(crate) const RESERVED_ATTRIBUTES: &[&str] = &[
     "streamversion",
     "globalposition",
 ];
+
+/// A shared string for `s`, reusing one allocation for the values nearly every event
+/// carries (the JSON content type, the default source).
+pub(crate) fn shared_str(s: &str) -> Arc<str> {
+    static JSON: std::sync::LazyLock<Arc<str>> =
+        std::sync::LazyLock::new(|| Arc::from(CONTENT_TYPE_JSON));
+    static SOURCE: std::sync::LazyLock<Arc<str>> =
+        std::sync::LazyLock::new(|| Arc::from(DEFAULT_SOURCE));
+    match s {
+        CONTENT_TYPE_JSON => Arc::clone(&JSON),
+        DEFAULT_SOURCE => Arc::clone(&SOURCE),
+        other => Arc::from(other),
+    }
+}
 
 /// Checks an event type: non-empty, no whitespace, dot-separated non-empty segments, and
 /// none of the pattern characters `*` and `#`.
@@ -599,13 +618,15 @@ fn validate_header_name(name: &str) -> Result<()> {
 
 /// Whether a content type is JSON (`application/json`, `text/json` or any `+json` type).
 pub fn is_json_content_type(content_type: &str) -> bool {
-    let essence = content_type
-        .split(';')
-        .next()
-        .unwrap_or_default()
-        .trim()
-        .to_ascii_lowercase();
-    essence == "application/json" || essence == "text/json" || essence.ends_with("+json")
+    let essence = content_type.split(';').next().unwrap_or_default().trim();
+    let ends_with = |suffix: &str| {
+        essence.len() >= suffix.len()
+            && essence.as_bytes()[essence.len() - suffix.len()..]
+                .eq_ignore_ascii_case(suffix.as_bytes())
+    };
+    essence.eq_ignore_ascii_case("application/json")
+        || essence.eq_ignore_ascii_case("text/json")
+        || ends_with("+json")
 }
 
 #[cfg(test)]
