@@ -329,3 +329,15 @@ async fn an_unreachable_broker_is_a_temporary_backend_error() {
     );
     assert!(error.to_string().contains("unreachable"), "{error}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_event_bus_conformance_cases_pass_on_rabbitmq() {
+    let config = config("bus");
+    let Some(transport) = connect(config.clone()).await else {
+        return;
+    };
+    let _cleanup = cleanup(&config);
+    orchestrator_bus::testkit::run_all(Arc::new(transport.clone())).await;
+    transport.delete_topology().await.unwrap();
+    transport.close().await;
+}

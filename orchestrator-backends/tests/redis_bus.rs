@@ -115,3 +115,15 @@ async fn the_event_bus_runs_on_redis() {
     assert!(bus.shutdown(Duration::from_secs(5)).await.is_clean());
     transport.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_event_bus_conformance_cases_pass_on_redis() {
+    let Some(url) = reachable().await else { return };
+    let prefix = random_prefix();
+    let _cleanup = Cleanup::new(&url, &prefix);
+    let transport = RedisTransport::connect(config(&url, &prefix))
+        .await
+        .unwrap();
+    orchestrator_bus::testkit::run_all(Arc::new(transport.clone())).await;
+    transport.close().await;
+}

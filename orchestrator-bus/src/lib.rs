@@ -45,6 +45,11 @@
 //! # }
 //! ```
 //!
+//! ## Features
+//!
+//! - `testkit` — [`testkit`](crate::testkit) (when enabled): the bus's conformance cases over
+//!   any transport, run by every backend's tests.
+//!
 //! Use the bus inside a tokio runtime. The in-process transport passes the core
 //! conformance suite (`orchestrator_core::testkit::transport`), like every broker
 //! transport.
@@ -56,6 +61,8 @@ pub mod memory;
 pub mod metrics;
 pub mod middleware;
 pub mod subscription;
+#[cfg(feature = "testkit")]
+pub mod testkit;
 
 #[doc(inline)]
 pub use bus::{EventBus, ShutdownReport, Subscription};

@@ -19,3 +19,8 @@ async fn in_process_transport_passes_the_suite_on_a_multi_thread_runtime() {
 async fn in_process_transport_passes_the_suite_with_tiny_queues() {
     run_all(|| async { InProcessTransport::with_capacity(1) }).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bus_conformance_cases_pass_in_process() {
+    orchestrator_bus::testkit::run_all(std::sync::Arc::new(InProcessTransport::new())).await;
+}
