@@ -89,21 +89,25 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         },
     )?;
 
-    let result = orchestrator
-        .send_command("create_user", json!({ "name": "John" }))
+    // The outcome says where the command's events were written: the first query waits
+    // until the read model has seen them (read your own writes).
+    let created = orchestrator
+        .send_command_with(CommandRequest::new(
+            "create_user",
+            json!({ "name": "John" }),
+        ))
         .await?;
-    println!("create_user -> {result}");
-    let user_id = result["user_id"].clone();
-    // Read your own write: wait until the read model has seen it.
-    users
-        .wait_for_position(orchestrator.store().head_position().await?)
-        .await?;
+    println!("create_user -> {}", created.value);
+    let user_id = created.value["user_id"].clone();
 
     println!("get_user (first time: runs the handler)");
     let user = orchestrator
-        .execute_query("get_user", json!({ "user_id": user_id }))
+        .execute_query_with(
+            QueryRequest::new("get_user", json!({ "user_id": user_id })).at_least(created.position),
+        )
         .await?;
     println!("  -> {user}");
+    assert_eq!(user["name"], "John");
     println!("get_user (again: answered from the cache)");
     let cached = orchestrator
         .execute_query("get_user", json!({ "user_id": user_id }))
@@ -111,18 +115,17 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("  -> {cached}");
     assert_eq!(user, cached);
 
-    orchestrator
-        .send_command(
+    let renamed = orchestrator
+        .send_command_with(CommandRequest::new(
             "rename_user",
             json!({ "user_id": user_id, "name": "Johnny" }),
-        )
+        ))
         .await?;
-    users
-        .wait_for_position(orchestrator.store().head_position().await?)
-        .await?;
-    println!("rename_user, then get_user (the user's event invalidated the cache)");
+    println!("rename_user, then get_user (the user's event invalidated the cached result)");
     let renamed = orchestrator
-        .execute_query("get_user", json!({ "user_id": user_id }))
+        .execute_query_with(
+            QueryRequest::new("get_user", json!({ "user_id": user_id })).at_least(renamed.position),
+        )
         .await?;
     println!("  -> {renamed}");
     assert_eq!(renamed["name"], "Johnny");

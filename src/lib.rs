@@ -78,6 +78,11 @@ pub mod metrics;
 pub mod propagation;
 
 pub use error::{Error, Result};
+
+/// The README's examples, compiled as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeExamples;
 pub use facade::{EventOrchestrator, EventOrchestratorBuilder, ReplayFilter};
 
 /// The OpenTelemetry API this crate propagates trace context with (install its SDK and a
@@ -122,7 +127,7 @@ pub mod prelude {
         EventHandler, EventId, EventStore, ExpectedVersion, HandlerError, JsonHandler, ReadAll,
         RetryPolicy, TopicPattern, Transport,
     };
-    pub use orchestrator_cqrs::{QueryCacheConfig, QueryOptions};
+    pub use orchestrator_cqrs::{CommandRequest, QueryCacheConfig, QueryOptions, QueryRequest};
     pub use orchestrator_saga::{SagaDefinition, SagaOutcome, SagaStatus, SagaStep};
     pub use orchestrator_store::{FileEventStore, InMemoryEventStore, SchemaRegistry};
 }

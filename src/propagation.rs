@@ -21,6 +21,12 @@
 //! Without an OpenTelemetry layer nothing is injected and extraction costs nothing: spans
 //! that no subscriber records are skipped.
 //!
+//! The bus opens its own span `bus.handle` around each delivery before any middleware runs,
+//! so it cannot take the publisher's context: with an OpenTelemetry layer it is the root of a
+//! one-span trace of its own. `orchestrator.handle`, inside it, is the span that joins the
+//! publisher's trace. Leave `bus.handle` out of the OpenTelemetry layer with a per-layer
+//! filter if those one-span traces are noise.
+//!
 //! ```
 //! use orchestrator::propagation;
 //! use orchestrator_core::{EventEnvelope, TraceContext};

@@ -1,1 +1,315 @@
-//! CLI tests (being written).
+//! The `orchestrator` CLI against an embedded durable store in a temporary directory.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use orchestrator::prelude::*;
+use serde_json::{Value, json};
+
+/// Runs the CLI on the store in `dir`.
+fn cli(dir: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_orchestrator"))
+        .arg("--store")
+        .arg(format!("file://{}", dir.display()))
+        .args(args)
+        .env_remove("ORCHESTRATOR_STORE")
+        .env_remove("ORCHESTRATOR_TRANSPORT")
+        .output()
+        .unwrap()
+}
+
+fn stdout(output: &Output) -> String {
+    assert!(
+        output.status.success(),
+        "exit {:?}, stderr: {}",
+        output.status.code(),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout.clone()).unwrap()
+}
+
+fn json_out(output: &Output) -> Value {
+    serde_json::from_str(&stdout(output)).unwrap()
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+#[test]
+fn publish_then_list_and_show_streams() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let published = stdout(&cli(
+        d,
+        &["publish", "order.placed", r#"{"order_id":"o-1"}"#],
+    ));
+    assert!(
+        published.starts_with("published order.placed "),
+        "{published}"
+    );
+    let id = json_out(&cli(
+        d,
+        &["--json", "publish", "order.placed", r#"{"order_id":"o-2"}"#],
+    ))["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    stdout(&cli(
+        d,
+        &["publish", "user.created", "{}", "--stream", "user-7"],
+    ));
+
+    let list = stdout(&cli(d, &["streams", "list"]));
+    assert!(
+        list.contains("order.placed") && list.contains("user-7"),
+        "{list}"
+    );
+    let streams = json_out(&cli(d, &["--json", "streams", "list"]));
+    let orders = streams
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["stream"] == "order.placed")
+        .unwrap();
+    assert_eq!(orders["events"], 2);
+    assert_eq!(orders["version"], 2);
+
+    let shown = stdout(&cli(d, &["streams", "show", "order.placed"]));
+    assert_eq!(shown.lines().count(), 2, "{shown}");
+    assert!(shown.contains(r#"{"order_id":"o-1"}"#), "{shown}");
+    let events = json_out(&cli(
+        d,
+        &["--json", "streams", "show", "order.placed", "--from", "2"],
+    ));
+    let events = events.as_array().unwrap();
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0]["id"], id.as_str());
+    assert_eq!(
+        events[0]["specversion"], "1.0",
+        "events print as CloudEvents"
+    );
+    assert_eq!(events[0]["data"]["order_id"], "o-2");
+
+    let tailed = stdout(&cli(
+        d,
+        &["tail", "order.*", "--from-start", "--count", "2"],
+    ));
+    assert_eq!(tailed.lines().count(), 2, "{tailed}");
+}
+
+#[test]
+fn an_empty_dead_letter_queue() {
+    let dir = tempfile::tempdir().unwrap();
+    assert_eq!(
+        stdout(&cli(dir.path(), &["dlq", "list"])).trim(),
+        "no dead letters"
+    );
+    assert_eq!(
+        json_out(&cli(dir.path(), &["--json", "dlq", "list"])),
+        json!([])
+    );
+    let missing = cli(dir.path(), &["dlq", "show", "nope"]);
+    assert!(!missing.status.success());
+    assert!(
+        stderr(&missing).contains("not found"),
+        "{}",
+        stderr(&missing)
+    );
+}
+
+#[test]
+fn bad_input_is_a_clear_error_and_a_nonzero_exit() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let invalid = cli(d, &["publish", "order.placed", "{not json"]);
+    assert!(!invalid.status.success());
+    assert!(
+        stderr(&invalid).contains("not valid JSON"),
+        "{}",
+        stderr(&invalid)
+    );
+
+    let unknown = cli(d, &["frobnicate"]);
+    assert!(!unknown.status.success());
+    assert!(
+        stderr(&unknown).contains("frobnicate"),
+        "{}",
+        stderr(&unknown)
+    );
+
+    let bad_type = cli(d, &["publish", "", "{}"]);
+    assert!(!bad_type.status.success());
+    assert!(
+        stderr(&bad_type).contains("event type"),
+        "{}",
+        stderr(&bad_type)
+    );
+
+    let bad_time = cli(d, &["replay", "--from", "last tuesday"]);
+    assert!(!bad_time.status.success());
+    assert!(
+        stderr(&bad_time).contains("not a time"),
+        "{}",
+        stderr(&bad_time)
+    );
+
+    let bad_url = Command::new(env!("CARGO_BIN_EXE_orchestrator"))
+        .args(["--store", "ftp://example.com", "streams", "list"])
+        .output()
+        .unwrap();
+    assert!(!bad_url.status.success());
+    assert!(
+        stderr(&bad_url).contains("file://DIR"),
+        "{}",
+        stderr(&bad_url)
+    );
+
+    if !cfg!(feature = "redis") {
+        let disabled = cli(d, &["--transport", "redis://127.0.0.1:6379", "dlq", "list"]);
+        assert!(!disabled.status.success());
+        assert!(
+            stderr(&disabled).contains("`redis` feature"),
+            "{}",
+            stderr(&disabled)
+        );
+    }
+
+    let no_store = Command::new(env!("CARGO_BIN_EXE_orchestrator"))
+        .args(["streams", "list"])
+        .env_remove("ORCHESTRATOR_STORE")
+        .output()
+        .unwrap();
+    assert!(!no_store.status.success());
+    assert!(
+        stderr(&no_store).contains("--store"),
+        "{}",
+        stderr(&no_store)
+    );
+}
+
+#[test]
+fn replay_counts_what_it_delivers() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    for n in 0..3 {
+        stdout(&cli(
+            d,
+            &["publish", "order.completed", &format!(r#"{{"n":{n}}}"#)],
+        ));
+    }
+    stdout(&cli(d, &["publish", "user.created", "{}"]));
+    let replayed = json_out(&cli(
+        d,
+        &[
+            "--json",
+            "replay",
+            "--type",
+            "order.completed",
+            "--from",
+            "1h",
+        ],
+    ));
+    assert_eq!(replayed["replayed"], 3);
+    let none = json_out(&cli(
+        d,
+        &[
+            "--json",
+            "replay",
+            "--type",
+            "order.completed",
+            "--to",
+            "1h",
+        ],
+    ));
+    assert_eq!(none["replayed"], 0);
+    assert_eq!(stdout(&cli(d, &["replay"])).trim(), "replayed 4 events");
+}
+
+/// Writes a request's events and a saga into the store in `dir`, as an application would.
+async fn record_a_request(dir: &Path) -> (String, String) {
+    let orchestrator = EventOrchestrator::builder()
+        .store_url(format!("file://{}", dir.display()))
+        .build()
+        .await
+        .unwrap();
+    orchestrator
+        .define_saga(
+            "order_processing",
+            vec![
+                SagaStep::new("payment", |_: Value| async {
+                    Ok::<_, HandlerError>(json!({"transaction_id": "TXN123"}))
+                })
+                .with_compensation(|_: Value| async { Ok::<_, HandlerError>(()) }),
+                SagaStep::new("shipping", |_: Value| async {
+                    Err::<Value, _>(HandlerError::permanent("no carrier"))
+                }),
+            ],
+        )
+        .unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let publisher = orchestrator.clone();
+    orchestrator
+        .subscribe("order.placed", move |_event: EventEnvelope| {
+            let (publisher, tx) = (publisher.clone(), tx.clone());
+            async move {
+                publisher.publish_event("order.paid", json!({})).await?;
+                tx.send(()).ok();
+                Ok::<_, HandlerError>(())
+            }
+        })
+        .await
+        .unwrap();
+    let placed = EventEnvelope::new("order.placed", &json!({"order_id": "o-1"}))
+        .unwrap()
+        .with_correlation_id("checkout-42");
+    orchestrator.publish(placed).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(5), rx.recv())
+        .await
+        .unwrap();
+    let saga = orchestrator
+        .start_saga("order_processing", json!({"order_id": "o-1"}))
+        .await
+        .unwrap();
+    assert_eq!(saga.status, SagaStatus::Compensated);
+    orchestrator.shutdown(Duration::from_secs(1)).await;
+    ("checkout-42".to_owned(), saga.id.to_string())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sagas_and_traces() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (correlation, saga_id) = record_a_request(d).await;
+
+    let listed = stdout(&cli(d, &["sagas", "list"]));
+    assert!(
+        listed.contains(&saga_id) && listed.contains("compensated"),
+        "{listed}"
+    );
+    let shown = stdout(&cli(d, &["sagas", "show", &saga_id]));
+    assert!(shown.contains("status      compensated"), "{shown}");
+    assert!(shown.contains("failed at   shipping"), "{shown}");
+    assert!(shown.contains("saga.compensation.completed"), "{shown}");
+    let shown = json_out(&cli(d, &["--json", "sagas", "show", &saga_id]));
+    assert_eq!(shown["compensated_steps"], json!(["payment"]));
+    assert_eq!(shown["log"].as_array().unwrap().len(), 5);
+
+    let traced = json_out(&cli(d, &["--json", "trace", &correlation]));
+    let roots = traced["events"].as_array().unwrap();
+    assert_eq!(roots.len(), 1, "{traced}");
+    assert_eq!(roots[0]["event"]["type"], "order.placed");
+    assert_eq!(roots[0]["caused"][0]["event"]["type"], "order.paid");
+    let tree = stdout(&cli(d, &["trace", &correlation]));
+    assert!(tree.contains("└─ +"), "{tree}");
+
+    let saga_trace = stdout(&cli(d, &["trace", &saga_id]));
+    assert!(saga_trace.contains("saga order_processing"), "{saga_trace}");
+    assert!(saga_trace.contains("saga.step.failed"), "{saga_trace}");
+
+    let nothing = cli(d, &["trace", "nobody"]);
+    assert!(!nothing.status.success());
+    assert!(stderr(&nothing).contains("nobody"), "{}", stderr(&nothing));
+}

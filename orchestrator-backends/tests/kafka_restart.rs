@@ -217,7 +217,9 @@ async fn broker_restart_loses_nothing() {
     let copies = in_log.values().filter(|&&n| n > 1).count();
     assert_eq!(in_log.len(), EVENTS, "events in the topic");
     assert_eq!(copies, 0, "events written to the topic more than once");
+    // Close the subscription (and tidy up) while the broker is there to answer.
     drop(sub);
+    transport.delete_all_topics().await.unwrap();
     drop(transport);
     drop(broker);
 }

@@ -52,6 +52,7 @@ pub struct EventOrchestratorBuilder {
     schemas: Option<Arc<SchemaRegistry>>,
     query_cache: Option<QueryCacheConfig>,
     max_concurrent_sagas: Option<usize>,
+    commands: Option<CommandBus>,
 }
 
 impl Default for EventOrchestratorBuilder {
@@ -65,6 +66,7 @@ impl Default for EventOrchestratorBuilder {
             schemas: None,
             query_cache: Some(QueryCacheConfig::default()),
             max_concurrent_sagas: None,
+            commands: None,
         }
     }
 }
@@ -167,6 +169,13 @@ impl EventOrchestratorBuilder {
         self
     }
 
+    /// Sends commands through `bus` — one built with middleware (logging, authorization,
+    /// idempotency by command id) — instead of a plain one.
+    pub fn command_bus(mut self, bus: CommandBus) -> Self {
+        self.commands = Some(bus);
+        self
+    }
+
     /// Connects what was given by URL and builds the orchestrator.
     ///
     /// A URL naming a backend this build does not carry is [`Error::FeatureDisabled`]; an
@@ -239,7 +248,7 @@ impl EventOrchestratorBuilder {
             store,
             schemas,
             sagas: sagas.build(),
-            commands: CommandBus::new(),
+            commands: self.commands.unwrap_or_default(),
             queries: queries.build(),
         }
     }

@@ -3,7 +3,10 @@
 use orchestrator_core::JsonHandler;
 use std::sync::Arc;
 
-use orchestrator_cqrs::{CommandBus, QueryBus, QueryOptions, ReadModelDefinition, ReadModelHandle};
+use orchestrator_cqrs::{
+    CommandBus, CommandOutcome, CommandRequest, QueryBus, QueryOptions, QueryRequest,
+    ReadModelDefinition, ReadModelHandle,
+};
 use serde_json::Value;
 
 use super::EventOrchestrator;
@@ -22,6 +25,14 @@ impl EventOrchestrator {
     /// [`Error::Cqrs`](crate::Error::Cqrs).
     pub async fn send_command(&self, name: &str, payload: Value) -> Result<Value> {
         Ok(self.commands.send(name, payload).await?.value)
+    }
+
+    /// Sends a command with its id, correlation id, principal and headers, and returns its
+    /// whole outcome: the value and the global position its events were written up to (the
+    /// events it publishes through this orchestrator count), to pass to
+    /// [`QueryRequest::at_least`] for read-your-writes.
+    pub async fn send_command_with(&self, request: CommandRequest) -> Result<CommandOutcome> {
+        Ok(self.commands.dispatch(request).await?)
     }
 
     /// Registers the handler of the query `name`, its results cached (see
@@ -45,6 +56,12 @@ impl EventOrchestrator {
     /// it is fresh). An unknown name is [`Error::UnknownQuery`](crate::Error::UnknownQuery).
     pub async fn execute_query(&self, name: &str, params: Value) -> Result<Value> {
         Ok(self.queries.execute(name, params).await?)
+    }
+
+    /// Executes a query with its options: wait until the read models have seen a position
+    /// (read-your-writes), bypass the cache.
+    pub async fn execute_query_with(&self, request: QueryRequest) -> Result<Value> {
+        Ok(self.queries.execute_request(request).await?)
     }
 
     /// Attaches a read model fed by this orchestrator's store: its projection applies every

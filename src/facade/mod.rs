@@ -168,10 +168,13 @@ impl EventOrchestrator {
     /// Publishes a prepared envelope; returns its id.
     ///
     /// In order: the event gets the current trace context (W3C `traceparent`) and, when
-    /// published from a handler, the handled event as its cause (see [`propagation`]); it
+    /// published from a handler, the handled event (or the command, if it has an id) as its
+    /// cause (see [`propagation`]); it
     /// is validated against the [schema registry](Self::schemas); it is appended to its own
     /// stream if it names one, else to the stream named after its event type; then it is
-    /// published on the transport, carrying its stored position.
+    /// published on the transport, carrying its stored position. Published from a command
+    /// handler, its position is recorded in the command's outcome
+    /// ([`send_command_with`](Self::send_command_with)).
     pub async fn publish(&self, event: EventEnvelope) -> Result<EventId> {
         let span = tracing::info_span!(
             "orchestrator.publish",
@@ -179,6 +182,10 @@ impl EventOrchestrator {
             event_type = %event.event_type(),
             event_id = %event.id(),
         );
+        let event = match orchestrator_cqrs::current_command() {
+            Some(command) => command.stamp(event),
+            None => event,
+        };
         let event = propagation::inject(propagation::with_cause(event), &span);
         self.store_and_publish(event).instrument(span).await
     }
@@ -193,6 +200,9 @@ impl EventOrchestrator {
             .append(&stream, ExpectedVersion::Any, vec![event.clone()])
             .instrument(tracing::debug_span!("orchestrator.append", stream = %stream))
             .await?;
+        // Inside a command handler: the command's outcome reports where it wrote, for
+        // read-your-writes queries.
+        orchestrator_cqrs::record_position(written.last_position);
         let stored = event.with_position(
             stream,
             StoredPosition {

@@ -3,9 +3,12 @@
 //! Built the rust-analyzer way: no dependencies, so it compiles in seconds on a
 //! fresh clone, and one function per subcommand. See `cargo xtask help`.
 
+mod bench;
 mod endpoint;
 mod json;
+mod machine;
 mod metadata;
+mod reachable;
 mod services;
 mod test_all;
 
@@ -33,6 +36,14 @@ Commands:
         and rabbitmq (ORCHESTRATOR_AMQP_URL, default
         amqp://guest:guest@127.0.0.1:5672/%2f). `status` exits 1 unless all are up.
         `down` is for use by hand: other sessions and CI rely on these services.
+  bench [--quick] [--out <file>] [<bench>...]
+        Builds and runs every benchmark (codec, bus, store, saga, cqrs, and the
+        redis, rabbitmq and kafka backends against their raw clients) one after
+        another, and writes BENCHMARKS.md: each area's figure, the baseline
+        measured in the same run, the ratio and the target. Backends whose service
+        is down are reported as skipped. --quick is a smoke run (short
+        measurements, no rabbitmq/kafka) written under the target folder, as is a
+        run of named benches only; --out picks the file.
   help  This text.
 ";
 
@@ -67,6 +78,11 @@ fn run() -> Result<ExitCode> {
         "test-all" => {
             let options = test_all::Options::parse(rest)?;
             test_all::test_all(&project_root()?, &options)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        "bench" => {
+            let options = bench::Options::parse(rest)?;
+            bench::bench(&project_root()?, &options)?;
             Ok(ExitCode::SUCCESS)
         }
         "services" => match rest.split_first() {

@@ -82,6 +82,21 @@ pub(crate) const SERVICES: &[Service] = &[
         package: "rabbitmq-server",
         by_hand: "sudo systemctl start rabbitmq-server",
     },
+    Service {
+        name: "kafka",
+        title: "Kafka (tansu)",
+        env: "ORCHESTRATOR_KAFKA_BROKERS",
+        default_url: "127.0.0.1:9092",
+        endpoint: kafka_endpoint,
+        probe: kafka_probe,
+        start: tansu_start,
+        start_timeout: Duration::from_secs(60),
+        stop: tansu_stop,
+        package: "dash",
+        by_hand: "cd ~/.cache/orchestrator/tansu/data && ~/.cache/orchestrator/tools/bin/tansu \
+                  --listener-url tcp://127.0.0.1:9092 --advertised-listener-url \
+                  tcp://127.0.0.1:9092 --storage-engine sqlite://tansu.db",
+    },
 ];
 
 /// The outcome of a readiness probe.
@@ -227,6 +242,160 @@ fn amqp_stop(_: &Endpoint) -> Result<()> {
         .status()
         .map_err(|e| spawn_error(&cmd, &e, "rabbitmq-server"))?;
     if status.success() {
+        Ok(())
+    } else {
+        Err(format!("`{}` failed ({status})", describe(&cmd)))
+    }
+}
+
+/// The tansu version xtask installs: an Apache-2.0 Kafka-protocol broker from crates.io.
+const TANSU_VERSION: &str = "0.6.0";
+
+/// The first broker of a `bootstrap.servers` list (`host:port[,host:port…]`, each optionally
+/// with a `plaintext://`-style scheme; `ssl`/`sasl_ssl` schemes mean TLS).
+fn kafka_endpoint(brokers: &str) -> Result<Endpoint> {
+    let first = brokers.split(',').next().unwrap_or_default().trim();
+    let (tls, rest) = match first.split_once("://") {
+        Some((scheme, rest)) => (scheme.to_ascii_lowercase().contains("ssl"), rest),
+        None => (false, first),
+    };
+    let url = format!("kafka://{rest}");
+    let mut endpoint = parse_url(&url, &[("kafka", 9092, false)])
+        .map_err(|e| format!("`{brokers}`: expected host:port[,host:port…] ({e})"))?;
+    endpoint.tls = tls;
+    Ok(endpoint)
+}
+
+/// A Kafka `ApiVersions` request, version 0, correlation id 0x0ca7, client id `xtask`.
+fn api_versions_request() -> Vec<u8> {
+    let client = b"xtask";
+    let mut body = Vec::new();
+    body.extend_from_slice(&18_i16.to_be_bytes()); // api key: ApiVersions
+    body.extend_from_slice(&0_i16.to_be_bytes()); // api version
+    body.extend_from_slice(&0x0ca7_i32.to_be_bytes()); // correlation id
+    body.extend_from_slice(&(client.len() as i16).to_be_bytes());
+    body.extend_from_slice(client);
+    let mut request = (body.len() as i32).to_be_bytes().to_vec();
+    request.extend_from_slice(&body);
+    request
+}
+
+/// Whether a reply holds its size, correlation id and error code.
+fn api_versions_complete(reply: &[u8]) -> bool {
+    reply.len() >= 10
+}
+
+/// Reads an `ApiVersions` reply: `Ok(api count)` when it answers our request without error.
+fn read_api_versions(reply: &[u8]) -> Result<i32> {
+    let field = |range: std::ops::Range<usize>| {
+        reply
+            .get(range)
+            .ok_or_else(|| format!("short reply of {} bytes", reply.len()))
+    };
+    let correlation = i32::from_be_bytes(field(4..8)?.try_into().map_err(|_| "bad reply")?);
+    if correlation != 0x0ca7 {
+        return Err(format!(
+            "reply to another request (correlation id {correlation})"
+        ));
+    }
+    let error = i16::from_be_bytes(field(8..10)?.try_into().map_err(|_| "bad reply")?);
+    if error != 0 {
+        return Err(format!("ApiVersions failed with error code {error}"));
+    }
+    let count = field(10..14)
+        .ok()
+        .and_then(|b| b.try_into().ok())
+        .map_or(0, i32::from_be_bytes);
+    Ok(count)
+}
+
+/// A Kafka broker answers `ApiVersions` with the APIs it serves.
+fn kafka_probe(endpoint: &Endpoint) -> Health {
+    if endpoint.tls {
+        return tcp_probe(endpoint);
+    }
+    match exchange(endpoint, &api_versions_request(), api_versions_complete) {
+        Ok(reply) if reply.is_empty() => {
+            Health::Down("closed the connection on ApiVersions".to_owned())
+        }
+        Ok(reply) => match read_api_versions(&reply) {
+            Ok(count) => Health::Ready(format!("ApiVersions: {count} APIs")),
+            Err(why) => Health::Down(why),
+        },
+        Err(e) => Health::Down(e.to_string()),
+    }
+}
+
+/// `~/.cache/orchestrator`, where tansu is installed and keeps its data, outside any checkout.
+fn orchestrator_cache() -> Result<std::path::PathBuf> {
+    let home = std::env::var_os("HOME").ok_or("HOME is not set")?;
+    Ok(Path::new(&home).join(".cache/orchestrator"))
+}
+
+/// Installs the pinned tansu into `~/.cache/orchestrator/tools` unless it is there; returns
+/// the binary.
+fn install_tansu() -> Result<std::path::PathBuf> {
+    let root = orchestrator_cache()?.join("tools");
+    let binary = root.join("bin/tansu");
+    if binary.is_file() {
+        return Ok(binary);
+    }
+    let cargo_bin = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+    let mut cmd = Command::new(cargo_bin);
+    cmd.args(["install", "--locked", "tansu", "--version", TANSU_VERSION])
+        .args(["--features", "dynostore,libsql", "--root"])
+        .arg(&root);
+    eprintln!(
+        "Kafka: installing tansu {TANSU_VERSION} (about 9 minutes on 2 cores, once): {}",
+        describe(&cmd)
+    );
+    let status = cmd
+        .status()
+        .map_err(|e| format!("cannot run `{}`: {e}", describe(&cmd)))?;
+    if !status.success() || !binary.is_file() {
+        return Err(format!("`{}` failed ({status})", describe(&cmd)));
+    }
+    Ok(binary)
+}
+
+/// Starts tansu (installing it first if needed) in its own data folder with sqlite storage,
+/// writing its pid next to the data so that `down` can stop exactly that process.
+fn tansu_start(endpoint: &Endpoint) -> Result<Command> {
+    let binary = install_tansu()?;
+    let dir = orchestrator_cache()?.join("tansu/data");
+    fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    let url = format!("tcp://{endpoint}");
+    // `exec` keeps the shell's pid, so the pid file names tansu itself.
+    let script = format!(
+        "echo $$ > tansu.pid && exec '{}' --listener-url {url} --advertised-listener-url {url} \
+         --storage-engine sqlite://tansu.db",
+        binary.display()
+    );
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c").arg(script).current_dir(dir);
+    Ok(cmd)
+}
+
+/// Stops the tansu that `up` started, by the pid it wrote.
+fn tansu_stop(_: &Endpoint) -> Result<()> {
+    let pid_file = orchestrator_cache()?.join("tansu/data/tansu.pid");
+    let pid = fs::read_to_string(&pid_file)
+        .map_err(|e| {
+            format!(
+                "cannot read {} ({e}): this Kafka was not started by xtask; stop it where it runs",
+                pid_file.display()
+            )
+        })?
+        .trim()
+        .parse::<u32>()
+        .map_err(|e| format!("{}: {e}", pid_file.display()))?;
+    let mut cmd = Command::new("kill");
+    cmd.arg(pid.to_string());
+    let status = cmd
+        .status()
+        .map_err(|e| format!("cannot run `{}`: {e}", describe(&cmd)))?;
+    if status.success() {
+        let _ = fs::remove_file(&pid_file);
         Ok(())
     } else {
         Err(format!("`{}` failed ({status})", describe(&cmd)))
@@ -540,6 +709,60 @@ mod tests {
         assert_eq!(
             endpoint("rabbitmq", "amqp://[fe80::1]:5673/?heartbeat=10"),
             at("fe80::1", 5673, false)
+        );
+    }
+
+    #[test]
+    fn kafka_brokers() {
+        assert_eq!(
+            endpoint("kafka", "127.0.0.1:9092"),
+            at("127.0.0.1", 9092, false)
+        );
+        assert_eq!(
+            endpoint("kafka", "b1.internal:9093,b2.internal:9093"),
+            at("b1.internal", 9093, false)
+        );
+        assert_eq!(endpoint("kafka", "localhost"), at("localhost", 9092, false));
+        assert_eq!(
+            endpoint("kafka", "SASL_SSL://[::1]:9094"),
+            at("::1", 9094, true)
+        );
+        assert!(endpoint("kafka", "host:port").is_err());
+    }
+
+    #[test]
+    fn api_versions_round_trip() {
+        let request = super::api_versions_request();
+        let size = i32::from_be_bytes(request[..4].try_into().unwrap());
+        assert_eq!(size as usize, request.len() - 4);
+        assert_eq!(&request[4..8], &[0, 18, 0, 0], "ApiVersions v0");
+        // A reply: size, correlation id, no error, 2 APIs, …
+        let mut reply = vec![0, 0, 0, 20, 0, 0, 0x0c, 0xa7, 0, 0, 0, 0, 0, 2];
+        assert!(super::api_versions_complete(&reply));
+        assert_eq!(super::read_api_versions(&reply), Ok(2));
+        reply[9] = 35;
+        assert!(super::read_api_versions(&reply).is_err());
+        assert!(super::read_api_versions(&[0, 0, 0, 6, 0, 0, 0, 1, 0, 0]).is_err());
+    }
+
+    #[test]
+    fn kafka_probe_speaks_the_protocol() {
+        use std::io::{Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let server = std::thread::spawn(move || {
+            let (mut socket, _) = listener.accept().unwrap();
+            let mut request = [0; 19];
+            socket.read_exact(&mut request).unwrap();
+            socket
+                .write_all(&[0, 0, 0, 10, 0, 0, 0x0c, 0xa7, 0, 0, 0, 0, 0, 1])
+                .unwrap();
+        });
+        let health = (super::kafka_probe)(&at("127.0.0.1", port, false).unwrap());
+        server.join().unwrap();
+        assert_eq!(
+            health,
+            super::Health::Ready("ApiVersions: 1 APIs".to_owned())
         );
     }
 

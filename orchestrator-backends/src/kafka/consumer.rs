@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use futures::FutureExt as _;
 use orchestrator_core::transport::{Acknowledge, DeliveryInfo};
 use orchestrator_core::{DeadLetter, Delivery, DeliveryStream, EventEnvelope, Result, cloudevents};
 use rdkafka::client::ClientContext;
@@ -37,6 +38,13 @@ pub(crate) struct Subscription {
     pub(crate) group: String,
     pub(crate) retry_topic: String,
     tracker: Mutex<Tracker>,
+    /// Settled deliveries on their way to the tracker: acks do not contend with the pump for
+    /// the tracker's lock; the pump applies them in batches.
+    settled_tx: mpsc::UnboundedSender<Slot>,
+    settled_rx: Mutex<mpsc::UnboundedReceiver<Slot>>,
+    /// How many times partitions were revoked: a delivery read since the last revocation
+    /// belongs to a current assignment without asking the tracker.
+    revocations: AtomicU64,
     /// Which of the two consumers (bit 0: events, bit 1: retries) had an assignment.
     assignments: watch::Sender<u8>,
     /// How many rebalances happened (assignment changes).
@@ -45,11 +53,15 @@ pub(crate) struct Subscription {
 
 impl Subscription {
     pub(crate) fn new(transport: Arc<Shared>, group: String, retry_topic: String) -> Self {
+        let (settled_tx, settled_rx) = mpsc::unbounded_channel();
         Self {
             transport,
             group,
             retry_topic,
             tracker: Mutex::new(Tracker::default()),
+            settled_tx,
+            settled_rx: Mutex::new(settled_rx),
+            revocations: AtomicU64::new(0),
             assignments: watch::Sender::new(0),
             rebalances: AtomicU64::new(0),
         }
@@ -68,16 +80,41 @@ impl Subscription {
         let _ = rx.wait_for(|bits| *bits & wanted == wanted).await;
     }
 
-    fn settle(&self, slot: &Slot) -> bool {
-        self.tracker().settle(slot)
+    /// Settles a delivery (applied by the pump; a closed subscription ignores it, and the
+    /// message comes back from the committed offset).
+    fn settle(&self, slot: &Slot) {
+        let _ = self.settled_tx.send(slot.clone());
+    }
+
+    /// Applies the settlements sent since the last call to the tracker.
+    fn apply_settled(&self) {
+        let mut rx = self
+            .settled_rx
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if rx.is_empty() {
+            return;
+        }
+        let mut tracker = self.tracker();
+        while let Ok(slot) = rx.try_recv() {
+            tracker.settle(&slot);
+        }
+    }
+
+    /// Whether a delivery read when `revocations` had the value `seen` still belongs to the
+    /// current assignment of its partition.
+    fn still_current(&self, slot: &Slot, seen: u64) -> bool {
+        self.revocations.load(Ordering::SeqCst) == seen || self.is_current(slot)
     }
 
     fn is_current(&self, slot: &Slot) -> bool {
         self.tracker().is_current(slot)
     }
 
-    /// Hands the offsets settled since the last call to librdkafka's offset store.
-    fn store_offsets<C: Consumer<X>, X: ConsumerContext>(&self, consumer: &C) {
+    /// Hands the offsets settled since the last call to librdkafka's offset store, each to
+    /// the consumer that owns its partition.
+    fn store_offsets(&self, events: &GroupConsumer, retries: &GroupConsumer) {
+        self.apply_settled();
         let pending = {
             let mut tracker = self.tracker();
             if !tracker.is_dirty() {
@@ -85,7 +122,20 @@ impl Subscription {
             }
             tracker.take_pending()
         };
-        store(consumer, &pending);
+        self.store_split(events, retries, pending);
+    }
+
+    fn store_split(
+        &self,
+        events: &GroupConsumer,
+        retries: &GroupConsumer,
+        pending: Vec<(Arc<str>, i32, i64)>,
+    ) {
+        let (retry, event): (Vec<_>, Vec<_>) = pending
+            .into_iter()
+            .partition(|(topic, ..)| **topic == *self.retry_topic);
+        store(events, &event);
+        store(retries, &retry);
     }
 }
 
@@ -142,6 +192,8 @@ impl ConsumerContext for Context {
                 }
             }
             Rebalance::Revoke(tpl) => {
+                self.sub.revocations.fetch_add(1, Ordering::SeqCst);
+                self.sub.apply_settled();
                 let pending: Vec<(Arc<str>, i32, i64)> = {
                     let mut tracker = self.sub.tracker();
                     tpl.elements()
@@ -186,26 +238,21 @@ pub(crate) struct Pending {
     first_attempt_at: DateTime<Utc>,
     last_error: Option<String>,
     slot: Slot,
-}
-
-/// The pump's bookkeeping of what to pause.
-#[derive(Default)]
-struct Paused {
-    all: bool,
-    retry: bool,
-    /// The rebalance count when the pause was applied (new partitions start unpaused).
-    at_rebalance: u64,
+    /// The subscription's revocation count when the message was read.
+    seen: u64,
 }
 
 /// The subscription's task: reads messages, turns them into pending deliveries, holds
-/// retries until they are due, hands them to the stream, stores settled offsets, and
-/// pauses fetching while the application is behind.
+/// retries until they are due, hands them to the stream and stores settled offsets.
+///
+/// It reads only while nothing waits for the application: when the application is behind,
+/// the consumer stops fetching (librdkafka's own prefetch queue bounds memory) instead of
+/// pausing partitions, which would discard what librdkafka already fetched.
 pub(crate) async fn pump(
     sub: Arc<Subscription>,
     consumer: Arc<GroupConsumer>,
     retries: Arc<GroupConsumer>,
     tx: mpsc::Sender<Pending>,
-    prefetch: usize,
 ) {
     let live = LiveConsumer::new(&sub.transport.config.prefix);
     let max_delayed = sub.transport.config.max_delayed;
@@ -213,54 +260,35 @@ pub(crate) async fn pump(
     let mut delayed: BTreeMap<(i64, u64), Pending> = BTreeMap::new();
     let mut sequence = 0_u64;
     let mut logical: HashMap<String, Arc<str>> = HashMap::new();
-    let mut paused = Paused::default();
+    let (mut retries_paused, mut paused_at) = (false, 0);
     let mut store_tick = tokio::time::interval(STORE_INTERVAL);
     store_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
     'pump: loop {
-        while let Some(p) = ready.pop_front() {
-            match tx.try_send(p) {
-                Ok(()) => {}
-                Err(mpsc::error::TrySendError::Full(p)) => {
-                    ready.push_front(p);
-                    break;
-                }
-                Err(mpsc::error::TrySendError::Closed(_)) => break 'pump,
-            }
+        if !hand_over(&tx, &mut ready) {
+            break;
         }
-        let want_all = if paused.all {
-            !ready.is_empty()
-        } else {
-            ready.len() >= prefetch
-        };
-        let want_retry = if paused.retry {
+        // Too many retries waiting out their delay: stop reading the retry topic for a while.
+        let want_paused = if retries_paused {
             delayed.len() >= max_delayed / 2
         } else {
             delayed.len() >= max_delayed
         };
         let rebalances = sub.rebalances.load(Ordering::SeqCst);
-        if want_all != paused.all
-            || want_retry != paused.retry
-            || ((want_all || want_retry) && rebalances != paused.at_rebalance)
-        {
-            apply_pause(&consumer, want_all);
-            apply_pause(&retries, want_all || want_retry);
-            paused = Paused {
-                all: want_all,
-                retry: want_retry,
-                at_rebalance: rebalances,
-            };
+        if want_paused != retries_paused || (want_paused && rebalances != paused_at) {
+            apply_pause(&retries, want_paused);
+            (retries_paused, paused_at) = (want_paused, rebalances);
         }
-        let next_due = delayed.first_key_value().map(|(&(due, _), _)| due);
-        let due_in = next_due.map(|due| {
+        let due_in = delayed.first_key_value().map(|(&(due, _), _)| {
             let wait = due.saturating_sub(Utc::now().timestamp_millis());
             tokio::time::Instant::now() + Duration::from_millis(u64::try_from(wait).unwrap_or(0))
         });
+        let read = ready.is_empty();
 
         tokio::select! {
             biased;
             () = tx.closed() => break,
-            permit = tx.reserve(), if !ready.is_empty() => match permit {
+            permit = tx.reserve(), if !read => match permit {
                 Ok(permit) => {
                     if let Some(p) = ready.pop_front() {
                         permit.send(p);
@@ -277,34 +305,73 @@ pub(crate) async fn pump(
                     ready.push_back(entry.remove());
                 }
             }
-            _ = store_tick.tick() => {
-                sub.store_offsets(&*consumer);
-                sub.store_offsets(&*retries);
-            }
-            message = consumer.recv() => {
+            _ = store_tick.tick() => sub.store_offsets(&consumer, &retries),
+            message = consumer.recv(), if read => {
                 if !take(&sub, message, &mut logical, &mut ready, &mut delayed, &mut sequence) {
                     break;
                 }
+                // Take what librdkafka already holds without a trip through the scheduler.
+                loop {
+                    if !hand_over(&tx, &mut ready) {
+                        break 'pump;
+                    }
+                    if !ready.is_empty() {
+                        break;
+                    }
+                    let Some(message) = consumer.recv().now_or_never() else {
+                        break;
+                    };
+                    if !take(&sub, message, &mut logical, &mut ready, &mut delayed, &mut sequence) {
+                        break 'pump;
+                    }
+                }
             }
-            message = retries.recv() => {
+            message = retries.recv(), if read => {
                 if !take(&sub, message, &mut logical, &mut ready, &mut delayed, &mut sequence) {
                     break;
                 }
             }
         }
     }
-    // Leaving the group commits the stored offsets and talks to the cluster: not on the async
-    // threads.
-    tokio::task::spawn_blocking(move || {
-        // Deliveries still held settle into a tracker that owns nothing: they come back
-        // from the committed offset to the group's next consumer.
-        let pending = sub.tracker().revoke_all();
-        store(&*consumer, &pending);
-        store(&*retries, &pending);
+    // Deliveries still held settle into a tracker that owns nothing: they come back from the
+    // committed offset to the group's next consumer.
+    sub.apply_settled();
+    sub.revocations.fetch_add(1, Ordering::SeqCst);
+    let pending = sub.tracker().revoke_all();
+    sub.store_split(&consumer, &retries, pending);
+    close_detached(move || {
         drop(consumer);
         drop(retries);
         drop(live);
     });
+}
+
+/// Closes consumers on a thread of their own: leaving the group commits the stored offsets
+/// and talks to the cluster, which blocks — for as long as the cluster is away, since
+/// librdkafka's close has no timeout. Neither the async threads nor a runtime shutting down
+/// (which waits for its blocking tasks) may be held up by that.
+pub(crate) fn close_detached(close: impl FnOnce() + Send + 'static) {
+    let spawned = std::thread::Builder::new()
+        .name("orchestrator-kafka-close".into())
+        .spawn(close);
+    if let Err(error) = spawned {
+        tracing::warn!(%error, "cannot start a thread to close a Kafka consumer");
+    }
+}
+
+/// Hands ready deliveries to the stream while it has room; false once it is gone.
+fn hand_over(tx: &mpsc::Sender<Pending>, ready: &mut VecDeque<Pending>) -> bool {
+    while let Some(p) = ready.pop_front() {
+        match tx.try_send(p) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(p)) => {
+                ready.push_front(p);
+                break;
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => return false,
+        }
+    }
+    true
 }
 
 /// Takes what a consumer read: a message becomes ready or delayed; an error is logged.
@@ -374,6 +441,7 @@ fn read(
     now: DateTime<Utc>,
 ) -> Option<(Pending, i64)> {
     let kafka_topic = message.topic();
+    let seen = sub.revocations.load(Ordering::SeqCst);
     let slot = sub
         .tracker()
         .begin(kafka_topic, message.partition(), message.offset())?;
@@ -430,6 +498,7 @@ fn read(
             first_attempt_at,
             last_error,
             slot,
+            seen,
         },
         due,
     ))
@@ -529,7 +598,7 @@ impl DeliveryStream for KafkaDeliveryStream {
             };
             // A message of a partition lost in a rebalance since it was read: its new owner
             // reads it again from the committed offset.
-            if !self.sub.is_current(&p.slot) {
+            if !self.sub.still_current(&p.slot, p.seen) {
                 continue;
             }
             let info = DeliveryInfo {

@@ -63,7 +63,8 @@
 //! | `<prefix>__orchestrator.deadletters` | 1, compacted | dead letters, keyed by letter id |
 //! | `<prefix>__orchestrator.events` | 1 | the event store's log ([`KafkaConfig::with_store_topic`]) |
 //!
-//! Consumer groups are named `<prefix><group>`. Topics are created through the admin API
+//! Consumer groups are named `<prefix><group>`; each group's retry topic is read in a group
+//! named as the topic. Topics are created through the admin API
 //! when first published to or subscribed to ([`KafkaConfig::with_partitions`],
 //! [`with_replication_factor`](KafkaConfig::with_replication_factor)); clusters where topics
 //! are provisioned separately turn that off with
@@ -89,8 +90,10 @@
 //!
 //! # Subscriptions and patterns
 //!
-//! Each [`subscribe`](orchestrator_core::Transport::subscribe) is one librdkafka consumer of
-//! group `<prefix><group>` (assignment strategy `cooperative-sticky`), subscribed to:
+//! Each [`subscribe`](orchestrator_core::Transport::subscribe) makes two librdkafka consumers
+//! (assignment strategy `cooperative-sticky`): one of group `<prefix><group>` for the event
+//! topics, and one of group `<prefix>__orchestrator.retry.<group>` for the group's retry
+//! topic. Together they are subscribed to:
 //!
 //! - an exact pattern's topic (created if missing);
 //! - for a pattern with wildcards, an anchored regular expression over topic names, which
@@ -121,9 +124,12 @@
 //! [`KafkaConfig::with_metadata_refresh_interval`] (5 s). Several subscriptions of one group
 //! share the partitions; with more consumers than partitions, some stay idle.
 //!
-//! A consumer reads ahead: up to `prefetch` deliveries wait for the application; beyond
-//! that, the consumer pauses its partitions (and keeps serving the group's heartbeats and
-//! rebalances) until the application catches up.
+//! A consumer reads ahead: up to `prefetch` deliveries wait for the application; beyond that
+//! it stops taking messages from librdkafka (whose own prefetch queue bounds memory) until the
+//! application catches up. Group rebalances are served while it takes messages, so a
+//! subscription whose deliveries nobody reads for longer than librdkafka's
+//! `max.poll.interval.ms` (5 minutes) is dropped from its group, as any Kafka consumer that
+//! stops polling; its partitions go to the group's other consumers.
 //!
 //! # Offsets: at-least-once
 //!
@@ -200,15 +206,43 @@
 //! # Tested against tansu
 //!
 //! The tests run against [tansu](https://crates.io/crates/tansu) 0.6.0, an Apache-2.0
-//! Kafka-protocol broker, which differs from Apache Kafka in ways the backend allows for
-//! without depending on them:
+//! Kafka-protocol broker (sqlite storage). rdkafka produces idempotently, consumes in groups
+//! with the cooperative-sticky assignor, commits offsets, subscribes by regex and creates and
+//! deletes topics through the admin API with it; the backend relies on nothing
+//! tansu-specific. What tansu does differently from Apache Kafka, and how this backend and
+//! its tests allow for it:
 //!
-//! - topics are never auto-created: the backend creates every topic it uses through the admin
-//!   API (as production clusters with auto-creation off require anyway);
-//! - a topic created through the admin API can take a moment to appear in metadata
-//!   responses: topic creation waits until metadata shows it;
-//! - `cleanup.policy=compact` is accepted but not acted on: the dead-letter topic keeps its
-//!   tombstoned letters, which readers skip (correct either way; compaction only saves space).
+//! - **Topics are never auto-created**: the backend creates every topic it uses through the
+//!   admin API (as production clusters with auto-creation off require anyway), and waits
+//!   until metadata shows a new topic before using it.
+//! - **Fetching a topic that was deleted** gets an `UNKNOWN_TOPIC_OR_PARTITION` answer that
+//!   also carries a "current leader" tag and an all-zero topic id, which Apache Kafka does not
+//!   send. librdkafka 2.12 then builds a metadata update for a topic without a name and
+//!   crashes the process (a null `strcmp` in its leader-discovery path). So topics must only
+//!   be deleted once nobody fetches them: [`KafkaTransport::delete_all_topics`] and
+//!   [`KafkaEventStore::delete_topic`] first wait until this process's subscriptions under
+//!   the prefix have closed.
+//! - **Deleting topics while other clients are busy** has, once, made tansu's sqlite storage
+//!   task panic (`more or less than one row` while a fetch read a partition's watermark);
+//!   after that the broker answers every request with an error until restarted. The tests
+//!   therefore run their Kafka cases one at a time (per test binary) and delete their topics
+//!   only after their consumers have closed.
+//! - **Joining is slow**: a consumer's first assignment takes a few seconds (the group
+//!   coordinator waits for members to rejoin), which is why `subscribe` waits for it and why
+//!   the suites take tens of seconds.
+//!
+//! And what librdkafka does that the backend works around, whatever the broker:
+//!
+//! - a consumer whose regex matches no topic does not join its group at all, so `subscribe`
+//!   only waits for the assignment when some topic matches (a topic that appears later is
+//!   read from its first offset);
+//! - closing a group consumer blocks for as long as the cluster is unreachable (there is no
+//!   close timeout), so consumers are closed on a thread of their own: neither the async
+//!   threads nor a runtime shutting down wait for it;
+//! - the cooperative-sticky assignor balances partition *counts* over all subscribed topics,
+//!   so a group's retry topic is read by a second consumer in a group of its own
+//!   (`<prefix>__orchestrator.retry.<group>`), never taking one consumer's share of the event
+//!   topics.
 
 mod client;
 mod config;

@@ -18,6 +18,7 @@ use tokio::sync::{Mutex, mpsc, watch};
 
 use super::client::{BACKEND, TopicKind, Topics, failure, kafka_error, producer};
 use super::config::KafkaConfig;
+use super::consumer::close_detached;
 use super::live::{self, LiveConsumer};
 use super::reader::{Flow, LogReader};
 use super::wire;
@@ -502,8 +503,7 @@ async fn follow(
             break;
         }
     }
-    // Closing a consumer talks to the cluster: not on the async threads.
-    tokio::task::spawn_blocking(move || {
+    close_detached(move || {
         drop(consumer);
         drop(live);
     });

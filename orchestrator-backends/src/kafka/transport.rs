@@ -332,13 +332,7 @@ impl Transport for KafkaTransport {
         }
         let prefetch = options.prefetch.max(1);
         let (tx, rx) = mpsc::channel(prefetch);
-        tokio::spawn(pump(
-            Arc::clone(&sub),
-            consumer,
-            Arc::new(retries),
-            tx,
-            prefetch,
-        ));
+        tokio::spawn(pump(Arc::clone(&sub), consumer, Arc::new(retries), tx));
         // librdkafka joins the group only once some topic matches; until one does there is
         // nothing to wait for (a topic that appears later is read from its start).
         let events = !exact.is_empty() || self.any_topic_matches(&options).await?;

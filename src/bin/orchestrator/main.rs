@@ -1,2 +1,162 @@
-//! The orchestrator CLI (being written).
-fn main() {}
+//! `orchestrator`: look into and operate an orchestrator deployment from a terminal — tail
+//! events, publish one, work the dead-letter queue, replay, browse streams and sagas, and
+//! trace a request's causation tree.
+//!
+//! The backend is chosen by URL: `--store` (`file://DIR`, `redis://…`, `amqp://…`,
+//! `kafka://host:port`, `memory:`) and `--transport` (`memory:`, `redis://…`, `amqp://…`,
+//! `kafka://host:port`). Output is readable by default; `--json` prints JSON for scripts.
+//! Built with the `cli` feature (plus the feature of each broker backend wanted):
+//! `cargo run --features cli --bin orchestrator -- --help`.
+
+mod dlq;
+mod events;
+mod output;
+mod sagas;
+mod streams;
+mod time;
+mod trace;
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use orchestrator::EventOrchestrator;
+
+/// Look into and operate an orchestrator deployment.
+#[derive(Debug, Parser)]
+#[command(name = "orchestrator", version)]
+struct Cli {
+    /// The event store: file://DIR (the embedded durable store; one process at a time),
+    /// redis://…, amqp://…, kafka://host:port, or memory:.
+    #[arg(long, global = true, env = "ORCHESTRATOR_STORE", value_name = "URL")]
+    store: Option<String>,
+
+    /// The transport, which carries published events to subscribers and keeps the
+    /// dead-letter queue: memory: (this process only), redis://…, amqp://…, kafka://host:port.
+    #[arg(
+        long,
+        global = true,
+        env = "ORCHESTRATOR_TRANSPORT",
+        value_name = "URL",
+        default_value = "memory:"
+    )]
+    transport: String,
+
+    /// Print JSON instead of text (events as CloudEvents).
+    #[arg(long, global = true)]
+    json: bool,
+
+    /// Give up connecting to the backends after this many seconds.
+    #[arg(long, global = true, value_name = "SECONDS", default_value_t = 10)]
+    connect_timeout: u64,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Print events as they arrive (from the transport if one is given, else from the
+    /// store).
+    Tail(events::TailArgs),
+    /// Publish one event: appended to the store, then published on the transport.
+    Publish(events::PublishArgs),
+    /// The dead-letter queue: events whose handlers failed for good.
+    #[command(subcommand)]
+    Dlq(dlq::DlqCommand),
+    /// Deliver stored events again to the transport's subscribers.
+    Replay(events::ReplayArgs),
+    /// Event streams in the store.
+    #[command(subcommand)]
+    Streams(streams::StreamsCommand),
+    /// Sagas logged in the store.
+    #[command(subcommand)]
+    Sagas(sagas::SagasCommand),
+    /// The causation tree of a correlation id (or of an event or saga id): events and saga
+    /// steps, with their timings.
+    Trace(trace::TraceArgs),
+}
+
+/// What every command needs: the backends and how to print.
+struct Context {
+    store: Option<String>,
+    transport: String,
+    json: bool,
+    connect_timeout: Duration,
+}
+
+/// A failure to report: printed as `error: …`, exit code 1.
+type CliResult<T = ()> = Result<T, Box<dyn std::error::Error>>;
+
+impl Context {
+    /// The store URL, or an error saying how to give one.
+    fn store_url(&self) -> CliResult<&str> {
+        self.store.as_deref().ok_or_else(|| {
+            "no event store given: pass --store file://DIR (or redis://…, amqp://…, \
+             kafka://host:port), or set ORCHESTRATOR_STORE"
+                .into()
+        })
+    }
+
+    /// An orchestrator on the given store (or an in-memory one, for commands that only need
+    /// the transport) and transport.
+    async fn connect(&self, needs_store: bool) -> CliResult<EventOrchestrator> {
+        let store = if needs_store {
+            self.store_url()?.to_owned()
+        } else {
+            self.store.clone().unwrap_or_else(|| "memory:".to_owned())
+        };
+        let build = EventOrchestrator::builder()
+            .store_url(&store)
+            .transport_url(&self.transport)
+            .build();
+        match tokio::time::timeout(self.connect_timeout, build).await {
+            Ok(built) => Ok(built?),
+            Err(_) => Err(format!(
+                "could not reach store {} / transport {} within {:?} (see --connect-timeout)",
+                orchestrator::connect::redact(&store),
+                orchestrator::connect::redact(&self.transport),
+                self.connect_timeout
+            )
+            .into()),
+        }
+    }
+
+    /// Whether the transport is this process's own (no other process sees its events).
+    fn in_process_transport(&self) -> bool {
+        matches!(
+            orchestrator::connect::Backend::parse(&self.transport),
+            Ok(orchestrator::connect::Backend::Memory)
+        )
+    }
+}
+
+async fn run(cli: Cli) -> CliResult {
+    let cx = Context {
+        store: cli.store,
+        transport: cli.transport,
+        json: cli.json,
+        connect_timeout: Duration::from_secs(cli.connect_timeout),
+    };
+    match cli.command {
+        Command::Tail(args) => events::tail(&cx, args).await,
+        Command::Publish(args) => events::publish(&cx, args).await,
+        Command::Dlq(command) => dlq::run(&cx, command).await,
+        Command::Replay(args) => events::replay(&cx, args).await,
+        Command::Streams(command) => streams::run(&cx, command).await,
+        Command::Sagas(command) => sagas::run(&cx, command).await,
+        Command::Trace(args) => trace::run(&cx, args).await,
+    }
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}

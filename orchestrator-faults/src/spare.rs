@@ -1,0 +1,242 @@
+//! Brokers of a scenario's own on spare loopback ports, so that restarting them never
+//! touches the shared services other sessions and CI use.
+//!
+//! Each is killed and its data folder removed when dropped; its process id is also
+//! written to the file named by `ORCHESTRATOR_FAULTS_PIDS`, so that whoever runs the suite
+//! can stop it should this process die first.
+
+use std::io::Write;
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::Res;
+
+/// A loopback port nobody listens on right now.
+pub(crate) fn free_port() -> Res<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// Appends `pid` to the file named by `ORCHESTRATOR_FAULTS_PIDS`, if set.
+fn record_pid(pid: u32) {
+    if let Some(path) = std::env::var_os("ORCHESTRATOR_FAULTS_PIDS") {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path);
+        if let Ok(mut file) = file {
+            let _ = writeln!(file, "{pid}");
+        }
+    }
+}
+
+/// A fresh, empty data folder under the system's temporary folder.
+fn data_dir(what: &str) -> Res<PathBuf> {
+    let dir = std::env::temp_dir().join(format!(
+        "orchestrator-faults-{what}-{}",
+        uuid::Uuid::now_v7().simple()
+    ));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+/// Kills and reaps `child`.
+fn kill(child: &mut Child) {
+    // Our own child, by its handle.
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// Sends one RESP command and returns the first bytes of the reply (empty if the server
+/// closed the connection without answering, as `SHUTDOWN` does).
+#[cfg(feature = "redis")]
+fn resp(port: u16, command: &[u8]) -> std::io::Result<Vec<u8>> {
+    use std::io::Read as _;
+    let mut stream = TcpStream::connect(("127.0.0.1", port))?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    stream.write_all(command)?;
+    let mut reply = vec![0; 64];
+    let n = stream.read(&mut reply).unwrap_or(0);
+    reply.truncate(n);
+    Ok(reply)
+}
+
+/// A redis-server of the scenario's own, with an append-only file synced on every write,
+/// so that what it acknowledged survives its restart.
+#[cfg(feature = "redis")]
+pub(crate) struct SpareRedis {
+    port: u16,
+    dir: PathBuf,
+    child: Option<Child>,
+}
+
+#[cfg(feature = "redis")]
+impl SpareRedis {
+    /// Starts one on a free port.
+    pub(crate) fn start() -> Res<Self> {
+        let mut server = Self {
+            port: free_port()?,
+            dir: data_dir("redis")?,
+            child: None,
+        };
+        server.spawn()?;
+        Ok(server)
+    }
+
+    /// Its URL.
+    pub(crate) fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    fn spawn(&mut self) -> Res {
+        let child = Command::new("redis-server")
+            .args(["--bind", "127.0.0.1", "--port", &self.port.to_string()])
+            .args([
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+                "--save",
+                "",
+            ])
+            .arg("--dir")
+            .arg(&self.dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("cannot run redis-server: {e}"))?;
+        record_pid(child.id());
+        self.child = Some(child);
+        let started = Instant::now();
+        loop {
+            match resp(self.port, b"*1\r\n$4\r\nPING\r\n") {
+                Ok(reply) if reply.starts_with(b"+PONG") => return Ok(()),
+                _ if started.elapsed() < Duration::from_secs(20) => {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                other => {
+                    return Err(format!("the spare redis-server did not answer: {other:?}").into());
+                }
+            }
+        }
+    }
+
+    /// `SHUTDOWN` (which syncs the append-only file), then the same server again on the
+    /// same port and data; returns how long it was away.
+    pub(crate) fn restart(&mut self) -> Res<Duration> {
+        let started = Instant::now();
+        let _ = resp(self.port, b"*1\r\n$8\r\nSHUTDOWN\r\n");
+        if let Some(mut child) = self.child.take() {
+            while child.try_wait()?.is_none() {
+                if started.elapsed() > Duration::from_secs(20) {
+                    kill(&mut child);
+                    return Err("the spare redis-server did not stop within 20 s".into());
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        self.spawn()?;
+        Ok(started.elapsed())
+    }
+}
+
+#[cfg(feature = "redis")]
+impl Drop for SpareRedis {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            kill(&mut child);
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The tansu binary: `ORCHESTRATOR_TANSU`, else where `cargo xtask services up` installs it.
+#[cfg(feature = "kafka")]
+pub(crate) fn tansu_binary() -> PathBuf {
+    if let Some(path) = std::env::var_os("ORCHESTRATOR_TANSU") {
+        return PathBuf::from(path);
+    }
+    let home = std::env::var_os("HOME").unwrap_or_default();
+    std::path::Path::new(&home).join(".cache/orchestrator/tools/bin/tansu")
+}
+
+/// A tansu of the scenario's own (sqlite storage in a folder of its own, so that a
+/// restart, even after SIGKILL, keeps the data).
+#[cfg(feature = "kafka")]
+pub(crate) struct SpareTansu {
+    binary: PathBuf,
+    port: u16,
+    dir: PathBuf,
+    child: Option<Child>,
+}
+
+#[cfg(feature = "kafka")]
+impl SpareTansu {
+    /// Starts one on a free port.
+    pub(crate) fn start(binary: PathBuf) -> Res<Self> {
+        let mut broker = Self {
+            binary,
+            port: free_port()?,
+            dir: data_dir("tansu")?,
+            child: None,
+        };
+        broker.spawn()?;
+        Ok(broker)
+    }
+
+    /// Its bootstrap address.
+    pub(crate) fn address(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    fn spawn(&mut self) -> Res {
+        let url = format!("tcp://{}", self.address());
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("tansu.log"))?;
+        let child = Command::new(&self.binary)
+            .current_dir(&self.dir)
+            .args(["--listener-url", &url, "--advertised-listener-url", &url])
+            .args(["--storage-engine", "sqlite://tansu.db"])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .map_err(|e| format!("cannot run {}: {e}", self.binary.display()))?;
+        record_pid(child.id());
+        self.child = Some(child);
+        let started = Instant::now();
+        while TcpStream::connect(self.address()).is_err() {
+            if started.elapsed() > Duration::from_secs(30) {
+                return Err(format!("tansu did not start: see {}", self.dir.display()).into());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    }
+
+    /// SIGKILL, a pause, then the same broker again on the same port and data; returns how
+    /// long it was away.
+    pub(crate) fn kill_and_restart(&mut self, pause: Duration) -> Res<Duration> {
+        let started = Instant::now();
+        if let Some(mut child) = self.child.take() {
+            kill(&mut child);
+        }
+        std::thread::sleep(pause);
+        self.spawn()?;
+        Ok(started.elapsed())
+    }
+}
+
+#[cfg(feature = "kafka")]
+impl Drop for SpareTansu {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            kill(&mut child);
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

@@ -1,0 +1,214 @@
+//! `tail`, `publish` and `replay`.
+
+use std::sync::Arc;
+
+use clap::Args;
+use futures::StreamExt as _;
+use indicatif::{ProgressBar, ProgressStyle};
+use orchestrator::ReplayFilter;
+use orchestrator::bus::SubscriptionConfig;
+use orchestrator::core::{EventEnvelope, EventFilter, HandlerError, TopicPattern};
+use orchestrator::store::replay::is_system_event;
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+
+use crate::output::{event_json, event_line, print_json};
+use crate::{CliResult, Context, time};
+
+/// `tail <pattern>`.
+#[derive(Debug, Args)]
+pub(crate) struct TailArgs {
+    /// The event type or pattern: `user.created`, `user.*`, `order.#`, `#` for everything.
+    pattern: String,
+    /// Start with the events already stored (only when tailing the store).
+    #[arg(long)]
+    from_start: bool,
+    /// Stop after this many events.
+    #[arg(long, value_name = "N")]
+    count: Option<u64>,
+    /// The consumer group to tail as, when tailing a broker transport (its queue or group
+    /// may outlive this command).
+    #[arg(long, value_name = "NAME")]
+    group: Option<String>,
+}
+
+/// `publish <type> <json>`.
+#[derive(Debug, Args)]
+pub(crate) struct PublishArgs {
+    /// The event type, dot-separated: `user.created`.
+    event_type: String,
+    /// The payload, as JSON: '{"user_id": "123"}'.
+    data: String,
+    /// The stream to append to (default: the stream named after the event type).
+    #[arg(long)]
+    stream: Option<String>,
+    /// The correlation id (default: none, so the event starts a causation tree).
+    #[arg(long)]
+    correlation_id: Option<String>,
+    /// The id of the event (or command) that caused this one.
+    #[arg(long)]
+    causation_id: Option<String>,
+}
+
+/// `replay --type T --from TIME`.
+#[derive(Debug, Args)]
+pub(crate) struct ReplayArgs {
+    /// Only events of this type (repeat for several; none: every event).
+    #[arg(long = "type", value_name = "TYPE")]
+    event_types: Vec<String>,
+    /// Only events at or after this time: RFC 3339, a date, or a span ago (`2h`, `7d`).
+    #[arg(long, value_name = "TIME", value_parser = time::parse)]
+    from: Option<chrono::DateTime<chrono::Utc>>,
+    /// Only events before this time.
+    #[arg(long, value_name = "TIME", value_parser = time::parse)]
+    to: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+pub(crate) async fn publish(cx: &Context, args: PublishArgs) -> CliResult {
+    let data: Value = serde_json::from_str(&args.data)
+        .map_err(|e| format!("the event data is not valid JSON: {e}"))?;
+    let mut event = EventEnvelope::new(&args.event_type, &data)?;
+    if let Some(stream) = args.stream {
+        event = event.with_stream_id(stream);
+    }
+    if let Some(id) = args.correlation_id {
+        event = event.with_correlation_id(id);
+    }
+    if let Some(id) = args.causation_id {
+        event = event.with_causation_id(id);
+    }
+    let orchestrator = cx.connect(true).await?;
+    let id = orchestrator.publish(event).await?;
+    if cx.json {
+        print_json(&json!({ "id": id.to_string(), "type": args.event_type }))?;
+    } else {
+        println!("published {} {id}", args.event_type);
+    }
+    Ok(())
+}
+
+pub(crate) async fn tail(cx: &Context, args: TailArgs) -> CliResult {
+    let pattern = TopicPattern::parse(&args.pattern)?;
+    let orchestrator = cx.connect(cx.in_process_transport()).await?;
+    let (tx, mut rx) = mpsc::unbounded_channel::<EventEnvelope>();
+    let mut printed = 0;
+    let limit = args.count.unwrap_or(u64::MAX);
+    if cx.in_process_transport() {
+        // Nothing else publishes on this process's transport: follow the store.
+        let store = orchestrator.store();
+        let from = if args.from_start {
+            0
+        } else {
+            store.head_position().await? + 1
+        };
+        if !cx.json {
+            eprintln!(
+                "tailing `{}` in the store{} (Ctrl-C to stop)",
+                args.pattern,
+                if args.from_start {
+                    " from the start"
+                } else {
+                    ""
+                }
+            );
+        }
+        let mut events = store.subscribe(from, EventFilter::all()).await?;
+        while printed < limit {
+            let Some(event) = events.next().await else {
+                break;
+            };
+            let event = event?;
+            if is_system_event(&event) || !pattern.matches(event.event_type()) {
+                continue;
+            }
+            print_event(cx, &event)?;
+            printed += 1;
+        }
+        return Ok(());
+    }
+    let group = args
+        .group
+        .unwrap_or_else(|| format!("orchestrator-cli-tail-{}", std::process::id()));
+    if !cx.json {
+        eprintln!(
+            "tailing `{}` on {} as group `{group}` (Ctrl-C to stop)",
+            args.pattern,
+            orchestrator.transport().name()
+        );
+    }
+    let _subscription = orchestrator
+        .subscribe_with(
+            SubscriptionConfig::new(&args.pattern).named(group),
+            move |event: EventEnvelope| {
+                let tx = tx.clone();
+                async move {
+                    tx.send(event)
+                        .map_err(|_| HandlerError::retryable("the tail has stopped"))
+                }
+            },
+        )
+        .await?;
+    while printed < limit {
+        let Some(event) = rx.recv().await else {
+            break;
+        };
+        print_event(cx, &event)?;
+        printed += 1;
+    }
+    Ok(())
+}
+
+fn print_event(cx: &Context, event: &EventEnvelope) -> CliResult {
+    if cx.json {
+        // One JSON document per line, for `jq` and friends.
+        println!("{}", serde_json::to_string(&event_json(event)?)?);
+    } else {
+        println!("{}", event_line(event));
+    }
+    Ok(())
+}
+
+pub(crate) async fn replay(cx: &Context, args: ReplayArgs) -> CliResult {
+    let mut filter = ReplayFilter::all();
+    for event_type in &args.event_types {
+        filter = filter.and_event_type(event_type);
+    }
+    if let Some(from) = args.from {
+        filter = filter.from_time(from);
+    }
+    if let Some(to) = args.to {
+        filter = filter.to_time(to);
+    }
+    let orchestrator = cx.connect(true).await?;
+    if cx.in_process_transport() {
+        eprintln!(
+            "note: the transport is memory:, which no other process subscribes to; pass \
+             --transport redis://…, amqp://… or kafka://… to reach the subscribers"
+        );
+    }
+    let bar = Arc::new(ProgressBar::new(0));
+    bar.set_style(
+        ProgressStyle::with_template("replaying {bar:40} {pos}/{len} positions ({msg})")
+            .map_err(|e| format!("progress bar template: {e}"))?,
+    );
+    let reporter = Arc::clone(&bar);
+    let start = filter.to_replay().start_position();
+    let replayed = orchestrator
+        .replay_events_with_progress(filter, move |progress| {
+            let span = progress
+                .end_position
+                .saturating_sub(start.saturating_sub(1));
+            reporter.set_length(span);
+            reporter.set_position(progress.position.saturating_sub(start.saturating_sub(1)));
+            reporter.set_message(format!("{} delivered", progress.processed));
+        })
+        .await;
+    bar.finish_and_clear();
+    let replayed = replayed?;
+    if cx.json {
+        print_json(&json!({ "replayed": replayed }))?;
+    } else {
+        println!("replayed {replayed} events");
+    }
+    Ok(())
+}

@@ -1,0 +1,385 @@
+//! Reading benchmark results: criterion's `estimates.json` files, and the tables the
+//! plain bench binaries print.
+
+use std::fs;
+use std::path::Path;
+
+use crate::json;
+
+/// One criterion benchmark's result.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Estimate {
+    /// `group/function[/parameter]`, as criterion names it (`full_id`).
+    pub(crate) id: String,
+    /// Median time of one iteration, in nanoseconds.
+    pub(crate) median_ns: f64,
+    /// Elements one iteration processes, when the bench declares a throughput.
+    pub(crate) elements: Option<f64>,
+}
+
+impl Estimate {
+    /// Elements per second at the median, if the bench declares elements per iteration.
+    pub(crate) fn rate(&self) -> Option<f64> {
+        let elements = self.elements?;
+        (self.median_ns > 0.0).then(|| elements * 1e9 / self.median_ns)
+    }
+}
+
+/// Every criterion result under `home` (criterion's output folder): each `new/` folder
+/// holding a `benchmark.json` and an `estimates.json`.
+pub(crate) fn criterion_estimates(home: &Path) -> Vec<Estimate> {
+    let mut found = Vec::new();
+    visit(home, 0, &mut found);
+    found.sort_by(|a, b| a.id.cmp(&b.id));
+    found
+}
+
+/// Walks `dir` looking for `new/` result folders, at most a few levels deep.
+fn visit(dir: &Path, depth: usize, found: &mut Vec<Estimate>) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if !path.is_dir() {
+            continue;
+        }
+        if path.file_name().is_some_and(|n| n == "new") {
+            if let Some(estimate) = read_result(&path) {
+                found.push(estimate);
+            }
+        } else if depth < 6 && path.file_name().is_some_and(|n| n != "report") {
+            visit(&path, depth + 1, found);
+        }
+    }
+}
+
+/// Reads one `new/` folder.
+fn read_result(dir: &Path) -> Option<Estimate> {
+    let benchmark = json::parse(&fs::read_to_string(dir.join("benchmark.json")).ok()?).ok()?;
+    let estimates = json::parse(&fs::read_to_string(dir.join("estimates.json")).ok()?).ok()?;
+    parse_result(&benchmark, &estimates)
+}
+
+/// Combines a `benchmark.json` and an `estimates.json`.
+fn parse_result(benchmark: &json::Value, estimates: &json::Value) -> Option<Estimate> {
+    let id = benchmark.get("full_id")?.as_str()?.to_owned();
+    let median_ns = number(estimates.get("median")?.get("point_estimate")?)?;
+    let elements = benchmark
+        .get("throughput")
+        .and_then(|t| t.get("Elements"))
+        .and_then(number);
+    Some(Estimate {
+        id,
+        median_ns,
+        elements,
+    })
+}
+
+/// The value of a JSON number.
+fn number(value: &json::Value) -> Option<f64> {
+    match value {
+        json::Value::Number(n) => Some(*n),
+        _ => None,
+    }
+}
+
+/// A line of a printed table: a label, then numbers.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct TableRow {
+    /// The text before the numbers, trimmed.
+    pub(crate) label: String,
+    /// The numbers after it, left to right (a trailing `x` is allowed: `1.23x`).
+    pub(crate) numbers: Vec<f64>,
+}
+
+/// Reads `line` as a table row: a label, a gap of at least two spaces, then only numbers.
+///
+/// The gap is what tells a label that ends in a number (`raw XADD, pipelined 100`) from
+/// the columns after it; every table the benches print pads its labels.
+pub(crate) fn table_row(line: &str) -> Option<TableRow> {
+    let line = line.trim();
+    let (label, rest) = line.split_once("  ")?;
+    let numbers = rest
+        .split_whitespace()
+        .map(|word| word.trim_end_matches('x').parse::<f64>().ok())
+        .collect::<Option<Vec<f64>>>()?;
+    if label.trim().is_empty() || numbers.is_empty() {
+        return None;
+    }
+    Some(TableRow {
+        label: label.trim().to_owned(),
+        numbers,
+    })
+}
+
+/// A comparison a backend bench printed: our figure against the raw client's, same run.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Comparison {
+    /// What was measured, as the bench names it.
+    pub(crate) label: String,
+    /// The raw client's work, as the bench names it.
+    pub(crate) baseline_label: String,
+    /// Our rate.
+    pub(crate) ours: f64,
+    /// The raw client's rate.
+    pub(crate) baseline: f64,
+    /// ours / raw as the bench reports it (its own median of ratios when it has one).
+    pub(crate) ratio: f64,
+}
+
+/// Reads the comparison tables of a plain bench binary's output. Three shapes are known:
+///
+/// - `label  raw  ours  ratio` (three numbers: each row stands alone);
+/// - groups, as the Redis bench prints them: a `label  rate` row is the raw baseline of
+///   the rows that follow it, each `label  rate  ratio`;
+/// - triples of lines, as the Kafka bench prints them: `<what> raw median <rate> msg/s …`,
+///   `<what> ours median <rate> msg/s …`, `<what> ratio ours/raw <ratio>`.
+pub(crate) fn comparisons(output: &str) -> Vec<Comparison> {
+    let mut found = Vec::new();
+    let mut baseline: Option<TableRow> = None;
+    // The Kafka shape's pending `raw` and `ours` lines: (what, rate).
+    let mut raw: Option<(String, f64)> = None;
+    let mut ours: Option<(String, f64)> = None;
+    for line in output.lines() {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        match words[..] {
+            [what, "raw", "median", rate, ..] => {
+                raw = rate.parse().ok().map(|r| (what.to_owned(), r));
+                continue;
+            }
+            [what, "ours", "median", rate, ..] => {
+                ours = rate.parse().ok().map(|r| (what.to_owned(), r));
+                continue;
+            }
+            [what, "ratio", "ours/raw", ratio] => {
+                if let (Some((raw_what, raw)), Some((ours_what, ours)), Ok(ratio)) =
+                    (raw.take(), ours.take(), ratio.parse::<f64>())
+                    && raw_what == what
+                    && ours_what == what
+                {
+                    found.push(Comparison {
+                        label: what.to_owned(),
+                        baseline_label: format!("raw client, {what}"),
+                        ours,
+                        baseline: raw,
+                        ratio,
+                    });
+                }
+                continue;
+            }
+            _ => {}
+        }
+        let Some(row) = table_row(line) else {
+            continue;
+        };
+        match row.numbers[..] {
+            [rate] => {
+                baseline = Some(TableRow {
+                    label: row.label,
+                    numbers: vec![rate],
+                })
+            }
+            [ours, ratio] => {
+                if let Some(base) = &baseline {
+                    found.push(Comparison {
+                        label: row.label,
+                        baseline_label: base.label.clone(),
+                        ours,
+                        baseline: base.numbers[0],
+                        ratio,
+                    });
+                }
+            }
+            [raw, ours, ratio] => found.push(Comparison {
+                baseline_label: format!("raw client, {}", row.label),
+                label: row.label,
+                ours,
+                baseline: raw,
+                ratio,
+            }),
+            _ => {}
+        }
+    }
+    found
+}
+
+/// A line of the CQRS bench's report: `label  <rate> commands/s  <ratio>x cqrs-es`.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct CqrsLine {
+    /// Commands per session.
+    pub(crate) session: u32,
+    /// The variant (`orchestrator/repository`, `cqrs-es/mem-store`, …).
+    pub(crate) label: String,
+    /// Commands (or events, for the floor) per second.
+    pub(crate) rate: f64,
+    /// The ratio to `cqrs-es`.
+    pub(crate) ratio: f64,
+}
+
+/// Reads the CQRS bench's report (it prints it on stderr).
+pub(crate) fn cqrs_report(output: &str) -> Vec<CqrsLine> {
+    let mut session = None;
+    let mut found = Vec::new();
+    for line in output.lines() {
+        let trimmed = line.trim();
+        if let Some(rest) = trimmed.strip_prefix("-- sessions of ") {
+            session = rest
+                .split_whitespace()
+                .next()
+                .and_then(|n| n.parse::<u32>().ok());
+            continue;
+        }
+        let (Some(session), Some((label, rest))) = (session, trimmed.split_once("  ")) else {
+            continue;
+        };
+        let words: Vec<&str> = rest.split_whitespace().collect();
+        let rate = words.first().and_then(|w| w.parse::<f64>().ok());
+        let ratio = words
+            .iter()
+            .find_map(|w| w.strip_suffix('x').and_then(|n| n.parse::<f64>().ok()));
+        if let (Some(rate), Some(ratio)) = (rate, ratio) {
+            found.push(CqrsLine {
+                session,
+                label: label.trim().to_owned(),
+                rate,
+                ratio,
+            });
+        }
+    }
+    found
+}
+
+/// The rows of the saga bench's `per-step cost vs raw append` table:
+/// `(store, step ns, append ns, ratio)`.
+pub(crate) fn saga_report(output: &str) -> Vec<(String, f64, f64, f64)> {
+    output
+        .lines()
+        .skip_while(|line| !line.starts_with("per-step cost vs raw append"))
+        .filter_map(table_row)
+        .filter_map(|row| match row.numbers[..] {
+            [step, append, ratio] => Some((row.label, step, append, ratio)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The first line of `output` containing `needle`, trimmed.
+pub(crate) fn line_with<'a>(output: &'a str, needle: &str) -> Option<&'a str> {
+    output
+        .lines()
+        .find(|line| line.contains(needle))
+        .map(str::trim)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_rows_split_at_the_padding() {
+        let row = table_row("raw XADD, pipelined 100                        383000");
+        assert_eq!(
+            row,
+            Some(TableRow {
+                label: "raw XADD, pipelined 100".to_owned(),
+                numbers: vec![383_000.0],
+            })
+        );
+        assert_eq!(table_row("redis bench: redis://x, payload 200 B"), None);
+        assert_eq!(table_row("work        raw msg/s  ours msg/s"), None);
+        let row = table_row("   build event + append only      1.5  2.0x").unwrap();
+        assert_eq!(row.numbers, vec![1.5, 2.0]);
+    }
+
+    #[test]
+    fn redis_groups_and_rabbitmq_rows() {
+        let redis = "\
+redis bench: redis://127.0.0.1:6379, payload 200 B of JSON (420 B as a CloudEvent), medians
+                                         median msgs/s  ours/raw median
+raw XADD, one at a time                         13600
+RedisTransport::publish                         12000             0.88
+raw XREADGROUP COUNT 100 + XACK                170000
+RedisTransport consume + ack                   150000             0.88
+  (raw + cloudevents::decode each)             160000             0.94
+";
+        let found = comparisons(redis);
+        assert_eq!(found.len(), 3);
+        assert_eq!(found[0].label, "RedisTransport::publish");
+        assert_eq!(found[0].baseline_label, "raw XADD, one at a time");
+        assert_eq!((found[0].ours, found[0].baseline), (12_000.0, 13_600.0));
+        assert_eq!(found[2].label, "(raw + cloudevents::decode each)");
+        assert_eq!(found[2].baseline, 170_000.0);
+
+        let kafka = "\
+kafka bench: broker 127.0.0.1:9092, 5 reps, produce 100000 (10000 in flight)
+produce  raw  median     900000 msg/s   [880k 900k 910k]
+produce  ours median     850000 msg/s   [840k 850k 860k]
+produce  ratio ours/raw 0.94
+";
+        let found = comparisons(kafka);
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].label, "produce");
+        assert_eq!(
+            (found[0].ours, found[0].baseline, found[0].ratio),
+            (850_000.0, 900_000.0, 0.94)
+        );
+
+        let rabbit = "\
+work                                            raw msg/s   ours msg/s ours/raw
+publish persistent, 500 in flight                   18300        17000     0.93
+";
+        let found = comparisons(rabbit);
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].ratio, 0.93);
+        assert_eq!((found[0].ours, found[0].baseline), (17_000.0, 18_300.0));
+    }
+
+    #[test]
+    fn cqrs_and_saga_reports() {
+        let cqrs = "\
+== command round trip: median commands/s over 7 rounds ==
+-- sessions of 10 commands (streams grow to 10 events)
+   build event + append only         900000 events/s      4.50x cqrs-es (the store's own floor)
+   orchestrator/repository           400000 commands/s     2.00x cqrs-es
+   cqrs-es/mem-store                 200000 commands/s     1.00x cqrs-es
+";
+        let found = cqrs_report(cqrs);
+        assert_eq!(found.len(), 3);
+        assert_eq!(found[1].session, 10);
+        assert_eq!(found[1].label, "orchestrator/repository");
+        assert_eq!((found[1].rate, found[1].ratio), (400_000.0, 2.0));
+
+        let saga = "\
+saga/in-memory/raw_append/1  time: [1 us 2 us 3 us]
+
+per-step cost vs raw append (medians of 9 rounds)
+store                             step (ns)    append (ns)    ratio
+in-memory                              1500            900     1.67
+file (fsync every append)            900000         800000     1.12
+";
+        let found = saga_report(saga);
+        assert_eq!(found.len(), 2);
+        assert_eq!(found[1].0, "file (fsync every append)");
+        assert_eq!(found[1].3, 1.12);
+    }
+
+    #[test]
+    fn criterion_results() {
+        let benchmark = json::parse(
+            r#"{"group_id":"append","function_id":"store_batch_of_100","value_str":null,
+                "throughput":{"Elements":100},"full_id":"append/store_batch_of_100",
+                "directory_name":"append/store_batch_of_100","title":"append/store_batch_of_100"}"#,
+        )
+        .unwrap();
+        let estimates = json::parse(
+            r#"{"mean":{"point_estimate":2.0e5},"median":{"confidence_interval":
+                {"confidence_level":0.95,"lower_bound":1.0,"upper_bound":3.0},
+                "point_estimate":2.0e5,"standard_error":1.0}}"#,
+        )
+        .unwrap();
+        let estimate = parse_result(&benchmark, &estimates).unwrap();
+        assert_eq!(estimate.id, "append/store_batch_of_100");
+        assert_eq!(estimate.rate(), Some(500_000.0));
+    }
+}

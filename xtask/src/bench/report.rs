@@ -1,0 +1,590 @@
+//! Turning bench results into `BENCHMARKS.md`: one table per area, each row our figure,
+//! the baseline measured in the same run, the ratio and the target.
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use super::Outcome;
+use super::parse::{self, Estimate};
+
+/// Everything one `cargo xtask bench` run produced.
+pub(crate) struct Run<'a> {
+    /// The machine line.
+    pub(crate) machine: String,
+    /// Whether it was a `--quick` smoke run.
+    pub(crate) quick: bool,
+    /// Wall time of the whole run.
+    pub(crate) took: Duration,
+    /// Each bench's outcome, by bench name.
+    pub(crate) outcomes: &'a [(&'static str, Outcome)],
+    /// Every criterion result.
+    pub(crate) estimates: &'a [Estimate],
+}
+
+/// A measured figure.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Figure {
+    /// Work per second, with its unit (`events/s`).
+    Rate(f64, &'static str),
+    /// Nanoseconds per unit of work (`per step`).
+    Cost(f64, &'static str),
+}
+
+/// What a row must reach.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Target {
+    /// ours/baseline at least this.
+    RatioAtLeast(f64),
+    /// ours/baseline at most this (costs).
+    RatioAtMost(f64),
+    /// Our rate at least this, whatever the baseline.
+    RateAtLeast(f64),
+    /// A reference figure, no target.
+    Reference,
+}
+
+/// One line of a table.
+#[derive(Debug, Clone, PartialEq)]
+struct Row {
+    /// What was measured.
+    what: String,
+    /// Our figure.
+    ours: Figure,
+    /// The baseline's name and figure.
+    baseline: Option<(String, Figure)>,
+    /// ours / baseline.
+    ratio: Option<f64>,
+    /// The target.
+    target: Target,
+}
+
+impl Row {
+    /// Whether the target is met; `None` for reference rows.
+    fn met(&self) -> Option<bool> {
+        match (self.target, self.ratio, self.ours) {
+            (Target::RatioAtLeast(t), Some(r), _) => Some(r >= t),
+            (Target::RatioAtMost(t), Some(r), _) => Some(r <= t),
+            (Target::RateAtLeast(t), _, Figure::Rate(rate, _)) => Some(rate >= t),
+            _ => None,
+        }
+    }
+}
+
+/// An area of the report: a heading, the bench that measures it, its rows.
+struct Area {
+    /// The heading.
+    title: String,
+    /// The bench whose outcome explains missing rows.
+    bench: &'static str,
+    /// The rows found.
+    rows: Vec<Row>,
+}
+
+/// `1.23M/s`, `456k/s`, `13.6k/s`, `512/s`.
+fn rate_text(rate: f64) -> String {
+    if rate >= 1e6 {
+        format!("{:.2}M", rate / 1e6)
+    } else if rate >= 1e5 {
+        format!("{:.0}k", rate / 1e3)
+    } else if rate >= 1e3 {
+        format!("{:.1}k", rate / 1e3)
+    } else {
+        format!("{rate:.0}")
+    }
+}
+
+/// `850 ns`, `12.3 µs`, `4.10 ms`.
+fn cost_text(ns: f64) -> String {
+    if ns >= 1e6 {
+        format!("{:.2} ms", ns / 1e6)
+    } else if ns >= 1e4 {
+        format!("{:.1} µs", ns / 1e3)
+    } else {
+        format!("{ns:.0} ns")
+    }
+}
+
+impl Figure {
+    /// The figure with its unit.
+    fn text(self) -> String {
+        match self {
+            Figure::Rate(rate, unit) => format!("{} {unit}", rate_text(rate)),
+            Figure::Cost(ns, unit) => format!("{} {unit}", cost_text(ns)),
+        }
+    }
+}
+
+impl Target {
+    /// The target as DESIGN.md states it.
+    fn text(self) -> String {
+        match self {
+            Target::RatioAtLeast(t) => format!("≥ {t}×"),
+            Target::RatioAtMost(t) => format!("≤ {t}×"),
+            Target::RateAtLeast(t) => format!("≥ {}/s", rate_text(t)),
+            Target::Reference => "(reference)".to_owned(),
+        }
+    }
+}
+
+/// A row comparing two criterion results by rate.
+fn criterion_row(
+    estimates: &[Estimate],
+    what: &str,
+    ours: &str,
+    baseline: (&str, &str),
+    unit: &'static str,
+    target: Target,
+) -> Option<Row> {
+    let find = |id: &str| {
+        estimates
+            .iter()
+            .find(|e| e.id == id)
+            .and_then(Estimate::rate)
+    };
+    let ours = find(ours)?;
+    let base = find(baseline.1);
+    Some(Row {
+        what: what.to_owned(),
+        ours: Figure::Rate(ours, unit),
+        baseline: base.map(|b| (baseline.0.to_owned(), Figure::Rate(b, unit))),
+        ratio: base.map(|b| ours / b),
+        target,
+    })
+}
+
+/// The output of bench `name`, if it ran.
+fn output<'a>(run: &'a Run<'_>, name: &str) -> Option<(&'a str, &'a str)> {
+    run.outcomes.iter().find_map(|(n, outcome)| match outcome {
+        Outcome::Ran { stdout, stderr, .. } if *n == name => {
+            Some((stdout.as_str(), stderr.as_str()))
+        }
+        _ => None,
+    })
+}
+
+/// Every area, with the rows this run measured.
+fn areas(run: &Run<'_>) -> Vec<Area> {
+    let e = run.estimates;
+    let mut areas = Vec::new();
+
+    let mpsc = "tokio mpsc bounded(1024), task → task";
+    let bus = [
+        (
+            "bus, 1 subscriber (publish → no-op handler)",
+            "publish_to_handle/bus/1_subscribers",
+            "publish_to_handle/raw_mpsc/1_subscribers",
+        ),
+        (
+            "bus, 4 subscribers (events published)",
+            "publish_to_handle/bus/4_subscribers",
+            "publish_to_handle/raw_mpsc/4_subscribers",
+        ),
+        (
+            "in-process transport only (publish, next, ack)",
+            "publish_to_handle/transport_only/1_subscribers",
+            "publish_to_handle/raw_mpsc/1_subscribers",
+        ),
+    ];
+    areas.push(Area {
+        title: "In-process bus".to_owned(),
+        bench: "bus",
+        rows: bus
+            .iter()
+            .filter_map(|(what, ours, raw)| {
+                criterion_row(
+                    e,
+                    what,
+                    ours,
+                    (mpsc, raw),
+                    "events/s",
+                    Target::RatioAtLeast(0.5),
+                )
+            })
+            .collect(),
+    });
+
+    let raw = "raw write of the same frames + sync_data";
+    let append = [
+        (
+            "append a batch of 100, fsync per append",
+            "append/store_batch_of_100",
+        ),
+        (
+            "100 single-event appends in flight (group commit)",
+            "append/store_100_appends_in_flight",
+        ),
+    ];
+    areas.push(Area {
+        title: "Embedded store append (200 B payloads, one sync per 100 events)".to_owned(),
+        bench: "store",
+        rows: append
+            .iter()
+            .filter_map(|(what, ours)| {
+                let base = (raw, "append/raw_write_each_then_sync_data");
+                criterion_row(e, what, ours, base, "events/s", Target::RatioAtLeast(0.5))
+            })
+            .collect(),
+    });
+
+    let replay = [
+        (
+            "replay 100,000 events (read_all, checksums, decode)",
+            "replay/store_replay_read_all_decode",
+            Target::RateAtLeast(2e6),
+        ),
+        (
+            "codec decode only (the bound of any replay)",
+            "replay/codec_decode_only",
+            Target::Reference,
+        ),
+    ];
+    areas.push(Area {
+        title: "Replay".to_owned(),
+        bench: "store",
+        rows: replay
+            .iter()
+            .filter_map(|(what, ours, target)| {
+                let base = (
+                    "raw sequential read + decode",
+                    "replay/raw_sequential_read_decode",
+                );
+                criterion_row(e, what, ours, base, "events/s", *target)
+            })
+            .collect(),
+    });
+
+    for (bench, title) in [
+        ("redis", "Redis"),
+        ("rabbitmq", "RabbitMQ"),
+        ("kafka", "Kafka (tansu)"),
+    ] {
+        areas.push(backend_area(run, bench, title));
+    }
+
+    areas.push(Area {
+        title: "Saga step overhead (engine's marginal cost per step vs one raw append)".to_owned(),
+        bench: "saga",
+        rows: output(run, "saga")
+            .map(|(stdout, _)| parse::saga_report(stdout))
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(store, step, append, ratio)| Row {
+                what: format!("saga step, {store} store"),
+                ours: Figure::Cost(step, "per step"),
+                baseline: Some((
+                    "append of the same record, exact version".to_owned(),
+                    Figure::Cost(append, "per append"),
+                )),
+                ratio: Some(ratio),
+                target: Target::RatioAtMost(2.0),
+            })
+            .collect(),
+    });
+
+    areas.push(cqrs_area(run));
+
+    let codec = [
+        ("CloudEvents JSON decode", "codec/cloudevents/decode"),
+        ("CloudEvents JSON encode", "codec/cloudevents/encode"),
+        ("bincode envelope decode", "codec/bincode/decode"),
+        ("bincode envelope encode", "codec/bincode/encode"),
+    ];
+    areas.push(Area {
+        title: "Codecs (reference: the payload alone through serde_json)".to_owned(),
+        bench: "codec",
+        rows: codec
+            .iter()
+            .filter_map(|(what, ours)| {
+                let base = (
+                    "serde_json::Value decode of the payload",
+                    "codec/serde_json_payload/decode_value",
+                );
+                criterion_row(e, what, ours, base, "ops/s", Target::Reference)
+            })
+            .collect(),
+    });
+    areas
+}
+
+/// The rows a backend bench printed.
+fn backend_area(run: &Run<'_>, bench: &'static str, title: &str) -> Area {
+    let rows = output(run, bench)
+        .map(|(stdout, _)| parse::comparisons(stdout))
+        .unwrap_or_default()
+        .into_iter()
+        .map(|c| {
+            let reference = c.label.starts_with('(');
+            let client = match bench {
+                "redis" => "raw redis-rs",
+                "rabbitmq" => "raw lapin",
+                _ => "raw rdkafka",
+            };
+            Row {
+                what: c.label,
+                ours: Figure::Rate(c.ours, "msgs/s"),
+                baseline: Some((
+                    c.baseline_label.replace("raw client", client),
+                    Figure::Rate(c.baseline, "msgs/s"),
+                )),
+                ratio: Some(c.ratio),
+                target: if reference {
+                    Target::Reference
+                } else {
+                    Target::RatioAtLeast(0.8)
+                },
+            }
+        })
+        .collect();
+    Area {
+        title: format!("{title} publish and consume"),
+        bench,
+        rows,
+    }
+}
+
+/// The CQRS bench's report as rows.
+fn cqrs_area(run: &Run<'_>) -> Area {
+    let lines = output(run, "cqrs")
+        .map(|(_, stderr)| parse::cqrs_report(stderr))
+        .unwrap_or_default();
+    let mut rows = Vec::new();
+    for line in &lines {
+        if line.label.starts_with("cqrs-es") {
+            continue;
+        }
+        let base = lines
+            .iter()
+            .find(|l| l.session == line.session && l.label.starts_with("cqrs-es"));
+        let floor = line.label.starts_with("build event");
+        rows.push(Row {
+            what: format!("{}, sessions of {} commands", line.label, line.session),
+            ours: Figure::Rate(line.rate, if floor { "events/s" } else { "commands/s" }),
+            baseline: base.map(|b| {
+                (
+                    format!("cqrs-es 0.5, {}", b.label),
+                    Figure::Rate(b.rate, "commands/s"),
+                )
+            }),
+            ratio: Some(line.ratio),
+            target: if floor {
+                Target::Reference
+            } else {
+                Target::RatioAtLeast(1.5)
+            },
+        });
+    }
+    Area {
+        title: "CQRS command round trip (load with snapshot, handle, append; in-memory store)"
+            .to_owned(),
+        bench: "cqrs",
+        rows,
+    }
+}
+
+/// Why bench `name` has no figures, if it has none.
+fn absence(run: &Run<'_>, name: &str) -> String {
+    match run.outcomes.iter().find(|(n, _)| *n == name) {
+        Some((_, Outcome::Skipped(why))) => format!("skipped: {why}"),
+        Some((_, Outcome::Failed(why))) => {
+            format!("failed: {}", why.lines().next().unwrap_or_default())
+        }
+        Some((_, Outcome::Ran { .. })) => {
+            "ran, but printed no figures this report knows how to read".to_owned()
+        }
+        None => "not run (left out of this run)".to_owned(),
+    }
+}
+
+/// A markdown table cell: `|` would end it.
+fn cell(text: &str) -> String {
+    text.replace('|', "\\|")
+}
+
+/// The whole `BENCHMARKS.md`.
+pub(crate) fn markdown(run: &Run<'_>) -> String {
+    let mut md = String::new();
+    let _ = writeln!(md, "# Benchmarks\n");
+    let _ = writeln!(
+        md,
+        "Written by `cargo xtask bench`{} — every figure next to its baseline measured in the \
+         same run on the same machine (the raw client or primitive doing the same work), and \
+         the target from DESIGN.md. Rates are medians. Machines here are shared and noisy: \
+         read the ratios, not the absolute figures.\n",
+        if run.quick {
+            " **--quick (a smoke run: short measurements, not figures to quote)**"
+        } else {
+            ""
+        }
+    );
+    let _ = writeln!(md, "**Machine:** {}.\n", run.machine);
+    let _ = writeln!(
+        md,
+        "**Run:** {:.1} minutes for the benches below (build not included).\n",
+        run.took.as_secs_f64() / 60.0
+    );
+    let mut met = 0;
+    let mut missed = Vec::new();
+    for area in areas(run) {
+        let _ = writeln!(md, "## {}\n", area.title);
+        if area.rows.is_empty() {
+            let _ = writeln!(md, "Not measured: {}.\n", absence(run, area.bench));
+            continue;
+        }
+        let _ = writeln!(
+            md,
+            "| measurement | orchestrator | baseline (same run) | ratio | target | |"
+        );
+        let _ = writeln!(md, "|---|---:|---|---:|---:|---|");
+        for row in &area.rows {
+            let baseline = row.baseline.as_ref().map_or_else(
+                || "—".to_owned(),
+                |(name, f)| format!("{} ({name})", f.text()),
+            );
+            let ratio = row
+                .ratio
+                .map_or_else(|| "—".to_owned(), |r| format!("{r:.2}×"));
+            let verdict = match row.met() {
+                Some(true) => {
+                    met += 1;
+                    "met"
+                }
+                Some(false) => {
+                    missed.push(format!("{}: {}", area.title, row.what));
+                    "**missed**"
+                }
+                None => "",
+            };
+            let _ = writeln!(
+                md,
+                "| {} | {} | {} | {ratio} | {} | {verdict} |",
+                cell(&row.what),
+                row.ours.text(),
+                cell(&baseline),
+                row.target.text()
+            );
+        }
+        let _ = writeln!(md);
+        if area.bench == "saga"
+            && let Some((stdout, _)) = output(run, "saga")
+            && let Some(line) = parse::line_with(stdout, "10,000 concurrent sagas")
+        {
+            let _ = writeln!(md, "Memory: {line}\n");
+        }
+    }
+    let _ = writeln!(md, "## Summary\n");
+    let _ = writeln!(md, "{met} targets met, {} missed.", missed.len());
+    for what in &missed {
+        let _ = writeln!(md, "- missed: {what}");
+    }
+    let _ = writeln!(md, "\n| bench | outcome |\n|---|---|");
+    for (name, outcome) in run.outcomes {
+        let text = match outcome {
+            Outcome::Ran { took, .. } => format!("ran in {:.0} s", took.as_secs_f64()),
+            Outcome::Skipped(why) => format!("skipped: {why}"),
+            Outcome::Failed(why) => format!("failed: {}", why.lines().next().unwrap_or_default()),
+        };
+        let _ = writeln!(md, "| `{name}` | {} |", cell(&text));
+    }
+    md
+}
+
+/// A short plain-text version of the tables, for the terminal.
+pub(crate) fn terminal_summary(run: &Run<'_>) -> String {
+    let mut out = String::from("bench summary (ours vs same-run baseline):\n");
+    for area in areas(run) {
+        if area.rows.is_empty() {
+            let _ = writeln!(out, "  {}: {}", area.title, absence(run, area.bench));
+            continue;
+        }
+        let _ = writeln!(out, "  {}:", area.title);
+        for row in &area.rows {
+            let ratio = row.ratio.map_or_else(String::new, |r| format!("{r:.2}x"));
+            let verdict = match row.met() {
+                Some(true) => "met",
+                Some(false) => "MISSED",
+                None => "",
+            };
+            let _ = writeln!(
+                out,
+                "    {:<52} {:>18} {:>7} {:>9} {verdict}",
+                row.what,
+                row.ours.text(),
+                ratio,
+                row.target.text()
+            );
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn estimate(id: &str, median_ns: f64, elements: f64) -> Estimate {
+        Estimate {
+            id: id.to_owned(),
+            median_ns,
+            elements: Some(elements),
+        }
+    }
+
+    #[test]
+    fn figures_read_well() {
+        assert_eq!(rate_text(1_234_567.0), "1.23M");
+        assert_eq!(rate_text(456_789.0), "457k");
+        assert_eq!(rate_text(13_600.0), "13.6k");
+        assert_eq!(rate_text(512.0), "512");
+        assert_eq!(cost_text(850.0), "850 ns");
+        assert_eq!(cost_text(12_345.0), "12.3 µs");
+        assert_eq!(cost_text(4_100_000.0), "4.10 ms");
+    }
+
+    #[test]
+    fn a_report_with_a_met_a_missed_and_a_skipped_area() {
+        let estimates = [
+            estimate("publish_to_handle/bus/1_subscribers", 20e6, 20_000.0),
+            estimate("publish_to_handle/raw_mpsc/1_subscribers", 10e6, 20_000.0),
+            estimate("replay/store_replay_read_all_decode", 100e6, 100_000.0),
+            estimate("replay/raw_sequential_read_decode", 50e6, 100_000.0),
+        ];
+        let outcomes = [
+            (
+                "bus",
+                Outcome::Ran {
+                    stdout: String::new(),
+                    stderr: String::new(),
+                    took: Duration::from_secs(30),
+                },
+            ),
+            (
+                "redis",
+                Outcome::Skipped("Redis at 127.0.0.1:6379 is down (refused)".to_owned()),
+            ),
+        ];
+        let run = Run {
+            machine: "2 cores".to_owned(),
+            quick: false,
+            took: Duration::from_secs(60),
+            outcomes: &outcomes,
+            estimates: &estimates,
+        };
+        let md = markdown(&run);
+        assert!(
+            md.contains(
+                "| bus, 1 subscriber (publish → no-op handler) | 1.00M events/s | 2.00M events/s"
+            ),
+            "{md}"
+        );
+        assert!(md.contains("| 0.50× | ≥ 0.5× | met |"), "{md}");
+        assert!(
+            md.contains("| 1.00M events/s |") && md.contains("| ≥ 2.00M/s | **missed** |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("Not measured: skipped: Redis at 127.0.0.1:6379 is down (refused)."),
+            "{md}"
+        );
+        assert!(md.contains("1 targets met, 1 missed."), "{md}");
+    }
+}
