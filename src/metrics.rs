@@ -1,4 +1,4 @@
-//! The metrics orchestrator records, through the [`metrics`](::metrics) facade.
+//! The metrics orchestrator records, through the [`metrics`] facade.
 //!
 //! Nothing is collected until you install a recorder — any `metrics` exporter: Prometheus
 //! (`metrics-exporter-prometheus`, see `examples/prometheus_metrics.rs`), StatsD, an

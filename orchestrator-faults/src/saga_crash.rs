@@ -36,9 +36,10 @@ pub(crate) const CHILD: &str = "saga-child";
 /// The saga's steps.
 const STEPS: [&str; 4] = ["a", "b", "c", "d"];
 /// How long the parent lets a child run, at most, before killing it.
-const MAX_KILL_DELAY_MS: u64 = 400;
-/// Pause between two saga starts in a child, so that kills find sagas at every stage.
-const START_EVERY: Duration = Duration::from_millis(15);
+const MAX_KILL_DELAY_MS: u64 = 200;
+/// Sagas running at once: the rest wait for a slot, so a kill finds sagas at every stage
+/// (waiting, in a step, compensating) and the whole run lasts a few seconds.
+const CONCURRENT: usize = 10;
 
 /// The step that fails for saga number `n`, if any.
 fn fails_at(n: usize) -> Option<&'static str> {
@@ -61,7 +62,7 @@ fn record_effect(effects: &Path, line: &str) -> Result<(), HandlerError> {
         .map_err(|e| HandlerError::from_error(e, true))
 }
 
-/// The saga: four compensable steps that take a few milliseconds each.
+/// The saga: four compensable steps that take 30–150 ms each (compensations 10–60 ms).
 fn definition(effects: &Path) -> Res<SagaDefinition> {
     let steps = STEPS.map(|name| {
         let (act, undo) = (effects.to_path_buf(), effects.to_path_buf());
@@ -73,7 +74,7 @@ fn definition(effects: &Path) -> Res<SagaDefinition> {
                 if context["fail_at"] == info.step {
                     return Err(HandlerError::permanent(format!("{} refused", info.step)));
                 }
-                tokio::time::sleep(Duration::from_millis(fastrand::u64(2..12))).await;
+                tokio::time::sleep(Duration::from_millis(fastrand::u64(30..150))).await;
                 record_effect(&effects, &format!("do {}", info.idempotency_key))?;
                 Ok::<_, HandlerError>(json!({ info.step: true }))
             }
@@ -83,7 +84,7 @@ fn definition(effects: &Path) -> Res<SagaDefinition> {
             async move {
                 let info = StepInfo::from_context(&context)
                     .ok_or_else(|| HandlerError::permanent("not called by a saga"))?;
-                tokio::time::sleep(Duration::from_millis(fastrand::u64(1..6))).await;
+                tokio::time::sleep(Duration::from_millis(fastrand::u64(10..60))).await;
                 record_effect(&effects, &format!("undo {}", info.idempotency_key))
             }
         })
@@ -108,7 +109,7 @@ pub(crate) fn child(args: &[String]) -> Result<(), Failure> {
 async fn run_child(store_dir: &Path, effects: &Path, sagas: usize) -> Res {
     let store = FileEventStore::open(store_dir)?;
     let orchestrator = SagaOrchestrator::builder(Arc::new(store))
-        .max_concurrent(sagas)
+        .max_concurrent(CONCURRENT)
         .build();
     orchestrator.define(definition(effects)?)?;
     say("opened")?;
@@ -122,7 +123,6 @@ async fn run_child(store_dir: &Path, effects: &Path, sagas: usize) -> Res {
     for n in stored..sagas {
         let input = json!({ "n": n, "fail_at": fails_at(n) });
         handles.push(orchestrator.start("trip", input).await?);
-        tokio::time::sleep(START_EVERY).await;
     }
     for handle in handles {
         handle.outcome().await?;

@@ -229,11 +229,12 @@ fn build(root: &Path) -> Result<BTreeMap<String, (PathBuf, PathBuf)>> {
         return Err(format!("`{}` failed ({})", describe(&cmd), output.status));
     }
     let text = String::from_utf8_lossy(&output.stdout);
-    Ok(bench_executables(&text))
+    Ok(executables(&text, "bench"))
 }
 
-/// Bench executables named in cargo's JSON messages: name → (executable, package folder).
-fn bench_executables(messages: &str) -> BTreeMap<String, (PathBuf, PathBuf)> {
+/// Executables of targets of `kind` (`bench`, `bin`) named in cargo's JSON messages:
+/// target name → (executable, package folder).
+pub(crate) fn executables(messages: &str, kind: &str) -> BTreeMap<String, (PathBuf, PathBuf)> {
     let mut found = BTreeMap::new();
     for line in messages.lines().filter(|l| l.starts_with('{')) {
         let Ok(message) = json::parse(line) else {
@@ -246,7 +247,7 @@ fn bench_executables(messages: &str) -> BTreeMap<String, (PathBuf, PathBuf)> {
         let is_bench = target
             .and_then(|t| t.get("kind"))
             .and_then(json::Value::as_array)
-            .is_some_and(|kinds| kinds.iter().any(|k| k.as_str() == Some("bench")));
+            .is_some_and(|kinds| kinds.iter().any(|k| k.as_str() == Some(kind)));
         let name = target
             .and_then(|t| t.get("name"))
             .and_then(json::Value::as_str);
@@ -435,7 +436,7 @@ pub(crate) fn bench(root: &Path, options: &Options) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::{Options, bench_executables};
+    use super::{Options, executables};
 
     fn args(list: &[&str]) -> Vec<String> {
         list.iter().map(|s| (*s).to_owned()).collect()
@@ -467,7 +468,7 @@ mod tests {
         let messages = r#"{"reason":"compiler-artifact","package_id":"x","manifest_path":"/w/orchestrator-bus/Cargo.toml","target":{"kind":["bench"],"crate_types":["bin"],"name":"bus","src_path":"/w/orchestrator-bus/benches/bus.rs"},"executable":"/t/release/deps/bus-abc","fresh":true}
 {"reason":"compiler-artifact","manifest_path":"/w/orchestrator-bus/Cargo.toml","target":{"kind":["lib"],"name":"orchestrator_bus"},"executable":null}
 {"reason":"build-finished","success":true}"#;
-        let found = bench_executables(messages);
+        let found = executables(messages, "bench");
         assert_eq!(found.len(), 1);
         let (exe, dir) = &found["bus"];
         assert_eq!(exe, std::path::Path::new("/t/release/deps/bus-abc"));

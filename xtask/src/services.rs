@@ -309,20 +309,73 @@ fn read_api_versions(reply: &[u8]) -> Result<i32> {
     Ok(count)
 }
 
-/// A Kafka broker answers `ApiVersions` with the APIs it serves.
+/// A Kafka `Metadata` request, version 1, for no topic (brokers only), correlation id 0x0ca8.
+fn metadata_request() -> Vec<u8> {
+    let client = b"xtask";
+    let mut body = Vec::new();
+    body.extend_from_slice(&3_i16.to_be_bytes()); // api key: Metadata
+    body.extend_from_slice(&1_i16.to_be_bytes()); // api version
+    body.extend_from_slice(&0x0ca8_i32.to_be_bytes()); // correlation id
+    body.extend_from_slice(&(client.len() as i16).to_be_bytes());
+    body.extend_from_slice(client);
+    body.extend_from_slice(&0_i32.to_be_bytes()); // no topics
+    let mut request = (body.len() as i32).to_be_bytes().to_vec();
+    request.extend_from_slice(&body);
+    request
+}
+
+/// Whether a reply holds as many bytes as its size field announces.
+fn reply_complete(reply: &[u8]) -> bool {
+    reply
+        .get(..4)
+        .and_then(|b| b.try_into().ok())
+        .map(i32::from_be_bytes)
+        .and_then(|size| usize::try_from(size).ok())
+        .is_some_and(|size| reply.len() >= size + 4)
+}
+
+/// Reads a `Metadata` v1 reply: `Ok(broker count)` when it answers our request.
+fn read_metadata(reply: &[u8]) -> Result<i32> {
+    let int = |at: usize| {
+        reply
+            .get(at..at + 4)
+            .and_then(|b| b.try_into().ok())
+            .map(i32::from_be_bytes)
+            .ok_or_else(|| format!("short Metadata reply of {} bytes", reply.len()))
+    };
+    if int(4)? != 0x0ca8 {
+        return Err("Metadata reply to another request".to_owned());
+    }
+    match int(8)? {
+        brokers if brokers > 0 => Ok(brokers),
+        brokers => Err(format!("Metadata lists {brokers} brokers")),
+    }
+}
+
+/// A Kafka broker answers `ApiVersions` with the APIs it serves, and `Metadata` with its
+/// brokers — which needs its storage, so a broker whose storage failed is not ready.
 fn kafka_probe(endpoint: &Endpoint) -> Health {
     if endpoint.tls {
         return tcp_probe(endpoint);
     }
-    match exchange(endpoint, &api_versions_request(), api_versions_complete) {
+    let apis = match exchange(endpoint, &api_versions_request(), api_versions_complete) {
         Ok(reply) if reply.is_empty() => {
-            Health::Down("closed the connection on ApiVersions".to_owned())
+            return Health::Down("closed the connection on ApiVersions".to_owned());
         }
         Ok(reply) => match read_api_versions(&reply) {
-            Ok(count) => Health::Ready(format!("ApiVersions: {count} APIs")),
-            Err(why) => Health::Down(why),
+            Ok(count) => count,
+            Err(why) => return Health::Down(why),
         },
-        Err(e) => Health::Down(e.to_string()),
+        Err(e) => return Health::Down(e.to_string()),
+    };
+    match exchange(endpoint, &metadata_request(), reply_complete) {
+        Ok(reply) => match read_metadata(&reply) {
+            Ok(brokers) => Health::Ready(format!("ApiVersions: {apis} APIs, {brokers} broker(s)")),
+            Err(why) => Health::Down(format!(
+                "answers ApiVersions but not Metadata ({why}); its storage may have failed"
+            )),
+        },
+        Err(e) => Health::Down(format!("answers ApiVersions but not Metadata ({e})")),
     }
 }
 
@@ -364,6 +417,16 @@ fn tansu_start(endpoint: &Endpoint) -> Result<Command> {
     let binary = install_tansu()?;
     let dir = orchestrator_cache()?.join("tansu/data");
     fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    // A tansu that xtask started is still running but does not answer (its storage failed):
+    // stop it, so the new one can take the port.
+    if let Some(pid) = running_tansu()? {
+        eprintln!("Kafka: stopping the unresponsive tansu started earlier (pid {pid})");
+        tansu_stop(endpoint)?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while process_alive(pid) && Instant::now() < deadline {
+            thread::sleep(POLL_INTERVAL);
+        }
+    }
     let url = format!("tcp://{endpoint}");
     // `exec` keeps the shell's pid, so the pid file names tansu itself.
     let script = format!(
@@ -374,6 +437,24 @@ fn tansu_start(endpoint: &Endpoint) -> Result<Command> {
     let mut cmd = Command::new("sh");
     cmd.arg("-c").arg(script).current_dir(dir);
     Ok(cmd)
+}
+
+/// The pid of the tansu `up` started, if that process still runs.
+fn running_tansu() -> Result<Option<u32>> {
+    let pid_file = orchestrator_cache()?.join("tansu/data/tansu.pid");
+    let pid = fs::read_to_string(pid_file)
+        .ok()
+        .and_then(|text| text.trim().parse::<u32>().ok());
+    Ok(pid.filter(|&pid| process_alive(pid)))
+}
+
+/// Whether a process with this pid exists (`kill -0`).
+fn process_alive(pid: u32) -> bool {
+    Command::new("kill")
+        .args(["-0", &pid.to_string()])
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
 }
 
 /// Stops the tansu that `up` started, by the pid it wrote.
@@ -746,23 +827,42 @@ mod tests {
     }
 
     #[test]
+    fn metadata_round_trip() {
+        let request = super::metadata_request();
+        assert_eq!(&request[4..8], &[0, 3, 0, 1], "Metadata v1");
+        assert_eq!(&request[request.len() - 4..], &[0, 0, 0, 0], "no topics");
+        let reply = [0, 0, 0, 12, 0, 0, 0x0c, 0xa8, 0, 0, 0, 1, 0, 0, 0, 9];
+        assert!(super::reply_complete(&reply));
+        assert!(!super::reply_complete(&reply[..10]));
+        assert_eq!(super::read_metadata(&reply), Ok(1));
+        assert!(super::read_metadata(&[0, 0, 0, 8, 0, 0, 0x0c, 0xa8, 0, 0, 0, 0]).is_err());
+    }
+
+    #[test]
     fn kafka_probe_speaks_the_protocol() {
         use std::io::{Read, Write};
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let server = std::thread::spawn(move || {
-            let (mut socket, _) = listener.accept().unwrap();
-            let mut request = [0; 19];
-            socket.read_exact(&mut request).unwrap();
-            socket
-                .write_all(&[0, 0, 0, 10, 0, 0, 0x0c, 0xa7, 0, 0, 0, 0, 0, 1])
-                .unwrap();
+            // ApiVersions, then Metadata, each on its own connection.
+            for (len, reply) in [
+                (19, &[0, 0, 0, 10, 0, 0, 0x0c, 0xa7, 0, 0, 0, 0, 0, 1][..]),
+                (
+                    23,
+                    &[0, 0, 0, 12, 0, 0, 0x0c, 0xa8, 0, 0, 0, 1, 0, 0, 0, 0][..],
+                ),
+            ] {
+                let (mut socket, _) = listener.accept().unwrap();
+                let mut request = vec![0; len];
+                socket.read_exact(&mut request).unwrap();
+                socket.write_all(reply).unwrap();
+            }
         });
         let health = (super::kafka_probe)(&at("127.0.0.1", port, false).unwrap());
         server.join().unwrap();
         assert_eq!(
             health,
-            super::Health::Ready("ApiVersions: 1 APIs".to_owned())
+            super::Health::Ready("ApiVersions: 1 APIs, 1 broker(s)".to_owned())
         );
     }
 

@@ -4,7 +4,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::{Result, cargo, describe, metadata, services};
+use crate::{Result, cargo, describe, faults, metadata, services};
 
 /// Command-line options of `test-all`.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -236,6 +236,16 @@ pub(crate) fn test_all(root: &Path, options: &Options) -> Result<()> {
         test.arg("--").args(&options.test_args);
     }
     run.step("cargo test (all features)", test)?;
+
+    // The CI-sized fault suite, on the build the tests just made.
+    let name = "fault suite (faults --short)";
+    eprintln!("\n==> {name}");
+    let started = Instant::now();
+    let short = faults::Options {
+        short: true,
+        ..faults::Options::default()
+    };
+    run.record(name, started, faults::faults(root, &short))?;
 
     run.print_summary();
     eprintln!("\ntest-all: all steps passed");

@@ -171,26 +171,25 @@ impl Topics {
     /// Makes sure `topics` exist: creates the missing ones (if the config allows), and
     /// accepts "already exists". Returns the topics that this call created.
     pub(crate) async fn ensure(&self, topics: &[&str], kind: TopicKind) -> Result<Vec<String>> {
-        let missing: Vec<&str> = topics
-            .iter()
-            .copied()
-            .filter(|t| !self.is_known(t))
-            .collect();
+        // Ask before creating: a CreateTopics of an existing topic is wasted work everywhere,
+        // and on tansu it corrupts later reads (see the module docs).
+        let mut missing = Vec::new();
+        for &topic in topics {
+            if !self.exists(topic).await? {
+                missing.push(topic);
+            }
+        }
         if missing.is_empty() {
             return Ok(Vec::new());
         }
         if !self.config.create_topics {
-            for topic in missing {
-                if !self.exists(topic).await? {
-                    return Err(Error::NotFound {
-                        what: format!(
-                            "Kafka topic `{topic}` (topic creation is turned off; create it, or \
-                             use KafkaConfig::with_create_topics(true))"
-                        ),
-                    });
-                }
-            }
-            return Ok(Vec::new());
+            return Err(Error::NotFound {
+                what: format!(
+                    "Kafka topic `{}` (topic creation is turned off; create it, or use \
+                     KafkaConfig::with_create_topics(true))",
+                    missing.join("`, `")
+                ),
+            });
         }
         let (partitions, compacted) = match kind {
             TopicKind::Partitioned => (self.config.partitions, false),

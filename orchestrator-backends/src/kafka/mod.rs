@@ -222,11 +222,16 @@
 //!   be deleted once nobody fetches them: [`KafkaTransport::delete_all_topics`] and
 //!   [`KafkaEventStore::delete_topic`] first wait until this process's subscriptions under
 //!   the prefix have closed.
-//! - **Deleting topics while other clients are busy** has, once, made tansu's sqlite storage
-//!   task panic (`more or less than one row` while a fetch read a partition's watermark);
-//!   after that the broker answers every request with an error until restarted. The tests
-//!   therefore run their Kafka cases one at a time (per test binary) and delete their topics
-//!   only after their consumers have closed.
+//! - **Creating a topic that exists** fails with `TOPIC_ALREADY_EXISTS` as it should, but
+//!   leaves a transaction open on one of tansu's pooled sqlite connections; later reads on
+//!   that connection see a stale snapshot, a fetch of a newer topic finds no watermark, and
+//!   tansu's storage task panics (`more or less than one row`) — after which the broker
+//!   answers every request that needs storage with an error until it is restarted. So the
+//!   backend asks the cluster's metadata before creating a topic and only creates what is
+//!   missing (two processes creating one topic at the same moment can still hit it; `cargo
+//!   xtask services up` restarts a tansu in that state, since its probe sends a `Metadata`
+//!   request, which needs storage). The tests run their Kafka cases one at a time per test
+//!   binary and delete their topics only after their consumers have closed.
 //! - **Joining is slow**: a consumer's first assignment takes a few seconds (the group
 //!   coordinator waits for members to rejoin), which is why `subscribe` waits for it and why
 //!   the suites take tens of seconds.

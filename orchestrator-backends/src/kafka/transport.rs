@@ -1,7 +1,7 @@
 //! [`KafkaTransport`]: publishing to topics, consumer groups subscribing by pattern.
 
 use std::collections::VecDeque;
-use std::hash::{BuildHasher, Hash, Hasher};
+use std::hash::BuildHasher;
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 
 use async_trait::async_trait;
@@ -228,10 +228,10 @@ impl Transport for KafkaTransport {
         let keyless = match events.iter().find(|e| e.stream_id().is_none()) {
             Some(first) => {
                 let partitions = self.shared.topics.partitions(&kafka_topic).await?;
-                let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-                first.id().as_str().hash(&mut hasher);
+                // Any partition will do (the keys are random event ids): spread batches.
+                let hash = std::collections::hash_map::RandomState::new().hash_one(first.id());
                 let n = u64::try_from(partitions.max(1)).unwrap_or(1);
-                i32::try_from(hasher.finish() % n).ok()
+                i32::try_from(hash % n).ok()
             }
             None => None,
         };

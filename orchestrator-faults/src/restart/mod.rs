@@ -86,6 +86,9 @@ pub(crate) struct Tally {
     pub(crate) published_at_restart: usize,
     /// How long the broker was away.
     pub(crate) downtime: Duration,
+    /// Events whose publish call overlapped the outage (began before the broker was back
+    /// and returned after it went away): the only ones a publisher may have sent twice.
+    pub(crate) in_flight_at_outage: std::collections::HashSet<u64>,
     /// Wall time of the run.
     pub(crate) took: Duration,
 }
@@ -108,13 +111,37 @@ impl Tally {
         self.seen.values().flatten().filter(|&&a| a > 1).count()
     }
 
-    #[cfg(feature = "redis")]
-    /// Events delivered more than once as a first attempt: duplicates nobody counted.
-    pub(crate) fn unflagged_twins(&self) -> usize {
+    /// Events delivered more than once as a first attempt: copies of the event, not
+    /// redeliveries of one message.
+    pub(crate) fn unflagged_twins(&self) -> Vec<u64> {
+        self.seen
+            .iter()
+            .filter(|(_, attempts)| attempts.iter().filter(|&&a| a == 1).count() > 1)
+            .map(|(&seq, _)| seq)
+            .collect()
+    }
+
+    /// Copies of events whose publish was not in flight during the outage: duplicates
+    /// nothing explains.
+    pub(crate) fn unexplained_copies(&self) -> Vec<u64> {
+        self.unflagged_twins()
+            .into_iter()
+            .filter(|seq| !self.in_flight_at_outage.contains(seq))
+            .collect()
+    }
+
+    /// Extra first deliveries of events (copies, each counted once per extra copy).
+    pub(crate) fn copies(&self) -> usize {
         self.seen
             .values()
-            .filter(|attempts| attempts.iter().filter(|&&a| a == 1).count() > 1)
-            .count()
+            .map(|attempts| {
+                attempts
+                    .iter()
+                    .filter(|&&a| a == 1)
+                    .count()
+                    .saturating_sub(1)
+            })
+            .sum()
     }
 }
 
@@ -131,6 +158,16 @@ fn event(topic: &str, seq: usize) -> Res<EventEnvelope> {
     )?)
 }
 
+/// What one publisher did.
+struct Published {
+    /// Failed publishes, sent again.
+    errors: usize,
+    /// Events in them.
+    republished: usize,
+    /// Each publish call: its first and last sequence number, when it began and returned.
+    calls: Vec<(usize, usize, Instant, Instant)>,
+}
+
 /// Publishes `seqs`, one at a time or in batches, sending again whatever fails.
 async fn publish(
     transport: Arc<dyn Transport>,
@@ -138,9 +175,11 @@ async fn publish(
     seqs: Vec<usize>,
     batch: Option<usize>,
     published: Arc<AtomicUsize>,
-) -> Res<(usize, usize)> {
+) -> Res<Published> {
     let (mut errors, mut republished) = (0, 0);
+    let mut calls = Vec::new();
     for chunk in seqs.chunks(batch.unwrap_or(1)) {
+        let began = Instant::now();
         let events = chunk
             .iter()
             .map(|&seq| event(&topic, seq))
@@ -166,8 +205,15 @@ async fn publish(
             }
         }
         published.fetch_add(chunk.len(), Ordering::SeqCst);
+        if let (Some(&first), Some(&last)) = (chunk.first(), chunk.last()) {
+            calls.push((first, last, began, Instant::now()));
+        }
     }
-    Ok((errors, republished))
+    Ok(Published {
+        errors,
+        republished,
+        calls,
+    })
 }
 
 /// Drives one run on `transport`: publishers, a consumer, and `restart` once 30% of the
@@ -247,19 +293,30 @@ where
         "  restarting the broker: {published_at_restart} published, {} received",
         received.load(Ordering::Relaxed)
     );
+    let outage_began = Instant::now();
     let downtime = restart().await?;
+    let outage_ended = Instant::now();
     eprintln!(
         "  broker back after {downtime:.1?}: {} published, {} received",
         published.load(Ordering::SeqCst),
         received.load(Ordering::Relaxed)
     );
     let (mut publish_errors, mut republished) = (0, 0);
+    let mut in_flight_at_outage = std::collections::HashSet::new();
     for publisher in publishers {
-        let (errors, again) = publisher.await??;
-        publish_errors += errors;
-        republished += again;
+        let done = publisher.await??;
+        publish_errors += done.errors;
+        republished += done.republished;
+        for (first, last, began, returned) in done.calls {
+            if began < outage_ended && returned > outage_began {
+                // The publisher's own sequence numbers step by `publishers`.
+                in_flight_at_outage
+                    .extend((first..=last).step_by(plan.publishers).map(|s| s as u64));
+            }
+        }
     }
     let mut tally = consumer.await??;
+    tally.in_flight_at_outage = in_flight_at_outage;
     tally.publish_errors = publish_errors;
     tally.republished = republished;
     tally.published_at_restart = published_at_restart;
@@ -283,6 +340,8 @@ pub(crate) fn report(backend: &str, events: usize, tally: &Tally) -> crate::Repo
         .add("deliveries", tally.deliveries)
         .add("duplicates", tally.duplicates())
         .add("flagged_redeliveries", tally.flagged())
+        .add("copies", tally.copies())
+        .add("in_flight_at_outage", tally.in_flight_at_outage.len())
         .add("ack_errors", tally.ack_errors)
         .add("publish_retries", tally.publish_errors)
         .add("published_at_restart", tally.published_at_restart)

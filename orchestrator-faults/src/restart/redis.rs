@@ -57,23 +57,17 @@ async fn scenario(server: SpareRedis, events: usize) -> Res {
     transport.close().await;
     drop(server);
 
-    let mut line = report("redis", events, &tally);
+    let line = report("redis", events, &tally);
     check_nothing_lost(events, &tally)?;
-    ensure(tally.unflagged_twins() == 0, || {
+    let twins = tally.unflagged_twins();
+    ensure(twins.is_empty(), || {
         format!(
             "{} events delivered twice as a first attempt (published twice, or delivered \
-             twice as new): duplicates that are not redeliveries",
-            tally.unflagged_twins()
+             twice as new): duplicates that are not redeliveries, e.g. {:?}",
+            twins.len(),
+            &twins[..twins.len().min(10)]
         )
     })?;
-    ensure(tally.duplicates() <= tally.flagged(), || {
-        format!(
-            "{} duplicate deliveries but only {} flagged as redeliveries",
-            tally.duplicates(),
-            tally.flagged()
-        )
-    })?;
-    line.add("unflagged_duplicates", 0);
     line.print();
     Ok(())
 }

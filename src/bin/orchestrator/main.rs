@@ -111,6 +111,12 @@ impl Context {
             .transport_url(&self.transport)
             .build();
         match tokio::time::timeout(self.connect_timeout, build).await {
+            Ok(Err(error @ orchestrator::Error::Core(_))) if error.is_temporary() => Err(format!(
+                "cannot reach store {} / transport {}: {error}",
+                orchestrator::connect::redact(&store),
+                orchestrator::connect::redact(&self.transport),
+            )
+            .into()),
             Ok(built) => Ok(built?),
             Err(_) => Err(format!(
                 "could not reach store {} / transport {} within {:?} (see --connect-timeout)",

@@ -1,0 +1,413 @@
+//! `cargo xtask faults [--short]`: the fault suite — broker restarts mid-run, SIGKILLed
+//! saga processes, concurrent writers on every store, a slow handler with bounded memory.
+//!
+//! Each scenario is one run of the `faults` binary of `orchestrator-faults` (built once,
+//! with every backend feature, the same build as `cargo test --workspace --all-features`),
+//! which prints its figures on a `result …` line. Scenarios on a backend whose service is
+//! unreachable are skipped with the reason — and fail under `CI=true`. The figures go to
+//! `FAULTS.md` (`--short`: under the target folder, so CI leaves the checkout alone).
+
+mod report;
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crate::{Result, cargo, describe, machine, reachable};
+
+/// Command-line options of `faults`.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(crate) struct Options {
+    /// The CI-sized suite: 10,000 events per restart, 8 × 1,000 appends, 100,000 events
+    /// through the slow handler.
+    pub(crate) short: bool,
+    /// Where to write the summary.
+    pub(crate) out: Option<PathBuf>,
+    /// Only the scenarios whose name starts with one of these.
+    pub(crate) only: Vec<String>,
+}
+
+impl Options {
+    /// Parses `[--short] [--out <file>] [<scenario>…]`.
+    pub(crate) fn parse(args: &[String]) -> Result<Self> {
+        let mut options = Options::default();
+        let mut rest = args.iter();
+        while let Some(arg) = rest.next() {
+            match arg.as_str() {
+                "--short" => options.short = true,
+                "--out" => {
+                    let out = rest.next().ok_or("faults: --out needs a file name")?;
+                    options.out = Some(PathBuf::from(out));
+                }
+                name if !name.starts_with('-')
+                    && scenarios(false).iter().any(|s| s.name.starts_with(name)) =>
+                {
+                    options.only.push(name.to_owned());
+                }
+                other => {
+                    let known: Vec<String> = scenarios(false).into_iter().map(|s| s.name).collect();
+                    return Err(format!(
+                        "faults: unexpected argument `{other}` (scenarios: {})",
+                        known.join(", ")
+                    ));
+                }
+            }
+        }
+        Ok(options)
+    }
+}
+
+/// One run of the `faults` binary.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Scenario {
+    /// `restart-redis`, `saga-crash`, `writers-file`, …
+    pub(crate) name: String,
+    /// The binary's arguments.
+    args: Vec<String>,
+    /// The service it needs (`redis`, `rabbitmq`, `kafka`).
+    service: Option<&'static str>,
+    /// How long it may take.
+    timeout: Duration,
+}
+
+/// The suite, full or short.
+pub(crate) fn scenarios(short: bool) -> Vec<Scenario> {
+    let pick = |full: u64, short_size: u64| if short { short_size } else { full };
+    let scenario = |name: String, args: Vec<String>, service, secs: u64| Scenario {
+        name,
+        args,
+        service,
+        timeout: Duration::from_secs(secs),
+    };
+    let mut all = Vec::new();
+    for backend in ["redis", "rabbitmq", "kafka"] {
+        let events = pick(100_000, 10_000);
+        all.push(scenario(
+            format!("restart-{backend}"),
+            vec![
+                "restart".into(),
+                backend.into(),
+                "--events".into(),
+                events.to_string(),
+            ],
+            Some(backend),
+            pick(900, 300),
+        ));
+    }
+    all.push(scenario(
+        "saga-crash".into(),
+        vec![
+            "saga-crash".into(),
+            "--sagas".into(),
+            "100".into(),
+            "--kills".into(),
+            pick(25, 8).to_string(),
+        ],
+        None,
+        pick(600, 240),
+    ));
+    for store in ["memory", "file", "redis", "rabbitmq", "kafka"] {
+        let service = match store {
+            "redis" => Some("redis"),
+            "rabbitmq" => Some("rabbitmq"),
+            "kafka" => Some("kafka"),
+            _ => None,
+        };
+        all.push(scenario(
+            format!("writers-{store}"),
+            vec![
+                "writers".into(),
+                store.into(),
+                "--writers".into(),
+                "8".into(),
+                "--appends".into(),
+                pick(10_000, 1_000).to_string(),
+            ],
+            service,
+            pick(900, 180),
+        ));
+    }
+    all.push(scenario(
+        "slow-handler".into(),
+        vec![
+            "slow-handler".into(),
+            "--events".into(),
+            pick(1_000_000, 100_000).to_string(),
+        ],
+        None,
+        pick(300, 120),
+    ));
+    all
+}
+
+/// How one scenario ended.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Outcome {
+    /// It passed; its figures.
+    Passed(BTreeMap<String, String>),
+    /// It could not run here (service down, tool missing); why.
+    Skipped(String),
+    /// A check failed, it crashed or it timed out; why.
+    Failed(String),
+}
+
+/// Whether we run under CI, where a scenario that cannot run is a failure.
+fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v.eq_ignore_ascii_case("true") || v == "1")
+}
+
+/// Reads the `result …` line: `result passed k=v …`, `result failed reason=…`,
+/// `result cannot-run reason=…`.
+pub(crate) fn parse_result(line: &str) -> Option<Outcome> {
+    let mut words = line.split_whitespace();
+    if words.next()? != "result" {
+        return None;
+    }
+    let verdict = words.next()?;
+    let fields: BTreeMap<String, String> = words
+        .filter_map(|w| w.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+    let reason = || {
+        fields
+            .get("reason")
+            .map_or_else(String::new, |r| r.replace('_', " "))
+    };
+    match verdict {
+        "passed" => Some(Outcome::Passed(fields)),
+        "cannot-run" => Some(Outcome::Skipped(reason())),
+        "failed" => Some(Outcome::Failed(reason())),
+        _ => None,
+    }
+}
+
+/// Builds the `faults` binary the way `cargo test --workspace --all-features` builds.
+fn build(root: &Path) -> Result<PathBuf> {
+    let mut cmd = cargo(root);
+    cmd.args(["build", "--workspace", "--all-features", "--bin", "faults"])
+        .args(["--message-format", "json-render-diagnostics"])
+        .stderr(Stdio::inherit());
+    eprintln!("==> building the fault suite\n    $ {}", describe(&cmd));
+    let output = cmd
+        .output()
+        .map_err(|e| format!("cannot run `{}`: {e}", describe(&cmd)))?;
+    if !output.status.success() {
+        return Err(format!("`{}` failed ({})", describe(&cmd), output.status));
+    }
+    let text = String::from_utf8_lossy(&output.stdout);
+    crate::bench::executables(&text, "bin")
+        .remove("faults")
+        .map(|(exe, _)| exe)
+        .ok_or_else(|| "cargo built no `faults` binary".to_owned())
+}
+
+/// Stops the spare brokers a killed scenario left behind (their ids are in `pids`).
+fn stop_leftovers(pids: &Path) {
+    let Ok(text) = fs::read_to_string(pids) else {
+        return;
+    };
+    for pid in text.lines().filter_map(|l| l.trim().parse::<u32>().ok()) {
+        // Only processes this run's scenario started, by id.
+        let _ = Command::new("kill")
+            .args(["-9", &pid.to_string()])
+            .stderr(Stdio::null())
+            .status();
+    }
+    let _ = fs::remove_file(pids);
+}
+
+/// Makes sure the shared RabbitMQ runs again after a scenario that stopped its app.
+fn restore_rabbitmq() {
+    if reachable::service("rabbitmq").is_ok() {
+        return;
+    }
+    eprintln!("    RabbitMQ is down after the scenario: rabbitmqctl start_app");
+    let ctl = |args: &[&str]| {
+        Command::new("rabbitmqctl")
+            .args(args)
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if !(ctl(&["start_app"]) && ctl(&["await_startup", "--timeout", "120"])) {
+        eprintln!("    could not start RabbitMQ again: run `rabbitmqctl start_app`");
+    }
+}
+
+/// Runs one scenario to its end or its time limit.
+fn run_scenario(exe: &Path, scenario: &Scenario, work: &Path) -> Outcome {
+    if let Some(service) = scenario.service
+        && let Err(why) = reachable::service(service)
+    {
+        return Outcome::Skipped(why);
+    }
+    let pids = work.join(format!("{}.pids", scenario.name));
+    let _ = fs::remove_file(&pids);
+    let mut cmd = Command::new(exe);
+    cmd.args(&scenario.args)
+        .env("ORCHESTRATOR_FAULTS_PIDS", &pids)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    eprintln!(
+        "\n==> fault scenario {}\n    $ {}",
+        scenario.name,
+        describe(&cmd)
+    );
+    let started = Instant::now();
+    let mut child = match cmd.spawn() {
+        Ok(child) => child,
+        Err(e) => return Outcome::Failed(format!("cannot run `{}`: {e}", describe(&cmd))),
+    };
+    let reader = child.stdout.take().map(|stdout| {
+        thread::spawn(move || {
+            BufReader::new(stdout)
+                .lines()
+                .map_while(std::io::Result::ok)
+                .filter_map(|line| parse_result(&line))
+                .last()
+        })
+    });
+    let timed_out = loop {
+        match child.try_wait() {
+            Ok(Some(_)) => break false,
+            Ok(None) if started.elapsed() > scenario.timeout => {
+                // Our own child, by its handle.
+                let _ = child.kill();
+                let _ = child.wait();
+                break true;
+            }
+            Ok(None) => thread::sleep(Duration::from_millis(100)),
+            Err(_) => break false,
+        }
+    };
+    let result = reader.and_then(|r| r.join().ok()).flatten();
+    stop_leftovers(&pids);
+    if scenario.name.contains("rabbitmq") {
+        restore_rabbitmq();
+    }
+    let took = started.elapsed().as_secs_f64();
+    match (timed_out, result) {
+        (true, _) => Outcome::Failed(format!(
+            "stopped after {}s (its time limit)",
+            scenario.timeout.as_secs()
+        )),
+        (false, Some(outcome)) => {
+            eprintln!("    {} in {took:.0}s", report::verdict(&outcome));
+            outcome
+        }
+        (false, None) => Outcome::Failed("ended without a result line (crashed?)".to_owned()),
+    }
+}
+
+/// `cargo xtask faults`.
+pub(crate) fn faults(root: &Path, options: &Options) -> Result<()> {
+    let started = Instant::now();
+    let load_before = machine::load_average();
+    let work = crate::bench::target_dir(root).join("xtask-faults");
+    fs::create_dir_all(&work).map_err(|e| format!("cannot create {}: {e}", work.display()))?;
+    let exe = build(root)?;
+    let selected: Vec<Scenario> = scenarios(options.short)
+        .into_iter()
+        .filter(|s| options.only.is_empty() || options.only.iter().any(|o| s.name.starts_with(o)))
+        .collect();
+    let mut outcomes = Vec::new();
+    for scenario in &selected {
+        let outcome = run_scenario(&exe, scenario, &work);
+        if let Outcome::Skipped(why) = &outcome {
+            eprintln!("\n==> fault scenario {}: skipped: {why}", scenario.name);
+        }
+        outcomes.push((scenario.name.clone(), outcome));
+    }
+    let summary = report::markdown(&report::Run {
+        machine: machine::describe(&load_before),
+        short: options.short,
+        took: started.elapsed(),
+        outcomes: &outcomes,
+    });
+    let out = match &options.out {
+        Some(out) => out.clone(),
+        None if options.short || !options.only.is_empty() => work.join("FAULTS.md"),
+        None => root.join("FAULTS.md"),
+    };
+    fs::write(&out, &summary).map_err(|e| format!("cannot write {}: {e}", out.display()))?;
+    eprintln!("\n{}", report::terminal_summary(&outcomes));
+    eprintln!(
+        "faults: wrote {} ({:.1} min in all)",
+        out.display(),
+        started.elapsed().as_secs_f64() / 60.0
+    );
+    let ci = in_ci();
+    let bad: Vec<String> = outcomes
+        .iter()
+        .filter(|(_, o)| {
+            matches!(o, Outcome::Failed(_)) || (ci && matches!(o, Outcome::Skipped(_)))
+        })
+        .map(|(name, o)| match o {
+            Outcome::Skipped(why) => format!("{name} (cannot run, and CI=true: {why})"),
+            _ => name.clone(),
+        })
+        .collect();
+    if bad.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "faults: {} did not pass: {}",
+            bad.len(),
+            bad.join(", ")
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Options, Outcome, parse_result, scenarios};
+
+    fn args(list: &[&str]) -> Vec<String> {
+        list.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    #[test]
+    fn parses_options() {
+        assert_eq!(Options::parse(&[]), Ok(Options::default()));
+        let options = Options::parse(&args(&["--short", "writers", "restart-redis"])).unwrap();
+        assert!(options.short);
+        assert_eq!(options.only, ["writers", "restart-redis"]);
+        assert!(Options::parse(&args(&["--fast"])).is_err());
+        assert!(Options::parse(&args(&["nothing"])).is_err());
+    }
+
+    #[test]
+    fn the_short_suite_is_the_same_suite_smaller() {
+        let (full, short) = (scenarios(false), scenarios(true));
+        assert_eq!(full.len(), short.len());
+        assert_eq!(full.len(), 3 + 1 + 5 + 1);
+        let restart = short.iter().find(|s| s.name == "restart-kafka").unwrap();
+        assert!(restart.args.contains(&"10000".to_owned()));
+        assert_eq!(restart.service, Some("kafka"));
+    }
+
+    #[test]
+    fn reads_result_lines() {
+        match parse_result("result passed scenario=restart target=redis lost=0") {
+            Some(Outcome::Passed(fields)) => {
+                assert_eq!(fields["lost"], "0");
+                assert_eq!(fields["target"], "redis");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            parse_result("result cannot-run reason=no_tansu_here"),
+            Some(Outcome::Skipped("no tansu here".to_owned()))
+        );
+        assert_eq!(
+            parse_result("result failed reason=3_lost"),
+            Some(Outcome::Failed("3 lost".to_owned()))
+        );
+        assert_eq!(parse_result("restart: 10 published"), None);
+    }
+}
