@@ -7,10 +7,13 @@
 //!   as it goes) against a `KafkaTransport` subscription of a fresh group (fetch wait 10 ms),
 //!   `next()` + `ack()` per event; timed from the first message to the last.
 //!
-//! Each is run `REPS` times; medians are printed with the ratio ours/raw. Point
-//! `ORCHESTRATOR_KAFKA_BROKERS` at the broker (a tansu with `--storage-engine memory://tansu/`
-//! measures the client, not the disk). An unreachable broker is reported and the bench exits
-//! successfully.
+//! Each is run `REPS` times; medians are printed with the ratio ours/raw.
+//!
+//! The broker: with `ORCHESTRATOR_KAFKA_BROKERS` set, that one. Otherwise the bench starts a
+//! tansu of its own (the one `cargo xtask services up` installs) with
+//! `--storage-engine memory://tansu/` on a spare loopback port — it measures the client, not
+//! a disk, and leaves the shared test broker alone — and stops it at the end. Without either,
+//! or when the broker does not answer, it says why and exits successfully.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -57,11 +60,78 @@ fn main() {
         .enable_all()
         .build()
         .expect("a tokio runtime");
-    runtime.block_on(run());
+    let own = if std::env::var_os("ORCHESTRATOR_KAFKA_BROKERS").is_some() {
+        None
+    } else {
+        OwnBroker::start()
+    };
+    let brokers = own
+        .as_ref()
+        .map_or_else(services::kafka_brokers, OwnBroker::address);
+    runtime.block_on(run(brokers));
+    drop(own);
 }
 
-async fn run() {
-    let brokers = services::kafka_brokers();
+/// A tansu with memory storage on a spare port, killed when dropped.
+struct OwnBroker {
+    child: std::process::Child,
+    dir: std::path::PathBuf,
+    port: u16,
+}
+
+impl OwnBroker {
+    fn start() -> Option<Self> {
+        let home = std::env::var_os("HOME")?;
+        let binary = std::path::Path::new(&home).join(".cache/orchestrator/tools/bin/tansu");
+        if !binary.is_file() {
+            return None;
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .ok()?
+            .local_addr()
+            .ok()?
+            .port();
+        let dir = std::env::temp_dir().join(format!("orchestrator-kafka-bench-{port}"));
+        std::fs::create_dir_all(&dir).ok()?;
+        let url = format!("tcp://127.0.0.1:{port}");
+        let child = std::process::Command::new(binary)
+            .current_dir(&dir)
+            .args(["--listener-url", &url, "--advertised-listener-url", &url])
+            .args(["--storage-engine", "memory://tansu/"])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .ok()?;
+        let broker = Self { child, dir, port };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(broker.address()).is_err() {
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        println!(
+            "kafka bench: started tansu (memory storage) at {}",
+            broker.address()
+        );
+        Some(broker)
+    }
+
+    fn address(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for OwnBroker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+async fn run(brokers: String) {
     let prefix = format!("bench{}.", uuid::Uuid::now_v7().simple());
     let config = KafkaConfig::new(&brokers)
         .with_prefix(&prefix)

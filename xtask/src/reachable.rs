@@ -27,9 +27,33 @@ pub(crate) fn service(name: &str) -> Result<String, String> {
                 }
             }
         }
-        // Kafka has no row of its own yet: an open port on the first bootstrap broker.
+        // A checkout whose services have no `kafka` row: an open port will do.
         None if name == "kafka" => kafka_port(),
         None => Err(format!("no service called `{name}` is known to xtask")),
+    }
+}
+
+/// Whether the Kafka broker at `address` (`host:port`) answers, with the `kafka` service's
+/// probe when xtask has one, else by accepting a connection.
+pub(crate) fn kafka_at(address: &str) -> Result<String, String> {
+    match SERVICES.iter().find(|s| s.name == "kafka") {
+        Some(service) => {
+            let endpoint = (service.endpoint)(address)?;
+            match (service.probe)(&endpoint) {
+                Health::Ready(how) => Ok(how),
+                Health::Down(why) => Err(why),
+            }
+        }
+        None => {
+            let addr = address
+                .to_socket_addrs()
+                .map_err(|e| e.to_string())?
+                .next()
+                .ok_or("no address")?;
+            TcpStream::connect_timeout(&addr, Duration::from_secs(1))
+                .map(|_| "port open".to_owned())
+                .map_err(|e| e.to_string())
+        }
     }
 }
 

@@ -54,8 +54,6 @@ struct State {
     letters: BTreeMap<i64, DeadLetter>,
     /// Letter id → offset.
     ids: HashMap<String, i64>,
-    /// Records that are not letters (another writer's), skipped.
-    skipped: u64,
 }
 
 impl std::fmt::Debug for KafkaDeadLetterQueue {
@@ -99,6 +97,10 @@ impl KafkaDeadLetterQueue {
     /// Reads what was added since the last refresh.
     async fn refresh(&self, state: &mut State) -> Result<()> {
         let from = state.next;
+        let topic = &self.inner.topic;
+        let skip = |offset: i64| {
+            tracing::warn!(%topic, offset, "skipping a record of the dead-letter topic that is not a letter");
+        };
         let next = self
             .inner
             .reader
@@ -121,9 +123,9 @@ impl KafkaDeadLetterQueue {
                             }
                             state.letters.insert(offset, letter);
                         }
-                        Ok(_) | Err(_) => state.skipped += 1,
+                        Ok(_) | Err(_) => skip(offset),
                     },
-                    (None, None) => state.skipped += 1,
+                    (None, None) => skip(offset),
                 }
                 Ok(Flow::Continue)
             })

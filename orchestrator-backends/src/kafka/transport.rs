@@ -18,7 +18,8 @@ use tokio::sync::mpsc;
 
 use super::client::{BACKEND, TopicKind, Topics, failure, kafka_error, producer, send};
 use super::config::KafkaConfig;
-use super::consumer::{Context, GroupConsumer, KafkaDeliveryStream, Role, Subscription, pump};
+use super::consumer::{Context, GroupConsumer, Role, Subscription, pump};
+use super::delivery::KafkaDeliveryStream;
 use super::dlq::KafkaDeadLetterQueue;
 use super::live;
 use super::names;

@@ -164,3 +164,35 @@ pub use config::{DEFAULT_PREFIX, RedisConfig};
 pub use dlq::RedisDeadLetterQueue;
 pub use store::RedisEventStore;
 pub use transport::RedisTransport;
+
+/// Runs the stream-reply parsers on `reply` the way the transport, the store and the
+/// dead-letter queue read streams (`XREADGROUP`, `XAUTOCLAIM` and `XRANGE` shapes), and
+/// decodes each entry's `event` field; returns how many entries held a valid event.
+///
+/// For the fuzz targets in `fuzz/` only (it has to reach private parsers); not part of
+/// the API.
+#[doc(hidden)]
+pub fn fuzz_stream_reply(reply: &::redis::Value) -> usize {
+    let mut decoded = 0;
+    let mut decode = |entries: &[conn::Entry]| {
+        for entry in entries {
+            let _ = (entry.sequence(), entry.text("type"), entry.text("attempt"));
+            let event = entry
+                .field("event")
+                .map(orchestrator_core::cloudevents::decode);
+            decoded += usize::from(matches!(event, Some(Ok(_))));
+        }
+    };
+    if let Ok(streams) = conn::parse_read(reply.clone()) {
+        for (_, entries) in &streams {
+            decode(entries);
+        }
+    }
+    if let Ok((_, entries, _)) = conn::parse_autoclaim(reply.clone()) {
+        decode(&entries);
+    }
+    if let Ok(entries) = conn::parse_entries(reply.clone()) {
+        decode(&entries);
+    }
+    decoded
+}

@@ -133,34 +133,42 @@ pub(crate) struct Comparison {
 /// - `label  raw  ours  ratio` (three numbers: each row stands alone);
 /// - groups, as the Redis bench prints them: a `label  rate` row is the raw baseline of
 ///   the rows that follow it, each `label  rate  ratio`;
-/// - triples of lines, as the Kafka bench prints them: `<what> raw median <rate> msg/s …`,
-///   `<what> ours median <rate> msg/s …`, `<what> ratio ours/raw <ratio>`.
+/// - as the Kafka bench prints them: `[<what>] raw median <rate> msg/s …`,
+///   `[<what>] ours median <rate> msg/s …`, `[<what>] ratio ours/raw <ratio>`, where
+///   `<what>` is the first word of the line or, when the lines are indented without it,
+///   the last unindented line above them (a heading).
 pub(crate) fn comparisons(output: &str) -> Vec<Comparison> {
     let mut found = Vec::new();
     let mut baseline: Option<TableRow> = None;
-    // The Kafka shape's pending `raw` and `ours` lines: (what, rate).
+    // The Kafka shape: the heading, and the pending `raw` and `ours` lines as (what, rate).
+    let mut heading = String::new();
     let mut raw: Option<(String, f64)> = None;
     let mut ours: Option<(String, f64)> = None;
     for line in output.lines() {
         let words: Vec<&str> = line.split_whitespace().collect();
-        match words[..] {
-            [what, "raw", "median", rate, ..] => {
-                raw = rate.parse().ok().map(|r| (what.to_owned(), r));
+        let (what, rest) = match words.first() {
+            Some(&("raw" | "ours" | "ratio")) => (heading.clone(), &words[..]),
+            Some(first) => ((*first).to_owned(), &words[1..]),
+            None => continue,
+        };
+        match rest {
+            ["raw", "median", rate, ..] => {
+                raw = rate.parse().ok().map(|r| (what, r));
                 continue;
             }
-            [what, "ours", "median", rate, ..] => {
-                ours = rate.parse().ok().map(|r| (what.to_owned(), r));
+            ["ours", "median", rate, ..] => {
+                ours = rate.parse().ok().map(|r| (what, r));
                 continue;
             }
-            [what, "ratio", "ours/raw", ratio] => {
+            ["ratio", "ours/raw", ratio] => {
                 if let (Some((raw_what, raw)), Some((ours_what, ours)), Ok(ratio)) =
                     (raw.take(), ours.take(), ratio.parse::<f64>())
                     && raw_what == what
                     && ours_what == what
                 {
                     found.push(Comparison {
-                        label: what.to_owned(),
                         baseline_label: format!("raw client, {what}"),
+                        label: what,
                         ours,
                         baseline: raw,
                         ratio,
@@ -169,6 +177,9 @@ pub(crate) fn comparisons(output: &str) -> Vec<Comparison> {
                 continue;
             }
             _ => {}
+        }
+        if !line.starts_with(char::is_whitespace) && table_row(line).is_none() {
+            heading = line.trim().to_owned();
         }
         let Some(row) = table_row(line) else {
             continue;

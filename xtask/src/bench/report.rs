@@ -256,7 +256,7 @@ fn areas(run: &Run<'_>) -> Vec<Area> {
     for (bench, title) in [
         ("redis", "Redis"),
         ("rabbitmq", "RabbitMQ"),
-        ("kafka", "Kafka (tansu)"),
+        ("kafka", "Kafka (a tansu of the bench's own, memory storage)"),
     ] {
         areas.push(backend_area(run, bench, title));
     }
