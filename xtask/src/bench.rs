@@ -390,7 +390,10 @@ fn run_bench(
     };
     match &tansu {
         Some(broker) => {
-            eprintln!("\n==> a tansu of the bench's own, memory storage, at {}", broker.address);
+            eprintln!(
+                "\n==> a tansu of the bench's own, memory storage, at {}",
+                broker.address
+            );
             cmd.env("ORCHESTRATOR_KAFKA_BROKERS", &broker.address);
         }
         None => {

@@ -33,9 +33,11 @@ Commands:
         Missing services skip backend tests, except with CI=true where they fail.
   services up|status|down [<service>...]
         Start (if needed) and wait for, report on, or stop the brokers backend
-        tests use: redis (ORCHESTRATOR_REDIS_URL, default redis://127.0.0.1:6379)
-        and rabbitmq (ORCHESTRATOR_AMQP_URL, default
-        amqp://guest:guest@127.0.0.1:5672/%2f). `status` exits 1 unless all are up.
+        tests use: redis (ORCHESTRATOR_REDIS_URL, default redis://127.0.0.1:6379),
+        rabbitmq (ORCHESTRATOR_AMQP_URL, default amqp://guest:guest@127.0.0.1:5672/%2f)
+        and kafka (ORCHESTRATOR_KAFKA_BROKERS, default 127.0.0.1:9092: the tansu
+        Kafka-protocol broker, installed into ~/.cache/orchestrator/tools when
+        missing). `status` exits 1 unless all are up.
         `down` is for use by hand: other sessions and CI rely on these services.
   bench [--quick] [--out <file>] [<bench>...]
         Builds and runs every benchmark (codec, bus, store, saga, cqrs, and the

@@ -426,6 +426,12 @@ fn tansu_start(endpoint: &Endpoint) -> Result<Command> {
         while process_alive(pid) && Instant::now() < deadline {
             thread::sleep(POLL_INTERVAL);
         }
+        if process_alive(pid) {
+            // A wedged tansu may not act on SIGTERM: it holds the port, so it must go.
+            eprintln!("Kafka: tansu (pid {pid}) ignored SIGTERM; sending SIGKILL");
+            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+            thread::sleep(POLL_INTERVAL);
+        }
     }
     let url = format!("tcp://{endpoint}");
     // `exec` keeps the shell's pid, so the pid file names tansu itself.

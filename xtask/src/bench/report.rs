@@ -256,7 +256,10 @@ fn areas(run: &Run<'_>) -> Vec<Area> {
     for (bench, title) in [
         ("redis", "Redis"),
         ("rabbitmq", "RabbitMQ"),
-        ("kafka", "Kafka (a tansu of the bench's own, memory storage)"),
+        (
+            "kafka",
+            "Kafka (a tansu of the bench's own, memory storage)",
+        ),
     ] {
         areas.push(backend_area(run, bench, title));
     }
@@ -506,7 +509,7 @@ pub(crate) fn terminal_summary(run: &Run<'_>) -> String {
             };
             let _ = writeln!(
                 out,
-                "    {:<52} {:>18} {:>7} {:>9} {verdict}",
+                "    {:<60} {:>18} {:>7} {:>9} {verdict}",
                 row.what,
                 row.ours.text(),
                 ratio,
