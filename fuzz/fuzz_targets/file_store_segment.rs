@@ -84,7 +84,10 @@ async fn exercise(dir: &Path) {
     let Ok(store) = FileEventStore::open(dir) else {
         return;
     };
-    let head = store.head_position().await.expect("head of a recovered store");
+    let head = store
+        .head_position()
+        .await
+        .expect("head of a recovered store");
     let events = store
         .read_all(ReadAll::from(0, 10_000))
         .await
@@ -97,7 +100,11 @@ async fn exercise(dir: &Path) {
     }
     let event = EventEnvelope::new("fuzz.appended", &serde_json_value()).expect("an event");
     let written = store
-        .append("fuzz-after-recovery", ExpectedVersion::Any, vec![event.clone()])
+        .append(
+            "fuzz-after-recovery",
+            ExpectedVersion::Any,
+            vec![event.clone()],
+        )
         .await
         .expect("an append to a recovered store");
     assert_eq!(written.first_position, head + 1);
