@@ -113,6 +113,7 @@ impl Tally {
 
     /// Events delivered more than once as a first attempt: copies of the event, not
     /// redeliveries of one message.
+    #[cfg(any(feature = "redis", feature = "rabbitmq"))]
     pub(crate) fn unflagged_twins(&self) -> Vec<u64> {
         self.seen
             .iter()
@@ -123,6 +124,7 @@ impl Tally {
 
     /// Copies of events whose publish was not in flight during the outage: duplicates
     /// nothing explains.
+    #[cfg(feature = "rabbitmq")]
     pub(crate) fn unexplained_copies(&self) -> Vec<u64> {
         self.unflagged_twins()
             .into_iter()
