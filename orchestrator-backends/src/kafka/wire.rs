@@ -1,12 +1,9 @@
 //! What travels: Kafka headers around the CloudEvents JSON value, and dead letters as JSON.
 
-use std::collections::BTreeMap;
-
 use chrono::{DateTime, SecondsFormat, Utc};
-use orchestrator_core::cloudevents::{self, CLOUDEVENTS_JSON};
-use orchestrator_core::{DeadLetter, Error, EventEnvelope, Result};
+use orchestrator_core::cloudevents::CLOUDEVENTS_JSON;
+use orchestrator_core::{DeadLetter, EventEnvelope, Result};
 use rdkafka::message::{Header, Headers, OwnedHeaders};
-use serde_json::value::RawValue;
 
 /// Header: the value's content type (`application/cloudevents+json`).
 pub(crate) const CONTENT_TYPE: &str = "content-type";
@@ -169,58 +166,15 @@ pub(crate) fn undecodable(
     .with_header("kafkaoffset", offset.to_string())
 }
 
-/// A letter as JSON: `id`, `topic`, `subscription`, `reason`, `attempts`,
-/// `first_failure_at`, `last_failure_at` and `event` (the event as a CloudEvents object).
+/// A letter as JSON (core's shared form: `id`, `topic`, `subscription`, `reason`,
+/// `attempts`, `first_failure_at`, `last_failure_at`, and `event` as a CloudEvents object).
 pub(crate) fn encode_letter(letter: &DeadLetter) -> Result<Vec<u8>> {
-    let event = cloudevents::encode(&letter.event)?;
-    let text = |s: &str| serde_json::to_string(s).map_err(|e| Error::encode(e.to_string()));
-    let mut out = Vec::with_capacity(event.len() + 256);
-    out.extend_from_slice(
-        format!(
-            "{{\"id\":{},\"topic\":{},\"subscription\":{},\"reason\":{},\"attempts\":{},\
-             \"first_failure_at\":{},\"last_failure_at\":{},\"event\":",
-            text(&letter.id)?,
-            text(&letter.topic)?,
-            text(&letter.subscription)?,
-            text(&letter.reason)?,
-            letter.attempts,
-            text(&time_text(letter.first_failure_at))?,
-            text(&time_text(letter.last_failure_at))?,
-        )
-        .as_bytes(),
-    );
-    out.extend_from_slice(&event);
-    out.push(b'}');
-    Ok(out)
+    letter.to_json()
 }
 
 /// Reads a letter written by [`encode_letter`].
 pub(crate) fn decode_letter(json: &[u8]) -> Result<DeadLetter> {
-    let bad = |field: &str, reason: &str| Error::decode(format!("letter.{field}"), reason);
-    let attrs: BTreeMap<String, &RawValue> = serde_json::from_slice(json)
-        .map_err(|e| Error::decode("letter", format!("not a JSON object: {e}")))?;
-    let string = |name: &str| -> Result<String> {
-        let raw = attrs.get(name).ok_or_else(|| bad(name, "missing"))?;
-        serde_json::from_str::<String>(raw.get()).map_err(|_| bad(name, "not a string"))
-    };
-    let time = |name: &str| -> Result<DateTime<Utc>> {
-        parse_time(&string(name)?).ok_or_else(|| bad(name, "not an RFC 3339 time"))
-    };
-    let attempts = attrs
-        .get("attempts")
-        .and_then(|raw| serde_json::from_str::<u32>(raw.get()).ok())
-        .ok_or_else(|| bad("attempts", "missing or not a number"))?;
-    let event = attrs.get("event").ok_or_else(|| bad("event", "missing"))?;
-    Ok(DeadLetter {
-        id: string("id")?,
-        event: cloudevents::decode(event.get().as_bytes())?,
-        topic: string("topic")?,
-        subscription: string("subscription")?,
-        reason: string("reason")?,
-        attempts,
-        first_failure_at: time("first_failure_at")?,
-        last_failure_at: time("last_failure_at")?,
-    })
+    DeadLetter::from_json(json)
 }
 
 #[cfg(test)]
@@ -244,7 +198,10 @@ mod tests {
         );
         let json = encode_letter(&letter).unwrap();
         assert_eq!(decode_letter(&json).unwrap(), letter);
-        assert!(matches!(decode_letter(b"nope"), Err(Error::Decode { .. })));
+        assert!(matches!(
+            decode_letter(b"nope"),
+            Err(orchestrator_core::Error::Decode { .. })
+        ));
     }
 
     #[test]
