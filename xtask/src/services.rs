@@ -417,6 +417,12 @@ fn tansu_start(endpoint: &Endpoint) -> Result<Command> {
     let binary = install_tansu()?;
     let dir = orchestrator_cache()?.join("tansu/data");
     fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    // The shared broker only holds test topics, which every test names afresh: start on an
+    // empty database. tansu 0.6.0's sqlite engine was seen to wedge ("more or less than one
+    // row") on a database grown over many runs.
+    for stale in ["tansu.db", "tansu.db-wal", "tansu.db-shm"] {
+        let _ = fs::remove_file(dir.join(stale));
+    }
     // A tansu that xtask started is still running but does not answer (its storage failed):
     // stop it, so the new one can take the port.
     if let Some(pid) = running_tansu()? {

@@ -105,7 +105,8 @@ const TABLES: &[Table] = &[
                 takes the store's version and tries again. RabbitMQ and Kafka have no exact \
                 expected version: their writers append with `Any`. Afterwards the stream must \
                 hold every event exactly once, at versions 1…N with no gap, each writer's \
-                events in its order.",
+                events in its order. Redis and RabbitMQ are the shared brokers; Kafka is a \
+                tansu of the scenario's own (sqlite storage).",
         columns: &[
             ("store", "target"),
             ("appends", "appends"),
