@@ -151,7 +151,11 @@ impl EventBus {
                 what: "event bus".to_owned(),
             });
         }
-        validate_topic(event.event_type())?;
+        // Validates the type as a topic the first time it is published.
+        let published = self
+            .shared
+            .publish_metrics
+            .counter(event.event_type(), validate_topic)?;
         self.schemas.validate(&event)?;
         let span = tracing::info_span!(
             "bus.publish",
@@ -166,7 +170,7 @@ impl EventBus {
         } else {
             publish.instrument(span).await?;
         }
-        self.shared.publish_metrics.published(&topic);
+        published.increment(1);
         Ok(())
     }
 

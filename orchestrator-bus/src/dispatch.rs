@@ -4,9 +4,9 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures::FutureExt as _;
 use orchestrator_core::{
@@ -17,7 +17,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::task::JoinSet;
 use tracing::Instrument as _;
 
-use crate::metrics::SubscriptionMetrics;
+use crate::metrics::{Handles, SubscriptionMetrics};
 use crate::middleware::{DeliveryContext, Middleware, Next};
 use crate::subscription::{Filter, RetryMode, Transform};
 
@@ -48,9 +48,25 @@ pub(crate) struct Runner {
     pub(crate) metrics: SubscriptionMetrics,
     /// Deliveries received and not yet settled, for the shutdown report.
     holding: Mutex<HashMap<u64, (EventId, Arc<str>)>>,
-    /// With concurrency 1, the one delivery held (cheaper than the map).
-    current: Mutex<Option<(EventId, Arc<str>)>>,
+    /// With concurrency 1: the batch of deliveries being handled one after another
+    /// (cheaper than the map), of which the first `batch_done` are settled.
+    batch: Mutex<Vec<(EventId, Arc<str>)>>,
+    batch_done: AtomicUsize,
     next_ticket: AtomicU64,
+}
+
+/// How many deliveries a subscription takes from its stream at once: one call into the
+/// transport per batch instead of one per event. With concurrency above 1 the batch is
+/// also bounded by the free buffer permits.
+const BATCH: usize = 64;
+
+/// Per-consumer-loop caches that spare the hot path a lookup and an allocation per event.
+#[derive(Default)]
+struct Scratch {
+    /// The metric handles of the last event type handled.
+    handles: Option<(Arc<str>, Arc<Handles>)>,
+    /// The last delivery context, reused when no handler kept a reference to it.
+    ctx: Option<Arc<DeliveryContext>>,
 }
 
 impl Runner {
@@ -83,7 +99,8 @@ impl Runner {
             schemas,
             metrics,
             holding: Mutex::new(HashMap::new()),
-            current: Mutex::new(None),
+            batch: Mutex::new(Vec::new()),
+            batch_done: AtomicUsize::new(0),
             next_ticket: AtomicU64::new(0),
         }
     }
@@ -93,17 +110,18 @@ impl Runner {
         self.holding.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn current(&self) -> std::sync::MutexGuard<'_, Option<(EventId, Arc<str>)>> {
-        // A plain slot: a poisoned lock still holds a consistent value.
-        self.current.lock().unwrap_or_else(PoisonError::into_inner)
+    fn batch(&self) -> std::sync::MutexGuard<'_, Vec<(EventId, Arc<str>)>> {
+        // Cleared and refilled only; a poisoned lock still holds a consistent list.
+        self.batch.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// The deliveries received and not yet settled.
     pub(crate) fn unfinished(&self) -> Vec<Unfinished> {
-        let current = self.current().clone();
+        let batch = self.batch();
+        let done = self.batch_done.load(Ordering::Acquire).min(batch.len());
         self.holding()
             .values()
-            .chain(current.as_ref())
+            .chain(&batch[done..])
             .map(|(id, t)| Unfinished {
                 subscription: self.name.to_string(),
                 event_id: id.clone(),
@@ -112,26 +130,71 @@ impl Runner {
             .collect()
     }
 
+    /// Records a batch taken by the one-at-a-time loop (concurrency 1).
+    fn track_batch(&self, deliveries: &[Delivery]) {
+        let mut batch = self.batch();
+        batch.clear();
+        batch.extend(deliveries.iter().map(|d| {
+            let event = d.event();
+            (event.id().clone(), event.event_type_shared())
+        }));
+        self.batch_done.store(0, Ordering::Release);
+    }
+
+    /// Records that the first `done` deliveries of the tracked batch are settled (or
+    /// handed back to the transport).
+    fn batch_progress(&self, done: usize) {
+        self.batch_done.store(done, Ordering::Release);
+    }
+
     fn track(self: &Arc<Self>, delivery: &Delivery) -> Ticket {
         let event = delivery.event();
         let entry = (event.id().clone(), event.event_type_shared());
-        let id = if self.concurrency == 1 {
-            *self.current() = Some(entry);
-            None
-        } else {
-            let id = self.next_ticket.fetch_add(1, Ordering::Relaxed);
-            self.holding().insert(id, entry);
-            Some(id)
-        };
+        let id = self.next_ticket.fetch_add(1, Ordering::Relaxed);
+        self.holding().insert(id, entry);
         Ticket {
             runner: Arc::clone(self),
             id,
         }
     }
 
+    /// The metric handles for `delivery`'s event type, from `scratch` when the type is
+    /// the one of the previous event.
+    fn handles(&self, delivery: &Delivery, scratch: &mut Scratch) -> Arc<Handles> {
+        let event_type = delivery.event().event_type();
+        if let Some((cached, handles)) = &scratch.handles
+            && **cached == *event_type
+        {
+            return Arc::clone(handles);
+        }
+        let handles = self.metrics.for_type(event_type);
+        scratch.handles = Some((delivery.event().event_type_shared(), Arc::clone(&handles)));
+        handles
+    }
+
+    /// The context of one delivery, reusing the scratch one when nobody holds it.
+    fn context(&self, delivery: &Delivery, scratch: &mut Scratch) -> Arc<DeliveryContext> {
+        if let Some(mut ctx) = scratch.ctx.take()
+            && let Some(fields) = Arc::get_mut(&mut ctx)
+        {
+            fields.topic = delivery.topic_shared();
+            fields.attempt = delivery.attempt();
+            fields.last_error = delivery.last_error().map(str::to_owned);
+            fields.first_attempt_at = delivery.first_attempt_at();
+            return ctx;
+        }
+        Arc::new(DeliveryContext {
+            subscription: Arc::clone(&self.name),
+            topic: delivery.topic_shared(),
+            attempt: delivery.attempt(),
+            last_error: delivery.last_error().map(str::to_owned),
+            first_attempt_at: delivery.first_attempt_at(),
+        })
+    }
+
     /// Handles one delivery to the end: acked, nacked for a retry, or dead-lettered.
-    async fn process(&self, delivery: Delivery) {
-        let handles = self.metrics.for_type(delivery.event().event_type());
+    async fn process(&self, delivery: Delivery, scratch: &mut Scratch) {
+        let handles = self.handles(&delivery, scratch);
         let span = tracing::info_span!(
             "bus.handle",
             subscription = %self.name,
@@ -158,24 +221,20 @@ impl Runner {
                 settled(delivery.ack().await);
                 return;
             }
-            let mut ctx = Arc::new(DeliveryContext {
-                subscription: Arc::clone(&self.name),
-                topic: delivery.topic().into(),
-                attempt: delivery.attempt(),
-                last_error: delivery.last_error().map(str::to_owned),
-                first_attempt_at: delivery.first_attempt_at(),
-            });
+            let mut ctx = self.context(&delivery, scratch);
             let mut first_failure = (delivery.attempt() > 1).then(|| delivery.first_attempt_at());
             loop {
                 handles.delivered.increment(1);
                 self.metrics.in_flight.increment(1.0);
-                let started = Instant::now();
+                // quanta reads the TSC directly: cheaper than a clock_gettime per event.
+                let started = quanta::Instant::now();
                 let outcome = self.attempt(event.clone(), Arc::clone(&ctx)).await;
                 handles.duration.record(started.elapsed().as_secs_f64());
                 self.metrics.in_flight.decrement(1.0);
                 let error = match outcome {
                     Ok(()) => {
                         settled(delivery.ack().await);
+                        scratch.ctx = Some(ctx);
                         return;
                     }
                     Err(error) => error,
@@ -277,18 +336,12 @@ fn settled(result: orchestrator_core::Result<()>) {
 /// Marks a delivery as held by the subscription until dropped.
 struct Ticket {
     runner: Arc<Runner>,
-    /// `None`: the runner's single `current` slot.
-    id: Option<u64>,
+    id: u64,
 }
 
 impl Drop for Ticket {
     fn drop(&mut self) {
-        match self.id {
-            Some(id) => {
-                self.runner.holding().remove(&id);
-            }
-            None => *self.runner.current() = None,
-        }
+        self.runner.holding().remove(&self.id);
     }
 }
 
@@ -304,10 +357,14 @@ type KeyQueues = Arc<Mutex<HashMap<String, VecDeque<Job>>>>;
 /// Runs a subscription until it is stopped, its stream ends, or receiving fails for good.
 /// On stop it takes no new delivery and waits for those it holds; the caller enforces a
 /// deadline by aborting this task, which drops unsettled deliveries back to the transport.
+///
+/// Deliveries are taken in batches (see [`BATCH`]). With concurrency 1 the loop handles a
+/// batch one delivery after another and, once stopped, hands the rest of the batch back to
+/// the transport unhandled (dropped unsettled: redelivered).
 pub(crate) async fn run(
     runner: Arc<Runner>,
     mut stream: Box<dyn DeliveryStream>,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) {
     let concurrency = runner.concurrency;
     // Bounds the deliveries held at once (running or waiting behind their key).
@@ -316,35 +373,52 @@ pub(crate) async fn run(
     let keys: KeyQueues = Arc::new(Mutex::new(HashMap::new()));
     let mut tasks = JoinSet::new();
     let mut receive_failures: u32 = 0;
+    let mut batch: Vec<Delivery> = Vec::with_capacity(BATCH);
+    let mut permits: Vec<OwnedSemaphorePermit> = Vec::new();
+    let mut scratch = Scratch::default();
+    // Checked between the deliveries of a batch, without a waiter.
+    let stop_flag = stop.clone();
+    let is_stopped = move || stop_flag.has_changed().unwrap_or(true);
     // One waiter for the whole loop: re-creating `changed()` each time would register and
-    // unregister a waiter per delivery.
+    // unregister a waiter per batch.
+    let mut stop = stop;
     let stopped = async move {
         let _ = stop.changed().await;
     };
     tokio::pin!(stopped);
     loop {
-        // One at a time needs no buffer: the loop itself waits for each delivery.
-        let permit = if concurrency == 1 {
-            None
+        // One at a time needs no buffer: the loop itself waits for each delivery. Otherwise
+        // the batch takes one buffer permit per delivery: wait for one, take what is free.
+        let max = if concurrency == 1 {
+            BATCH
         } else {
-            tokio::select! {
+            let first = tokio::select! {
                 biased;
                 _ = &mut stopped => break,
                 permit = Arc::clone(&buffer).acquire_owned() => match permit {
-                    Ok(permit) => Some(permit),
+                    Ok(permit) => permit,
                     Err(_) => break,
                 },
+            };
+            permits.push(first);
+            while permits.len() < BATCH {
+                match Arc::clone(&buffer).try_acquire_owned() {
+                    Ok(permit) => permits.push(permit),
+                    Err(_) => break,
+                }
             }
+            permits.len()
         };
         let next = tokio::select! {
             biased;
             _ = &mut stopped => break,
-            next = stream.next() => next,
+            next = stream.next_batch(max, &mut batch) => next,
         };
-        let delivery = match next {
-            Ok(Some(delivery)) => delivery,
-            Ok(None) => break,
+        match next {
+            Ok(true) => {}
+            Ok(false) => break,
             Err(error) if error.is_temporary() => {
+                permits.clear();
                 receive_failures = receive_failures.saturating_add(1);
                 let delay = RetryPolicy::exponential(u32::MAX, Duration::from_millis(100))
                     .with_max_delay(Duration::from_secs(5))
@@ -360,45 +434,63 @@ pub(crate) async fn run(
                 tracing::error!(subscription = %runner.name, %error, "subscription stopped: receiving failed for good");
                 break;
             }
-        };
+        }
         receive_failures = 0;
-        let ticket = runner.track(&delivery);
         if concurrency == 1 {
-            runner.process(delivery).await;
-            drop((ticket, permit));
+            runner.track_batch(&batch);
+            let mut done = 0;
+            for delivery in batch.drain(..) {
+                if is_stopped() {
+                    // Dropped unsettled with the rest of the batch: redelivered.
+                    break;
+                }
+                runner.process(delivery, &mut scratch).await;
+                done += 1;
+                runner.batch_progress(done);
+            }
+            batch.clear();
+            runner.batch_progress(usize::MAX);
             continue;
         }
-        let job = Job {
-            delivery,
-            _ticket: ticket,
-            _buffered: permit,
-        };
-        if runner.ordered {
-            let key = job.delivery.event().partition_key();
-            let mut queues = keys.lock().unwrap_or_else(PoisonError::into_inner);
-            if let Some(waiting) = queues.get_mut(&key) {
-                waiting.push_back(job);
-                continue;
+        // The transport hands out at most `max` deliveries; surplus permits go back.
+        permits.truncate(batch.len());
+        for (delivery, permit) in batch.drain(..).zip(permits.drain(..)) {
+            let ticket = runner.track(&delivery);
+            let job = Job {
+                delivery,
+                _ticket: ticket,
+                _buffered: Some(permit),
+            };
+            if runner.ordered {
+                let key = job.delivery.event().partition_key();
+                let mut queues = keys.lock().unwrap_or_else(PoisonError::into_inner);
+                if let Some(waiting) = queues.get_mut(&key) {
+                    waiting.push_back(job);
+                    continue;
+                }
+                queues.insert(key.clone(), VecDeque::new());
+                drop(queues);
+                tasks.spawn(key_chain(
+                    Arc::clone(&runner),
+                    Arc::clone(&keys),
+                    Arc::clone(&running),
+                    key,
+                    job,
+                ));
+            } else {
+                let runner = Arc::clone(&runner);
+                let running = Arc::clone(&running);
+                tasks.spawn(async move {
+                    // The semaphore is never closed, so acquiring only fails if it were.
+                    let _slot = running.acquire_owned().await;
+                    let Job { delivery, .. } = job;
+                    runner.process(delivery, &mut Scratch::default()).await;
+                });
             }
-            queues.insert(key.clone(), VecDeque::new());
-            drop(queues);
-            tasks.spawn(key_chain(
-                Arc::clone(&runner),
-                Arc::clone(&keys),
-                Arc::clone(&running),
-                key,
-                job,
-            ));
-        } else {
-            let runner = Arc::clone(&runner);
-            let running = Arc::clone(&running);
-            tasks.spawn(async move {
-                // The semaphore is never closed, so acquiring only fails if it were.
-                let _slot = running.acquire_owned().await;
-                let Job { delivery, .. } = job;
-                runner.process(delivery).await;
-            });
         }
+        // Deliveries beyond the permits (a transport that ignored `max`) are not expected;
+        // any left are dropped unsettled and so redelivered.
+        batch.clear();
         while tasks.try_join_next().is_some() {}
     }
     while tasks.join_next().await.is_some() {}
@@ -420,7 +512,7 @@ async fn key_chain(
                 _ticket,
                 _buffered,
             } = job;
-            runner.process(delivery).await;
+            runner.process(delivery, &mut Scratch::default()).await;
         }
         let mut queues = keys.lock().unwrap_or_else(PoisonError::into_inner);
         match queues.get_mut(&key).and_then(VecDeque::pop_front) {

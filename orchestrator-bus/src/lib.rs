@@ -57,6 +57,7 @@
 pub mod bus;
 pub mod dead_letters;
 mod dispatch;
+mod fasthash;
 pub mod memory;
 pub mod metrics;
 pub mod middleware;

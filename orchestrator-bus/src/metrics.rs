@@ -15,7 +15,8 @@
 //! Handles are registered once per subscription and event type and cached, so the hot path
 //! does not build label sets.
 
-use std::collections::HashMap;
+use crate::fasthash::FxHashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
 use metrics::{Counter, Gauge, Histogram};
@@ -46,29 +47,69 @@ pub(crate) fn duplicate(subscription: &str, event_type: &str) {
 }
 
 /// Publish counters by event type.
-#[derive(Default)]
 pub(crate) struct PublishMetrics {
-    by_type: RwLock<HashMap<Arc<str>, Counter>>,
+    /// Unique to this bus in the process (keys the per-thread cache).
+    id: u64,
+    by_type: RwLock<FxHashMap<Arc<str>, Counter>>,
+}
+
+impl Default for PublishMetrics {
+    fn default() -> Self {
+        Self {
+            id: NEXT_PUBLISH_METRICS_ID.fetch_add(1, Ordering::Relaxed),
+            by_type: RwLock::default(),
+        }
+    }
+}
+
+/// Numbers [`PublishMetrics`] for the per-thread cache.
+static NEXT_PUBLISH_METRICS_ID: AtomicU64 = AtomicU64::new(0);
+
+thread_local! {
+    /// The counter a thread used last: a publisher sending one type again and again skips
+    /// the lock and the map.
+    static LAST_PUBLISHED: std::cell::RefCell<Option<(u64, Arc<str>, Counter)>> =
+        const { std::cell::RefCell::new(None) };
 }
 
 impl PublishMetrics {
-    pub(crate) fn published(&self, event_type: &str) {
+    /// The counter of `event_type`. Types not seen before are first checked as topics by
+    /// `check` (an error is returned as is): a type with a counter is a valid topic.
+    pub(crate) fn counter(
+        &self,
+        event_type: &str,
+        check: impl FnOnce(&str) -> orchestrator_core::Result<()>,
+    ) -> orchestrator_core::Result<Counter> {
+        let last = LAST_PUBLISHED.with(|last| {
+            let last = last.borrow();
+            let (id, cached, counter) = last.as_ref()?;
+            (*id == self.id && **cached == *event_type).then(|| counter.clone())
+        });
+        if let Some(counter) = last {
+            return Ok(counter);
+        }
         // The map only ever gains entries; a poisoned lock still holds valid handles.
-        if let Some(c) = self
+        let known = self
             .by_type
             .read()
             .unwrap_or_else(PoisonError::into_inner)
-            .get(event_type)
-        {
-            c.increment(1);
-            return;
-        }
-        let counter = metrics::counter!(PUBLISHED, "event_type" => event_type.to_owned());
-        counter.increment(1);
-        let mut map = self.by_type.write().unwrap_or_else(PoisonError::into_inner);
-        if map.len() < MAX_TYPES {
-            map.insert(Arc::from(event_type), counter);
-        }
+            .get_key_value(event_type)
+            .map(|(k, c)| (Arc::clone(k), c.clone()));
+        let (key, counter) = match known {
+            Some(known) => known,
+            None => {
+                check(event_type)?;
+                let counter = metrics::counter!(PUBLISHED, "event_type" => event_type.to_owned());
+                let key: Arc<str> = Arc::from(event_type);
+                let mut map = self.by_type.write().unwrap_or_else(PoisonError::into_inner);
+                if map.len() < MAX_TYPES {
+                    map.insert(Arc::clone(&key), counter.clone());
+                }
+                (key, counter)
+            }
+        };
+        LAST_PUBLISHED.with(|last| *last.borrow_mut() = Some((self.id, key, counter.clone())));
+        Ok(counter)
     }
 }
 
@@ -89,7 +130,7 @@ pub(crate) struct Handles {
 pub(crate) struct SubscriptionMetrics {
     subscription: String,
     pub(crate) in_flight: Gauge,
-    by_type: Mutex<HashMap<Arc<str>, Arc<Handles>>>,
+    by_type: Mutex<FxHashMap<Arc<str>, Arc<Handles>>>,
 }
 
 impl SubscriptionMetrics {
@@ -97,7 +138,7 @@ impl SubscriptionMetrics {
         Self {
             subscription: subscription.to_owned(),
             in_flight: metrics::gauge!(IN_FLIGHT, "subscription" => subscription.to_owned()),
-            by_type: Mutex::new(HashMap::new()),
+            by_type: Mutex::new(FxHashMap::default()),
         }
     }
 

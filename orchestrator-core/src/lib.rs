@@ -56,5 +56,6 @@ pub use store::{
     AppendResult, EventFilter, EventStore, EventStream, ExpectedVersion, ReadAll, StoreCapabilities,
 };
 pub use transport::{
-    Acknowledge, Delivery, DeliveryInfo, DeliveryStream, SubscribeOptions, Transport,
+    Acknowledge, Delivery, DeliveryInfo, DeliveryStream, Returned, Settler, SubscribeOptions,
+    Transport,
 };

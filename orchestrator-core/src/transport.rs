@@ -94,15 +94,70 @@ pub trait Acknowledge: Send + Sync {
     async fn dead_letter(self: Box<Self>, letter: DeadLetter) -> Result<()>;
 }
 
+/// Settles the deliveries of a transport that needs nothing per delivery beyond what the
+/// [`Delivery`] itself carries: one shared settler (`Arc<dyn Settler>`) serves every
+/// delivery of a subscription, so handing out a delivery allocates nothing. The
+/// in-process transport uses it; brokers, which keep a message handle per delivery, use
+/// [`Acknowledge`].
+///
+/// A delivery dropped unsettled — or whose dead-lettering failed — comes back through
+/// [`release`](Self::release), so nothing is lost.
+#[async_trait]
+pub trait Settler: Send + Sync {
+    /// The delivery was handled. Synchronous: a settler that needs a round trip uses
+    /// [`Acknowledge`] instead.
+    fn ack(&self) -> Result<()>;
+    /// Deliver `returned` again after `delay`, as its next attempt, with `reason` as its
+    /// last error.
+    async fn nack(&self, returned: Returned, delay: Duration, reason: String) -> Result<()>;
+    /// Park the letter in the dead-letter queue. On an error the delivery is released.
+    async fn dead_letter(&self, letter: DeadLetter) -> Result<()>;
+    /// Take back a delivery that was not settled, to deliver it again as its next attempt.
+    /// Called from `Drop`: must not block.
+    fn release(&self, returned: Returned);
+}
+
+/// A delivery handed back to its [`Settler`]: what the transport needs to queue it again.
+#[derive(Debug, Clone)]
+pub struct Returned {
+    /// The event.
+    pub event: EventEnvelope,
+    /// The topic it was published to.
+    pub topic: Arc<str>,
+    /// The attempt the delivery was (the next one is `attempt + 1`).
+    pub attempt: u32,
+    /// When it was first delivered to the group.
+    pub first_attempt_at: DateTime<Utc>,
+    /// The last error recorded so far.
+    pub last_error: Option<String>,
+}
+
+/// How a delivery is settled.
+enum Acker {
+    Boxed(Box<dyn Acknowledge>),
+    Shared(Arc<dyn Settler>),
+    /// Settled (or being settled).
+    Done,
+}
+
 /// One event handed to one consumer of a group.
 pub struct Delivery {
     event: EventEnvelope,
-    topic: String,
-    group: String,
+    topic: Arc<str>,
+    group: Arc<str>,
     attempt: u32,
     first_attempt_at: DateTime<Utc>,
     last_error: Option<String>,
-    acker: Box<dyn Acknowledge>,
+    acker: Acker,
+}
+
+impl Drop for Delivery {
+    fn drop(&mut self) {
+        // A `Box<dyn Acknowledge>` handles its own drop; a shared settler is told here.
+        if let Acker::Shared(settler) = std::mem::replace(&mut self.acker, Acker::Done) {
+            settler.release(self.returned());
+        }
+    }
 }
 
 impl std::fmt::Debug for Delivery {
@@ -121,9 +176,9 @@ impl std::fmt::Debug for Delivery {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeliveryInfo {
     /// The topic it was published to.
-    pub topic: String,
+    pub topic: Arc<str>,
     /// The consumer group it is delivered to.
-    pub group: String,
+    pub group: Arc<str>,
     /// 1 for the first delivery, 2 for the first redelivery, …
     pub attempt: u32,
     /// When it was first delivered to this group.
@@ -142,7 +197,36 @@ impl Delivery {
             attempt: info.attempt.max(1),
             first_attempt_at: info.first_attempt_at,
             last_error: info.last_error,
-            acker,
+            acker: Acker::Boxed(acker),
+        }
+    }
+
+    /// Made by transports that settle through one shared [`Settler`]: no allocation per
+    /// delivery.
+    pub fn with_settler(
+        event: EventEnvelope,
+        info: DeliveryInfo,
+        settler: Arc<dyn Settler>,
+    ) -> Self {
+        Self {
+            event,
+            topic: info.topic,
+            group: info.group,
+            attempt: info.attempt.max(1),
+            first_attempt_at: info.first_attempt_at,
+            last_error: info.last_error,
+            acker: Acker::Shared(settler),
+        }
+    }
+
+    /// What a [`Settler`] needs to queue this delivery again.
+    fn returned(&mut self) -> Returned {
+        Returned {
+            event: self.event.clone(),
+            topic: Arc::clone(&self.topic),
+            attempt: self.attempt,
+            first_attempt_at: self.first_attempt_at,
+            last_error: self.last_error.take(),
         }
     }
 
@@ -154,6 +238,11 @@ impl Delivery {
     /// The topic it was published to.
     pub fn topic(&self) -> &str {
         &self.topic
+    }
+
+    /// The topic, shared (a reference count, no copy).
+    pub fn topic_shared(&self) -> Arc<str> {
+        Arc::clone(&self.topic)
     }
 
     /// The consumer group it was delivered to.
@@ -177,49 +266,63 @@ impl Delivery {
     }
 
     /// Acknowledges: the event was handled and will not be delivered to this group again.
-    pub async fn ack(self) -> Result<()> {
-        self.acker.ack().await
+    pub async fn ack(mut self) -> Result<()> {
+        match std::mem::replace(&mut self.acker, Acker::Done) {
+            Acker::Boxed(acker) => acker.ack().await,
+            Acker::Shared(settler) => settler.ack(),
+            Acker::Done => Ok(()),
+        }
     }
 
     /// Negative acknowledgement: deliver again after `delay`, as attempt `attempt() + 1`.
-    pub async fn nack(self, delay: Duration, reason: impl Into<String>) -> Result<()> {
-        self.acker.nack(delay, reason.into()).await
+    pub async fn nack(mut self, delay: Duration, reason: impl Into<String>) -> Result<()> {
+        match std::mem::replace(&mut self.acker, Acker::Done) {
+            Acker::Boxed(acker) => acker.nack(delay, reason.into()).await,
+            Acker::Shared(settler) => {
+                let returned = self.returned();
+                settler.nack(returned, delay, reason.into()).await
+            }
+            Acker::Done => Ok(()),
+        }
     }
 
     /// Parks the event in the dead-letter queue with `reason`; the letter records the
     /// attempts so far, the first and last failure time, the topic and the group.
     pub async fn dead_letter(self, reason: impl Into<String>) -> Result<()> {
-        let letter = DeadLetter::new(
-            self.event,
-            self.topic,
-            self.group,
-            reason.into(),
-            self.attempt,
-            self.first_attempt_at,
-            Utc::now(),
-        );
-        self.acker.dead_letter(letter).await
+        let (attempts, first) = (self.attempt, self.first_attempt_at);
+        self.dead_letter_after(reason, attempts, first, Utc::now())
+            .await
     }
 
     /// Parks the event in the dead-letter queue with the failure story told by the caller:
     /// for consumers that retried in place, so the transport's own counts fall short.
     pub async fn dead_letter_after(
-        self,
+        mut self,
         reason: impl Into<String>,
         attempts: u32,
         first_failure_at: DateTime<Utc>,
         last_failure_at: DateTime<Utc>,
     ) -> Result<()> {
         let letter = DeadLetter::new(
-            self.event,
-            self.topic,
-            self.group,
+            self.event.clone(),
+            self.topic.to_string(),
+            self.group.to_string(),
             reason.into(),
             attempts.max(self.attempt),
             first_failure_at,
             last_failure_at,
         );
-        self.acker.dead_letter(letter).await
+        match std::mem::replace(&mut self.acker, Acker::Done) {
+            Acker::Boxed(acker) => acker.dead_letter(letter).await,
+            Acker::Shared(settler) => {
+                let result = settler.dead_letter(letter).await;
+                if result.is_err() {
+                    settler.release(self.returned());
+                }
+                result
+            }
+            Acker::Done => Ok(()),
+        }
     }
 }
 
@@ -232,6 +335,25 @@ pub trait DeliveryStream: Send {
     /// message taken from the broker but not yet returned must come back, as if its
     /// delivery had been dropped unsettled).
     async fn next(&mut self) -> Result<Option<Delivery>>;
+
+    /// Waits for the next delivery like [`next`](Self::next), then appends it and up to
+    /// `max - 1` more that are ready without waiting to `into`. Returns `Ok(false)` (and
+    /// appends nothing) once the subscription or the transport is closed.
+    ///
+    /// Consumers that pull many small events use it to pay one call per batch instead of
+    /// one per event. The default takes one delivery through `next`; transports override
+    /// it to drain what they already hold. Cancel-safe like `next`, and `max` of 0 counts
+    /// as 1.
+    async fn next_batch(&mut self, max: usize, into: &mut Vec<Delivery>) -> Result<bool> {
+        let _ = max;
+        match self.next().await? {
+            Some(delivery) => {
+                into.push(delivery);
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
 }
 
 /// Carries events from publishers to consumer groups.

@@ -1,18 +1,21 @@
 //! The in-process transport: consumer groups with bounded queues inside one process.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::collections::{HashMap, VecDeque};
+
+use crate::fasthash::FxHashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Duration;
 
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::Notify;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use orchestrator_core::transport::{validate_group, validate_topic};
 use orchestrator_core::{
-    Acknowledge, Clock, DeadLetter, DeadLetterQueue, Delivery, DeliveryInfo, DeliveryStream, Error,
-    EventEnvelope, Result, SubscribeOptions, SystemClock, TopicPattern, Transport,
+    Clock, DeadLetter, DeadLetterQueue, Delivery, DeliveryInfo, DeliveryStream, Error,
+    EventEnvelope, Result, Returned, Settler, SubscribeOptions, SystemClock, TopicPattern,
+    Transport,
 };
 
 use super::InMemoryDeadLetterQueue;
@@ -21,6 +24,10 @@ const NAME: &str = "in-process";
 
 /// How many events a consumer group's queue holds by default before publishers wait.
 pub const DEFAULT_CAPACITY: usize = 1024;
+
+/// A full queue wakes its waiting publishers once consumers have taken this many events
+/// (or half the capacity, if less).
+const LOW_WATER_GAP: usize = 64;
 
 /// How many topics' routes are remembered before the route cache starts over.
 const MAX_CACHED_ROUTES: usize = 4096;
@@ -31,7 +38,9 @@ const MAX_CACHED_ROUTES: usize = 4096;
 /// Each consumer group has one bounded queue (default [`DEFAULT_CAPACITY`] events) shared
 /// by its consumers, who compete for its events. A publish puts the event in the queue of
 /// every group with a pattern matching the topic, and waits while such a queue is full: a
-/// slow group slows its publishers down instead of growing memory.
+/// slow group slows its publishers down instead of growing memory. A waiting publisher
+/// goes on once the group's consumers have taken half the capacity or 64 events, whichever
+/// is less (so that a fast publisher is not woken for every single event taken).
 ///
 /// - **Settling.** [`Delivery::ack`] forgets the event; [`Delivery::nack`] puts it back
 ///   after the delay (at the back of the queue), as the next attempt; [`Delivery::dead_letter`]
@@ -85,11 +94,32 @@ impl Drop for Handle {
 }
 
 struct Shared {
+    /// Unique to this transport in the process (keys the per-thread route cache).
+    id: u64,
     capacity: usize,
     clock: Arc<dyn Clock>,
     dead_letters: Arc<dyn DeadLetterQueue>,
     closer: Arc<Closer>,
     routes: RwLock<Routes>,
+    /// Bumped whenever routes change (a subscription came or went, the transport closed),
+    /// which invalidates every thread's cached route.
+    generation: AtomicU64,
+}
+
+/// Numbers transports for [`Shared::id`].
+static NEXT_TRANSPORT_ID: AtomicU64 = AtomicU64::new(0);
+
+/// The route a thread published to last, so that a publisher sending one topic again and
+/// again skips the lock and the map.
+struct CachedRoute {
+    transport: u64,
+    generation: u64,
+    route: std::sync::Weak<Route>,
+}
+
+thread_local! {
+    static LAST_ROUTE: std::cell::RefCell<Option<CachedRoute>> =
+        const { std::cell::RefCell::new(None) };
 }
 
 #[derive(Default)]
@@ -97,7 +127,7 @@ struct Routes {
     /// Every group ever subscribed, with or without consumers.
     groups: HashMap<String, GroupEntry>,
     /// Which groups a topic goes to; cleared whenever a subscription comes or goes.
-    by_topic: HashMap<String, Arc<Route>>,
+    by_topic: FxHashMap<String, Arc<Route>>,
     next_subscription: u64,
 }
 
@@ -121,14 +151,36 @@ struct Route {
     groups: Vec<Arc<Group>>,
 }
 
-/// One consumer group's queue: a bounded tokio channel whose receiver the group's
-/// consumers take turns holding (competing consumers). The group keeps the receiver itself,
-/// so the queue outlives its consumers.
+/// One consumer group's queue, shared by the group's consumers, who compete for its events.
+/// The group keeps it itself, so the queue outlives its consumers.
+///
+/// A bounded FIFO under a mutex rather than a channel, for two reasons: a consumer takes a
+/// whole batch under one lock, and a full queue wakes its waiting publishers only once
+/// consumers took [`LOW_WATER_GAP`] events (or half the capacity, if less) instead of for
+/// every event taken — otherwise a publisher faster than its consumers is parked and woken
+/// once per event.
 struct Group {
-    name: String,
-    sender: mpsc::Sender<Message>,
-    receiver: tokio::sync::Mutex<mpsc::Receiver<Message>>,
+    name: Arc<str>,
+    capacity: usize,
+    /// Publishers waiting on a full queue are woken when it drains to this many events.
+    low_water: usize,
+    queue: std::sync::Mutex<Queue>,
+    /// Consumers waiting for an event.
+    not_empty: Notify,
+    /// Publishers waiting for room.
+    not_full: Notify,
     closer: Arc<Closer>,
+    /// The transport's clock and dead-letter queue, here so that settling a delivery
+    /// needs one handle (the group) instead of three.
+    clock: Arc<dyn Clock>,
+    dead_letters: Arc<dyn DeadLetterQueue>,
+}
+
+struct Queue {
+    messages: VecDeque<Message>,
+    /// Consumers between finding the queue empty and waking up (may count one too many
+    /// for a moment, which costs a spurious wake-up, never one too few).
+    consumers_waiting: usize,
 }
 
 /// The transport's closed flag, and a way to wake whoever waits on a queue when it flips.
@@ -154,70 +206,154 @@ impl Closer {
 }
 
 impl Group {
+    fn new(name: &str, capacity: usize, shared: &Shared) -> Self {
+        Self {
+            name: name.into(),
+            capacity,
+            low_water: capacity - (capacity / 2).clamp(1, LOW_WATER_GAP),
+            queue: std::sync::Mutex::new(Queue {
+                messages: VecDeque::new(),
+                consumers_waiting: 0,
+            }),
+            not_empty: Notify::new(),
+            not_full: Notify::new(),
+            closer: Arc::clone(&shared.closer),
+            clock: Arc::clone(&shared.clock),
+            dead_letters: Arc::clone(&shared.dead_letters),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Queue> {
+        // Every critical section is a push, a drain or a counter change that cannot panic
+        // halfway (short of allocation failure, which aborts): a poisoned lock still
+        // guards a consistent queue.
+        self.queue.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Queues `message` if there is room, waking a waiting consumer; hands it back if the
+    /// queue is full.
+    fn try_push(&self, message: Message) -> std::result::Result<(), Message> {
+        let mut queue = self.lock();
+        if queue.messages.len() >= self.capacity {
+            return Err(message);
+        }
+        queue.messages.push_back(message);
+        let wake = queue.consumers_waiting > 0;
+        drop(queue);
+        if wake {
+            self.not_empty.notify_one();
+        }
+        Ok(())
+    }
+
     /// Queues `message`, waiting while the queue is full; fails once the transport closes.
-    async fn send(&self, message: Message) -> Result<()> {
-        // The fast path registers no waiter.
-        let message = match self.sender.try_send(message) {
-            Ok(()) => return Ok(()),
-            Err(mpsc::error::TrySendError::Closed(_)) => return Err(closed()),
-            Err(mpsc::error::TrySendError::Full(message)) => message,
-        };
-        let closing = self.closer.notify.notified();
-        tokio::pin!(closing);
-        closing.as_mut().enable();
-        if self.closer.is_closed() {
-            return Err(closed());
-        }
-        tokio::select! {
-            sent = self.sender.send(message) => sent.map_err(|_| closed()),
-            () = closing => Err(closed()),
-        }
-    }
-
-    /// Puts `message` back without waiting if there is room; hands it back if not.
-    fn try_requeue(&self, message: Message) -> Option<Message> {
-        match self.sender.try_send(message) {
-            Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => None,
-            Err(mpsc::error::TrySendError::Full(message)) => Some(message),
-        }
-    }
-
-    /// The next message, or `None` once the transport closes. Cancel-safe: a message is
-    /// only taken off the queue in the same poll that returns it.
-    async fn recv(&self) -> Option<Message> {
-        // The fast path (a message waiting, no other consumer holding the queue) registers
-        // no waiter.
-        if !self.closer.is_closed()
-            && let Ok(mut receiver) = self.receiver.try_lock()
-            && let Ok(message) = receiver.try_recv()
-        {
-            return Some(message);
-        }
-        let closing = self.closer.notify.notified();
-        tokio::pin!(closing);
-        closing.as_mut().enable();
-        if self.closer.is_closed() {
-            return None;
-        }
-        tokio::select! {
-            biased;
-            () = &mut closing => None,
-            mut receiver = self.receiver.lock() => {
-                if let Ok(message) = receiver.try_recv() {
-                    return Some(message);
-                }
-                tokio::select! {
-                    biased;
-                    () = closing => None,
-                    message = receiver.recv() => message,
-                }
+    /// Cancel-safe in that a cancelled send queued nothing.
+    async fn send(&self, mut message: Message) -> Result<()> {
+        loop {
+            if self.closer.is_closed() {
+                return Err(closed());
+            }
+            message = match self.try_push(message) {
+                Ok(()) => return Ok(()),
+                Err(message) => message,
+            };
+            // Full: wait for the consumers to drain it to the low-water mark. Registered
+            // before looking again, so a drain in between is not missed.
+            let room = self.not_full.notified();
+            let closing = self.closer.notify.notified();
+            tokio::pin!(room, closing);
+            room.as_mut().enable();
+            closing.as_mut().enable();
+            if self.closer.is_closed() {
+                return Err(closed());
+            }
+            if self.lock().messages.len() < self.capacity {
+                continue;
+            }
+            tokio::select! {
+                biased;
+                () = closing => return Err(closed()),
+                () = room => {}
             }
         }
     }
 
+    /// Puts `message` back without waiting if there is room; hands it back if not. After
+    /// the transport closed it is discarded, like every queued event.
+    fn try_requeue(&self, message: Message) -> Option<Message> {
+        if self.closer.is_closed() {
+            return None;
+        }
+        self.try_push(message).err()
+    }
+
+    /// Waits for the next message, then appends it and up to `max - 1` more that are
+    /// already queued to `into` (`max` of 0 counts as 1); `false` once the transport
+    /// closes. Cancel-safe: messages are only taken off the queue in the poll that returns
+    /// them.
+    async fn recv_into(&self, max: usize, into: &mut Vec<Message>) -> bool {
+        let max = max.max(1);
+        loop {
+            if self.closer.is_closed() {
+                return false;
+            }
+            if self.take(max, into) {
+                return true;
+            }
+            let ready = self.not_empty.notified();
+            let closing = self.closer.notify.notified();
+            tokio::pin!(ready, closing);
+            ready.as_mut().enable();
+            closing.as_mut().enable();
+            {
+                let mut queue = self.lock();
+                if !queue.messages.is_empty() {
+                    continue;
+                }
+                queue.consumers_waiting += 1;
+            }
+            let _waiting = WaitingConsumer(self);
+            if self.closer.is_closed() {
+                return false;
+            }
+            tokio::select! {
+                biased;
+                () = closing => return false,
+                () = ready => {}
+            }
+        }
+    }
+
+    /// Moves up to `max` queued messages into `into`; `false` if there were none. Wakes
+    /// the waiting publishers when this drains the queue to the low-water mark.
+    fn take(&self, max: usize, into: &mut Vec<Message>) -> bool {
+        let mut queue = self.lock();
+        let before = queue.messages.len();
+        if before == 0 {
+            return false;
+        }
+        let taken = before.min(max);
+        into.extend(queue.messages.drain(..taken));
+        drop(queue);
+        if before > self.low_water && before - taken <= self.low_water {
+            self.not_full.notify_waiters();
+        }
+        true
+    }
+
     /// How many messages wait.
     fn len(&self) -> usize {
-        self.sender.max_capacity() - self.sender.capacity()
+        self.lock().messages.len()
+    }
+}
+
+/// Counts a consumer as waiting on its group's queue until dropped.
+struct WaitingConsumer<'a>(&'a Group);
+
+impl Drop for WaitingConsumer<'_> {
+    fn drop(&mut self) {
+        let mut queue = self.0.lock();
+        queue.consumers_waiting = queue.consumers_waiting.saturating_sub(1);
     }
 }
 
@@ -232,6 +368,17 @@ struct Message {
 }
 
 impl Message {
+    /// A delivery handed back, as its next attempt.
+    fn again(returned: Returned, error: Option<String>) -> Self {
+        Self {
+            event: returned.event,
+            topic: returned.topic,
+            attempt: returned.attempt.saturating_add(1),
+            first_attempt_at: Some(returned.first_attempt_at),
+            last_error: error.or(returned.last_error),
+        }
+    }
+
     fn new(event: EventEnvelope, topic: Arc<str>) -> Self {
         Self {
             event,
@@ -366,6 +513,8 @@ impl InProcessTransportBuilder {
                 .unwrap_or_else(|| Arc::new(InMemoryDeadLetterQueue::new())),
             closer: Arc::new(Closer::default()),
             routes: RwLock::new(Routes::default()),
+            generation: AtomicU64::new(0),
+            id: NEXT_TRANSPORT_ID.fetch_add(1, Ordering::Relaxed),
         };
         InProcessTransport {
             handle: Arc::new(Handle {
@@ -399,21 +548,62 @@ impl Shared {
         if !self.closer.close() {
             return;
         }
-        self.write().by_topic.clear();
+        let mut routes = self.write();
+        self.invalidate(&mut routes);
+        for entry in routes.groups.values() {
+            entry.queue.lock().messages.clear();
+        }
     }
 
-    /// The groups `topic` goes to, from the cache or worked out and cached. Checks that
-    /// `topic` is valid (only topics that passed the check are cached).
+    /// Forgets every cached route: subscriptions changed.
+    fn invalidate(&self, routes: &mut Routes) {
+        routes.by_topic.clear();
+        self.generation.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// The groups `topic` goes to, from this thread's last route, the cache, or worked out
+    /// and cached. Checks that `topic` is valid (only topics that passed the check are
+    /// cached).
     fn route(&self, topic: &str) -> Result<Arc<Route>> {
         if self.is_closed() {
             return Err(closed());
         }
+        // Read before the lookup: a change in between leaves an entry that is already
+        // out of date, so it is never used.
+        let generation = self.generation.load(Ordering::Acquire);
+        let last = LAST_ROUTE.with(|last| {
+            let last = last.borrow();
+            let cached = last.as_ref()?;
+            if cached.transport != self.id || cached.generation != generation {
+                return None;
+            }
+            cached
+                .route
+                .upgrade()
+                .filter(|route| *route.topic == *topic)
+        });
+        if let Some(route) = last {
+            return Ok(route);
+        }
+        let route = self.route_slow(topic)?;
+        LAST_ROUTE.with(|last| {
+            *last.borrow_mut() = Some(CachedRoute {
+                transport: self.id,
+                generation,
+                route: Arc::downgrade(&route),
+            });
+        });
+        Ok(route)
+    }
+
+    fn route_slow(&self, topic: &str) -> Result<Arc<Route>> {
         if let Some(route) = self.read().by_topic.get(topic) {
             return Ok(Arc::clone(route));
         }
         validate_topic(topic)?;
         let mut routes = self.write();
         if routes.by_topic.len() >= MAX_CACHED_ROUTES {
+            // Too many topics: start over (the routes stay valid, no invalidation).
             routes.by_topic.clear();
         }
         let route = Arc::new(Route {
@@ -434,7 +624,7 @@ impl Shared {
         if let Some(entry) = routes.groups.get_mut(group) {
             entry.subscriptions.retain(|(sub, _)| *sub != id);
         }
-        routes.by_topic.clear();
+        self.invalidate(&mut routes);
     }
 }
 
@@ -492,25 +682,21 @@ impl Transport for InProcessTransport {
         let entry = routes
             .groups
             .entry(options.group.clone())
-            .or_insert_with(|| {
-                let (sender, receiver) = mpsc::channel(capacity);
-                GroupEntry {
-                    queue: Arc::new(Group {
-                        name: options.group.clone(),
-                        sender,
-                        receiver: tokio::sync::Mutex::new(receiver),
-                        closer: Arc::clone(&shared.closer),
-                    }),
-                    subscriptions: Vec::new(),
-                }
+            .or_insert_with(|| GroupEntry {
+                queue: Arc::new(Group::new(&options.group, capacity, shared)),
+                subscriptions: Vec::new(),
             });
         entry.subscriptions.push((id, options.patterns));
         let group = Arc::clone(&entry.queue);
-        routes.by_topic.clear();
+        shared.invalidate(&mut routes);
         Ok(Box::new(Subscription {
             shared: Arc::clone(shared),
+            settler: Arc::new(GroupSettler {
+                group: Arc::clone(&group),
+            }),
             group,
             id,
+            received: Vec::new(),
         }))
     }
 
@@ -544,6 +730,10 @@ struct Subscription {
     shared: Arc<Shared>,
     group: Arc<Group>,
     id: u64,
+    /// Settles this subscription's deliveries (a [`GroupSettler`]).
+    settler: Arc<dyn Settler>,
+    /// Scratch space for `next_batch`, kept between calls (always empty between them).
+    received: Vec<Message>,
 }
 
 impl Drop for Subscription {
@@ -552,105 +742,112 @@ impl Drop for Subscription {
     }
 }
 
+impl Subscription {
+    /// Receives up to `max` messages into `self.received`; `false` once closed.
+    async fn receive(&mut self, max: usize) -> bool {
+        if self.shared.is_closed() {
+            return false;
+        }
+        // `recv_into` is cancel-safe: dropping it before it completes takes nothing off
+        // the queue.
+        if !self.group.recv_into(max.max(1), &mut self.received).await {
+            return false;
+        }
+        if self.shared.is_closed() {
+            // Closing discards queued events; these go with them.
+            self.received.clear();
+            return false;
+        }
+        true
+    }
+
+    /// Hands `message` out as a delivery that settles with its group. `now` is read from
+    /// the clock once per batch, when a first delivery needs it.
+    fn deliver(&self, message: Message, now: &mut Option<DateTime<Utc>>) -> Delivery {
+        let first_attempt_at = message
+            .first_attempt_at
+            .unwrap_or_else(|| *now.get_or_insert_with(|| self.group.clock.now()));
+        let info = DeliveryInfo {
+            topic: message.topic,
+            group: Arc::clone(&self.group.name),
+            attempt: message.attempt,
+            first_attempt_at,
+            last_error: message.last_error,
+        };
+        // The delivery carries everything needed to queue it again (see `Settler for
+        // Group`): no per-delivery settle state, no allocation.
+        Delivery::with_settler(message.event, info, self.settler.clone())
+    }
+}
+
 #[async_trait]
 impl DeliveryStream for Subscription {
     async fn next(&mut self) -> Result<Option<Delivery>> {
-        if self.shared.is_closed() {
+        if !self.receive(1).await {
             return Ok(None);
         }
-        // `recv` is cancel-safe: dropping it before it completes takes nothing off the queue.
-        let Some(mut message) = self.group.recv().await else {
-            return Ok(None);
-        };
-        if self.shared.is_closed() {
-            return Ok(None);
+        Ok(self
+            .received
+            .pop()
+            .map(|message| self.deliver(message, &mut None)))
+    }
+
+    async fn next_batch(&mut self, max: usize, into: &mut Vec<Delivery>) -> Result<bool> {
+        if !self.receive(max).await {
+            return Ok(false);
         }
-        let first_attempt_at = *message
-            .first_attempt_at
-            .get_or_insert_with(|| self.shared.clock.now());
-        let info = DeliveryInfo {
-            topic: message.topic.to_string(),
-            group: self.group.name.clone(),
-            attempt: message.attempt,
-            first_attempt_at,
-            last_error: message.last_error.clone(),
-        };
-        let event = message.event.clone();
-        let settle = Settle {
-            group: Arc::clone(&self.group),
-            clock: Arc::clone(&self.shared.clock),
-            dead_letters: Arc::clone(&self.shared.dead_letters),
-            message: Some(message),
-        };
-        Ok(Some(Delivery::new(event, info, Box::new(settle))))
+        let mut received = std::mem::take(&mut self.received);
+        let mut now = None;
+        into.extend(
+            received
+                .drain(..)
+                .map(|message| self.deliver(message, &mut now)),
+        );
+        self.received = received;
+        Ok(true)
     }
 }
 
-/// Settles one delivery. Holds the message until it is settled, so that a delivery
-/// dropped unsettled (or whose dead-lettering failed) goes back to its queue.
-struct Settle {
+/// Settles the deliveries of a group: an ack forgets the event, a nack or a delivery
+/// dropped unsettled queues it again as its next attempt, a dead letter parks it. One per
+/// subscription, shared by its deliveries.
+struct GroupSettler {
     group: Arc<Group>,
-    clock: Arc<dyn Clock>,
-    dead_letters: Arc<dyn DeadLetterQueue>,
-    /// `None` once settled.
-    message: Option<Message>,
-}
-
-impl Settle {
-    /// The message as its next attempt.
-    fn next_attempt(&mut self, error: Option<String>) -> Option<Message> {
-        let mut message = self.message.take()?;
-        message.attempt = message.attempt.saturating_add(1);
-        if error.is_some() {
-            message.last_error = error;
-        }
-        Some(message)
-    }
 }
 
 #[async_trait]
-impl Acknowledge for Settle {
-    async fn ack(mut self: Box<Self>) -> Result<()> {
-        self.message = None;
+impl Settler for GroupSettler {
+    fn ack(&self) -> Result<()> {
         Ok(())
     }
 
-    async fn nack(mut self: Box<Self>, delay: Duration, reason: String) -> Result<()> {
-        let Some(message) = self.next_attempt(Some(reason)) else {
-            return Ok(());
-        };
+    async fn nack(&self, returned: Returned, delay: Duration, reason: String) -> Result<()> {
+        let message = Message::again(returned, Some(reason));
+        let group = Arc::clone(&self.group);
         if delay.is_zero() {
-            requeue(&self.group, message);
+            requeue(&group, message);
             return Ok(());
         }
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             // Without a runtime to wait on, redeliver at once rather than lose the event.
-            requeue(&self.group, message);
+            requeue(&group, message);
             return Err(no_runtime("a nack's delay"));
         };
-        let group = Arc::clone(&self.group);
-        let clock = Arc::clone(&self.clock);
         runtime.spawn(async move {
-            clock.sleep(delay).await;
+            group.clock.sleep(delay).await;
             // Fails only once the transport is closed, which discards queued events anyway.
             let _ = group.send(message).await;
         });
         Ok(())
     }
 
-    async fn dead_letter(mut self: Box<Self>, letter: DeadLetter) -> Result<()> {
-        // On failure `self` is dropped still holding the message, which re-queues it.
-        self.dead_letters.push(letter).await?;
-        self.message = None;
-        Ok(())
+    async fn dead_letter(&self, letter: DeadLetter) -> Result<()> {
+        // On an error the delivery releases itself, which queues it again.
+        self.group.dead_letters.push(letter).await
     }
-}
 
-impl Drop for Settle {
-    fn drop(&mut self) {
-        if let Some(message) = self.next_attempt(None) {
-            requeue(&self.group, message);
-        }
+    fn release(&self, returned: Returned) {
+        requeue(&self.group, Message::again(returned, None));
     }
 }
 
