@@ -24,6 +24,7 @@ use tracing::Instrument as _;
 
 use crate::dead_letters::DeadLetters;
 use crate::dispatch::{self, Runner, Unfinished};
+use crate::memory::InProcessTransport;
 use crate::metrics::PublishMetrics;
 use crate::middleware::{Deduplicate, Middleware};
 use crate::subscription::{RetryMode, SubscriptionConfig};
@@ -50,6 +51,9 @@ use crate::subscription::{RetryMode, SubscriptionConfig};
 #[derive(Clone)]
 pub struct EventBus {
     transport: Arc<dyn Transport>,
+    /// The transport again when it is the in-process one, for publishing without a boxed
+    /// future.
+    direct: Option<InProcessTransport>,
     retry: RetryPolicy,
     clock: Arc<dyn Clock>,
     schemas: Arc<dyn EventSchemas>,
@@ -103,8 +107,13 @@ impl EventBus {
     /// A bus on `transport` with the default [`RetryPolicy`], the system clock and no
     /// schemas.
     pub fn new(transport: Arc<dyn Transport>) -> Self {
+        let direct = transport
+            .as_any()
+            .and_then(|any| any.downcast_ref::<InProcessTransport>())
+            .cloned();
         Self {
             transport,
+            direct,
             retry: RetryPolicy::default(),
             clock: Arc::new(SystemClock),
             schemas: Arc::new(NoSchemas),
@@ -163,12 +172,22 @@ impl EventBus {
             event_id = %event.id(),
         );
         let topic = event.event_type_shared();
-        // `as_ref`: call the transport itself, not the boxing `Arc<T>` forwarding impl.
-        let publish = self.transport.as_ref().publish(&topic, event);
-        if span.is_disabled() {
-            publish.await?;
+        if let Some(direct) = &self.direct {
+            // The in-process transport, called without a boxed future.
+            let publish = direct.publish_direct(&topic, event);
+            if span.is_disabled() {
+                publish.await?;
+            } else {
+                publish.instrument(span).await?;
+            }
         } else {
-            publish.instrument(span).await?;
+            // `as_ref`: call the transport itself, not the boxing `Arc<T>` forwarding impl.
+            let publish = self.transport.as_ref().publish(&topic, event);
+            if span.is_disabled() {
+                publish.await?;
+            } else {
+                publish.instrument(span).await?;
+            }
         }
         published.increment(1);
         Ok(())

@@ -389,6 +389,13 @@ pub trait Transport: Send + Sync + 'static {
 
     /// Where this transport parks dead-lettered deliveries.
     fn dead_letter_queue(&self) -> Arc<dyn DeadLetterQueue>;
+
+    /// The transport as `Any`, for layers that take a faster path with a transport they
+    /// know (the bus calls the in-process transport directly, without a boxed future).
+    /// `None` (the default) keeps every layer on the trait.
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        None
+    }
 }
 
 #[async_trait]
@@ -410,5 +417,8 @@ impl<T: Transport + ?Sized> Transport for Arc<T> {
     }
     fn dead_letter_queue(&self) -> Arc<dyn DeadLetterQueue> {
         (**self).dead_letter_queue()
+    }
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        (**self).as_any()
     }
 }

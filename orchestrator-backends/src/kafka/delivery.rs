@@ -40,8 +40,8 @@ impl DeliveryStream for KafkaDeliveryStream {
                 continue;
             }
             let info = DeliveryInfo {
-                topic: p.topic.to_string(),
-                group: self.sub.group.clone(),
+                topic: Arc::clone(&p.topic),
+                group: self.sub.group.as_str().into(),
                 attempt: p.attempt,
                 first_attempt_at: p.first_attempt_at,
                 last_error: p.last_error,

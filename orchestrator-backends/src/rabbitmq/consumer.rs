@@ -165,8 +165,8 @@ impl RabbitMqDeliveryStream {
             }
         };
         let info = DeliveryInfo {
-            topic: topic.clone(),
-            group: self.options.group.clone(),
+            topic: topic.as_str().into(),
+            group: self.options.group.as_str().into(),
             attempt,
             first_attempt_at,
             last_error: wire::header_str(properties, wire::LAST_ERROR),

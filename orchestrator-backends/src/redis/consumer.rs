@@ -486,8 +486,8 @@ impl Reader {
         match decoded {
             Ok(event) => Ok(Pending {
                 info: DeliveryInfo {
-                    topic,
-                    group: self.options.group.clone(),
+                    topic: topic.into(),
+                    group: self.options.group.as_str().into(),
                     attempt,
                     first_attempt_at,
                     last_error,

@@ -440,6 +440,13 @@ impl InProcessTransport {
     pub fn is_closed(&self) -> bool {
         self.handle.shared.is_closed()
     }
+
+    /// [`Transport::publish`] without the boxed future: the bus calls this when its
+    /// transport is an `InProcessTransport`.
+    pub(crate) async fn publish_direct(&self, topic: &str, event: EventEnvelope) -> Result<()> {
+        let route = self.handle.shared.route(topic)?;
+        send_to(&route, event).await
+    }
 }
 
 impl Default for InProcessTransport {
@@ -648,8 +655,7 @@ impl Transport for InProcessTransport {
     }
 
     async fn publish(&self, topic: &str, event: EventEnvelope) -> Result<()> {
-        let route = self.handle.shared.route(topic)?;
-        send_to(&route, event).await
+        self.publish_direct(topic, event).await
     }
 
     async fn publish_batch(&self, topic: &str, events: Vec<EventEnvelope>) -> Result<()> {
@@ -722,6 +728,10 @@ impl Transport for InProcessTransport {
 
     fn dead_letter_queue(&self) -> Arc<dyn DeadLetterQueue> {
         Arc::clone(&self.handle.shared.dead_letters)
+    }
+
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        Some(self)
     }
 }
 
