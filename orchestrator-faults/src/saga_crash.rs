@@ -179,9 +179,14 @@ fn run_child_process(
     match (opened.as_deref(), kill_after) {
         (Ok("opened"), Some(delay)) => {
             std::thread::sleep(delay);
-            // Our own child, by its handle: SIGKILL.
-            child.kill()?;
-            child.wait()?;
+            // A child that ended on its own before the kill must have ended well.
+            if let Some(status) = child.try_wait()? {
+                ensure(status.success(), || format!("a child failed ({status})"))?;
+            } else {
+                // Our own child, by its handle: SIGKILL.
+                child.kill()?;
+                child.wait()?;
+            }
         }
         (Ok("opened"), None) => {
             let status = child.wait()?;

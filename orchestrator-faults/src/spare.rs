@@ -123,6 +123,14 @@ impl SpareRedis {
         }
     }
 
+    /// The length of stream `key` (`XLEN`), if the server answers with one.
+    pub(crate) fn stream_len(&self, key: &str) -> Option<u64> {
+        let command = format!("*2\r\n$4\r\nXLEN\r\n${}\r\n{key}\r\n", key.len());
+        let reply = resp(self.port, command.as_bytes()).ok()?;
+        let text = std::str::from_utf8(&reply).ok()?;
+        text.strip_prefix(':')?.trim_end().parse().ok()
+    }
+
     /// `SHUTDOWN` (which syncs the append-only file), then the same server again on the
     /// same port and data; returns how long it was away.
     pub(crate) fn restart(&mut self) -> Res<Duration> {
@@ -162,11 +170,12 @@ pub(crate) fn tansu_binary() -> PathBuf {
     std::path::Path::new(&home).join(".cache/orchestrator/tools/bin/tansu")
 }
 
-/// A tansu of the scenario's own (sqlite storage in a folder of its own, so that a
-/// restart, even after SIGKILL, keeps the data).
+/// A tansu of the scenario's own: sqlite storage in a folder of its own (so that a
+/// restart, even after SIGKILL, keeps the data) or memory storage (fast, forgets).
 #[cfg(feature = "kafka")]
 pub(crate) struct SpareTansu {
     binary: PathBuf,
+    storage: &'static str,
     port: u16,
     dir: PathBuf,
     child: Option<Child>,
@@ -174,10 +183,16 @@ pub(crate) struct SpareTansu {
 
 #[cfg(feature = "kafka")]
 impl SpareTansu {
-    /// Starts one on a free port.
+    /// Starts one on a free port, with sqlite storage.
     pub(crate) fn start(binary: PathBuf) -> Res<Self> {
+        Self::start_with(binary, "sqlite://tansu.db")
+    }
+
+    /// Starts one on a free port with `storage` (`sqlite://tansu.db`, `memory://tansu/`).
+    pub(crate) fn start_with(binary: PathBuf, storage: &'static str) -> Res<Self> {
         let mut broker = Self {
             binary,
+            storage,
             port: free_port()?,
             dir: data_dir("tansu")?,
             child: None,
@@ -200,7 +215,7 @@ impl SpareTansu {
         let child = Command::new(&self.binary)
             .current_dir(&self.dir)
             .args(["--listener-url", &url, "--advertised-listener-url", &url])
-            .args(["--storage-engine", "sqlite://tansu.db"])
+            .args(["--storage-engine", self.storage])
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)

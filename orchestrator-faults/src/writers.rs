@@ -7,6 +7,9 @@
 //! store reports and tries again — so an append that overwrote or shadowed another would
 //! show up as a missing event or a repeated version. Stores without them (RabbitMQ,
 //! Kafka) append with `Any`, and must still number every event once, gaplessly.
+//!
+//! Redis and RabbitMQ are the shared brokers (`ORCHESTRATOR_REDIS_URL`,
+//! `ORCHESTRATOR_AMQP_URL`); Kafka is a tansu of the scenario's own on a spare port.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -23,8 +26,8 @@ struct Target {
     store: Arc<dyn EventStore>,
     /// Deletes what the run wrote (brokers), or nothing.
     cleanup: Option<futures::future::BoxFuture<'static, ()>>,
-    /// Keeps a temporary folder alive for the file store.
-    _dir: Option<TempDir>,
+    /// What must outlive the store: the file store's folder, Kafka's spare broker.
+    _keep: Option<Box<dyn std::any::Any + Send>>,
 }
 
 /// A temporary folder removed on drop.
@@ -43,7 +46,7 @@ async fn open(name: &str) -> Result<Target, Failure> {
         "memory" => Ok(Target {
             store: Arc::new(InMemoryEventStore::new()),
             cleanup: None,
-            _dir: None,
+            _keep: None,
         }),
         "file" => {
             let dir = std::env::temp_dir().join(format!("orchestrator-faults-writers-{tag}"));
@@ -51,7 +54,7 @@ async fn open(name: &str) -> Result<Target, Failure> {
             Ok(Target {
                 store: Arc::new(store),
                 cleanup: None,
-                _dir: Some(TempDir(dir)),
+                _keep: Some(Box::new(TempDir(dir))),
             })
         }
         #[cfg(feature = "redis")]
@@ -70,7 +73,7 @@ async fn open(name: &str) -> Result<Target, Failure> {
                 cleanup: Some(Box::pin(async move {
                     let _ = doomed.delete_all().await;
                 })),
-                _dir: None,
+                _keep: None,
             })
         }
         #[cfg(feature = "rabbitmq")]
@@ -93,16 +96,31 @@ async fn open(name: &str) -> Result<Target, Failure> {
                     let _ = doomed.delete_log().await;
                     doomed.close().await;
                 })),
-                _dir: None,
+                _keep: None,
             })
         }
         #[cfg(feature = "kafka")]
         "kafka" => {
             use orchestrator_backends::kafka::{KafkaConfig, KafkaEventStore};
-            let brokers = env_or("ORCHESTRATOR_KAFKA_BROKERS", "127.0.0.1:9092");
+            // A tansu of the scenario's own (sqlite storage, like the shared one): the load
+            // stays off the broker other sessions and CI use.
+            let binary = crate::spare::tansu_binary();
+            if !binary.is_file() {
+                return Err(Failure::CannotRun(format!(
+                    "no tansu at {} (`cargo xtask services up kafka` installs it)",
+                    binary.display()
+                )));
+            }
+            let broker = crate::spare::SpareTansu::start(binary)
+                .map_err(|e| Failure::CannotRun(format!("cannot start a spare tansu: {e}")))?;
+            let brokers = broker.address();
             let config = KafkaConfig::new(&brokers)
                 .with_prefix(format!("faults{tag}."))
                 .map_err(|e| Failure::Failed(e.into()))?
+                // As the backend's own tests: an append waits until the log reader has
+                // indexed it, so the fetch wait bounds each append's latency.
+                .with_fetch_wait(std::time::Duration::from_millis(20))
+                .with_metadata_refresh_interval(std::time::Duration::from_millis(500))
                 .with_operation_timeout(std::time::Duration::from_secs(10));
             let connect = KafkaEventStore::connect(config);
             let store = match tokio::time::timeout(std::time::Duration::from_secs(30), connect)
@@ -122,7 +140,7 @@ async fn open(name: &str) -> Result<Target, Failure> {
                 cleanup: Some(Box::pin(async move {
                     let _ = doomed.delete_topic().await;
                 })),
-                _dir: None,
+                _keep: Some(Box::new(broker)),
             })
         }
         #[cfg(not(feature = "redis"))]
@@ -138,10 +156,7 @@ async fn open(name: &str) -> Result<Target, Failure> {
 }
 
 /// `$name`, or `default` when unset or empty.
-#[cfg_attr(
-    not(any(feature = "redis", feature = "rabbitmq", feature = "kafka")),
-    allow(dead_code)
-)]
+#[cfg(any(feature = "redis", feature = "rabbitmq"))]
 fn env_or(name: &str, default: &str) -> String {
     std::env::var(name)
         .ok()

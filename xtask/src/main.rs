@@ -27,8 +27,9 @@ Commands:
   test-all [--quick] [-- <test args>...]
         Everything CI checks, stopping at the first failure: services up,
         cargo fmt --check, clippy -D warnings (default features, each package
-        feature on its own, all features), cargo test --workspace --all-features.
-        --quick skips the clippy run per feature. Arguments after `--` go to the
+        feature on its own, all features), cargo test --workspace --all-features,
+        then the short fault suite (faults --short). --quick skips the clippy run
+        per feature. Arguments after `--` go to the
         test harness, e.g. `cargo xtask test-all -- --nocapture`.
         Missing services skip backend tests, except with CI=true where they fail.
   services up|status|down [<service>...]
@@ -44,7 +45,8 @@ Commands:
         redis, rabbitmq and kafka backends against their raw clients) one after
         another, and writes BENCHMARKS.md: each area's figure, the baseline
         measured in the same run, the ratio and the target. Backends whose service
-        is down are reported as skipped. --quick is a smoke run (short
+        is down are reported as skipped; the kafka bench gets a tansu of its own
+        with memory storage when tansu is installed. --quick is a smoke run (short
         measurements, no rabbitmq/kafka) written under the target folder, as is a
         run of named benches only; --out picks the file.
   faults [--short] [--out <file>] [<scenario>...]

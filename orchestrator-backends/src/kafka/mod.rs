@@ -267,12 +267,3 @@ pub use dlq::KafkaDeadLetterQueue;
 pub use store::{KAFKA_STORE_CAPABILITIES, KafkaEventStore};
 pub use transport::KafkaTransport;
 pub use wire::UNDECODABLE_EVENT_TYPE;
-
-/// Decodes a dead letter the way [`KafkaDeadLetterQueue`] reads it from its topic.
-///
-/// For the fuzz targets in `fuzz/` only (the letter decoder is private); not part of the
-/// API.
-#[doc(hidden)]
-pub fn fuzz_decode_letter(json: &[u8]) -> orchestrator_core::Result<orchestrator_core::DeadLetter> {
-    wire::decode_letter(json)
-}

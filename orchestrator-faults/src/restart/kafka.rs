@@ -90,7 +90,8 @@ async fn scenario(broker: SpareTansu, events: usize) -> Res {
     Ok(())
 }
 
-/// Reads the whole topic with a plain consumer: sequence number → records.
+/// Reads the whole topic with a plain consumer: sequence number → records. Reads until it
+/// has as many records as the partitions' watermarks say the topic holds.
 async fn count_records(brokers: &str, topic: &str) -> Res<HashMap<u64, usize>> {
     let consumer: StreamConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
@@ -101,14 +102,26 @@ async fn count_records(brokers: &str, topic: &str) -> Res<HashMap<u64, usize>> {
         .set("auto.offset.reset", "earliest")
         .set("enable.auto.commit", "false")
         .create()?;
+    let timeout = Duration::from_secs(30);
+    let metadata = consumer.fetch_metadata(Some(topic), timeout)?;
+    let mut records = 0;
+    for partition in metadata.topics().iter().flat_map(|t| t.partitions()) {
+        let (low, high) = consumer.fetch_watermarks(topic, partition.id(), timeout)?;
+        records += usize::try_from(high - low).unwrap_or(0);
+    }
     consumer.subscribe(&[topic])?;
     let mut counts: HashMap<u64, usize> = HashMap::new();
-    while let Ok(message) = tokio::time::timeout(Duration::from_secs(5), consumer.recv()).await {
-        let message = message?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(300);
+    let mut read = 0;
+    while read < records {
+        let message = tokio::time::timeout_at(deadline, consumer.recv())
+            .await
+            .map_err(|_| format!("read {read} of the {records} records in the topic in 300 s"))??;
         let payload = message.payload().ok_or("a record without a value")?;
         let event = orchestrator_core::cloudevents::decode(payload)?;
         let seq = super::seq_of(&event).ok_or("a record without `seq`")?;
         *counts.entry(seq).or_default() += 1;
+        read += 1;
     }
     Ok(counts)
 }

@@ -55,17 +55,38 @@ async fn scenario(server: SpareRedis, events: usize) -> Res {
     )
     .await?;
     transport.close().await;
+    // The topic stream's length tells copies written by a publish retried after the
+    // restart from events delivered twice by the consumer side.
+    let entries = server
+        .as_ref()
+        .and_then(|s| s.stream_len("faults:topic:load.generated"));
     drop(server);
 
-    let line = report("redis", events, &tally);
+    let mut line = report("redis", events, &tally);
+    if let Some(entries) = entries {
+        line.add("entries_in_stream", entries);
+    }
     check_nothing_lost(events, &tally)?;
     let twins = tally.unflagged_twins();
     ensure(twins.is_empty(), || {
+        let in_flight = twins
+            .iter()
+            .filter(|s| tally.in_flight_at_outage.contains(s))
+            .count();
         format!(
-            "{} events delivered twice as a first attempt (published twice, or delivered \
-             twice as new): duplicates that are not redeliveries, e.g. {:?}",
+            "{} events delivered twice as a first attempt — duplicates that are not \
+             redeliveries — e.g. {:?} ({in_flight} of them published while the server \
+             restarted); the topic stream holds {} entries for {events} events, so {}",
             twins.len(),
-            &twins[..twins.len().min(10)]
+            &twins[..twins.len().min(10)],
+            entries.map_or_else(|| "?".to_owned(), |n| n.to_string()),
+            match entries {
+                Some(n) if n > events as u64 => {
+                    "a publish retried after the restart wrote an event a second time"
+                }
+                Some(_) => "the consumer side delivered an entry twice as new",
+                None => "it is unknown which side duplicated",
+            }
         )
     })?;
     line.print();
