@@ -171,16 +171,16 @@ impl EventBus {
             event_type = %event.event_type(),
             event_id = %event.id(),
         );
-        let topic = event.event_type_shared();
         if let Some(direct) = &self.direct {
             // The in-process transport, called without a boxed future.
-            let publish = direct.publish_direct(&topic, event);
+            let publish = direct.publish_direct(event);
             if span.is_disabled() {
                 publish.await?;
             } else {
                 publish.instrument(span).await?;
             }
         } else {
+            let topic = event.event_type_shared();
             // `as_ref`: call the transport itself, not the boxing `Arc<T>` forwarding impl.
             let publish = self.transport.as_ref().publish(&topic, event);
             if span.is_disabled() {

@@ -50,7 +50,7 @@ pub(crate) struct Runner {
     holding: Mutex<HashMap<u64, (EventId, Arc<str>)>>,
     /// With concurrency 1: the batch of deliveries being handled one after another
     /// (cheaper than the map), of which the first `batch_done` are settled.
-    batch: Mutex<Vec<(EventId, Arc<str>)>>,
+    batch: Mutex<Vec<EventEnvelope>>,
     batch_done: AtomicUsize,
     next_ticket: AtomicU64,
 }
@@ -110,7 +110,7 @@ impl Runner {
         self.holding.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn batch(&self) -> std::sync::MutexGuard<'_, Vec<(EventId, Arc<str>)>> {
+    fn batch(&self) -> std::sync::MutexGuard<'_, Vec<EventEnvelope>> {
         // Cleared and refilled only; a poisoned lock still holds a consistent list.
         self.batch.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -121,11 +121,12 @@ impl Runner {
         let done = self.batch_done.load(Ordering::Acquire).min(batch.len());
         self.holding()
             .values()
-            .chain(&batch[done..])
+            .map(|(id, t)| (id, &**t))
+            .chain(batch[done..].iter().map(|e| (e.id(), e.event_type())))
             .map(|(id, t)| Unfinished {
                 subscription: self.name.to_string(),
                 event_id: id.clone(),
-                event_type: t.to_string(),
+                event_type: t.to_owned(),
             })
             .collect()
     }
@@ -134,10 +135,14 @@ impl Runner {
     fn track_batch(&self, deliveries: &[Delivery]) {
         let mut batch = self.batch();
         batch.clear();
-        batch.extend(deliveries.iter().map(|d| {
-            let event = d.event();
-            (event.id().clone(), event.event_type_shared())
-        }));
+        // Envelope clones: one reference count each, on memory the delivery just touched.
+        batch.extend(deliveries.iter().map(|d| d.event().clone()));
+        self.batch_done.store(0, Ordering::Release);
+    }
+
+    /// Forgets the tracked batch: all of it is settled or handed back.
+    fn finish_batch(&self) {
+        self.batch().clear();
         self.batch_done.store(0, Ordering::Release);
     }
 
@@ -163,7 +168,7 @@ impl Runner {
     fn handles(&self, delivery: &Delivery, scratch: &mut Scratch) -> Arc<Handles> {
         let event_type = delivery.event().event_type();
         if let Some((cached, handles)) = &scratch.handles
-            && **cached == *event_type
+            && crate::fasthash::same_str(cached, event_type)
         {
             return Arc::clone(handles);
         }
@@ -177,7 +182,10 @@ impl Runner {
         if let Some(mut ctx) = scratch.ctx.take()
             && let Some(fields) = Arc::get_mut(&mut ctx)
         {
-            fields.topic = delivery.topic_shared();
+            // Most deliveries share the previous one's topic: keep it, no reference count.
+            if !crate::fasthash::same_str(&fields.topic, delivery.topic()) {
+                fields.topic = delivery.topic_shared();
+            }
             fields.attempt = delivery.attempt();
             fields.last_error = delivery.last_error().map(str::to_owned);
             fields.first_attempt_at = delivery.first_attempt_at();
@@ -459,7 +467,7 @@ pub(crate) async fn run(
                 runner.batch_progress(done);
             }
             batch.clear();
-            runner.batch_progress(usize::MAX);
+            runner.finish_batch();
             continue;
         }
         // The transport hands out at most `max` deliveries; surplus permits go back.

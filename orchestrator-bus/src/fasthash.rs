@@ -8,6 +8,12 @@
 
 use std::hash::{BuildHasherDefault, Hasher};
 
+/// Whether `a` and `b` are the same string: by address first (interned event types share
+/// one allocation, see `orchestrator_core::intern_event_type`), by bytes otherwise.
+pub(crate) fn same_str(a: &str, b: &str) -> bool {
+    std::ptr::eq(a, b) || a == b
+}
+
 /// A `HashMap` with [`FxHasher`].
 pub(crate) type FxHashMap<K, V> = std::collections::HashMap<K, V, BuildHasherDefault<FxHasher>>;
 

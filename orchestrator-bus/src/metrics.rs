@@ -83,7 +83,8 @@ impl PublishMetrics {
         let last = LAST_PUBLISHED.with(|last| {
             let last = last.borrow();
             let (id, cached, counter) = last.as_ref()?;
-            (*id == self.id && **cached == *event_type).then(|| counter.clone())
+            (*id == self.id && crate::fasthash::same_str(cached, event_type))
+                .then(|| counter.clone())
         });
         if let Some(counter) = last {
             return Ok(counter);

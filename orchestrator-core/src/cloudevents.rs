@@ -257,7 +257,7 @@ pub fn decode(bytes: &[u8]) -> Result<EventEnvelope> {
 
     Ok(EventEnvelope::from_fields(Fields {
         id,
-        event_type: event_type.into(),
+        event_type: crate::envelope::intern_event_type(&event_type),
         schema_version,
         source: shared_str(&source),
         time,

@@ -214,7 +214,7 @@ impl EventEnvelope {
         }
         Ok(Self::from_fields(Fields {
             id: EventId::new(),
-            event_type: event_type.into(),
+            event_type: intern_event_type(&event_type),
             schema_version: 1,
             source: shared_str(DEFAULT_SOURCE),
             time: Utc::now(),
@@ -502,7 +502,7 @@ impl EventEnvelope {
     pub fn with_event_type(mut self, event_type: impl Into<String>) -> Result<Self> {
         let event_type = event_type.into();
         validate_event_type(&event_type)?;
-        self.fields_mut().event_type = event_type.into();
+        self.fields_mut().event_type = intern_event_type(&event_type);
         Ok(self)
     }
 
@@ -562,6 +562,41 @@ pub(crate) fn shared_str(s: &str) -> Arc<str> {
         other => Arc::from(other),
     }
 }
+
+/// The shared string of an event type: every envelope of one type points at the same
+/// allocation (up to [`MAX_INTERNED_TYPES`] distinct types; later ones get their own).
+///
+/// Besides the memory, this lets layers that look an event's type up on every delivery
+/// (routing, metric handles) recognise it by address before comparing bytes. Decoders
+/// and constructors call it; it is public for transports that build envelopes or topics
+/// themselves.
+pub fn intern_event_type(event_type: &str) -> Arc<str> {
+    use std::collections::HashSet;
+    use std::sync::{PoisonError, RwLock};
+    static TYPES: std::sync::LazyLock<RwLock<HashSet<Arc<str>>>> =
+        std::sync::LazyLock::new(RwLock::default);
+    // Inserts only; a poisoned lock still holds a consistent set.
+    if let Some(known) = TYPES
+        .read()
+        .unwrap_or_else(PoisonError::into_inner)
+        .get(event_type)
+    {
+        return Arc::clone(known);
+    }
+    let mut types = TYPES.write().unwrap_or_else(PoisonError::into_inner);
+    if let Some(known) = types.get(event_type) {
+        return Arc::clone(known);
+    }
+    let shared: Arc<str> = Arc::from(event_type);
+    if types.len() < MAX_INTERNED_TYPES {
+        types.insert(Arc::clone(&shared));
+    }
+    shared
+}
+
+/// How many distinct event types [`intern_event_type`] keeps (against unbounded growth
+/// when types come from outside).
+pub const MAX_INTERNED_TYPES: usize = 4096;
 
 /// Checks an event type: non-empty, no whitespace, dot-separated non-empty segments, and
 /// none of the pattern characters `*` and `#`.
@@ -686,6 +721,26 @@ mod tests {
                 "{bad:?} accepted"
             );
         }
+    }
+
+    #[test]
+    fn envelopes_of_one_type_share_its_string() {
+        let a = EventEnvelope::new("order.interned", &1).unwrap();
+        let b = EventEnvelope::new("order.interned", &2).unwrap();
+        let c = EventEnvelope::new("order.other", &3)
+            .unwrap()
+            .with_event_type("order.interned")
+            .unwrap();
+        let decoded = crate::cloudevents::decode(&crate::cloudevents::encode(&a).unwrap()).unwrap();
+        for e in [&b, &c, &decoded] {
+            assert!(Arc::ptr_eq(&a.event_type_shared(), &e.event_type_shared()));
+        }
+        assert!(!Arc::ptr_eq(
+            &a.event_type_shared(),
+            &EventEnvelope::new("order.different", &1)
+                .unwrap()
+                .event_type_shared()
+        ));
     }
 
     #[test]

@@ -46,7 +46,9 @@ pub mod testkit;
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use dlq::{DeadLetter, DeadLetterQuery, DeadLetterQueue};
-pub use envelope::{Event, EventEnvelope, EventId, StoredPosition, TraceContext};
+pub use envelope::{
+    Event, EventEnvelope, EventId, StoredPosition, TraceContext, intern_event_type,
+};
 pub use error::{BoxError, Error, HandlerError, Result};
 pub use handler::{EventHandler, JsonHandler};
 pub use pattern::TopicPattern;

@@ -441,10 +441,11 @@ impl InProcessTransport {
         self.handle.shared.is_closed()
     }
 
-    /// [`Transport::publish`] without the boxed future: the bus calls this when its
+    /// [`Transport::publish`] to the topic named by the event's type, without the boxed
+    /// future (and without holding a copy of the topic): the bus calls this when its
     /// transport is an `InProcessTransport`.
-    pub(crate) async fn publish_direct(&self, topic: &str, event: EventEnvelope) -> Result<()> {
-        let route = self.handle.shared.route(topic)?;
+    pub(crate) async fn publish_direct(&self, event: EventEnvelope) -> Result<()> {
+        let route = self.handle.shared.route(event.event_type())?;
         send_to(&route, event).await
     }
 }
@@ -587,7 +588,7 @@ impl Shared {
             cached
                 .route
                 .upgrade()
-                .filter(|route| *route.topic == *topic)
+                .filter(|route| crate::fasthash::same_str(&route.topic, topic))
         });
         if let Some(route) = last {
             return Ok(route);
@@ -614,7 +615,7 @@ impl Shared {
             routes.by_topic.clear();
         }
         let route = Arc::new(Route {
-            topic: Arc::from(topic),
+            topic: orchestrator_core::intern_event_type(topic),
             groups: routes
                 .groups
                 .values()
@@ -655,7 +656,8 @@ impl Transport for InProcessTransport {
     }
 
     async fn publish(&self, topic: &str, event: EventEnvelope) -> Result<()> {
-        self.publish_direct(topic, event).await
+        let route = self.handle.shared.route(topic)?;
+        send_to(&route, event).await
     }
 
     async fn publish_batch(&self, topic: &str, events: Vec<EventEnvelope>) -> Result<()> {
