@@ -205,7 +205,7 @@ impl Codec for Bincode {
         };
         Ok(EventEnvelope::from_fields(Fields {
             id,
-            event_type: crate::envelope::intern_event_type(&r.event_type),
+            event_type: crate::envelope::intern_event_type(r.event_type),
             schema_version: r.schema_version,
             source: shared_str(r.source),
             time,
