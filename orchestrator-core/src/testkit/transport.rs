@@ -87,6 +87,7 @@ where
         order_is_kept_per_key,
         unsettled_delivery_is_redelivered,
         publish_batch_delivers_in_order,
+        next_batch_takes_what_is_ready,
         invalid_input_is_rejected,
     );
 }
@@ -570,6 +571,72 @@ pub async fn publish_batch_delivers_in_order<T: Transport + ?Sized>(transport: &
     let got: Vec<EventId> = got.iter().map(|d| d.event.id().clone()).collect();
     assert_eq!(got, want, "{cx}: batch delivered out of order");
     expect_quiet(&cx, &mut sub, "after the batch was acked").await;
+}
+
+/// [`DeliveryStream::next_batch`] hands out every event once, in publish order, at least
+/// one and at most `max` per call (`max` of 0 counting as 1), appending to what the caller's
+/// vector already holds.
+pub async fn next_batch_takes_what_is_ready<T: Transport + ?Sized>(transport: &T) {
+    const N: usize = 30;
+    const MAX: usize = 8;
+    let cx = Cx::new(transport, "next_batch_takes_what_is_ready");
+    let topic = topic("batch.pull");
+    let group = group();
+    let mut sub = subscribe(&cx, transport, &group, &[&topic]).await;
+    // One key: order is only promised per key.
+    let key = format!("pull-{}", suffix());
+    let events: Vec<EventEnvelope> = (0..N)
+        .map(|i| event(&topic, i).with_stream_id(&key))
+        .collect();
+    let want: Vec<EventId> = events.iter().map(|e| e.id().clone()).collect();
+
+    let receive = async {
+        let mut got: Vec<EventId> = Vec::new();
+        let mut batch: Vec<Delivery> = Vec::new();
+        let mut calls = 0;
+        while got.len() < N {
+            // The first call asks for 0: it must still hand out one delivery.
+            let max = if calls == 0 { 0 } else { MAX };
+            calls += 1;
+            let before = batch.len();
+            match timeout(RECEIVE_TIMEOUT, sub.next_batch(max, &mut batch)).await {
+                Err(_) => panic!(
+                    "{cx}: timed out after {RECEIVE_TIMEOUT:?} in next_batch with {} of {N} events",
+                    got.len()
+                ),
+                Ok(Err(e)) => panic!("{cx}: next_batch failed: {e}"),
+                Ok(Ok(false)) => panic!("{cx}: the subscription ended in next_batch"),
+                Ok(Ok(true)) => {}
+            }
+            let taken = batch.len() - before;
+            assert!(
+                (1..=max.max(1)).contains(&taken),
+                "{cx}: next_batch({max}) handed out {taken} deliveries"
+            );
+            // Settle all but the last one taken, which stays in the vector: the next call
+            // must append after it, not overwrite it.
+            let keep = batch.pop().expect("at least one delivery");
+            for delivery in batch.drain(..) {
+                got.push(delivery.event().id().clone());
+                ack(&cx, delivery).await;
+            }
+            batch.push(keep);
+            if got.len() + 1 == N {
+                break;
+            }
+        }
+        for delivery in batch.drain(..) {
+            got.push(delivery.event().id().clone());
+            ack(&cx, delivery).await;
+        }
+        got
+    };
+    let ((), got) = tokio::join!(publish_each(&cx, transport, &topic, events), receive);
+    assert_eq!(
+        got, want,
+        "{cx}: next_batch delivered out of order or not once each"
+    );
+    expect_quiet(&cx, &mut sub, "after every batch was acked").await;
 }
 
 /// Invalid group names, empty pattern lists and invalid topics are
