@@ -46,17 +46,21 @@ pub(crate) struct Pending {
     acker: Acker,
 }
 
+impl Pending {
+    /// The delivery, now the application's: if it is dropped unsettled it goes back as a
+    /// further attempt (one never handed out goes back without counting one).
+    fn hand_out(mut self) -> Delivery {
+        self.acker.handed_out = true;
+        Delivery::new(self.event, self.info, Box::new(self.acker))
+    }
+}
+
 #[async_trait]
 impl DeliveryStream for RedisDeliveries {
     async fn next(&mut self) -> Result<Option<Delivery>> {
         loop {
-            if let Some(mut pending) = self.buffer.pop_front() {
-                pending.acker.handed_out = true;
-                return Ok(Some(Delivery::new(
-                    pending.event,
-                    pending.info,
-                    Box::new(pending.acker),
-                )));
+            if let Some(pending) = self.buffer.pop_front() {
+                return Ok(Some(pending.hand_out()));
             }
             // Cancel-safe: a batch is either received whole or left in the channel.
             match self.rx.recv().await {
@@ -65,6 +69,21 @@ impl DeliveryStream for RedisDeliveries {
                 Some(Ok(batch)) => self.buffer.extend(batch),
             }
         }
+    }
+
+    /// Hands out what the last read from Redis brought, up to `max`, in one call.
+    async fn next_batch(&mut self, max: usize, into: &mut Vec<Delivery>) -> Result<bool> {
+        let Some(first) = self.next().await? else {
+            return Ok(false);
+        };
+        into.push(first);
+        for _ in 1..max {
+            let Some(pending) = self.buffer.pop_front() else {
+                break;
+            };
+            into.push(pending.hand_out());
+        }
+        Ok(true)
     }
 }
 
