@@ -266,3 +266,41 @@ async fn works_behind_arc_dyn_transport() {
     assert_eq!((d.topic(), seq(&d)), ("x.y.z", 7));
     d.ack().await.unwrap();
 }
+
+#[tokio::test]
+async fn next_batch_hands_out_at_most_the_prefetch_and_drops_go_back() {
+    let t = InProcessTransport::new();
+    let mut sub = t
+        .subscribe(
+            SubscribeOptions::new("batched", "job.run")
+                .unwrap()
+                .prefetch(3),
+        )
+        .await
+        .unwrap();
+    for i in 0..10 {
+        t.publish("job.run", event("job.run", i)).await.unwrap();
+    }
+    let mut batch = Vec::new();
+    assert!(sub.next_batch(64, &mut batch).await.unwrap());
+    assert_eq!(batch.iter().map(seq).collect::<Vec<_>>(), [0, 1, 2]);
+    assert_eq!(t.queued("batched"), Some(7));
+
+    // Dropped unsettled, a batch goes back to the queue as the next attempt.
+    batch.clear();
+    assert_eq!(t.queued("batched"), Some(10));
+    let mut seen = Vec::new();
+    while seen.len() < 10 {
+        let mut batch = Vec::new();
+        assert!(sub.next_batch(64, &mut batch).await.unwrap());
+        assert!(batch.len() <= 3);
+        for d in batch {
+            seen.push((seq(&d), d.attempt()));
+            d.ack().await.unwrap();
+        }
+    }
+    seen.sort_unstable();
+    let want: Vec<(u64, u32)> = (0..10).map(|i| (i, if i < 3 { 2 } else { 1 })).collect();
+    assert_eq!(seen, want);
+    assert_eq!(t.queued("batched"), Some(0));
+}

@@ -58,8 +58,9 @@ const MAX_CACHED_ROUTES: usize = 4096;
 /// - **Runtime.** Use it inside a tokio runtime: a nack's delay and the re-queueing of a
 ///   dropped delivery into a full queue run on spawned tasks.
 ///
-/// The prefetch hint of [`SubscribeOptions`] is ignored: a consumer takes one event at a
-/// time. Clones share the same transport.
+/// The prefetch of [`SubscribeOptions`] bounds how many deliveries one
+/// [`DeliveryStream::next_batch`] hands out, so that a consumer holding a batch keeps no
+/// more events from its competitors than it asked for. Clones share the same transport.
 ///
 /// ```
 /// use orchestrator_bus::InProcessTransport;
@@ -704,6 +705,7 @@ impl Transport for InProcessTransport {
             }),
             group,
             id,
+            prefetch: options.prefetch.max(1),
             received: Vec::new(),
         }))
     }
@@ -742,6 +744,8 @@ struct Subscription {
     shared: Arc<Shared>,
     group: Arc<Group>,
     id: u64,
+    /// The most deliveries one `next_batch` hands out (the subscription's prefetch).
+    prefetch: usize,
     /// Settles this subscription's deliveries (a [`GroupSettler`]).
     settler: Arc<dyn Settler>,
     /// Scratch space for `next_batch`, kept between calls (always empty between them).
@@ -805,7 +809,7 @@ impl DeliveryStream for Subscription {
     }
 
     async fn next_batch(&mut self, max: usize, into: &mut Vec<Delivery>) -> Result<bool> {
-        if !self.receive(max).await {
+        if !self.receive(max.min(self.prefetch)).await {
             return Ok(false);
         }
         let mut received = std::mem::take(&mut self.received);
