@@ -96,8 +96,40 @@ impl Counter {
 
 type Group<'a> = criterion::BenchmarkGroup<'a, criterion::measurement::WallTime>;
 
-/// A raw bounded(1024) channel per subscriber, one consumer task each; the publisher is a
-/// task too (task → task, as in DESIGN.md).
+/// Times `publish` (spawned as a task: task → task, as in DESIGN.md) until `counter` saw
+/// `expected` more handled events, once per iteration.
+fn timed<P, F>(
+    group: &mut Group<'_>,
+    rt: &tokio::runtime::Runtime,
+    id: &str,
+    counter: &Arc<Counter>,
+    expected: u64,
+    publish: P,
+) where
+    P: Fn() -> F + Clone + Send + 'static,
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
+    group.bench_function(id, |b| {
+        b.to_async(rt).iter_custom(|iters| {
+            let (counter, publish) = (counter.clone(), publish.clone());
+            async move {
+                let start = Instant::now();
+                for _ in 0..iters {
+                    // Spawned inside `run`, once the counter knows what to wait for.
+                    let publish = publish.clone();
+                    counter
+                        .run(expected, async move {
+                            tokio::spawn(publish()).await.unwrap();
+                        })
+                        .await;
+                }
+                start.elapsed()
+            }
+        });
+    });
+}
+
+/// A raw bounded(1024) channel per subscriber, one consumer task each.
 fn bench_raw(
     group: &mut Group<'_>,
     rt: &tokio::runtime::Runtime,
@@ -119,31 +151,18 @@ fn bench_raw(
             tx
         })
         .collect();
-    group.bench_function(id, |b| {
-        b.to_async(rt).iter_custom(|iters| {
-            let (counter, senders, source) = (counter.clone(), senders.clone(), source.clone());
-            async move {
-                let start = Instant::now();
-                for _ in 0..iters {
-                    let (senders, source) = (senders.clone(), source.clone());
-                    counter
-                        .run(EVENTS * subscribers as u64, async move {
-                            tokio::spawn(async move {
-                                for i in 0..EVENTS as usize {
-                                    let event = source.get(i);
-                                    for tx in &senders {
-                                        tx.send(event.clone()).await.unwrap();
-                                    }
-                                }
-                            })
-                            .await
-                            .unwrap();
-                        })
-                        .await;
+    let source = source.clone();
+    let expected = EVENTS * subscribers as u64;
+    timed(group, rt, id, &counter, expected, move || {
+        let (senders, source) = (senders.clone(), source.clone());
+        async move {
+            for i in 0..EVENTS as usize {
+                let event = source.get(i);
+                for tx in &senders {
+                    tx.send(event.clone()).await.unwrap();
                 }
-                start.elapsed()
             }
-        });
+        }
     });
 }
 
@@ -172,28 +191,15 @@ fn bench_bus(
             .unwrap();
         }
     });
-    group.bench_function(id, |b| {
-        b.to_async(rt).iter_custom(|iters| {
-            let (counter, bus, source) = (counter.clone(), bus.clone(), source.clone());
-            async move {
-                let start = Instant::now();
-                for _ in 0..iters {
-                    let (bus, source) = (bus.clone(), source.clone());
-                    counter
-                        .run(EVENTS * subscribers as u64, async move {
-                            tokio::spawn(async move {
-                                for i in 0..EVENTS as usize {
-                                    bus.publish(source.get(i)).await.unwrap();
-                                }
-                            })
-                            .await
-                            .unwrap();
-                        })
-                        .await;
-                }
-                start.elapsed()
+    let source = source.clone();
+    let expected = EVENTS * subscribers as u64;
+    timed(group, rt, id, &counter, expected, move || {
+        let (bus, source) = (bus.clone(), source.clone());
+        async move {
+            for i in 0..EVENTS as usize {
+                bus.publish(source.get(i)).await.unwrap();
             }
-        });
+        }
     });
 }
 
@@ -215,34 +221,20 @@ fn bench_transport(group: &mut Group<'_>, rt: &tokio::runtime::Runtime, source: 
             }
         });
     });
-    group.bench_function("transport_only/1_subscribers", |b| {
-        b.to_async(rt).iter_custom(|iters| {
-            let (counter, transport, source) = (counter.clone(), transport.clone(), source.clone());
-            async move {
-                let start = Instant::now();
-                for _ in 0..iters {
-                    let (transport, source) = (transport.clone(), source.clone());
-                    counter
-                        .run(EVENTS, async move {
-                            tokio::spawn(async move {
-                                for i in 0..EVENTS as usize {
-                                    // `as_ref`: the transport itself, not the boxing
-                                    // `Arc<T>` forwarding impl.
-                                    transport
-                                        .as_ref()
-                                        .publish("order.placed", source.get(i))
-                                        .await
-                                        .unwrap();
-                                }
-                            })
-                            .await
-                            .unwrap();
-                        })
-                        .await;
-                }
-                start.elapsed()
+    let source = source.clone();
+    let id = "transport_only/1_subscribers";
+    timed(group, rt, id, &counter, EVENTS, move || {
+        let (transport, source) = (transport.clone(), source.clone());
+        async move {
+            for i in 0..EVENTS as usize {
+                // `as_ref`: the transport itself, not the boxing `Arc<T>` forwarding impl.
+                transport
+                    .as_ref()
+                    .publish("order.placed", source.get(i))
+                    .await
+                    .unwrap();
             }
-        });
+        }
     });
 }
 

@@ -190,15 +190,7 @@ pub struct DeliveryInfo {
 impl Delivery {
     /// Made by transports.
     pub fn new(event: EventEnvelope, info: DeliveryInfo, acker: Box<dyn Acknowledge>) -> Self {
-        Self {
-            event,
-            topic: info.topic,
-            group: info.group,
-            attempt: info.attempt.max(1),
-            first_attempt_at: info.first_attempt_at,
-            last_error: info.last_error,
-            acker: Acker::Boxed(acker),
-        }
+        Self::build(event, info, Acker::Boxed(acker))
     }
 
     /// Made by transports that settle through one shared [`Settler`]: no allocation per
@@ -208,6 +200,10 @@ impl Delivery {
         info: DeliveryInfo,
         settler: Arc<dyn Settler>,
     ) -> Self {
+        Self::build(event, info, Acker::Shared(settler))
+    }
+
+    fn build(event: EventEnvelope, info: DeliveryInfo, acker: Acker) -> Self {
         Self {
             event,
             topic: info.topic,
@@ -215,7 +211,7 @@ impl Delivery {
             attempt: info.attempt.max(1),
             first_attempt_at: info.first_attempt_at,
             last_error: info.last_error,
-            acker: Acker::Shared(settler),
+            acker,
         }
     }
 
