@@ -133,8 +133,9 @@ pub fn encode(event: &EventEnvelope) -> Result<Vec<u8>> {
 /// Decodes a CloudEvents JSON object into an envelope.
 ///
 /// A missing `time` is read as the moment of decoding; a missing `datacontenttype` as
-/// `application/json`. Extensions other than orchestrator's become headers (numbers and
-/// booleans as their JSON text).
+/// `application/json`. Under a JSON content type, `data_base64` must hold JSON (kept
+/// without surrounding whitespace), as `data` must. Extensions other than orchestrator's
+/// become headers (numbers and booleans as their JSON text).
 pub fn decode(bytes: &[u8]) -> Result<EventEnvelope> {
     let mut attrs: Attrs<'_> = serde_json::from_slice(bytes)
         .map_err(|e| Error::decode("$", format!("not a JSON object: {e}")))?;
@@ -175,9 +176,16 @@ pub fn decode(bytes: &[u8]) -> Result<EventEnvelope> {
                 "an event carries `data` or `data_base64`, not both",
             ));
         }
-        (None, Some(b64)) => base64::engine::general_purpose::STANDARD
-            .decode(b64.as_bytes())
-            .map_err(|e| Error::decode("data_base64", format!("not valid base64: {e}")))?,
+        (None, Some(b64)) => {
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(b64.as_bytes())
+                .map_err(|e| Error::decode("data_base64", format!("not valid base64: {e}")))?;
+            if is_json_content_type(&content_type) {
+                json_payload_from_base64(bytes, &content_type)?
+            } else {
+                bytes
+            }
+        }
         (Some(raw), None) if is_json_content_type(&content_type) => raw.get().as_bytes().to_vec(),
         (Some(raw), None) => match serde_json::from_str::<String>(raw.get()) {
             Ok(text) => text.into_bytes(),
@@ -272,6 +280,26 @@ pub fn decode(bytes: &[u8]) -> Result<EventEnvelope> {
         stream_id,
         position,
     }))
+}
+
+/// A `data_base64` payload under a JSON content type (declared, or implied by a missing
+/// `datacontenttype`): it must be JSON, as a `data` payload of that type is, and is kept as
+/// the JSON text alone (surrounding whitespace dropped), the form `encode` writes as `data`.
+/// Otherwise the envelope would carry a JSON content type over bytes `encode` refuses.
+fn json_payload_from_base64(bytes: Vec<u8>, content_type: &str) -> Result<Vec<u8>> {
+    let not_json = |why: String| {
+        Error::decode(
+            "data_base64",
+            format!("datacontenttype is `{content_type}`, a JSON type, but the payload {why}"),
+        )
+    };
+    let text = std::str::from_utf8(&bytes).map_err(|_| not_json("is not UTF-8".to_owned()))?;
+    let raw = serde_json::from_str::<&RawValue>(text)
+        .map_err(|e| not_json(format!("is not valid JSON: {e}")))?;
+    if raw.get().len() == bytes.len() {
+        return Ok(bytes);
+    }
+    Ok(raw.get().as_bytes().to_vec())
 }
 
 fn missing(field: &str) -> Error {
@@ -569,6 +597,41 @@ mod tests {
             event.data::<serde_json::Value>().unwrap(),
             json!({"k": "v"})
         );
+    }
+
+    #[test]
+    fn base64_payload_under_a_json_content_type_must_be_json() {
+        // Found by the `cloudevents_decode` fuzz target: such an event decoded to a
+        // JSON-typed envelope that `encode` then refused; and JSON with surrounding
+        // whitespace decoded to bytes that did not survive a round trip.
+        let ok = r#""specversion":"1.0","id":"1","source":"s","type":"a.b""#;
+        for content_type in ["", r#","datacontenttype":"application/json""#] {
+            // "AP8H" is [0, 255, 7], "e25vcGU=" is `{nope`.
+            for b64 in ["AP8H", "e25vcGU="] {
+                let input = format!(r#"{{{ok}{content_type},"data_base64":"{b64}"}}"#);
+                assert_eq!(field_of(&input), "data_base64", "{input}");
+            }
+        }
+        // JSON bytes decode, as the JSON text alone, and round trip.
+        // "IHsiYSI6IDF9IAo=" is ` {"a": 1} \n`.
+        let event = decode(
+            format!(
+                r#"{{{ok},"datacontenttype":"application/json","data_base64":"IHsiYSI6IDF9IAo="}}"#
+            )
+            .as_bytes(),
+        )
+        .unwrap();
+        assert_eq!(&event.data_bytes()[..], br#"{"a": 1}"#);
+        assert_eq!(decode(&encode(&event).unwrap()).unwrap(), event);
+        // Other content types keep any bytes.
+        let event = decode(
+            format!(
+                r#"{{{ok},"datacontenttype":"application/octet-stream","data_base64":"AP8H"}}"#
+            )
+            .as_bytes(),
+        )
+        .unwrap();
+        assert_eq!(&event.data_bytes()[..], [0, 255, 7]);
     }
 
     #[test]
