@@ -88,3 +88,35 @@ async fn expected_versions_are_unsupported_and_typed() {
     assert_eq!(all.len(), 1);
     assert_eq!(all[0].id(), events[1].id());
 }
+
+/// The log deleted right after the store read it: `delete_topic` closes the store's own log
+/// readers first. Unassigning a partition stops librdkafka's fetcher only asynchronously, and
+/// on tansu a fetch that meets a deleted topic crashes librdkafka (a null topic name in its
+/// leader discovery) — and this test binary with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_log_can_be_deleted_right_after_a_read() {
+    let _serial = serial().await;
+    let prefix = random_prefix();
+    let Some((brokers, _probe)) = reachable(&prefix).await else {
+        return;
+    };
+    let _cleanup = Cleanup::new(&brokers, &prefix);
+    // Short fetch waits, as the fault suite's writers use, where the crash showed.
+    let config = config(&brokers, &prefix).with_fetch_wait(std::time::Duration::from_millis(20));
+    let store = KafkaEventStore::connect(config).await.unwrap();
+    let event = || EventEnvelope::new("account.opened", &serde_json::json!({"n": 1})).unwrap();
+    store
+        .append(
+            "acct-9",
+            ExpectedVersion::Any,
+            vec![event(), event(), event()],
+        )
+        .await
+        .unwrap();
+    assert_eq!(store.read_stream("acct-9", 1, 10).await.unwrap().len(), 3);
+    assert_eq!(store.stream_version("acct-9").await.unwrap(), Some(3));
+    store.delete_topic().await.unwrap();
+    // Time for a fetch still under way to meet the deleted topic, and for a metadata refresh.
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    drop(store);
+}

@@ -1,9 +1,10 @@
 //! Brokers of a scenario's own on spare loopback ports, so that restarting them never
 //! touches the shared services other sessions and CI use.
 //!
-//! Each is killed and its data folder removed when dropped; its process id is also
-//! written to the file named by `ORCHESTRATOR_FAULTS_PIDS`, so that whoever runs the suite
-//! can stop it should this process die first.
+//! Each is killed and its data folder removed when dropped; its process id (a line with
+//! the number) and its data folder (a line `dir <path>`) are also written to the file named
+//! by `ORCHESTRATOR_FAULTS_PIDS`, so that whoever runs the suite can stop it and remove its
+//! data should this process die first (a scenario past its time limit is killed).
 
 use std::io::Write;
 use std::net::{TcpListener, TcpStream};
@@ -18,26 +19,33 @@ pub(crate) fn free_port() -> Res<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
-/// Appends `pid` to the file named by `ORCHESTRATOR_FAULTS_PIDS`, if set.
-fn record_pid(pid: u32) {
+/// Appends `line` to the file named by `ORCHESTRATOR_FAULTS_PIDS`, if set.
+fn record(line: std::fmt::Arguments<'_>) {
     if let Some(path) = std::env::var_os("ORCHESTRATOR_FAULTS_PIDS") {
         let file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(path);
         if let Ok(mut file) = file {
-            let _ = writeln!(file, "{pid}");
+            let _ = writeln!(file, "{line}");
         }
     }
 }
 
-/// A fresh, empty data folder under the system's temporary folder.
+/// Records a spare broker's process id.
+fn record_pid(pid: u32) {
+    record(format_args!("{pid}"));
+}
+
+/// A fresh, empty data folder under the system's temporary folder (recorded, so that it
+/// can be removed should this process be killed).
 fn data_dir(what: &str) -> Res<PathBuf> {
     let dir = std::env::temp_dir().join(format!(
         "orchestrator-faults-{what}-{}",
         uuid::Uuid::now_v7().simple()
     ));
     std::fs::create_dir_all(&dir)?;
+    record(format_args!("dir {}", dir.display()));
     Ok(dir)
 }
 
@@ -171,7 +179,8 @@ pub(crate) fn tansu_binary() -> PathBuf {
 }
 
 /// A tansu of the scenario's own: sqlite storage in a folder of its own (so that a
-/// restart, even after SIGKILL, keeps the data) or memory storage (fast, forgets).
+/// restart, even after SIGKILL, keeps the data; with the header index its schema lacks, see
+/// [`SpareTansu::index_headers`]) or memory storage (fast, forgets).
 #[cfg(feature = "kafka")]
 pub(crate) struct SpareTansu {
     binary: PathBuf,
@@ -230,6 +239,40 @@ impl SpareTansu {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+        if let Some(file) = self.storage.strip_prefix("sqlite://") {
+            self.index_headers(file)?;
+        }
+        Ok(())
+    }
+
+    /// Adds the index tansu 0.6.0's sqlite schema lacks: `header (topition, offset_id)`.
+    ///
+    /// Without it, every record a fetch returns has its headers looked up by a scan of the
+    /// whole `header` table (one row per header of every record in the database), so reading
+    /// n records of a database of N costs n × N: at 100,000 events each lookup took 8–17 ms,
+    /// a consumer catching up on a backlog starved the producers for minutes, and reading the
+    /// topic back did not finish within the scenario's time limit. With the index (the one
+    /// SQLite advises for a foreign key's child columns) a lookup is a search, as tansu's
+    /// query means it to be. tansu has created its schema before it listens; the index is
+    /// kept in the data folder, so a restart finds it there (`if not exists`).
+    fn index_headers(&self, file: &str) -> Res {
+        let db = rusqlite::Connection::open(self.dir.join(file))?;
+        db.busy_timeout(Duration::from_secs(30))?;
+        let tables: i64 = db.query_row(
+            "select count(*) from sqlite_master where type = 'table' and name = 'header'",
+            [],
+            |row| row.get(0),
+        )?;
+        if tables != 1 {
+            return Err(format!(
+                "tansu's sqlite database has no `header` table: see {}",
+                self.dir.display()
+            )
+            .into());
+        }
+        db.execute_batch(
+            "create index if not exists header_topition_offset_id on header (topition, offset_id)",
+        )?;
         Ok(())
     }
 

@@ -217,7 +217,8 @@ fn build(root: &Path) -> Result<PathBuf> {
         .ok_or_else(|| "cargo built no `faults` binary".to_owned())
 }
 
-/// Stops the spare brokers a killed scenario left behind (their ids are in `pids`).
+/// Stops the spare brokers a killed scenario left behind (their ids are in `pids`), then
+/// removes their data folders (the lines `dir <path>` there).
 fn stop_leftovers(pids: &Path) {
     let Ok(text) = fs::read_to_string(pids) else {
         return;
@@ -229,7 +230,20 @@ fn stop_leftovers(pids: &Path) {
             .stderr(Stdio::null())
             .status();
     }
+    for dir in text.lines().filter_map(leftover_dir) {
+        // Gone already when the scenario ended by itself (its brokers remove their data).
+        let _ = fs::remove_dir_all(dir);
+    }
     let _ = fs::remove_file(pids);
+}
+
+/// The data folder a `dir <path>` line of a pids file names, if it is one the `faults`
+/// binary makes: `orchestrator-faults-…` directly under the temporary folder.
+fn leftover_dir(line: &str) -> Option<&Path> {
+    let dir = Path::new(line.strip_prefix("dir ")?.trim_end());
+    let name = dir.file_name()?.to_str()?;
+    (name.starts_with("orchestrator-faults-") && dir.parent()? == std::env::temp_dir())
+        .then_some(dir)
 }
 
 /// Makes sure the shared RabbitMQ runs again after a scenario that stopped its app.
@@ -284,17 +298,18 @@ fn run_scenario(exe: &Path, scenario: &Scenario, work: &Path) -> Outcome {
                 .last()
         })
     });
-    let timed_out = loop {
+    // `None`: it ran past its time limit and was killed.
+    let exit = loop {
         match child.try_wait() {
-            Ok(Some(_)) => break false,
+            Ok(Some(status)) => break Some(Ok(status)),
             Ok(None) if started.elapsed() > scenario.timeout => {
                 // Our own child, by its handle.
                 let _ = child.kill();
                 let _ = child.wait();
-                break true;
+                break None;
             }
             Ok(None) => thread::sleep(Duration::from_millis(100)),
-            Err(_) => break false,
+            Err(e) => break Some(Err(e)),
         }
     };
     let result = reader.and_then(|r| r.join().ok()).flatten();
@@ -303,16 +318,29 @@ fn run_scenario(exe: &Path, scenario: &Scenario, work: &Path) -> Outcome {
         restore_rabbitmq();
     }
     let took = started.elapsed().as_secs_f64();
-    match (timed_out, result) {
-        (true, _) => Outcome::Failed(format!(
+    let outcome = match (exit, result) {
+        (None, _) => Outcome::Failed(format!(
             "stopped after {}s (its time limit)",
             scenario.timeout.as_secs()
         )),
-        (false, Some(outcome)) => {
-            eprintln!("    {} in {took:.0}s", report::verdict(&outcome));
-            outcome
-        }
-        (false, None) => Outcome::Failed("ended without a result line (crashed?)".to_owned()),
+        (Some(exit), Some(outcome)) => after_exit(outcome, exit),
+        (Some(_), None) => Outcome::Failed("ended without a result line (crashed?)".to_owned()),
+    };
+    eprintln!("    {} in {took:.0}s", report::verdict(&outcome));
+    outcome
+}
+
+/// The outcome a result line gave, unless the process then failed: a `passed` scenario
+/// whose process crashed afterwards (in its tear-down) did not pass.
+fn after_exit(outcome: Outcome, exit: std::io::Result<std::process::ExitStatus>) -> Outcome {
+    match (outcome, exit) {
+        (Outcome::Passed(_), Ok(status)) if !status.success() => Outcome::Failed(format!(
+            "its checks passed, then its process ended with {status} (in its tear-down)"
+        )),
+        (Outcome::Passed(_), Err(e)) => Outcome::Failed(format!(
+            "its checks passed, then waiting for it failed: {e}"
+        )),
+        (outcome, _) => outcome,
     }
 }
 
@@ -377,7 +405,7 @@ pub(crate) fn faults(root: &Path, options: &Options) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::{Options, Outcome, parse_result, scenarios};
+    use super::{Options, Outcome, after_exit, leftover_dir, parse_result, scenarios};
 
     fn args(list: &[&str]) -> Vec<String> {
         list.iter().map(|s| (*s).to_owned()).collect()
@@ -403,6 +431,45 @@ mod tests {
         assert_eq!(restart.service, None, "it runs a tansu of its own");
         let writers = short.iter().find(|s| s.name == "writers-redis").unwrap();
         assert_eq!(writers.service, Some("redis"));
+    }
+
+    #[test]
+    fn a_pass_followed_by_a_crash_is_a_failure() {
+        use std::os::unix::process::ExitStatusExt as _;
+        use std::process::ExitStatus;
+        let passed = || parse_result("result passed lost=0").unwrap();
+        assert!(matches!(
+            after_exit(passed(), Ok(ExitStatus::from_raw(0))),
+            Outcome::Passed(_)
+        ));
+        // SIGSEGV after the result line.
+        match after_exit(passed(), Ok(ExitStatus::from_raw(11))) {
+            Outcome::Failed(why) => assert!(why.contains("checks passed"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+        // A failed scenario exits with 1 and stays failed with its own reason.
+        let failed = parse_result("result failed reason=3_lost").unwrap();
+        assert_eq!(
+            after_exit(failed, Ok(ExitStatus::from_raw(1 << 8))),
+            Outcome::Failed("3 lost".to_owned())
+        );
+    }
+
+    #[test]
+    fn removes_only_the_scenarios_own_data_folders() {
+        let tmp = std::env::temp_dir();
+        let ours = tmp.join("orchestrator-faults-tansu-0123");
+        let line = format!("dir {}", ours.display());
+        assert_eq!(leftover_dir(&line), Some(ours.as_path()));
+        assert_eq!(leftover_dir("4242"), None);
+        assert_eq!(
+            leftover_dir("dir /home/orchestrator-faults-tansu-0123"),
+            None
+        );
+        let other = format!("dir {}", tmp.join("something-else").display());
+        assert_eq!(leftover_dir(&other), None);
+        let nested = format!("dir {}", ours.join("orchestrator-faults-x").display());
+        assert_eq!(leftover_dir(&nested), None);
     }
 
     #[test]

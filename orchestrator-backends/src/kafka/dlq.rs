@@ -94,6 +94,12 @@ impl KafkaDeadLetterQueue {
         &self.inner.topic
     }
 
+    /// Closes the reader of the dead-letter topic, before the topic is deleted (the next
+    /// read opens it again).
+    pub(crate) async fn close_reader(&self) {
+        self.inner.reader.close().await;
+    }
+
     /// Reads what was added since the last refresh.
     async fn refresh(&self, state: &mut State) -> Result<()> {
         let from = state.next;

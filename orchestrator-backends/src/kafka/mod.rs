@@ -221,7 +221,9 @@
 //!   crashes the process (a null `strcmp` in its leader-discovery path). So topics must only
 //!   be deleted once nobody fetches them: [`KafkaTransport::delete_all_topics`] and
 //!   [`KafkaEventStore::delete_topic`] first wait until this process's subscriptions under
-//!   the prefix have closed.
+//!   the prefix have closed, and close their own log readers (the store's, the dead-letter
+//!   queue's) — unassigning a partition stops its fetcher only asynchronously, so a store
+//!   that had just read its log crashed when it deleted it.
 //! - **Creating a topic that exists** fails with `TOPIC_ALREADY_EXISTS` as it should, but
 //!   leaves a transaction open on one of tansu's pooled sqlite connections; later reads on
 //!   that connection see a stale snapshot, a fetch of a newer topic finds no watermark, and

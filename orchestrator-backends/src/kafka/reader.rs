@@ -1,18 +1,20 @@
 //! Reading one partition of a topic from an offset up to its end, outside any consumer group
 //! (the dead-letter topic, the store's log).
 
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, PoisonError};
+use std::time::{Duration, Instant};
 
 use orchestrator_core::{Error, Result};
+use rdkafka::ClientConfig;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::BorrowedMessage;
 use rdkafka::{Message, Offset, TopicPartitionList};
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, oneshot};
 
 use super::client::{blocking, kafka_error};
 use super::config::KafkaConfig;
+use super::consumer::close_detached;
 
 /// What a reader's callback wants next.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -25,25 +27,80 @@ pub(crate) enum Flow {
 
 /// A consumer that reads partitions by hand (assign + offset), one read at a time.
 pub(crate) struct LogReader {
-    consumer: Arc<StreamConsumer>,
+    /// The consumer's settings, to open it again after [`close`](Self::close).
+    settings: ClientConfig,
+    /// The consumer; `None` once closed, until the next use opens a new one.
+    consumer: std::sync::Mutex<Option<Arc<StreamConsumer>>>,
     timeout: Duration,
     lock: Mutex<()>,
 }
 
 impl LogReader {
     pub(crate) fn new(config: &KafkaConfig) -> Result<Self> {
-        let consumer: StreamConsumer = config.reader(true).create().map_err(kafka_error)?;
+        let settings = config.reader(true);
+        let consumer: StreamConsumer = settings.create().map_err(kafka_error)?;
         Ok(Self {
-            consumer: Arc::new(consumer),
+            settings,
+            consumer: std::sync::Mutex::new(Some(Arc::new(consumer))),
             timeout: config.operation_timeout,
             lock: Mutex::new(()),
         })
     }
 
+    /// The consumer, opened again if it was closed.
+    fn consumer(&self) -> Result<Arc<StreamConsumer>> {
+        let mut slot = self.consumer.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(consumer) = slot.as_ref() {
+            return Ok(Arc::clone(consumer));
+        }
+        let consumer: Arc<StreamConsumer> = Arc::new(self.settings.create().map_err(kafka_error)?);
+        *slot = Some(Arc::clone(&consumer));
+        Ok(consumer)
+    }
+
+    /// Closes the consumer and waits (at most the operation timeout) until librdkafka has
+    /// let go of it, so that it fetches nothing any more: a topic it read can then be deleted
+    /// (see the module docs on tansu: a fetch that meets a topic deleted under it crashes
+    /// librdkafka). Each read ends by unassigning its partition, but librdkafka stops the
+    /// partition's fetcher asynchronously, so only destroying the client is certain. The
+    /// next read opens a new consumer.
+    pub(crate) async fn close(&self) {
+        let _no_read_under_way = self.lock.lock().await;
+        let taken = self
+            .consumer
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        let Some(mut consumer) = taken else {
+            return;
+        };
+        let deadline = Instant::now() + self.timeout;
+        let (done, closed) = oneshot::channel::<()>();
+        // Destroying a consumer blocks (see `close_detached`); a watermark request under way
+        // still holds the consumer: wait for it to let go, then destroy it.
+        close_detached(move || {
+            loop {
+                match Arc::try_unwrap(consumer) {
+                    Ok(last) => {
+                        drop(last);
+                        break;
+                    }
+                    Err(shared) if Instant::now() < deadline => {
+                        consumer = shared;
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                    Err(_still_shared) => break,
+                }
+            }
+            drop(done);
+        });
+        let _ = tokio::time::timeout(self.timeout, closed).await;
+    }
+
     /// The partition's low and high watermarks: the first offset kept and the offset the
     /// next message will get.
     pub(crate) async fn watermarks(&self, topic: &str, partition: i32) -> Result<(i64, i64)> {
-        watermarks(&self.consumer, topic, partition, self.timeout).await
+        watermarks(&self.consumer()?, topic, partition, self.timeout).await
     }
 
     /// Reads `topic`/`partition` from offset `from` up to the end as it is when the read
@@ -60,7 +117,8 @@ impl LogReader {
         F: FnMut(&BorrowedMessage<'_>) -> Result<Flow>,
     {
         let _one_read_at_a_time = self.lock.lock().await;
-        let (low, high) = self.watermarks(topic, partition).await?;
+        let consumer = self.consumer()?;
+        let (low, high) = watermarks(&consumer, topic, partition, self.timeout).await?;
         let from = from.max(low);
         if from >= high {
             return Ok(from);
@@ -68,10 +126,10 @@ impl LogReader {
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition_offset(topic, partition, Offset::Offset(from))
             .map_err(kafka_error)?;
-        self.consumer.assign(&tpl).map_err(kafka_error)?;
+        consumer.assign(&tpl).map_err(kafka_error)?;
         let mut next = from;
         let result = loop {
-            match tokio::time::timeout(self.timeout, self.consumer.recv()).await {
+            match tokio::time::timeout(self.timeout, consumer.recv()).await {
                 Err(_) => {
                     break Err(Error::Timeout {
                         operation: format!(
@@ -100,7 +158,7 @@ impl LogReader {
             }
         };
         // Stop fetching until the next read; a failure here changes nothing for this one.
-        let _ = self.consumer.unassign();
+        let _ = consumer.unassign();
         result
     }
 }

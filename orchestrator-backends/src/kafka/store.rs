@@ -126,13 +126,18 @@ impl KafkaEventStore {
     }
 
     /// Deletes the log topic with every event in it (for tests and tear-down), once this
-    /// process's subscriptions to it have closed (waiting at most the operation timeout).
+    /// process's subscriptions to it have closed (waiting at most the operation timeout) and
+    /// this store's own log readers are closed (see the module docs on tansu). Appends and
+    /// reads must be over by then: a read after the deletion opens a reader again and finds
+    /// no topic.
     pub async fn delete_topic(&self) -> Result<()> {
         live::wait_closed(
             &self.inner.config.prefix,
             self.inner.config.operation_timeout,
         )
         .await;
+        self.inner.index_reader.close().await;
+        self.inner.query_reader.close().await;
         Topics::new(&self.inner.config)?
             .delete(&[&self.inner.topic])
             .await

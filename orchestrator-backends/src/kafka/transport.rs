@@ -144,8 +144,9 @@ impl KafkaTransport {
 
     /// Deletes every topic under the configured prefix — event, retry, dead-letter and
     /// store topics alike (for tests and tear-down), once this process's subscriptions under
-    /// the prefix have closed (waiting at most the operation timeout). Refused without a
-    /// prefix, which would mean every topic of the cluster.
+    /// the prefix have closed (waiting at most the operation timeout) and the dead-letter
+    /// queue's reader is closed. Refused without a prefix, which would mean every topic of
+    /// the cluster.
     pub async fn delete_all_topics(&self) -> Result<()> {
         let prefix = &self.shared.config.prefix;
         if prefix.is_empty() {
@@ -155,6 +156,8 @@ impl KafkaTransport {
             ));
         }
         live::wait_closed(prefix, self.shared.config.operation_timeout).await;
+        // The dead-letter queue's reader fetches its topic too.
+        self.shared.dlq.close_reader().await;
         let topics = self.shared.topics.list(prefix).await?;
         let refs: Vec<&str> = topics.iter().map(String::as_str).collect();
         self.shared.topics.delete(&refs).await

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use orchestrator_backends::kafka::{KafkaConfig, KafkaTransport};
 use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::{ClientConfig, Message};
+use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 
 use super::{Plan, check_nothing_lost, drive, report};
 use crate::spare::{SpareTansu, tansu_binary};
@@ -90,8 +90,11 @@ async fn scenario(broker: SpareTansu, events: usize) -> Res {
     Ok(())
 }
 
-/// Reads the whole topic with a plain consumer: sequence number → records. Reads until it
-/// has as many records as the partitions' watermarks say the topic holds.
+/// Reads the whole topic with a plain consumer: sequence number → records.
+///
+/// Each partition is assigned by hand (no group, so no rebalance can start a partition
+/// over) from its low watermark and read up to its high watermark as it is once the run is
+/// over; each offset is counted once, however often a fetch hands it out.
 async fn count_records(brokers: &str, topic: &str) -> Res<HashMap<u64, usize>> {
     let consumer: StreamConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
@@ -99,24 +102,38 @@ async fn count_records(brokers: &str, topic: &str) -> Res<HashMap<u64, usize>> {
             "group.id",
             format!("count-{}", uuid::Uuid::now_v7().simple()),
         )
-        .set("auto.offset.reset", "earliest")
         .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("enable.partition.eof", "false")
         .create()?;
     let timeout = Duration::from_secs(30);
     let metadata = consumer.fetch_metadata(Some(topic), timeout)?;
-    let mut records = 0;
+    // Partition → (next offset to count, high watermark).
+    let mut ranges: HashMap<i32, (i64, i64)> = HashMap::new();
+    let mut assignment = TopicPartitionList::new();
     for partition in metadata.topics().iter().flat_map(|t| t.partitions()) {
         let (low, high) = consumer.fetch_watermarks(topic, partition.id(), timeout)?;
-        records += usize::try_from(high - low).unwrap_or(0);
+        if high > low {
+            ranges.insert(partition.id(), (low, high));
+            assignment.add_partition_offset(topic, partition.id(), Offset::Offset(low))?;
+        }
     }
-    consumer.subscribe(&[topic])?;
+    let records: i64 = ranges.values().map(|(low, high)| high - low).sum();
+    consumer.assign(&assignment)?;
     let mut counts: HashMap<u64, usize> = HashMap::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(300);
     let mut read = 0;
-    while read < records {
+    while ranges.values().any(|(next, high)| next < high) {
         let message = tokio::time::timeout_at(deadline, consumer.recv())
             .await
             .map_err(|_| format!("read {read} of the {records} records in the topic in 300 s"))??;
+        let Some((next, _)) = ranges.get_mut(&message.partition()) else {
+            continue;
+        };
+        if message.topic() != topic || message.offset() < *next {
+            continue;
+        }
+        *next = message.offset() + 1;
         let payload = message.payload().ok_or("a record without a value")?;
         let event = orchestrator_core::cloudevents::decode(payload)?;
         let seq = super::seq_of(&event).ok_or("a record without `seq`")?;
