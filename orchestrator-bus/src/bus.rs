@@ -171,23 +171,21 @@ impl EventBus {
             event_type = %event.event_type(),
             event_id = %event.id(),
         );
-        if let Some(direct) = &self.direct {
-            // The in-process transport, called without a boxed future.
-            let publish = direct.publish_direct(event);
-            if span.is_disabled() {
-                publish.await?;
-            } else {
-                publish.instrument(span).await?;
+        let publish = async {
+            match &self.direct {
+                // The in-process transport, called without a boxed future.
+                Some(direct) => direct.publish_direct(event).await,
+                None => {
+                    let topic = event.event_type_shared();
+                    // `as_ref`: the transport itself, not the boxing `Arc<T>` forwarding impl.
+                    self.transport.as_ref().publish(&topic, event).await
+                }
             }
+        };
+        if span.is_disabled() {
+            publish.await?;
         } else {
-            let topic = event.event_type_shared();
-            // `as_ref`: call the transport itself, not the boxing `Arc<T>` forwarding impl.
-            let publish = self.transport.as_ref().publish(&topic, event);
-            if span.is_disabled() {
-                publish.await?;
-            } else {
-                publish.instrument(span).await?;
-            }
+            publish.instrument(span).await?;
         }
         published.increment(1);
         Ok(())

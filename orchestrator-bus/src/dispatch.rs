@@ -367,7 +367,7 @@ impl Drop for Ticket {
 struct Job {
     delivery: Delivery,
     _ticket: Ticket,
-    _buffered: Option<OwnedSemaphorePermit>,
+    _buffered: OwnedSemaphorePermit,
 }
 
 type KeyQueues = Arc<Mutex<HashMap<String, VecDeque<Job>>>>;
@@ -466,7 +466,6 @@ pub(crate) async fn run(
                 done += 1;
                 runner.batch_progress(done);
             }
-            batch.clear();
             runner.finish_batch();
             continue;
         }
@@ -477,7 +476,7 @@ pub(crate) async fn run(
             let job = Job {
                 delivery,
                 _ticket: ticket,
-                _buffered: Some(permit),
+                _buffered: permit,
             };
             if runner.ordered {
                 let key = job.delivery.event().partition_key();
@@ -507,8 +506,7 @@ pub(crate) async fn run(
             }
         }
         // Deliveries beyond the permits (a transport that ignored `max`) are not expected;
-        // any left are dropped unsettled and so redelivered.
-        batch.clear();
+        // the drain drops any left unsettled, so they are redelivered.
         while tasks.try_join_next().is_some() {}
     }
     while tasks.join_next().await.is_some() {}

@@ -101,7 +101,9 @@ impl PublishMetrics {
             None => {
                 check(event_type)?;
                 let counter = metrics::counter!(PUBLISHED, "event_type" => event_type.to_owned());
-                let key: Arc<str> = Arc::from(event_type);
+                // The interned string: the same address as the envelopes' type, so the
+                // per-thread check above matches without comparing bytes.
+                let key = orchestrator_core::intern_event_type(event_type);
                 let mut map = self.by_type.write().unwrap_or_else(PoisonError::into_inner);
                 if map.len() < MAX_TYPES {
                     map.insert(Arc::clone(&key), counter.clone());

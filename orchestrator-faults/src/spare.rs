@@ -178,13 +178,16 @@ pub(crate) fn tansu_binary() -> PathBuf {
     std::path::Path::new(&home).join(".cache/orchestrator/tools/bin/tansu")
 }
 
-/// A tansu of the scenario's own: sqlite storage in a folder of its own (so that a
-/// restart, even after SIGKILL, keeps the data; with the header index its schema lacks, see
-/// [`SpareTansu::index_headers`]) or memory storage (fast, forgets).
+/// The spare tansu's sqlite database, in its data folder.
+#[cfg(feature = "kafka")]
+const DB_FILE: &str = "tansu.db";
+
+/// A tansu of the scenario's own: sqlite storage in a folder of its own, so that a restart,
+/// even after SIGKILL, keeps the data (with the header index its schema lacks, see
+/// [`SpareTansu::index_headers`]).
 #[cfg(feature = "kafka")]
 pub(crate) struct SpareTansu {
     binary: PathBuf,
-    storage: &'static str,
     port: u16,
     dir: PathBuf,
     child: Option<Child>,
@@ -192,16 +195,10 @@ pub(crate) struct SpareTansu {
 
 #[cfg(feature = "kafka")]
 impl SpareTansu {
-    /// Starts one on a free port, with sqlite storage.
+    /// Starts one on a free port.
     pub(crate) fn start(binary: PathBuf) -> Res<Self> {
-        Self::start_with(binary, "sqlite://tansu.db")
-    }
-
-    /// Starts one on a free port with `storage` (`sqlite://tansu.db`, `memory://tansu/`).
-    pub(crate) fn start_with(binary: PathBuf, storage: &'static str) -> Res<Self> {
         let mut broker = Self {
             binary,
-            storage,
             port: free_port()?,
             dir: data_dir("tansu")?,
             child: None,
@@ -224,7 +221,7 @@ impl SpareTansu {
         let child = Command::new(&self.binary)
             .current_dir(&self.dir)
             .args(["--listener-url", &url, "--advertised-listener-url", &url])
-            .args(["--storage-engine", self.storage])
+            .args(["--storage-engine", &format!("sqlite://{DB_FILE}")])
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -239,10 +236,7 @@ impl SpareTansu {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        if let Some(file) = self.storage.strip_prefix("sqlite://") {
-            self.index_headers(file)?;
-        }
-        Ok(())
+        self.index_headers()
     }
 
     /// Adds the index tansu 0.6.0's sqlite schema lacks: `header (topition, offset_id)`.
@@ -255,8 +249,8 @@ impl SpareTansu {
     /// SQLite advises for a foreign key's child columns) a lookup is a search, as tansu's
     /// query means it to be. tansu has created its schema before it listens; the index is
     /// kept in the data folder, so a restart finds it there (`if not exists`).
-    fn index_headers(&self, file: &str) -> Res {
-        let db = rusqlite::Connection::open(self.dir.join(file))?;
+    fn index_headers(&self) -> Res {
+        let db = rusqlite::Connection::open(self.dir.join(DB_FILE))?;
         db.busy_timeout(Duration::from_secs(30))?;
         let tables: i64 = db.query_row(
             "select count(*) from sqlite_master where type = 'table' and name = 'header'",

@@ -122,7 +122,7 @@ impl KafkaDeadLetterQueue {
                             state.letters.remove(&old);
                         }
                     }
-                    (id, Some(value)) => match wire::decode_letter(value) {
+                    (id, Some(value)) => match DeadLetter::from_json(value) {
                         Ok(letter) if id.as_deref().is_none_or(|id| id == letter.id) => {
                             if let Some(old) = state.ids.insert(letter.id.clone(), offset) {
                                 state.letters.remove(&old);
@@ -148,7 +148,8 @@ impl DeadLetterQueue for KafkaDeadLetterQueue {
     }
 
     async fn push(&self, letter: DeadLetter) -> Result<()> {
-        let value = wire::encode_letter(&letter)?;
+        // Core's shared letter form, as the Redis dead-letter queue stores it.
+        let value = letter.to_json()?;
         let headers = OwnedHeaders::new().insert(Header {
             key: wire::CONTENT_TYPE,
             value: Some("application/json"),

@@ -1,8 +1,9 @@
-//! What travels: Kafka headers around the CloudEvents JSON value, and dead letters as JSON.
+//! What travels: Kafka headers around the CloudEvents JSON value. Dead letters travel in
+//! core's shared JSON form (`DeadLetter::to_json`).
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use orchestrator_core::cloudevents::CLOUDEVENTS_JSON;
-use orchestrator_core::{DeadLetter, EventEnvelope, Result};
+use orchestrator_core::{EventEnvelope, Result};
 use rdkafka::message::{Header, Headers, OwnedHeaders};
 
 /// Header: the value's content type (`application/cloudevents+json`).
@@ -166,20 +167,10 @@ pub(crate) fn undecodable(
     .with_header("kafkaoffset", offset.to_string())
 }
 
-/// A letter as JSON (core's shared form: `id`, `topic`, `subscription`, `reason`,
-/// `attempts`, `first_failure_at`, `last_failure_at`, and `event` as a CloudEvents object).
-pub(crate) fn encode_letter(letter: &DeadLetter) -> Result<Vec<u8>> {
-    letter.to_json()
-}
-
-/// Reads a letter written by [`encode_letter`].
-pub(crate) fn decode_letter(json: &[u8]) -> Result<DeadLetter> {
-    DeadLetter::from_json(json)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use orchestrator_core::DeadLetter;
 
     #[test]
     fn letters_round_trip_exactly() {
@@ -196,10 +187,10 @@ mod tests {
             Utc::now(),
             Utc::now(),
         );
-        let json = encode_letter(&letter).unwrap();
-        assert_eq!(decode_letter(&json).unwrap(), letter);
+        let json = letter.to_json().unwrap();
+        assert_eq!(DeadLetter::from_json(&json).unwrap(), letter);
         assert!(matches!(
-            decode_letter(b"nope"),
+            DeadLetter::from_json(b"nope"),
             Err(orchestrator_core::Error::Decode { .. })
         ));
     }

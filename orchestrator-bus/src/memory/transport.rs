@@ -761,12 +761,9 @@ impl Drop for Subscription {
 impl Subscription {
     /// Receives up to `max` messages into `self.received`; `false` once closed.
     async fn receive(&mut self, max: usize) -> bool {
-        if self.shared.is_closed() {
-            return false;
-        }
-        // `recv_into` is cancel-safe: dropping it before it completes takes nothing off
+        // `recv_into` (which returns `false` once closed) is cancel-safe: dropping it before it completes takes nothing off
         // the queue.
-        if !self.group.recv_into(max.max(1), &mut self.received).await {
+        if !self.group.recv_into(max, &mut self.received).await {
             return false;
         }
         if self.shared.is_closed() {
@@ -790,8 +787,8 @@ impl Subscription {
             first_attempt_at,
             last_error: message.last_error,
         };
-        // The delivery carries everything needed to queue it again (see `Settler for
-        // Group`): no per-delivery settle state, no allocation.
+        // The delivery carries everything needed to queue it again (see `GroupSettler`):
+        // no per-delivery settle state, no allocation.
         Delivery::with_settler(message.event, info, self.settler.clone())
     }
 }
@@ -839,16 +836,16 @@ impl Settler for GroupSettler {
 
     async fn nack(&self, returned: Returned, delay: Duration, reason: String) -> Result<()> {
         let message = Message::again(returned, Some(reason));
-        let group = Arc::clone(&self.group);
         if delay.is_zero() {
-            requeue(&group, message);
+            requeue(&self.group, message);
             return Ok(());
         }
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             // Without a runtime to wait on, redeliver at once rather than lose the event.
-            requeue(&group, message);
+            requeue(&self.group, message);
             return Err(no_runtime("a nack's delay"));
         };
+        let group = Arc::clone(&self.group);
         runtime.spawn(async move {
             group.clock.sleep(delay).await;
             // Fails only once the transport is closed, which discards queued events anyway.
