@@ -3,15 +3,16 @@
 //! asked), and settle each one — ack, retry or dead-letter.
 
 use std::collections::{HashMap, VecDeque};
-use std::panic::AssertUnwindSafe;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::task::Poll;
 use std::time::Duration;
 
-use futures::FutureExt as _;
 use orchestrator_core::{
     Clock, Delivery, DeliveryStream, EventEnvelope, EventHandler, EventId, EventSchemas,
-    HandlerError, RetryPolicy,
+    HandlerError, HandlerSlot, RetryPolicy,
 };
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::task::JoinSet;
@@ -46,6 +47,10 @@ pub(crate) struct Runner {
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) schemas: Arc<dyn EventSchemas>,
     pub(crate) metrics: SubscriptionMetrics,
+    /// Times handler calls: quanta's raw TSC reads cost a fraction of a `clock_gettime`
+    /// (calibrated once per process; quanta falls back to the OS clock where the TSC is
+    /// not reliable).
+    timer: &'static quanta::Clock,
     /// Deliveries received and not yet settled, for the shutdown report.
     holding: Mutex<HashMap<u64, (EventId, Arc<str>)>>,
     /// With concurrency 1: the batch of deliveries being handled one after another
@@ -62,11 +67,19 @@ const BATCH: usize = 64;
 
 /// Per-consumer-loop caches that spare the hot path a lookup and an allocation per event.
 #[derive(Default)]
-struct Scratch {
+struct Scratch<'a> {
     /// The metric handles of the last event type handled.
     handles: Option<(Arc<str>, Arc<Handles>)>,
     /// The last delivery context, reused when no handler kept a reference to it.
     ctx: Option<Arc<DeliveryContext>>,
+    /// Where the handler's calls run, one after another in one allocation.
+    slot: HandlerSlot<'a>,
+}
+
+/// The process-wide handler timer (see [`Runner::timer`]).
+fn timer() -> &'static quanta::Clock {
+    static CLOCK: std::sync::OnceLock<quanta::Clock> = std::sync::OnceLock::new();
+    CLOCK.get_or_init(quanta::Clock::new)
 }
 
 impl Runner {
@@ -98,6 +111,7 @@ impl Runner {
             clock,
             schemas,
             metrics,
+            timer: timer(),
             holding: Mutex::new(HashMap::new()),
             batch: Mutex::new(Vec::new()),
             batch_done: AtomicUsize::new(0),
@@ -201,7 +215,7 @@ impl Runner {
     }
 
     /// Handles one delivery to the end: acked, nacked for a retry, or dead-lettered.
-    async fn process(&self, delivery: Delivery, scratch: &mut Scratch) {
+    async fn process<'a>(&'a self, delivery: Delivery, scratch: &mut Scratch<'a>) {
         let handles = self.handles(&delivery, scratch);
         let span = tracing::info_span!(
             "bus.handle",
@@ -211,8 +225,10 @@ impl Runner {
             attempt = delivery.attempt(),
         );
         let work = async move {
-            let event = match self.schemas.upcast(delivery.event().clone()) {
-                Ok(event) => event,
+            // The event each attempt hands to the handler (upcast again for a retry, which
+            // spares the first attempt a copy kept for later).
+            let mut next_event = match self.schemas.upcast(delivery.event().clone()) {
+                Ok(event) => Some(event),
                 Err(error) => {
                     handles.dead_lettered.increment(1);
                     let now = self.clock.now();
@@ -222,8 +238,8 @@ impl Runner {
                     return;
                 }
             };
-            if let Some(filter) = &self.filter
-                && !filter(&event)
+            if let (Some(filter), Some(event)) = (&self.filter, &next_event)
+                && !filter(event)
             {
                 handles.filtered.increment(1);
                 settled(delivery.ack().await);
@@ -232,12 +248,30 @@ impl Runner {
             let mut ctx = self.context(&delivery, scratch);
             let mut first_failure = (delivery.attempt() > 1).then(|| delivery.first_attempt_at());
             loop {
+                let event = match next_event.take() {
+                    Some(event) => event,
+                    None => match self.schemas.upcast(delivery.event().clone()) {
+                        Ok(event) => event,
+                        // It upcast for the first attempt; schemas changed in between.
+                        Err(error) => {
+                            handles.dead_lettered.increment(1);
+                            let now = self.clock.now();
+                            let reason = format!("cannot upcast the event: {error}");
+                            let first = first_failure.unwrap_or(now);
+                            settled(
+                                delivery
+                                    .dead_letter_after(reason, ctx.attempt, first, now)
+                                    .await,
+                            );
+                            return;
+                        }
+                    },
+                };
                 handles.delivered.increment(1);
                 self.metrics.in_flight.increment(1.0);
-                let clock = tsc();
-                let started = clock.raw();
-                let outcome = self.attempt(event.clone(), Arc::clone(&ctx)).await;
-                let nanos = clock.delta_as_nanos(started, clock.raw());
+                let started = self.timer.raw();
+                let outcome = self.attempt(event, &ctx, &mut scratch.slot).await;
+                let nanos = self.timer.delta_as_nanos(started, self.timer.raw());
                 handles.duration.record(nanos as f64 / 1e9);
                 self.metrics.in_flight.decrement(1.0);
                 let error = match outcome {
@@ -307,39 +341,48 @@ impl Runner {
         }
     }
 
-    /// One attempt: transform, middleware, handler; a panic is a retryable failure.
-    async fn attempt(
-        &self,
+    /// One attempt: transform, middleware, handler, with `ctx` as the current
+    /// [`DeliveryContext`]; a panic is a retryable failure. Without middleware the handler
+    /// runs in `slot`, reusing the allocation of the previous call.
+    async fn attempt<'a>(
+        &'a self,
         event: EventEnvelope,
-        ctx: Arc<DeliveryContext>,
+        ctx: &Arc<DeliveryContext>,
+        slot: &mut HandlerSlot<'a>,
     ) -> Result<(), HandlerError> {
         let event = match &self.transform {
             Some(transform) => transform(event)?,
             None => event,
         };
-        let run = Next::new(&self.chain, self.handler.as_ref()).run(event, &ctx);
-        Arc::clone(&ctx)
-            .scope(AssertUnwindSafe(run).catch_unwind())
-            .await
-            .unwrap_or_else(|panic| {
-                let message = panic
-                    .downcast_ref::<&str>()
-                    .map(|s| (*s).to_owned())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_else(|| "non-string panic payload".to_owned());
-                Err(HandlerError::retryable(format!(
-                    "handler panicked: {message}"
-                )))
-            })
+        if self.chain.is_empty() {
+            guarded(ctx, self.handler.handle_in(event, slot)).await
+        } else {
+            let run = Next::new(&self.chain, self.handler.as_ref()).run(event, ctx);
+            guarded(ctx, std::pin::pin!(run)).await
+        }
     }
 }
 
-/// The clock that times handlers: quanta's raw TSC reads cost a fraction of a
-/// `clock_gettime` per event (calibrated once per process; quanta falls back to the OS
-/// clock where the TSC is not reliable).
-fn tsc() -> &'static quanta::Clock {
-    static CLOCK: std::sync::OnceLock<quanta::Clock> = std::sync::OnceLock::new();
-    CLOCK.get_or_init(quanta::Clock::new)
+/// Runs a handler call to its end with `ctx` as the current context; a panic ends it as a
+/// retryable failure.
+async fn guarded<F>(ctx: &Arc<DeliveryContext>, mut call: Pin<&mut F>) -> Result<(), HandlerError>
+where
+    F: Future<Output = Result<(), HandlerError>> + ?Sized,
+{
+    std::future::poll_fn(|cx| match ctx.poll_in(call.as_mut(), cx) {
+        Ok(polled) => polled,
+        Err(panic) => {
+            let message = panic
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "non-string panic payload".to_owned());
+            Poll::Ready(Err(HandlerError::retryable(format!(
+                "handler panicked: {message}"
+            ))))
+        }
+    })
+    .await
 }
 
 /// Logs a settlement the transport could not record. The transport still holds the

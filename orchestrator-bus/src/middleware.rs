@@ -29,8 +29,13 @@
 //! }
 //! ```
 
+use std::cell::Cell;
 use std::collections::{HashSet, VecDeque};
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
 use std::time::Instant;
 
 use async_trait::async_trait;
@@ -52,19 +57,43 @@ pub struct DeliveryContext {
     pub first_attempt_at: DateTime<Utc>,
 }
 
-tokio::task_local! {
-    static CURRENT: Arc<DeliveryContext>;
+thread_local! {
+    /// The context of the delivery whose handler this thread is polling right now.
+    static CURRENT: Cell<Option<Arc<DeliveryContext>>> = const { Cell::new(None) };
 }
 
 impl DeliveryContext {
     /// The context of the delivery being handled by the calling task, if any: lets a plain
-    /// closure handler read its attempt count and last error.
+    /// closure handler read its attempt count and last error. It is set while the bus
+    /// polls the handler, so code the handler spawns onto other tasks does not see it.
     pub fn current() -> Option<Arc<DeliveryContext>> {
-        CURRENT.try_with(Arc::clone).ok()
+        CURRENT
+            .try_with(|current| {
+                let ctx = current.take();
+                let copy = ctx.clone();
+                current.set(ctx);
+                copy
+            })
+            .ok()
+            .flatten()
     }
 
-    pub(crate) async fn scope<F: std::future::Future>(self: Arc<Self>, f: F) -> F::Output {
-        CURRENT.scope(self, f).await
+    /// Polls `future` once with `self` as the [`current`](Self::current) context. A panic
+    /// in it is caught and returned as `Err`.
+    pub(crate) fn poll_in<F: Future + ?Sized>(
+        self: &Arc<Self>,
+        future: Pin<&mut F>,
+        cx: &mut Context<'_>,
+    ) -> std::thread::Result<Poll<F::Output>> {
+        // `try_with`: a thread being torn down has no context to give, the poll goes on.
+        let previous = CURRENT
+            .try_with(|current| current.replace(Some(Arc::clone(self))))
+            .ok();
+        let polled = std::panic::catch_unwind(AssertUnwindSafe(|| future.poll(cx)));
+        if let Some(previous) = previous {
+            let _ = CURRENT.try_with(|current| current.replace(previous));
+        }
+        polled
     }
 }
 

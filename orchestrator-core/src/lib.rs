@@ -50,7 +50,7 @@ pub use envelope::{
     Event, EventEnvelope, EventId, StoredPosition, TraceContext, intern_event_type,
 };
 pub use error::{BoxError, Error, HandlerError, Result};
-pub use handler::{EventHandler, JsonHandler};
+pub use handler::{EventHandler, HandlerCall, HandlerSlot, JsonHandler};
 pub use pattern::TopicPattern;
 pub use retry::{Jitter, RetryPolicy};
 pub use schema::{EventSchemas, NoSchemas};
