@@ -182,10 +182,12 @@ impl EventBus {
                 }
             }
         };
+        // Pinned in place: moving the future into either branch would copy it.
+        let mut publish = std::pin::pin!(publish);
         if span.is_disabled() {
             publish.await?;
         } else {
-            publish.instrument(span).await?;
+            publish.as_mut().instrument(span).await?;
         }
         published.increment(1);
         Ok(())

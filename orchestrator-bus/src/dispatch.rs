@@ -177,23 +177,31 @@ impl Runner {
         }
     }
 
-    /// The metric handles for `delivery`'s event type, from `scratch` when the type is
-    /// the one of the previous event.
-    fn handles(&self, delivery: &Delivery, scratch: &mut Scratch) -> Arc<Handles> {
-        let event_type = delivery.event().event_type();
-        if let Some((cached, handles)) = &scratch.handles
-            && crate::fasthash::same_str(cached, event_type)
+    /// The metric handles for `event_type`, from `cache` when the type is the one of the
+    /// previous event.
+    fn handles<'s>(
+        &self,
+        event: &EventEnvelope,
+        cache: &'s mut Option<(Arc<str>, Arc<Handles>)>,
+    ) -> &'s Handles {
+        let event_type = event.event_type();
+        if let Some((cached, _)) = cache
+            && !crate::fasthash::same_str(cached, event_type)
         {
-            return Arc::clone(handles);
+            *cache = None;
         }
-        let handles = self.metrics.for_type(event_type);
-        scratch.handles = Some((delivery.event().event_type_shared(), Arc::clone(&handles)));
+        let (_, handles) = cache
+            .get_or_insert_with(|| (event.event_type_shared(), self.metrics.for_type(event_type)));
         handles
     }
 
-    /// The context of one delivery, reusing the scratch one when nobody holds it.
-    fn context(&self, delivery: &Delivery, scratch: &mut Scratch) -> Arc<DeliveryContext> {
-        if let Some(mut ctx) = scratch.ctx.take()
+    /// The context of one delivery, reusing `cached` when nobody holds it.
+    fn context(
+        &self,
+        delivery: &Delivery,
+        cached: &mut Option<Arc<DeliveryContext>>,
+    ) -> Arc<DeliveryContext> {
+        if let Some(mut ctx) = cached.take()
             && let Some(fields) = Arc::get_mut(&mut ctx)
         {
             // Most deliveries share the previous one's topic: keep it, no reference count.
@@ -214,9 +222,9 @@ impl Runner {
         })
     }
 
-    /// Handles one delivery to the end: acked, nacked for a retry, or dead-lettered.
+    /// Handles one delivery to the end — acked, nacked for a retry, or dead-lettered —
+    /// inside a `bus.handle` span when tracing wants one.
     async fn process<'a>(&'a self, delivery: Delivery, scratch: &mut Scratch<'a>) {
-        let handles = self.handles(&delivery, scratch);
         let span = tracing::info_span!(
             "bus.handle",
             subscription = %self.name,
@@ -224,120 +232,126 @@ impl Runner {
             event_id = %delivery.event().id(),
             attempt = delivery.attempt(),
         );
-        let work = async move {
-            // The event each attempt hands to the handler (upcast again for a retry, which
-            // spares the first attempt a copy kept for later).
-            let mut next_event = match self.schemas.upcast(delivery.event().clone()) {
-                Ok(event) => Some(event),
-                Err(error) => {
-                    handles.dead_lettered.increment(1);
-                    let now = self.clock.now();
-                    let reason = format!("cannot upcast the event: {error}");
-                    let attempt = delivery.attempt();
-                    settled(delivery.dead_letter_after(reason, attempt, now, now).await);
-                    return;
-                }
-            };
-            if let (Some(filter), Some(event)) = (&self.filter, &next_event)
-                && !filter(event)
-            {
-                handles.filtered.increment(1);
-                settled(delivery.ack().await);
+        if span.is_disabled() {
+            self.handle(delivery, scratch).await;
+        } else {
+            self.handle(delivery, scratch).instrument(span).await;
+        }
+    }
+
+    /// See [`process`](Self::process).
+    async fn handle<'a>(&'a self, delivery: Delivery, scratch: &mut Scratch<'a>) {
+        let Scratch {
+            handles: handles_cache,
+            ctx: ctx_cache,
+            slot,
+        } = scratch;
+        let handles = self.handles(delivery.event(), handles_cache);
+        // The event each attempt hands to the handler (upcast again for a retry, which
+        // spares the first attempt a copy kept for later).
+        let mut next_event = match self.schemas.upcast(delivery.event().clone()) {
+            Ok(event) => Some(event),
+            Err(error) => {
+                handles.dead_lettered.increment(1);
+                let now = self.clock.now();
+                let reason = format!("cannot upcast the event: {error}");
+                let attempt = delivery.attempt();
+                settled(delivery.dead_letter_after(reason, attempt, now, now).await);
                 return;
             }
-            let mut ctx = self.context(&delivery, scratch);
-            let mut first_failure = (delivery.attempt() > 1).then(|| delivery.first_attempt_at());
-            loop {
-                let event = match next_event.take() {
-                    Some(event) => event,
-                    None => match self.schemas.upcast(delivery.event().clone()) {
-                        Ok(event) => event,
-                        // It upcast for the first attempt; schemas changed in between.
-                        Err(error) => {
-                            handles.dead_lettered.increment(1);
-                            let now = self.clock.now();
-                            let reason = format!("cannot upcast the event: {error}");
-                            let first = first_failure.unwrap_or(now);
-                            settled(
-                                delivery
-                                    .dead_letter_after(reason, ctx.attempt, first, now)
-                                    .await,
-                            );
-                            return;
-                        }
-                    },
-                };
-                handles.delivered.increment(1);
-                self.metrics.in_flight.increment(1.0);
-                let started = self.timer.raw();
-                let outcome = self.attempt(event, &ctx, &mut scratch.slot).await;
-                let nanos = self.timer.delta_as_nanos(started, self.timer.raw());
-                handles.duration.record(nanos as f64 / 1e9);
-                self.metrics.in_flight.decrement(1.0);
-                let error = match outcome {
-                    Ok(()) => {
-                        settled(delivery.ack().await);
-                        scratch.ctx = Some(ctx);
-                        return;
-                    }
-                    Err(error) => error,
-                };
-                handles.errors.increment(1);
-                let now = self.clock.now();
-                let first = *first_failure.get_or_insert(now);
-                let delay = if error.is_retryable() {
-                    self.retry.delay_after(ctx.attempt)
-                } else {
-                    None
-                };
-                match (delay, self.mode) {
-                    (Some(delay), RetryMode::InPlace) => {
-                        handles.retries.increment(1);
-                        tracing::debug!(
-                            attempt = ctx.attempt,
-                            ?delay,
-                            error = error.message(),
-                            "retrying in place"
-                        );
-                        self.clock.sleep(delay).await;
-                        let next = Arc::make_mut(&mut ctx);
-                        next.attempt += 1;
-                        next.last_error = Some(error.message().to_owned());
-                    }
-                    (Some(delay), RetryMode::Redeliver) => {
-                        handles.retries.increment(1);
-                        tracing::debug!(
-                            attempt = ctx.attempt,
-                            ?delay,
-                            error = error.message(),
-                            "nacked for redelivery"
-                        );
-                        settled(delivery.nack(delay, error.message()).await);
-                        return;
-                    }
-                    (None, _) => {
+        };
+        if let (Some(filter), Some(event)) = (&self.filter, &next_event)
+            && !filter(event)
+        {
+            handles.filtered.increment(1);
+            settled(delivery.ack().await);
+            return;
+        }
+        let mut ctx = self.context(&delivery, ctx_cache);
+        let mut first_failure = (delivery.attempt() > 1).then(|| delivery.first_attempt_at());
+        loop {
+            let event = match next_event.take() {
+                Some(event) => event,
+                None => match self.schemas.upcast(delivery.event().clone()) {
+                    Ok(event) => event,
+                    // It upcast for the first attempt; schemas changed in between.
+                    Err(error) => {
                         handles.dead_lettered.increment(1);
-                        tracing::warn!(
-                            attempt = ctx.attempt,
-                            error = error.message(),
-                            "dead-lettered"
-                        );
+                        let now = self.clock.now();
+                        let reason = format!("cannot upcast the event: {error}");
+                        let first = first_failure.unwrap_or(now);
                         settled(
                             delivery
-                                .dead_letter_after(error.message(), ctx.attempt, first, now)
+                                .dead_letter_after(reason, ctx.attempt, first, now)
                                 .await,
                         );
                         return;
                     }
+                },
+            };
+            handles.delivered.increment(1);
+            self.metrics.in_flight.increment(1.0);
+            let started = self.timer.raw();
+            let outcome = self.attempt(event, &ctx, slot).await;
+            let nanos = self.timer.delta_as_nanos(started, self.timer.raw());
+            handles.duration.record(nanos as f64 / 1e9);
+            self.metrics.in_flight.decrement(1.0);
+            let error = match outcome {
+                Ok(()) => {
+                    settled(delivery.ack().await);
+                    *ctx_cache = Some(ctx);
+                    return;
+                }
+                Err(error) => error,
+            };
+            handles.errors.increment(1);
+            let now = self.clock.now();
+            let first = *first_failure.get_or_insert(now);
+            let delay = if error.is_retryable() {
+                self.retry.delay_after(ctx.attempt)
+            } else {
+                None
+            };
+            match (delay, self.mode) {
+                (Some(delay), RetryMode::InPlace) => {
+                    handles.retries.increment(1);
+                    tracing::debug!(
+                        attempt = ctx.attempt,
+                        ?delay,
+                        error = error.message(),
+                        "retrying in place"
+                    );
+                    self.clock.sleep(delay).await;
+                    let next = Arc::make_mut(&mut ctx);
+                    next.attempt += 1;
+                    next.last_error = Some(error.message().to_owned());
+                }
+                (Some(delay), RetryMode::Redeliver) => {
+                    handles.retries.increment(1);
+                    tracing::debug!(
+                        attempt = ctx.attempt,
+                        ?delay,
+                        error = error.message(),
+                        "nacked for redelivery"
+                    );
+                    settled(delivery.nack(delay, error.message()).await);
+                    return;
+                }
+                (None, _) => {
+                    handles.dead_lettered.increment(1);
+                    tracing::warn!(
+                        attempt = ctx.attempt,
+                        error = error.message(),
+                        "dead-lettered"
+                    );
+                    settled(
+                        delivery
+                            .dead_letter_after(error.message(), ctx.attempt, first, now)
+                            .await,
+                    );
+                    return;
                 }
             }
-        };
-        // Pinned in place: moving the (large) future into either branch would copy it.
-        let mut work = std::pin::pin!(work);
-        if span.is_disabled() {
-            work.await;
-        } else {
-            work.as_mut().instrument(span).await;
         }
     }
 

@@ -707,3 +707,54 @@ async fn unsubscribe_stops_delivery() {
     bus.publish(event("u.a", 2)).await.unwrap();
     nothing_more(&mut rx).await;
 }
+
+/// What a handler saw of its delivery context: before and after an await, and from a task
+/// it spawned.
+type Seen = (Option<String>, Option<String>, bool);
+
+#[tokio::test]
+async fn the_delivery_context_is_current_on_every_poll_of_the_handler_and_only_there() {
+    let bus = EventBus::new(Arc::new(InProcessTransport::new()));
+    let (tx, mut rx) = mpsc::channel::<Seen>(4);
+    let handler: Arc<dyn EventHandler> = Arc::new(move |_e: EventEnvelope| {
+        let tx = tx.clone();
+        async move {
+            let name = || DeliveryContext::current().map(|c| c.subscription.to_string());
+            let before = name();
+            // Suspends the handler: the next poll must set the context again.
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            let after = name();
+            let spawned = tokio::spawn(async { DeliveryContext::current().is_some() })
+                .await
+                .unwrap();
+            tx.send((before, after, spawned)).await.unwrap();
+            Ok::<_, HandlerError>(())
+        }
+    });
+    bus.subscribe_with(
+        SubscriptionConfig::new("ctx.*").named("ctx-reader"),
+        handler,
+    )
+    .await
+    .unwrap();
+    for _ in 0..2 {
+        bus.publish(EventEnvelope::new("ctx.checked", &json!({})).unwrap())
+            .await
+            .unwrap();
+        let (before, after, spawned) = timeout(WAIT, rx.recv()).await.unwrap().unwrap();
+        assert_eq!(before.as_deref(), Some("ctx-reader"));
+        assert_eq!(
+            after.as_deref(),
+            Some("ctx-reader"),
+            "set again after an await"
+        );
+        assert!(
+            !spawned,
+            "a task the handler spawns has no delivery context"
+        );
+    }
+    assert!(
+        DeliveryContext::current().is_none(),
+        "no context outside a handler"
+    );
+}

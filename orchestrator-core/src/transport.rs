@@ -122,8 +122,8 @@ pub trait Settler: Send + Sync {
 pub struct Returned {
     /// The event.
     pub event: EventEnvelope,
-    /// The topic it was published to.
-    pub topic: Arc<str>,
+    /// The topic it was published to; `None` when that is the event's type.
+    pub topic: Option<Arc<str>>,
     /// The attempt the delivery was (the next one is `attempt + 1`).
     pub attempt: u32,
     /// When it was first delivered to the group.
@@ -143,7 +143,9 @@ enum Acker {
 /// One event handed to one consumer of a group.
 pub struct Delivery {
     event: EventEnvelope,
-    topic: Arc<str>,
+    /// `None`: the event's type (no reference count per delivery on a string that
+    /// publishers share).
+    topic: Option<Arc<str>>,
     group: Arc<str>,
     attempt: u32,
     first_attempt_at: DateTime<Utc>,
@@ -165,7 +167,7 @@ impl std::fmt::Debug for Delivery {
         f.debug_struct("Delivery")
             .field("event_id", self.event.id())
             .field("event_type", &self.event.event_type())
-            .field("topic", &self.topic)
+            .field("topic", &self.topic())
             .field("group", &self.group)
             .field("attempt", &self.attempt)
             .finish_non_exhaustive()
@@ -175,8 +177,9 @@ impl std::fmt::Debug for Delivery {
 /// The redelivery history a transport keeps with a message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeliveryInfo {
-    /// The topic it was published to.
-    pub topic: Arc<str>,
+    /// The topic it was published to; `None` when that is the event's type, as on the
+    /// event bus (which spares a reference count per delivery).
+    pub topic: Option<Arc<str>>,
     /// The consumer group it is delivered to.
     pub group: Arc<str>,
     /// 1 for the first delivery, 2 for the first redelivery, …
@@ -219,7 +222,7 @@ impl Delivery {
     fn returned(&mut self) -> Returned {
         Returned {
             event: self.event.clone(),
-            topic: Arc::clone(&self.topic),
+            topic: self.topic.clone(),
             attempt: self.attempt,
             first_attempt_at: self.first_attempt_at,
             last_error: self.last_error.take(),
@@ -233,12 +236,18 @@ impl Delivery {
 
     /// The topic it was published to.
     pub fn topic(&self) -> &str {
-        &self.topic
+        match &self.topic {
+            Some(topic) => topic,
+            None => self.event.event_type(),
+        }
     }
 
     /// The topic, shared (a reference count, no copy).
     pub fn topic_shared(&self) -> Arc<str> {
-        Arc::clone(&self.topic)
+        match &self.topic {
+            Some(topic) => Arc::clone(topic),
+            None => self.event.event_type_shared(),
+        }
     }
 
     /// The consumer group it was delivered to.
@@ -301,7 +310,7 @@ impl Delivery {
     ) -> Result<()> {
         let letter = DeadLetter::new(
             self.event.clone(),
-            self.topic.to_string(),
+            self.topic().to_owned(),
             self.group.to_string(),
             reason.into(),
             attempts.max(self.attempt),

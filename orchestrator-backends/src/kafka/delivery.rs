@@ -40,7 +40,7 @@ impl DeliveryStream for KafkaDeliveryStream {
                 continue;
             }
             let info = DeliveryInfo {
-                topic: Arc::clone(&p.topic),
+                topic: Some(Arc::clone(&p.topic)),
                 group: self.sub.group.as_str().into(),
                 attempt: p.attempt,
                 first_attempt_at: p.first_attempt_at,

@@ -165,7 +165,7 @@ impl RabbitMqDeliveryStream {
             }
         };
         let info = DeliveryInfo {
-            topic: topic.as_str().into(),
+            topic: Some(topic.as_str().into()),
             group: self.options.group.as_str().into(),
             attempt,
             first_attempt_at,

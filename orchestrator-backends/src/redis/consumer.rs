@@ -505,7 +505,7 @@ impl Reader {
         match decoded {
             Ok(event) => Ok(Pending {
                 info: DeliveryInfo {
-                    topic: topic.into(),
+                    topic: Some(topic.into()),
                     group: self.options.group.as_str().into(),
                     attempt,
                     first_attempt_at,

@@ -358,13 +358,21 @@ impl Drop for WaitingConsumer<'_> {
     }
 }
 
-/// An event waiting in a group's queue, with its delivery history.
+/// An event waiting in a group's queue. Kept small, since the queue moves it twice: a
+/// first delivery carries no history, and an event published to the topic named by its
+/// type (as on the bus) carries no topic.
 struct Message {
     event: EventEnvelope,
-    topic: Arc<str>,
+    /// `None`: the event's type.
+    topic: Option<Arc<str>>,
+    /// `None` for a first delivery.
+    history: Option<Box<History>>,
+}
+
+/// The delivery history of an event delivered before.
+struct History {
     attempt: u32,
-    /// Set when the event is first handed to a consumer.
-    first_attempt_at: Option<DateTime<Utc>>,
+    first_attempt_at: DateTime<Utc>,
     last_error: Option<String>,
 }
 
@@ -374,19 +382,22 @@ impl Message {
         Self {
             event: returned.event,
             topic: returned.topic,
-            attempt: returned.attempt.saturating_add(1),
-            first_attempt_at: Some(returned.first_attempt_at),
-            last_error: error.or(returned.last_error),
+            history: Some(Box::new(History {
+                attempt: returned.attempt.saturating_add(1),
+                first_attempt_at: returned.first_attempt_at,
+                last_error: error.or(returned.last_error),
+            })),
         }
     }
 
-    fn new(event: EventEnvelope, topic: Arc<str>) -> Self {
+    /// A first delivery of `event`, published to `topic`.
+    fn new(event: EventEnvelope, topic: &Arc<str>) -> Self {
+        let topic =
+            (!crate::fasthash::same_str(topic, event.event_type())).then(|| Arc::clone(topic));
         Self {
             event,
             topic,
-            attempt: 1,
-            first_attempt_at: None,
-            last_error: None,
+            history: None,
         }
     }
 }
@@ -643,11 +654,10 @@ async fn send_to(route: &Route, event: EventEnvelope) -> Result<()> {
         return Ok(());
     };
     for group in others {
-        let message = Message::new(event.clone(), Arc::clone(&route.topic));
+        let message = Message::new(event.clone(), &route.topic);
         group.send(message).await?;
     }
-    last.send(Message::new(event, Arc::clone(&route.topic)))
-        .await
+    last.send(Message::new(event, &route.topic)).await
 }
 
 #[async_trait]
@@ -727,7 +737,7 @@ impl Transport for InProcessTransport {
                 "consumer group `{group}` on the in-process transport (it was never subscribed)"
             ),
         })?;
-        queue.send(Message::new(event, Arc::from(topic))).await
+        queue.send(Message::new(event, &Arc::from(topic))).await
     }
 
     fn dead_letter_queue(&self) -> Arc<dyn DeadLetterQueue> {
@@ -777,15 +787,21 @@ impl Subscription {
     /// Hands `message` out as a delivery that settles with its group. `now` is read from
     /// the clock once per batch, when a first delivery needs it.
     fn deliver(&self, message: Message, now: &mut Option<DateTime<Utc>>) -> Delivery {
-        let first_attempt_at = message
-            .first_attempt_at
-            .unwrap_or_else(|| *now.get_or_insert_with(|| self.group.clock.now()));
-        let info = DeliveryInfo {
-            topic: message.topic,
-            group: Arc::clone(&self.group.name),
-            attempt: message.attempt,
-            first_attempt_at,
-            last_error: message.last_error,
+        let info = match message.history {
+            None => DeliveryInfo {
+                topic: message.topic,
+                group: Arc::clone(&self.group.name),
+                attempt: 1,
+                first_attempt_at: *now.get_or_insert_with(|| self.group.clock.now()),
+                last_error: None,
+            },
+            Some(history) => DeliveryInfo {
+                topic: message.topic,
+                group: Arc::clone(&self.group.name),
+                attempt: history.attempt,
+                first_attempt_at: history.first_attempt_at,
+                last_error: history.last_error,
+            },
         };
         // The delivery carries everything needed to queue it again (see `GroupSettler`):
         // no per-delivery settle state, no allocation.
