@@ -324,10 +324,14 @@ impl Control {
         if tokio::time::timeout(deadline, &mut task).await.is_ok() {
             return Vec::new();
         }
-        let unfinished = self.runner.unfinished();
+        // Deliveries spread over tasks (concurrency above 1) are listed before the abort
+        // drops their tickets; the one-at-a-time loop records what it held as it is
+        // dropped.
+        let mut unfinished = self.runner.unfinished();
         task.abort();
         // Wait for the abort to drop the held deliveries back to the transport.
         let _ = task.await;
+        unfinished.extend(self.runner.take_abandoned());
         tracing::warn!(
             subscription = %self.name,
             unfinished = unfinished.len(),

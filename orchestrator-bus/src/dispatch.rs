@@ -5,7 +5,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::Poll;
 use std::time::Duration;
@@ -53,10 +53,8 @@ pub(crate) struct Runner {
     timer: &'static quanta::Clock,
     /// Deliveries received and not yet settled, for the shutdown report.
     holding: Mutex<HashMap<u64, (EventId, Arc<str>)>>,
-    /// With concurrency 1: the batch of deliveries being handled one after another
-    /// (cheaper than the map), of which the first `batch_done` are settled.
-    batch: Mutex<Vec<EventEnvelope>>,
-    batch_done: AtomicUsize,
+    /// With concurrency 1: what the loop held when its task was aborted (see [`Held`]).
+    abandoned: Mutex<Vec<Unfinished>>,
     next_ticket: AtomicU64,
 }
 
@@ -74,6 +72,49 @@ struct Scratch<'a> {
     ctx: Option<Arc<DeliveryContext>>,
     /// Where the handler's calls run, one after another in one allocation.
     slot: HandlerSlot<'a>,
+}
+
+/// The deliveries the one-at-a-time loop (concurrency 1) holds: the one being handled and
+/// the rest of its batch (in reverse order, taken from the end). When a shutdown deadline
+/// aborts the loop's task, dropping this records them as unfinished; they then go back to
+/// the transport, in their order, to be delivered again.
+struct Held<'r> {
+    runner: &'r Runner,
+    current: Option<Delivery>,
+    rest: Vec<Delivery>,
+}
+
+impl Held<'_> {
+    /// Hands the deliveries not handled back to the transport, in their order, without
+    /// reporting them: the loop stopped in time.
+    fn release(&mut self) {
+        drop(self.current.take());
+        while let Some(delivery) = self.rest.pop() {
+            drop(delivery);
+        }
+    }
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        let held: Vec<Unfinished> = self
+            .current
+            .iter()
+            .chain(self.rest.iter().rev())
+            .map(|d| {
+                self.runner
+                    .unfinished_entry(d.event().id(), d.event().event_type())
+            })
+            .collect();
+        if !held.is_empty() {
+            self.runner
+                .abandoned
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .extend(held);
+        }
+        self.release();
+    }
 }
 
 /// The process-wide handler timer (see [`Runner::timer`]).
@@ -113,8 +154,7 @@ impl Runner {
             metrics,
             timer: timer(),
             holding: Mutex::new(HashMap::new()),
-            batch: Mutex::new(Vec::new()),
-            batch_done: AtomicUsize::new(0),
+            abandoned: Mutex::new(Vec::new()),
             next_ticket: AtomicU64::new(0),
         }
     }
@@ -124,46 +164,32 @@ impl Runner {
         self.holding.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn batch(&self) -> std::sync::MutexGuard<'_, Vec<EventEnvelope>> {
-        // Cleared and refilled only; a poisoned lock still holds a consistent list.
-        self.batch.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// The deliveries received and not yet settled.
+    /// The deliveries received with concurrency above 1 and not yet settled. Read before
+    /// aborting the task (the abort drops their tickets).
     pub(crate) fn unfinished(&self) -> Vec<Unfinished> {
-        let batch = self.batch();
-        let done = self.batch_done.load(Ordering::Acquire).min(batch.len());
         self.holding()
             .values()
-            .map(|(id, t)| (id, &**t))
-            .chain(batch[done..].iter().map(|e| (e.id(), e.event_type())))
-            .map(|(id, t)| Unfinished {
-                subscription: self.name.to_string(),
-                event_id: id.clone(),
-                event_type: t.to_owned(),
-            })
+            .map(|(id, event_type)| self.unfinished_entry(id, event_type))
             .collect()
     }
 
-    /// Records a batch taken by the one-at-a-time loop (concurrency 1).
-    fn track_batch(&self, deliveries: &[Delivery]) {
-        let mut batch = self.batch();
-        batch.clear();
-        // Envelope clones: one reference count each, on memory the delivery just touched.
-        batch.extend(deliveries.iter().map(|d| d.event().clone()));
-        self.batch_done.store(0, Ordering::Release);
+    /// What the one-at-a-time loop (concurrency 1) held when its task was aborted. Read
+    /// after the abort completed.
+    pub(crate) fn take_abandoned(&self) -> Vec<Unfinished> {
+        std::mem::take(
+            &mut *self
+                .abandoned
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner),
+        )
     }
 
-    /// Forgets the tracked batch: all of it is settled or handed back.
-    fn finish_batch(&self) {
-        self.batch().clear();
-        self.batch_done.store(0, Ordering::Release);
-    }
-
-    /// Records that the first `done` deliveries of the tracked batch are settled (or
-    /// handed back to the transport).
-    fn batch_progress(&self, done: usize) {
-        self.batch_done.store(done, Ordering::Release);
+    fn unfinished_entry(&self, id: &EventId, event_type: &str) -> Unfinished {
+        Unfinished {
+            subscription: self.name.to_string(),
+            event_id: id.clone(),
+            event_type: event_type.to_owned(),
+        }
     }
 
     fn track(self: &Arc<Self>, delivery: &Delivery) -> Ticket {
@@ -222,9 +248,14 @@ impl Runner {
         })
     }
 
-    /// Handles one delivery to the end — acked, nacked for a retry, or dead-lettered —
-    /// inside a `bus.handle` span when tracing wants one.
-    async fn process<'a>(&'a self, delivery: Delivery, scratch: &mut Scratch<'a>) {
+    /// Handles the delivery in `current` to the end — acked, nacked for a retry, or
+    /// dead-lettered — inside a `bus.handle` span when tracing wants one. The delivery
+    /// stays in `current` until it is settled, so that whoever holds `current` can tell
+    /// what was left unsettled if this is cancelled.
+    async fn process<'a>(&'a self, current: &mut Option<Delivery>, scratch: &mut Scratch<'a>) {
+        let Some(delivery) = current.as_ref() else {
+            return;
+        };
         let span = tracing::info_span!(
             "bus.handle",
             subscription = %self.name,
@@ -233,19 +264,22 @@ impl Runner {
             attempt = delivery.attempt(),
         );
         if span.is_disabled() {
-            self.handle(delivery, scratch).await;
+            self.handle(current, scratch).await;
         } else {
-            self.handle(delivery, scratch).instrument(span).await;
+            self.handle(current, scratch).instrument(span).await;
         }
     }
 
     /// See [`process`](Self::process).
-    async fn handle<'a>(&'a self, delivery: Delivery, scratch: &mut Scratch<'a>) {
+    async fn handle<'a>(&'a self, current: &mut Option<Delivery>, scratch: &mut Scratch<'a>) {
         let Scratch {
             handles: handles_cache,
             ctx: ctx_cache,
             slot,
         } = scratch;
+        let Some(delivery) = current.as_ref() else {
+            return;
+        };
         let handles = self.handles(delivery.event(), handles_cache);
         // The event each attempt hands to the handler (upcast again for a retry, which
         // spares the first attempt a copy kept for later).
@@ -255,8 +289,10 @@ impl Runner {
                 handles.dead_lettered.increment(1);
                 let now = self.clock.now();
                 let reason = format!("cannot upcast the event: {error}");
-                let attempt = delivery.attempt();
-                settled(delivery.dead_letter_after(reason, attempt, now, now).await);
+                if let Some(delivery) = current.take() {
+                    let attempt = delivery.attempt();
+                    settled(delivery.dead_letter_after(reason, attempt, now, now).await);
+                }
                 return;
             }
         };
@@ -264,12 +300,17 @@ impl Runner {
             && !filter(event)
         {
             handles.filtered.increment(1);
-            settled(delivery.ack().await);
+            if let Some(delivery) = current.take() {
+                settled(delivery.ack().await);
+            }
             return;
         }
-        let mut ctx = self.context(&delivery, ctx_cache);
+        let mut ctx = self.context(delivery, ctx_cache);
         let mut first_failure = (delivery.attempt() > 1).then(|| delivery.first_attempt_at());
         loop {
+            let Some(delivery) = current.as_ref() else {
+                return;
+            };
             let event = match next_event.take() {
                 Some(event) => event,
                 None => match self.schemas.upcast(delivery.event().clone()) {
@@ -280,11 +321,13 @@ impl Runner {
                         let now = self.clock.now();
                         let reason = format!("cannot upcast the event: {error}");
                         let first = first_failure.unwrap_or(now);
-                        settled(
-                            delivery
-                                .dead_letter_after(reason, ctx.attempt, first, now)
-                                .await,
-                        );
+                        if let Some(delivery) = current.take() {
+                            settled(
+                                delivery
+                                    .dead_letter_after(reason, ctx.attempt, first, now)
+                                    .await,
+                            );
+                        }
                         return;
                     }
                 },
@@ -298,7 +341,9 @@ impl Runner {
             self.metrics.in_flight.decrement(1.0);
             let error = match outcome {
                 Ok(()) => {
-                    settled(delivery.ack().await);
+                    if let Some(delivery) = current.take() {
+                        settled(delivery.ack().await);
+                    }
                     *ctx_cache = Some(ctx);
                     return;
                 }
@@ -334,7 +379,9 @@ impl Runner {
                         error = error.message(),
                         "nacked for redelivery"
                     );
-                    settled(delivery.nack(delay, error.message()).await);
+                    if let Some(delivery) = current.take() {
+                        settled(delivery.nack(delay, error.message()).await);
+                    }
                     return;
                 }
                 (None, _) => {
@@ -344,11 +391,13 @@ impl Runner {
                         error = error.message(),
                         "dead-lettered"
                     );
-                    settled(
-                        delivery
-                            .dead_letter_after(error.message(), ctx.attempt, first, now)
-                            .await,
-                    );
+                    if let Some(delivery) = current.take() {
+                        settled(
+                            delivery
+                                .dead_letter_after(error.message(), ctx.attempt, first, now)
+                                .await,
+                        );
+                    }
                     return;
                 }
             }
@@ -451,6 +500,11 @@ pub(crate) async fn run(
     let mut batch: Vec<Delivery> = Vec::with_capacity(BATCH);
     let mut permits: Vec<OwnedSemaphorePermit> = Vec::new();
     let mut scratch = Scratch::default();
+    let mut held = Held {
+        runner: &runner,
+        current: None,
+        rest: Vec::with_capacity(BATCH),
+    };
     // Checked between the deliveries of a batch, without a waiter.
     let stop_flag = stop.clone();
     let is_stopped = move || stop_flag.has_changed().unwrap_or(true);
@@ -487,7 +541,10 @@ pub(crate) async fn run(
         let next = tokio::select! {
             biased;
             _ = &mut stopped => break,
-            next = stream.next_batch(max, &mut batch) => next,
+            next = stream.next_batch(
+                max,
+                if concurrency == 1 { &mut held.rest } else { &mut batch },
+            ) => next,
         };
         match next {
             Ok(true) => {}
@@ -512,18 +569,16 @@ pub(crate) async fn run(
         }
         receive_failures = 0;
         if concurrency == 1 {
-            runner.track_batch(&batch);
-            let mut done = 0;
-            for delivery in batch.drain(..) {
+            held.rest.reverse();
+            while !held.rest.is_empty() {
                 if is_stopped() {
-                    // Dropped unsettled with the rest of the batch: redelivered.
+                    // Handed back unhandled with the rest of the batch: redelivered.
+                    held.release();
                     break;
                 }
-                runner.process(delivery, &mut scratch).await;
-                done += 1;
-                runner.batch_progress(done);
+                held.current = held.rest.pop();
+                runner.process(&mut held.current, &mut scratch).await;
             }
-            runner.finish_batch();
             continue;
         }
         // The transport hands out at most `max` deliveries; surplus permits go back.
@@ -558,7 +613,9 @@ pub(crate) async fn run(
                     // The semaphore is never closed, so acquiring only fails if it were.
                     let _slot = running.acquire_owned().await;
                     let Job { delivery, .. } = job;
-                    runner.process(delivery, &mut Scratch::default()).await;
+                    runner
+                        .process(&mut Some(delivery), &mut Scratch::default())
+                        .await;
                 });
             }
         }
@@ -585,7 +642,9 @@ async fn key_chain(
                 _ticket,
                 _buffered,
             } = job;
-            runner.process(delivery, &mut Scratch::default()).await;
+            runner
+                .process(&mut Some(delivery), &mut Scratch::default())
+                .await;
         }
         let mut queues = keys.lock().unwrap_or_else(PoisonError::into_inner);
         match queues.get_mut(&key).and_then(VecDeque::pop_front) {

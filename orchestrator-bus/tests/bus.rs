@@ -11,8 +11,8 @@ use async_trait::async_trait;
 use orchestrator_bus::middleware::{DeliveryContext, Middleware, Next};
 use orchestrator_bus::{EventBus, InProcessTransport, RetryMode, SubscriptionConfig};
 use orchestrator_core::{
-    DeadLetterQuery, Error, EventEnvelope, EventHandler, HandlerError, Jitter, ManualClock,
-    RetryPolicy, Transport,
+    DeadLetterQuery, Error, EventEnvelope, EventHandler, EventId, HandlerError, Jitter,
+    ManualClock, RetryPolicy, Transport,
 };
 use serde_json::json;
 use tokio::sync::mpsc;
@@ -757,4 +757,57 @@ async fn the_delivery_context_is_current_on_every_poll_of_the_handler_and_only_t
         DeliveryContext::current().is_none(),
         "no context outside a handler"
     );
+}
+
+#[tokio::test]
+async fn shutdown_hands_back_a_held_batch_in_order_and_reports_it() {
+    let transport = Arc::new(InProcessTransport::new());
+    let bus = EventBus::new(transport.clone());
+    let (started_tx, mut started_rx) = mpsc::unbounded_channel();
+    bus.subscribe_with(
+        SubscriptionConfig::new("held.#").named("held-batch"),
+        Arc::new(move |e: EventEnvelope| {
+            let started_tx = started_tx.clone();
+            async move {
+                started_tx.send(e).ok();
+                std::future::pending::<()>().await;
+                Ok::<_, HandlerError>(())
+            }
+        }),
+    )
+    .await
+    .unwrap();
+    let events: Vec<EventEnvelope> = (0..5).map(|n| event("held.job", n)).collect();
+    // One publish of the whole batch: the consumer wakes to a queue holding all five.
+    transport
+        .publish_batch("held.job", events.clone())
+        .await
+        .unwrap();
+    let first = recv(&mut started_rx).await;
+    assert_eq!(first.id(), events[0].id(), "the first is handled first");
+    let report = bus.shutdown(Duration::from_millis(50)).await;
+    let reported: Vec<&EventId> = report.unfinished.iter().map(|u| &u.event_id).collect();
+    let expected: Vec<&EventId> = events.iter().map(EventEnvelope::id).collect();
+    assert_eq!(
+        reported, expected,
+        "the one in flight, then the rest of its batch"
+    );
+    assert!(
+        report
+            .unfinished
+            .iter()
+            .all(|u| u.subscription == "held-batch")
+    );
+
+    // Nothing lost, order kept: all five come back, each as its second attempt.
+    let mut again = transport
+        .subscribe(orchestrator_core::SubscribeOptions::new("held-batch", "held.#").unwrap())
+        .await
+        .unwrap();
+    for expected in &events {
+        let d = timeout(WAIT, again.next()).await.unwrap().unwrap().unwrap();
+        assert_eq!(d.event().id(), expected.id());
+        assert_eq!(d.attempt(), 2);
+        d.ack().await.unwrap();
+    }
 }
