@@ -174,7 +174,10 @@ impl EventBus {
         let publish = async {
             match &self.direct {
                 // The in-process transport, called without a boxed future.
-                Some(direct) => direct.publish_direct(event).await,
+                Some(direct) => match direct.publish_direct(event)? {
+                    None => Ok(()),
+                    Some(unsent) => direct.send_rest(unsent).await,
+                },
                 None => {
                     let topic = event.event_type_shared();
                     // `as_ref`: the transport itself, not the boxing `Arc<T>` forwarding impl.

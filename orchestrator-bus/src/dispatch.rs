@@ -19,7 +19,7 @@ use tokio::task::JoinSet;
 use tracing::Instrument as _;
 
 use crate::metrics::{Handles, SubscriptionMetrics};
-use crate::middleware::{DeliveryContext, Middleware, Next};
+use crate::middleware::{ContextRef, Middleware, Next};
 use crate::subscription::{Filter, RetryMode, Transform};
 
 /// An event a subscription was handling or holding when it was stopped.
@@ -68,8 +68,6 @@ const BATCH: usize = 64;
 struct Scratch<'a> {
     /// The metric handles of the last event type handled.
     handles: Option<(Arc<str>, Arc<Handles>)>,
-    /// The last delivery context, reused when no handler kept a reference to it.
-    ctx: Option<Arc<DeliveryContext>>,
     /// Where the handler's calls run, one after another in one allocation.
     slot: HandlerSlot<'a>,
 }
@@ -221,33 +219,6 @@ impl Runner {
         handles
     }
 
-    /// The context of one delivery, reusing `cached` when nobody holds it.
-    fn context(
-        &self,
-        delivery: &Delivery,
-        cached: &mut Option<Arc<DeliveryContext>>,
-    ) -> Arc<DeliveryContext> {
-        if let Some(mut ctx) = cached.take()
-            && let Some(fields) = Arc::get_mut(&mut ctx)
-        {
-            // Most deliveries share the previous one's topic: keep it, no reference count.
-            if !crate::fasthash::same_str(&fields.topic, delivery.topic()) {
-                fields.topic = delivery.topic_shared();
-            }
-            fields.attempt = delivery.attempt();
-            fields.last_error = delivery.last_error().map(str::to_owned);
-            fields.first_attempt_at = delivery.first_attempt_at();
-            return ctx;
-        }
-        Arc::new(DeliveryContext {
-            subscription: Arc::clone(&self.name),
-            topic: delivery.topic_shared(),
-            attempt: delivery.attempt(),
-            last_error: delivery.last_error().map(str::to_owned),
-            first_attempt_at: delivery.first_attempt_at(),
-        })
-    }
-
     /// Handles the delivery in `current` to the end — acked, nacked for a retry, or
     /// dead-lettered — inside a `bus.handle` span when tracing wants one. The delivery
     /// stays in `current` until it is settled, so that whoever holds `current` can tell
@@ -274,7 +245,6 @@ impl Runner {
     async fn handle<'a>(&'a self, current: &mut Option<Delivery>, scratch: &mut Scratch<'a>) {
         let Scratch {
             handles: handles_cache,
-            ctx: ctx_cache,
             slot,
         } = scratch;
         let Some(delivery) = current.as_ref() else {
@@ -305,7 +275,10 @@ impl Runner {
             }
             return;
         }
-        let mut ctx = self.context(delivery, ctx_cache);
+        // The attempt and last error the handler sees: the delivery's, then counted here
+        // across in-place retries.
+        let mut attempt = delivery.attempt();
+        let mut retried_after: Option<String> = None;
         let mut first_failure = (delivery.attempt() > 1).then(|| delivery.first_attempt_at());
         loop {
             let Some(delivery) = current.as_ref() else {
@@ -324,7 +297,7 @@ impl Runner {
                         if let Some(delivery) = current.take() {
                             settled(
                                 delivery
-                                    .dead_letter_after(reason, ctx.attempt, first, now)
+                                    .dead_letter_after(reason, attempt, first, now)
                                     .await,
                             );
                         }
@@ -335,7 +308,33 @@ impl Runner {
             handles.delivered.increment(1);
             self.metrics.in_flight.increment(1.0);
             let started = self.timer.raw();
-            let outcome = self.attempt(event, &ctx, slot).await;
+            // One attempt: transform, middleware, handler, with `ctx` as the current
+            // context; a panic is a retryable failure. Without middleware the handler runs
+            // in `slot`, reusing the allocation of the previous call.
+            let outcome = match &self.transform {
+                Some(transform) => transform(event),
+                None => Ok(event),
+            };
+            let ctx = ContextRef {
+                subscription: &self.name,
+                delivery,
+                attempt,
+                last_error: retried_after.as_deref().or(delivery.last_error()),
+            };
+            let outcome = match outcome {
+                Err(error) => Err(error),
+                Ok(event) if self.chain.is_empty() => {
+                    let mut call = self.handler.handle_in(event, slot);
+                    std::future::poll_fn(|cx| poll_guarded(&ctx, call.as_mut(), cx)).await
+                }
+                Ok(event) => {
+                    let value = ctx.to_context();
+                    // Boxed: keeps this future small for the common case above.
+                    let mut run =
+                        Box::pin(Next::new(&self.chain, self.handler.as_ref()).run(event, &value));
+                    std::future::poll_fn(|cx| poll_guarded(&ctx, run.as_mut(), cx)).await
+                }
+            };
             let nanos = self.timer.delta_as_nanos(started, self.timer.raw());
             handles.duration.record(nanos as f64 / 1e9);
             self.metrics.in_flight.decrement(1.0);
@@ -344,7 +343,6 @@ impl Runner {
                     if let Some(delivery) = current.take() {
                         settled(delivery.ack().await);
                     }
-                    *ctx_cache = Some(ctx);
                     return;
                 }
                 Err(error) => error,
@@ -353,7 +351,7 @@ impl Runner {
             let now = self.clock.now();
             let first = *first_failure.get_or_insert(now);
             let delay = if error.is_retryable() {
-                self.retry.delay_after(ctx.attempt)
+                self.retry.delay_after(attempt)
             } else {
                 None
             };
@@ -361,20 +359,19 @@ impl Runner {
                 (Some(delay), RetryMode::InPlace) => {
                     handles.retries.increment(1);
                     tracing::debug!(
-                        attempt = ctx.attempt,
+                        attempt,
                         ?delay,
                         error = error.message(),
                         "retrying in place"
                     );
                     self.clock.sleep(delay).await;
-                    let next = Arc::make_mut(&mut ctx);
-                    next.attempt += 1;
-                    next.last_error = Some(error.message().to_owned());
+                    attempt += 1;
+                    retried_after = Some(error.message().to_owned());
                 }
                 (Some(delay), RetryMode::Redeliver) => {
                     handles.retries.increment(1);
                     tracing::debug!(
-                        attempt = ctx.attempt,
+                        attempt,
                         ?delay,
                         error = error.message(),
                         "nacked for redelivery"
@@ -386,15 +383,11 @@ impl Runner {
                 }
                 (None, _) => {
                     handles.dead_lettered.increment(1);
-                    tracing::warn!(
-                        attempt = ctx.attempt,
-                        error = error.message(),
-                        "dead-lettered"
-                    );
+                    tracing::warn!(attempt, error = error.message(), "dead-lettered");
                     if let Some(delivery) = current.take() {
                         settled(
                             delivery
-                                .dead_letter_after(error.message(), ctx.attempt, first, now)
+                                .dead_letter_after(error.message(), attempt, first, now)
                                 .await,
                         );
                     }
@@ -403,36 +396,25 @@ impl Runner {
             }
         }
     }
-
-    /// One attempt: transform, middleware, handler, with `ctx` as the current
-    /// [`DeliveryContext`]; a panic is a retryable failure. Without middleware the handler
-    /// runs in `slot`, reusing the allocation of the previous call.
-    async fn attempt<'a>(
-        &'a self,
-        event: EventEnvelope,
-        ctx: &Arc<DeliveryContext>,
-        slot: &mut HandlerSlot<'a>,
-    ) -> Result<(), HandlerError> {
-        let event = match &self.transform {
-            Some(transform) => transform(event)?,
-            None => event,
-        };
-        if self.chain.is_empty() {
-            guarded(ctx, self.handler.handle_in(event, slot)).await
-        } else {
-            let run = Next::new(&self.chain, self.handler.as_ref()).run(event, ctx);
-            guarded(ctx, std::pin::pin!(run)).await
-        }
-    }
 }
 
-/// Runs a handler call to its end with `ctx` as the current context; a panic ends it as a
+/// Whether no subscriber could want a `bus.handle` span (an INFO span): then the loop
+/// skips making one per delivery.
+fn spans_off() -> bool {
+    tracing::level_filters::LevelFilter::current() < tracing::Level::INFO
+}
+
+/// Polls a handler call once with `ctx` as the current context; a panic ends it as a
 /// retryable failure.
-async fn guarded<F>(ctx: &Arc<DeliveryContext>, mut call: Pin<&mut F>) -> Result<(), HandlerError>
+fn poll_guarded<F>(
+    ctx: &ContextRef<'_>,
+    call: Pin<&mut F>,
+    cx: &mut std::task::Context<'_>,
+) -> Poll<Result<(), HandlerError>>
 where
     F: Future<Output = Result<(), HandlerError>> + ?Sized,
 {
-    std::future::poll_fn(|cx| match ctx.poll_in(call.as_mut(), cx) {
+    match ctx.poll_in(call, cx) {
         Ok(polled) => polled,
         Err(panic) => {
             let message = panic
@@ -444,8 +426,7 @@ where
                 "handler panicked: {message}"
             ))))
         }
-    })
-    .await
+    }
 }
 
 /// Logs a settlement the transport could not record. The transport still holds the
@@ -577,7 +558,11 @@ pub(crate) async fn run(
                     break;
                 }
                 held.current = held.rest.pop();
-                runner.process(&mut held.current, &mut scratch).await;
+                if spans_off() {
+                    runner.handle(&mut held.current, &mut scratch).await;
+                } else {
+                    runner.process(&mut held.current, &mut scratch).await;
+                }
             }
             continue;
         }

@@ -29,7 +29,7 @@
 //! }
 //! ```
 
-use std::cell::Cell;
+use std::cell::RefCell;
 use std::collections::{HashSet, VecDeque};
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
@@ -40,7 +40,7 @@ use std::time::Instant;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use orchestrator_core::{EventEnvelope, EventHandler, EventId, HandlerError};
+use orchestrator_core::{Delivery, EventEnvelope, EventHandler, EventId, HandlerError};
 
 /// What a handler or middleware knows about the delivery it is handling.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -58,42 +58,143 @@ pub struct DeliveryContext {
 }
 
 thread_local! {
-    /// The context of the delivery whose handler this thread is polling right now.
-    static CURRENT: Cell<Option<Arc<DeliveryContext>>> = const { Cell::new(None) };
+    /// The context of the delivery whose handler this thread is polling. Between polls it
+    /// keeps the last one, inactive, so that the next poll for the same subscription only
+    /// updates what changed — no reference count, no allocation per delivery.
+    static CURRENT: RefCell<Current> = const {
+        RefCell::new(Current {
+            active: false,
+            ctx: None,
+        })
+    };
+}
+
+struct Current {
+    /// Whether a handler is being polled under `ctx` right now.
+    active: bool,
+    ctx: Option<DeliveryContext>,
 }
 
 impl DeliveryContext {
     /// The context of the delivery being handled by the calling task, if any: lets a plain
     /// closure handler read its attempt count and last error. It is set while the bus
     /// polls the handler, so code the handler spawns onto other tasks does not see it.
+    /// Each call returns a new copy.
     pub fn current() -> Option<Arc<DeliveryContext>> {
         CURRENT
             .try_with(|current| {
-                let ctx = current.take();
-                let copy = ctx.clone();
-                current.set(ctx);
-                copy
+                let current = current.try_borrow().ok()?;
+                current
+                    .active
+                    .then(|| current.ctx.clone().map(Arc::new))
+                    .flatten()
             })
             .ok()
             .flatten()
     }
+}
 
-    /// Polls `future` once with `self` as the [`current`](Self::current) context. A panic
-    /// in it is caught and returned as `Err`.
+/// The context of a delivery as the bus polls its handler, borrowed from the delivery and
+/// the subscription.
+pub(crate) struct ContextRef<'a> {
+    pub(crate) subscription: &'a Arc<str>,
+    pub(crate) delivery: &'a Delivery,
+    pub(crate) attempt: u32,
+    pub(crate) last_error: Option<&'a str>,
+}
+
+impl ContextRef<'_> {
+    /// The context as a value (for middleware).
+    pub(crate) fn to_context(&self) -> DeliveryContext {
+        DeliveryContext {
+            subscription: Arc::clone(self.subscription),
+            topic: self.delivery.topic_shared(),
+            attempt: self.attempt,
+            last_error: self.last_error.map(str::to_owned),
+            first_attempt_at: self.delivery.first_attempt_at(),
+        }
+    }
+
+    /// Makes `ctx` this context, touching only the fields that differ.
+    fn write_into(&self, ctx: &mut Option<DeliveryContext>) {
+        let Some(ctx) = ctx else {
+            *ctx = Some(self.to_context());
+            return;
+        };
+        if !Arc::ptr_eq(&ctx.subscription, self.subscription) {
+            ctx.subscription = Arc::clone(self.subscription);
+        }
+        if !crate::fasthash::same_str(&ctx.topic, self.delivery.topic()) {
+            ctx.topic = self.delivery.topic_shared();
+        }
+        ctx.attempt = self.attempt;
+        if ctx.last_error.as_deref() != self.last_error {
+            ctx.last_error = self.last_error.map(str::to_owned);
+        }
+        ctx.first_attempt_at = self.delivery.first_attempt_at();
+    }
+
+    /// Runs `poll` with this as the current context when the thread is already polling a
+    /// handler (one polled from inside another), or the context is being read: the outer
+    /// context, if any, is put back afterwards.
+    #[cold]
+    fn poll_nested<T>(&self, current: &RefCell<Current>, poll: impl FnOnce() -> T) -> T {
+        let outer = match current.try_borrow_mut() {
+            Ok(mut current) if current.active => Some(current.ctx.replace(self.to_context())),
+            _ => None,
+        };
+        let polled = poll();
+        if let (Some(outer), Ok(mut current)) = (outer, current.try_borrow_mut()) {
+            current.ctx = outer;
+        }
+        polled
+    }
+
+    /// Polls `future` once with this as the [`current`](DeliveryContext::current)
+    /// context. A panic in it is caught and returned as `Err`.
     pub(crate) fn poll_in<F: Future + ?Sized>(
-        self: &Arc<Self>,
+        &self,
         future: Pin<&mut F>,
         cx: &mut Context<'_>,
     ) -> std::thread::Result<Poll<F::Output>> {
-        // `try_with`: a thread being torn down has no context to give, the poll goes on.
-        let previous = CURRENT
-            .try_with(|current| current.replace(Some(Arc::clone(self))))
-            .ok();
-        let polled = std::panic::catch_unwind(AssertUnwindSafe(|| future.poll(cx)));
-        if let Some(previous) = previous {
-            let _ = CURRENT.try_with(|current| current.replace(previous));
-        }
-        polled
+        let mut future = Some(future);
+        let mut poll = |future: &mut Option<Pin<&mut F>>| {
+            std::panic::catch_unwind(AssertUnwindSafe(|| {
+                future.take().map(|future| future.poll(cx))
+            }))
+        };
+        // One access to the thread-local for the whole poll. `try_with`/`try_borrow_mut`:
+        // a thread being torn down, or a context being read right now, leaves the handler
+        // without one rather than failing the poll.
+        let polled = CURRENT.try_with(|current| {
+            let fresh = match current.try_borrow_mut() {
+                Ok(mut current) if !current.active => {
+                    self.write_into(&mut current.ctx);
+                    current.active = true;
+                    true
+                }
+                _ => false,
+            };
+            if !fresh {
+                return self.poll_nested(current, || poll(&mut future));
+            }
+            let polled = poll(&mut future);
+            if let Ok(mut current) = current.try_borrow_mut() {
+                current.active = false;
+            }
+            polled
+        });
+        let polled = match polled {
+            Ok(polled) => polled,
+            Err(_) => poll(&mut future),
+        };
+        // The future is polled exactly once on either path above; were it not, the attempt
+        // fails visibly (as a panic would) instead of waiting for a wake-up that never comes.
+        polled.and_then(|polled| {
+            polled.ok_or_else(|| {
+                Box::new("the bus did not poll the handler") as Box<dyn std::any::Any + Send>
+            })
+        })
     }
 }
 

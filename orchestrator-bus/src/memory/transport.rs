@@ -111,11 +111,13 @@ struct Shared {
 static NEXT_TRANSPORT_ID: AtomicU64 = AtomicU64::new(0);
 
 /// The route a thread published to last, so that a publisher sending one topic again and
-/// again skips the lock and the map.
+/// again skips the lock and the map — and, when every queue has room, publishes under this
+/// borrow without a reference count. A route kept here after its transport closed holds
+/// only emptied queues (closing clears them) until the thread publishes again.
 struct CachedRoute {
     transport: u64,
     generation: u64,
-    route: std::sync::Weak<Route>,
+    route: Arc<Route>,
 }
 
 thread_local! {
@@ -456,9 +458,21 @@ impl InProcessTransport {
     /// [`Transport::publish`] to the topic named by the event's type, without the boxed
     /// future (and without holding a copy of the topic): the bus calls this when its
     /// transport is an `InProcessTransport`.
-    pub(crate) async fn publish_direct(&self, event: EventEnvelope) -> Result<()> {
-        let route = self.handle.shared.route(event.event_type())?;
-        send_to(&route, event).await
+    ///
+    /// The part that needs no waiting runs here; what is left (a queue was full, or the
+    /// route was not cached on this thread) is returned for [`send_rest`].
+    pub(crate) fn publish_direct(&self, event: EventEnvelope) -> Result<Option<Unsent>> {
+        self.handle.shared.publish_now(event)
+    }
+
+    /// Finishes what [`publish_direct`](Self::publish_direct) could not send at once.
+    pub(crate) async fn send_rest(&self, unsent: Unsent) -> Result<()> {
+        let Unsent { route, from, event } = unsent;
+        let route = match route {
+            Some(route) => route,
+            None => self.handle.shared.route(event.event_type())?,
+        };
+        send_from(&route, from, event).await
     }
 }
 
@@ -594,13 +608,8 @@ impl Shared {
         let last = LAST_ROUTE.with(|last| {
             let last = last.borrow();
             let cached = last.as_ref()?;
-            if cached.transport != self.id || cached.generation != generation {
-                return None;
-            }
-            cached
-                .route
-                .upgrade()
-                .filter(|route| crate::fasthash::same_str(&route.topic, topic))
+            self.is_current(cached, generation, topic)
+                .then(|| Arc::clone(&cached.route))
         });
         if let Some(route) = last {
             return Ok(route);
@@ -610,10 +619,47 @@ impl Shared {
             *last.borrow_mut() = Some(CachedRoute {
                 transport: self.id,
                 generation,
-                route: Arc::downgrade(&route),
+                route: Arc::clone(&route),
             });
         });
         Ok(route)
+    }
+
+    /// Whether `cached` is this transport's route for `topic`, still valid.
+    fn is_current(&self, cached: &CachedRoute, generation: u64, topic: &str) -> bool {
+        cached.transport == self.id
+            && cached.generation == generation
+            && crate::fasthash::same_str(&cached.route.topic, topic)
+    }
+
+    /// Publishes `event` to the topic named by its type without waiting, when this
+    /// thread's cached route is current and every queue on it has room: the common case,
+    /// with no reference count on the route and no future. Otherwise hands back what is
+    /// left to send, for [`send_rest`].
+    fn publish_now(&self, event: EventEnvelope) -> Result<Option<Unsent>> {
+        if self.is_closed() {
+            return Err(closed());
+        }
+        let generation = self.generation.load(Ordering::Acquire);
+        LAST_ROUTE.with(|last| {
+            let last = last.borrow();
+            let Some(cached) = last
+                .as_ref()
+                .filter(|cached| self.is_current(cached, generation, event.event_type()))
+            else {
+                return Ok(Some(Unsent {
+                    route: None,
+                    from: 0,
+                    event,
+                }));
+            };
+            let route = &cached.route;
+            Ok(try_send_from(route, 0, event).map(|(from, event)| Unsent {
+                route: Some(Arc::clone(route)),
+                from,
+                event,
+            }))
+        })
     }
 
     fn route_slow(&self, topic: &str) -> Result<Arc<Route>> {
@@ -648,14 +694,46 @@ impl Shared {
     }
 }
 
-/// Puts `event` in the queue of every group of `route`, waiting while a queue is full.
-async fn send_to(route: &Route, event: EventEnvelope) -> Result<()> {
-    let Some((last, others)) = route.groups.split_last() else {
+/// What [`Shared::publish_now`] could not send at once: the event, for the groups of
+/// `route` from index `from` on (the whole route, still to be looked up, if `None`).
+pub(crate) struct Unsent {
+    route: Option<Arc<Route>>,
+    from: usize,
+    event: EventEnvelope,
+}
+
+/// Queues `event` in the groups of `route` from index `from` on while they have room;
+/// returns where it stopped (a full queue) and the event, if it did.
+fn try_send_from(
+    route: &Route,
+    from: usize,
+    event: EventEnvelope,
+) -> Option<(usize, EventEnvelope)> {
+    let groups = route.groups.get(from..).unwrap_or_default();
+    let (last, others) = groups.split_last()?;
+    for (i, group) in others.iter().enumerate() {
+        if let Err(message) = group.try_push(Message::new(event.clone(), &route.topic)) {
+            drop(message);
+            return Some((from + i, event));
+        }
+    }
+    match last.try_push(Message::new(event, &route.topic)) {
+        Ok(()) => None,
+        Err(message) => Some((from + groups.len() - 1, message.event)),
+    }
+}
+
+/// Puts `event` in the queue of every group of `route` from index `from` on, waiting while
+/// a queue is full.
+async fn send_from(route: &Route, from: usize, event: EventEnvelope) -> Result<()> {
+    let groups = route.groups.get(from..).unwrap_or_default();
+    let Some((last, others)) = groups.split_last() else {
         return Ok(());
     };
     for group in others {
-        let message = Message::new(event.clone(), &route.topic);
-        group.send(message).await?;
+        group
+            .send(Message::new(event.clone(), &route.topic))
+            .await?;
     }
     last.send(Message::new(event, &route.topic)).await
 }
@@ -667,14 +745,20 @@ impl Transport for InProcessTransport {
     }
 
     async fn publish(&self, topic: &str, event: EventEnvelope) -> Result<()> {
+        if crate::fasthash::same_str(topic, event.event_type()) {
+            return match self.publish_direct(event)? {
+                None => Ok(()),
+                Some(unsent) => self.send_rest(unsent).await,
+            };
+        }
         let route = self.handle.shared.route(topic)?;
-        send_to(&route, event).await
+        send_from(&route, 0, event).await
     }
 
     async fn publish_batch(&self, topic: &str, events: Vec<EventEnvelope>) -> Result<()> {
         let route = self.handle.shared.route(topic)?;
         for event in events {
-            send_to(&route, event).await?;
+            send_from(&route, 0, event).await?;
         }
         Ok(())
     }
