@@ -166,34 +166,47 @@ impl EventBus {
             .publish_metrics
             .counter(event.event_type(), validate_topic)?;
         self.schemas.validate(&event)?;
-        let span = tracing::info_span!(
-            "bus.publish",
-            event_type = %event.event_type(),
-            event_id = %event.id(),
-        );
-        let publish = async {
+        if crate::dispatch::spans_off() {
+            // The common case, without a span: the in-process transport usually queues
+            // the event right here, with no future at all.
             match &self.direct {
-                // The in-process transport, called without a boxed future.
-                Some(direct) => match direct.publish_direct(event)? {
-                    None => Ok(()),
-                    Some(unsent) => direct.send_rest(unsent).await,
-                },
-                None => {
-                    let topic = event.event_type_shared();
-                    // `as_ref`: the transport itself, not the boxing `Arc<T>` forwarding impl.
-                    self.transport.as_ref().publish(&topic, event).await
+                Some(direct) => {
+                    if let Some(unsent) = direct.publish_direct(event)? {
+                        direct.send_rest(unsent).await?;
+                    }
                 }
+                None => self.send(event).await?,
             }
-        };
-        // Pinned in place: moving the future into either branch would copy it.
-        let mut publish = std::pin::pin!(publish);
-        if span.is_disabled() {
-            publish.await?;
         } else {
-            publish.as_mut().instrument(span).await?;
+            let span = tracing::info_span!(
+                "bus.publish",
+                event_type = %event.event_type(),
+                event_id = %event.id(),
+            );
+            if span.is_disabled() {
+                self.send(event).await?;
+            } else {
+                self.send(event).instrument(span).await?;
+            }
         }
         published.increment(1);
         Ok(())
+    }
+
+    /// Sends `event` to the topic named by its type on the transport.
+    async fn send(&self, event: EventEnvelope) -> Result<()> {
+        match &self.direct {
+            // The in-process transport, called without a boxed future.
+            Some(direct) => match direct.publish_direct(event)? {
+                None => Ok(()),
+                Some(unsent) => direct.send_rest(unsent).await,
+            },
+            None => {
+                let topic = event.event_type_shared();
+                // `as_ref`: the transport itself, not the boxing `Arc<T>` forwarding impl.
+                self.transport.as_ref().publish(&topic, event).await
+            }
+        }
     }
 
     /// Subscribes `handler` to `pattern` (`"user.created"`, `"user.*"`, `"order.#"`) with

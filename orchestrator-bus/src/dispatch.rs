@@ -341,7 +341,10 @@ impl Runner {
             let error = match outcome {
                 Ok(()) => {
                     if let Some(delivery) = current.take() {
-                        settled(delivery.ack().await);
+                        match delivery.try_ack_now() {
+                            Ok(outcome) => settled(outcome),
+                            Err(delivery) => settled(delivery.ack().await),
+                        }
                     }
                     return;
                 }
@@ -398,9 +401,9 @@ impl Runner {
     }
 }
 
-/// Whether no subscriber could want a `bus.handle` span (an INFO span): then the loop
-/// skips making one per delivery.
-fn spans_off() -> bool {
+/// Whether no subscriber could want an INFO span (`bus.handle`, `bus.publish`): then the
+/// hot paths skip making one per event.
+pub(crate) fn spans_off() -> bool {
     tracing::level_filters::LevelFilter::current() < tracing::Level::INFO
 }
 

@@ -279,6 +279,21 @@ impl Delivery {
         }
     }
 
+    /// Acknowledges at once when the transport settles in process (through a shared
+    /// [`Settler`], whose `ack` is synchronous), returning its outcome; otherwise hands
+    /// the delivery back untouched, to [`ack`](Self::ack) with an await. Consumers that
+    /// handle many events per poll use it to skip a future per delivery.
+    pub fn try_ack_now(mut self) -> std::result::Result<Result<()>, Delivery> {
+        match std::mem::replace(&mut self.acker, Acker::Done) {
+            Acker::Shared(settler) => Ok(settler.ack()),
+            Acker::Done => Ok(Ok(())),
+            boxed @ Acker::Boxed(_) => {
+                self.acker = boxed;
+                Err(self)
+            }
+        }
+    }
+
     /// Negative acknowledgement: deliver again after `delay`, as attempt `attempt() + 1`.
     pub async fn nack(mut self, delay: Duration, reason: impl Into<String>) -> Result<()> {
         match std::mem::replace(&mut self.acker, Acker::Done) {
@@ -425,5 +440,101 @@ impl<T: Transport + ?Sized> Transport for Arc<T> {
     }
     fn as_any(&self) -> Option<&dyn std::any::Any> {
         (**self).as_any()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+
+    /// Records what happened to the deliveries it settles.
+    #[derive(Default)]
+    struct Log(Mutex<Vec<&'static str>>);
+
+    impl Log {
+        fn push(&self, what: &'static str) {
+            self.0
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .push(what);
+        }
+        fn taken(&self) -> Vec<&'static str> {
+            std::mem::take(
+                &mut *self
+                    .0
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner),
+            )
+        }
+    }
+
+    #[async_trait]
+    impl Settler for Log {
+        fn ack(&self) -> Result<()> {
+            self.push("shared ack");
+            Ok(())
+        }
+        async fn nack(&self, _: Returned, _: Duration, _: String) -> Result<()> {
+            self.push("shared nack");
+            Ok(())
+        }
+        async fn dead_letter(&self, _: DeadLetter) -> Result<()> {
+            self.push("shared dead letter");
+            Ok(())
+        }
+        fn release(&self, _: Returned) {
+            self.push("released");
+        }
+    }
+
+    struct BoxedAcker(Arc<Log>);
+
+    #[async_trait]
+    impl Acknowledge for BoxedAcker {
+        async fn ack(self: Box<Self>) -> Result<()> {
+            self.0.push("boxed ack");
+            Ok(())
+        }
+        async fn nack(self: Box<Self>, _: Duration, _: String) -> Result<()> {
+            self.0.push("boxed nack");
+            Ok(())
+        }
+        async fn dead_letter(self: Box<Self>, _: DeadLetter) -> Result<()> {
+            self.0.push("boxed dead letter");
+            Ok(())
+        }
+    }
+
+    fn info() -> DeliveryInfo {
+        DeliveryInfo {
+            topic: None,
+            group: "g".into(),
+            attempt: 1,
+            first_attempt_at: Utc::now(),
+            last_error: None,
+        }
+    }
+
+    fn event() -> EventEnvelope {
+        EventEnvelope::new("order.placed", &1).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[tokio::test]
+    async fn try_ack_now_settles_shared_deliveries_and_hands_boxed_ones_back() {
+        let log = Arc::new(Log::default());
+        let shared = Delivery::with_settler(event(), info(), log.clone());
+        assert_eq!(shared.topic(), "order.placed", "no topic: the event's type");
+        assert!(matches!(shared.try_ack_now(), Ok(Ok(()))));
+        assert_eq!(log.taken(), ["shared ack"], "acked once, not released");
+
+        let boxed = Delivery::new(event(), info(), Box::new(BoxedAcker(log.clone())));
+        let Err(boxed) = boxed.try_ack_now() else {
+            panic!("a boxed acker cannot ack without waiting");
+        };
+        assert!(log.taken().is_empty(), "handed back untouched");
+        boxed.ack().await.unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(log.taken(), ["boxed ack"]);
     }
 }
