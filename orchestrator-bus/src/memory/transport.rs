@@ -112,8 +112,10 @@ static NEXT_TRANSPORT_ID: AtomicU64 = AtomicU64::new(0);
 
 /// The route a thread published to last, so that a publisher sending one topic again and
 /// again skips the lock and the map — and, when every queue has room, publishes under this
-/// borrow without a reference count. A route kept here after its transport closed holds
-/// only emptied queues (closing clears them) until the thread publishes again.
+/// borrow without a reference count. A route kept here after its transport closed (or its
+/// subscriptions changed) is never used again; until the thread publishes elsewhere it
+/// keeps its groups' emptied queues (closing clears them) and the handles they share with
+/// the transport (clock, dead-letter queue) alive — one route per thread at most.
 struct CachedRoute {
     transport: u64,
     generation: u64,
