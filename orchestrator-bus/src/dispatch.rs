@@ -115,6 +115,39 @@ impl Drop for Held<'_> {
     }
 }
 
+/// What [`Runner::handle_now`] left to do.
+enum Now {
+    /// Nothing: the delivery is settled.
+    Done,
+    /// Ack the delivery, which needs an await.
+    Ack,
+    /// Handle it with [`Runner::handle`], from its first attempt started here, if any.
+    Later(Option<FirstPoll>),
+}
+
+/// A first attempt started by [`Runner::handle_now`]: its call is in the scratch slot.
+struct FirstPoll {
+    /// When it started (on the handler timer).
+    started: u64,
+    /// What its first poll returned.
+    polled: Poll<Result<(), HandlerError>>,
+}
+
+/// Acks the delivery in `current` at once if the transport can; leaves it there otherwise.
+fn ack_now(current: &mut Option<Delivery>) -> Now {
+    match current.take().map(Delivery::try_ack_now) {
+        None => Now::Done,
+        Some(Ok(outcome)) => {
+            settled(outcome);
+            Now::Done
+        }
+        Some(Err(delivery)) => {
+            *current = Some(delivery);
+            Now::Ack
+        }
+    }
+}
+
 /// The process-wide handler timer (see [`Runner::timer`]).
 fn timer() -> &'static quanta::Clock {
     static CLOCK: std::sync::OnceLock<quanta::Clock> = std::sync::OnceLock::new();
@@ -219,6 +252,66 @@ impl Runner {
         handles
     }
 
+    /// Handles the delivery in `current` within this poll when it can: the handler (without
+    /// middleware) finishes on its first poll and the transport acks at once — the common
+    /// case on the in-process transport, handled without a future. Otherwise says what is
+    /// left for [`handle`](Self::handle) or an ack to do.
+    fn handle_now<'a>(
+        &'a self,
+        current: &mut Option<Delivery>,
+        scratch: &mut Scratch<'a>,
+        cx: &mut std::task::Context<'_>,
+    ) -> Now {
+        if !self.chain.is_empty() {
+            return Now::Later(None);
+        }
+        let Scratch {
+            handles: handles_cache,
+            slot,
+        } = scratch;
+        let Some(delivery) = current.as_ref() else {
+            return Now::Done;
+        };
+        let handles = self.handles(delivery.event(), handles_cache);
+        // A failed upcast is dead-lettered by `handle`, which upcasts again.
+        let Ok(event) = self.schemas.upcast(delivery.event().clone()) else {
+            return Now::Later(None);
+        };
+        if let Some(filter) = &self.filter
+            && !filter(&event)
+        {
+            handles.filtered.increment(1);
+            return ack_now(current);
+        }
+        handles.delivered.increment(1);
+        self.metrics.in_flight.increment(1.0);
+        let started = self.timer.raw();
+        let polled = match &self.transform {
+            Some(transform) => transform(event),
+            None => Ok(event),
+        }
+        .map(|event| {
+            let ctx = ContextRef {
+                subscription: &self.name,
+                delivery,
+                attempt: delivery.attempt(),
+                last_error: delivery.last_error(),
+            };
+            poll_guarded(&ctx, self.handler.handle_in(event, slot), cx)
+        });
+        let polled = match polled {
+            Ok(polled) => polled,
+            Err(error) => Poll::Ready(Err(error)),
+        };
+        if let Poll::Ready(Ok(())) = polled {
+            let nanos = self.timer.delta_as_nanos(started, self.timer.raw());
+            handles.duration.record(nanos as f64 / 1e9);
+            self.metrics.in_flight.decrement(1.0);
+            return ack_now(current);
+        }
+        Now::Later(Some(FirstPoll { started, polled }))
+    }
+
     /// Handles the delivery in `current` to the end — acked, nacked for a retry, or
     /// dead-lettered — inside a `bus.handle` span when tracing wants one. The delivery
     /// stays in `current` until it is settled, so that whoever holds `current` can tell
@@ -235,14 +328,22 @@ impl Runner {
             attempt = delivery.attempt(),
         );
         if span.is_disabled() {
-            self.handle(current, scratch).await;
+            self.handle(current, scratch, None).await;
         } else {
-            self.handle(current, scratch).instrument(span).await;
+            self.handle(current, scratch, None).instrument(span).await;
         }
     }
 
     /// See [`process`](Self::process).
-    async fn handle<'a>(&'a self, current: &mut Option<Delivery>, scratch: &mut Scratch<'a>) {
+    ///
+    /// `first` is the first attempt when [`handle_now`](Self::handle_now) started it: its
+    /// upcast, filter and metrics are done, and its call is in the scratch slot.
+    async fn handle<'a>(
+        &'a self,
+        current: &mut Option<Delivery>,
+        scratch: &mut Scratch<'a>,
+        first: Option<FirstPoll>,
+    ) {
         let Scratch {
             handles: handles_cache,
             slot,
@@ -251,10 +352,15 @@ impl Runner {
             return;
         };
         let handles = self.handles(delivery.event(), handles_cache);
+        let mut first = first;
         // The event each attempt hands to the handler (upcast again for a retry, which
         // spares the first attempt a copy kept for later).
-        let mut next_event = match self.schemas.upcast(delivery.event().clone()) {
-            Ok(event) => Some(event),
+        let upcast = match first {
+            Some(_) => Ok(None),
+            None => self.schemas.upcast(delivery.event().clone()).map(Some),
+        };
+        let mut next_event = match upcast {
+            Ok(event) => event,
             Err(error) => {
                 handles.dead_lettered.increment(1);
                 let now = self.clock.now();
@@ -284,55 +390,77 @@ impl Runner {
             let Some(delivery) = current.as_ref() else {
                 return;
             };
-            let event = match next_event.take() {
-                Some(event) => event,
-                None => match self.schemas.upcast(delivery.event().clone()) {
-                    Ok(event) => event,
-                    // It upcast for the first attempt; schemas changed in between.
-                    Err(error) => {
-                        handles.dead_lettered.increment(1);
-                        let now = self.clock.now();
-                        let reason = format!("cannot upcast the event: {error}");
-                        let first = first_failure.unwrap_or(now);
-                        if let Some(delivery) = current.take() {
-                            settled(
-                                delivery
-                                    .dead_letter_after(reason, attempt, first, now)
-                                    .await,
-                            );
-                        }
-                        return;
-                    }
-                },
-            };
-            handles.delivered.increment(1);
-            self.metrics.in_flight.increment(1.0);
-            let started = self.timer.raw();
-            // One attempt: transform, middleware, handler, with `ctx` as the current
-            // context; a panic is a retryable failure. Without middleware the handler runs
-            // in `slot`, reusing the allocation of the previous call.
-            let outcome = match &self.transform {
-                Some(transform) => transform(event),
-                None => Ok(event),
-            };
             let ctx = ContextRef {
                 subscription: &self.name,
                 delivery,
                 attempt,
                 last_error: retried_after.as_deref().or(delivery.last_error()),
             };
-            let outcome = match outcome {
-                Err(error) => Err(error),
-                Ok(event) if self.chain.is_empty() => {
-                    let mut call = self.handler.handle_in(event, slot);
-                    std::future::poll_fn(|cx| poll_guarded(&ctx, call.as_mut(), cx)).await
+            let (started, outcome) = match first.take() {
+                // Started by `handle_now`: finish the call waiting in the slot.
+                Some(FirstPoll { started, polled }) => {
+                    let outcome = match polled {
+                        Poll::Ready(outcome) => outcome,
+                        Poll::Pending => match slot.in_flight() {
+                            Some(mut call) => {
+                                std::future::poll_fn(|cx| poll_guarded(&ctx, call.as_mut(), cx))
+                                    .await
+                            }
+                            None => Err(HandlerError::retryable(
+                                "the handler call to resume was not found",
+                            )),
+                        },
+                    };
+                    (started, outcome)
                 }
-                Ok(event) => {
-                    let value = ctx.to_context();
-                    // Boxed: keeps this future small for the common case above.
-                    let mut run =
-                        Box::pin(Next::new(&self.chain, self.handler.as_ref()).run(event, &value));
-                    std::future::poll_fn(|cx| poll_guarded(&ctx, run.as_mut(), cx)).await
+                None => {
+                    let event = match next_event.take() {
+                        Some(event) => event,
+                        None => match self.schemas.upcast(delivery.event().clone()) {
+                            Ok(event) => event,
+                            // It upcast for the first attempt; schemas changed in between.
+                            Err(error) => {
+                                handles.dead_lettered.increment(1);
+                                let now = self.clock.now();
+                                let reason = format!("cannot upcast the event: {error}");
+                                let first_at = first_failure.unwrap_or(now);
+                                if let Some(delivery) = current.take() {
+                                    settled(
+                                        delivery
+                                            .dead_letter_after(reason, attempt, first_at, now)
+                                            .await,
+                                    );
+                                }
+                                return;
+                            }
+                        },
+                    };
+                    handles.delivered.increment(1);
+                    self.metrics.in_flight.increment(1.0);
+                    let started = self.timer.raw();
+                    // One attempt: transform, middleware, handler, with `ctx` as the current
+                    // context; a panic is a retryable failure. Without middleware the handler runs
+                    // in `slot`, reusing the allocation of the previous call.
+                    let outcome = match &self.transform {
+                        Some(transform) => transform(event),
+                        None => Ok(event),
+                    };
+                    let outcome = match outcome {
+                        Err(error) => Err(error),
+                        Ok(event) if self.chain.is_empty() => {
+                            let mut call = self.handler.handle_in(event, slot);
+                            std::future::poll_fn(|cx| poll_guarded(&ctx, call.as_mut(), cx)).await
+                        }
+                        Ok(event) => {
+                            let value = ctx.to_context();
+                            // Boxed: keeps this future small for the common case above.
+                            let mut run = Box::pin(
+                                Next::new(&self.chain, self.handler.as_ref()).run(event, &value),
+                            );
+                            std::future::poll_fn(|cx| poll_guarded(&ctx, run.as_mut(), cx)).await
+                        }
+                    };
+                    (started, outcome)
                 }
             };
             let nanos = self.timer.delta_as_nanos(started, self.timer.raw());
@@ -562,7 +690,21 @@ pub(crate) async fn run(
                 }
                 held.current = held.rest.pop();
                 if spans_off() {
-                    runner.handle(&mut held.current, &mut scratch).await;
+                    let now = std::future::poll_fn(|cx| {
+                        Poll::Ready(runner.handle_now(&mut held.current, &mut scratch, cx))
+                    })
+                    .await;
+                    match now {
+                        Now::Done => {}
+                        Now::Ack => {
+                            if let Some(delivery) = held.current.take() {
+                                settled(delivery.ack().await);
+                            }
+                        }
+                        Now::Later(first) => {
+                            runner.handle(&mut held.current, &mut scratch, first).await;
+                        }
+                    }
                 } else {
                     runner.process(&mut held.current, &mut scratch).await;
                 }

@@ -122,6 +122,12 @@ impl<'a> HandlerSlot<'a> {
         };
         slot.get_pin()
     }
+
+    /// The call last [`set`](Self::set), to poll again after a first poll returned
+    /// `Pending`; `None` before the first call.
+    pub fn in_flight(&mut self) -> Option<HandlerCall<'_>> {
+        self.future.as_mut().map(ReusableBoxFuture::get_pin)
+    }
 }
 
 /// Takes a JSON value and returns one: commands, queries and saga steps in their dynamic
