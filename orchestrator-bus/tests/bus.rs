@@ -811,3 +811,47 @@ async fn shutdown_hands_back_a_held_batch_in_order_and_reports_it() {
         d.ack().await.unwrap();
     }
 }
+
+#[tokio::test]
+async fn a_handler_that_suspends_then_fails_is_retried_with_its_history() {
+    // Each call first waits (its first poll returns `Pending`), then fails the first two
+    // times: the bus must finish the suspended call, then retry it, as for any other.
+    let bus = EventBus::new(Arc::new(InProcessTransport::new()));
+    let calls: Calls = Arc::new(Mutex::new(Vec::new()));
+    let count = Arc::new(AtomicU32::new(0));
+    let seen = calls.clone();
+    bus.subscribe_with(
+        SubscriptionConfig::new("slow.#")
+            .retry(RetryPolicy::exponential(5, Duration::from_millis(1)).with_jitter(Jitter::None))
+            .retry_mode(RetryMode::InPlace),
+        Arc::new(move |_e: EventEnvelope| {
+            let (count, seen) = (count.clone(), seen.clone());
+            async move {
+                tokio::task::yield_now().await;
+                let ctx = DeliveryContext::current().expect("a context after the suspension");
+                seen.lock()
+                    .unwrap()
+                    .push((ctx.attempt, ctx.last_error.clone()));
+                let n = count.fetch_add(1, Ordering::SeqCst) + 1;
+                if n <= 2 {
+                    return Err(HandlerError::retryable(format!("slow boom {n}")));
+                }
+                Ok(())
+            }
+        }),
+    )
+    .await
+    .unwrap();
+    bus.publish(event("slow.job", 1)).await.unwrap();
+    wait_until(|| calls.lock().unwrap().len() == 3).await;
+    settle_tasks().await;
+    assert_eq!(
+        *calls.lock().unwrap(),
+        vec![
+            (1, None),
+            (2, Some("slow boom 1".into())),
+            (3, Some("slow boom 2".into())),
+        ]
+    );
+    assert!(bus.shutdown(Duration::from_secs(5)).await.is_clean());
+}
