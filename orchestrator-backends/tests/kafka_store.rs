@@ -6,21 +6,21 @@
 
 mod kafka_support;
 
-use kafka_support::{Cleanup, config, random_prefix, reachable, serial};
+use kafka_support::{Live, config, live};
 use orchestrator_backends::kafka::{KAFKA_STORE_CAPABILITIES, KafkaEventStore};
 use orchestrator_core::testkit::store::run_all;
 use orchestrator_core::{Error, EventEnvelope, EventStore, ExpectedVersion, ReadAll};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kafka_store_conforms() {
-    let _serial = serial().await;
-    let prefix = random_prefix();
-    let Some((brokers, _probe)) = reachable(&prefix).await else {
+    let Some(live) = live().await else {
         return;
     };
-    let _cleanup = Cleanup::new(&brokers, &prefix);
+    let Live {
+        brokers, prefix, ..
+    } = &live;
     // One log for every case: each case names its own streams and event types.
-    let store = KafkaEventStore::connect(config(&brokers, &prefix))
+    let store = KafkaEventStore::connect(config(brokers, prefix))
         .await
         .unwrap();
     run_all(|| {
@@ -32,13 +32,13 @@ async fn kafka_store_conforms() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expected_versions_are_unsupported_and_typed() {
-    let _serial = serial().await;
-    let prefix = random_prefix();
-    let Some((brokers, _probe)) = reachable(&prefix).await else {
+    let Some(live) = live().await else {
         return;
     };
-    let _cleanup = Cleanup::new(&brokers, &prefix);
-    let store = KafkaEventStore::connect(config(&brokers, &prefix))
+    let Live {
+        brokers, prefix, ..
+    } = &live;
+    let store = KafkaEventStore::connect(config(brokers, prefix))
         .await
         .unwrap();
     assert!(!store.capabilities().expected_version);
@@ -75,7 +75,7 @@ async fn expected_versions_are_unsupported_and_typed() {
     assert_eq!((written.first_position, written.last_position), (1, 2));
 
     // A second store instance rebuilds the same versions and positions from the log.
-    let again = KafkaEventStore::connect(config(&brokers, &prefix))
+    let again = KafkaEventStore::connect(config(brokers, prefix))
         .await
         .unwrap();
     let events = again.read_stream("acct-1", 1, 10).await.unwrap();
@@ -95,14 +95,14 @@ async fn expected_versions_are_unsupported_and_typed() {
 /// leader discovery) — and this test binary with it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_log_can_be_deleted_right_after_a_read() {
-    let _serial = serial().await;
-    let prefix = random_prefix();
-    let Some((brokers, _probe)) = reachable(&prefix).await else {
+    let Some(live) = live().await else {
         return;
     };
-    let _cleanup = Cleanup::new(&brokers, &prefix);
+    let Live {
+        brokers, prefix, ..
+    } = &live;
     // Short fetch waits, as the fault suite's writers use, where the crash showed.
-    let config = config(&brokers, &prefix).with_fetch_wait(std::time::Duration::from_millis(20));
+    let config = config(brokers, prefix).with_fetch_wait(std::time::Duration::from_millis(20));
     let store = KafkaEventStore::connect(config).await.unwrap();
     let event = || EventEnvelope::new("account.opened", &serde_json::json!({"n": 1})).unwrap();
     store

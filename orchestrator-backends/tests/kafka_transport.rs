@@ -10,7 +10,7 @@ use std::time::Duration;
 use rdkafka::ClientConfig;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
-use kafka_support::{Cleanup, config, random_prefix, reachable, serial};
+use kafka_support::{Live, config, live};
 use orchestrator_backends::kafka::{KafkaTransport, UNDECODABLE_EVENT_TYPE};
 use orchestrator_core::testkit::transport::run_all;
 use orchestrator_core::{
@@ -33,17 +33,17 @@ fn event(topic: &str, seq: usize) -> EventEnvelope {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kafka_transport_conforms() {
-    let _serial = serial().await;
-    let prefix = random_prefix();
-    let Some((brokers, _probe)) = reachable(&prefix).await else {
+    let Some(live) = live().await else {
         return;
     };
-    let _cleanup = Cleanup::new(&brokers, &prefix);
+    let Live {
+        brokers, prefix, ..
+    } = &live;
     let case = std::sync::atomic::AtomicUsize::new(0);
     run_all(|| {
         // Each case gets a dead-letter topic of its own (the dead-letter cases count letters).
         let n = case.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let config = config(&brokers, &format!("{prefix}c{n}."));
+        let config = config(brokers, &format!("{prefix}c{n}."));
         async move { KafkaTransport::connect(config).await.unwrap() }
     })
     .await;
@@ -53,19 +53,22 @@ async fn kafka_transport_conforms() {
 /// its bytes kept, and the consumer carries on with the next event.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn foreign_garbage_is_dead_lettered_and_the_consumer_goes_on() {
-    let _serial = serial().await;
-    let prefix = random_prefix();
-    let Some((brokers, transport)) = reachable(&prefix).await else {
+    let Some(live) = live().await else {
         return;
     };
-    let _cleanup = Cleanup::new(&brokers, &prefix);
+    let Live {
+        brokers,
+        prefix,
+        transport,
+        ..
+    } = &live;
     let topic = "sensor.reading";
     let mut sub = transport
         .subscribe(SubscribeOptions::new("readers", topic).unwrap())
         .await
         .unwrap();
     let raw: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", &brokers)
+        .set("bootstrap.servers", brokers.as_str())
         .create()
         .unwrap();
     let kafka_topic = transport.kafka_topic(topic).unwrap();
@@ -142,7 +145,7 @@ async fn foreign_garbage_is_dead_lettered_and_the_consumer_goes_on() {
     }
     assert!(dlq.list(&query).await.unwrap().is_empty());
     // Removal is durable: a fresh view of the dead-letter topic agrees.
-    let fresh = KafkaTransport::connect(config(&brokers, &prefix))
+    let fresh = KafkaTransport::connect(config(brokers, prefix))
         .await
         .unwrap();
     assert!(
@@ -160,12 +163,15 @@ async fn foreign_garbage_is_dead_lettered_and_the_consumer_goes_on() {
 /// that group only, even from another transport instance.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redeliver_knows_its_groups() {
-    let _serial = serial().await;
-    let prefix = random_prefix();
-    let Some((brokers, transport)) = reachable(&prefix).await else {
+    let Some(live) = live().await else {
         return;
     };
-    let _cleanup = Cleanup::new(&brokers, &prefix);
+    let Live {
+        brokers,
+        prefix,
+        transport,
+        ..
+    } = &live;
     let topic = "invoice.sent";
     let result = transport.redeliver("nobody", topic, event(topic, 0)).await;
     assert!(matches!(result, Err(Error::NotFound { .. })), "{result:?}");
@@ -174,7 +180,7 @@ async fn redeliver_knows_its_groups() {
         .subscribe(SubscribeOptions::new("mailer", topic).unwrap())
         .await
         .unwrap();
-    let other = KafkaTransport::connect(config(&brokers, &prefix))
+    let other = KafkaTransport::connect(config(brokers, prefix))
         .await
         .unwrap();
     let e = event(topic, 7);

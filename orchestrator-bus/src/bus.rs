@@ -166,27 +166,25 @@ impl EventBus {
             .publish_metrics
             .counter(event.event_type(), validate_topic)?;
         self.schemas.validate(&event)?;
-        if crate::dispatch::spans_off() {
-            // The common case, without a span: the in-process transport usually queues
-            // the event right here, with no future at all.
-            match &self.direct {
-                Some(direct) => {
-                    if let Some(unsent) = direct.publish_direct(event)? {
-                        direct.send_rest(unsent).await?;
-                    }
+        match &self.direct {
+            // The common case, without a span: the in-process transport usually queues the
+            // event right here, with no future at all.
+            Some(direct) if crate::spans_off() => {
+                if let Some(unsent) = direct.publish_direct(event)? {
+                    direct.send_rest(unsent).await?;
                 }
-                None => self.send(event).await?,
             }
-        } else {
-            let span = tracing::info_span!(
-                "bus.publish",
-                event_type = %event.event_type(),
-                event_id = %event.id(),
-            );
-            if span.is_disabled() {
-                self.send(event).await?;
-            } else {
-                self.send(event).instrument(span).await?;
+            _ => {
+                let span = tracing::info_span!(
+                    "bus.publish",
+                    event_type = %event.event_type(),
+                    event_id = %event.id(),
+                );
+                if span.is_disabled() {
+                    self.send(event).await?;
+                } else {
+                    self.send(event).instrument(span).await?;
+                }
             }
         }
         published.increment(1);

@@ -10,9 +10,10 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::task::Poll;
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use orchestrator_core::{
     Clock, Delivery, DeliveryStream, EventEnvelope, EventHandler, EventId, EventSchemas,
-    HandlerError, HandlerSlot, RetryPolicy,
+    HandlerCall, HandlerError, HandlerSlot, RetryPolicy,
 };
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::task::JoinSet;
@@ -148,6 +149,15 @@ fn ack_now(current: &mut Option<Delivery>) -> Now {
     }
 }
 
+/// Acks the delivery in `current`: at once when the transport can, else with an await.
+async fn ack(current: &mut Option<Delivery>) {
+    if let Now::Ack = ack_now(current)
+        && let Some(delivery) = current.take()
+    {
+        settled(delivery.ack().await);
+    }
+}
+
 /// The process-wide handler timer (see [`Runner::timer`]).
 fn timer() -> &'static quanta::Clock {
     static CLOCK: std::sync::OnceLock<quanta::Clock> = std::sync::OnceLock::new();
@@ -252,6 +262,43 @@ impl Runner {
         handles
     }
 
+    /// Counts an attempt as delivered and in flight; returns its start on the handler timer.
+    fn begin_attempt(&self, handles: &Handles) -> u64 {
+        handles.delivered.increment(1);
+        self.metrics.in_flight.increment(1.0);
+        self.timer.raw()
+    }
+
+    /// Records the duration of the attempt begun at `started` and takes it out of flight.
+    fn end_attempt(&self, handles: &Handles, started: u64) {
+        let nanos = self.timer.delta_as_nanos(started, self.timer.raw());
+        handles.duration.record(nanos as f64 / 1e9);
+        self.metrics.in_flight.decrement(1.0);
+    }
+
+    /// Dead-letters the delivery in `current`, whose event cannot be upcast, as of
+    /// `attempt` (first failed at `first_failure`, else now).
+    async fn dead_letter_unreadable(
+        &self,
+        handles: &Handles,
+        current: &mut Option<Delivery>,
+        error: orchestrator_core::Error,
+        attempt: u32,
+        first_failure: Option<DateTime<Utc>>,
+    ) {
+        handles.dead_lettered.increment(1);
+        let now = self.clock.now();
+        if let Some(delivery) = current.take() {
+            let reason = format!("cannot upcast the event: {error}");
+            let first = first_failure.unwrap_or(now);
+            settled(
+                delivery
+                    .dead_letter_after(reason, attempt, first, now)
+                    .await,
+            );
+        }
+    }
+
     /// Handles the delivery in `current` within this poll when it can: the handler (without
     /// middleware) finishes on its first poll and the transport acks at once — the common
     /// case on the in-process transport, handled without a future. Otherwise says what is
@@ -283,9 +330,7 @@ impl Runner {
             handles.filtered.increment(1);
             return ack_now(current);
         }
-        handles.delivered.increment(1);
-        self.metrics.in_flight.increment(1.0);
-        let started = self.timer.raw();
+        let started = self.begin_attempt(handles);
         let polled = match &self.transform {
             Some(transform) => transform(event),
             None => Ok(event),
@@ -304,9 +349,7 @@ impl Runner {
             Err(error) => Poll::Ready(Err(error)),
         };
         if let Poll::Ready(Ok(())) = polled {
-            let nanos = self.timer.delta_as_nanos(started, self.timer.raw());
-            handles.duration.record(nanos as f64 / 1e9);
-            self.metrics.in_flight.decrement(1.0);
+            self.end_attempt(handles, started);
             return ack_now(current);
         }
         Now::Later(Some(FirstPoll { started, polled }))
@@ -362,13 +405,9 @@ impl Runner {
         let mut next_event = match upcast {
             Ok(event) => event,
             Err(error) => {
-                handles.dead_lettered.increment(1);
-                let now = self.clock.now();
-                let reason = format!("cannot upcast the event: {error}");
-                if let Some(delivery) = current.take() {
-                    let attempt = delivery.attempt();
-                    settled(delivery.dead_letter_after(reason, attempt, now, now).await);
-                }
+                let attempt = delivery.attempt();
+                self.dead_letter_unreadable(handles, current, error, attempt, None)
+                    .await;
                 return;
             }
         };
@@ -376,9 +415,7 @@ impl Runner {
             && !filter(event)
         {
             handles.filtered.increment(1);
-            if let Some(delivery) = current.take() {
-                settled(delivery.ack().await);
-            }
+            ack(current).await;
             return;
         }
         // The attempt and last error the handler sees: the delivery's, then counted here
@@ -397,19 +434,22 @@ impl Runner {
                 last_error: retried_after.as_deref().or(delivery.last_error()),
             };
             let (started, outcome) = match first.take() {
-                // Started by `handle_now`: finish the call waiting in the slot.
-                Some(FirstPoll { started, polled }) => {
-                    let outcome = match polled {
-                        Poll::Ready(outcome) => outcome,
-                        Poll::Pending => match slot.in_flight() {
-                            Some(mut call) => {
-                                std::future::poll_fn(|cx| poll_guarded(&ctx, call.as_mut(), cx))
-                                    .await
-                            }
-                            None => Err(HandlerError::retryable(
-                                "the handler call to resume was not found",
-                            )),
-                        },
+                // Started by `handle_now`: its outcome, or the call waiting in the slot.
+                Some(FirstPoll {
+                    started,
+                    polled: Poll::Ready(outcome),
+                }) => (started, outcome),
+                Some(FirstPoll {
+                    started,
+                    polled: Poll::Pending,
+                }) => {
+                    let outcome = match slot.in_flight() {
+                        Some(mut call) => {
+                            std::future::poll_fn(|cx| poll_guarded(&ctx, call.as_mut(), cx)).await
+                        }
+                        None => Err(HandlerError::retryable(
+                            "the handler call to resume was not found",
+                        )),
                     };
                     (started, outcome)
                 }
@@ -420,67 +460,60 @@ impl Runner {
                             Ok(event) => event,
                             // It upcast for the first attempt; schemas changed in between.
                             Err(error) => {
-                                handles.dead_lettered.increment(1);
-                                let now = self.clock.now();
-                                let reason = format!("cannot upcast the event: {error}");
-                                let first_at = first_failure.unwrap_or(now);
-                                if let Some(delivery) = current.take() {
-                                    settled(
-                                        delivery
-                                            .dead_letter_after(reason, attempt, first_at, now)
-                                            .await,
-                                    );
-                                }
+                                self.dead_letter_unreadable(
+                                    handles,
+                                    current,
+                                    error,
+                                    attempt,
+                                    first_failure,
+                                )
+                                .await;
                                 return;
                             }
                         },
                     };
-                    handles.delivered.increment(1);
-                    self.metrics.in_flight.increment(1.0);
-                    let started = self.timer.raw();
+                    let started = self.begin_attempt(handles);
                     // One attempt: transform, middleware, handler, with `ctx` as the current
-                    // context; a panic is a retryable failure. Without middleware the handler runs
-                    // in `slot`, reusing the allocation of the previous call.
-                    let outcome = match &self.transform {
+                    // context; a panic is a retryable failure. Without middleware the handler
+                    // runs in `slot`, reusing the allocation of the previous call.
+                    let transformed = match &self.transform {
                         Some(transform) => transform(event),
                         None => Ok(event),
                     };
-                    let outcome = match outcome {
+                    let outcome = match transformed {
                         Err(error) => Err(error),
-                        Ok(event) if self.chain.is_empty() => {
-                            let mut call = self.handler.handle_in(event, slot);
-                            std::future::poll_fn(|cx| poll_guarded(&ctx, call.as_mut(), cx)).await
-                        }
                         Ok(event) => {
-                            let value = ctx.to_context();
-                            // Boxed: keeps this future small for the common case above.
-                            let mut run = Box::pin(
-                                Next::new(&self.chain, self.handler.as_ref()).run(event, &value),
-                            );
-                            std::future::poll_fn(|cx| poll_guarded(&ctx, run.as_mut(), cx)).await
+                            // The context as middleware sees it, and their chain: boxed, to
+                            // keep this future small for the common case without.
+                            let value;
+                            let mut run;
+                            let mut call: HandlerCall<'_> = if self.chain.is_empty() {
+                                self.handler.handle_in(event, slot)
+                            } else {
+                                value = ctx.to_context();
+                                run = Box::pin(
+                                    Next::new(&self.chain, self.handler.as_ref())
+                                        .run(event, &value),
+                                );
+                                run.as_mut()
+                            };
+                            std::future::poll_fn(|cx| poll_guarded(&ctx, call.as_mut(), cx)).await
                         }
                     };
                     (started, outcome)
                 }
             };
-            let nanos = self.timer.delta_as_nanos(started, self.timer.raw());
-            handles.duration.record(nanos as f64 / 1e9);
-            self.metrics.in_flight.decrement(1.0);
+            self.end_attempt(handles, started);
             let error = match outcome {
                 Ok(()) => {
-                    if let Some(delivery) = current.take() {
-                        match delivery.try_ack_now() {
-                            Ok(outcome) => settled(outcome),
-                            Err(delivery) => settled(delivery.ack().await),
-                        }
-                    }
+                    ack(current).await;
                     return;
                 }
                 Err(error) => error,
             };
             handles.errors.increment(1);
             let now = self.clock.now();
-            let first = *first_failure.get_or_insert(now);
+            let first_at = *first_failure.get_or_insert(now);
             let delay = if error.is_retryable() {
                 self.retry.delay_after(attempt)
             } else {
@@ -518,7 +551,7 @@ impl Runner {
                     if let Some(delivery) = current.take() {
                         settled(
                             delivery
-                                .dead_letter_after(error.message(), attempt, first, now)
+                                .dead_letter_after(error.message(), attempt, first_at, now)
                                 .await,
                         );
                     }
@@ -527,12 +560,6 @@ impl Runner {
             }
         }
     }
-}
-
-/// Whether no subscriber could want an INFO span (`bus.handle`, `bus.publish`): then the
-/// hot paths skip making one per event.
-pub(crate) fn spans_off() -> bool {
-    tracing::level_filters::LevelFilter::current() < tracing::Level::INFO
 }
 
 /// Polls a handler call once with `ctx` as the current context; a panic ends it as a
@@ -689,18 +716,14 @@ pub(crate) async fn run(
                     break;
                 }
                 held.current = held.rest.pop();
-                if spans_off() {
+                if crate::spans_off() {
                     let now = std::future::poll_fn(|cx| {
                         Poll::Ready(runner.handle_now(&mut held.current, &mut scratch, cx))
                     })
                     .await;
                     match now {
                         Now::Done => {}
-                        Now::Ack => {
-                            if let Some(delivery) = held.current.take() {
-                                settled(delivery.ack().await);
-                            }
-                        }
+                        Now::Ack => ack(&mut held.current).await,
                         Now::Later(first) => {
                             runner.handle(&mut held.current, &mut scratch, first).await;
                         }

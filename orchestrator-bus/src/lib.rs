@@ -74,3 +74,8 @@ pub use dispatch::Unfinished;
 pub use memory::{InMemoryDeadLetterQueue, InProcessTransport, InProcessTransportBuilder};
 #[doc(inline)]
 pub use subscription::{Filter, RetryMode, SubscriptionConfig, Transform};
+/// Whether no subscriber could want an INFO span (`bus.handle`, `bus.publish`): then the
+/// hot paths skip making one per event.
+pub(crate) fn spans_off() -> bool {
+    tracing::level_filters::LevelFilter::current() < tracing::Level::INFO
+}

@@ -134,67 +134,45 @@ impl ContextRef<'_> {
         ctx.first_attempt_at = self.delivery.first_attempt_at();
     }
 
-    /// Runs `poll` with this as the current context when the thread is already polling a
-    /// handler (one polled from inside another), or the context is being read: the outer
-    /// context, if any, is put back afterwards.
-    #[cold]
-    fn poll_nested<T>(&self, current: &RefCell<Current>, poll: impl FnOnce() -> T) -> T {
-        let outer = match current.try_borrow_mut() {
-            Ok(mut current) if current.active => Some(current.ctx.replace(self.to_context())),
-            _ => None,
-        };
-        let polled = poll();
-        if let (Some(outer), Ok(mut current)) = (outer, current.try_borrow_mut()) {
-            current.ctx = outer;
-        }
-        polled
-    }
-
     /// Polls `future` once with this as the [`current`](DeliveryContext::current)
     /// context. A panic in it is caught and returned as `Err`.
     pub(crate) fn poll_in<F: Future + ?Sized>(
         &self,
-        future: Pin<&mut F>,
+        mut future: Pin<&mut F>,
         cx: &mut Context<'_>,
     ) -> std::thread::Result<Poll<F::Output>> {
-        let mut future = Some(future);
-        let mut poll = |future: &mut Option<Pin<&mut F>>| {
-            std::panic::catch_unwind(AssertUnwindSafe(|| {
-                future.take().map(|future| future.poll(cx))
-            }))
-        };
-        // One access to the thread-local for the whole poll. `try_with`/`try_borrow_mut`:
-        // a thread being torn down, or a context being read right now, leaves the handler
-        // without one rather than failing the poll.
-        let polled = CURRENT.try_with(|current| {
-            let fresh = match current.try_borrow_mut() {
-                Ok(mut current) if !current.active => {
-                    self.write_into(&mut current.ctx);
-                    current.active = true;
-                    true
-                }
-                _ => false,
-            };
-            if !fresh {
-                return self.poll_nested(current, || poll(&mut future));
+        let mut poll = || std::panic::catch_unwind(AssertUnwindSafe(|| future.as_mut().poll(cx)));
+        // One access to the thread-local for the whole poll. `try_with`: a thread being
+        // torn down has no context to give; the poll goes on without one.
+        let mut polled = None;
+        let _ = CURRENT.try_with(|current| polled = Some(self.poll_with(current, &mut poll)));
+        match polled {
+            Some(polled) => polled,
+            None => poll(),
+        }
+    }
+
+    /// Runs `poll` with this as the context in `current`. A thread already polling a
+    /// handler (one polled from inside another) gets the outer context back afterwards; a
+    /// context being read right now (`try_borrow_mut` fails) leaves the handler without.
+    fn poll_with<T>(&self, current: &RefCell<Current>, poll: impl FnOnce() -> T) -> T {
+        let outer = match current.try_borrow_mut() {
+            Ok(mut current) if !current.active => {
+                self.write_into(&mut current.ctx);
+                current.active = true;
+                None
             }
-            let polled = poll(&mut future);
-            if let Ok(mut current) = current.try_borrow_mut() {
-                current.active = false;
-            }
-            polled
-        });
-        let polled = match polled {
-            Ok(polled) => polled,
-            Err(_) => poll(&mut future),
+            Ok(mut current) => Some(current.ctx.replace(self.to_context())),
+            Err(_) => return poll(),
         };
-        // The future is polled exactly once on either path above; were it not, the attempt
-        // fails visibly (as a panic would) instead of waiting for a wake-up that never comes.
-        polled.and_then(|polled| {
-            polled.ok_or_else(|| {
-                Box::new("the bus did not poll the handler") as Box<dyn std::any::Any + Send>
-            })
-        })
+        let polled = poll();
+        if let Ok(mut current) = current.try_borrow_mut() {
+            match outer {
+                None => current.active = false,
+                Some(outer) => current.ctx = outer,
+            }
+        }
+        polled
     }
 }
 

@@ -660,13 +660,16 @@ async fn shutdown_drains_in_flight_handlers_within_the_deadline() {
     ));
 }
 
-#[tokio::test]
-async fn shutdown_reports_what_missed_the_deadline_and_it_is_redelivered() {
-    let transport = Arc::new(InProcessTransport::new());
-    let bus = EventBus::new(transport.clone());
-    let (started_tx, mut started_rx) = mpsc::unbounded_channel();
+/// Subscribes `name` to `pattern` with a handler that never finishes; the receiver gets
+/// each event as its handling starts.
+async fn subscribe_stuck(
+    bus: &EventBus,
+    pattern: &str,
+    name: &str,
+) -> mpsc::UnboundedReceiver<EventEnvelope> {
+    let (started_tx, started_rx) = mpsc::unbounded_channel();
     bus.subscribe_with(
-        SubscriptionConfig::new("stuck.#").named("stuck-workers"),
+        SubscriptionConfig::new(pattern).named(name),
         Arc::new(move |e: EventEnvelope| {
             let started_tx = started_tx.clone();
             async move {
@@ -678,6 +681,14 @@ async fn shutdown_reports_what_missed_the_deadline_and_it_is_redelivered() {
     )
     .await
     .unwrap();
+    started_rx
+}
+
+#[tokio::test]
+async fn shutdown_reports_what_missed_the_deadline_and_it_is_redelivered() {
+    let transport = Arc::new(InProcessTransport::new());
+    let bus = EventBus::new(transport.clone());
+    let mut started_rx = subscribe_stuck(&bus, "stuck.#", "stuck-workers").await;
     let stuck = event("stuck.job", 1);
     bus.publish(stuck.clone()).await.unwrap();
     recv(&mut started_rx).await;
@@ -763,20 +774,7 @@ async fn the_delivery_context_is_current_on_every_poll_of_the_handler_and_only_t
 async fn shutdown_hands_back_a_held_batch_in_order_and_reports_it() {
     let transport = Arc::new(InProcessTransport::new());
     let bus = EventBus::new(transport.clone());
-    let (started_tx, mut started_rx) = mpsc::unbounded_channel();
-    bus.subscribe_with(
-        SubscriptionConfig::new("held.#").named("held-batch"),
-        Arc::new(move |e: EventEnvelope| {
-            let started_tx = started_tx.clone();
-            async move {
-                started_tx.send(e).ok();
-                std::future::pending::<()>().await;
-                Ok::<_, HandlerError>(())
-            }
-        }),
-    )
-    .await
-    .unwrap();
+    let mut started_rx = subscribe_stuck(&bus, "held.#", "held-batch").await;
     let events: Vec<EventEnvelope> = (0..5).map(|n| event("held.job", n)).collect();
     // One publish of the whole batch: the consumer wakes to a queue holding all five.
     transport

@@ -50,6 +50,32 @@ pub async fn reachable(prefix: &str) -> Option<(String, KafkaTransport)> {
     }
 }
 
+/// One Kafka test's hold on the live broker: its turn, a fresh prefix, a transport under
+/// it, and the deletion of the prefix's topics when dropped (fields drop in this order, the
+/// turn last).
+pub struct Live {
+    _cleanup: Cleanup,
+    pub transport: KafkaTransport,
+    pub brokers: String,
+    pub prefix: String,
+    _serial: tokio::sync::MutexGuard<'static, ()>,
+}
+
+/// Takes this binary's turn and reaches the broker under a fresh prefix; `None` (after
+/// reporting why) when it does not answer.
+pub async fn live() -> Option<Live> {
+    let serial = serial().await;
+    let prefix = random_prefix();
+    let (brokers, transport) = reachable(&prefix).await?;
+    Some(Live {
+        _cleanup: Cleanup::new(&brokers, &prefix),
+        transport,
+        brokers,
+        prefix,
+        _serial: serial,
+    })
+}
+
 /// Deletes every topic under `transport`'s prefix.
 pub async fn cleanup(transport: &KafkaTransport) {
     match transport.delete_all_topics().await {

@@ -714,8 +714,10 @@ fn try_send_from(
     let groups = route.groups.get(from..).unwrap_or_default();
     let (last, others) = groups.split_last()?;
     for (i, group) in others.iter().enumerate() {
-        if let Err(message) = group.try_push(Message::new(event.clone(), &route.topic)) {
-            drop(message);
+        if group
+            .try_push(Message::new(event.clone(), &route.topic))
+            .is_err()
+        {
             return Some((from + i, event));
         }
     }
@@ -857,8 +859,8 @@ impl Drop for Subscription {
 impl Subscription {
     /// Receives up to `max` messages into `self.received`; `false` once closed.
     async fn receive(&mut self, max: usize) -> bool {
-        // `recv_into` (which returns `false` once closed) is cancel-safe: dropping it before it completes takes nothing off
-        // the queue.
+        // `recv_into` (`false` once closed) is cancel-safe: dropping it before it completes
+        // takes nothing off the queue.
         if !self.group.recv_into(max, &mut self.received).await {
             return false;
         }
@@ -873,21 +875,20 @@ impl Subscription {
     /// Hands `message` out as a delivery that settles with its group. `now` is read from
     /// the clock once per batch, when a first delivery needs it.
     fn deliver(&self, message: Message, now: &mut Option<DateTime<Utc>>) -> Delivery {
-        let info = match message.history {
-            None => DeliveryInfo {
-                topic: message.topic,
-                group: Arc::clone(&self.group.name),
-                attempt: 1,
-                first_attempt_at: *now.get_or_insert_with(|| self.group.clock.now()),
-                last_error: None,
-            },
-            Some(history) => DeliveryInfo {
-                topic: message.topic,
-                group: Arc::clone(&self.group.name),
-                attempt: history.attempt,
-                first_attempt_at: history.first_attempt_at,
-                last_error: history.last_error,
-            },
+        let (attempt, first_attempt_at, last_error) = match message.history {
+            None => (1, *now.get_or_insert_with(|| self.group.clock.now()), None),
+            Some(history) => (
+                history.attempt,
+                history.first_attempt_at,
+                history.last_error,
+            ),
+        };
+        let info = DeliveryInfo {
+            topic: message.topic,
+            group: Arc::clone(&self.group.name),
+            attempt,
+            first_attempt_at,
+            last_error,
         };
         // The delivery carries everything needed to queue it again (see `GroupSettler`):
         // no per-delivery settle state, no allocation.
