@@ -18,7 +18,7 @@ use std::process::{Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crate::{Result, cargo, describe, json, machine, reachable};
+use crate::{Result, cargo, describe, json, machine, reachable, tansu};
 
 /// Features that turn on every benchmark (the backend benches need theirs).
 pub(crate) const ALL_BACKENDS: &str =
@@ -305,72 +305,6 @@ fn run_with_timeout(
     }
 }
 
-/// A tansu of the bench's own with `memory://` storage on a spare port, so that the Kafka
-/// bench measures the clients rather than the shared broker's disk (DESIGN.md's raw
-/// figures are for that set-up). Killed, and its folder removed, when dropped.
-struct MemoryTansu {
-    /// The broker process.
-    child: std::process::Child,
-    /// Its bootstrap address.
-    address: String,
-    /// Its working folder.
-    dir: PathBuf,
-}
-
-impl MemoryTansu {
-    /// Starts one, if tansu is installed (`ORCHESTRATOR_TANSU`, or where `services up`
-    /// puts it) and answers within 30 seconds.
-    fn start(logs: &Path) -> Option<Self> {
-        let binary = std::env::var_os("ORCHESTRATOR_TANSU")
-            .map(PathBuf::from)
-            .or_else(|| {
-                std::env::var_os("HOME")
-                    .map(|home| Path::new(&home).join(".cache/orchestrator/tools/bin/tansu"))
-            })
-            .filter(|path| path.is_file())?;
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .ok()?
-            .port();
-        let address = format!("127.0.0.1:{port}");
-        let url = format!("tcp://{address}");
-        let dir = logs.join("tansu-memory");
-        fs::create_dir_all(&dir).ok()?;
-        let log = File::create(dir.join("tansu.log")).ok()?;
-        let child = Command::new(binary)
-            .current_dir(&dir)
-            .args(["--listener-url", &url, "--advertised-listener-url", &url])
-            .args(["--storage-engine", "memory://tansu/"])
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().ok()?)
-            .stderr(log)
-            .spawn()
-            .ok()?;
-        let broker = Self {
-            child,
-            address,
-            dir,
-        };
-        let started = Instant::now();
-        while started.elapsed() < Duration::from_secs(30) {
-            if reachable::kafka_at(&broker.address).is_ok() {
-                return Some(broker);
-            }
-            thread::sleep(Duration::from_millis(200));
-        }
-        None
-    }
-}
-
-impl Drop for MemoryTansu {
-    fn drop(&mut self) {
-        // Our own child, by its handle.
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = fs::remove_dir_all(&self.dir);
-    }
-}
-
 /// Runs one bench; its output lands in `logs`.
 fn run_bench(
     bench: Bench,
@@ -383,18 +317,19 @@ fn run_bench(
         return Outcome::Failed(format!("cargo built no bench called `{}`", bench.name));
     };
     let mut cmd = Command::new(executable);
-    let tansu = if bench.service == Some("kafka") {
-        MemoryTansu::start(logs)
+    // The Kafka bench gets a tansu of its own with memory storage, so that it measures the
+    // clients rather than a shared broker's state (DESIGN.md's raw figures are for that
+    // set-up).
+    let own_kafka = if bench.service == Some("kafka") && tansu::installed().is_some() {
+        tansu::OwnTansu::start("the kafka bench")
+            .map_err(|why| eprintln!("warning: {why}"))
+            .ok()
     } else {
         None
     };
-    match &tansu {
+    match &own_kafka {
         Some(broker) => {
-            eprintln!(
-                "\n==> a tansu of the bench's own, memory storage, at {}",
-                broker.address
-            );
-            cmd.env("ORCHESTRATOR_KAFKA_BROKERS", &broker.address);
+            cmd.env("ORCHESTRATOR_KAFKA_BROKERS", broker.address());
         }
         None => {
             if let Some(service) = bench.service
@@ -424,7 +359,7 @@ fn run_bench(
     };
     eprintln!("\n==> bench {}\n    $ {}", bench.name, describe(&cmd));
     let result = run_with_timeout(cmd, stdout, &stderr_path, timeout);
-    drop(tansu);
+    drop(own_kafka);
     let read = |path: &Path| fs::read_to_string(path).unwrap_or_default();
     let (stdout, stderr) = (stdout.map(read).unwrap_or_default(), read(&stderr_path));
     match result {

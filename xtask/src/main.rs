@@ -11,6 +11,7 @@ mod machine;
 mod metadata;
 mod reachable;
 mod services;
+mod tansu;
 mod test_all;
 
 use std::path::{Path, PathBuf};
@@ -24,13 +25,20 @@ const USAGE: &str = "\
 Usage: cargo xtask <command>
 
 Commands:
-  test-all [--quick] [-- <test args>...]
+  test-all [--quick] [--filter NAME] [--repeat N] [--load [THREADS]] [-- <test args>...]
         Everything CI checks, stopping at the first failure: services up,
         cargo fmt --check, clippy -D warnings (default features, each package
         feature on its own, all features), cargo test --workspace --all-features,
         then the short fault suite (faults --short). --quick skips the clippy run
-        per feature. Arguments after `--` go to the
-        test harness, e.g. `cargo xtask test-all -- --nocapture`.
+        per feature. Arguments after `--` go to the test harness, e.g.
+        `cargo xtask test-all -- --nocapture`.
+        The tests run against a Kafka broker of their own (tansu, memory storage,
+        a free port, stopped afterwards) unless ORCHESTRATOR_KAFKA_BROKERS names one.
+        --filter NAME runs only the integration test targets whose name contains
+        NAME (no fmt, clippy or fault suite); --repeat N runs the tests N times,
+        each against a fresh broker, and reports every run; --load keeps THREADS
+        threads (default: one per core) spinning meanwhile. To prove the Kafka
+        suites: `cargo xtask test-all --filter kafka --repeat 20 --load`.
         Missing services skip backend tests, except with CI=true where they fail.
   services up|status|down [<service>...]
         Start (if needed) and wait for, report on, or stop the brokers backend
@@ -38,7 +46,8 @@ Commands:
         rabbitmq (ORCHESTRATOR_AMQP_URL, default amqp://guest:guest@127.0.0.1:5672/%2f)
         and kafka (ORCHESTRATOR_KAFKA_BROKERS, default 127.0.0.1:9092: the tansu
         Kafka-protocol broker, installed into ~/.cache/orchestrator/tools when
-        missing). `status` exits 1 unless all are up.
+        missing, with memory storage). Each line says where the service keeps its
+        data. `status` exits 1 unless all are up.
         `down` is for use by hand: other sessions and CI rely on these services.
   bench [--quick] [--out <file>] [<bench>...]
         Builds and runs every benchmark (codec, bus, store, saga, cqrs, and the

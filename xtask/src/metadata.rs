@@ -53,9 +53,40 @@ pub(crate) fn workspace_features(metadata: &str, skip: &[&str]) -> Result<Vec<Pa
     Ok(out)
 }
 
+/// The names of the integration test targets (`tests/*.rs`) of every workspace package
+/// whose name contains `filter`, sorted, each once, from `cargo metadata --format-version 1
+/// --no-deps` output.
+pub(crate) fn test_targets(metadata: &str, filter: &str) -> Result<Vec<String>> {
+    let root = json::parse(metadata).map_err(|e| format!("cannot read `cargo metadata`: {e}"))?;
+    let packages = root
+        .get("packages")
+        .and_then(json::Value::as_array)
+        .ok_or("`cargo metadata` output has no `packages` array")?;
+    let mut names = Vec::new();
+    for package in packages {
+        let targets = package
+            .get("targets")
+            .and_then(json::Value::as_array)
+            .ok_or("a package in `cargo metadata` has no `targets`")?;
+        for target in targets {
+            let is_test = target
+                .get("kind")
+                .and_then(json::Value::as_array)
+                .is_some_and(|kinds| kinds.iter().any(|k| k.as_str() == Some("test")));
+            let name = target.get("name").and_then(json::Value::as_str);
+            if let Some(name) = name.filter(|name| is_test && name.contains(filter)) {
+                names.push(name.to_owned());
+            }
+        }
+    }
+    names.sort();
+    names.dedup();
+    Ok(names)
+}
+
 #[cfg(test)]
 mod tests {
-    use super::{PackageFeatures, workspace_features};
+    use super::{PackageFeatures, test_targets, workspace_features};
 
     /// Trimmed from real `cargo metadata --format-version 1 --no-deps` output.
     const SAMPLE: &str = r#"{
@@ -113,6 +144,29 @@ mod tests {
             },
         ];
         assert_eq!(found, Ok(expected));
+    }
+
+    #[test]
+    fn finds_test_targets_by_name() {
+        let metadata = r#"{"packages": [
+          {"name": "orchestrator", "targets": [
+            {"kind": ["lib"], "name": "orchestrator_kafka"},
+            {"kind": ["test"], "name": "tracing_kafka"},
+            {"kind": ["test"], "name": "tracing_redis"},
+            {"kind": ["example"], "name": "kafka_backend"}
+          ]},
+          {"name": "orchestrator-backends", "targets": [
+            {"kind": ["test"], "name": "kafka_store"},
+            {"kind": ["bench"], "name": "kafka"}
+          ]}
+        ]}"#;
+        let found = test_targets(metadata, "kafka");
+        assert_eq!(
+            found,
+            Ok(vec!["kafka_store".to_owned(), "tracing_kafka".to_owned()])
+        );
+        assert_eq!(test_targets(metadata, "postgres"), Ok(vec![]));
+        assert!(test_targets(r#"{"packages": [{"name": "a"}]}"#, "").is_err());
     }
 
     #[test]

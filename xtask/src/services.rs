@@ -13,7 +13,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use crate::endpoint::{Endpoint, parse_url};
-use crate::{Result, describe};
+use crate::{Result, describe, tansu};
 
 /// How long to wait for a TCP connection to a service.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
@@ -44,6 +44,8 @@ pub(crate) struct Service {
     pub(crate) start_timeout: Duration,
     /// Asks it to stop.
     pub(crate) stop: fn(&Endpoint) -> Result<()>,
+    /// Where a service xtask started keeps its data, for the person reading `up`/`status`.
+    pub(crate) data: &'static str,
     /// Debian package providing the start command.
     pub(crate) package: &'static str,
     /// How a person starts it by hand on a machine with systemd.
@@ -62,6 +64,7 @@ pub(crate) const SERVICES: &[Service] = &[
         start: redis_start,
         start_timeout: Duration::from_secs(20),
         stop: redis_stop,
+        data: "memory only (started with --save \"\" --appendonly no)",
         package: "redis-server",
         by_hand: "sudo systemctl start redis-server",
     },
@@ -79,6 +82,7 @@ pub(crate) const SERVICES: &[Service] = &[
         },
         start_timeout: Duration::from_secs(120),
         stop: amqp_stop,
+        data: "the node's own folder (Debian: /var/lib/rabbitmq/mnesia)",
         package: "rabbitmq-server",
         by_hand: "sudo systemctl start rabbitmq-server",
     },
@@ -92,10 +96,11 @@ pub(crate) const SERVICES: &[Service] = &[
         start: tansu_start,
         start_timeout: Duration::from_secs(60),
         stop: tansu_stop,
+        data: "memory only (memory:// storage); pid file in ~/.cache/orchestrator/tansu/data",
         package: "dash",
         by_hand: "cd ~/.cache/orchestrator/tansu/data && ~/.cache/orchestrator/tools/bin/tansu \
                   --listener-url tcp://127.0.0.1:9092 --advertised-listener-url \
-                  tcp://127.0.0.1:9092 --storage-engine sqlite://tansu.db",
+                  tcp://127.0.0.1:9092 --storage-engine memory://tansu/",
     },
 ];
 
@@ -248,9 +253,6 @@ fn amqp_stop(_: &Endpoint) -> Result<()> {
     }
 }
 
-/// The tansu version xtask installs: an Apache-2.0 Kafka-protocol broker from crates.io.
-const TANSU_VERSION: &str = "0.6.0";
-
 /// The first broker of a `bootstrap.servers` list (`host:port[,host:port…]`, each optionally
 /// with a `plaintext://`-style scheme; `ssl`/`sasl_ssl` schemes mean TLS).
 fn kafka_endpoint(brokers: &str) -> Result<Endpoint> {
@@ -379,60 +381,37 @@ fn kafka_probe(endpoint: &Endpoint) -> Health {
     }
 }
 
-/// `~/.cache/orchestrator`, where tansu is installed and keeps its data, outside any checkout.
-fn orchestrator_cache() -> Result<std::path::PathBuf> {
-    let home = std::env::var_os("HOME").ok_or("HOME is not set")?;
-    Ok(Path::new(&home).join(".cache/orchestrator"))
+/// The shared broker's folder: its pid file and its log (its records live in memory).
+fn shared_tansu_dir() -> Result<std::path::PathBuf> {
+    Ok(tansu::cache_dir()?.join("tansu/data"))
 }
 
-/// Installs the pinned tansu into `~/.cache/orchestrator/tools` unless it is there; returns
-/// the binary.
-fn install_tansu() -> Result<std::path::PathBuf> {
-    let root = orchestrator_cache()?.join("tools");
-    let binary = root.join("bin/tansu");
-    if binary.is_file() {
-        return Ok(binary);
-    }
-    let cargo_bin = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
-    let mut cmd = Command::new(cargo_bin);
-    cmd.args(["install", "--locked", "tansu", "--version", TANSU_VERSION])
-        .args(["--features", "dynostore,libsql", "--root"])
-        .arg(&root);
-    eprintln!(
-        "Kafka: installing tansu {TANSU_VERSION} (about 9 minutes on 2 cores, once): {}",
-        describe(&cmd)
-    );
-    let status = cmd
-        .status()
-        .map_err(|e| format!("cannot run `{}`: {e}", describe(&cmd)))?;
-    if !status.success() || !binary.is_file() {
-        return Err(format!("`{}` failed ({status})", describe(&cmd)));
-    }
-    Ok(binary)
-}
-
-/// Starts tansu (installing it first if needed) in its own data folder with sqlite storage,
-/// writing its pid next to the data so that `down` can stop exactly that process.
+/// Starts the shared tansu (installing it first if needed) with memory storage, writing its
+/// pid next to its log so that `down` can stop exactly that process.
+///
+/// Memory storage: the shared broker only holds test topics, which every test names afresh
+/// and deletes, so nothing on disk grows from run to run and a restart starts it empty.
+/// (tansu 0.6.0's sqlite engine, used before, grew a database over many runs, slowed every
+/// fetch as its header table grew, and was seen to wedge: "more or less than one row".)
+/// `cargo xtask test-all` does not use this broker: it starts one of its own per run.
 fn tansu_start(endpoint: &Endpoint) -> Result<Command> {
-    let binary = install_tansu()?;
-    let dir = orchestrator_cache()?.join("tansu/data");
+    let binary = tansu::binary()?;
+    let dir = shared_tansu_dir()?;
     fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-    // The shared broker only holds test topics, which every test names afresh: start on an
-    // empty database. tansu 0.6.0's sqlite engine was seen to wedge ("more or less than one
-    // row") on a database grown over many runs.
+    // Left by the sqlite storage earlier versions used.
     for stale in ["tansu.db", "tansu.db-wal", "tansu.db-shm"] {
         let _ = fs::remove_file(dir.join(stale));
     }
-    // A tansu that xtask started is still running but does not answer (its storage failed):
-    // stop it, so the new one can take the port.
+    // A tansu that xtask started is still running but does not answer: stop it, so the
+    // new one can take the port.
     if let Some(pid) = running_tansu()? {
         eprintln!("Kafka: stopping the unresponsive tansu started earlier (pid {pid})");
         tansu_stop(endpoint)?;
         let deadline = Instant::now() + Duration::from_secs(10);
-        while process_alive(pid) && Instant::now() < deadline {
+        while tansu::alive(pid) && Instant::now() < deadline {
             thread::sleep(POLL_INTERVAL);
         }
-        if process_alive(pid) {
+        if tansu::alive(pid) {
             // A wedged tansu may not act on SIGTERM: it holds the port, so it must go.
             eprintln!("Kafka: tansu (pid {pid}) ignored SIGTERM; sending SIGKILL");
             let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
@@ -440,10 +419,16 @@ fn tansu_start(endpoint: &Endpoint) -> Result<Command> {
         }
     }
     let url = format!("tcp://{endpoint}");
+    eprintln!(
+        "Kafka: the shared tansu {} keeps its records in memory (a restart forgets them); its \
+         pid file goes to {}",
+        tansu::VERSION,
+        dir.display()
+    );
     // `exec` keeps the shell's pid, so the pid file names tansu itself.
     let script = format!(
         "echo $$ > tansu.pid && exec '{}' --listener-url {url} --advertised-listener-url {url} \
-         --storage-engine sqlite://tansu.db",
+         --storage-engine memory://tansu/",
         binary.display()
     );
     let mut cmd = Command::new("sh");
@@ -453,25 +438,16 @@ fn tansu_start(endpoint: &Endpoint) -> Result<Command> {
 
 /// The pid of the tansu `up` started, if that process still runs.
 fn running_tansu() -> Result<Option<u32>> {
-    let pid_file = orchestrator_cache()?.join("tansu/data/tansu.pid");
+    let pid_file = shared_tansu_dir()?.join("tansu.pid");
     let pid = fs::read_to_string(pid_file)
         .ok()
         .and_then(|text| text.trim().parse::<u32>().ok());
-    Ok(pid.filter(|&pid| process_alive(pid)))
-}
-
-/// Whether a process with this pid exists (`kill -0`).
-fn process_alive(pid: u32) -> bool {
-    Command::new("kill")
-        .args(["-0", &pid.to_string()])
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
+    Ok(pid.filter(|&pid| tansu::alive(pid)))
 }
 
 /// Stops the tansu that `up` started, by the pid it wrote.
 fn tansu_stop(_: &Endpoint) -> Result<()> {
-    let pid_file = orchestrator_cache()?.join("tansu/data/tansu.pid");
+    let pid_file = shared_tansu_dir()?.join("tansu.pid");
     let pid = fs::read_to_string(&pid_file)
         .map_err(|e| {
             format!(
@@ -608,10 +584,12 @@ impl Service {
             match (self.probe)(endpoint) {
                 Health::Ready(how) => {
                     eprintln!(
-                        "{} at {endpoint}: ready after {:.1}s ({how}); start-up output in {}",
+                        "{} at {endpoint}: ready after {:.1}s ({how}); started by xtask; its \
+                         output: {}; its data: {}",
                         self.title,
                         started.elapsed().as_secs_f64(),
-                        log.display()
+                        log.display(),
+                        self.data
                     );
                     return Ok(());
                 }

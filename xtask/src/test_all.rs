@@ -2,27 +2,75 @@
 
 use std::path::Path;
 use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread;
 use std::time::{Duration, Instant};
 
-use crate::{Result, cargo, describe, faults, metadata, services};
+use crate::{Result, cargo, describe, faults, metadata, services, tansu};
 
 /// Command-line options of `test-all`.
-#[derive(Debug, Default, PartialEq, Eq)]
+#[derive(Debug, PartialEq, Eq)]
 pub(crate) struct Options {
     /// Skip the clippy run per package feature.
     pub(crate) quick: bool,
+    /// How many times to run the tests, each run against a fresh Kafka broker.
+    pub(crate) repeat: u32,
+    /// Only the integration test targets whose name contains this (e.g. `kafka`); fmt,
+    /// clippy and the fault suite are left out.
+    pub(crate) filter: Option<String>,
+    /// Threads that keep the CPUs busy while the tests run (`--load`: one per core).
+    pub(crate) load: usize,
     /// Passed to the test harness: `cargo test … -- <these>`.
     pub(crate) test_args: Vec<String>,
 }
 
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            quick: false,
+            repeat: 1,
+            filter: None,
+            load: 0,
+            test_args: Vec::new(),
+        }
+    }
+}
+
 impl Options {
-    /// Parses `[--quick] [-- <test harness args>…]`.
+    /// Parses `[--quick] [--repeat N] [--filter NAME] [--load [THREADS]] [-- <test harness
+    /// args>…]`.
     pub(crate) fn parse(args: &[String]) -> Result<Self> {
         let mut options = Options::default();
-        let mut rest = args.iter();
+        let mut rest = args.iter().peekable();
         while let Some(arg) = rest.next() {
             match arg.as_str() {
                 "--quick" => options.quick = true,
+                "--repeat" => {
+                    options.repeat = rest
+                        .next()
+                        .and_then(|n| n.parse().ok())
+                        .filter(|&n| n > 0)
+                        .ok_or("test-all: --repeat takes a whole number of runs, 1 or more")?;
+                }
+                "--filter" => {
+                    let filter = rest
+                        .next()
+                        .filter(|f| !f.is_empty() && !f.starts_with('-'))
+                        .ok_or(
+                            "test-all: --filter takes part of a test target's name, e.g. kafka",
+                        )?;
+                    options.filter = Some(filter.clone());
+                }
+                "--load" => {
+                    options.load = match rest.peek().map(|n| n.parse::<usize>()) {
+                        Some(Ok(threads)) => {
+                            rest.next();
+                            threads
+                        }
+                        Some(Err(_)) | None => crate::machine::cores(),
+                    };
+                }
                 "--" => {
                     options.test_args = rest.cloned().collect();
                     break;
@@ -82,24 +130,43 @@ impl Run<'_> {
     }
 
     /// Runs `cmd` with inherited stdio as the step `name`.
-    fn step(&mut self, name: &str, mut cmd: Command) -> Result<()> {
-        let command = describe(&cmd);
-        eprintln!("\n==> {name}\n    $ {command}");
+    fn step(&mut self, name: &str, cmd: Command) -> Result<()> {
         let started = Instant::now();
-        let result = match cmd.status() {
-            Ok(status) if status.success() => Ok(()),
-            Ok(status) => Err(format!("`{command}` failed ({status})")),
-            Err(e) => Err(format!("cannot run `{command}`: {e}")),
-        };
+        let result = run_command(name, cmd);
         self.record(name, started, result)
     }
 
-    /// `services up`: fatal under CI, otherwise a warning that backend tests will skip.
+    /// Like [`Run::step`], but a failure is recorded and the run goes on; returns whether
+    /// it passed.
+    fn attempt(&mut self, name: &str, cmd: Command) -> bool {
+        let started = Instant::now();
+        let result = run_command(name, cmd);
+        if let Err(why) = &result {
+            eprintln!("test-all: `{name}` failed: {why}");
+        }
+        let outcome = if result.is_ok() {
+            Outcome::Passed
+        } else {
+            Outcome::Failed
+        };
+        self.steps
+            .push((name.to_owned(), outcome, started.elapsed()));
+        result.is_ok()
+    }
+
+    /// `services up` for the services this machine runs (Redis, RabbitMQ, and Kafka only
+    /// when `ORCHESTRATOR_KAFKA_BROKERS` names one: otherwise each test run gets a broker of
+    /// its own). Fatal under CI, otherwise a warning that backend tests will skip.
     fn services(&mut self) -> Result<()> {
         let name = "services up";
         eprintln!("\n==> {name}");
         let started = Instant::now();
-        match services::up(&[]) {
+        let names: Vec<String> = services::SERVICES
+            .iter()
+            .filter(|s| s.name != "kafka" || kafka_from_env().is_some())
+            .map(|s| s.name.to_owned())
+            .collect();
+        match services::up(&names) {
             Err(why) if !in_ci() => {
                 eprintln!(
                     "warning: {why}\nwarning: tests of backends whose service is down will be \
@@ -176,8 +243,26 @@ impl Run<'_> {
     }
 }
 
-/// Features of every workspace package but xtask, from `cargo metadata`.
-fn list_features(root: &Path) -> Result<Vec<metadata::PackageFeatures>> {
+/// Runs `cmd` with inherited stdio, announced as `name`.
+fn run_command(name: &str, mut cmd: Command) -> Result<()> {
+    let command = describe(&cmd);
+    eprintln!("\n==> {name}\n    $ {command}");
+    match cmd.status() {
+        Ok(status) if status.success() => Ok(()),
+        Ok(status) => Err(format!("`{command}` failed ({status})")),
+        Err(e) => Err(format!("cannot run `{command}`: {e}")),
+    }
+}
+
+/// `ORCHESTRATOR_KAFKA_BROKERS`, when the person running us named a broker.
+fn kafka_from_env() -> Option<String> {
+    std::env::var("ORCHESTRATOR_KAFKA_BROKERS")
+        .ok()
+        .filter(|brokers| !brokers.trim().is_empty())
+}
+
+/// `cargo metadata --format-version 1 --no-deps`, as text.
+fn cargo_metadata(root: &Path) -> Result<String> {
     let mut cmd = cargo(root);
     cmd.args(["metadata", "--format-version", "1", "--no-deps"]);
     let output = cmd
@@ -187,9 +272,55 @@ fn list_features(root: &Path) -> Result<Vec<metadata::PackageFeatures>> {
     if !output.status.success() {
         return Err(format!("`{}` failed ({})", describe(&cmd), output.status));
     }
-    let text = String::from_utf8(output.stdout)
-        .map_err(|_| "`cargo metadata` printed invalid UTF-8".to_owned())?;
-    metadata::workspace_features(&text, &["xtask"])
+    String::from_utf8(output.stdout)
+        .map_err(|_| "`cargo metadata` printed invalid UTF-8".to_owned())
+}
+
+/// Features of every workspace package but xtask, from `cargo metadata`.
+fn list_features(root: &Path) -> Result<Vec<metadata::PackageFeatures>> {
+    metadata::workspace_features(&cargo_metadata(root)?, &["xtask"])
+}
+
+/// Threads that keep the CPUs busy until dropped, so that a run shows how the tests fare
+/// on a loaded machine (as CI's can be when something else runs beside it).
+struct Load {
+    /// Set when the threads should stop.
+    stop: Arc<AtomicBool>,
+    /// The spinning threads.
+    threads: Vec<thread::JoinHandle<()>>,
+}
+
+impl Load {
+    /// Starts `threads` spinning threads (none for 0).
+    fn start(threads: usize) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        if threads > 0 {
+            eprintln!("\n==> load: {threads} threads spinning beside the tests");
+        }
+        let threads = (0..threads)
+            .map(|_| {
+                let stop = Arc::clone(&stop);
+                thread::spawn(move || {
+                    let mut x = 0_u64;
+                    while !stop.load(Ordering::Relaxed) {
+                        for _ in 0..10_000 {
+                            x = std::hint::black_box(x.wrapping_mul(6_364_136_223_846_793_005) + 1);
+                        }
+                    }
+                })
+            })
+            .collect();
+        Self { stop, threads }
+    }
+}
+
+impl Drop for Load {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for thread in self.threads.drain(..) {
+            let _ = thread.join();
+        }
+    }
 }
 
 /// `1.2s`, or `3m04.5s` past a minute.
@@ -203,53 +334,159 @@ fn format_duration(took: Duration) -> String {
 }
 
 /// Runs every check CI runs, stopping at the first failure, then prints a summary.
+///
+/// With `--filter`, only the matching test targets run (no fmt, clippy or fault suite);
+/// with `--repeat N`, the tests run N times, each against a fresh Kafka broker, and every
+/// run is reported before the first failure ends `test-all`.
 pub(crate) fn test_all(root: &Path, options: &Options) -> Result<()> {
     let mut run = Run {
         root,
         steps: Vec::new(),
         started: Instant::now(),
     };
+    let _load = Load::start(options.load);
     run.services()?;
 
-    let mut fmt = cargo(root);
-    fmt.args(["fmt", "--all", "--", "--check"]);
-    run.step("cargo fmt --check", fmt)?;
-
-    run.clippy(
-        "clippy (default features)",
-        &["--workspace", "--all-targets"],
-    )?;
-    if options.quick {
-        eprintln!("\n==> clippy per feature: skipped (--quick)");
-    } else {
-        run.clippy_per_feature()?;
-    }
-    run.clippy(
-        "clippy (all features)",
-        &["--workspace", "--all-targets", "--all-features"],
-    )?;
-
-    let mut test = cargo(root);
-    test.args(["test", "--workspace", "--all-features"])
-        .env("RUST_BACKTRACE", "1");
-    if !options.test_args.is_empty() {
-        test.arg("--").args(&options.test_args);
-    }
-    run.step("cargo test (all features)", test)?;
-
-    // The CI-sized fault suite, on the build the tests just made.
-    let name = "fault suite (faults --short)";
-    eprintln!("\n==> {name}");
-    let started = Instant::now();
-    let short = faults::Options {
-        short: true,
-        ..faults::Options::default()
+    let targets = match &options.filter {
+        None => {
+            run.checks(options)?;
+            None
+        }
+        Some(filter) => {
+            let name = format!("test targets matching `{filter}`");
+            let started = Instant::now();
+            let found = cargo_metadata(root).and_then(|text| metadata::test_targets(&text, filter));
+            let targets = match found {
+                Ok(targets) if targets.is_empty() => Err(format!(
+                    "no integration test target's name contains `{filter}`"
+                )),
+                other => other,
+            };
+            match targets {
+                Ok(targets) => {
+                    eprintln!("\n==> {name}: {}", targets.join(", "));
+                    run.record(&name, started, Ok(()))?;
+                    Some(targets)
+                }
+                Err(why) => return run.record(&name, started, Err(why)),
+            }
+        }
     };
-    run.record(name, started, faults::faults(root, &short))?;
+
+    let mut failed = Vec::new();
+    for round in 1..=options.repeat {
+        let name = if options.repeat == 1 {
+            "cargo test (all features)".to_owned()
+        } else {
+            format!(
+                "cargo test (all features), run {round} of {}",
+                options.repeat
+            )
+        };
+        if !run.tests(&name, options, targets.as_deref())? {
+            failed.push(round);
+        }
+    }
+    if !failed.is_empty() {
+        run.print_summary();
+        let rounds: Vec<String> = failed.iter().map(u32::to_string).collect();
+        return Err(format!(
+            "test-all: {} of {} test runs failed (run {})",
+            failed.len(),
+            options.repeat,
+            rounds.join(", ")
+        ));
+    }
+    if options.repeat > 1 {
+        eprintln!(
+            "\ntest-all: {} of {} test runs passed",
+            options.repeat, options.repeat
+        );
+    }
+
+    if options.filter.is_none() {
+        // The CI-sized fault suite, on the build the tests just made.
+        let name = "fault suite (faults --short)";
+        eprintln!("\n==> {name}");
+        let started = Instant::now();
+        let short = faults::Options {
+            short: true,
+            ..faults::Options::default()
+        };
+        run.record(name, started, faults::faults(root, &short))?;
+    }
 
     run.print_summary();
     eprintln!("\ntest-all: all steps passed");
     Ok(())
+}
+
+impl Run<'_> {
+    /// cargo fmt and the clippy runs.
+    fn checks(&mut self, options: &Options) -> Result<()> {
+        let mut fmt = cargo(self.root);
+        fmt.args(["fmt", "--all", "--", "--check"]);
+        self.step("cargo fmt --check", fmt)?;
+
+        self.clippy(
+            "clippy (default features)",
+            &["--workspace", "--all-targets"],
+        )?;
+        if options.quick {
+            eprintln!("\n==> clippy per feature: skipped (--quick)");
+        } else {
+            self.clippy_per_feature()?;
+        }
+        self.clippy(
+            "clippy (all features)",
+            &["--workspace", "--all-targets", "--all-features"],
+        )
+    }
+
+    /// One run of `cargo test --workspace --all-features` (only `targets`, when given)
+    /// against a Kafka broker of its own, unless `ORCHESTRATOR_KAFKA_BROKERS` names one.
+    /// `Ok(passed)`; an error only when no broker could be had under CI.
+    fn tests(&mut self, name: &str, options: &Options, targets: Option<&[String]>) -> Result<bool> {
+        let mut test = cargo(self.root);
+        test.args(["test", "--workspace", "--all-features"])
+            .env("RUST_BACKTRACE", "1");
+        for target in targets.unwrap_or_default() {
+            test.args(["--test", target]);
+        }
+        if !options.test_args.is_empty() {
+            test.arg("--").args(&options.test_args);
+        }
+        let mut kafka = None;
+        if kafka_from_env().is_none() {
+            let started = Instant::now();
+            match tansu::OwnTansu::start(name) {
+                Ok(broker) => {
+                    test.env("ORCHESTRATOR_KAFKA_BROKERS", broker.address());
+                    kafka = Some(broker);
+                }
+                Err(why) if in_ci() => {
+                    return self
+                        .record("Kafka broker for the tests", started, Err(why))
+                        .map(|()| false);
+                }
+                Err(why) => eprintln!(
+                    "warning: no Kafka broker of this run's own ({why}); the Kafka tests use \
+                     ORCHESTRATOR_KAFKA_BROKERS' default, and skip if nothing answers there"
+                ),
+            }
+        }
+        let passed = self.attempt(name, test);
+        if let Some(broker) = &mut kafka
+            && !passed
+        {
+            broker.keep_log();
+            eprintln!(
+                "test-all: the Kafka broker's log of `{name}` is kept at {}",
+                broker.log().display()
+            );
+        }
+        Ok(passed)
+    }
 }
 
 #[cfg(test)]
@@ -269,9 +506,30 @@ mod tests {
             Ok(Options {
                 quick: true,
                 test_args: args(&["--nocapture", "--quick"]),
+                ..Options::default()
             })
         );
+        assert_eq!(
+            Options::parse(&args(&[
+                "--repeat", "20", "--filter", "kafka", "--load", "3"
+            ])),
+            Ok(Options {
+                repeat: 20,
+                filter: Some("kafka".to_owned()),
+                load: 3,
+                ..Options::default()
+            })
+        );
+        let loaded = Options::parse(&args(&["--load", "--quick"]));
+        assert_eq!(loaded.as_ref().map(|o| o.quick), Ok(true));
+        assert!(
+            loaded.is_ok_and(|o| o.load >= 1),
+            "--load alone: one thread per core"
+        );
         assert!(Options::parse(&args(&["--nocapture"])).is_err());
+        assert!(Options::parse(&args(&["--repeat", "0"])).is_err());
+        assert!(Options::parse(&args(&["--repeat"])).is_err());
+        assert!(Options::parse(&args(&["--filter", "--quick"])).is_err());
     }
 
     #[test]

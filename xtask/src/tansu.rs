@@ -1,0 +1,262 @@
+//! tansu, the Kafka-protocol broker the Kafka tests and benches run against: its install,
+//! and brokers of xtask's own, one per run, so that no run inherits another's state.
+//!
+//! A broker of xtask's own ([`OwnTansu`]) listens on a free loopback port, keeps its
+//! records in memory (nothing on disk grows, nothing survives it) and is killed when
+//! dropped. Should xtask itself be killed first, the broker would outlive it: each one is
+//! registered under `~/.cache/orchestrator/tansu/runs/` with the process that owns it, and
+//! the next start stops every registered broker whose owner is gone ([`sweep`]).
+
+use std::fs::{self, File};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crate::{Result, describe, reachable};
+
+/// The tansu version xtask installs: an Apache-2.0 Kafka-protocol broker from crates.io.
+pub(crate) const VERSION: &str = "0.6.0";
+
+/// How long a fresh broker may take to answer its first `Metadata` request. It answers in
+/// well under a second on an idle machine; the bound only ends a start that went wrong.
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Pause between readiness probes.
+const POLL_INTERVAL: Duration = Duration::from_millis(100);
+
+/// `~/.cache/orchestrator`, where tansu is installed, outside any checkout.
+pub(crate) fn cache_dir() -> Result<PathBuf> {
+    let home = std::env::var_os("HOME").ok_or("HOME is not set")?;
+    Ok(Path::new(&home).join(".cache/orchestrator"))
+}
+
+/// The installed tansu binary: `ORCHESTRATOR_TANSU` if set, else the pinned version under
+/// [`cache_dir`], installed there first when missing (about 9 minutes on 2 cores, once).
+pub(crate) fn binary() -> Result<PathBuf> {
+    if let Some(path) = std::env::var_os("ORCHESTRATOR_TANSU") {
+        let path = PathBuf::from(path);
+        return if path.is_file() {
+            Ok(path)
+        } else {
+            Err(format!(
+                "ORCHESTRATOR_TANSU names {}, which is not a file",
+                path.display()
+            ))
+        };
+    }
+    let root = cache_dir()?.join("tools");
+    let binary = root.join("bin/tansu");
+    if binary.is_file() {
+        return Ok(binary);
+    }
+    let cargo_bin = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+    let mut cmd = Command::new(cargo_bin);
+    cmd.args(["install", "--locked", "tansu", "--version", VERSION])
+        .args(["--features", "dynostore,libsql", "--root"])
+        .arg(&root);
+    eprintln!(
+        "Kafka: installing tansu {VERSION} (about 9 minutes on 2 cores, once): {}",
+        describe(&cmd)
+    );
+    let status = cmd
+        .status()
+        .map_err(|e| format!("cannot run `{}`: {e}", describe(&cmd)))?;
+    if !status.success() || !binary.is_file() {
+        return Err(format!("`{}` failed ({status})", describe(&cmd)));
+    }
+    Ok(binary)
+}
+
+/// The tansu binary if it is installed (or named by `ORCHESTRATOR_TANSU`), without
+/// installing it.
+pub(crate) fn installed() -> Option<PathBuf> {
+    std::env::var_os("ORCHESTRATOR_TANSU")
+        .map(PathBuf::from)
+        .or_else(|| cache_dir().ok().map(|dir| dir.join("tools/bin/tansu")))
+        .filter(|path| path.is_file())
+}
+
+/// Where brokers of xtask's own are registered, each in a folder named by its port.
+fn runs_dir() -> Result<PathBuf> {
+    Ok(cache_dir()?.join("tansu/runs"))
+}
+
+/// A tansu of xtask's own, with memory storage, on a free loopback port; killed (and its
+/// folder removed) when dropped.
+pub(crate) struct OwnTansu {
+    /// The broker process.
+    child: Child,
+    /// Its bootstrap address, `127.0.0.1:<port>`.
+    address: String,
+    /// Its folder: the log, and the registration [`sweep`] reads.
+    dir: PathBuf,
+    /// Whether to leave the folder (and so the log) behind when dropped.
+    keep_log: bool,
+}
+
+impl OwnTansu {
+    /// Starts one (installing tansu first if needed) and waits until it answers a Kafka
+    /// `Metadata` request. `what` names the run in messages.
+    pub(crate) fn start(what: &str) -> Result<Self> {
+        let binary = binary()?;
+        sweep();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map_err(|e| format!("cannot find a free loopback port: {e}"))?
+            .port();
+        let address = format!("127.0.0.1:{port}");
+        let dir = runs_dir()?.join(port.to_string());
+        // A folder left by a broker that had this port before: nothing in it is ours.
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        let log_path = dir.join("tansu.log");
+        let log = File::create(&log_path)
+            .map_err(|e| format!("cannot create {}: {e}", log_path.display()))?;
+        let log_err = log
+            .try_clone()
+            .map_err(|e| format!("cannot reuse {}: {e}", log_path.display()))?;
+        let url = format!("tcp://{address}");
+        let mut cmd = Command::new(&binary);
+        cmd.current_dir(&dir)
+            .args(["--listener-url", &url, "--advertised-listener-url", &url])
+            .args(["--storage-engine", "memory://tansu/"])
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log_err);
+        let child = cmd
+            .spawn()
+            .map_err(|e| format!("cannot run `{}`: {e}", describe(&cmd)))?;
+        let mut broker = Self {
+            child,
+            address,
+            dir,
+            keep_log: false,
+        };
+        let registration = format!("owner {}\ntansu {}\n", std::process::id(), broker.pid());
+        fs::write(broker.dir.join("owner"), registration).map_err(|e| {
+            format!(
+                "cannot register the broker in {}: {e}",
+                broker.dir.display()
+            )
+        })?;
+        broker.wait_ready(&cmd)?;
+        eprintln!(
+            "Kafka for {what}: tansu {VERSION} of this run's own at {} (pid {}, memory storage: \
+             nothing on disk, gone when the run ends; log {})",
+            broker.address,
+            broker.pid(),
+            log_path.display()
+        );
+        Ok(broker)
+    }
+
+    /// Waits until the broker answers `Metadata`, or fails with what its log says.
+    fn wait_ready(&mut self, cmd: &Command) -> Result<()> {
+        let started = Instant::now();
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                self.keep_log = true;
+                return Err(format!(
+                    "`{}` exited ({status}) before it answered; its log: {}",
+                    describe(cmd),
+                    self.log().display()
+                ));
+            }
+            match reachable::kafka_at(&self.address) {
+                Ok(_) => return Ok(()),
+                Err(why) if started.elapsed() >= START_TIMEOUT => {
+                    self.keep_log = true;
+                    return Err(format!(
+                        "tansu at {} did not answer within {}s ({why}); its log: {}",
+                        self.address,
+                        START_TIMEOUT.as_secs(),
+                        self.log().display()
+                    ));
+                }
+                Err(_) => thread::sleep(POLL_INTERVAL),
+            }
+        }
+    }
+
+    /// Its bootstrap address, for `ORCHESTRATOR_KAFKA_BROKERS`.
+    pub(crate) fn address(&self) -> &str {
+        &self.address
+    }
+
+    /// Its process id.
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Its log file.
+    pub(crate) fn log(&self) -> PathBuf {
+        self.dir.join("tansu.log")
+    }
+
+    /// Leaves its log behind when dropped (until the next start sweeps it), for a failed run.
+    pub(crate) fn keep_log(&mut self) {
+        self.keep_log = true;
+    }
+}
+
+impl Drop for OwnTansu {
+    fn drop(&mut self) {
+        // Our own child, by its handle.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if self.keep_log {
+            let _ = fs::remove_file(self.dir.join("owner"));
+        } else {
+            let _ = fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// Stops every registered broker whose owner is no longer running (xtask was killed before
+/// it could stop it) and removes its folder; folders without a registration (logs kept
+/// from a failed run) go too.
+pub(crate) fn sweep() {
+    let Ok(runs) = runs_dir() else {
+        return;
+    };
+    let Ok(entries) = fs::read_dir(&runs) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let dir = entry.path();
+        let registration = fs::read_to_string(dir.join("owner")).unwrap_or_default();
+        let pid_of = |key: &str| {
+            registration.lines().find_map(|line| {
+                line.strip_prefix(key)
+                    .and_then(|rest| rest.trim().parse::<u32>().ok())
+            })
+        };
+        if pid_of("owner ").is_some_and(alive) {
+            continue;
+        }
+        if let Some(pid) = pid_of("tansu ").filter(|&pid| is_tansu(pid)) {
+            eprintln!(
+                "Kafka: stopping tansu pid {pid}, left running by a run that ended ({})",
+                dir.display()
+            );
+            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+        }
+        let _ = fs::remove_dir_all(&dir);
+    }
+}
+
+/// Whether a process with this pid exists.
+pub(crate) fn alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// Whether process `pid` runs tansu (so that a reused pid is never killed by mistake).
+fn is_tansu(pid: u32) -> bool {
+    fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|cmdline| {
+        cmdline
+            .split(|&b| b == 0)
+            .next()
+            .is_some_and(|program| program.ends_with(b"tansu"))
+    })
+}
