@@ -17,8 +17,7 @@ async fn one_trace_from_publish_through_kafka_to_handler() {
     let brokers = kafka_brokers();
     let config = KafkaConfig::new(&brokers)
         .with_prefix(format!("{}.", unique("trace")))
-        .unwrap()
-        .with_operation_timeout(Duration::from_secs(10));
+        .unwrap();
     let transport = match KafkaTransport::connect(config).await {
         Ok(transport) => transport,
         Err(error) => return unreachable("Kafka", &brokers, &error),

@@ -321,7 +321,7 @@ fn run_bench(
     // clients rather than a shared broker's state (DESIGN.md's raw figures are for that
     // set-up).
     let own_kafka = if bench.service == Some("kafka") && tansu::installed().is_some() {
-        tansu::OwnTansu::start("the kafka bench")
+        tansu::OwnTansu::start("the kafka bench", tansu::Storage::Memory)
             .map_err(|why| eprintln!("warning: {why}"))
             .ok()
     } else {

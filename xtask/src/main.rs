@@ -32,8 +32,9 @@ Commands:
         then the short fault suite (faults --short). --quick skips the clippy run
         per feature. Arguments after `--` go to the test harness, e.g.
         `cargo xtask test-all -- --nocapture`.
-        The tests run against a Kafka broker of their own (tansu, memory storage,
-        a free port, stopped afterwards) unless ORCHESTRATOR_KAFKA_BROKERS names one.
+        The tests run against a Kafka broker of their own (tansu on a free port,
+        sqlite in a fresh folder, both gone afterwards) unless
+        ORCHESTRATOR_KAFKA_BROKERS names one.
         --filter NAME runs only the integration test targets whose name contains
         NAME (no fmt, clippy or fault suite); --repeat N runs the tests N times,
         each against a fresh broker, and reports every run; --load keeps THREADS
@@ -46,8 +47,8 @@ Commands:
         rabbitmq (ORCHESTRATOR_AMQP_URL, default amqp://guest:guest@127.0.0.1:5672/%2f)
         and kafka (ORCHESTRATOR_KAFKA_BROKERS, default 127.0.0.1:9092: the tansu
         Kafka-protocol broker, installed into ~/.cache/orchestrator/tools when
-        missing, with memory storage). Each line says where the service keeps its
-        data. `status` exits 1 unless all are up.
+        missing; sqlite storage, emptied at each start). Each line says where the
+        service keeps its data. `status` exits 1 unless all are up.
         `down` is for use by hand: other sessions and CI rely on these services.
   bench [--quick] [--out <file>] [<bench>...]
         Builds and runs every benchmark (codec, bus, store, saga, cqrs, and the

@@ -96,11 +96,11 @@ pub(crate) const SERVICES: &[Service] = &[
         start: tansu_start,
         start_timeout: Duration::from_secs(60),
         stop: tansu_stop,
-        data: "memory only (memory:// storage); pid file in ~/.cache/orchestrator/tansu/data",
+        data: "sqlite, emptied at each start, and its pid file: ~/.cache/orchestrator/tansu/data",
         package: "dash",
         by_hand: "cd ~/.cache/orchestrator/tansu/data && ~/.cache/orchestrator/tools/bin/tansu \
                   --listener-url tcp://127.0.0.1:9092 --advertised-listener-url \
-                  tcp://127.0.0.1:9092 --storage-engine memory://tansu/",
+                  tcp://127.0.0.1:9092 --storage-engine sqlite://tansu.db",
     },
 ];
 
@@ -381,29 +381,26 @@ fn kafka_probe(endpoint: &Endpoint) -> Health {
     }
 }
 
-/// The shared broker's folder: its pid file and its log (its records live in memory).
+/// The shared broker's folder: its sqlite database and its pid file.
 fn shared_tansu_dir() -> Result<std::path::PathBuf> {
     Ok(tansu::cache_dir()?.join("tansu/data"))
 }
 
-/// Starts the shared tansu (installing it first if needed) with memory storage, writing its
-/// pid next to its log so that `down` can stop exactly that process.
+/// Starts the shared tansu (installing it first if needed) with sqlite storage on an empty
+/// database, writing its pid next to it so that `down` can stop exactly that process.
 ///
-/// Memory storage: the shared broker only holds test topics, which every test names afresh
-/// and deletes, so nothing on disk grows from run to run and a restart starts it empty.
-/// (tansu 0.6.0's sqlite engine, used before, grew a database over many runs, slowed every
-/// fetch as its header table grew, and was seen to wedge: "more or less than one row".)
-/// `cargo xtask test-all` does not use this broker: it starts one of its own per run.
+/// This broker is for running `cargo test` by hand; `cargo xtask test-all` starts one of its
+/// own per run. It only holds test topics, which every test names afresh, so each start
+/// begins on an empty database: the database grows only while it runs (tansu 0.6.0's sqlite
+/// engine slows every fetch as its header table grows, and was seen to wedge, "more or less
+/// than one row", on a database grown over many runs). `services down kafka` and `services
+/// up kafka` start it afresh.
 fn tansu_start(endpoint: &Endpoint) -> Result<Command> {
     let binary = tansu::binary()?;
     let dir = shared_tansu_dir()?;
     fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-    // Left by the sqlite storage earlier versions used.
-    for stale in ["tansu.db", "tansu.db-wal", "tansu.db-shm"] {
-        let _ = fs::remove_file(dir.join(stale));
-    }
-    // A tansu that xtask started is still running but does not answer: stop it, so the
-    // new one can take the port.
+    // A tansu that xtask started is still running but does not answer (its storage failed):
+    // stop it, so the new one can take the port and its database can go.
     if let Some(pid) = running_tansu()? {
         eprintln!("Kafka: stopping the unresponsive tansu started earlier (pid {pid})");
         tansu_stop(endpoint)?;
@@ -418,17 +415,14 @@ fn tansu_start(endpoint: &Endpoint) -> Result<Command> {
             thread::sleep(POLL_INTERVAL);
         }
     }
+    for stale in ["tansu.db", "tansu.db-wal", "tansu.db-shm"] {
+        let _ = fs::remove_file(dir.join(stale));
+    }
     let url = format!("tcp://{endpoint}");
-    eprintln!(
-        "Kafka: the shared tansu {} keeps its records in memory (a restart forgets them); its \
-         pid file goes to {}",
-        tansu::VERSION,
-        dir.display()
-    );
     // `exec` keeps the shell's pid, so the pid file names tansu itself.
     let script = format!(
         "echo $$ > tansu.pid && exec '{}' --listener-url {url} --advertised-listener-url {url} \
-         --storage-engine memory://tansu/",
+         --storage-engine sqlite://tansu.db",
         binary.display()
     );
     let mut cmd = Command::new("sh");

@@ -450,8 +450,12 @@ impl Run<'_> {
         let mut test = cargo(self.root);
         test.args(["test", "--workspace", "--all-features"])
             .env("RUST_BACKTRACE", "1");
-        for target in targets.unwrap_or_default() {
-            test.args(["--test", target]);
+        if let Some(targets) = targets {
+            // Every selected suite runs even when one fails, so a repeated run counts them all.
+            test.arg("--no-fail-fast");
+            for target in targets {
+                test.args(["--test", target]);
+            }
         }
         if !options.test_args.is_empty() {
             test.arg("--").args(&options.test_args);
@@ -459,7 +463,7 @@ impl Run<'_> {
         let mut kafka = None;
         if kafka_from_env().is_none() {
             let started = Instant::now();
-            match tansu::OwnTansu::start(name) {
+            match tansu::OwnTansu::start(name, tansu::Storage::Sqlite) {
                 Ok(broker) => {
                     test.env("ORCHESTRATOR_KAFKA_BROKERS", broker.address());
                     kafka = Some(broker);

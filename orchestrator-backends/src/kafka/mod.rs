@@ -206,10 +206,13 @@
 //! # Tested against tansu
 //!
 //! The tests run against [tansu](https://crates.io/crates/tansu) 0.6.0, an Apache-2.0
-//! Kafka-protocol broker (sqlite storage). rdkafka produces idempotently, consumes in groups
-//! with the cooperative-sticky assignor, commits offsets, subscribes by regex and creates and
-//! deletes topics through the admin API with it; the backend relies on nothing
-//! tansu-specific. What tansu does differently from Apache Kafka, and how this backend and
+//! Kafka-protocol broker with its sqlite storage: `cargo xtask test-all` starts one per run
+//! in a fresh folder; the broker-restart test and fault scenarios start their own, whose
+//! acknowledged records survive a SIGKILL of the broker (its write-ahead log is committed
+//! before a produce is answered; the restart test reads the topic back to prove it).
+//! rdkafka produces idempotently, consumes in groups with the cooperative-sticky assignor,
+//! commits offsets, subscribes by regex and creates and deletes topics through the admin API
+//! with it; the backend relies on nothing tansu-specific. What tansu does differently from Apache Kafka, and how this backend and
 //! its tests allow for it:
 //!
 //! - **Topics are never auto-created**: the backend creates every topic it uses through the
