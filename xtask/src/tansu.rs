@@ -250,10 +250,14 @@ impl Drop for OwnTansu {
 /// it could stop it) and removes its folder; folders without a registration (logs kept
 /// from a failed run) go too.
 pub(crate) fn sweep() {
-    let Ok(runs) = runs_dir() else {
-        return;
-    };
-    let Ok(entries) = fs::read_dir(&runs) else {
+    if let Ok(runs) = runs_dir() {
+        sweep_in(&runs);
+    }
+}
+
+/// [`sweep`] over the registrations in `runs`.
+fn sweep_in(runs: &Path) {
+    let Ok(entries) = fs::read_dir(runs) else {
         return;
     };
     for entry in entries.flatten() {
@@ -292,4 +296,54 @@ fn is_tansu(pid: u32) -> bool {
             .next()
             .is_some_and(|program| program.ends_with(b"tansu"))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{alive, is_tansu, sweep_in};
+    use std::fs;
+
+    #[test]
+    fn sweep_keeps_live_runs_and_clears_the_rest() {
+        let runs = std::env::temp_dir().join(format!("xtask-sweep-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&runs);
+        let folder = |name: &str, owner: Option<&str>| {
+            let dir = runs.join(name);
+            fs::create_dir_all(&dir).unwrap();
+            fs::write(dir.join("tansu.log"), "log").unwrap();
+            if let Some(owner) = owner {
+                fs::write(dir.join("owner"), owner).unwrap();
+            }
+            dir
+        };
+        // A process that is not tansu, registered as the broker of a run whose owner is gone:
+        // its folder goes, the process is left alone.
+        let mut bystander = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let gone_owner = u32::MAX - 1;
+        assert!(!alive(gone_owner));
+        let live = folder(
+            "1",
+            Some(&format!("owner {}\ntansu 1\n", std::process::id())),
+        );
+        let dead = folder(
+            "2",
+            Some(&format!("owner {gone_owner}\ntansu {}\n", bystander.id())),
+        );
+        let kept_log = folder("3", None);
+        sweep_in(&runs);
+        assert!(live.is_dir(), "the run of a live owner is left alone");
+        assert!(!dead.exists(), "a dead owner's run is cleared");
+        assert!(!kept_log.exists(), "a kept log goes at the next start");
+        assert!(!is_tansu(bystander.id()));
+        assert!(
+            bystander.try_wait().unwrap().is_none(),
+            "a process that is not tansu is never killed"
+        );
+        let _ = bystander.kill();
+        let _ = bystander.wait();
+        let _ = fs::remove_dir_all(&runs);
+    }
 }
