@@ -182,6 +182,12 @@ async fn a_broker_restart_mid_run_loses_nothing() {
         .nack(Duration::from_secs(4), "retry after the restart")
         .await
         .unwrap();
+    // No consumer of the group until the broker is back: the retry must wait in the broker's
+    // durable queues across the restart. (A consumer left open would be handed the retry as
+    // soon as it is due — before the restart, on a loaded machine — and the broker would take
+    // it back unsettled when the connection drops, so it would come again flagged as
+    // redelivered: attempt 3.)
+    drop(delayed);
 
     let mut broker = BrokerRestart { stopped: false };
     let started = Instant::now();
@@ -255,6 +261,10 @@ async fn a_broker_restart_mid_run_loses_nothing() {
         "{duplicates} duplicates unexplained"
     );
 
+    let mut delayed = transport
+        .subscribe(SubscribeOptions::new(&delayed_group, &delayed_topic).unwrap())
+        .await
+        .unwrap();
     let retried = timeout(Duration::from_secs(30), delayed.next())
         .await
         .expect("the retry scheduled before the restart arrives")
