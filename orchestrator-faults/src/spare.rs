@@ -2,9 +2,11 @@
 //! touches the shared services other sessions and CI use.
 //!
 //! Each is killed and its data folder removed when dropped; its process id (a line with
-//! the number) and its data folder (a line `dir <path>`) are also written to the file named
-//! by `ORCHESTRATOR_FAULTS_PIDS`, so that whoever runs the suite can stop it and remove its
-//! data should this process die first (a scenario past its time limit is killed).
+//! the number), its data folder (a line `dir <path>`) and, once it is killed and reaped, its
+//! end (a line `done <pid>`) are also written to the file named by
+//! `ORCHESTRATOR_FAULTS_PIDS`, so that whoever runs the suite can stop the brokers still
+//! running and remove their data should this process die first (a scenario past its time
+//! limit is killed).
 
 use std::io::Write;
 use std::net::{TcpListener, TcpStream};
@@ -49,11 +51,13 @@ fn data_dir(what: &str) -> Res<PathBuf> {
     Ok(dir)
 }
 
-/// Kills and reaps `child`.
+/// Kills and reaps `child`, and records that its id is no longer ours (once reaped, the
+/// system may give the id to any new process, which nobody must then kill by it).
 fn kill(child: &mut Child) {
     // Our own child, by its handle.
     let _ = child.kill();
     let _ = child.wait();
+    record(format_args!("done {}", child.id()));
 }
 
 /// Sends one RESP command and returns the first bytes of the reply (empty if the server

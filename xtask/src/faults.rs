@@ -223,8 +223,8 @@ fn stop_leftovers(pids: &Path) {
     let Ok(text) = fs::read_to_string(pids) else {
         return;
     };
-    for pid in text.lines().filter_map(|l| l.trim().parse::<u32>().ok()) {
-        // Only processes this run's scenario started, by id.
+    for pid in running_leftovers(&text) {
+        // Only processes this run's scenario started and did not reap, by id.
         let _ = Command::new("kill")
             .args(["-9", &pid.to_string()])
             .stderr(Stdio::null())
@@ -235,6 +235,20 @@ fn stop_leftovers(pids: &Path) {
         let _ = fs::remove_dir_all(dir);
     }
     let _ = fs::remove_file(pids);
+}
+
+/// The ids a pids file records as started (a line with the number) and not as reaped (a
+/// line `done <pid>`): an id the scenario reaped may already belong to another process.
+fn running_leftovers(text: &str) -> Vec<u32> {
+    let id = |line: &str| line.trim().parse::<u32>().ok();
+    let done: Vec<u32> = text
+        .lines()
+        .filter_map(|line| line.strip_prefix("done ").and_then(id))
+        .collect();
+    text.lines()
+        .filter_map(id)
+        .filter(|pid| !done.contains(pid))
+        .collect()
 }
 
 /// The data folder a `dir <path>` line of a pids file names, if it is one the `faults`
@@ -453,6 +467,13 @@ mod tests {
             after_exit(failed, Ok(ExitStatus::from_raw(1 << 8))),
             Outcome::Failed("3 lost".to_owned())
         );
+    }
+
+    #[test]
+    fn kills_only_brokers_the_scenario_did_not_reap() {
+        let pids = "101\ndir /tmp/orchestrator-faults-tansu-1\n102\ndone 101\n103\ndone 103\n";
+        assert_eq!(super::running_leftovers(pids), vec![102]);
+        assert_eq!(super::running_leftovers(""), Vec::<u32>::new());
     }
 
     #[test]

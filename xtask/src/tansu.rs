@@ -123,7 +123,7 @@ pub(crate) struct OwnTansu {
     address: String,
     /// Its folder: the log, and the registration [`sweep`] reads.
     dir: PathBuf,
-    /// Whether to leave the folder (and so the log) behind when dropped.
+    /// Whether to keep the log when dropped (in [`failed_dir`]).
     keep_log: bool,
 }
 
@@ -226,10 +226,56 @@ impl OwnTansu {
         self.dir.join("tansu.log")
     }
 
-    /// Leaves its folder (log and records) behind when dropped, until the next start sweeps
-    /// it, for a failed run.
-    pub(crate) fn keep_log(&mut self) {
+    /// Keeps its log when dropped, for a failed run: it is moved to [`failed_dir`], where
+    /// the logs of the last [`KEPT_LOGS`] failed runs stay. Returns where it will be.
+    pub(crate) fn keep_log(&mut self) -> PathBuf {
         self.keep_log = true;
+        self.kept_log_path()
+    }
+
+    /// Where [`OwnTansu::keep_log`] puts the log.
+    fn kept_log_path(&self) -> PathBuf {
+        let port = self.address.rsplit(':').next().unwrap_or("0");
+        let since_epoch = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        failed_dir()
+            .unwrap_or_else(|_| self.dir.clone())
+            .join(format!("tansu-{since_epoch}-{port}.log"))
+    }
+
+    /// How the broker process ended, if it has: a broker that died during a run explains
+    /// every Kafka failure after it.
+    pub(crate) fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+}
+
+/// How many failed runs' logs [`failed_dir`] keeps.
+const KEPT_LOGS: usize = 10;
+
+/// Where the logs of brokers whose run failed are kept (the sweep leaves them alone).
+fn failed_dir() -> Result<PathBuf> {
+    Ok(cache_dir()?.join("tansu/failed"))
+}
+
+/// Moves `log` into [`failed_dir`] as `to`, then drops the oldest kept logs past
+/// [`KEPT_LOGS`].
+fn keep(log: &Path, to: &Path) {
+    let Some(dir) = to.parent() else {
+        return;
+    };
+    if fs::create_dir_all(dir).is_err() || fs::rename(log, to).is_err() {
+        return;
+    }
+    let mut kept: Vec<PathBuf> = fs::read_dir(dir)
+        .map(|entries| entries.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    // Named `tansu-<seconds since the epoch>-<port>.log`: by name is by age.
+    kept.sort();
+    let excess = kept.len().saturating_sub(KEPT_LOGS);
+    for old in &kept[..excess] {
+        let _ = fs::remove_file(old);
     }
 }
 
@@ -239,16 +285,14 @@ impl Drop for OwnTansu {
         let _ = self.child.kill();
         let _ = self.child.wait();
         if self.keep_log {
-            let _ = fs::remove_file(self.dir.join("owner"));
-        } else {
-            let _ = fs::remove_dir_all(&self.dir);
+            keep(&self.log(), &self.kept_log_path());
         }
+        let _ = fs::remove_dir_all(&self.dir);
     }
 }
 
 /// Stops every registered broker whose owner is no longer running (xtask was killed before
-/// it could stop it) and removes its folder; folders without a registration (logs kept
-/// from a failed run) go too.
+/// it could stop it) and removes its folder; folders without a registration go too.
 pub(crate) fn sweep() {
     if let Ok(runs) = runs_dir() {
         sweep_in(&runs);

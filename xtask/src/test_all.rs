@@ -483,10 +483,15 @@ impl Run<'_> {
         if let Some(broker) = &mut kafka
             && !passed
         {
-            broker.keep_log();
+            if let Some(status) = broker.exited() {
+                eprintln!(
+                    "test-all: the Kafka broker of `{name}` (pid {}) died during the run: {status}",
+                    broker.pid()
+                );
+            }
             eprintln!(
                 "test-all: the Kafka broker's log of `{name}` is kept at {}",
-                broker.log().display()
+                broker.keep_log().display()
             );
         }
         Ok(passed)
