@@ -114,15 +114,20 @@ struct Run<'a> {
 }
 
 impl Run<'_> {
-    /// Records a finished step; a failure prints the summary and becomes the error.
-    fn record(&mut self, name: &str, started: Instant, result: Result<()>) -> Result<()> {
-        let outcome = if result.is_ok() {
+    /// Adds a finished step to the summary.
+    fn note(&mut self, name: &str, started: Instant, passed: bool) {
+        let outcome = if passed {
             Outcome::Passed
         } else {
             Outcome::Failed
         };
         self.steps
             .push((name.to_owned(), outcome, started.elapsed()));
+    }
+
+    /// Records a finished step; a failure prints the summary and becomes the error.
+    fn record(&mut self, name: &str, started: Instant, result: Result<()>) -> Result<()> {
+        self.note(name, started, result.is_ok());
         result.map_err(|why| {
             self.print_summary();
             format!("test-all: step `{name}` failed: {why}")
@@ -144,13 +149,7 @@ impl Run<'_> {
         if let Err(why) = &result {
             eprintln!("test-all: `{name}` failed: {why}");
         }
-        let outcome = if result.is_ok() {
-            Outcome::Passed
-        } else {
-            Outcome::Failed
-        };
-        self.steps
-            .push((name.to_owned(), outcome, started.elapsed()));
+        self.note(name, started, result.is_ok());
         result.is_ok()
     }
 
