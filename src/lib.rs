@@ -76,6 +76,7 @@ mod error;
 mod facade;
 pub mod metrics;
 pub mod propagation;
+pub mod relay;
 
 pub use error::{Error, Result};
 
@@ -84,6 +85,7 @@ pub use error::{Error, Result};
 #[doc = include_str!("../README.md")]
 struct ReadmeExamples;
 pub use facade::{EventOrchestrator, EventOrchestratorBuilder, ReplayFilter};
+pub use relay::{RelayOptions, RelayState, RelayStatus};
 
 /// The OpenTelemetry API this crate propagates trace context with (install its SDK and a
 /// [`tracing_opentelemetry`] layer to record traces).

@@ -191,6 +191,49 @@ impl EventBus {
         Ok(())
     }
 
+    /// Publishes `events`, all of one event type, to the topic named by that type, in order,
+    /// after schema validation of each: one [`Transport::publish_batch`] call, so broker
+    /// transports send them in one round trip. An empty batch does nothing; events of
+    /// several types are [`Error::InvalidInput`].
+    pub async fn publish_batch(&self, events: Vec<EventEnvelope>) -> Result<()> {
+        let Some(first) = events.first() else {
+            return Ok(());
+        };
+        if self.shared.closed.load(Ordering::Acquire) {
+            return Err(Error::Closed {
+                what: "event bus".to_owned(),
+            });
+        }
+        let topic = first.event_type_shared();
+        if let Some(other) = events.iter().find(|e| e.event_type() != &*topic) {
+            return Err(Error::invalid(
+                "event batch",
+                format!(
+                    "a batch goes to one topic, but it holds `{topic}` and `{}` events: \
+                     publish them in one batch per type",
+                    other.event_type()
+                ),
+            ));
+        }
+        let published = self.shared.publish_metrics.counter(&topic, validate_topic)?;
+        for event in &events {
+            self.schemas.validate(event)?;
+        }
+        let count = events.len() as u64;
+        match &self.direct {
+            Some(direct) => {
+                for event in events {
+                    if let Some(unsent) = direct.publish_direct(event)? {
+                        direct.send_rest(unsent).await?;
+                    }
+                }
+            }
+            None => self.transport.as_ref().publish_batch(&topic, events).await?,
+        }
+        published.increment(count);
+        Ok(())
+    }
+
     /// Sends `event` to the topic named by its type on the transport.
     async fn send(&self, event: EventEnvelope) -> Result<()> {
         match &self.direct {

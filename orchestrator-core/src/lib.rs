@@ -35,6 +35,7 @@ pub mod dlq;
 pub mod envelope;
 pub mod error;
 pub mod handler;
+pub mod lease;
 pub mod pattern;
 pub mod retry;
 pub mod schema;
@@ -50,6 +51,7 @@ pub use envelope::{
     Event, EventEnvelope, EventId, StoredPosition, TraceContext, intern_event_type,
 };
 pub use error::{BoxError, Error, HandlerError, Result};
+pub use lease::{Lease, LocalLease};
 pub use handler::{EventHandler, HandlerCall, HandlerSlot, JsonHandler};
 pub use pattern::TopicPattern;
 pub use retry::{Jitter, RetryPolicy};

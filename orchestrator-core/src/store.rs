@@ -246,6 +246,17 @@ pub trait EventStore: Send + Sync + 'static {
     /// stored, then new ones as they are appended, with no gap and no duplicate at the
     /// hand-over. The stream ends only when the store closes; errors are items.
     async fn subscribe(&self, from_position: u64, filter: EventFilter) -> Result<EventStream>;
+
+    /// A lease named `name` that elects one process among those using this store (the outbox
+    /// relay's, saga recovery's); `None` when the store has none, and then nothing keeps
+    /// two processes from running the same singleton work on it.
+    ///
+    /// Stores only one process can use return a [`LocalLease`](crate::LocalLease); stores
+    /// shared between processes return one kept in the backend.
+    fn lease(&self, name: &str) -> Option<Arc<dyn crate::Lease>> {
+        let _ = name;
+        None
+    }
 }
 
 #[async_trait]
@@ -283,6 +294,9 @@ impl<S: EventStore + ?Sized> EventStore for Arc<S> {
     }
     async fn subscribe(&self, from_position: u64, filter: EventFilter) -> Result<EventStream> {
         (**self).subscribe(from_position, filter).await
+    }
+    fn lease(&self, name: &str) -> Option<Arc<dyn crate::Lease>> {
+        (**self).lease(name)
     }
 }
 

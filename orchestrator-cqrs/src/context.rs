@@ -189,6 +189,10 @@ impl<S: EventStore> EventStore for PositionTrackingStore<S> {
     ) -> orchestrator_core::Result<EventStream> {
         self.inner.subscribe(from_position, filter).await
     }
+
+    fn lease(&self, name: &str) -> Option<std::sync::Arc<dyn orchestrator_core::Lease>> {
+        self.inner.lease(name)
+    }
 }
 
 #[cfg(test)]

@@ -175,6 +175,13 @@ impl EventStore for InMemoryEventStore {
         StoreCapabilities::IN_MEMORY
     }
 
+    fn lease(&self, name: &str) -> Option<Arc<dyn orchestrator_core::Lease>> {
+        // Only this process sees the store.
+        Some(Arc::new(orchestrator_core::LocalLease::new(format!(
+            "lease `{name}` of the in-memory store"
+        ))))
+    }
+
     async fn append(
         &self,
         stream: &str,

@@ -12,6 +12,7 @@ use orchestrator_store::{InMemoryEventStore, SchemaRegistry};
 use super::EventOrchestrator;
 use crate::connect::{self, Backend};
 use crate::error::{Error, Result};
+use crate::relay::{Relay, RelayOptions};
 
 /// Where the builder gets a transport or a store from.
 enum Source<T: ?Sized> {
@@ -53,6 +54,7 @@ pub struct EventOrchestratorBuilder {
     query_cache: Option<QueryCacheConfig>,
     max_concurrent_sagas: Option<usize>,
     commands: Option<CommandBus>,
+    relay: RelayOptions,
 }
 
 impl Default for EventOrchestratorBuilder {
@@ -67,6 +69,7 @@ impl Default for EventOrchestratorBuilder {
             query_cache: Some(QueryCacheConfig::default()),
             max_concurrent_sagas: None,
             commands: None,
+            relay: RelayOptions::default(),
         }
     }
 }
@@ -176,7 +179,17 @@ impl EventOrchestratorBuilder {
         self
     }
 
+    /// How the outbox relay runs: its name, checkpoint frequency, or
+    /// [`RelayOptions::disabled`] for a process that must not relay (see [`crate::relay`]).
+    pub fn relay(mut self, options: RelayOptions) -> Self {
+        self.relay = options;
+        self
+    }
+
     /// Connects what was given by URL and builds the orchestrator.
+    ///
+    /// On a durable store the outbox relay starts at once, so that events stored before a
+    /// crash and not yet published are published now.
     ///
     /// A URL naming a backend this build does not carry is [`Error::FeatureDisabled`]; an
     /// unreachable broker is the backend's connection error.
@@ -206,7 +219,11 @@ impl EventOrchestratorBuilder {
             Some(transport) => transport,
             None => self.in_process_transport(),
         };
-        Ok(self.assemble(transport, store))
+        let orchestrator = self.assemble(transport, store);
+        if orchestrator.store.capabilities().durable {
+            orchestrator.relay.ensure_started();
+        }
+        Ok(orchestrator)
     }
 
     /// The embedded default, which needs nothing connected.
@@ -243,7 +260,9 @@ impl EventOrchestratorBuilder {
             Some(config) => queries.cache(config),
             None => queries.without_cache(),
         };
+        let relay = Arc::new(Relay::new(self.relay, Arc::clone(&store), bus.clone()));
         EventOrchestrator {
+            relay,
             bus,
             store,
             schemas,

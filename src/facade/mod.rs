@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use orchestrator_bus::{DeadLetters, EventBus, ShutdownReport, Subscription, SubscriptionConfig};
 use orchestrator_core::{
-    Event, EventEnvelope, EventHandler, EventId, EventSchemas as _, EventStore, ExpectedVersion,
-    HandlerError, RetryPolicy, StoredPosition, Transport,
+    AppendResult, Event, EventEnvelope, EventHandler, EventId, EventSchemas as _, EventStore,
+    ExpectedVersion, HandlerError, RetryPolicy, Transport,
 };
 use orchestrator_cqrs::{CommandBus, QueryBus};
 use orchestrator_saga::SagaOrchestrator;
@@ -22,6 +22,7 @@ use tracing::Instrument as _;
 
 use crate::error::Result;
 use crate::propagation::{self, TracePropagation};
+use crate::relay::{Relay, RelayStatus};
 
 pub use builder::EventOrchestratorBuilder;
 pub use replay::ReplayFilter;
@@ -32,8 +33,9 @@ pub use replay::ReplayFilter;
 /// [`EventOrchestrator::new`] runs on the embedded default: the in-process transport and
 /// the in-memory event store. [`EventOrchestrator::builder`] picks a transport, a store (the
 /// embedded durable [`FileEventStore`](orchestrator_store::FileEventStore), a broker), the
-/// retry defaults and the clock. Every published event is appended to the store, then
-/// published on the transport; saga logs go to the same store.
+/// retry defaults and the clock. The store is the one commit point: publishing appends to
+/// it, and the [outbox relay](crate::relay) carries every stored event to the transport, so
+/// nothing stored is lost between the two; saga logs go to the same store.
 ///
 /// Clones share everything. Use it inside a tokio runtime.
 ///
@@ -58,6 +60,7 @@ pub struct EventOrchestrator {
     sagas: SagaOrchestrator,
     commands: CommandBus,
     queries: QueryBus,
+    relay: Arc<Relay>,
 }
 
 impl std::fmt::Debug for EventOrchestrator {
@@ -165,17 +168,36 @@ impl EventOrchestrator {
         self.publish(EventEnvelope::from_event(event)?).await
     }
 
-    /// Publishes a prepared envelope; returns its id.
+    /// Publishes a prepared envelope; returns its id once the event is stored.
     ///
     /// In order: the event gets the current trace context (W3C `traceparent`) and, when
     /// published from a handler, the handled event (or the command, if it has an id) as its
-    /// cause (see [`propagation`]); it
-    /// is validated against the [schema registry](Self::schemas); it is appended to its own
-    /// stream if it names one, else to the stream named after its event type; then it is
-    /// published on the transport, carrying its stored position. Published from a command
-    /// handler, its position is recorded in the command's outcome
-    /// ([`send_command_with`](Self::send_command_with)).
+    /// cause (see [`propagation`]); it is validated against the
+    /// [schema registry](Self::schemas); it is appended to its own stream if it names one,
+    /// else to the stream named after its event type. When this returns, the event is
+    /// committed: the [outbox relay](crate::relay) publishes it on the transport, carrying its
+    /// stored position, whatever happens to this process next (a durable store's relay
+    /// resumes from its checkpoint after a restart). Publishing never waits for subscribers,
+    /// so a handler that publishes cannot deadlock its own subscription. Use
+    /// [`publish_and_wait`](Self::publish_and_wait) to wait until the event is on the
+    /// transport. Published from a command handler, its position is recorded in the
+    /// command's outcome ([`send_command_with`](Self::send_command_with)).
     pub async fn publish(&self, event: EventEnvelope) -> Result<EventId> {
+        Ok(self.publish_stored(event).await?.0)
+    }
+
+    /// Publishes like [`publish`](Self::publish), then waits until the outbox relay has put
+    /// the event on the transport (for a broker: the broker confirmed it). Fails with
+    /// [`Closed`](orchestrator_core::Error::Closed) when this process does not relay
+    /// ([`RelayOptions::disabled`](crate::RelayOptions::disabled)) or the orchestrator shuts
+    /// down first; the event is stored all the same.
+    pub async fn publish_and_wait(&self, event: EventEnvelope) -> Result<EventId> {
+        let (id, written) = self.publish_stored(event).await?;
+        self.relay.wait_for(written.last_position).await?;
+        Ok(id)
+    }
+
+    async fn publish_stored(&self, event: EventEnvelope) -> Result<(EventId, AppendResult)> {
         let span = tracing::info_span!(
             "orchestrator.publish",
             otel.kind = "producer",
@@ -187,31 +209,36 @@ impl EventOrchestrator {
             None => event,
         };
         let event = propagation::inject(propagation::with_cause(event), &span);
-        self.store_and_publish(event).instrument(span).await
+        self.store_and_relay(event).instrument(span).await
     }
 
-    async fn store_and_publish(&self, event: EventEnvelope) -> Result<EventId> {
+    async fn store_and_relay(&self, event: EventEnvelope) -> Result<(EventId, AppendResult)> {
+        if self.relay.stopping() {
+            return Err(orchestrator_core::Error::Closed {
+                what: "event orchestrator (it was shut down)".to_owned(),
+            }
+            .into());
+        }
         self.schemas.validate(&event)?;
         let id = event.id().clone();
         let stream = event.stream_id().unwrap_or(event.event_type()).to_owned();
         let written = self
             .store
             .as_ref()
-            .append(&stream, ExpectedVersion::Any, vec![event.clone()])
+            .append(&stream, ExpectedVersion::Any, vec![event])
             .instrument(tracing::debug_span!("orchestrator.append", stream = %stream))
             .await?;
         // Inside a command handler: the command's outcome reports where it wrote, for
         // read-your-writes queries.
         orchestrator_cqrs::record_position(written.last_position);
-        let stored = event.with_position(
-            stream,
-            StoredPosition {
-                stream_version: written.next_expected_version,
-                global_position: written.last_position,
-            },
-        );
-        self.bus.publish(stored).await?;
-        Ok(id)
+        self.relay.ensure_started();
+        Ok((id, written))
+    }
+
+    /// What the outbox relay is doing: its state, the position it has published up to, its
+    /// checkpoint and lease (see [`crate::relay`]).
+    pub fn relay_status(&self) -> RelayStatus {
+        self.relay.status()
     }
 
     /// Events whose handlers failed for good: list, inspect, reprocess, discard, report.
@@ -241,12 +268,25 @@ impl EventOrchestrator {
         &self.bus
     }
 
-    /// Stops the orchestrator: no more publishes or subscriptions; handlers in flight get
-    /// until `deadline` to finish (what did not finish is reported, and redelivered by
+    /// Stops the orchestrator: no more publishes or subscriptions; the outbox relay
+    /// publishes what is stored (within `deadline`), then handlers in flight get the rest of
+    /// `deadline` to finish (what did not finish is reported, and redelivered by
     /// durable transports); running sagas stop where they stand (their logs let
     /// [`SagaOrchestrator::recover`] carry them on); read models stop.
     pub async fn shutdown(&self, deadline: Duration) -> ShutdownReport {
-        let report = self.bus.shutdown(deadline).await;
+        // What is stored is published first (within the deadline; a durable store's relay
+        // carries the rest on after a restart), then subscriptions stop.
+        let started = std::time::Instant::now();
+        if !self.relay.drain_and_stop(deadline).await {
+            tracing::warn!(
+                relay = %self.relay.options().name,
+                "shut down before the outbox relay published every stored event"
+            );
+        }
+        let report = self
+            .bus
+            .shutdown(deadline.saturating_sub(started.elapsed()))
+            .await;
         self.sagas.shutdown();
         self.queries.shutdown().await;
         report

@@ -155,6 +155,7 @@ mod config;
 mod conn;
 mod consumer;
 mod dlq;
+mod lease;
 mod scripts;
 mod settle;
 mod store;
@@ -162,6 +163,7 @@ mod transport;
 
 pub use config::{DEFAULT_PREFIX, RedisConfig};
 pub use dlq::RedisDeadLetterQueue;
+pub use lease::RedisLease;
 pub use store::RedisEventStore;
 pub use transport::RedisTransport;
 

@@ -293,7 +293,20 @@ impl EventStore for RedisEventStore {
             rx.recv().await.map(|item| (item, rx))
         })))
     }
+
+    /// A [`RedisLease`](super::RedisLease) in the key `<prefix>lease:<name>`, lasting 5 s
+    /// without renewal: the processes sharing this store elect one holder.
+    fn lease(&self, name: &str) -> Option<std::sync::Arc<dyn orchestrator_core::Lease>> {
+        Some(std::sync::Arc::new(super::RedisLease::new(
+            self.manager.clone(),
+            format!("{}lease:{name}", self.config.prefix),
+            LEASE_TTL,
+        )))
+    }
 }
+
+/// How long a lease of the Redis store lasts without renewal.
+const LEASE_TTL: Duration = Duration::from_secs(5);
 
 /// Whether an entry can pass the filter's type test, judged from its `type` field without
 /// decoding the event.

@@ -385,6 +385,14 @@ impl EventStore for FileEventStore {
         StoreCapabilities::FULL
     }
 
+    fn lease(&self, name: &str) -> Option<Arc<dyn orchestrator_core::Lease>> {
+        // One process at a time opens the directory, so there is nobody to compete with.
+        Some(Arc::new(orchestrator_core::LocalLease::new(format!(
+            "lease `{name}` of the embedded store in {}",
+            self.inner.dir.display()
+        ))))
+    }
+
     async fn append(
         &self,
         stream: &str,

@@ -26,8 +26,14 @@ pub async fn load_checkpoint(store: &(impl EventStore + ?Sized), name: &str) -> 
     Ok(Checkpoints::load(store, name).await?.1)
 }
 
-/// The checkpoint stream of one projection, as its runner writes it.
-pub(crate) struct Checkpoints {
+/// The checkpoint stream of one reader of the global log (a projection, the outbox relay), as
+/// that reader writes it: [`load`](Self::load) once, then [`save`](Self::save) each new position.
+///
+/// On a store with exact expected versions each save expects the version the previous load or
+/// save left, so a second writer of the same checkpoint (another runner of the same projection,
+/// a relay that lost its lease) fails with [`Error::InvalidInput`] instead of interleaving.
+#[derive(Debug)]
+pub struct Checkpoints {
     stream: String,
     /// The checkpoint stream's version last seen, when the store checks expected versions:
     /// a second runner of the same projection then fails instead of interleaving.
@@ -35,8 +41,8 @@ pub(crate) struct Checkpoints {
 }
 
 impl Checkpoints {
-    /// The checkpoint writer and the last position checkpointed.
-    pub(crate) async fn load(
+    /// The checkpoint writer of `name` and the last position checkpointed (0: none yet).
+    pub async fn load(
         store: &(impl EventStore + ?Sized),
         name: &str,
     ) -> Result<(Self, u64)> {
@@ -56,8 +62,8 @@ impl Checkpoints {
         Ok((Self { stream, version }, position))
     }
 
-    /// Writes `position` as the new checkpoint.
-    pub(crate) async fn save(
+    /// Writes `position` as the new checkpoint of `name`.
+    pub async fn save(
         &mut self,
         store: &(impl EventStore + ?Sized),
         name: &str,
@@ -81,10 +87,10 @@ impl Checkpoints {
                 Ok(())
             }
             Err(Error::WrongExpectedVersion { .. }) => Err(Error::invalid(
-                "projection",
+                "checkpoint",
                 format!(
-                    "checkpoint stream `{}` was written by someone else: is another runner of \
-                     projection `{name}` running?",
+                    "checkpoint stream `{}` was written by someone else: is another reader \
+                     named `{name}` (a projection runner, an outbox relay) running?",
                     self.stream
                 ),
             )),

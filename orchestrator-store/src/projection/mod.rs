@@ -82,7 +82,7 @@ use orchestrator_core::{
     Clock, EventEnvelope, EventFilter, EventHandler, HandlerError, RetryPolicy, SystemClock,
 };
 
-pub use checkpoint::{CHECKPOINT_EVENT_TYPE, checkpoint_stream, load_checkpoint};
+pub use checkpoint::{CHECKPOINT_EVENT_TYPE, Checkpoints, checkpoint_stream, load_checkpoint};
 pub use runner::{ProjectionHandle, ProjectionRunner};
 
 /// A read model fed by a [`ProjectionRunner`].

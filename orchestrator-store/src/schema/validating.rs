@@ -116,4 +116,8 @@ impl<S: EventStore> EventStore for ValidatingStore<S> {
             .map(move |item| item.and_then(|e| schemas.upcast(e)))
             .boxed())
     }
+
+    fn lease(&self, name: &str) -> Option<std::sync::Arc<dyn orchestrator_core::Lease>> {
+        self.inner.lease(name)
+    }
 }
