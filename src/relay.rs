@@ -39,7 +39,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt as _;
-use orchestrator_bus::EventBus;
+use orchestrator_bus::{EventBus, InProcessTransport};
 use orchestrator_core::{DeadLetter, Error, EventEnvelope, EventFilter, EventStore, Lease};
 use orchestrator_store::projection::Checkpoints;
 use tokio::sync::watch;
@@ -223,6 +223,12 @@ impl Relay {
             status: self.status.clone(),
             stop: self.stop.subscribe(),
             lease: self.store.lease(&format!("relay.{}", self.options.name)),
+            in_process: self
+                .bus
+                .transport()
+                .as_any()
+                .and_then(|t| t.downcast_ref::<InProcessTransport>())
+                .cloned(),
         };
         *task = Some(tokio::spawn(worker.run()));
     }
@@ -269,11 +275,9 @@ impl Relay {
     /// `deadline`, then stops the relay (writing its checkpoint). Returns whether it caught up.
     pub(crate) async fn drain_and_stop(&self, deadline: Duration) -> bool {
         let caught_up = match self.store.head_position().await {
-            Ok(head) if self.task_running() => {
-                tokio::time::timeout(deadline, self.wait_for(head))
-                    .await
-                    .is_ok_and(|r| r.is_ok())
-            }
+            Ok(head) if self.task_running() => tokio::time::timeout(deadline, self.wait_for(head))
+                .await
+                .is_ok_and(|r| r.is_ok()),
             _ => false,
         };
         self.stop.send_replace(true);
@@ -325,6 +329,8 @@ struct Worker {
     status: watch::Sender<RelayStatus>,
     stop: watch::Receiver<bool>,
     lease: Option<Arc<dyn Lease>>,
+    /// The transport, when it is the in-process one (checkpoints wait for it to settle).
+    in_process: Option<InProcessTransport>,
 }
 
 impl Worker {
@@ -431,27 +437,30 @@ impl Worker {
         let mut chunks = events.ready_chunks(self.options.batch);
         let mut stop = self.stop.clone();
         let mut unsaved = 0u64;
-        let mut last_publish = Instant::now();
+        // When the next checkpoint is due (`None`: nothing to save).
+        let mut save_at: Option<tokio::time::Instant> = None;
         loop {
             if held.is_some_and(|h| !*h.borrow()) {
                 return Ended::LeaseLost;
             }
-            let save_at = tokio::time::Instant::from_std(last_publish + self.options.checkpoint_interval);
             let next = tokio::select! {
                 biased;
                 () = stopped(&mut stop) => None,
-                () = tokio::time::sleep_until(save_at), if unsaved > 0 => {
-                    if let Err(ended) = self.save(checkpoints.as_mut(), &mut unsaved).await {
-                        return ended;
+                () = sleep_until(save_at) => {
+                    match self.save(checkpoints.as_mut(), &mut unsaved).await {
+                        Ok(true) => save_at = None,
+                        // Not settled yet: look again shortly.
+                        Ok(false) => save_at = Some(tokio::time::Instant::now() + IDLE_RECHECK),
+                        Err(ended) => return ended,
                     }
                     continue;
                 }
                 chunk = chunks.next() => Some(chunk),
             };
             let Some(chunk) = next else {
-                // Asked to stop: keep what was published.
+                // Asked to stop: keep what was published (and, in process, handled).
                 return match self.save(checkpoints.as_mut(), &mut unsaved).await {
-                    Ok(()) | Err(Ended::Stop) => Ended::Stop,
+                    Ok(_) | Err(Ended::Stop) => Ended::Stop,
                     Err(ended) => ended,
                 };
             };
@@ -477,12 +486,14 @@ impl Worker {
             };
             if published > 0 {
                 unsaved += published;
-                last_publish = Instant::now();
+                save_at = Some(tokio::time::Instant::now() + self.options.checkpoint_interval);
             }
-            if unsaved >= self.options.checkpoint_every
-                && let Err(ended) = self.save(checkpoints.as_mut(), &mut unsaved).await
-            {
-                return ended;
+            if unsaved >= self.options.checkpoint_every {
+                match self.save(checkpoints.as_mut(), &mut unsaved).await {
+                    Ok(true) => save_at = None,
+                    Ok(false) => save_at = Some(tokio::time::Instant::now() + IDLE_RECHECK),
+                    Err(ended) => return ended,
+                }
             }
             if let Some(error) = failure {
                 return Ended::Failed(error);
@@ -494,20 +505,29 @@ impl Worker {
         format!("relay.{}", self.options.name)
     }
 
-    /// Writes the relayed position as the checkpoint (when there is something to save).
+    /// Writes the relayed position as the checkpoint, when there is something to save;
+    /// returns `false` when it must wait: on the in-process transport, until every event
+    /// published is settled by its handlers (queued events die with the process, so the
+    /// checkpoint must not pass them).
     async fn save(
         &self,
         checkpoints: Option<&mut Checkpoints>,
         unsaved: &mut u64,
-    ) -> Result<(), Ended> {
+    ) -> Result<bool, Ended> {
         let Some(checkpoints) = checkpoints else {
             *unsaved = 0;
-            return Ok(());
+            return Ok(true);
         };
         if *unsaved == 0 {
-            return Ok(());
+            return Ok(true);
         }
+        // Read before looking at the queues: everything up to here was published before.
         let position = self.status.borrow().relayed_position;
+        if let Some(transport) = &self.in_process
+            && !transport.is_idle()
+        {
+            return Ok(false);
+        }
         match checkpoints
             .save(self.store.as_ref(), &self.checkpoint_name(), position)
             .await
@@ -515,7 +535,7 @@ impl Worker {
             Ok(()) => {
                 *unsaved = 0;
                 self.status.send_modify(|s| s.checkpoint = position);
-                Ok(())
+                Ok(true)
             }
             // Someone else wrote the checkpoint: another relay holds the store now.
             Err(Error::InvalidInput { .. }) => Err(Ended::LeaseLost),
@@ -690,6 +710,17 @@ impl Worker {
         }
         self.status.send_modify(|s| s.dead_lettered += 1);
         Ok(())
+    }
+}
+
+/// How soon a checkpoint that waits for the in-process transport to settle looks again.
+const IDLE_RECHECK: Duration = Duration::from_millis(50);
+
+/// Sleeps until `at`; never resolves for `None`.
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 

@@ -215,7 +215,10 @@ impl EventBus {
                 ),
             ));
         }
-        let published = self.shared.publish_metrics.counter(&topic, validate_topic)?;
+        let published = self
+            .shared
+            .publish_metrics
+            .counter(&topic, validate_topic)?;
         for event in &events {
             self.schemas.validate(event)?;
         }
@@ -228,7 +231,12 @@ impl EventBus {
                     }
                 }
             }
-            None => self.transport.as_ref().publish_batch(&topic, events).await?,
+            None => {
+                self.transport
+                    .as_ref()
+                    .publish_batch(&topic, events)
+                    .await?
+            }
         }
         published.increment(count);
         Ok(())

@@ -304,3 +304,42 @@ async fn next_batch_hands_out_at_most_the_prefetch_and_drops_go_back() {
     assert_eq!(seen, want);
     assert_eq!(t.queued("batched"), Some(0));
 }
+
+/// What the outbox relay relies on before it checkpoints: idle means every published event
+/// was settled — not queued, not handed out unacknowledged, not waiting out a retry delay.
+#[tokio::test]
+async fn idle_only_once_every_published_event_is_settled() {
+    let transport = InProcessTransport::new();
+    assert!(transport.is_idle(), "nothing published yet");
+    let mut orders = subscribe(&transport, "orders", "order.*").await;
+    transport
+        .publish("order.placed", event("order.placed", 1))
+        .await
+        .unwrap();
+    assert!(!transport.is_idle(), "queued");
+
+    let delivery = next(&mut orders).await;
+    assert!(!transport.is_idle(), "handed out, not acknowledged");
+    delivery.ack().await.unwrap();
+    assert!(transport.is_idle(), "acknowledged");
+
+    transport
+        .publish("order.placed", event("order.placed", 1))
+        .await
+        .unwrap();
+    let delivery = next(&mut orders).await;
+    delivery
+        .nack(Duration::from_millis(100), "try again")
+        .await
+        .unwrap();
+    assert!(!transport.is_idle(), "a retry waiting out its delay");
+    let retry = next(&mut orders).await;
+    assert_eq!(retry.attempt(), 2);
+    assert!(!transport.is_idle(), "the retry is handed out");
+    drop(retry);
+    assert!(!transport.is_idle(), "dropped unsettled: queued again");
+    let again = next(&mut orders).await;
+    again.dead_letter("gave up").await.unwrap();
+    assert!(transport.is_idle(), "dead-lettered");
+    assert_eq!(transport.dead_letter_queue().len().await.unwrap(), 1);
+}

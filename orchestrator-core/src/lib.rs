@@ -51,8 +51,8 @@ pub use envelope::{
     Event, EventEnvelope, EventId, StoredPosition, TraceContext, intern_event_type,
 };
 pub use error::{BoxError, Error, HandlerError, Result};
-pub use lease::{Lease, LocalLease};
 pub use handler::{EventHandler, HandlerCall, HandlerSlot, JsonHandler};
+pub use lease::{Lease, LocalLease};
 pub use pattern::TopicPattern;
 pub use retry::{Jitter, RetryPolicy};
 pub use schema::{EventSchemas, NoSchemas};

@@ -188,8 +188,11 @@ impl EventOrchestratorBuilder {
 
     /// Connects what was given by URL and builds the orchestrator.
     ///
-    /// On a durable store the outbox relay starts at once, so that events stored before a
-    /// crash and not yet published are published now.
+    /// On a durable store with a broker transport the outbox relay starts at once, so that
+    /// events stored before a crash and not yet published are published now (a broker keeps
+    /// them for consumer groups that subscribe later). With the in-process transport, which
+    /// delivers only to subscriptions that exist, it starts with the first publish or with
+    /// [`EventOrchestrator::start_relay`]: subscribe first, then start it.
     ///
     /// A URL naming a backend this build does not carry is [`Error::FeatureDisabled`]; an
     /// unreachable broker is the backend's connection error.
@@ -220,7 +223,11 @@ impl EventOrchestratorBuilder {
             None => self.in_process_transport(),
         };
         let orchestrator = self.assemble(transport, store);
-        if orchestrator.store.capabilities().durable {
+        let in_process = orchestrator
+            .transport()
+            .as_any()
+            .is_some_and(|t| t.is::<InProcessTransport>());
+        if orchestrator.store.capabilities().durable && !in_process {
             orchestrator.relay.ensure_started();
         }
         Ok(orchestrator)

@@ -235,6 +235,15 @@ impl EventOrchestrator {
         Ok((id, written))
     }
 
+    /// Starts the outbox relay now, if it is not running. It starts on its own with the
+    /// first publish, and, on a durable store with a broker transport, when the orchestrator
+    /// is built. With the in-process transport and a durable store, call it once your
+    /// subscriptions are in place: events stored before a crash and not yet handled then
+    /// reach them (the in-process transport delivers only to subscriptions that exist).
+    pub fn start_relay(&self) {
+        self.relay.ensure_started();
+    }
+
     /// What the outbox relay is doing: its state, the position it has published up to, its
     /// checkpoint and lease (see [`crate::relay`]).
     pub fn relay_status(&self) -> RelayStatus {

@@ -3,7 +3,7 @@
 use std::collections::{HashMap, VecDeque};
 
 use crate::fasthash::FxHashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Duration;
 
@@ -179,6 +179,10 @@ struct Group {
     /// needs one handle (the group) instead of three.
     clock: Arc<dyn Clock>,
     dead_letters: Arc<dyn DeadLetterQueue>,
+    /// Deliveries handed out and not settled yet, plus nacked ones waiting out their delay:
+    /// with the queue, what the group still owes its handlers (see
+    /// [`InProcessTransport::is_idle`]).
+    outstanding: AtomicUsize,
 }
 
 struct Queue {
@@ -225,7 +229,18 @@ impl Group {
             closer: Arc::clone(&shared.closer),
             clock: Arc::clone(&shared.clock),
             dead_letters: Arc::clone(&shared.dead_letters),
+            outstanding: AtomicUsize::new(0),
         }
+    }
+
+    /// One delivery (or delayed redelivery) less is outstanding.
+    fn settled(&self) {
+        self.outstanding.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// Whether nothing is queued and nothing handed out is unsettled.
+    fn is_idle(&self) -> bool {
+        self.outstanding.load(Ordering::Acquire) == 0 && self.lock().messages.is_empty()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Queue> {
@@ -437,6 +452,15 @@ impl InProcessTransport {
     /// How many events each consumer group's queue holds.
     pub fn capacity(&self) -> usize {
         self.handle.shared.capacity
+    }
+
+    /// Whether every event published so far has been settled by its groups: no group has
+    /// an event queued, a delivery handed out and not acknowledged (or dead-lettered), or a
+    /// retry waiting out its delay. The outbox relay checkpoints an in-process transport
+    /// only when it is idle, since what is in its queues dies with the process.
+    pub fn is_idle(&self) -> bool {
+        let routes = self.handle.shared.read();
+        routes.groups.values().all(|g| g.queue.is_idle())
     }
 
     /// How many events wait in `group`'s queue (`None` if the group was never subscribed).
@@ -891,7 +915,8 @@ impl Subscription {
             last_error,
         };
         // The delivery carries everything needed to queue it again (see `GroupSettler`):
-        // no per-delivery settle state, no allocation.
+        // no per-delivery settle state, no allocation. It is outstanding until settled.
+        self.group.outstanding.fetch_add(1, Ordering::AcqRel);
         Delivery::with_settler(message.event, info, self.settler.clone())
     }
 }
@@ -934,6 +959,7 @@ struct GroupSettler {
 #[async_trait]
 impl Settler for GroupSettler {
     fn ack(&self) -> Result<()> {
+        self.group.settled();
         Ok(())
     }
 
@@ -941,29 +967,36 @@ impl Settler for GroupSettler {
         let message = Message::again(returned, Some(reason));
         if delay.is_zero() {
             requeue(&self.group, message);
+            self.group.settled();
             return Ok(());
         }
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             // Without a runtime to wait on, redeliver at once rather than lose the event.
             requeue(&self.group, message);
+            self.group.settled();
             return Err(no_runtime("a nack's delay"));
         };
         let group = Arc::clone(&self.group);
+        // Still outstanding while it waits out its delay.
         runtime.spawn(async move {
             group.clock.sleep(delay).await;
             // Fails only once the transport is closed, which discards queued events anyway.
             let _ = group.send(message).await;
+            group.settled();
         });
         Ok(())
     }
 
     async fn dead_letter(&self, letter: DeadLetter) -> Result<()> {
-        // On an error the delivery releases itself, which queues it again.
-        self.group.dead_letters.push(letter).await
+        // On an error the delivery releases itself, which queues it again (and settles it).
+        self.group.dead_letters.push(letter).await?;
+        self.group.settled();
+        Ok(())
     }
 
     fn release(&self, returned: Returned) {
         requeue(&self.group, Message::again(returned, None));
+        self.group.settled();
     }
 }
 

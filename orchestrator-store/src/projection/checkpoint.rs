@@ -42,10 +42,7 @@ pub struct Checkpoints {
 
 impl Checkpoints {
     /// The checkpoint writer of `name` and the last position checkpointed (0: none yet).
-    pub async fn load(
-        store: &(impl EventStore + ?Sized),
-        name: &str,
-    ) -> Result<(Self, u64)> {
+    pub async fn load(store: &(impl EventStore + ?Sized), name: &str) -> Result<(Self, u64)> {
         let stream = checkpoint_stream(name);
         let caps = store.capabilities();
         let version = store.stream_version(&stream).await?;

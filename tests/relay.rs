@@ -1,0 +1,376 @@
+//! Store-first delivery through the facade: `publish` appends, the outbox relay delivers.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use orchestrator::prelude::*;
+use orchestrator::{RelayOptions, RelayState};
+use serde_json::json;
+use tokio::sync::mpsc;
+use tokio::time::timeout;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// Subscribes a handler that sends each event's `n` (or its type when it has none) to a channel.
+async fn collect(
+    orchestrator: &EventOrchestrator,
+    pattern: &str,
+) -> (Subscription, mpsc::UnboundedReceiver<EventEnvelope>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let subscription = orchestrator
+        .subscribe(pattern, move |event: EventEnvelope| {
+            let tx = tx.clone();
+            async move {
+                tx.send(event).ok();
+                Ok::<_, HandlerError>(())
+            }
+        })
+        .await
+        .unwrap();
+    (subscription, rx)
+}
+
+async fn take(rx: &mut mpsc::UnboundedReceiver<EventEnvelope>, count: usize) -> Vec<EventEnvelope> {
+    let mut got = Vec::with_capacity(count);
+    while got.len() < count {
+        let event = timeout(WAIT, rx.recv())
+            .await
+            .unwrap_or_else(|_| panic!("{} of {count} events delivered in time", got.len()))
+            .expect("the subscription is open");
+        got.push(event);
+    }
+    got
+}
+
+fn n(event: &EventEnvelope) -> u64 {
+    event.data::<serde_json::Value>().unwrap()["n"]
+        .as_u64()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn published_events_reach_subscribers_in_order_with_their_positions() {
+    let orchestrator = EventOrchestrator::new();
+    let (_subscription, mut rx) = collect(&orchestrator, "order.#").await;
+    for i in 1..=200u64 {
+        orchestrator
+            .publish_event("order.placed", json!({ "n": i }))
+            .await
+            .unwrap();
+    }
+    let last = EventEnvelope::new("order.placed", &json!({ "n": 201 })).unwrap();
+    orchestrator.publish_and_wait(last).await.unwrap();
+    let status = orchestrator.relay_status();
+    assert_eq!(status.relayed_position, 201, "{status:?}");
+    assert_eq!(status.state, RelayState::Relaying);
+
+    let got = take(&mut rx, 201).await;
+    let order: Vec<u64> = got.iter().map(n).collect();
+    assert_eq!(
+        order,
+        (1..=201).collect::<Vec<_>>(),
+        "delivered in publish order"
+    );
+    let positions: Vec<u64> = got.iter().map(|e| e.global_position().unwrap()).collect();
+    assert_eq!(
+        positions,
+        (1..=201).collect::<Vec<_>>(),
+        "each with its stored position"
+    );
+    assert_eq!(got[0].stream_id(), Some("order.placed"));
+    orchestrator.shutdown(Duration::from_secs(5)).await;
+}
+
+/// Before the relay, a handler publishing into its own subscription waited for room in its
+/// own full queue, which only it could empty.
+#[tokio::test]
+async fn a_handler_publishing_into_its_own_pattern_cannot_deadlock() {
+    const TOTAL: u64 = 10_000;
+    let orchestrator = EventOrchestrator::new();
+    let handled = Arc::new(Mutex::new(Vec::new()));
+    let (done_tx, mut done) = mpsc::unbounded_channel();
+    let publisher = orchestrator.clone();
+    let seen = Arc::clone(&handled);
+    let _subscription = orchestrator
+        .subscribe_with(
+            SubscriptionConfig::new("chain.#").concurrency(1),
+            move |event: EventEnvelope| {
+                let publisher = publisher.clone();
+                let seen = Arc::clone(&seen);
+                let done_tx = done_tx.clone();
+                async move {
+                    let i = n(&event);
+                    seen.lock().unwrap().push(i);
+                    if i == 0 {
+                        // A burst far beyond the in-process queue's capacity (1,024), from
+                        // inside the handler that alone drains that queue.
+                        for k in 1..=TOTAL {
+                            publisher
+                                .publish_event("chain.step", json!({ "n": k }))
+                                .await
+                                .map_err(|e| HandlerError::permanent(e.to_string()))?;
+                        }
+                    }
+                    if i == TOTAL {
+                        done_tx.send(()).ok();
+                    }
+                    Ok::<_, HandlerError>(())
+                }
+            },
+        )
+        .await
+        .unwrap();
+    orchestrator
+        .publish_event("chain.start", json!({ "n": 0 }))
+        .await
+        .unwrap();
+    timeout(Duration::from_secs(120), done.recv())
+        .await
+        .expect("the last event is handled: no deadlock")
+        .unwrap();
+    let handled = handled.lock().unwrap().clone();
+    assert_eq!(
+        handled,
+        (0..=TOTAL).collect::<Vec<_>>(),
+        "every event, once, in order"
+    );
+    orchestrator.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test]
+async fn events_appended_to_the_store_are_delivered_but_bookkeeping_streams_are_not() {
+    let orchestrator = EventOrchestrator::new();
+    let (_subscription, mut rx) = collect(&orchestrator, "#").await;
+    let store = orchestrator.store();
+    let event = |t: &str, i: u64| EventEnvelope::new(t, &json!({ "n": i })).unwrap();
+    // What an aggregate repository does: append, without publishing.
+    store
+        .append(
+            "order-1",
+            ExpectedVersion::NoStream,
+            vec![event("order.placed", 1)],
+        )
+        .await
+        .unwrap();
+    store
+        .append(
+            "$checkpoint-x",
+            ExpectedVersion::Any,
+            vec![event("checkpoint.saved", 2)],
+        )
+        .await
+        .unwrap();
+    store
+        .append(
+            "saga-0191",
+            ExpectedVersion::Any,
+            vec![event("saga.started", 3)],
+        )
+        .await
+        .unwrap();
+    orchestrator
+        .publish_and_wait(event("order.shipped", 4))
+        .await
+        .unwrap();
+    let got = take(&mut rx, 2).await;
+    assert_eq!(got.iter().map(n).collect::<Vec<_>>(), [1, 4]);
+    assert_eq!(got[0].stream_id(), Some("order-1"));
+    assert!(
+        timeout(Duration::from_millis(300), rx.recv())
+            .await
+            .is_err(),
+        "no bookkeeping event is delivered"
+    );
+    assert_eq!(orchestrator.relay_status().relayed_position, 4);
+    orchestrator.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test]
+async fn shutdown_delivers_what_is_stored_then_refuses_publishes() {
+    let orchestrator = EventOrchestrator::new();
+    let (_subscription, mut rx) = collect(&orchestrator, "burst.#").await;
+    for i in 0..2_000u64 {
+        orchestrator
+            .publish_event("burst.event", json!({ "n": i }))
+            .await
+            .unwrap();
+    }
+    orchestrator.shutdown(Duration::from_secs(10)).await;
+    assert_eq!(
+        take(&mut rx, 2_000).await.len(),
+        2_000,
+        "all delivered before shutdown ended"
+    );
+    assert_eq!(orchestrator.relay_status().state, RelayState::Stopped);
+    let refused = orchestrator
+        .publish_event("burst.event", json!({ "n": 1 }))
+        .await
+        .unwrap_err();
+    assert!(refused.to_string().contains("shut down"), "{refused}");
+}
+
+#[tokio::test]
+async fn an_event_the_transport_refuses_is_dead_lettered_and_the_relay_goes_on() {
+    let orchestrator = EventOrchestrator::new();
+    let (_subscription, mut rx) = collect(&orchestrator, "#").await;
+    orchestrator
+        .schemas()
+        .register(orchestrator::store::schema::SchemaVersion::new(
+            "user.created",
+            1,
+            json!({ "type": "object", "required": ["name"] }),
+        ))
+        .unwrap();
+    // Stored without the facade's validation (as an aggregate would), so only the relay's
+    // publish finds it invalid.
+    orchestrator
+        .store()
+        .append(
+            "user-1",
+            ExpectedVersion::Any,
+            vec![EventEnvelope::new("user.created", &json!({ "n": 1 })).unwrap()],
+        )
+        .await
+        .unwrap();
+    orchestrator
+        .publish_and_wait(EventEnvelope::new("user.seen", &json!({ "n": 2 })).unwrap())
+        .await
+        .unwrap();
+    let got = take(&mut rx, 1).await;
+    assert_eq!(n(&got[0]), 2, "the next event is delivered");
+    let letters = orchestrator
+        .dead_letters()
+        .list(&DeadLetterQuery::default())
+        .await
+        .unwrap();
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert_eq!(letters[0].subscription, "relay:default");
+    assert_eq!(letters[0].event.event_type(), "user.created");
+    assert!(
+        letters[0].reason.contains("could not publish"),
+        "{}",
+        letters[0].reason
+    );
+    assert_eq!(orchestrator.relay_status().dead_lettered, 1);
+    orchestrator.shutdown(Duration::from_secs(5)).await;
+}
+
+/// The embedded durable default: what was stored and not delivered before a stop is
+/// delivered after the restart, once; the checkpoint keeps it from coming back again.
+#[tokio::test]
+async fn the_file_store_relays_after_a_restart_from_its_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let open = |relay: RelayOptions| {
+        let path = dir.path().to_owned();
+        async move {
+            EventOrchestrator::builder()
+                .store(Arc::new(FileEventStore::open(path).unwrap()))
+                .relay(relay)
+                .build()
+                .await
+                .unwrap()
+        }
+    };
+
+    // A process that stores and never relays (as if killed before its relay ran).
+    let first = open(RelayOptions::disabled()).await;
+    for i in 1..=50u64 {
+        first
+            .publish_event("parcel.sent", json!({ "n": i }))
+            .await
+            .unwrap();
+    }
+    let unrelayed = first
+        .publish_and_wait(EventEnvelope::new("parcel.sent", &json!({ "n": 51 })).unwrap())
+        .await
+        .unwrap_err();
+    assert!(unrelayed.to_string().contains("disabled"), "{unrelayed}");
+    first.shutdown(Duration::from_secs(5)).await;
+    drop(first);
+
+    // Restart: subscribe, then start the relay; everything stored arrives.
+    let second = open(RelayOptions::default()).await;
+    let (_subscription, mut rx) = collect(&second, "parcel.#").await;
+    assert_eq!(
+        second.relay_status().state,
+        RelayState::Idle,
+        "waits for start_relay"
+    );
+    second.start_relay();
+    let got = take(&mut rx, 51).await;
+    assert_eq!(
+        got.iter().map(n).collect::<Vec<_>>(),
+        (1..=51).collect::<Vec<_>>()
+    );
+    second.shutdown(Duration::from_secs(5)).await;
+    assert_eq!(
+        second.relay_status().checkpoint,
+        51,
+        "checkpointed on shutdown"
+    );
+    drop(second);
+
+    // And again: only what is new.
+    let third = open(RelayOptions::default()).await;
+    let (_subscription, mut rx) = collect(&third, "parcel.#").await;
+    third.start_relay();
+    third
+        .publish_and_wait(EventEnvelope::new("parcel.sent", &json!({ "n": 52 })).unwrap())
+        .await
+        .unwrap();
+    let got = take(&mut rx, 1).await;
+    assert_eq!(n(&got[0]), 52);
+    assert!(
+        timeout(Duration::from_millis(300), rx.recv())
+            .await
+            .is_err(),
+        "nothing relayed twice"
+    );
+    third.shutdown(Duration::from_secs(5)).await;
+}
+
+/// On the in-process transport the checkpoint waits until handlers settled what was
+/// published: a checkpoint past queued events would lose them in a crash.
+#[tokio::test]
+async fn the_in_process_checkpoint_waits_for_handlers() {
+    let dir = tempfile::tempdir().unwrap();
+    let orchestrator = EventOrchestrator::builder()
+        .store(Arc::new(FileEventStore::open(dir.path()).unwrap()))
+        .relay(RelayOptions::default().checkpoint_interval(Duration::from_millis(20)))
+        .build()
+        .await
+        .unwrap();
+    let (release_tx, release) = tokio::sync::watch::channel(false);
+    let _subscription = orchestrator
+        .subscribe("slow.#", move |_event: EventEnvelope| {
+            let mut release = release.clone();
+            async move {
+                release.wait_for(|go| *go).await.ok();
+                Ok::<_, HandlerError>(())
+            }
+        })
+        .await
+        .unwrap();
+    for i in 1..=5u64 {
+        orchestrator
+            .publish_and_wait(EventEnvelope::new("slow.event", &json!({ "n": i })).unwrap())
+            .await
+            .unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        orchestrator.relay_status().checkpoint,
+        0,
+        "handlers still busy"
+    );
+    release_tx.send_replace(true);
+    timeout(WAIT, async {
+        while orchestrator.relay_status().checkpoint < 5 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("checkpointed once the handlers finished");
+    orchestrator.shutdown(Duration::from_secs(5)).await;
+}
