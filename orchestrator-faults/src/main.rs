@@ -9,6 +9,8 @@
 //! faults writers <memory|file|redis|rabbitmq|kafka> [--writers W] [--appends N]
 //!                                                      concurrent appends to one stream
 //! faults slow-handler [--events N]                     a slow handler, bounded memory
+//! faults publisher-crash <file-memory|file-redis|redis-redis> [--rounds N]
+//!                                                      SIGKILL a publishing process, relay
 //! ```
 //!
 //! Each prints what it does on stderr and, last, one `result scenario=… key=value …` line on
@@ -20,6 +22,7 @@
 //! `ORCHESTRATOR_FAULTS_PIDS`, so that whoever runs the suite can stop them should this
 //! process be killed.
 
+mod publisher_crash;
 mod report;
 mod restart;
 mod saga_crash;
@@ -114,12 +117,20 @@ fn run(args: &[String]) -> Result<(), Failure> {
             let appends = number_option(rest, "--appends", 10_000)?;
             runtime()?.block_on(writers::run(target, writers as usize, appends as usize))
         }
+        "publisher-crash" => {
+            let rounds = number_option(rest, "--rounds", 50)?;
+            publisher_crash::parent(target, rounds as usize)
+        }
+        publisher_crash::CHILD => publisher_crash::child(rest),
         "slow-handler" => {
             let events = number_option(rest, "--events", 1_000_000)?;
             runtime()?.block_on(slow_handler::run(events as usize))
         }
         other => Err(Failure::Failed(
-            format!("unknown scenario `{other}` (restart, saga-crash, writers, slow-handler)")
+            format!(
+                "unknown scenario `{other}` (restart, saga-crash, writers, slow-handler, \
+                 publisher-crash)"
+            )
                 .into(),
         )),
     }

@@ -143,6 +143,19 @@ pub(crate) fn scenarios(short: bool) -> Vec<Scenario> {
             pick(900, 180),
         ));
     }
+    for target in ["file-memory", "file-redis", "redis-redis"] {
+        all.push(scenario(
+            format!("publisher-crash-{target}"),
+            vec![
+                "publisher-crash".into(),
+                target.into(),
+                "--rounds".into(),
+                pick(50, 10).to_string(),
+            ],
+            target.contains("redis").then_some("redis"),
+            pick(600, 240),
+        ));
+    }
     all.push(scenario(
         "slow-handler".into(),
         vec![
@@ -439,12 +452,18 @@ mod tests {
     fn the_short_suite_is_the_same_suite_smaller() {
         let (full, short) = (scenarios(false), scenarios(true));
         assert_eq!(full.len(), short.len());
-        assert_eq!(full.len(), 3 + 1 + 5 + 1);
+        assert_eq!(full.len(), 3 + 1 + 5 + 3 + 1);
         let restart = short.iter().find(|s| s.name == "restart-kafka").unwrap();
         assert!(restart.args.contains(&"10000".to_owned()));
         assert_eq!(restart.service, None, "it runs a tansu of its own");
         let writers = short.iter().find(|s| s.name == "writers-redis").unwrap();
         assert_eq!(writers.service, Some("redis"));
+        let crash = short
+            .iter()
+            .find(|s| s.name == "publisher-crash-file-memory")
+            .unwrap();
+        assert_eq!(crash.service, None, "the embedded store and transport");
+        assert!(crash.args.ends_with(&["--rounds".to_owned(), "10".to_owned()]));
     }
 
     #[test]

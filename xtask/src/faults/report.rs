@@ -98,6 +98,31 @@ const TABLES: &[Table] = &[
         ],
     },
     Table {
+        prefix: "publisher-crash-",
+        title: "SIGKILL of a publishing process: store-first delivery",
+        about: "A process publishes through `EventOrchestrator` with 64 tasks, as fast as it \
+                can, and is killed with SIGKILL 50–600 ms after it starts, once per round; \
+                each new process carries on, and a last one lets the outbox relay drain. Every \
+                publish that returned writes the event id to an *acked* file, every handled \
+                delivery to a *handled* file. With the in-process transport the subscriber is \
+                in the killed process (what the kill takes out of its queues must come back \
+                from the relay's checkpoint); with Redis it is a named consumer group in the \
+                parent. Checked: every acknowledged publish is in the store, and every stored \
+                event was delivered at least once (*missing* counts both failures). \
+                *Redeliveries* are deliveries beyond the first: events the relay published \
+                again after the checkpoint it resumed from.",
+        columns: &[
+            ("store + transport", "target"),
+            ("kills", "rounds"),
+            ("acknowledged", "acked"),
+            ("stored", "stored"),
+            ("delivered", "delivered"),
+            ("redeliveries", "redeliveries"),
+            ("missing", "missing"),
+            ("run (s)", "seconds"),
+        ],
+    },
+    Table {
         prefix: "writers-",
         title: "Concurrent writers on one stream",
         about: "8 tasks append one event at a time to the same stream, at once. Stores with \
