@@ -131,7 +131,7 @@ fn run(args: &[String]) -> Result<(), Failure> {
                 "unknown scenario `{other}` (restart, saga-crash, writers, slow-handler, \
                  publisher-crash)"
             )
-                .into(),
+            .into(),
         )),
     }
 }

@@ -87,8 +87,8 @@ impl Target {
 /// The Redis configuration of a run: the shared Redis, under a prefix of the run's own.
 #[cfg(feature = "redis")]
 fn redis_config(prefix: &str) -> Res<orchestrator::backends::redis::RedisConfig> {
-    let url = std::env::var("ORCHESTRATOR_REDIS_URL")
-        .unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let url =
+        std::env::var("ORCHESTRATOR_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
     Ok(orchestrator::backends::redis::RedisConfig::new(&url)?.with_prefix(prefix.to_owned()))
 }
 
@@ -145,7 +145,10 @@ impl Lines {
     }
 
     fn write(&self, line: &str) -> std::io::Result<()> {
-        let mut file = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut file = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         file.write_all(format!("{line}\n").as_bytes())
     }
 }
@@ -187,7 +190,10 @@ async fn run_child(target: Target, dir: &Path, prefix: &str, drain: bool) -> Res
     if let Some(transport) = transport(target, prefix).await? {
         builder = builder.transport(transport);
     }
-    let orchestrator = builder.build().await.map_err(|e| Failure::Failed(e.into()))?;
+    let orchestrator = builder
+        .build()
+        .await
+        .map_err(|e| Failure::Failed(e.into()))?;
     let _subscription = if target.handles_in_child() {
         let handled = Lines::open(&dir.join("handled"))?;
         let subscription = record_deliveries(&orchestrator, handled).await?;
@@ -239,7 +245,10 @@ async fn drain_child(orchestrator: &EventOrchestrator) -> Res {
     }
     let report = orchestrator.shutdown(Duration::from_secs(10)).await;
     ensure(report.unfinished.is_empty(), || {
-        format!("handlers left unfinished at shutdown: {:?}", report.unfinished)
+        format!(
+            "handlers left unfinished at shutdown: {:?}",
+            report.unfinished
+        )
     })?;
     say("done")
 }
@@ -265,7 +274,11 @@ fn run_child_process(
         .arg(target.name())
         .arg(dir)
         .arg(prefix)
-        .arg(if kill_after.is_some() { "publish" } else { "drain" })
+        .arg(if kill_after.is_some() {
+            "publish"
+        } else {
+            "drain"
+        })
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -295,7 +308,9 @@ fn run_child_process(
         }
         (Ok("opened"), None) => {
             let status = child.wait()?;
-            ensure(status.success(), || format!("the draining child failed ({status})"))
+            ensure(status.success(), || {
+                format!("the draining child failed ({status})")
+            })
         }
         (other, _) => {
             let _ = child.kill();
@@ -376,8 +391,7 @@ async fn scenario(target: Target, dir: &Path, prefix: &str, rounds: usize) -> Re
             .build()
             .await
             .map_err(|e| Failure::Failed(e.into()))?;
-        let subscription =
-            record_deliveries(&orchestrator, Lines::open(&parent_handled)?).await?;
+        let subscription = record_deliveries(&orchestrator, Lines::open(&parent_handled)?).await?;
         Some((orchestrator, subscription))
     };
     let started = Instant::now();
@@ -439,7 +453,10 @@ async fn scenario(target: Target, dir: &Path, prefix: &str, rounds: usize) -> Re
     let took = started.elapsed();
     let acked = read_ids(&dir.join("acked"))?;
     let lost_acked: Vec<&String> = acked.keys().filter(|id| !stored.contains(*id)).collect();
-    let undelivered: Vec<&String> = stored.iter().filter(|id| !handled.contains_key(*id)).collect();
+    let undelivered: Vec<&String> = stored
+        .iter()
+        .filter(|id| !handled.contains_key(*id))
+        .collect();
     let duplicates: usize = handled.values().map(|n| n - 1).sum();
     let unknown = handled.keys().filter(|id| !stored.contains(*id)).count();
     eprintln!(

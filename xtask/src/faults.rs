@@ -463,7 +463,11 @@ mod tests {
             .find(|s| s.name == "publisher-crash-file-memory")
             .unwrap();
         assert_eq!(crash.service, None, "the embedded store and transport");
-        assert!(crash.args.ends_with(&["--rounds".to_owned(), "10".to_owned()]));
+        assert!(
+            crash
+                .args
+                .ends_with(&["--rounds".to_owned(), "10".to_owned()])
+        );
     }
 
     #[test]
