@@ -5,6 +5,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use orchestrator::prelude::*;
+use orchestrator::store::schema::SchemaVersion;
 use orchestrator::{RelayOptions, RelayState};
 use serde_json::json;
 use tokio::sync::mpsc;
@@ -212,25 +213,35 @@ async fn shutdown_delivers_what_is_stored_then_refuses_publishes() {
 
 #[tokio::test]
 async fn an_event_the_transport_refuses_is_dead_lettered_and_the_relay_goes_on() {
-    let orchestrator = EventOrchestrator::new();
+    // A store shared with a writer that does not validate (another tool, an older version
+    // of the application), so only the relay's publish finds the event invalid.
+    let raw = Arc::new(InMemoryEventStore::new());
+    let orchestrator = EventOrchestrator::builder()
+        .store(raw.clone())
+        .build()
+        .await
+        .unwrap();
     let (_subscription, mut rx) = collect(&orchestrator, "#").await;
     orchestrator
         .schemas()
-        .register(orchestrator::store::schema::SchemaVersion::new(
+        .register(SchemaVersion::new(
             "user.created",
             1,
             json!({ "type": "object", "required": ["name"] }),
         ))
         .unwrap();
-    // Stored without the facade's validation (as an aggregate would), so only the relay's
-    // publish finds it invalid.
-    orchestrator
+    let invalid = || EventEnvelope::new("user.created", &json!({ "n": 1 })).unwrap();
+    let refused = orchestrator
         .store()
-        .append(
-            "user-1",
-            ExpectedVersion::Any,
-            vec![EventEnvelope::new("user.created", &json!({ "n": 1 })).unwrap()],
-        )
+        .append("user-1", ExpectedVersion::Any, vec![invalid()])
+        .await
+        .unwrap_err();
+    assert_eq!(
+        refused.decode_field(),
+        Some("/name"),
+        "the facade's store validates"
+    );
+    raw.append("user-1", ExpectedVersion::Any, vec![invalid()])
         .await
         .unwrap();
     orchestrator
@@ -253,6 +264,92 @@ async fn an_event_the_transport_refuses_is_dead_lettered_and_the_relay_goes_on()
         letters[0].reason
     );
     assert_eq!(orchestrator.relay_status().dead_lettered, 1);
+    orchestrator.shutdown(Duration::from_secs(5)).await;
+}
+
+/// Stored events of an old version are read at the latest version on every read path of
+/// the facade: its store, read models, replay, and deliveries.
+#[tokio::test]
+async fn every_read_path_sees_the_latest_version() {
+    let raw = Arc::new(InMemoryEventStore::new());
+    // Written by the application's previous release, before version 2 existed.
+    raw.append(
+        "user-1",
+        ExpectedVersion::Any,
+        vec![EventEnvelope::new("user.renamed", &json!({ "name": "Ada Lovelace" })).unwrap()],
+    )
+    .await
+    .unwrap();
+    let orchestrator = EventOrchestrator::builder()
+        .store(raw.clone())
+        .build()
+        .await
+        .unwrap();
+    orchestrator
+        .schemas()
+        .register(SchemaVersion::new(
+            "user.renamed",
+            1,
+            json!({ "type": "object", "required": ["name"] }),
+        ))
+        .unwrap();
+    orchestrator
+        .schemas()
+        .register(
+            SchemaVersion::new(
+                "user.renamed",
+                2,
+                json!({ "type": "object", "required": ["first", "last"] }),
+            )
+            .upcast_from_previous(|mut data| {
+                let name = data["name"].as_str().unwrap_or_default().to_owned();
+                let (first, last) = name.split_once(' ').unwrap_or((&name, ""));
+                data = json!({ "first": first, "last": last });
+                Ok(data)
+            }),
+        )
+        .unwrap();
+    let latest = |event: &EventEnvelope| {
+        assert_eq!(event.schema_version(), 2, "{event:?}");
+        event.data::<serde_json::Value>().unwrap()["first"].clone()
+    };
+
+    let store = orchestrator.store();
+    let by_stream = store.read_stream("user-1", 1, 10).await.unwrap();
+    assert_eq!(latest(&by_stream[0]), "Ada");
+    let by_position = store.read_all(ReadAll::from(1, 10)).await.unwrap();
+    assert_eq!(latest(&by_position[0]), "Ada");
+    assert_eq!(
+        raw.read_all(ReadAll::from(1, 10)).await.unwrap()[0].schema_version(),
+        1
+    );
+
+    // Replay to a subscriber, and the relay's delivery.
+    let (_subscription, mut rx) = collect(&orchestrator, "user.#").await;
+    orchestrator
+        .replay_events(ReplayFilter::all())
+        .await
+        .unwrap();
+    assert_eq!(latest(&take(&mut rx, 1).await[0]), "Ada", "replayed");
+    orchestrator.start_relay();
+    assert_eq!(latest(&take(&mut rx, 1).await[0]), "Ada", "relayed");
+
+    // A read model's projection.
+    let names = Arc::new(Mutex::new(Vec::new()));
+    let seen = Arc::clone(&names);
+    let definition = orchestrator::cqrs::ReadModelDefinition::new(
+        "names",
+        move |event: EventEnvelope, _documents| {
+            let seen = Arc::clone(&seen);
+            async move {
+                seen.lock().unwrap().push(event.schema_version());
+                Ok::<_, HandlerError>(())
+            }
+        },
+    );
+    let model = orchestrator.attach_read_model(definition).await.unwrap();
+    model.wait_for_position(1).await.unwrap();
+    assert_eq!(*names.lock().unwrap(), [2], "projected at version 2");
     orchestrator.shutdown(Duration::from_secs(5)).await;
 }
 

@@ -4,9 +4,11 @@
 use std::sync::Arc;
 
 use orchestrator_bus::{EventBus, InProcessTransport};
+use orchestrator_core::EventSchemas;
 use orchestrator_core::{Clock, DeadLetterQueue, EventStore, RetryPolicy, SystemClock, Transport};
 use orchestrator_cqrs::{CommandBus, QueryBus, QueryCacheConfig};
 use orchestrator_saga::SagaOrchestrator;
+use orchestrator_store::schema::ValidatingStore;
 use orchestrator_store::{InMemoryEventStore, SchemaRegistry};
 
 use super::EventOrchestrator;
@@ -257,6 +259,16 @@ impl EventOrchestratorBuilder {
             .with_retry_policy(self.retry)
             .with_clock(Arc::clone(&self.clock))
             .with_schemas(schemas.clone());
+        // The relay reads events as stored: an event that cannot be upcast is still
+        // published, and dead-lettered by the subscriptions that cannot take it.
+        let relay = Arc::new(Relay::new(self.relay, Arc::clone(&store), bus.clone()));
+        // Every other reader — aggregates, read models, temporal queries, replay, saga waits,
+        // the user — sees events upcast to their type's latest version, and every append is
+        // validated: one place does both.
+        let store: Arc<dyn EventStore> = Arc::new(ValidatingStore::new(
+            store,
+            schemas.clone() as Arc<dyn EventSchemas>,
+        ));
         let mut sagas =
             SagaOrchestrator::builder(Arc::clone(&store)).clock(Arc::clone(&self.clock));
         if let Some(limit) = self.max_concurrent_sagas {
@@ -267,7 +279,6 @@ impl EventOrchestratorBuilder {
             Some(config) => queries.cache(config),
             None => queries.without_cache(),
         };
-        let relay = Arc::new(Relay::new(self.relay, Arc::clone(&store), bus.clone()));
         EventOrchestrator {
             relay,
             bus,

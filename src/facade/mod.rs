@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use orchestrator_bus::{DeadLetters, EventBus, ShutdownReport, Subscription, SubscriptionConfig};
 use orchestrator_core::{
-    AppendResult, Event, EventEnvelope, EventHandler, EventId, EventSchemas as _, EventStore,
-    ExpectedVersion, HandlerError, RetryPolicy, Transport,
+    AppendResult, Event, EventEnvelope, EventHandler, EventId, EventStore, ExpectedVersion,
+    HandlerError, RetryPolicy, Transport,
 };
 use orchestrator_cqrs::{CommandBus, QueryBus};
 use orchestrator_saga::SagaOrchestrator;
@@ -219,7 +219,6 @@ impl EventOrchestrator {
             }
             .into());
         }
-        self.schemas.validate(&event)?;
         let id = event.id().clone();
         let stream = event.stream_id().unwrap_or(event.event_type()).to_owned();
         let written = self
@@ -262,7 +261,12 @@ impl EventOrchestrator {
         &self.schemas
     }
 
-    /// The event store.
+    /// The event store, as the orchestrator's own parts use it: appends are validated
+    /// against the [schema registry](Self::schemas) (one invalid event rejects the append),
+    /// and every read — `read_stream`, `read_all`, subscriptions, and so aggregates, read
+    /// models, temporal queries, replay and saga waits — returns events upcast to their
+    /// type's latest version. Appending here is publishing: the outbox relay delivers
+    /// what is appended (see [`crate::relay`]).
     pub fn store(&self) -> &Arc<dyn EventStore> {
         &self.store
     }
