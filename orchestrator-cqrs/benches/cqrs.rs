@@ -201,10 +201,12 @@ enum Setup {
 }
 
 fn repository() -> AggregateRepository<Account> {
-    AggregateRepository::<Account>::new(Arc::new(InMemoryEventStore::new())).with_snapshots(
-        Arc::new(InMemorySnapshotStore::new()),
-        SnapshotPolicy::every_n_events(10),
-    )
+    AggregateRepository::<Account>::new(Arc::new(InMemoryEventStore::new()))
+        .expect("the in-memory store checks versions")
+        .with_snapshots(
+            Arc::new(InMemorySnapshotStore::new()),
+            SnapshotPolicy::every_n_events(10),
+        )
 }
 
 impl Setup {

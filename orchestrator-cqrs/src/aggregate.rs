@@ -79,7 +79,7 @@
 //!
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() -> orchestrator_cqrs::Result<()> {
-//! let accounts = AggregateRepository::<Account>::new(Arc::new(InMemoryEventStore::new()))
+//! let accounts = AggregateRepository::<Account>::new(Arc::new(InMemoryEventStore::new()))?
 //!     .with_snapshots(Arc::new(InMemorySnapshotStore::new()), SnapshotPolicy::every_n_events(2));
 //! accounts.execute("a-1", AccountCommand::Open).await?;
 //! let done = accounts.execute("a-1", AccountCommand::Deposit(100)).await?;
@@ -242,8 +242,23 @@ impl<A: Aggregate> fmt::Debug for AggregateRepository<A> {
 impl<A: Aggregate> AggregateRepository<A> {
     /// A repository over `store`, without snapshots, retrying conflicts up to 10 attempts in
     /// all (1 ms doubling to 100 ms, full jitter).
-    pub fn new(store: Arc<dyn EventStore>) -> Self {
-        Self {
+    ///
+    /// A store that cannot honour exact expected versions (its
+    /// [`capabilities`](EventStore::capabilities)`().expected_version` is `false`: the
+    /// RabbitMQ and Kafka stores) is refused here with
+    /// [`Unsupported`](orchestrator_core::Error::Unsupported) naming the stores that can,
+    /// rather than failing on the first command.
+    pub fn new(store: Arc<dyn EventStore>) -> crate::Result<Self> {
+        if !store.capabilities().expected_version {
+            return Err(orchestrator_core::Error::Unsupported {
+                backend: store.name(),
+                operation: "exact expected versions (an aggregate repository needs them)",
+                hint: "keep aggregates in a store that checks versions: the in-memory, file \
+                       or Redis store",
+            }
+            .into());
+        }
+        Ok(Self {
             store,
             snapshots: None,
             retry: RetryPolicy::exponential(10, Duration::from_millis(1))
@@ -251,7 +266,7 @@ impl<A: Aggregate> AggregateRepository<A> {
                 .with_jitter(Jitter::Full),
             clock: Arc::new(SystemClock),
             _aggregate: PhantomData,
-        }
+        })
     }
 
     /// Loads from (and saves to) `snapshots`, taking one when `policy` says it is due.

@@ -24,7 +24,9 @@ async fn eight_concurrent_commands_on_one_aggregate_all_apply() {
     let events = store_with_open_account("a-1").await;
     // All eight load version 1 before any appends: one wins, seven conflict and retry.
     let store = Arc::new(BarrierStore::new(events.clone(), 8));
-    let accounts = AggregateRepository::<Account>::new(store.clone()).with_retry(quick_retries(16));
+    let accounts = AggregateRepository::<Account>::new(store.clone())
+        .unwrap()
+        .with_retry(quick_retries(16));
     let tasks: Vec<_> = (1..=8)
         .map(|amount| {
             let accounts = accounts.clone();
@@ -59,7 +61,9 @@ async fn eight_concurrent_commands_on_one_aggregate_all_apply() {
 async fn a_conflict_outlasting_the_policy_is_reported_and_writes_nothing() {
     let events = store_with_open_account("a-1").await;
     let store = Arc::new(BarrierStore::new(events.clone(), 2));
-    let accounts = AggregateRepository::<Account>::new(store).with_retry(RetryPolicy::never());
+    let accounts = AggregateRepository::<Account>::new(store)
+        .unwrap()
+        .with_retry(RetryPolicy::never());
     let (a, b) = tokio::join!(
         accounts.execute("a-1", AccountCommand::Deposit(5)),
         accounts.execute("a-1", AccountCommand::Deposit(7)),
@@ -91,8 +95,9 @@ async fn loading_from_a_snapshot_equals_a_full_replay() {
     let events = shared(InMemoryEventStore::new());
     let snapshots = Arc::new(InMemorySnapshotStore::new());
     let with_snapshots = AggregateRepository::<Account>::new(events.clone())
+        .unwrap()
         .with_snapshots(snapshots.clone(), SnapshotPolicy::every_n_events(5));
-    let replaying = AggregateRepository::<Account>::new(events.clone());
+    let replaying = AggregateRepository::<Account>::new(events.clone()).unwrap();
 
     let mut taken = Vec::new();
     let open = with_snapshots
@@ -165,6 +170,7 @@ async fn snapshots_of_another_state_version_are_ignored() {
     let events = shared(InMemoryEventStore::new());
     let snapshots: Arc<dyn SnapshotStore> = Arc::new(InMemorySnapshotStore::new());
     let v1 = AggregateRepository::<Account>::new(events.clone())
+        .unwrap()
         .with_snapshots(snapshots.clone(), SnapshotPolicy::every_n_events(2));
     v1.execute(
         "a-1",
@@ -178,6 +184,7 @@ async fn snapshots_of_another_state_version_are_ignored() {
     assert!(second.snapshot_taken);
 
     let v2 = AggregateRepository::<AccountV2>::new(events)
+        .unwrap()
         .with_snapshots(snapshots, SnapshotPolicy::every_n_events(2));
     let loaded = v2.load("a-1").await.unwrap();
     assert_eq!((loaded.snapshot_version, loaded.events_read), (None, 2));
@@ -187,7 +194,7 @@ async fn snapshots_of_another_state_version_are_ignored() {
 #[tokio::test]
 async fn refused_commands_write_nothing() {
     let events = shared(InMemoryEventStore::new());
-    let accounts = AggregateRepository::<Account>::new(events.clone());
+    let accounts = AggregateRepository::<Account>::new(events.clone()).unwrap();
     let err = accounts
         .execute("a-1", AccountCommand::Deposit(5))
         .await
@@ -241,7 +248,7 @@ async fn refused_commands_write_nothing() {
 #[tokio::test]
 async fn store_errors_come_through() {
     // A control character makes an invalid stream id: the store's error comes through.
-    let accounts = AggregateRepository::<Account>::new(shared(InMemoryEventStore::new()));
+    let accounts = AggregateRepository::<Account>::new(shared(InMemoryEventStore::new())).unwrap();
     let err = accounts
         .execute("bad\nid", AccountCommand::Open { owner: "x".into() })
         .await
@@ -253,4 +260,68 @@ async fn store_errors_come_through() {
         ),
         "{err:?}"
     );
+}
+
+/// A store that appends but cannot check exact versions (as the RabbitMQ and Kafka stores).
+struct NoExactVersions(InMemoryEventStore);
+
+#[async_trait::async_trait]
+impl EventStore for NoExactVersions {
+    fn name(&self) -> &'static str {
+        "append-only"
+    }
+    fn capabilities(&self) -> orchestrator_core::StoreCapabilities {
+        orchestrator_core::StoreCapabilities::new(false, true, true, true)
+    }
+    async fn append(
+        &self,
+        stream: &str,
+        expected: orchestrator_core::ExpectedVersion,
+        events: Vec<orchestrator_core::EventEnvelope>,
+    ) -> orchestrator_core::Result<orchestrator_core::AppendResult> {
+        self.0.append(stream, expected, events).await
+    }
+    async fn read_stream(
+        &self,
+        stream: &str,
+        from: u64,
+        limit: usize,
+    ) -> orchestrator_core::Result<Vec<orchestrator_core::EventEnvelope>> {
+        self.0.read_stream(stream, from, limit).await
+    }
+    async fn read_all(
+        &self,
+        query: orchestrator_core::ReadAll,
+    ) -> orchestrator_core::Result<Vec<orchestrator_core::EventEnvelope>> {
+        self.0.read_all(query).await
+    }
+    async fn stream_version(&self, stream: &str) -> orchestrator_core::Result<Option<u64>> {
+        self.0.stream_version(stream).await
+    }
+    async fn head_position(&self) -> orchestrator_core::Result<u64> {
+        self.0.head_position().await
+    }
+    async fn subscribe(
+        &self,
+        from: u64,
+        filter: orchestrator_core::EventFilter,
+    ) -> orchestrator_core::Result<orchestrator_core::EventStream> {
+        self.0.subscribe(from, filter).await
+    }
+}
+
+#[test]
+fn a_store_without_exact_versions_is_refused_at_construction() {
+    let store = Arc::new(NoExactVersions(InMemoryEventStore::new()));
+    let refused = AggregateRepository::<Account>::new(store).unwrap_err();
+    let message = refused.to_string();
+    assert!(message.contains("append-only"), "{message}");
+    assert!(
+        message.contains("in-memory, file or Redis"),
+        "names the stores that can: {message}"
+    );
+    assert!(matches!(
+        refused,
+        Error::Core(orchestrator_core::Error::Unsupported { .. })
+    ));
 }

@@ -61,7 +61,7 @@ impl Command for Deposit {
 
 /// A bus with the bank commands routed to the account aggregate.
 fn bank(bus: &CommandBus, events: Arc<dyn EventStore>) -> AggregateRepository<Account> {
-    let accounts = AggregateRepository::<Account>::new(events);
+    let accounts = AggregateRepository::<Account>::new(events).unwrap();
     let repo = accounts.clone();
     bus.register_command(move |open: OpenAccount| {
         let repo = repo.clone();

@@ -64,6 +64,7 @@ fn commands_aggregates_and_queries_record_metrics_and_spans() {
             runtime.block_on(async {
                 let events = InMemoryEventStore::new();
                 let accounts = AggregateRepository::<Account>::new(shared(events.clone()))
+                    .unwrap()
                     .with_snapshots(
                         Arc::new(InMemorySnapshotStore::new()),
                         SnapshotPolicy::every_n_events(2),
@@ -111,7 +112,7 @@ fn commands_aggregates_and_queries_record_metrics_and_spans() {
 
                 // Two concurrent deposits from the same version: one conflict, one retry.
                 let store = Arc::new(BarrierStore::new(events.clone(), 2));
-                let racing = AggregateRepository::<Account>::new(store);
+                let racing = AggregateRepository::<Account>::new(store).unwrap();
                 let (a, b) = tokio::join!(
                     racing.execute("a-1", AccountCommand::Deposit(1)),
                     racing.execute("a-1", AccountCommand::Deposit(2)),

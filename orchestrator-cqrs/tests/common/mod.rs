@@ -174,6 +174,7 @@ pub fn shared(store: impl EventStore) -> Arc<dyn EventStore> {
 pub async fn store_with_open_account(id: &str) -> orchestrator_store::InMemoryEventStore {
     let events = orchestrator_store::InMemoryEventStore::new();
     orchestrator_cqrs::AggregateRepository::<Account>::new(shared(events.clone()))
+        .unwrap()
         .execute(
             id,
             AccountCommand::Open {

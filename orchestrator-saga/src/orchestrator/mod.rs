@@ -134,12 +134,6 @@ impl SagaOrchestratorBuilder {
     /// Builds the orchestrator.
     pub fn build(self) -> SagaOrchestrator {
         let exact = self.store.capabilities().expected_version;
-        if !exact {
-            tracing::warn!(
-                store = self.store.name(),
-                "the event store does not honour exact expected versions; two runners on one saga will not be detected"
-            );
-        }
         SagaOrchestrator {
             shared: Arc::new(Shared {
                 store: self.store,
@@ -182,7 +176,23 @@ impl SagaOrchestrator {
     }
 
     /// Registers a saga definition under its name; a name already defined is an error.
+    ///
+    /// Running sagas needs a store that honours exact expected versions (each log record is
+    /// appended at the version the runner last wrote, so that two runners of one saga cannot
+    /// both go on). On a store that cannot (the RabbitMQ and Kafka stores), defining is
+    /// refused with [`Unsupported`](orchestrator_core::Error::Unsupported) naming the stores
+    /// that can, before any saga runs; inspecting stored sagas ([`list_stored`](Self::list_stored),
+    /// [`load`](Self::load)) works on every store.
     pub fn define(&self, definition: SagaDefinition) -> Result<()> {
+        if !self.shared.exact {
+            return Err(orchestrator_core::Error::Unsupported {
+                backend: self.shared.store.name(),
+                operation: "exact expected versions (running sagas needs them)",
+                hint: "keep saga logs in a store that checks versions: the in-memory, file or \
+                       Redis store",
+            }
+            .into());
+        }
         let mut definitions = self
             .shared
             .definitions
