@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use crate::envelope::EventId;
 use crate::store::ExpectedVersion;
 
 /// A boxed error from a library below us (a broker client, the file system, …).
@@ -55,6 +56,24 @@ pub enum Error {
         expected: ExpectedVersion,
         /// The stream's version at the time of the append (`None`: the stream does not exist).
         actual: Option<u64>,
+    },
+
+    /// An append carried an event whose id the stream already holds, and the append is not a
+    /// retry of the one that stored it (same ids, same order, same place: see
+    /// [idempotent appends](crate::store#idempotent-appends)); nothing was written.
+    #[error(
+        "event {event_id} is already stored in stream `{stream}` at version {version}, and this \
+         append is not a retry of the append that stored it (a retry sends the same events in \
+         the same order, with an expectation the stream met before them); give new events \
+         new ids"
+    )]
+    DuplicateEvent {
+        /// The stream appended to.
+        stream: String,
+        /// The first id of the batch that the stream already holds.
+        event_id: EventId,
+        /// The version at which the stream holds it.
+        version: u64,
     },
 
     /// Something the caller referred to does not exist.

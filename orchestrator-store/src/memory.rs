@@ -3,7 +3,8 @@
 //! Global positions have no gaps here, so the event at position `p` sits at index `p - 1`
 //! of the log: reads and subscriptions start at their position directly, without scanning
 //! what comes before. Each stream keeps the positions of its events, so `read_stream` touches
-//! only that stream's events.
+//! only that stream's events, and the versions of its event ids, so that an append sent
+//! again is recognised ([idempotent appends](orchestrator_core::store#idempotent-appends)).
 //!
 //! Subscriptions are pull-based: each one keeps a cursor into the log and reads the next
 //! batch only when its consumer asks for more, then sleeps on a [`watch`] of the head position
@@ -17,10 +18,10 @@ use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard, Wea
 
 use async_trait::async_trait;
 use futures::StreamExt;
-use orchestrator_core::store::validate_stream_id;
+use orchestrator_core::store::{find_retried_append, validate_batch_ids, validate_stream_id};
 use orchestrator_core::{
-    AppendResult, Error, EventEnvelope, EventFilter, EventStore, EventStream, ExpectedVersion,
-    ReadAll, Result, StoreCapabilities, StoredPosition,
+    AppendResult, Error, EventEnvelope, EventFilter, EventId, EventStore, EventStream,
+    ExpectedVersion, ReadAll, Result, StoreCapabilities, StoredPosition,
 };
 use tokio::sync::watch;
 
@@ -79,9 +80,29 @@ impl Default for Inner {
 struct State {
     /// Every event in global order: the event at position `p` is `log[p - 1]`.
     log: Vec<EventEnvelope>,
-    /// Each stream's events as global positions: version `v` is at `streams[id][v - 1]`.
-    /// A stream is only entered here by an append that writes to it, so no entry is empty.
-    streams: HashMap<String, Vec<u64>>,
+    /// Each stream's events. A stream is only entered here by an append that writes to it,
+    /// so no entry is empty.
+    streams: HashMap<String, StreamState>,
+}
+
+#[derive(Default)]
+struct StreamState {
+    /// The global positions of the stream's events: version `v` is at `positions[v - 1]`.
+    positions: Vec<u64>,
+    /// The version of each event id (the ids share their allocation with the logged events).
+    ids: HashMap<EventId, u64>,
+}
+
+impl StreamState {
+    /// Where the stream holds the event with this id.
+    fn stored(&self, id: &EventId) -> Option<StoredPosition> {
+        let stream_version = *self.ids.get(id)?;
+        let global_position = *self.positions.get(index_of(stream_version))?;
+        Some(StoredPosition {
+            stream_version,
+            global_position,
+        })
+    }
 }
 
 impl InMemoryEventStore {
@@ -131,9 +152,7 @@ impl State {
     }
 
     fn stream_version(&self, stream: &str) -> Option<u64> {
-        self.streams
-            .get(stream)
-            .map(|positions| as_u64(positions.len()))
+        self.streams.get(stream).map(|s| as_u64(s.positions.len()))
     }
 
     /// Looks at the events from position `from` up to `until` (inclusive, and no further
@@ -189,8 +208,15 @@ impl EventStore for InMemoryEventStore {
         events: Vec<EventEnvelope>,
     ) -> Result<AppendResult> {
         validate_stream_id(stream)?;
+        validate_batch_ids(&events)?;
         let mut guard = self.inner.write();
         let state = &mut *guard;
+        if let Some(existing) = state.streams.get(stream)
+            && let Some(original) =
+                find_retried_append(stream, expected, &events, |id| existing.stored(id))?
+        {
+            return Ok(original);
+        }
         let actual = state.stream_version(stream);
         if !expected.is_satisfied_by(actual) {
             return Err(Error::WrongExpectedVersion {
@@ -210,11 +236,15 @@ impl EventStore for InMemoryEventStore {
             });
         }
         state.log.reserve(events.len());
-        state
-            .streams
-            .entry(stream.to_owned())
-            .or_default()
-            .extend((1..=count).map(|i| head + i));
+        let entry = state.streams.entry(stream.to_owned()).or_default();
+        entry.positions.extend((1..=count).map(|i| head + i));
+        entry.ids.reserve(events.len());
+        entry.ids.extend(
+            events
+                .iter()
+                .zip(1..)
+                .map(|(event, i)| (event.id().clone(), version + i)),
+        );
         state
             .log
             .extend(events.into_iter().zip(1..).map(|(event, i)| {
@@ -243,7 +273,7 @@ impl EventStore for InMemoryEventStore {
     ) -> Result<Vec<EventEnvelope>> {
         validate_stream_id(stream)?;
         let state = self.inner.read();
-        let Some(positions) = state.streams.get(stream) else {
+        let Some(positions) = state.streams.get(stream).map(|s| &s.positions) else {
             return Ok(Vec::new());
         };
         let start = index_of(from_version.max(1)).min(positions.len());

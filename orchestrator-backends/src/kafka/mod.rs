@@ -186,6 +186,13 @@
 //!   and `StreamExists` return [`Unsupported`](orchestrator_core::Error::Unsupported) (only
 //!   `Any` appends); and not `atomic_batch`: the records of one append are produced one by
 //!   one (idempotently, in order), and another writer's records may land between them.
+//!   Not `idempotent_append` either: the index could tell that a stream already holds an
+//!   event id, but looking it up and producing the records are two steps that other
+//!   processes' appends (and this process's other appends of the same events) can come
+//!   between, and the index sees other processes' records only once it has read them; a
+//!   check there would catch some retries and let others be written twice, which is worse
+//!   than a capability the application knows it lacks. An append sent again is written
+//!   again: deduplicate by event id when reading (a projection keyed by event id, say).
 //! - `read_all` reads the log from the position on, filters, and stops at the limit;
 //!   `subscribe` reads it from the position on and goes on reading live — one reader, so no
 //!   gap and no duplicate at the hand-over.

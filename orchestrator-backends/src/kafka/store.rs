@@ -24,7 +24,8 @@ use super::reader::{Flow, LogReader};
 use super::wire;
 
 /// What [`KafkaEventStore`] guarantees: durable, `read_stream` by index, but neither exact
-/// expected versions nor all-or-nothing batches (see the [module docs](super)).
+/// expected versions, all-or-nothing batches nor idempotent appends (see the
+/// [module docs](super)).
 pub const KAFKA_STORE_CAPABILITIES: StoreCapabilities =
     StoreCapabilities::new(false, false, true, true);
 

@@ -123,7 +123,14 @@
 //! [`Error::Unsupported`](orchestrator_core::Error::Unsupported) (use `Any`);
 //! `atomic_batch` **no** — the messages of one append are confirmed one by one, so a
 //! connection lost mid-append can leave a prefix written (and appending again may
-//! duplicate it).
+//! duplicate it); `idempotent_append` **no** — the index knows which event ids each stream
+//! holds, but only as far as the reader has got (another process's appends, and this one's
+//! whose confirmation outran the reader, show up later), and checking it and publishing are
+//! two steps that other appends can come between; the publisher may also publish a message
+//! again after a lost confirmation, so the log itself can hold an event twice. A check on
+//! the index would catch some retries and write others twice, so the store does not claim
+//! it: an append sent again is written again, and readers that must not see an event twice
+//! deduplicate by event id.
 //!
 //! # Connections, reconnection, errors
 //!

@@ -26,7 +26,8 @@ use super::transport::durable_queue;
 use super::wire;
 
 /// What the RabbitMQ event store guarantees: durable, `read_stream` supported (by scanning
-/// the log), no atomic expected-version checks and no all-or-nothing batches.
+/// the log), no atomic expected-version checks, no all-or-nothing batches and no idempotent
+/// appends (see the [module docs](super) for why).
 pub const RABBITMQ_STORE_CAPABILITIES: StoreCapabilities =
     StoreCapabilities::new(false, false, true, true);
 

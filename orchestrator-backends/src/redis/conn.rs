@@ -104,6 +104,11 @@ impl Keys {
         format!("{}stream:{stream}", self.prefix)
     }
 
+    /// The hash of a stream's event ids (id → stream version).
+    pub(crate) fn stream_ids(&self, stream: &str) -> String {
+        format!("{}stream-ids:{stream}", self.prefix)
+    }
+
     pub(crate) fn all(&self) -> String {
         format!("{}all", self.prefix)
     }

@@ -53,6 +53,7 @@
 //! | key | type | what |
 //! |---|---|---|
 //! | `<prefix>stream:<stream id>` | stream | one event stream; entry id `0-<stream version>`, fields `type`, `event`, `id` (event id), `position` (global position) |
+//! | `<prefix>stream-ids:<stream id>` | hash | event id → stream version, for every event of the stream |
 //! | `<prefix>all` | stream | every stored event in global order; entry id `0-<global position>`, fields `type`, `event` |
 //! | `<prefix>position` | string | the last global position handed out |
 //! | `<prefix>topic:<topic>` | stream | one transport topic; fields `type`, `event`; one consumer group per subscribing group |
@@ -80,12 +81,19 @@
 //!
 //! # The event store
 //!
-//! An append is one `EVALSHA` of a Lua script that checks the expected version against the
-//! stream's length, takes positions with `INCRBY` on `<prefix>position`, and `XADD`s both entries
-//! of every event — atomic, one round trip for any batch size. Global positions have no gaps.
-//! If the reply of an append is lost to a connection error, the retry first checks whether
-//! the stream already ends with the batch's last event and, if so, reports that append
-//! instead of writing it twice. Reads are `XRANGE`s; a subscription catches up with `XRANGE`
+//! An append is one `EVALSHA` of a Lua script that looks the batch's event ids up in
+//! `<prefix>stream-ids:<stream id>`, checks the expected version against the stream's length,
+//! takes positions with `INCRBY` on `<prefix>position`, `XADD`s both entries of every event
+//! and records its id — atomic, one round trip for any batch size. Global positions have no
+//! gaps. Appends are idempotent
+//! ([`idempotent_append`](orchestrator_core::StoreCapabilities::idempotent_append)): an append
+//! whose ids the stream holds in the same order and place returns the original positions
+//! and writes nothing, one that clashes with stored ids otherwise is a
+//! [`DuplicateEvent`](orchestrator_core::Error::DuplicateEvent). So when the reply of an
+//! append is lost to a connection error, the store's own retry — or the application's, after
+//! a crash or a timeout — cannot write it twice, even if other writers appended to the stream
+//! meanwhile. Events written before the id hash existed (by an older version of this crate)
+//! are not in it, and not recognised. Reads are `XRANGE`s; a subscription catches up with `XRANGE`
 //! on `<prefix>all` and then follows with `XREAD BLOCK`, always from the last entry it handed over.
 //! Every event is stored twice (its stream and `<prefix>all`): reads in either order are one range
 //! scan, at twice the memory. Versions are stream lengths: never trim or `XDEL` these

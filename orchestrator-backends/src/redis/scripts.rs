@@ -8,39 +8,62 @@ use std::sync::LazyLock;
 
 use redis::Script;
 
-/// Appends events to a stream and the global stream, if the stream's version is as expected.
+/// Appends events to a stream and the global stream, if the stream's version is as expected
+/// — or recognises the append as a retry of one it already wrote
+/// ([idempotent appends](orchestrator_core::store#idempotent-appends)).
 ///
-/// KEYS: stream, global stream, position counter.
-/// ARGV: mode (`any` | `none` | `exists` | `exact`), exact version, retry flag (`1` when a
-/// previous attempt may have been applied), n, then per event: type, event id, CloudEvents
-/// JSON without its closing `}` … the script appends the positions it assigns.
+/// KEYS: stream, global stream, position counter, the stream's id hash (event id → version).
+/// ARGV: mode (`any` | `none` | `exists` | `exact`), exact version, n, then per event: type,
+/// event id, CloudEvents JSON without its closing `}` … the script appends the positions it
+/// assigns.
 ///
-/// Returns `{1, version, first position, last position}` on success, `{0, version}` when the
-/// stream's version does not satisfy the expectation.
+/// Returns `{1, version, first position, last position}` on success (for a retry: the
+/// original's), `{0, version}` when the stream's version does not satisfy the expectation,
+/// `{2, i, version}` when the batch's `i`-th event id (1-based) is stored at `version` and the
+/// batch is not a retry.
 pub(crate) static APPEND: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
 local len = redis.call('XLEN', KEYS[1])
-local n = tonumber(ARGV[4])
-if ARGV[3] == '1' and n > 0 and len > 0 then
-  -- A retry after a lost reply: if our last event is the stream's last, it was written.
-  local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)[1]
-  local f = last[2]
-  local id, pos
-  for i = 1, #f, 2 do
-    if f[i] == 'id' then id = f[i + 1] elseif f[i] == 'position' then pos = tonumber(f[i + 1]) end
-  end
-  if id == ARGV[4 + (n - 1) * 3 + 2] and pos then
-    return {1, len, pos - n + 1, pos}
-  end
-end
+local n = tonumber(ARGV[3])
 local mode = ARGV[1]
-local ok
-if mode == 'any' then ok = true
-elseif mode == 'none' then ok = (len == 0)
-elseif mode == 'exists' then ok = (len > 0)
-else ok = (len == tonumber(ARGV[2])) end
-if not ok then return {0, len} end
+local function satisfied(version)
+  if mode == 'any' then return true
+  elseif mode == 'none' then return version == 0
+  elseif mode == 'exists' then return version > 0
+  else return version == tonumber(ARGV[2]) end
+end
+local function position_at(version)
+  local entry = redis.call('XRANGE', KEYS[1], '0-' .. version, '0-' .. version)[1]
+  if not entry then return nil end
+  local f = entry[2]
+  for i = 1, #f, 2 do
+    if f[i] == 'position' then return tonumber(f[i + 1]) end
+  end
+  return nil
+end
+-- Ids the stream holds already: a retry of the append that stored them, or a clash.
+local found, clash, clash_version, in_place = nil, nil, nil, true
+for i = 1, n do
+  local v = redis.call('HGET', KEYS[4], ARGV[3 + (i - 1) * 3 + 2])
+  if v then
+    v = tonumber(v)
+    if not clash then clash, clash_version = i, v end
+    if i == 1 then found = v elseif not found or v ~= found + i - 1 then in_place = false end
+  else
+    in_place = false
+  end
+  if clash and not in_place then break end
+end
+if clash then
+  if in_place and satisfied(found - 1) then
+    local last = found + n - 1
+    local p1, pn = position_at(found), position_at(last)
+    if p1 and pn then return {1, last, p1, pn} end
+  end
+  return {2, clash, clash_version}
+end
+if not satisfied(len) then return {0, len} end
 if n == 0 then
   local head = tonumber(redis.call('GET', KEYS[3]) or '0')
   return {1, len, head, head}
@@ -48,13 +71,14 @@ end
 local last = redis.call('INCRBY', KEYS[3], n)
 local first = last - n + 1
 for i = 1, n do
-  local base = 4 + (i - 1) * 3
+  local base = 3 + (i - 1) * 3
   local version = string.format('%d', len + i)
   local position = string.format('%d', first + i - 1)
   local event = ARGV[base + 3] .. ',"streamversion":' .. version .. ',"globalposition":' .. position .. '}'
   redis.call('XADD', KEYS[1], '0-' .. version, 'type', ARGV[base + 1], 'event', event,
     'id', ARGV[base + 2], 'position', position)
   redis.call('XADD', KEYS[2], '0-' .. position, 'type', ARGV[base + 1], 'event', event)
+  redis.call('HSET', KEYS[4], ARGV[base + 2], version)
 end
 return {1, len + n, first, last}
 "#,

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
-use orchestrator_core::store::validate_stream_id;
+use orchestrator_core::store::{validate_batch_ids, validate_stream_id};
 use orchestrator_core::{
     AppendResult, Error, EventEnvelope, EventFilter, EventStore, EventStream, ExpectedVersion,
     ReadAll, Result, StoreCapabilities, cloudevents,
@@ -26,9 +26,11 @@ const PAGE: usize = 1000;
 ///
 /// Each event stream is the Redis stream `<prefix>stream:<stream id>` whose entry ids are
 /// `0-<stream version>`; every event is also in the global stream `<prefix>all` with entry id
-/// `0-<global position>`; `<prefix>position` counts positions. Appends run one Lua script that
-/// checks the expected version, takes positions from the counter and writes both entries of
-/// every event, so an append — of one event or a batch — is atomic and one round trip.
+/// `0-<global position>`; `<prefix>position` counts positions; the hash
+/// `<prefix>stream-ids:<stream id>` maps each event id of the stream to its version. Appends
+/// run one Lua script that recognises a retry by its event ids, checks the expected version,
+/// takes positions from the counter and writes both entries and the id of every event, so an
+/// append — of one event or a batch — is atomic, idempotent and one round trip.
 ///
 /// ```no_run
 /// use orchestrator_backends::redis::{RedisConfig, RedisEventStore};
@@ -136,9 +138,9 @@ impl EventStore for RedisEventStore {
         "redis"
     }
 
-    /// Everything: expected versions and batches are checked and written by one Lua script;
-    /// events survive a restart of the application (and of Redis, when Redis persists its
-    /// data with AOF or RDB).
+    /// Everything: expected versions, event ids and batches are checked and written by one
+    /// Lua script; events survive a restart of the application (and of Redis, when Redis
+    /// persists its data with AOF or RDB).
     fn capabilities(&self) -> StoreCapabilities {
         StoreCapabilities::FULL
     }
@@ -150,11 +152,13 @@ impl EventStore for RedisEventStore {
         events: Vec<EventEnvelope>,
     ) -> Result<AppendResult> {
         validate_stream_id(stream)?;
+        validate_batch_ids(&events)?;
         let (mode, exact) = append_mode(expected);
-        let (stream_key, all_key, position_key) = (
+        let (stream_key, all_key, position_key, ids_key) = (
             self.keys.stream(stream),
             self.keys.all(),
             self.keys.position(),
+            self.keys.stream_ids(stream),
         );
         let mut args: Vec<(String, String, Vec<u8>)> = Vec::with_capacity(events.len());
         for event in &events {
@@ -166,15 +170,17 @@ impl EventStore for RedisEventStore {
             }
             args.push((event.event_type().to_owned(), event.id().to_string(), json));
         }
-        let reply: Vec<Value> = with_retry(&self.config, "append", |attempt| {
+        // An attempt sent again after a lost reply is recognised by the script as a retry of
+        // the first one (by the event ids), even if another writer appended in between.
+        let reply: Vec<Value> = with_retry(&self.config, "append", |_| {
             let mut invocation = scripts::APPEND.prepare_invoke();
             invocation
                 .key(&stream_key)
                 .key(&all_key)
                 .key(&position_key)
+                .key(&ids_key)
                 .arg(mode)
                 .arg(exact)
-                .arg(if attempt > 1 { "1" } else { "0" })
                 .arg(args.len());
             for (event_type, id, json) in &args {
                 invocation.arg(event_type).arg(id).arg(json.as_slice());
@@ -192,6 +198,19 @@ impl EventStore for RedisEventStore {
                 };
                 tracing::debug!(stream, events = events.len(), ?result, "appended");
                 Ok(result)
+            }
+            [code, index, version] if as_u64(code)? == 2 => {
+                let event = usize::try_from(as_u64(index)?)
+                    .ok()
+                    .and_then(|i| events.get(i.checked_sub(1)?))
+                    .ok_or_else(|| {
+                        protocol_error(format!("append script named event #{index:?}"))
+                    })?;
+                Err(Error::DuplicateEvent {
+                    stream: stream.to_owned(),
+                    event_id: event.id().clone(),
+                    version: as_u64(version)?,
+                })
             }
             [_, version] => {
                 let version = as_u64(version)?;

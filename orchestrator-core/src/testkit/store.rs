@@ -61,11 +61,19 @@
 //! - Subscriptions: [`subscribe_catches_up_then_goes_live`],
 //!   [`subscribe_races_concurrent_appends`], [`subscribe_with_filter`],
 //!   [`subscribe_from_head_sees_only_new_events`].
+//! - Idempotent appends (skipped without
+//!   [`idempotent_append`](crate::StoreCapabilities::idempotent_append)):
+//!   [`retried_append_returns_the_original`],
+//!   [`retry_after_other_appends_returns_the_original`],
+//!   [`retry_with_the_original_expectation_returns_the_original`],
+//!   [`reordered_ids_are_duplicates`], [`partial_overlap_is_a_duplicate`],
+//!   [`same_id_in_another_stream_is_written`], [`repeated_id_in_a_batch_is_invalid`].
 //!
 //! Whether a store survives a restart (`durable`) is not checked here: that needs a way to
 //! restart the store, which each durable store tests itself.
 
 mod global;
+mod idempotent;
 mod streams;
 mod subscribe;
 mod support;
@@ -81,6 +89,7 @@ use tokio::time::timeout;
 use crate::store::EventStore;
 
 pub use global::*;
+pub use idempotent::*;
 pub use streams::*;
 pub use subscribe::*;
 
@@ -136,6 +145,13 @@ where
         subscribe_races_concurrent_appends,
         subscribe_with_filter,
         subscribe_from_head_sees_only_new_events,
+        retried_append_returns_the_original,
+        retry_after_other_appends_returns_the_original,
+        retry_with_the_original_expectation_returns_the_original,
+        reordered_ids_are_duplicates,
+        partial_overlap_is_a_duplicate,
+        same_id_in_another_stream_is_written,
+        repeated_id_in_a_batch_is_invalid,
     );
     assert!(
         failures.is_empty(),

@@ -69,7 +69,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use orchestrator_core::store::validate_stream_id;
+use orchestrator_core::store::{validate_batch_ids, validate_stream_id};
 use orchestrator_core::{
     AppendResult, Error as CoreError, EventEnvelope, EventFilter, EventStore, EventStream,
     ExpectedVersion, ReadAll, Result, StoreCapabilities,
@@ -400,6 +400,7 @@ impl EventStore for FileEventStore {
         events: Vec<EventEnvelope>,
     ) -> Result<AppendResult> {
         validate_stream_id(stream)?;
+        validate_batch_ids(&events)?;
         let (reply, answer) = oneshot::channel();
         self.inner.send(Request::Append(AppendRequest {
             stream: stream.to_owned(),

@@ -2,18 +2,22 @@
 //!
 //! Every append goes through one thread, which owns the open segment. It takes the first
 //! waiting append, then every other append already queued (up to [`MAX_GROUP_BYTES`]),
-//! checks each one's expected version, encodes their frames into one buffer, writes it with
+//! checks each one's event ids and expected version, encodes their frames into one buffer, writes it with
 //! one `write`, and syncs it as the [`FsyncPolicy`] says: so appenders that arrive while a
 //! sync runs share the next one. Only once their group is durable (per the policy) are the
 //! events entered into the index, made visible to readers and subscriptions, and the
 //! appenders answered — an append is never visible before it is acknowledged, and a rejected
-//! append is answered in order with the ones before it.
+//! append is answered in order with the ones before it. An append that repeats one already
+//! written ([idempotent appends](orchestrator_core::store#idempotent-appends)) is answered
+//! with the original's result, also in order: when the original is in the same group, only
+//! once that group is durable.
 //!
 //! If a write or a sync fails, the file's state is unknown: the appends of the group fail,
 //! and so does every later append, until the store is reopened (recovery then decides what
 //! made it to disk).
 
 use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use std::fs::File;
 use std::io::Write;
 use std::path::PathBuf;
@@ -23,8 +27,9 @@ use std::sync::{Arc, PoisonError};
 use std::time::Instant;
 
 use orchestrator_core::codec::{Bincode, Codec};
+use orchestrator_core::store::find_retried_append;
 use orchestrator_core::{
-    AppendResult, Error as CoreError, EventEnvelope, ExpectedVersion, StoredPosition,
+    AppendResult, Error as CoreError, EventEnvelope, EventId, ExpectedVersion, StoredPosition,
 };
 use tokio::sync::oneshot;
 
@@ -55,6 +60,14 @@ pub(crate) enum Request {
     Sync(oneshot::Sender<orchestrator_core::Result<()>>),
 }
 
+/// A stream's appends written but not yet published.
+struct PendingStream {
+    /// The stream's version after them.
+    version: u64,
+    /// Where they put each event id.
+    ids: HashMap<EventId, StoredPosition>,
+}
+
 /// An append written (or rejected) but not yet answered.
 struct Pending {
     reply: oneshot::Sender<orchestrator_core::Result<AppendResult>>,
@@ -74,8 +87,8 @@ pub(crate) struct Writer {
     pub(crate) segment_len: u64,
     /// The position the next event gets (head plus events written but not yet published).
     pub(crate) next_position: u64,
-    /// Versions of streams with events written but not yet published.
-    pub(crate) pending_versions: HashMap<Arc<str>, u64>,
+    /// Streams with events written but not yet published.
+    pending_streams: HashMap<Arc<str>, PendingStream>,
     pending: Vec<Pending>,
     /// Segments created but not yet published.
     new_segments: Vec<u64>,
@@ -109,7 +122,7 @@ impl Writer {
             seq,
             segment_len,
             next_position,
-            pending_versions: HashMap::new(),
+            pending_streams: HashMap::new(),
             pending: Vec::new(),
             new_segments: Vec::new(),
             unsynced_since: None,
@@ -225,6 +238,29 @@ impl Writer {
             events,
             reply,
         } = request;
+        let retried = {
+            let pending = self.pending_streams.get(stream.as_str());
+            let index = self.shared.index();
+            find_retried_append(&stream, expected, &events, |id| {
+                pending
+                    .and_then(|p| p.ids.get(id).copied())
+                    .or_else(|| index.stored(&stream, id))
+            })
+        };
+        // A retry or a clash writes nothing; it is answered in order with the appends before
+        // it, so a retry whose original is still pending hears once that is published.
+        let result = match retried {
+            Ok(None) => None,
+            Ok(Some(original)) => Some(Ok(original)),
+            Err(e) => Some(Err(e)),
+        };
+        if let Some(result) = result {
+            return self.pending.push(Pending {
+                reply,
+                result,
+                entries: Vec::new(),
+            });
+        }
         let (stream_name, actual) = self.lookup(&stream);
         if !expected.is_satisfied_by(actual) {
             let result = Err(CoreError::WrongExpectedVersion {
@@ -255,14 +291,14 @@ impl Writer {
         }
         let mut frames = Vec::new();
         let mut located = Vec::with_capacity(events.len());
+        let mut ids = HashMap::with_capacity(events.len());
         for (i, event) in (1..).zip(events) {
-            let stored = event.with_position(
-                &*stream_name,
-                StoredPosition {
-                    stream_version: version + i,
-                    global_position: first_position + i - 1,
-                },
-            );
+            let position = StoredPosition {
+                stream_version: version + i,
+                global_position: first_position + i - 1,
+            };
+            ids.insert(event.id().clone(), position);
+            let stored = event.with_position(&*stream_name, position);
             let encoded = match Bincode.encode(&stored) {
                 Ok(bytes) => bytes,
                 Err(e) => {
@@ -295,7 +331,19 @@ impl Writer {
             .collect();
         self.buf.extend_from_slice(&frames);
         self.next_position += count;
-        self.pending_versions.insert(stream_name, version + count);
+        match self.pending_streams.entry(stream_name) {
+            Entry::Occupied(mut pending) => {
+                let pending = pending.get_mut();
+                pending.version = version + count;
+                pending.ids.extend(ids);
+            }
+            Entry::Vacant(slot) => {
+                slot.insert(PendingStream {
+                    version: version + count,
+                    ids,
+                });
+            }
+        }
         self.pending.push(Pending {
             reply,
             result: Ok(AppendResult {
@@ -309,8 +357,8 @@ impl Writer {
 
     /// The stream's shared name and its version, written-but-unpublished appends included.
     fn lookup(&self, stream: &str) -> (Arc<str>, Option<u64>) {
-        if let Some((name, &version)) = self.pending_versions.get_key_value(stream) {
-            return (name.clone(), Some(version));
+        if let Some((name, pending)) = self.pending_streams.get_key_value(stream) {
+            return (name.clone(), Some(pending.version));
         }
         let index = self.shared.index();
         match index.stream_name(stream) {
@@ -400,7 +448,7 @@ impl Writer {
             }
             index.head()
         };
-        self.pending_versions.clear();
+        self.pending_streams.clear();
         self.shared.head.send_replace(head);
         self.shared
             .stats
