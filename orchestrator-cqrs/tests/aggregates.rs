@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
+use orchestrator_core::testkit::store::Limited;
 use orchestrator_core::{EventStore, Jitter, RetryPolicy};
 use orchestrator_cqrs::{Aggregate, AggregateRepository, Error};
 use orchestrator_store::InMemoryEventStore;
@@ -262,60 +263,12 @@ async fn store_errors_come_through() {
     );
 }
 
-/// A store that appends but cannot check exact versions (as the RabbitMQ and Kafka stores).
-struct NoExactVersions(InMemoryEventStore);
-
-#[async_trait::async_trait]
-impl EventStore for NoExactVersions {
-    fn name(&self) -> &'static str {
-        "append-only"
-    }
-    fn capabilities(&self) -> orchestrator_core::StoreCapabilities {
-        orchestrator_core::StoreCapabilities::new(false, true, true, true)
-    }
-    async fn append(
-        &self,
-        stream: &str,
-        expected: orchestrator_core::ExpectedVersion,
-        events: Vec<orchestrator_core::EventEnvelope>,
-    ) -> orchestrator_core::Result<orchestrator_core::AppendResult> {
-        self.0.append(stream, expected, events).await
-    }
-    async fn read_stream(
-        &self,
-        stream: &str,
-        from: u64,
-        limit: usize,
-    ) -> orchestrator_core::Result<Vec<orchestrator_core::EventEnvelope>> {
-        self.0.read_stream(stream, from, limit).await
-    }
-    async fn read_all(
-        &self,
-        query: orchestrator_core::ReadAll,
-    ) -> orchestrator_core::Result<Vec<orchestrator_core::EventEnvelope>> {
-        self.0.read_all(query).await
-    }
-    async fn stream_version(&self, stream: &str) -> orchestrator_core::Result<Option<u64>> {
-        self.0.stream_version(stream).await
-    }
-    async fn head_position(&self) -> orchestrator_core::Result<u64> {
-        self.0.head_position().await
-    }
-    async fn subscribe(
-        &self,
-        from: u64,
-        filter: orchestrator_core::EventFilter,
-    ) -> orchestrator_core::Result<orchestrator_core::EventStream> {
-        self.0.subscribe(from, filter).await
-    }
-}
-
 #[test]
 fn a_store_without_exact_versions_is_refused_at_construction() {
-    let store = Arc::new(NoExactVersions(InMemoryEventStore::new()));
+    let store = Arc::new(Limited::without_exact_versions(InMemoryEventStore::new()));
     let refused = AggregateRepository::<Account>::new(store).unwrap_err();
     let message = refused.to_string();
-    assert!(message.contains("append-only"), "{message}");
+    assert!(message.contains("limited"), "{message}");
     assert!(
         message.contains("in-memory, file or Redis"),
         "names the stores that can: {message}"

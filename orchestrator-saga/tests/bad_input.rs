@@ -67,3 +67,24 @@ async fn bad_definitions_and_inputs_are_typed_errors() {
     assert!(matches!(orch.recover().await, Err(Error::Shutdown)));
     assert!(!format!("{orch:?}").is_empty());
 }
+
+/// Sagas log each transition at the version their runner last wrote; a store that cannot
+/// check versions is refused when a saga is defined, before anything runs.
+#[tokio::test]
+async fn a_store_without_exact_versions_is_refused_when_defining() {
+    use orchestrator_core::testkit::store::Limited;
+    let store = Arc::new(Limited::without_exact_versions(InMemoryEventStore::new()));
+    let orchestrator = SagaOrchestrator::new(store);
+    let definition = SagaDefinition::new("trip", vec![ok_step(&Calls::default(), "a")]).unwrap();
+    let refused = orchestrator.define(definition).unwrap_err();
+    let message = refused.to_string();
+    assert!(message.contains("in-memory, file or Redis"), "{message}");
+    assert!(matches!(
+        refused,
+        Error::Core(orchestrator_core::Error::Unsupported { .. })
+    ));
+    assert!(
+        orchestrator.list_stored().await.unwrap().is_empty(),
+        "inspection still works"
+    );
+}

@@ -74,6 +74,7 @@
 
 mod global;
 mod idempotent;
+mod limited;
 mod streams;
 mod subscribe;
 mod support;
@@ -90,6 +91,7 @@ use crate::store::EventStore;
 
 pub use global::*;
 pub use idempotent::*;
+pub use limited::Limited;
 pub use streams::*;
 pub use subscribe::*;
 
