@@ -471,3 +471,58 @@ async fn the_in_process_checkpoint_waits_for_handlers() {
     .expect("checkpointed once the handlers finished");
     orchestrator.shutdown(Duration::from_secs(5)).await;
 }
+
+/// A client that sends a command again with the same id (after a timeout, say) gets the
+/// events of the first run back instead of a second copy: their ids derive from the
+/// command's, and the store's appends are idempotent.
+#[tokio::test]
+async fn a_retried_command_writes_its_events_once() {
+    use orchestrator::cqrs::CommandRequest;
+    let orchestrator = EventOrchestrator::new();
+    let publisher = orchestrator.clone();
+    orchestrator
+        .register_command_handler("ship", move |order: serde_json::Value| {
+            let publisher = publisher.clone();
+            async move {
+                publisher
+                    .publish_event("order.packed", order.clone())
+                    .await
+                    .map_err(|e| HandlerError::permanent(e.to_string()))?;
+                let id = publisher
+                    .publish_event("order.shipped", order)
+                    .await
+                    .map_err(|e| HandlerError::permanent(e.to_string()))?;
+                Ok::<_, HandlerError>(json!({ "shipped": id.to_string() }))
+            }
+        })
+        .unwrap();
+    let send = || {
+        orchestrator.send_command_with(
+            CommandRequest::new("ship", json!({ "order": "o-1" })).with_id("cmd-42"),
+        )
+    };
+    let first = send().await.unwrap();
+    let again = send().await.unwrap();
+    assert_eq!(first.value["shipped"], "cmd-42/2");
+    assert_eq!(again.value, first.value);
+    assert_eq!(again.position, first.position, "the original positions");
+    let stored = orchestrator
+        .store()
+        .read_all(ReadAll::from(1, 100))
+        .await
+        .unwrap();
+    let ids: Vec<String> = stored.iter().map(|e| e.id().to_string()).collect();
+    assert_eq!(ids, ["cmd-42/1", "cmd-42/2"], "written once");
+
+    // Without an id, each send is a new command.
+    orchestrator
+        .send_command("ship", json!({ "order": "o-2" }))
+        .await
+        .unwrap();
+    orchestrator
+        .send_command("ship", json!({ "order": "o-2" }))
+        .await
+        .unwrap();
+    assert_eq!(orchestrator.store().head_position().await.unwrap(), 6);
+    orchestrator.shutdown(Duration::from_secs(5)).await;
+}

@@ -51,6 +51,8 @@ tokio::task_local! {
 struct Scope {
     info: CommandInfo,
     position: Cell<Option<u64>>,
+    /// Event ids handed out by [`next_event_id`] so far.
+    emitted: Cell<u64>,
 }
 
 /// The command whose handler is running.
@@ -90,6 +92,25 @@ pub fn current_command() -> Option<CommandInfo> {
     SCOPE.try_with(|scope| scope.info.clone()).ok()
 }
 
+/// The id for the next event the running command emits, derived from the command's id:
+/// `<command id>/<n>` for its `n`-th event (1, 2, …). `None` outside a command handler, or
+/// for a command without an id.
+///
+/// A command sent again with the same id (a client's retry after a timeout) whose handler
+/// emits the same events in the same order gets the same ids, so a store with idempotent
+/// appends writes them once ([`StoreCapabilities::idempotent_append`](orchestrator_core::StoreCapabilities)).
+pub fn next_event_id() -> Option<String> {
+    SCOPE
+        .try_with(|scope| {
+            let id = scope.info.id.as_ref()?;
+            let n = scope.emitted.get() + 1;
+            scope.emitted.set(n);
+            Some(format!("{id}/{n}"))
+        })
+        .ok()
+        .flatten()
+}
+
 /// Records that the running command wrote up to global `position`; the command's outcome
 /// reports the highest position recorded. Outside a command handler it does nothing.
 pub fn record_position(position: u64) {
@@ -106,6 +127,7 @@ pub(crate) async fn scoped<F: Future>(info: CommandInfo, handler: F) -> (F::Outp
     let scope = Scope {
         info,
         position: Cell::new(None),
+        emitted: Cell::new(0),
     };
     let (output, position) = SCOPE
         .scope(scope, async move {

@@ -82,7 +82,9 @@ pub use command::{
     AuthorizationMiddleware, Authorizer, Command, CommandBus, CommandBusBuilder, CommandMiddleware,
     CommandOutcome, CommandRequest, IdempotencyMiddleware, LoggingMiddleware, Next,
 };
-pub use context::{CommandInfo, PositionTrackingStore, current_command, record_position};
+pub use context::{
+    CommandInfo, PositionTrackingStore, current_command, next_event_id, record_position,
+};
 pub use error::{Error, HandlerKind, Result};
 pub use query::{Query, QueryBus, QueryBusBuilder, QueryCacheConfig, QueryOptions, QueryRequest};
 pub use read_model::{

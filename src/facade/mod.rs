@@ -158,14 +158,20 @@ impl EventOrchestrator {
     /// Publishes an event of `event_type` with a JSON payload; returns its id.
     ///
     /// The event is appended to the event store (to the stream named after its event
-    /// type), then published to subscribers.
+    /// type); the outbox relay then publishes it to subscribers. Published from the handler
+    /// of a command that has an id, its id is derived from the command's
+    /// ([`next_event_id`](orchestrator_cqrs::next_event_id)), so a command retried with the
+    /// same id writes its events once on a store with idempotent appends.
     pub async fn publish_event(&self, event_type: &str, data: Value) -> Result<EventId> {
-        self.publish(EventEnvelope::new(event_type, &data)?).await
+        self.publish(with_command_id(EventEnvelope::new(event_type, &data)?))
+            .await
     }
 
-    /// Publishes a typed event; returns its id.
+    /// Publishes a typed event; returns its id. Ids are derived from the command's as for
+    /// [`publish_event`](Self::publish_event).
     pub async fn publish_typed<E: Event>(&self, event: &E) -> Result<EventId> {
-        self.publish(EventEnvelope::from_event(event)?).await
+        self.publish(with_command_id(EventEnvelope::from_event(event)?))
+            .await
     }
 
     /// Publishes a prepared envelope; returns its id once the event is stored.
@@ -303,5 +309,15 @@ impl EventOrchestrator {
         self.sagas.shutdown();
         self.queries.shutdown().await;
         report
+    }
+}
+
+/// `event` with the id the running command derives for its next event, if any (an
+/// envelope the caller built keeps its own id: see [`EventOrchestrator::publish`]).
+fn with_command_id(event: EventEnvelope) -> EventEnvelope {
+    // A command id is non-empty, so its derived id always parses.
+    match orchestrator_cqrs::next_event_id().map(EventId::parse) {
+        Some(Ok(id)) => event.with_id(id),
+        _ => event,
     }
 }
