@@ -5,6 +5,12 @@
 //! yet is kept in a bounded buffer, so a reply that overtakes the saga (it arrives between
 //! the step that sent the request and the wait that expects the answer) is not lost: the
 //! next wait to register for it takes it from there.
+//!
+//! An event that arrives from a transport ([`EventListener`]) is acknowledged only once it
+//! is safe: every saga it woke has logged what it did with it (the wait's step completed or
+//! failed), or it was dropped on purpose (the buffer overflowed). Until then the delivery is
+//! held; a saga that stops before logging (aborted, its store unreachable) hands it back to
+//! the transport, which delivers it again — so a crash between receipt and log loses nothing.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Mutex, MutexGuard, PoisonError};
@@ -36,11 +42,50 @@ pub enum EventRouting {
 
 type Key = (String, String);
 
+/// What became of an event handed to a wait (or to the buffer).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Settled {
+    /// The saga logged what the event did to it: the delivery may be acknowledged.
+    Logged,
+    /// It was dropped on purpose (the buffer overflowed): acknowledge it too.
+    Dropped,
+}
+
+/// An event on its way to a wait, with the channel on which the wait says it was logged
+/// (`None`: nobody waits for the answer, as for [`EventRouter::deliver`]).
+#[derive(Debug)]
+pub(crate) struct Handoff {
+    pub(crate) event: EventEnvelope,
+    settle: Option<oneshot::Sender<Settled>>,
+}
+
+impl Handoff {
+    fn new(event: EventEnvelope) -> (Self, oneshot::Receiver<Settled>) {
+        let (tx, rx) = oneshot::channel();
+        (
+            Self {
+                event,
+                settle: Some(tx),
+            },
+            rx,
+        )
+    }
+
+    /// Says how the event was settled. Dropping a handoff unsettled (the saga stopped before
+    /// it logged) tells the listener to hand the delivery back.
+    pub(crate) fn settle(mut self, how: Settled) -> EventEnvelope {
+        if let Some(settle) = self.settle.take() {
+            let _ = settle.send(how);
+        }
+        self.event
+    }
+}
+
 #[derive(Debug, Default)]
 struct State {
-    waiters: HashMap<Key, Vec<(u64, oneshot::Sender<EventEnvelope>)>>,
+    waiters: HashMap<Key, Vec<(u64, oneshot::Sender<Handoff>)>>,
     next_waiter: u64,
-    buffer: VecDeque<EventEnvelope>,
+    buffer: VecDeque<Handoff>,
 }
 
 /// Routes delivered events to registered waits.
@@ -55,13 +100,13 @@ pub(crate) struct Waiter<'a> {
     router: &'a EventRouter,
     key: Key,
     id: u64,
-    pub(crate) receiver: oneshot::Receiver<EventEnvelope>,
+    pub(crate) receiver: oneshot::Receiver<Handoff>,
 }
 
 /// What registering a wait found.
 pub(crate) enum Registration<'a> {
     /// A buffered event already matched.
-    Ready(Box<EventEnvelope>),
+    Ready(Box<Handoff>),
     /// The wait is registered.
     Waiting(Waiter<'a>),
 }
@@ -84,8 +129,8 @@ impl EventRouter {
     /// Registers a wait for `event_type` with `correlation_id`.
     pub(crate) fn register(&self, event_type: &str, correlation_id: &str) -> Registration<'_> {
         let mut state = self.state();
-        let buffered = state.buffer.iter().position(|e| {
-            e.event_type() == event_type && e.correlation_id() == Some(correlation_id)
+        let buffered = state.buffer.iter().position(|h| {
+            h.event.event_type() == event_type && h.event.correlation_id() == Some(correlation_id)
         });
         if let Some(event) = buffered.and_then(|i| state.buffer.remove(i)) {
             return Registration::Ready(Box::new(event));
@@ -107,35 +152,53 @@ impl EventRouter {
         })
     }
 
-    /// Hands `event` to every wait registered for it, or buffers it.
+    /// Hands `event` to every wait registered for it, or buffers it, without waiting to
+    /// hear that it was logged.
     pub(crate) fn deliver(&self, event: EventEnvelope) -> EventRouting {
+        self.route(event).0
+    }
+
+    /// Hands `event` to every wait registered for it, or buffers it; the receivers say when
+    /// each wait (or the buffer) settled it. None for an event no wait can take.
+    pub(crate) fn route(
+        &self,
+        event: EventEnvelope,
+    ) -> (EventRouting, Vec<oneshot::Receiver<Settled>>) {
         let Some(correlation_id) = event.correlation_id() else {
             tracing::warn!(event_id = %event.id(), event_type = event.event_type(), "event without correlation id cannot reach a saga");
-            return EventRouting::NoCorrelationId;
+            return (EventRouting::NoCorrelationId, Vec::new());
         };
         let key = (event.event_type().to_owned(), correlation_id.to_owned());
         let mut state = self.state();
-        let waits = state
-            .waiters
-            .remove(&key)
-            .unwrap_or_default()
-            .into_iter()
-            .filter_map(|(_, sender)| sender.send(event.clone()).ok())
-            .count();
-        if waits > 0 {
-            return EventRouting::Delivered { waits };
+        let mut settled = Vec::new();
+        for (_, sender) in state.waiters.remove(&key).unwrap_or_default() {
+            let (handoff, receiver) = Handoff::new(event.clone());
+            // A wait that went away meanwhile gets nothing, and owes nothing.
+            if sender.send(handoff).is_ok() {
+                settled.push(receiver);
+            }
+        }
+        if !settled.is_empty() {
+            return (
+                EventRouting::Delivered {
+                    waits: settled.len(),
+                },
+                settled,
+            );
         }
         if self.capacity == 0 {
             tracing::warn!(event_id = %event.id(), event_type = event.event_type(), correlation_id, "no saga waits for this event; dropped (event buffer disabled)");
-            return EventRouting::Unmatched;
+            return (EventRouting::Unmatched, Vec::new());
         }
-        state.buffer.push_back(event);
+        let (handoff, receiver) = Handoff::new(event);
+        state.buffer.push_back(handoff);
         while state.buffer.len() > self.capacity {
             if let Some(old) = state.buffer.pop_front() {
-                tracing::warn!(event_id = %old.id(), event_type = old.event_type(), "saga event buffer full; dropped the oldest unmatched event");
+                tracing::warn!(event_id = %old.event.id(), event_type = old.event.event_type(), "saga event buffer full; dropped the oldest unmatched event");
+                old.settle(Settled::Dropped);
             }
         }
-        EventRouting::Buffered
+        (EventRouting::Buffered, vec![receiver])
     }
 
     /// How many unmatched events are buffered.
@@ -156,6 +219,9 @@ impl Drop for Waiter<'_> {
     }
 }
 
+/// How long an event a saga could not log waits before the transport delivers it again.
+pub(crate) const RETURN_DELAY: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// A running transport subscription feeding events to the orchestrator's waits; see
 /// [`SagaOrchestrator::listen`](crate::SagaOrchestrator::listen). Dropping it stops the
 /// subscription.
@@ -165,16 +231,43 @@ pub struct EventListener {
 }
 
 impl EventListener {
+    /// Routes each delivery with `route` and settles it in the background once every wait
+    /// it reached logged it: acknowledged then (or when it was dropped on purpose, or no wait
+    /// can take it), handed back to the transport — delivered again after
+    /// [`RETURN_DELAY`] — when a saga stopped before logging it.
     pub(crate) fn spawn(
         mut deliveries: Box<dyn DeliveryStream>,
-        route: impl Fn(EventEnvelope) -> EventRouting + Send + 'static,
+        route: impl Fn(EventEnvelope) -> (EventRouting, Vec<oneshot::Receiver<Settled>>)
+        + Send
+        + 'static,
     ) -> Self {
         let task = tokio::spawn(async move {
             let result = async move {
                 while let Some(delivery) = deliveries.next().await? {
-                    let routing = route(delivery.event().clone());
+                    let (routing, settled) = route(delivery.event().clone());
                     tracing::debug!(event_id = %delivery.event().id(), ?routing, "event routed to sagas");
-                    delivery.ack().await?;
+                    if settled.is_empty() {
+                        delivery.ack().await?;
+                        continue;
+                    }
+                    tokio::spawn(async move {
+                        let logged = futures::future::join_all(settled)
+                            .await
+                            .into_iter()
+                            .all(|s| s.is_ok());
+                        let event_id = delivery.event().id().clone();
+                        let outcome = if logged {
+                            delivery.ack().await
+                        } else {
+                            tracing::warn!(%event_id, "a saga stopped before logging the event it waited for; it goes back to the transport");
+                            delivery
+                                .nack(RETURN_DELAY, "a saga stopped before logging it")
+                                .await
+                        };
+                        if let Err(e) = outcome {
+                            tracing::warn!(%event_id, error = %e, "settling a saga event failed; the transport will deliver it again");
+                        }
+                    });
                 }
                 Ok(())
             }
@@ -261,6 +354,40 @@ mod tests {
             router.deliver(event("x.y", Some("z")));
         }
         assert_eq!(router.buffered(), 2, "the buffer is bounded");
+    }
+
+    #[test]
+    fn routed_events_report_how_they_were_settled() {
+        let router = EventRouter::new(1);
+        let Registration::Waiting(mut waiter) = router.register("a.b", "c1") else {
+            panic!("nothing is buffered yet");
+        };
+        let (routing, mut settled) = router.route(event("a.b", Some("c1")));
+        assert_eq!(routing, EventRouting::Delivered { waits: 1 });
+        let handoff = waiter.receiver.try_recv().unwrap();
+        assert!(
+            settled[0].try_recv().is_err(),
+            "not settled before the saga logs it"
+        );
+        handoff.settle(Settled::Logged);
+        assert_eq!(settled[0].try_recv(), Ok(Settled::Logged));
+
+        // A wait that stops before logging: the listener hears the sender go.
+        let Registration::Waiting(mut waiter) = router.register("a.b", "c2") else {
+            panic!("nothing is buffered yet");
+        };
+        let (_, mut settled) = router.route(event("a.b", Some("c2")));
+        drop(waiter.receiver.try_recv().unwrap());
+        assert!(matches!(
+            settled[0].try_recv(),
+            Err(oneshot::error::TryRecvError::Closed)
+        ));
+
+        // Buffered, then pushed out of the (one-event) buffer: dropped on purpose.
+        let (routing, mut first) = router.route(event("x.y", Some("z")));
+        assert_eq!(routing, EventRouting::Buffered);
+        let (_, _second) = router.route(event("x.y", Some("z")));
+        assert_eq!(first[0].try_recv(), Ok(Settled::Dropped));
     }
 
     #[test]

@@ -352,3 +352,50 @@ async fn sagas_are_queryable_by_id_and_status_and_from_the_store() {
     );
     orch.shutdown();
 }
+
+/// The awaited event is acknowledged only once the saga logged it: a process that dies
+/// between receiving and logging leaves it with the transport, which delivers it again to
+/// the process that recovers the saga.
+#[tokio::test]
+async fn an_event_received_but_not_logged_is_delivered_again_after_a_crash() {
+    let store = InMemoryEventStore::new();
+    let calls = Calls::default();
+    // Appends: started, request_payment completed, wait started; the fourth (the wait's
+    // completion) never happens: the process "dies" there.
+    let crashing = CrashingStore::new(store.clone(), CrashPoint::Before(4));
+    let first = SagaOrchestrator::new(crashing.clone());
+    first.define(payment_flow(&calls)).unwrap();
+    let transport = InProcessTransport::new();
+    let group = || SubscribeOptions::new("sagas", "payment.*").unwrap();
+    let first_listener = first.listen(&transport, group()).await.unwrap();
+    let saga = first
+        .start("checkout", json!({"order_id": "o-7"}))
+        .await
+        .unwrap();
+    until("the wait started", || {
+        !saga.snapshot().waiting_for.is_empty()
+    })
+    .await;
+    transport
+        .publish("payment.confirmed", confirmation("o-7"))
+        .await
+        .unwrap();
+    crashing.crashed().await;
+    assert!(
+        !transport.is_idle(),
+        "received but not logged: the delivery is not acknowledged"
+    );
+    first.shutdown();
+    first_listener.stop();
+
+    let second = SagaOrchestrator::new(Arc::new(store));
+    second.define(payment_flow(&calls)).unwrap();
+    let second_listener = second.listen(&transport, group()).await.unwrap();
+    let resumed = second.recover().await.unwrap().resumed.remove(0);
+    assert_eq!(resumed.id(), saga.id());
+    let outcome = within(resumed.outcome()).await.unwrap();
+    assert_eq!(outcome.status, SagaStatus::Completed, "the event came back");
+    assert_eq!(calls.list(), ["do:request_payment", "do:ship"]);
+    until("the delivery is acknowledged", || transport.is_idle()).await;
+    second_listener.stop();
+}

@@ -22,7 +22,7 @@ use tracing::Instrument;
 
 use crate::definition::SagaDefinition;
 use crate::error::{Error, Result};
-use crate::events::Registration;
+use crate::events::{Handoff, Registration, Settled};
 use crate::flow::{Branch, Flow, Node, WaitForEvent};
 use crate::instance::Instance;
 use crate::log::{LogWriter, Record};
@@ -430,8 +430,8 @@ impl Runner {
         self.mark_running(name);
         let received = self.receive(&started).await;
         self.unmark_running(name);
-        let event = match received {
-            Some(Some(event)) => event,
+        let handoff = match received {
+            Some(Some(handoff)) => handoff,
             Some(None) => {
                 return self
                     .fail(StepFailure {
@@ -447,7 +447,10 @@ impl Runner {
             }
             None => return Err(Halt::Aborted),
         };
-        match event.data::<Value>() {
+        // The delivery is acknowledged once what the event did is logged; if this saga stops
+        // before (a `?` below), the handoff is dropped and the transport delivers it again.
+        let (data, event_id) = (handoff.event.data::<Value>(), handoff.event.id().clone());
+        match data {
             Ok(data) => {
                 self.record(Record::StepCompleted {
                     step: name.to_owned(),
@@ -455,23 +458,27 @@ impl Runner {
                     output: normalize_output(name, data),
                 })
                 .await?;
+                handoff.settle(Settled::Logged);
                 Ok(())
             }
             Err(e) => {
-                self.fail(StepFailure {
-                    step: name.to_owned(),
-                    attempts: 1,
-                    error: format!("the awaited event {} has no JSON data: {e}", event.id()),
-                    timed_out: false,
-                })
-                .await
+                let failed = self
+                    .fail(StepFailure {
+                        step: name.to_owned(),
+                        attempts: 1,
+                        error: format!("the awaited event {event_id} has no JSON data: {e}"),
+                        timed_out: false,
+                    })
+                    .await;
+                handoff.settle(Settled::Logged);
+                failed
             }
         }
     }
 
     /// Waits for the event: `Some(Some(event))`, `Some(None)` on timeout, `None` when the
     /// saga aborted meanwhile.
-    async fn receive(&self, wait: &EventWait) -> Option<Option<orchestrator_core::EventEnvelope>> {
+    async fn receive(&self, wait: &EventWait) -> Option<Option<Handoff>> {
         let mut waiter = match self
             .shared
             .router

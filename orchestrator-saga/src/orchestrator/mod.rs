@@ -364,10 +364,12 @@ impl SagaOrchestrator {
         self.shared.router.buffered()
     }
 
-    /// Subscribes to `transport` and delivers every event received to the waiting sagas,
-    /// acknowledging each once routed. Events reach the saga in memory: a wait that starts
-    /// after a restart gets events delivered after the restart (or redelivered by the
-    /// transport), not those routed before it.
+    /// Subscribes to `transport` and delivers every event received to the waiting sagas.
+    /// Each delivery is acknowledged only once every saga it reached has logged what it did
+    /// with it (or it was dropped from the full buffer, or no wait can take it): a saga that
+    /// stops first — a crash, a store that cannot be written — hands it back to the
+    /// transport, which delivers it again, so the saga finds it when it is recovered.
+    /// Unmatched events wait in the buffer unacknowledged until a wait takes them.
     pub async fn listen(
         &self,
         transport: &dyn Transport,
@@ -376,7 +378,7 @@ impl SagaOrchestrator {
         let deliveries = transport.subscribe(options).await?;
         let shared = self.shared.clone();
         Ok(EventListener::spawn(deliveries, move |event| {
-            shared.router.deliver(event)
+            shared.router.route(event)
         }))
     }
 
