@@ -14,12 +14,13 @@
 //!   bookkeeping: system streams (`$…`: checkpoints) and saga logs (`saga-…`). So events that
 //!   aggregates append straight to the store are delivered too.
 //! - **One relay per store.** Processes sharing a store elect one relay through the store's
-//!   [`Lease`](orchestrator_core::Lease) ([`EventStore::lease`]): a local lease on the
-//!   in-memory store and on the file store (one process at a time opens its directory), a
-//!   Redis key with a 5 s time to live on the Redis store. A standby keeps trying and takes
-//!   over when the holder stops renewing. The Kafka and RabbitMQ stores have no lease yet:
-//!   on them every process relays, so run one relaying process per store and build the
-//!   others with [`RelayOptions::disabled`].
+//!   [`Lease`] ([`EventStore::lease`]): a local lease on the in-memory store and on the file
+//!   store (one process at a time opens its directory), a Redis key with a 5 s time to live
+//!   on the Redis store, an exclusive queue (held by its connection) on the RabbitMQ store.
+//!   A standby keeps trying and takes over when the holder stops renewing. The Kafka store
+//!   has no lease yet: on it every process relays (each event is then published once per
+//!   process), so run one relaying process per Kafka store and build the others with
+//!   [`RelayOptions::disabled`].
 //! - **Checkpoint.** Kept in the store itself, in the system stream
 //!   `$checkpoint-relay.<name>`, every [`RelayOptions::checkpoint_every`] published events or
 //!   [`RelayOptions::checkpoint_interval`] after the last one, whichever comes first, and

@@ -228,3 +228,39 @@ async fn a_second_instance_reads_the_same_versions_and_positions() {
     first.close().await;
     second.close().await;
 }
+
+/// Processes sharing a RabbitMQ store elect one holder of a lease through an exclusive
+/// queue: a second candidate stands by until the holder lets go.
+#[tokio::test]
+async fn the_store_lease_has_one_holder_at_a_time() {
+    let config = config("lease");
+    let Some(store) = connect(config.clone()).await else {
+        return;
+    };
+    let first = store
+        .lease("relay.default")
+        .expect("the RabbitMQ store has a lease");
+    let second = store.lease("relay.default").unwrap();
+    assert!(
+        first.describe().contains(".lease.relay.default"),
+        "{}",
+        first.describe()
+    );
+    assert!(first.try_acquire().await.unwrap(), "free: taken");
+    assert!(first.try_acquire().await.unwrap(), "kept by its holder");
+    assert!(!second.try_acquire().await.unwrap(), "held by the first");
+    assert!(!second.try_acquire().await.unwrap(), "still held");
+    let other = store.lease("relay.other").unwrap();
+    assert!(
+        other.try_acquire().await.unwrap(),
+        "another name is another lease"
+    );
+    first.release().await.unwrap();
+    assert!(
+        second.try_acquire().await.unwrap(),
+        "released: the standby takes it"
+    );
+    second.release().await.unwrap();
+    other.release().await.unwrap();
+    store.delete_log().await.unwrap();
+}

@@ -164,6 +164,7 @@ mod config;
 mod connection;
 mod consumer;
 mod dlq;
+mod lease;
 mod log;
 mod store;
 mod transport;
@@ -173,5 +174,6 @@ pub use config::{
     DEFAULT_EXCHANGE, DEFAULT_QUEUE_PREFIX, DEFAULT_STREAM, RabbitMqConfig, RabbitMqStoreConfig,
 };
 pub use dlq::{RabbitMqDeadLetterQueue, UNDECODABLE_EVENT_TYPE};
+pub use lease::RabbitMqLease;
 pub use store::{RABBITMQ_STORE_CAPABILITIES, RabbitMqEventStore};
 pub use transport::RabbitMqTransport;

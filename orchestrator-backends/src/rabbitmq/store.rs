@@ -341,6 +341,18 @@ impl EventStore for RabbitMqEventStore {
         });
         Ok(stream.boxed())
     }
+
+    /// A [`RabbitMqLease`](super::RabbitMqLease): the exclusive queue
+    /// `<stream>.lease.<name>`, held by a connection of its own.
+    fn lease(&self, name: &str) -> Option<Arc<dyn orchestrator_core::Lease>> {
+        let config = &self.inner.log.config;
+        Some(Arc::new(super::RabbitMqLease::new(
+            config.url(),
+            config.connection_name(),
+            format!("{}.lease.{name}", config.stream()),
+            config.backoff(),
+        )))
+    }
 }
 
 /// Feeds one subscription: reads the log from `next` on, one consumer from catch-up to live
