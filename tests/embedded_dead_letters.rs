@@ -110,7 +110,7 @@ async fn dead_letters_survive_a_restart_and_are_reprocessed_there() {
     assert_eq!(dead.queue().name(), "file");
     assert_eq!(
         dead.list(&DeadLetterQuery::default()).await.unwrap(),
-        [letter.clone()]
+        std::slice::from_ref(&letter)
     );
     let mut rx = subscribe_working(&orchestrator).await;
     dead.reprocess(&letter.id).await.unwrap();

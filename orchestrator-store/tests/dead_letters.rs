@@ -326,3 +326,39 @@ fn the_store_keeps_dead_letters_in_a_subdirectory() {
         Path::new("/var/lib/app/dead-letters")
     );
 }
+
+#[tokio::test]
+async fn an_attached_queue_removes_without_cleaning_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let app = FileDeadLetterQueue::open(d).unwrap();
+    let (a, b) = (letter("a.x", "s", 0), letter("a.x", "s", 1));
+    app.push(a.clone()).await.unwrap();
+    app.push(b.clone()).await.unwrap();
+    // A letter the application is writing at this moment.
+    let writing = d.join(".00000000000000000003-x.json.tmp");
+    std::fs::write(&writing, b"{").unwrap();
+
+    let tool = FileDeadLetterQueue::attach(d);
+    assert!(writing.exists(), "attaching deletes nothing");
+    assert_eq!(tool.remove(&a.id).await.unwrap(), Some(a.clone()));
+    assert_eq!(
+        app.list(&all()).await.unwrap(),
+        [b.clone()],
+        "the app sees it gone"
+    );
+    // Both removing the same letter: one gets it.
+    let (one, other) = tokio::join!(tool.remove(&b.id), app.remove(&b.id));
+    assert_eq!(
+        [one.unwrap(), other.unwrap()].into_iter().flatten().count(),
+        1
+    );
+    // The application's next letter comes after everything, whoever removed what.
+    let c = letter("a.x", "s", 2);
+    app.push(c.clone()).await.unwrap();
+    assert_eq!(tool.list(&all()).await.unwrap(), [c]);
+
+    let missing = FileDeadLetterQueue::attach(d.join("none"));
+    assert_eq!(missing.remove("x").await.unwrap(), None);
+    assert!(!d.join("none").exists());
+}

@@ -19,7 +19,8 @@
 //! temporary file is ignored by every read and deleted by the next [`open`]. Removing a letter
 //! is one `unlink` followed by a directory sync. This was chosen over an append-only log
 //! with tombstones because it needs no compaction, no recovery scan of a log, and lets the
-//! CLI list and discard letters (see [`open_read_only`]) while the application is running:
+//! CLI list and discard letters (see [`open_read_only`] and [`attach`]) while the application
+//! is running:
 //! every operation reads the directory afresh, and readers never see a half-written file.
 //!
 //! Parking a letter whose id is already parked writes the new letter first and then deletes
@@ -41,6 +42,7 @@
 //!
 //! [`open`]: FileDeadLetterQueue::open
 //! [`open_read_only`]: FileDeadLetterQueue::open_read_only
+//! [`attach`]: FileDeadLetterQueue::attach
 //!
 //! ```
 //! use orchestrator_core::{DeadLetter, DeadLetterQuery, DeadLetterQueue, EventEnvelope};
@@ -160,6 +162,15 @@ impl FileDeadLetterQueue {
     /// running application's letters.
     pub fn open_read_only(dir: impl AsRef<Path>) -> Self {
         Self::new(dir.as_ref().to_owned(), true, 1)
+    }
+
+    /// Opens the queue in `dir` that a running application parks letters in, to look at
+    /// and remove them from another process (the CLI's `dlq discard`): nothing is created,
+    /// and nothing left by a crash is cleaned up — a temporary file may be a letter the
+    /// application is writing right now. A missing directory is an empty queue.
+    /// [`push`](DeadLetterQueue::push) works too, after every letter there is.
+    pub fn attach(dir: impl AsRef<Path>) -> Self {
+        Self::new(dir.as_ref().to_owned(), false, 1)
     }
 
     fn new(dir: PathBuf, read_only: bool, next_seq: u64) -> Self {
