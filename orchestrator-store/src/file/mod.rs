@@ -52,7 +52,7 @@
 //! # }
 //! ```
 
-mod dead_letters;
+pub mod dead_letters;
 mod format;
 mod index;
 mod read;
