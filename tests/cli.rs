@@ -313,3 +313,107 @@ async fn sagas_and_traces() {
     assert!(!nothing.status.success());
     assert!(stderr(&nothing).contains("nobody"), "{}", stderr(&nothing));
 }
+
+/// An application on the store in `dir` whose `billing` handler fails every
+/// `payment.requested`; returns it (still running) once `orders` are dead-lettered.
+async fn park_dead_letters(dir: &Path, orders: &[&str]) -> EventOrchestrator {
+    let orchestrator = EventOrchestrator::builder()
+        .store_url(format!("file://{}", dir.display()))
+        .build()
+        .await
+        .unwrap();
+    orchestrator
+        .subscribe_with(
+            SubscriptionConfig::new("payment.requested").named("billing"),
+            |_event: EventEnvelope| async {
+                Err::<(), _>(HandlerError::permanent("ledger rejected it"))
+            },
+        )
+        .await
+        .unwrap();
+    for order in orders {
+        orchestrator
+            .publish_event("payment.requested", json!({ "order_id": order }))
+            .await
+            .unwrap();
+    }
+    let dead = orchestrator.dead_letters();
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while dead.count().await.unwrap() < orders.len() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .unwrap();
+    orchestrator
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn embedded_dead_letters_are_listed_shown_and_discarded_beside_a_running_app() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let app = park_dead_letters(d, &["o-1", "o-2"]).await;
+
+    // Listed and shown from DIR/dead-letters while the application runs.
+    let listed = json_out(&cli(d, &["--json", "dlq", "list"]));
+    let listed = listed.as_array().unwrap();
+    assert_eq!(listed.len(), 2, "{listed:?}");
+    assert_eq!(listed[0]["subscription"], "billing");
+    assert_eq!(
+        listed[0]["event"]["data"]["order_id"], "o-1",
+        "oldest first"
+    );
+    let id = listed[0]["id"].as_str().unwrap().to_owned();
+    let text = stdout(&cli(d, &["dlq", "list", "--subscription", "billing"]));
+    assert_eq!(text.lines().count(), 2, "{text}");
+    assert!(text.contains("reason=ledger rejected it"), "{text}");
+    let shown = stdout(&cli(d, &["dlq", "show", &id]));
+    assert!(
+        shown.contains("reason        ledger rejected it"),
+        "{shown}"
+    );
+    assert!(shown.contains(r#""order_id":"o-1""#), "{shown}");
+
+    // Reprocessing is refused with what to do instead, and the letter is kept.
+    let refused = cli(d, &["dlq", "reprocess", &id]);
+    assert!(!refused.status.success());
+    let message = stderr(&refused);
+    assert!(message.contains("cannot reprocess"), "{message}");
+    assert!(message.contains("dead_letters().reprocess"), "{message}");
+    assert!(message.contains("dlq discard"), "{message}");
+    assert_eq!(app.dead_letters().count().await.unwrap(), 2);
+    let missing = cli(d, &["dlq", "reprocess", "nope"]);
+    assert!(
+        stderr(&missing).contains("not found"),
+        "{}",
+        stderr(&missing)
+    );
+
+    // Discarded for good: the running application sees it gone, and so does a restart.
+    assert_eq!(
+        stdout(&cli(d, &["dlq", "discard", &id])).trim(),
+        format!("discarded {id}")
+    );
+    assert_eq!(app.dead_letters().count().await.unwrap(), 1);
+    let again = cli(d, &["dlq", "discard", &id]);
+    assert!(!again.status.success());
+    assert!(stderr(&again).contains("not found"), "{}", stderr(&again));
+    app.shutdown(Duration::from_secs(5)).await;
+    drop(app);
+    let app = EventOrchestrator::builder()
+        .store_url(format!("file://{}", d.display()))
+        .build()
+        .await
+        .unwrap();
+    let left = app
+        .dead_letters()
+        .list(&DeadLetterQuery::default())
+        .await
+        .unwrap();
+    assert_eq!(left.len(), 1);
+    assert_ne!(left[0].id, id);
+    assert_eq!(
+        json_out(&cli(d, &["--json", "dlq", "list"]))[0]["id"],
+        left[0].id.as_str()
+    );
+}

@@ -33,6 +33,38 @@ pub enum Error {
         reason: String,
     },
 
+    /// A file in a [`FileDeadLetterQueue`](crate::FileDeadLetterQueue)'s directory is named
+    /// like a letter (`*.json`) but is not one: its name is not `<seq>-<id>.json`, its
+    /// content is not a dead letter's JSON, or the id inside is not the one in its name. A
+    /// crash cannot leave such a file (letters are renamed into place whole), so it was put
+    /// there or damaged from outside.
+    ///
+    /// Look at the file; move it out of the directory (or delete it) to go on.
+    #[error(
+        "dead letter file {} is unreadable: {reason}; move it out of the directory (or delete \
+         it) to go on",
+        file.display()
+    )]
+    CorruptDeadLetter {
+        /// The file.
+        file: PathBuf,
+        /// What was wrong.
+        reason: String,
+    },
+
+    /// A dead-letter queue opened with
+    /// [`FileDeadLetterQueue::open_read_only`](crate::FileDeadLetterQueue::open_read_only)
+    /// was asked to park or remove a letter.
+    #[error(
+        "the dead-letter queue in {} was opened read-only; open it with \
+         FileDeadLetterQueue::open to park or remove letters",
+        dir.display()
+    )]
+    ReadOnly {
+        /// The queue's directory.
+        dir: PathBuf,
+    },
+
     /// The file system failed.
     #[error("{operation} {}: {source}", path.display())]
     Io {
@@ -178,7 +210,9 @@ impl From<Error> for CoreError {
                 );
                 CoreError::backend(FILE_BACKEND, temporary, error)
             }
-            Error::Corrupt { .. } => CoreError::backend(FILE_BACKEND, false, error),
+            Error::Corrupt { .. } | Error::CorruptDeadLetter { .. } | Error::ReadOnly { .. } => {
+                CoreError::backend(FILE_BACKEND, false, error)
+            }
         }
     }
 }

@@ -8,6 +8,8 @@
 //!   embedded durable [`FileEventStore`] (append-only checksummed segment files, group
 //!   commit, crash recovery) — both pass the conformance suite of
 //!   `orchestrator_core::testkit::store`, the same one every broker-backed store runs;
+//! - the [`FileDeadLetterQueue`]: dead letters kept on disk beside the embedded store, one
+//!   JSON file per letter, so that they survive a restart;
 //! - [`replay`]: stored events again, to a handler or any async sink, with progress;
 //! - [`temporal`]: a stream's or a read model's state as of a position or a time;
 //! - [`projection`]: named read models fed from the global order with a durable checkpoint
@@ -56,7 +58,7 @@ pub mod temporal;
 
 pub use error::{Error, Result};
 #[doc(inline)]
-pub use file::FileEventStore;
+pub use file::{FileDeadLetterQueue, FileEventStore};
 #[doc(inline)]
 pub use memory::InMemoryEventStore;
 #[doc(inline)]

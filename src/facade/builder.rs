@@ -1,6 +1,7 @@
 //! [`EventOrchestratorBuilder`]: transport, store, dead letters, retry defaults, clock,
 //! schemas, query cache, saga concurrency.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use orchestrator_bus::{EventBus, InProcessTransport};
@@ -9,7 +10,7 @@ use orchestrator_core::{Clock, DeadLetterQueue, EventStore, RetryPolicy, SystemC
 use orchestrator_cqrs::{CommandBus, QueryBus, QueryCacheConfig};
 use orchestrator_saga::SagaOrchestrator;
 use orchestrator_store::schema::ValidatingStore;
-use orchestrator_store::{InMemoryEventStore, SchemaRegistry};
+use orchestrator_store::{FileDeadLetterQueue, FileEventStore, InMemoryEventStore, SchemaRegistry};
 
 use super::EventOrchestrator;
 use crate::connect::{self, Backend};
@@ -27,6 +28,14 @@ enum Source<T: ?Sized> {
 /// Everything has a default: the in-process transport, the in-memory store, the default
 /// [`RetryPolicy`], the system clock, an empty schema registry, a query cache of 10,000
 /// results for 30 s, up to 1024 sagas at once.
+///
+/// **Dead letters in embedded mode.** With the embedded durable store — given by
+/// [`store_url`](Self::store_url)`("file://DIR")` or by [`file_store`](Self::file_store) —
+/// and the in-process transport, failed deliveries are parked on disk in `DIR/dead-letters`
+/// (a [`FileDeadLetterQueue`]) unless [`dead_letter_queue`](Self::dead_letter_queue) names
+/// another queue: they survive a restart, and
+/// [`EventOrchestrator::dead_letters`] lists, reprocesses and discards them in the next run.
+/// With any other store they live in memory, as long as the process.
 ///
 /// ```
 /// use std::time::Duration;
@@ -50,6 +59,8 @@ pub struct EventOrchestratorBuilder {
     transport: Option<Source<dyn Transport>>,
     store: Option<Source<dyn EventStore>>,
     dead_letters: Option<Arc<dyn DeadLetterQueue>>,
+    /// The directory of a store given with [`file_store`](Self::file_store).
+    file_store_dir: Option<PathBuf>,
     retry: RetryPolicy,
     clock: Arc<dyn Clock>,
     schemas: Option<Arc<SchemaRegistry>>,
@@ -65,6 +76,7 @@ impl Default for EventOrchestratorBuilder {
             transport: None,
             store: None,
             dead_letters: None,
+            file_store_dir: None,
             retry: RetryPolicy::default(),
             clock: Arc::new(SystemClock),
             schemas: None,
@@ -117,21 +129,39 @@ impl EventOrchestratorBuilder {
 
     /// Keeps events (and saga logs) in `store`: the embedded durable
     /// [`FileEventStore`](orchestrator_store::FileEventStore) for events that survive a
-    /// restart, or a broker-backed store.
+    /// restart, or a broker-backed store. To have dead letters kept beside a
+    /// `FileEventStore` too, give it with [`file_store`](Self::file_store) instead.
     pub fn store(mut self, store: Arc<dyn EventStore>) -> Self {
         self.store = Some(Source::Ready(store));
+        self.file_store_dir = None;
+        self
+    }
+
+    /// Keeps events (and saga logs) in the embedded durable `store`, and — with the
+    /// in-process transport and no [`dead_letter_queue`](Self::dead_letter_queue) given —
+    /// dead letters in a [`FileDeadLetterQueue`] in its directory's `dead-letters`, so they
+    /// survive a restart (see the [type docs](Self)).
+    pub fn file_store(mut self, store: FileEventStore) -> Self {
+        let dir = store.dir().to_owned();
+        self.store = Some(Source::Ready(Arc::new(store)));
+        self.file_store_dir = Some(dir);
         self
     }
 
     /// Keeps events in the store `url` names, opened by [`build`](Self::build): `memory:`,
-    /// `file://DIR`, `redis://…`, `amqp://…`, `kafka://host:port`.
+    /// `file://DIR`, `redis://…`, `amqp://…`, `kafka://host:port`. With `file://DIR` and the
+    /// in-process transport, dead letters are kept in `DIR/dead-letters` (see the
+    /// [type docs](Self)).
     pub fn store_url(mut self, url: impl Into<String>) -> Self {
         self.store = Some(Source::Url(url.into()));
+        self.file_store_dir = None;
         self
     }
 
     /// Parks failed deliveries in `queue`. Applies to the default in-process transport; a
-    /// broker transport keeps its own durable queue, and giving both is an error.
+    /// broker transport keeps its own durable queue, and giving both is an error. Without
+    /// it, the in-process transport parks them in `DIR/dead-letters` on a `file://DIR` store,
+    /// else in memory.
     pub fn dead_letter_queue(mut self, queue: Arc<dyn DeadLetterQueue>) -> Self {
         self.dead_letters = Some(queue);
         self
@@ -199,6 +229,14 @@ impl EventOrchestratorBuilder {
     /// A URL naming a backend this build does not carry is [`Error::FeatureDisabled`]; an
     /// unreachable broker is the backend's connection error.
     pub async fn build(mut self) -> Result<EventOrchestrator> {
+        let store_dir = match &self.store {
+            Some(Source::Url(url)) => match Backend::parse(url)? {
+                Backend::File(dir) => Some(dir),
+                _ => None,
+            },
+            Some(Source::Ready(_)) => self.file_store_dir.take(),
+            None => None,
+        };
         let store: Arc<dyn EventStore> = match self.store.take() {
             None => Arc::new(InMemoryEventStore::new()),
             Some(Source::Ready(store)) => store,
@@ -222,7 +260,14 @@ impl EventOrchestratorBuilder {
                 )));
             }
             Some(transport) => transport,
-            None => self.in_process_transport(),
+            None => {
+                if let Some(dir) = store_dir
+                    && self.dead_letters.is_none()
+                {
+                    self.dead_letters = Some(file_dead_letters(dir).await?);
+                }
+                self.in_process_transport()
+            }
         };
         let orchestrator = self.assemble(transport, store);
         let in_process = orchestrator
@@ -289,4 +334,20 @@ impl EventOrchestratorBuilder {
             queries: queries.build(),
         }
     }
+}
+
+/// The durable dead-letter queue beside the embedded store in `store_dir`.
+async fn file_dead_letters(store_dir: PathBuf) -> Result<Arc<dyn DeadLetterQueue>> {
+    let dir = FileDeadLetterQueue::dir_in_store(store_dir);
+    // Opening lists the directory and deletes what a crash left: blocking file I/O.
+    let queue = tokio::task::spawn_blocking(move || FileDeadLetterQueue::open(dir))
+        .await
+        .map_err(|e| {
+            orchestrator_core::Error::backend(
+                "file",
+                false,
+                format!("opening the dead-letter queue failed: {e}"),
+            )
+        })??;
+    Ok(Arc::new(queue))
 }

@@ -52,6 +52,7 @@
 //! # }
 //! ```
 
+pub mod dead_letters;
 mod format;
 mod index;
 mod read;
@@ -78,6 +79,7 @@ use tokio::sync::{oneshot, watch};
 
 use crate::error::Error;
 
+pub use dead_letters::FileDeadLetterQueue;
 pub use recovery::RecoveryReport;
 pub(crate) use segment::sync_dir;
 

@@ -1,7 +1,15 @@
 //! `dlq list|show|reprocess|discard`.
+//!
+//! Dead letters live where the transport parks them: a broker's queue, or — in embedded mode
+//! (`--store file://DIR` with the in-process transport `memory:`) — the files of
+//! `DIR/dead-letters`, which this command reads and edits directly, without opening the
+//! store, so it works while the application runs.
+
+use std::path::Path;
 
 use clap::Subcommand;
-use orchestrator::core::{DeadLetter, DeadLetterQuery};
+use orchestrator::core::{DeadLetter, DeadLetterQuery, DeadLetterQueue, Error as CoreError};
+use orchestrator::store::FileDeadLetterQueue;
 use serde_json::{Value, json};
 
 use crate::output::{event_json, payload, print_json, shorten, time};
@@ -9,7 +17,7 @@ use crate::{CliResult, Context};
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum DlqCommand {
-    /// List dead letters, oldest first.
+    /// List dead letters, oldest first (in embedded mode, those in DIR/dead-letters).
     List {
         /// Only letters of this event type.
         #[arg(long)]
@@ -28,6 +36,13 @@ pub(crate) enum DlqCommand {
     },
     /// Deliver a dead letter's event again to the subscription that failed it, and remove
     /// the letter.
+    ///
+    /// In embedded mode (--store file://DIR, --transport memory:) this refuses and keeps
+    /// the letter: the subscription lives inside the application's process, which this
+    /// command is not part of. Appending the event to the store again would not help: the
+    /// relay would publish it to every subscription of its type, not only the one that
+    /// failed, and store it twice. Reprocess from the application
+    /// (`orchestrator.dead_letters().reprocess(id)`), or discard the letter here.
     Reprocess {
         /// The dead letter's id.
         id: String,
@@ -40,10 +55,14 @@ pub(crate) enum DlqCommand {
 }
 
 pub(crate) async fn run(cx: &Context, command: DlqCommand) -> CliResult {
+    if let Some(store_dir) = cx.embedded_store_dir()? {
+        return embedded(cx, &store_dir, command).await;
+    }
     if cx.in_process_transport() && !cx.json {
         eprintln!(
             "note: dead letters live in the transport, and memory: lives only as long as this \
-             command; pass --transport redis://…, amqp://… or kafka://… to see a broker's"
+             command; pass --store file://DIR for an embedded application's, or --transport \
+             redis://…, amqp://… or kafka://… to see a broker's"
         );
     }
     let orchestrator = cx.connect(false).await?;
@@ -62,46 +81,11 @@ pub(crate) async fn run(cx: &Context, command: DlqCommand) -> CliResult {
                     limit,
                 })
                 .await?;
-            if cx.json {
-                let letters = letters
-                    .iter()
-                    .map(letter_json)
-                    .collect::<CliResult<Vec<_>>>()?;
-                return print_json(&Value::Array(letters));
-            }
-            if letters.is_empty() {
-                println!("no dead letters");
-            }
-            for letter in &letters {
-                println!(
-                    "{} {} {} attempts={} subscription={} reason={}",
-                    letter.id,
-                    time(letter.last_failure_at),
-                    letter.event.event_type(),
-                    letter.attempts,
-                    letter.subscription,
-                    shorten(&letter.reason, 120)
-                );
-            }
+            print_list(cx, &letters)?;
         }
         DlqCommand::Show { id } => {
             let letter = dead_letters.inspect(&id).await?;
-            if cx.json {
-                return print_json(&letter_json(&letter)?);
-            }
-            println!("dead letter   {}", letter.id);
-            println!("subscription  {}", letter.subscription);
-            println!("topic         {}", letter.topic);
-            println!("reason        {}", letter.reason);
-            println!("attempts      {}", letter.attempts);
-            println!("first failure {}", time(letter.first_failure_at));
-            println!("last failure  {}", time(letter.last_failure_at));
-            println!(
-                "event         {} {}",
-                letter.event.event_type(),
-                letter.event.id()
-            );
-            println!("payload       {}", payload(&letter.event));
+            print_letter(cx, &letter)?;
         }
         DlqCommand::Reprocess { id } => {
             dead_letters.reprocess(&id).await?;
@@ -112,6 +96,114 @@ pub(crate) async fn run(cx: &Context, command: DlqCommand) -> CliResult {
             report(cx, "discarded", &id)?;
         }
     }
+    Ok(())
+}
+
+/// The dead letters of an embedded application on the store in `store_dir`: the files of
+/// `store_dir/dead-letters`, read (and, to discard, edited) in place.
+async fn embedded(cx: &Context, store_dir: &Path, command: DlqCommand) -> CliResult {
+    let dir = FileDeadLetterQueue::dir_in_store(store_dir);
+    let reader = FileDeadLetterQueue::open_read_only(&dir);
+    match command {
+        DlqCommand::List {
+            event_type,
+            subscription,
+            limit,
+        } => {
+            let query = DeadLetterQuery {
+                event_type,
+                subscription,
+                offset: 0,
+                limit,
+            };
+            print_list(cx, &reader.list(&query).await?)
+        }
+        DlqCommand::Show { id } => print_letter(cx, &find(&reader, &id).await?),
+        DlqCommand::Reprocess { id } => {
+            let letter = find(&reader, &id).await?;
+            Err(refuse_reprocess(store_dir, &letter).into())
+        }
+        DlqCommand::Discard { id } => {
+            // Attached, not opened: the application may be writing a letter right now, and
+            // opening would clean up its temporary file.
+            FileDeadLetterQueue::attach(&dir)
+                .remove(&id)
+                .await?
+                .ok_or_else(|| not_found(&id))?;
+            report(cx, "discarded", &id)
+        }
+    }
+}
+
+/// Why the CLI does not reprocess an embedded application's dead letter, and what to do.
+fn refuse_reprocess(store_dir: &Path, letter: &DeadLetter) -> String {
+    format!(
+        "cannot reprocess dead letter `{id}` from here: with --store file://{dir} and the \
+         in-process transport, subscription `{sub}` lives inside the application's process, \
+         which this command is not part of (storing the event again would publish it to \
+         every subscription of `{event_type}`, not only `{sub}`). The letter is kept. \
+         Reprocess it from the application once `{sub}` is subscribed — \
+         orchestrator.dead_letters().reprocess(\"{id}\") — or drop it with \
+         `orchestrator --store file://{dir} dlq discard {id}`",
+        id = letter.id,
+        dir = store_dir.display(),
+        sub = letter.subscription,
+        event_type = letter.event.event_type(),
+    )
+}
+
+async fn find(queue: &FileDeadLetterQueue, id: &str) -> CliResult<DeadLetter> {
+    Ok(queue.get(id).await?.ok_or_else(|| not_found(id))?)
+}
+
+fn not_found(id: &str) -> CoreError {
+    CoreError::NotFound {
+        what: format!("dead letter `{id}`"),
+    }
+}
+
+fn print_list(cx: &Context, letters: &[DeadLetter]) -> CliResult {
+    if cx.json {
+        let letters = letters
+            .iter()
+            .map(letter_json)
+            .collect::<CliResult<Vec<_>>>()?;
+        return print_json(&Value::Array(letters));
+    }
+    if letters.is_empty() {
+        println!("no dead letters");
+    }
+    for letter in letters {
+        println!(
+            "{} {} {} attempts={} subscription={} reason={}",
+            letter.id,
+            time(letter.last_failure_at),
+            letter.event.event_type(),
+            letter.attempts,
+            letter.subscription,
+            shorten(&letter.reason, 120)
+        );
+    }
+    Ok(())
+}
+
+fn print_letter(cx: &Context, letter: &DeadLetter) -> CliResult {
+    if cx.json {
+        return print_json(&letter_json(letter)?);
+    }
+    println!("dead letter   {}", letter.id);
+    println!("subscription  {}", letter.subscription);
+    println!("topic         {}", letter.topic);
+    println!("reason        {}", letter.reason);
+    println!("attempts      {}", letter.attempts);
+    println!("first failure {}", time(letter.first_failure_at));
+    println!("last failure  {}", time(letter.last_failure_at));
+    println!(
+        "event         {} {}",
+        letter.event.event_type(),
+        letter.event.id()
+    );
+    println!("payload       {}", payload(&letter.event));
     Ok(())
 }
 

@@ -32,7 +32,9 @@ struct Cli {
     store: Option<String>,
 
     /// The transport, which carries published events to subscribers and keeps the
-    /// dead-letter queue: memory: (this process only), redis://…, amqp://…, kafka://host:port.
+    /// dead-letter queue: memory: (this process only; with --store file://DIR, dead letters
+    /// are the embedded application's, in DIR/dead-letters), redis://…, amqp://…,
+    /// kafka://host:port.
     #[arg(
         long,
         global = true,
@@ -125,6 +127,23 @@ impl Context {
                 self.connect_timeout
             )
             .into()),
+        }
+    }
+
+    /// The store's directory in embedded mode (`--store file://DIR` with the in-process
+    /// transport), where the application keeps its dead letters beside the store.
+    fn embedded_store_dir(&self) -> CliResult<Option<std::path::PathBuf>> {
+        if !self.in_process_transport() {
+            return Ok(None);
+        }
+        match self
+            .store
+            .as_deref()
+            .map(orchestrator::connect::Backend::parse)
+        {
+            Some(Ok(orchestrator::connect::Backend::File(dir))) => Ok(Some(dir)),
+            Some(Err(error)) => Err(error.into()),
+            _ => Ok(None),
         }
     }
 
