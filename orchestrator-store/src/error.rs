@@ -7,7 +7,7 @@
 //! as its source, so callers holding a core error can still
 //! [`downcast`](std::error::Error::source) to the typed variant.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use orchestrator_core::Error as CoreError;
 
@@ -31,6 +31,23 @@ pub enum Error {
         offset: u64,
         /// What was wrong.
         reason: String,
+    },
+
+    /// Another open store holds the directory: a process (or another handle in this
+    /// process) has it open for writing. Only one writer may have a store directory open at
+    /// a time; the lock goes when that store is dropped or its process exits, however it
+    /// exits.
+    ///
+    /// Stop that process (or drop that store), read with
+    /// [`FileEventStore::open_read_only`](crate::file::FileEventStore::open_read_only), which
+    /// needs no lock, or write through the running application.
+    #[error("{}", locked_message(dir, *pid))]
+    Locked {
+        /// The store directory.
+        dir: PathBuf,
+        /// The holder's process id, as it wrote it into the directory's `LOCK` file (`None`
+        /// if it could not be read).
+        pid: Option<u32>,
     },
 
     /// The file system failed.
@@ -149,6 +166,30 @@ impl Error {
     }
 }
 
+fn locked_message(dir: &Path, pid: Option<u32>) -> String {
+    let dir = dir.display();
+    match pid {
+        Some(pid) if pid == std::process::id() => format!(
+            "the embedded store in {dir} is already open in this process (pid {pid}): share \
+             that FileEventStore (clones share one store) instead of opening the directory \
+             again, or drop it first"
+        ),
+        _ => {
+            let holder = pid.map_or_else(
+                || "another process (its pid is not recorded in the LOCK file)".to_owned(),
+                |pid| format!("process {pid}"),
+            );
+            format!(
+                "the embedded store in {dir} is locked by {holder}, which has it open for \
+                 writing, and only one process may write to it at a time: stop that process, \
+                 write through it instead (publish through the running application), or open \
+                 the store read-only (FileEventStore::open_read_only; the CLI's read commands \
+                 do)"
+            )
+        }
+    }
+}
+
 /// The backend name file errors carry inside the core error.
 pub(crate) const FILE_BACKEND: &str = "file";
 
@@ -178,7 +219,10 @@ impl From<Error> for CoreError {
                 );
                 CoreError::backend(FILE_BACKEND, temporary, error)
             }
-            Error::Corrupt { .. } => CoreError::backend(FILE_BACKEND, false, error),
+            // Not temporary: the holder may run for days; retrying in a loop does not help.
+            Error::Corrupt { .. } | Error::Locked { .. } => {
+                CoreError::backend(FILE_BACKEND, false, error)
+            }
         }
     }
 }
