@@ -3,8 +3,9 @@
 //!
 //! Every variant converts into the core error (`?` works in functions returning
 //! `orchestrator_core::Result`): schema violations become [`CoreError::Decode`] naming the JSON
-//! pointer of the offending value, file trouble becomes [`CoreError::Backend`] with this error
-//! as its source, so callers holding a core error can still
+//! pointer of the offending value, file trouble (a corrupt record, an I/O failure, a store
+//! directory locked by another writer) becomes [`CoreError::Backend`] with this error as its
+//! source, so callers holding a core error can still
 //! [`downcast`](std::error::Error::source) to the typed variant.
 
 use std::path::{Path, PathBuf};
@@ -249,5 +250,32 @@ mod tests {
             reason: "bad".into(),
         };
         assert_eq!(CoreError::from(violation).decode_field(), Some("/items/0"));
+    }
+
+    #[test]
+    fn a_locked_store_names_its_holder_and_what_to_do() {
+        let locked = |pid| Error::Locked {
+            dir: PathBuf::from("/var/lib/app"),
+            pid,
+        };
+        let other = locked(Some(std::process::id().wrapping_add(1))).to_string();
+        assert!(other.contains("/var/lib/app"), "{other}");
+        assert!(
+            other.contains(&format!("process {}", std::process::id().wrapping_add(1))),
+            "{other}"
+        );
+        assert!(other.contains("stop that process"), "{other}");
+        assert!(other.contains("open_read_only"), "{other}");
+        let unknown = locked(None).to_string();
+        assert!(unknown.contains("its pid is not recorded"), "{unknown}");
+        let this = locked(Some(std::process::id())).to_string();
+        assert!(this.contains("already open in this process"), "{this}");
+        let core = CoreError::from(locked(None));
+        assert!(!core.is_temporary());
+        assert!(core.to_string().contains("/var/lib/app"));
+        assert!(matches!(
+            Error::from_core(&core),
+            Some(Error::Locked { pid: None, .. })
+        ));
     }
 }
