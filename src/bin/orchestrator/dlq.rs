@@ -5,7 +5,7 @@ use orchestrator::core::{DeadLetter, DeadLetterQuery};
 use serde_json::{Value, json};
 
 use crate::output::{event_json, payload, print_json, shorten, time};
-use crate::{CliResult, Context};
+use crate::{Access, CliResult, Context};
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum DlqCommand {
@@ -46,7 +46,7 @@ pub(crate) async fn run(cx: &Context, command: DlqCommand) -> CliResult {
              command; pass --transport redis://…, amqp://… or kafka://… to see a broker's"
         );
     }
-    let orchestrator = cx.connect(false).await?;
+    let orchestrator = cx.connect(false, Access::Read).await?;
     let dead_letters = orchestrator.dead_letters();
     match command {
         DlqCommand::List {
