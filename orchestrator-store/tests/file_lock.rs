@@ -27,7 +27,11 @@ const LOCK_HOLDER_DIR_ENV: &str = "ORCHESTRATOR_STORE_LOCK_HOLDER_DIR";
 fn event(append: u64, of: u64, i: u64) -> EventEnvelope {
     // Every seventh append is large, so that its write spans many pages and a reader can
     // catch it half-done.
-    let pad = if append.is_multiple_of(7) { 48 * 1024 } else { 120 };
+    let pad = if append.is_multiple_of(7) {
+        48 * 1024
+    } else {
+        120
+    };
     let data = json!({ "append": append, "of": of, "i": i, "pad": "x".repeat(pad) });
     EventEnvelope::new("test.happened", &data).unwrap()
 }

@@ -362,8 +362,8 @@ impl FileEventStore {
     /// cut short, or an append missing its last frames, at the end of the last segment) is
     /// left unread, and on disk ([`RecoveryReport::unread_bytes`]). That is a consistent
     /// prefix of the store: whole appends, gapless positions and versions. It may include
-    /// appends the writer has written but not yet synced and acknowledged (under
-    /// [`FsyncPolicy::Interval`] or [`FsyncPolicy::Never`]).
+    /// appends the writer has written but not yet synced, and so not yet acknowledged to
+    /// their appenders (a power loss before that sync would lose them).
     ///
     /// Reads and subscriptions see that snapshot, and what each
     /// [`refresh`](Self::refresh) adds; nothing else arrives by itself. Appending (and
@@ -442,7 +442,8 @@ impl FileEventStore {
         &self.inner.dir
     }
 
-    /// The options the store was opened with.
+    /// The options the store was opened with (the defaults for a read-only store, which has
+    /// no writer to apply them to).
     pub fn options(&self) -> &FileStoreOptions {
         &self.inner.options
     }

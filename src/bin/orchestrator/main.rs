@@ -110,7 +110,7 @@ fn locked(dir: &std::path::Path, pid: Option<u32>) -> String {
         "the store in {} is held by {holder}, which has it open for writing, and only one \
          process may write to it: publish through that application (or through a broker \
          transport it subscribes to), or stop it and try again. Commands that only read the \
-         store (streams, sagas, trace, tail, replay) work while it runs",
+         store (streams, sagas, trace, tail, replay, dlq) work while it runs",
         dir.display()
     )
 }
