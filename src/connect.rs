@@ -125,22 +125,49 @@ pub fn redact(url: &str) -> String {
 }
 
 /// Opens the event store a URL names.
+///
+/// A `file://` store is opened for writing, which locks its directory: while another
+/// process (or another store in this one) has it open, this fails with
+/// [`orchestrator_store::Error::Locked`] inside [`Error::Core`] (see
+/// [`orchestrator_store::Error::from_core`]), naming the holder's pid.
 pub async fn store(url: &str) -> Result<Arc<dyn EventStore>> {
     match Backend::parse(url)? {
         Backend::Memory => Ok(Arc::new(InMemoryEventStore::new())),
-        Backend::File(dir) => {
-            // Opening reads every segment with blocking I/O.
-            let opened = tokio::task::spawn_blocking(move || FileEventStore::open(dir))
-                .await
-                .map_err(|e| {
-                    orchestrator_core::Error::backend("file", false, format!("open failed: {e}"))
-                })??;
-            Ok(Arc::new(opened))
-        }
+        Backend::File(dir) => Ok(Arc::new(open_file(dir, FileEventStore::open).await?)),
         Backend::Redis(url) => redis_store(&url).await,
         Backend::Amqp(url) => rabbitmq_store(&url).await,
         Backend::Kafka(brokers) => kafka_store(&brokers).await,
     }
+}
+
+/// Opens the event store a URL names for reading: for tools that look into the store of a
+/// running application.
+///
+/// A `file://` store is opened with [`FileEventStore::open_read_only`]: no lock, nothing
+/// written, so it opens beside the application that writes to it, and holds what was on
+/// disk when it opened; appending to it is an error. Every other URL is opened as by
+/// [`store`] (a broker-backed store has no single writer to step aside for).
+pub async fn store_read_only(url: &str) -> Result<Arc<dyn EventStore>> {
+    match Backend::parse(url)? {
+        Backend::File(dir) => Ok(Arc::new(
+            open_file(dir, FileEventStore::open_read_only).await?,
+        )),
+        _ => store(url).await,
+    }
+}
+
+/// Opens a [`FileEventStore`] off the async threads: opening reads every segment with
+/// blocking I/O.
+async fn open_file(
+    dir: PathBuf,
+    open: fn(PathBuf) -> orchestrator_store::Result<FileEventStore>,
+) -> Result<FileEventStore> {
+    let opened = tokio::task::spawn_blocking(move || open(dir))
+        .await
+        .map_err(|e| {
+            orchestrator_core::Error::backend("file", false, format!("open failed: {e}"))
+        })??;
+    Ok(opened)
 }
 
 /// Connects the transport a URL names (`memory:` is a fresh [`InProcessTransport`]).
@@ -311,5 +338,41 @@ mod tests {
             ));
         }
         assert!(transport("file:///tmp/x").await.is_err());
+    }
+
+    #[tokio::test]
+    async fn a_file_store_opens_read_only_beside_its_writer() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("file://{}", dir.path().display());
+        let writer = store(&url).await.unwrap();
+        let event = orchestrator_core::EventEnvelope::new("a.b", &serde_json::json!({})).unwrap();
+        writer
+            .append(
+                "s",
+                orchestrator_core::ExpectedVersion::Any,
+                vec![event.clone()],
+            )
+            .await
+            .unwrap();
+
+        let Err(Error::Core(locked)) = store(&url).await else {
+            panic!("a second writer opened the directory")
+        };
+        assert!(matches!(
+            orchestrator_store::Error::from_core(&locked),
+            Some(orchestrator_store::Error::Locked { pid: Some(_), .. })
+        ));
+        let reader = store_read_only(&url).await.unwrap();
+        assert_eq!(reader.stream_version("s").await.unwrap(), Some(1));
+        let refused = reader
+            .append("s", orchestrator_core::ExpectedVersion::Any, vec![event])
+            .await;
+        assert!(matches!(
+            refused,
+            Err(orchestrator_core::Error::Unsupported { .. })
+        ));
+        // Other URLs open as `store` does.
+        let memory = store_read_only("memory:").await.unwrap();
+        assert_eq!(memory.name(), store("memory:").await.unwrap().name());
     }
 }

@@ -417,3 +417,98 @@ async fn embedded_dead_letters_are_listed_shown_and_discarded_beside_a_running_a
         left[0].id.as_str()
     );
 }
+
+/// Reads `reader`'s lines into a channel, so a test can wait for one with a deadline.
+fn lines(reader: impl std::io::Read + Send + 'static) -> std::sync::mpsc::Receiver<String> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufRead::lines(std::io::BufReader::new(reader)) {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn read_commands_work_beside_a_running_writer_and_publish_names_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // This test process is the running application: it holds the store open for writing.
+    let store = FileEventStore::open(d).unwrap();
+    let placed = EventEnvelope::new("order.placed", &json!({ "order_id": "o-1" })).unwrap();
+    store
+        .append("order-o-1", ExpectedVersion::NoStream, vec![placed])
+        .await
+        .unwrap();
+
+    let list = stdout(&cli(d, &["streams", "list"]));
+    assert!(list.contains("order-o-1"), "{list}");
+    let shown = stdout(&cli(d, &["streams", "show", "order-o-1"]));
+    assert!(shown.contains("order.placed"), "{shown}");
+    let tailed = stdout(&cli(d, &["tail", "#", "--from-start", "--count", "1"]));
+    assert!(tailed.contains("order.placed"), "{tailed}");
+    stdout(&cli(d, &["sagas", "list"]));
+
+    let refused = cli(d, &["publish", "order.placed", r#"{"order_id":"o-2"}"#]);
+    assert!(!refused.status.success());
+    let message = stderr(&refused);
+    assert!(
+        message.contains(&format!("held by process {}", std::process::id())),
+        "{message}"
+    );
+    assert!(message.contains(&d.display().to_string()), "{message}");
+    assert!(
+        message.contains("publish through that application"),
+        "{message}"
+    );
+    assert_eq!(store.head_position().await.unwrap(), 1);
+
+    // A tail follows what the application appends.
+    let mut tail = Command::new(env!("CARGO_BIN_EXE_orchestrator"))
+        .arg("--store")
+        .arg(format!("file://{}", d.display()))
+        .args(["tail", "order.*", "--count", "2"])
+        .env_remove("ORCHESTRATOR_STORE")
+        .env_remove("ORCHESTRATOR_TRANSPORT")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let printed = lines(tail.stdout.take().unwrap());
+    let said = lines(tail.stderr.take().unwrap());
+    // It starts after the head it saw when it said so.
+    let started = said.recv_timeout(Duration::from_secs(60));
+    assert!(
+        started.as_deref().is_ok_and(|l| l.starts_with("tailing")),
+        "{started:?}"
+    );
+    for n in 2..=3 {
+        let shipped = EventEnvelope::new("order.shipped", &json!({ "n": n })).unwrap();
+        store
+            .append("order-o-1", ExpectedVersion::Any, vec![shipped])
+            .await
+            .unwrap();
+    }
+    let mut seen = Vec::new();
+    while seen.len() < 2 {
+        match printed.recv_timeout(Duration::from_secs(60)) {
+            Ok(line) => seen.push(line),
+            Err(e) => {
+                let _ = tail.kill();
+                panic!("the tail printed {seen:?}, then {e}");
+            }
+        }
+    }
+    assert!(seen.iter().all(|l| l.contains("order.shipped")), "{seen:?}");
+    assert!(tail.wait().unwrap().success());
+
+    // Once the application is gone, publishing works.
+    drop(store);
+    stdout(&cli(
+        d,
+        &["publish", "order.placed", r#"{"order_id":"o-2"}"#],
+    ));
+}

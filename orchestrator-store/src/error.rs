@@ -3,11 +3,12 @@
 //!
 //! Every variant converts into the core error (`?` works in functions returning
 //! `orchestrator_core::Result`): schema violations become [`CoreError::Decode`] naming the JSON
-//! pointer of the offending value, file trouble becomes [`CoreError::Backend`] with this error
-//! as its source, so callers holding a core error can still
+//! pointer of the offending value, file trouble (a corrupt record, an I/O failure, a store
+//! directory locked by another writer) becomes [`CoreError::Backend`] with this error as its
+//! source, so callers holding a core error can still
 //! [`downcast`](std::error::Error::source) to the typed variant.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use orchestrator_core::Error as CoreError;
 
@@ -63,6 +64,23 @@ pub enum Error {
     ReadOnly {
         /// The queue's directory.
         dir: PathBuf,
+    },
+
+    /// Another open store holds the directory: a process (or another handle in this
+    /// process) has it open for writing. Only one writer may have a store directory open at
+    /// a time; the lock goes when that store is dropped or its process exits, however it
+    /// exits.
+    ///
+    /// Stop that process (or drop that store), read with
+    /// [`FileEventStore::open_read_only`](crate::file::FileEventStore::open_read_only), which
+    /// needs no lock, or write through the running application.
+    #[error("{}", locked_message(dir, *pid))]
+    Locked {
+        /// The store directory.
+        dir: PathBuf,
+        /// The holder's process id, as it wrote it into the directory's `LOCK` file (`None`
+        /// if it could not be read).
+        pid: Option<u32>,
     },
 
     /// The file system failed.
@@ -181,6 +199,30 @@ impl Error {
     }
 }
 
+fn locked_message(dir: &Path, pid: Option<u32>) -> String {
+    let dir = dir.display();
+    match pid {
+        Some(pid) if pid == std::process::id() => format!(
+            "the embedded store in {dir} is already open in this process (pid {pid}): share \
+             that FileEventStore (clones share one store) instead of opening the directory \
+             again, or drop it first"
+        ),
+        _ => {
+            let holder = pid.map_or_else(
+                || "another process (its pid is not recorded in the LOCK file)".to_owned(),
+                |pid| format!("process {pid}"),
+            );
+            format!(
+                "the embedded store in {dir} is locked by {holder}, which has it open for \
+                 writing, and only one process may write to it at a time: stop that process, \
+                 write through it instead (publish through the running application), or open \
+                 the store read-only (FileEventStore::open_read_only; the CLI's read commands \
+                 do)"
+            )
+        }
+    }
+}
+
 /// The backend name file errors carry inside the core error.
 pub(crate) const FILE_BACKEND: &str = "file";
 
@@ -210,9 +252,11 @@ impl From<Error> for CoreError {
                 );
                 CoreError::backend(FILE_BACKEND, temporary, error)
             }
-            Error::Corrupt { .. } | Error::CorruptDeadLetter { .. } | Error::ReadOnly { .. } => {
-                CoreError::backend(FILE_BACKEND, false, error)
-            }
+            // Not temporary: the holder may run for days; retrying in a loop does not help.
+            Error::Corrupt { .. }
+            | Error::CorruptDeadLetter { .. }
+            | Error::ReadOnly { .. }
+            | Error::Locked { .. } => CoreError::backend(FILE_BACKEND, false, error),
         }
     }
 }
@@ -239,5 +283,32 @@ mod tests {
             reason: "bad".into(),
         };
         assert_eq!(CoreError::from(violation).decode_field(), Some("/items/0"));
+    }
+
+    #[test]
+    fn a_locked_store_names_its_holder_and_what_to_do() {
+        let locked = |pid| Error::Locked {
+            dir: PathBuf::from("/var/lib/app"),
+            pid,
+        };
+        let other = locked(Some(std::process::id().wrapping_add(1))).to_string();
+        assert!(other.contains("/var/lib/app"), "{other}");
+        assert!(
+            other.contains(&format!("process {}", std::process::id().wrapping_add(1))),
+            "{other}"
+        );
+        assert!(other.contains("stop that process"), "{other}");
+        assert!(other.contains("open_read_only"), "{other}");
+        let unknown = locked(None).to_string();
+        assert!(unknown.contains("its pid is not recorded"), "{unknown}");
+        let this = locked(Some(std::process::id())).to_string();
+        assert!(this.contains("already open in this process"), "{this}");
+        let core = CoreError::from(locked(None));
+        assert!(!core.is_temporary());
+        assert!(core.to_string().contains("/var/lib/app"));
+        assert!(matches!(
+            Error::from_core(&core),
+            Some(Error::Locked { pid: None, .. })
+        ));
     }
 }

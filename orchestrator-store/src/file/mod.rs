@@ -28,9 +28,28 @@
 //!   positioned read and checked again before decoding. Reads are plain blocking file reads
 //!   on the calling task (mostly served from the page cache).
 //!
-//! One directory must be opened by one store at a time; a second process opening it while
-//! the first writes would corrupt it. Dropping the last handle of a store waits for the
-//! writer to finish the appends in flight and sync them.
+//! Dropping the last handle of a store waits for the writer to finish the appends in flight
+//! and sync them.
+//!
+//! # One writer per directory
+//!
+//! A second writer would corrupt the store (its recovery could cut off the tail the first is
+//! still writing), so [`FileEventStore::open`] locks the directory: it takes an exclusive
+//! operating-system lock on `DIR/LOCK` ([`std::fs::File::try_lock`]) and writes its process
+//! id into it. While that store is open, another `open` of the directory — from another
+//! process, or from this one — fails at once with [`Error::Locked`], naming the directory
+//! and the holder's pid, and touches nothing. The lock goes when the last handle is dropped
+//! (after the writer has finished), or when the holder's process ends however it ends: a
+//! `LOCK` file left by a killed process blocks nobody. The lock is advisory and local:
+//! it relies on the file system's locks, which network file systems may not honour.
+//!
+//! # Reading beside a running writer
+//!
+//! [`FileEventStore::open_read_only`] takes no lock and writes nothing: tools (the
+//! `orchestrator` CLI's read commands) use it on the directory of a running application. It
+//! sees the whole appends on disk when it opens — an append still being written is left
+//! unread, not cut — and [`FileEventStore::refresh`] reads what was appended since.
+//! Appending to it is [`CoreError::Unsupported`].
 //!
 //! ```
 //! use orchestrator_core::{EventEnvelope, EventStore, ExpectedVersion};
@@ -48,6 +67,12 @@
 //! let reopened = FileEventStore::open_with(dir.path(), options)?;
 //! assert_eq!(reopened.recovery_report().events, 1);
 //! assert_eq!(reopened.stream_version("order-o-1").await?, Some(1));
+//!
+//! // The directory is locked while `reopened` lives; reading beside it needs no lock.
+//! let again = FileEventStore::open(dir.path());
+//! assert!(matches!(again, Err(orchestrator_store::Error::Locked { .. })));
+//! let reader = FileEventStore::open_read_only(dir.path())?;
+//! assert_eq!(reader.stream_version("order-o-1").await?, Some(1));
 //! # Ok(())
 //! # }
 //! ```
@@ -55,6 +80,7 @@
 pub mod dead_letters;
 mod format;
 mod index;
+mod lock;
 mod read;
 mod recovery;
 mod segment;
@@ -84,6 +110,8 @@ pub use recovery::RecoveryReport;
 pub(crate) use segment::sync_dir;
 
 use index::{Index, Loc};
+use lock::DirLock;
+use recovery::Cursor;
 use writer::{AppendRequest, Request, Writer};
 
 /// How many index entries one read looks at before letting go of the index lock.
@@ -193,17 +221,46 @@ pub struct FileEventStore {
 struct Inner {
     dir: PathBuf,
     shared: Arc<Shared>,
-    /// `None` only while dropping.
+    /// `None` only while dropping, and for a read-only store.
     requests: Mutex<Option<Sender<Request>>>,
     writer: Mutex<Option<JoinHandle<()>>>,
     report: RecoveryReport,
     options: FileStoreOptions,
+    /// Dropped after `Drop::drop` has joined the writer, so the directory is unlocked only
+    /// once every append in flight is on disk.
+    access: Access,
+}
+
+/// How the store was opened.
+enum Access {
+    /// For writing: the directory's lock, held while the store is open.
+    Write {
+        /// Held, never read: dropping it unlocks the directory.
+        _lock: DirLock,
+    },
+    /// For reading only: where the last scan stopped, for [`FileEventStore::refresh`] (the
+    /// lock makes refreshes take turns).
+    ReadOnly(Mutex<Cursor>),
 }
 
 impl Inner {
     fn closed(&self) -> CoreError {
         CoreError::Closed {
             what: format!("embedded store in {}", self.dir.display()),
+        }
+    }
+
+    /// The error of a write to a store opened read-only, if this one was.
+    fn check_writable(&self, operation: &'static str) -> Result<()> {
+        match self.access {
+            Access::Write { .. } => Ok(()),
+            Access::ReadOnly(_) => Err(CoreError::Unsupported {
+                backend: "the embedded store opened read-only",
+                operation,
+                hint: "FileEventStore::open_read_only never writes; open the directory with \
+                       FileEventStore::open to write (only one process may: stop the one \
+                       holding it, or write through it)",
+            }),
         }
     }
 
@@ -252,9 +309,15 @@ impl FileEventStore {
     /// This reads every segment once, with blocking file I/O: call it at start-up (or in
     /// `spawn_blocking`). A corrupt record is an [`Error::Corrupt`]
     /// naming the file and offset.
+    ///
+    /// Before anything is read, the directory is locked for this store (see the
+    /// [module docs](self#one-writer-per-directory)): while another store has it open for
+    /// writing, in this process or another, this is [`Error::Locked`] naming that process,
+    /// and nothing is touched. [`open_read_only`](Self::open_read_only) needs no lock.
     pub fn open_with(dir: impl AsRef<Path>, options: FileStoreOptions) -> crate::Result<Self> {
         let dir = dir.as_ref().to_owned();
         std::fs::create_dir_all(&dir).map_err(|e| Error::io("create", &dir, e))?;
+        let lock = lock::acquire(&dir)?;
         let recovered = recovery::recover(&dir)?;
         let head = recovered.index.head();
         let shared = Arc::new(Shared {
@@ -287,8 +350,93 @@ impl FileEventStore {
                 writer: Mutex::new(Some(writer)),
                 report: recovered.report,
                 options,
+                access: Access::Write { _lock: lock },
             }),
         })
+    }
+
+    /// Opens the store in `dir` for reading only, beside a process that may be writing to
+    /// it: for tools that look into a running application's store.
+    ///
+    /// It never creates, truncates or writes a file, and takes no lock, so it opens while
+    /// a writer holds the directory. It scans the segments as they are on disk at the call:
+    /// the store holds every append complete by then, and an append being written (a frame
+    /// cut short, or an append missing its last frames, at the end of the last segment) is
+    /// left unread, and on disk ([`RecoveryReport::unread_bytes`]). That is a consistent
+    /// prefix of the store: whole appends, gapless positions and versions. It may include
+    /// appends the writer has written but not yet synced, and so not yet acknowledged to
+    /// their appenders (a power loss before that sync would lose them).
+    ///
+    /// Reads and subscriptions see that snapshot, and what each
+    /// [`refresh`](Self::refresh) adds; nothing else arrives by itself. Appending (and
+    /// [`sync`](Self::sync)) is [`CoreError::Unsupported`].
+    ///
+    /// A directory that does not exist is an [`Error::Io`]; an empty one is an empty store.
+    /// A corrupt record is an [`Error::Corrupt`], as for [`open`](Self::open). Like
+    /// `open`, this reads every segment with blocking file I/O.
+    pub fn open_read_only(dir: impl AsRef<Path>) -> crate::Result<Self> {
+        let dir = dir.as_ref().to_owned();
+        let index = RwLock::new(Index::default());
+        let mut cursor = Cursor::START;
+        let scanned = recovery::scan(&dir, &index, &mut cursor)?;
+        let index = index.into_inner().unwrap_or_else(PoisonError::into_inner);
+        let head = index.head();
+        let report = RecoveryReport {
+            segments: scanned.segments,
+            events: head,
+            unread_bytes: match scanned.tail {
+                recovery::Tail::Torn { bytes, .. } => bytes,
+                recovery::Tail::Clean | recovery::Tail::TornHeader => 0,
+            },
+            ..RecoveryReport::default()
+        };
+        tracing::debug!(dir = %dir.display(), ?report, "embedded store opened read-only");
+        Ok(Self {
+            inner: Arc::new(Inner {
+                dir,
+                shared: Arc::new(Shared {
+                    index: RwLock::new(index),
+                    head: watch::Sender::new(head),
+                    stats: Stats::default(),
+                }),
+                requests: Mutex::new(None),
+                writer: Mutex::new(None),
+                report,
+                options: FileStoreOptions::default(),
+                access: Access::ReadOnly(Mutex::new(cursor)),
+            }),
+        })
+    }
+
+    /// Whether the store was opened with [`open_read_only`](Self::open_read_only).
+    pub fn is_read_only(&self) -> bool {
+        matches!(self.inner.access, Access::ReadOnly(_))
+    }
+
+    /// Reads what was appended to the directory since a read-only store was opened (or last
+    /// refreshed), by whichever process writes to it, and makes it visible to reads and
+    /// subscriptions; returns how many events were added.
+    ///
+    /// It resumes where the last scan stopped, so it reads only the new bytes, with the same
+    /// checks as opening and the same treatment of an append being written (left for the
+    /// next refresh). Blocking file I/O, like opening. A store opened for writing sees every
+    /// append as it is made: there, this does nothing and returns 0.
+    pub fn refresh(&self) -> crate::Result<u64> {
+        let Access::ReadOnly(cursor) = &self.inner.access else {
+            return Ok(0);
+        };
+        let mut cursor = cursor.lock().unwrap_or_else(PoisonError::into_inner);
+        let shared = &self.inner.shared;
+        let before = shared.index().head();
+        // On an error, the index keeps the whole appends scanned before it and the cursor
+        // stops after them: the next refresh reports the same trouble again.
+        let result = recovery::scan(&self.inner.dir, &shared.index, &mut cursor);
+        let head = shared.index().head();
+        if head != before {
+            shared.head.send_replace(head);
+        }
+        result?;
+        Ok(head - before)
     }
 
     /// The store's directory.
@@ -296,7 +444,8 @@ impl FileEventStore {
         &self.inner.dir
     }
 
-    /// The options the store was opened with.
+    /// The options the store was opened with (the defaults for a read-only store, which has
+    /// no writer to apply them to).
     pub fn options(&self) -> &FileStoreOptions {
         &self.inner.options
     }
@@ -322,6 +471,7 @@ impl FileEventStore {
     /// the [`FsyncPolicy::Interval`] deadline (and, under [`FsyncPolicy::Never`], making
     /// what was written so far survive a power loss).
     pub async fn sync(&self) -> Result<()> {
+        self.inner.check_writable("sync")?;
         let (reply, answer) = oneshot::channel();
         self.inner.send(Request::Sync(reply))?;
         answer.await.map_err(|_| self.inner.closed())?
@@ -402,6 +552,7 @@ impl EventStore for FileEventStore {
         events: Vec<EventEnvelope>,
     ) -> Result<AppendResult> {
         validate_stream_id(stream)?;
+        self.inner.check_writable("append")?;
         validate_batch_ids(&events)?;
         let (reply, answer) = oneshot::channel();
         self.inner.send(Request::Append(AppendRequest {

@@ -1,7 +1,12 @@
 //! Opening a store directory: scan every segment, check every frame, rebuild the index, and
-//! cut a torn tail off the last segment.
+//! (when opening for writing) cut a torn tail off the last segment.
 //!
-//! What counts as a torn tail (dropped, with a warning): in the **last** segment only, bytes
+//! [`scan`] only reads: it is what a read-only open and its refreshes run, resuming at the
+//! [`Cursor`] where the previous scan stopped. [`recover`] runs it from the start, then
+//! repairs the tail for the writer.
+//!
+//! What counts as a torn tail (dropped by `recover`, with a warning; left unread by a
+//! read-only open, since a live writer may be writing it): in the **last** segment only, bytes
 //! after the last complete append that are a prefix of a frame (the header or the body runs
 //! past the end of the file), only zeros, or whole frames of an append whose final frame is
 //! missing. A crash mid-write leaves exactly these. Anything else — a checksum mismatch on a
@@ -10,9 +15,9 @@
 //! the file and offset, and the store does not open.
 
 use std::fs::{File, OpenOptions};
-use std::io::{Seek, SeekFrom, Write};
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError, RwLock};
 
 use crate::error::{Error, Result};
 
@@ -34,6 +39,10 @@ pub struct RecoveryReport {
     pub truncated_at: Option<(PathBuf, u64)>,
     /// How many bytes the torn tail had.
     pub truncated_bytes: u64,
+    /// Bytes at the end of the last segment that a read-only open left unread, and on
+    /// disk: an append a live writer was writing, or a torn tail the next writer will cut.
+    /// Always 0 when opening for writing (see `truncated_bytes`).
+    pub unread_bytes: u64,
 }
 
 /// The scanned state, ready for the writer.
@@ -63,23 +72,56 @@ fn open_writer(path: &Path) -> Result<File> {
         .map_err(|e| Error::io("open", path, e))
 }
 
-/// Scans `dir` (creating the first segment of a new store).
-pub(crate) fn recover(dir: &Path) -> Result<Recovered> {
+/// Where scanning stopped: the last segment scanned and the end of its last complete
+/// append, so a later scan can resume there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Cursor {
+    /// The segment number (from 1).
+    pub(crate) seq: u64,
+    /// The byte offset in that segment where its complete appends end (0 before its header
+    /// is read).
+    pub(crate) offset: u64,
+}
+
+impl Cursor {
+    /// Nothing scanned yet.
+    pub(crate) const START: Self = Self { seq: 1, offset: 0 };
+}
+
+/// What the last segment holds past its complete appends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Tail {
+    /// Nothing: it ends at an append boundary.
+    Clean,
+    /// Its header is incomplete: created, not yet (or never) finished.
+    TornHeader,
+    /// Bytes that are not a complete append: a torn tail left by a crash, or an append a
+    /// live writer is writing right now.
+    Torn {
+        /// Why they are not read.
+        why: &'static str,
+        /// How many bytes.
+        bytes: u64,
+    },
+}
+
+/// What [`scan`] found.
+#[derive(Debug)]
+pub(crate) struct Scanned {
+    /// What follows the complete appends in the last segment.
+    pub(crate) tail: Tail,
+    /// How many segment files there are.
+    pub(crate) segments: usize,
+}
+
+/// Scans the segments of `dir` from `cursor` on (an append boundary a previous scan stopped
+/// at, or [`Cursor::START`]) into `index`, checking every frame, and moves `cursor` past
+/// every append it enters (also when it then fails). It changes nothing on disk: a torn
+/// tail of the last segment is reported, not cut. Each segment is read before the index is
+/// locked (for writing) to enter its events.
+pub(crate) fn scan(dir: &Path, index: &RwLock<Index>, cursor: &mut Cursor) -> Result<Scanned> {
+    let from = *cursor;
     let seqs = list_segments(dir)?;
-    let mut index = Index::default();
-    let mut report = RecoveryReport::default();
-    let Some(&last_seq) = seqs.last() else {
-        let file = create_segment(dir, 1)?;
-        index.push_segment(open_reader(&segment_path(dir, 1))?);
-        report.segments = 1;
-        return Ok(Recovered {
-            index,
-            last_seq: 1,
-            last_file: file,
-            last_len: SEGMENT_HEADER_LEN as u64,
-            report,
-        });
-    };
     for (i, &seq) in seqs.iter().enumerate() {
         let expected = i as u64 + 1;
         if seq != expected {
@@ -90,19 +132,115 @@ pub(crate) fn recover(dir: &Path) -> Result<Recovered> {
             ));
         }
     }
-    let mut last_len = 0;
-    for &seq in &seqs {
-        let path = segment_path(dir, seq);
-        let is_last = seq == last_seq;
-        let segment = u32::try_from(index.segments.len()).unwrap_or(u32::MAX);
-        let end = scan_segment(&path, segment, is_last, &mut index, &mut report)?;
-        index.push_segment(open_reader(&path)?);
-        last_len = end;
+    let last_seq = seqs.len() as u64;
+    let mut scanned = Scanned {
+        tail: Tail::Clean,
+        segments: seqs.len(),
+    };
+    if last_seq == 0 && from == Cursor::START {
+        return Ok(scanned);
     }
-    report.segments = seqs.len();
-    report.events = index.head();
+    if last_seq < from.seq {
+        return Err(Error::corrupt(
+            segment_path(dir, from.seq),
+            0,
+            format!("segment {} was scanned before and is gone", from.seq),
+        ));
+    }
+    for seq in from.seq..=last_seq {
+        let path = segment_path(dir, seq);
+        let start = if seq == from.seq { from.offset } else { 0 };
+        let data = read_from(&path, start)?;
+        let mut index = index.write().unwrap_or_else(PoisonError::into_inner);
+        if (index.segments.len() as u64) < seq {
+            index.push_segment(open_reader(&path)?);
+        }
+        let segment = u32::try_from(seq - 1).unwrap_or(u32::MAX);
+        *cursor = Cursor { seq, offset: start };
+        let tail = scan_segment(&path, &data, segment, &mut cursor.offset, &mut index)?;
+        let kept = cursor.offset;
+        if seq != last_seq && tail != Tail::Clean {
+            let why = match tail {
+                Tail::Torn { why, .. } => why,
+                _ => "the segment header is incomplete",
+            };
+            return Err(Error::corrupt(
+                &path,
+                kept,
+                format!("{why}, in a sealed segment (only the last segment may have a torn tail)"),
+            ));
+        }
+        scanned.tail = tail;
+    }
+    Ok(scanned)
+}
+
+/// The bytes of `path` from `start` on.
+fn read_from(path: &Path, start: u64) -> Result<Vec<u8>> {
+    let mut file = File::open(path).map_err(|e| Error::io("open", path, e))?;
+    let mut data = Vec::new();
+    file.seek(SeekFrom::Start(start))
+        .and_then(|_| file.read_to_end(&mut data))
+        .map_err(|e| Error::io("read", path, e))?;
+    Ok(data)
+}
+
+/// Opens `dir` for writing: scans every segment (creating the first one of a new store),
+/// cuts a torn tail off the last, and opens it for appending.
+pub(crate) fn recover(dir: &Path) -> Result<Recovered> {
+    let index = RwLock::new(Index::default());
+    let mut cursor = Cursor::START;
+    let scanned = scan(dir, &index, &mut cursor)?;
+    let mut index = index.into_inner().unwrap_or_else(PoisonError::into_inner);
+    let mut report = RecoveryReport {
+        segments: scanned.segments,
+        events: index.head(),
+        ..RecoveryReport::default()
+    };
+    if scanned.segments == 0 {
+        let file = create_segment(dir, 1)?;
+        index.push_segment(open_reader(&segment_path(dir, 1))?);
+        report.segments = 1;
+        return Ok(Recovered {
+            index,
+            last_seq: 1,
+            last_file: file,
+            last_len: SEGMENT_HEADER_LEN as u64,
+            report,
+        });
+    }
+    let Cursor {
+        seq: last_seq,
+        offset: mut last_len,
+    } = cursor;
     let path = segment_path(dir, last_seq);
     let mut last_file = open_writer(&path)?;
+    match scanned.tail {
+        Tail::Clean => {}
+        Tail::TornHeader => {
+            // Created but never finished: start it again.
+            last_file
+                .set_len(0)
+                .and_then(|()| last_file.write_all(&segment_header()))
+                .and_then(|()| last_file.sync_all())
+                .map_err(|e| Error::io("repair", &path, e))?;
+            last_len = SEGMENT_HEADER_LEN as u64;
+        }
+        Tail::Torn { why, bytes } => {
+            tracing::warn!(
+                file = %path.display(),
+                offset = last_len,
+                bytes,
+                "cutting off a torn tail: {why}"
+            );
+            last_file
+                .set_len(last_len)
+                .and_then(|()| last_file.sync_all())
+                .map_err(|e| Error::io("truncate", &path, e))?;
+            report.truncated_at = Some((path.clone(), last_len));
+            report.truncated_bytes = bytes;
+        }
+    }
     // The writer appends with plain writes: start them where the kept data ends.
     last_file
         .seek(SeekFrom::Start(last_len))
@@ -116,39 +254,38 @@ pub(crate) fn recover(dir: &Path) -> Result<Recovered> {
     })
 }
 
-/// Scans one segment into the index; returns the length it keeps.
+/// Scans one segment's bytes, read from `kept` on (0, or an append boundary), into the
+/// index, moving `kept` to the end of each append entered; returns what follows the last.
 fn scan_segment(
     path: &Path,
+    data: &[u8],
     segment: u32,
-    is_last: bool,
+    kept: &mut u64,
     index: &mut Index,
-    report: &mut RecoveryReport,
-) -> Result<u64> {
-    let data = std::fs::read(path).map_err(|e| Error::io("read", path, e))?;
-    let header = segment_header();
-    if data.get(..SEGMENT_HEADER_LEN) != Some(&header[..]) {
-        let torn_header = data.len() <= SEGMENT_HEADER_LEN
-            && data
-                .iter()
-                .zip(header.iter())
-                .all(|(&got, &want)| got == want || got == 0);
-        if is_last && torn_header {
-            // Created but never finished: start it again.
-            let mut file = open_writer(path)?;
-            file.set_len(0)
-                .and_then(|()| file.write_all(&header))
-                .and_then(|()| file.sync_all())
-                .map_err(|e| Error::io("repair", path, e))?;
-            return Ok(SEGMENT_HEADER_LEN as u64);
+) -> Result<Tail> {
+    let start = *kept;
+    let mut offset = 0;
+    if start == 0 {
+        let header = segment_header();
+        if data.get(..SEGMENT_HEADER_LEN) != Some(&header[..]) {
+            let torn_header = data.len() <= SEGMENT_HEADER_LEN
+                && data
+                    .iter()
+                    .zip(header.iter())
+                    .all(|(&got, &want)| got == want || got == 0);
+            if torn_header {
+                return Ok(Tail::TornHeader);
+            }
+            return Err(Error::corrupt(
+                path,
+                0,
+                "not an orchestrator segment header",
+            ));
         }
-        return Err(Error::corrupt(
-            path,
-            0,
-            "not an orchestrator segment header",
-        ));
+        offset = SEGMENT_HEADER_LEN;
     }
+    let absolute = |offset: usize| start + offset as u64;
 
-    let mut offset = SEGMENT_HEADER_LEN;
     // The current append's events, entered into the index only once its last frame is seen.
     let mut append_start = offset;
     let mut append: Vec<NewEntry> = Vec::new();
@@ -164,9 +301,9 @@ fn scan_segment(
                 len,
             } => (flags, envelope, len),
             Parsed::Torn(why) => break Some(why),
-            Parsed::Bad(why) => return Err(Error::corrupt(path, offset as u64, why)),
+            Parsed::Bad(why) => return Err(Error::corrupt(path, absolute(offset), why)),
         };
-        let at = offset as u64;
+        let at = absolute(offset);
         let event = decode_envelope(envelope)
             .map_err(|e| Error::corrupt(path, at, format!("undecodable event: {e}")))?;
         let (Some(stream), Some(position)) = (event.stream_id(), event.position()) else {
@@ -220,30 +357,15 @@ fn scan_segment(
                 index.push(entry);
             }
             append_start = offset;
+            *kept = absolute(append_start);
         }
     };
-    let Some(why) = torn else {
-        return Ok(data.len() as u64);
-    };
-    if !is_last {
-        return Err(Error::corrupt(
-            path,
-            append_start as u64,
-            format!("{why}, in a sealed segment (only the last segment may have a torn tail)"),
-        ));
-    }
-    let cut = (data.len() - append_start) as u64;
-    tracing::warn!(
-        file = %path.display(),
-        offset = append_start,
-        bytes = cut,
-        "cutting off a torn tail: {why}"
-    );
-    let file = open_writer(path)?;
-    file.set_len(append_start as u64)
-        .and_then(|()| file.sync_all())
-        .map_err(|e| Error::io("truncate", path, e))?;
-    report.truncated_at = Some((path.to_owned(), append_start as u64));
-    report.truncated_bytes = cut;
-    Ok(append_start as u64)
+    *kept = absolute(append_start);
+    Ok(match torn {
+        None => Tail::Clean,
+        Some(why) => Tail::Torn {
+            why,
+            bytes: (data.len() - append_start) as u64,
+        },
+    })
 }

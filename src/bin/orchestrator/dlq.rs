@@ -13,7 +13,7 @@ use orchestrator::store::FileDeadLetterQueue;
 use serde_json::{Value, json};
 
 use crate::output::{event_json, payload, print_json, shorten, time};
-use crate::{CliResult, Context};
+use crate::{Access, CliResult, Context};
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum DlqCommand {
@@ -65,7 +65,7 @@ pub(crate) async fn run(cx: &Context, command: DlqCommand) -> CliResult {
              redis://…, amqp://… or kafka://… to see a broker's"
         );
     }
-    let orchestrator = cx.connect(false).await?;
+    let orchestrator = cx.connect(false, Access::Read).await?;
     let dead_letters = orchestrator.dead_letters();
     match command {
         DlqCommand::List {

@@ -1,19 +1,22 @@
 //! `tail`, `publish` and `replay`.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use clap::Args;
 use futures::StreamExt as _;
 use indicatif::{ProgressBar, ProgressStyle};
-use orchestrator::ReplayFilter;
 use orchestrator::bus::SubscriptionConfig;
+use orchestrator::connect::Backend;
 use orchestrator::core::{EventEnvelope, EventFilter, HandlerError, TopicPattern};
+use orchestrator::store::FileEventStore;
 use orchestrator::store::replay::is_system_event;
+use orchestrator::{EventOrchestrator, ReplayFilter};
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
 use crate::output::{event_json, event_line, print_json};
-use crate::{CliResult, Context, time};
+use crate::{Access, CliResult, Context, time};
 
 /// `tail <pattern>`.
 #[derive(Debug, Args)]
@@ -77,7 +80,7 @@ pub(crate) async fn publish(cx: &Context, args: PublishArgs) -> CliResult {
     if let Some(id) = args.causation_id {
         event = event.with_causation_id(id);
     }
-    let orchestrator = cx.connect(true).await?;
+    let orchestrator = cx.connect(true, Access::Write).await?;
     let id = orchestrator.publish(event).await?;
     if cx.json {
         print_json(&json!({ "id": id.to_string(), "type": args.event_type }))?;
@@ -89,12 +92,12 @@ pub(crate) async fn publish(cx: &Context, args: PublishArgs) -> CliResult {
 
 pub(crate) async fn tail(cx: &Context, args: TailArgs) -> CliResult {
     let pattern = TopicPattern::parse(&args.pattern)?;
-    let orchestrator = cx.connect(cx.in_process_transport()).await?;
     let (tx, mut rx) = mpsc::unbounded_channel::<EventEnvelope>();
     let mut printed = 0;
     let limit = args.count.unwrap_or(u64::MAX);
     if cx.in_process_transport() {
         // Nothing else publishes on this process's transport: follow the store.
+        let orchestrator = follow_store(cx).await?;
         let store = orchestrator.store();
         let from = if args.from_start {
             0
@@ -126,6 +129,7 @@ pub(crate) async fn tail(cx: &Context, args: TailArgs) -> CliResult {
         }
         return Ok(());
     }
+    let orchestrator = cx.connect(false, Access::Read).await?;
     let group = args
         .group
         .unwrap_or_else(|| format!("orchestrator-cli-tail-{}", std::process::id()));
@@ -158,6 +162,39 @@ pub(crate) async fn tail(cx: &Context, args: TailArgs) -> CliResult {
     Ok(())
 }
 
+/// How often `tail` looks for events a running application appended to a `file://` store.
+const FOLLOW_EVERY: Duration = Duration::from_millis(250);
+
+/// An orchestrator on the store to tail. A `file://` store is opened read-only (the
+/// application writing it may be running) and refreshed in the background, so that its
+/// subscriptions see what that application appends.
+async fn follow_store(cx: &Context) -> CliResult<EventOrchestrator> {
+    let url = cx.store_url()?;
+    let Ok(Backend::File(dir)) = Backend::parse(url) else {
+        return cx.connect(true, Access::Read).await;
+    };
+    let store = tokio::task::spawn_blocking(move || FileEventStore::open_read_only(dir))
+        .await
+        .map_err(|e| format!("opening the store failed: {e}"))??;
+    let orchestrator = cx.connect_with(Arc::new(store.clone()), url).await?;
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(FOLLOW_EVERY).await;
+            let refresh = store.clone();
+            let refreshed = match tokio::task::spawn_blocking(move || refresh.refresh()).await {
+                Ok(refreshed) => refreshed.map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            if let Err(error) = refreshed {
+                // The tail waits on the store, which would never move again: end it here.
+                eprintln!("error: reading new events from the store failed: {error}");
+                std::process::exit(1);
+            }
+        }
+    });
+    Ok(orchestrator)
+}
+
 fn print_event(cx: &Context, event: &EventEnvelope) -> CliResult {
     if cx.json {
         // One JSON document per line, for `jq` and friends.
@@ -179,7 +216,7 @@ pub(crate) async fn replay(cx: &Context, args: ReplayArgs) -> CliResult {
     if let Some(to) = args.to {
         filter = filter.to_time(to);
     }
-    let orchestrator = cx.connect(true).await?;
+    let orchestrator = cx.connect(true, Access::Read).await?;
     if cx.in_process_transport() {
         eprintln!(
             "note: the transport is memory:, which no other process subscribes to; pass \

@@ -17,17 +17,20 @@ mod time;
 mod trace;
 
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use orchestrator::EventOrchestrator;
+use orchestrator::core::EventStore;
 
 /// Look into and operate an orchestrator deployment.
 #[derive(Debug, Parser)]
 #[command(name = "orchestrator", version)]
 struct Cli {
-    /// The event store: file://DIR (the embedded durable store; one process at a time),
-    /// redis://…, amqp://…, kafka://host:port, or memory:.
+    /// The event store: file://DIR (the embedded durable store: read commands open it
+    /// read-only, beside a running application; `publish` needs it not to be open in another
+    /// process), redis://…, amqp://…, kafka://host:port, or memory:.
     #[arg(long, global = true, env = "ORCHESTRATOR_STORE", value_name = "URL")]
     store: Option<String>,
 
@@ -90,6 +93,30 @@ struct Context {
 /// A failure to report: printed as `error: …`, exit code 1.
 type CliResult<T = ()> = Result<T, Box<dyn std::error::Error>>;
 
+/// What a command does with the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Access {
+    /// Only reads it: a `file://` store is opened read-only, beside a running application.
+    Read,
+    /// Appends to it: a `file://` store is opened for writing, which only one process may.
+    Write,
+}
+
+/// The message for a write to a `file://` store another process holds.
+fn locked(dir: &std::path::Path, pid: Option<u32>) -> String {
+    let holder = pid.map_or_else(
+        || "a running process".to_owned(),
+        |pid| format!("process {pid}"),
+    );
+    format!(
+        "the store in {} is held by {holder}, which has it open for writing, and only one \
+         process may write to it: publish through that application (or through a broker \
+         transport it subscribes to), or stop it and try again. Commands that only read the \
+         store (streams, sagas, trace, tail, replay, dlq) work while it runs",
+        dir.display()
+    )
+}
+
 impl Context {
     /// The store URL, or an error saying how to give one.
     fn store_url(&self) -> CliResult<&str> {
@@ -100,33 +127,61 @@ impl Context {
         })
     }
 
+    /// The store URL for a command: the one given, or (for commands that only need the
+    /// transport) `memory:`.
+    fn store_url_or_memory(&self, needs_store: bool) -> CliResult<String> {
+        if needs_store {
+            return Ok(self.store_url()?.to_owned());
+        }
+        Ok(self.store.clone().unwrap_or_else(|| "memory:".to_owned()))
+    }
+
     /// An orchestrator on the given store (or an in-memory one, for commands that only need
     /// the transport) and transport.
-    async fn connect(&self, needs_store: bool) -> CliResult<EventOrchestrator> {
-        let store = if needs_store {
-            self.store_url()?.to_owned()
-        } else {
-            self.store.clone().unwrap_or_else(|| "memory:".to_owned())
+    async fn connect(&self, needs_store: bool, access: Access) -> CliResult<EventOrchestrator> {
+        let url = self.store_url_or_memory(needs_store)?;
+        let store = self.open_store(&url, access).await?;
+        self.connect_with(store, &url).await
+    }
+
+    /// Opens the store: read-only for commands that only read it, so that they work on the
+    /// `file://` store of a running application.
+    async fn open_store(&self, url: &str, access: Access) -> CliResult<Arc<dyn EventStore>> {
+        let open = async {
+            match access {
+                Access::Read => orchestrator::connect::store_read_only(url).await,
+                Access::Write => orchestrator::connect::store(url).await,
+            }
         };
+        match tokio::time::timeout(self.connect_timeout, open).await {
+            Ok(Ok(store)) => Ok(store),
+            Ok(Err(orchestrator::Error::Core(error))) => {
+                if let Some(orchestrator::store::Error::Locked { dir, pid }) =
+                    orchestrator::store::Error::from_core(&error)
+                {
+                    return Err(locked(dir, *pid).into());
+                }
+                Err(self.unreachable(url, orchestrator::Error::Core(error)))
+            }
+            Ok(Err(error)) => Err(error.into()),
+            Err(_) => Err(self.too_slow(url)),
+        }
+    }
+
+    /// An orchestrator on `store` (opened from `url`) and the transport.
+    async fn connect_with(
+        &self,
+        store: Arc<dyn EventStore>,
+        url: &str,
+    ) -> CliResult<EventOrchestrator> {
         let build = EventOrchestrator::builder()
-            .store_url(&store)
+            .store(store)
             .transport_url(&self.transport)
             .build();
         match tokio::time::timeout(self.connect_timeout, build).await {
-            Ok(Err(error @ orchestrator::Error::Core(_))) if error.is_temporary() => Err(format!(
-                "cannot reach store {} / transport {}: {error}",
-                orchestrator::connect::redact(&store),
-                orchestrator::connect::redact(&self.transport),
-            )
-            .into()),
-            Ok(built) => Ok(built?),
-            Err(_) => Err(format!(
-                "could not reach store {} / transport {} within {:?} (see --connect-timeout)",
-                orchestrator::connect::redact(&store),
-                orchestrator::connect::redact(&self.transport),
-                self.connect_timeout
-            )
-            .into()),
+            Ok(Ok(built)) => Ok(built),
+            Ok(Err(error)) => Err(self.unreachable(url, error)),
+            Err(_) => Err(self.too_slow(url)),
         }
     }
 
@@ -145,6 +200,29 @@ impl Context {
             Some(Err(error)) => Err(error.into()),
             _ => Ok(None),
         }
+    }
+
+    /// A connection error, saying which backends were tried when retrying could help.
+    fn unreachable(&self, url: &str, error: orchestrator::Error) -> Box<dyn std::error::Error> {
+        if !error.is_temporary() {
+            return error.into();
+        }
+        format!(
+            "cannot reach store {} / transport {}: {error}",
+            orchestrator::connect::redact(url),
+            orchestrator::connect::redact(&self.transport),
+        )
+        .into()
+    }
+
+    fn too_slow(&self, url: &str) -> Box<dyn std::error::Error> {
+        format!(
+            "could not reach store {} / transport {} within {:?} (see --connect-timeout)",
+            orchestrator::connect::redact(url),
+            orchestrator::connect::redact(&self.transport),
+            self.connect_timeout
+        )
+        .into()
     }
 
     /// Whether the transport is this process's own (no other process sees its events).

@@ -6,7 +6,7 @@ use orchestrator::saga::{SagaId, SagaOrchestrator, SagaSnapshot};
 use serde_json::{Value, json};
 
 use crate::output::{print_json, time};
-use crate::{CliResult, Context};
+use crate::{Access, CliResult, Context};
 
 /// How many records of one saga's log `sagas show` reads at most.
 const LOG_LIMIT: usize = 100_000;
@@ -27,7 +27,7 @@ pub(crate) enum SagasCommand {
 }
 
 pub(crate) async fn run(cx: &Context, command: SagasCommand) -> CliResult {
-    let orchestrator = cx.connect(true).await?;
+    let orchestrator = cx.connect(true, Access::Read).await?;
     let sagas = SagaOrchestrator::new(orchestrator.store().clone());
     match command {
         SagasCommand::List { unfinished } => {

@@ -8,7 +8,7 @@ use orchestrator::core::{EventEnvelope, EventStore, ReadAll};
 use serde_json::{Value, json};
 
 use crate::output::{event_json, event_line, print_json, time};
-use crate::{CliResult, Context};
+use crate::{Access, CliResult, Context};
 
 /// How many events one read of the store asks for.
 pub(crate) const PAGE: usize = 1024;
@@ -61,7 +61,7 @@ pub(crate) async fn for_each_event(
 }
 
 pub(crate) async fn run(cx: &Context, command: StreamsCommand) -> CliResult {
-    let orchestrator = cx.connect(true).await?;
+    let orchestrator = cx.connect(true, Access::Read).await?;
     let store = orchestrator.store().as_ref();
     match command {
         StreamsCommand::List => {

@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 use crate::output::{event_json, payload, print_json, time};
 use crate::sagas::{millis, record_step};
 use crate::streams::for_each_event;
-use crate::{CliResult, Context};
+use crate::{Access, CliResult, Context};
 
 /// `trace <id>`.
 #[derive(Debug, Args)]
@@ -31,7 +31,7 @@ struct Found {
 }
 
 pub(crate) async fn run(cx: &Context, args: TraceArgs) -> CliResult {
-    let orchestrator = cx.connect(true).await?;
+    let orchestrator = cx.connect(true, Access::Read).await?;
     let wanted = args
         .id
         .strip_prefix(STREAM_PREFIX)
