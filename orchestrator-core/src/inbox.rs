@@ -342,7 +342,10 @@ mod tests {
         ids.insert(old.clone(), start);
         let later = start + chrono::Duration::seconds(11);
         assert!(!ids.contains(&old, later), "past its age");
-        assert!(ids.insert(old.clone(), later), "an expired id is recorded anew");
+        assert!(
+            ids.insert(old.clone(), later),
+            "an expired id is recorded anew"
+        );
         assert!(ids.contains(&old, later));
         assert_eq!(ids.len(), 1);
     }

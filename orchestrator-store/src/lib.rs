@@ -13,6 +13,8 @@
 //! - [`projection`]: named read models fed from the global order with a durable checkpoint
 //!   in the store, retries and parking;
 //! - [`snapshot`]: aggregate snapshots (in memory or in files) and a snapshot policy;
+//! - [`inbox`]: the durable [`FileInbox`] of handled event ids, for subscriptions that
+//!   de-duplicate across restarts (what [`FileEventStore`] hands out as its inbox);
 //! - [`schema`]: the [`SchemaRegistry`] (JSON Schema per event type and version, upcasters)
 //!   implementing the core schema hooks, and a store wrapper validating on append.
 //!
@@ -47,6 +49,7 @@
 
 pub mod error;
 pub mod file;
+pub mod inbox;
 pub mod memory;
 pub mod projection;
 pub mod replay;
@@ -57,6 +60,8 @@ pub mod temporal;
 pub use error::{Error, Result};
 #[doc(inline)]
 pub use file::FileEventStore;
+#[doc(inline)]
+pub use inbox::FileInbox;
 #[doc(inline)]
 pub use memory::InMemoryEventStore;
 #[doc(inline)]

@@ -42,10 +42,19 @@ fn group(tag: &str) -> String {
 pub async fn record_then_seen(inbox: &dyn Inbox) {
     let group = group("seen");
     let (handled, other) = (EventId::new(), EventId::new());
-    assert!(!inbox.seen(&group, &handled).await.unwrap(), "seen before any record");
+    assert!(
+        !inbox.seen(&group, &handled).await.unwrap(),
+        "seen before any record"
+    );
     inbox.record(&group, &handled).await.unwrap();
-    assert!(inbox.seen(&group, &handled).await.unwrap(), "recorded id not seen");
-    assert!(!inbox.seen(&group, &other).await.unwrap(), "an id never recorded is seen");
+    assert!(
+        inbox.seen(&group, &handled).await.unwrap(),
+        "recorded id not seen"
+    );
+    assert!(
+        !inbox.seen(&group, &other).await.unwrap(),
+        "an id never recorded is seen"
+    );
 }
 
 /// Each group has its own ids.
@@ -63,7 +72,11 @@ pub async fn groups_are_separate(inbox: &dyn Inbox) {
 /// With a count bound of 3, recording 5 ids forgets the oldest 2; recording an id again
 /// does not count twice.
 pub async fn count_retention_keeps_the_newest(inbox: &dyn Inbox) {
-    assert_eq!(inbox.retention().max_ids(), Some(3), "the factory's retention");
+    assert_eq!(
+        inbox.retention().max_ids(),
+        Some(3),
+        "the factory's retention"
+    );
     let group = group("count");
     let ids: Vec<EventId> = (0..5).map(|_| EventId::new()).collect();
     for id in &ids {
@@ -94,8 +107,14 @@ pub async fn age_retention_forgets_old_ids(inbox: &dyn Inbox, clock: &ManualCloc
     clock.advance(Duration::from_secs(30));
     inbox.record(&group, &young).await.unwrap();
     clock.advance(Duration::from_secs(31));
-    assert!(!inbox.seen(&group, &old).await.unwrap(), "kept past its age");
-    assert!(inbox.seen(&group, &young).await.unwrap(), "forgotten too early");
+    assert!(
+        !inbox.seen(&group, &old).await.unwrap(),
+        "kept past its age"
+    );
+    assert!(
+        inbox.seen(&group, &young).await.unwrap(),
+        "forgotten too early"
+    );
     inbox.record(&group, &old).await.unwrap();
     assert!(inbox.seen(&group, &old).await.unwrap(), "not recorded anew");
 }
@@ -109,7 +128,10 @@ pub async fn invalid_group_is_rejected(inbox: &dyn Inbox) {
             "seen({bad:?}) accepted"
         );
         assert!(
-            matches!(inbox.record(bad, &id).await, Err(Error::InvalidInput { .. })),
+            matches!(
+                inbox.record(bad, &id).await,
+                Err(Error::InvalidInput { .. })
+            ),
             "record({bad:?}) accepted"
         );
     }
@@ -125,7 +147,10 @@ pub async fn concurrent_records_all_land(inbox: &dyn Inbox) {
         .collect::<crate::Result<Vec<()>>>()
         .unwrap();
     for id in &ids {
-        assert!(inbox.seen(&group, id).await.unwrap(), "a concurrent record was lost");
+        assert!(
+            inbox.seen(&group, id).await.unwrap(),
+            "a concurrent record was lost"
+        );
     }
 }
 

@@ -196,6 +196,9 @@ struct Inner {
     writer: Mutex<Option<JoinHandle<()>>>,
     report: RecoveryReport,
     options: FileStoreOptions,
+    /// The inbox in `<dir>/inbox`, handed out by [`EventStore::inbox`]; its directory is
+    /// created when a group is first used.
+    inbox: Arc<crate::inbox::FileInbox>,
 }
 
 impl Inner {
@@ -279,12 +282,20 @@ impl FileEventStore {
         tracing::debug!(dir = %dir.display(), report = ?recovered.report, "embedded store opened");
         Ok(Self {
             inner: Arc::new(Inner {
-                dir,
                 shared,
                 requests: Mutex::new(Some(requests)),
                 writer: Mutex::new(Some(writer)),
                 report: recovered.report,
+                inbox: Arc::new(crate::inbox::FileInbox::at(&dir.join("inbox")).with_sync(
+                    match options.fsync {
+                        FsyncPolicy::Never => crate::inbox::InboxSync::Never,
+                        FsyncPolicy::EveryAppend | FsyncPolicy::Interval(_) => {
+                            crate::inbox::InboxSync::EveryRecord
+                        }
+                    },
+                )),
                 options,
+                dir,
             }),
         })
     }
@@ -383,6 +394,13 @@ impl EventStore for FileEventStore {
 
     fn capabilities(&self) -> StoreCapabilities {
         StoreCapabilities::FULL
+    }
+
+    /// A [`FileInbox`](crate::inbox::FileInbox) in `<store dir>/inbox`, the same one on
+    /// every call: default retention, every record synced unless the store never syncs
+    /// ([`FsyncPolicy::Never`]).
+    fn inbox(&self) -> Option<Arc<dyn orchestrator_core::Inbox>> {
+        Some(Arc::clone(&self.inner.inbox) as Arc<dyn orchestrator_core::Inbox>)
     }
 
     fn lease(&self, name: &str) -> Option<Arc<dyn orchestrator_core::Lease>> {
