@@ -294,8 +294,16 @@ impl EventBus {
         options = options.prefetch(config.concurrency.saturating_mul(4).max(64));
 
         let mut chain: Vec<Arc<dyn Middleware>> = Vec::new();
-        if let Some(window) = config.dedup_window {
-            chain.push(Arc::new(Deduplicate::new(window)));
+        if let Some(inbox) = &config.inbox {
+            if inbox.durable() && config.name.is_none() {
+                tracing::warn!(
+                    subscription = %name,
+                    inbox = %inbox.describe(),
+                    "a durable inbox on an unnamed subscription: its ids are kept under a \
+                     random name, so they do not outlive this subscription; name it"
+                );
+            }
+            chain.push(Arc::new(Deduplicate::with_inbox(Arc::clone(inbox))));
         }
         chain.extend(config.middleware.iter().cloned());
         let mode = config.retry_mode.unwrap_or(if config.ordered {

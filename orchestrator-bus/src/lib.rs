@@ -7,7 +7,8 @@
 //! - [`EventBus`]: publish events; subscribe handlers to topic patterns (`user.created`,
 //!   `user.*`, `order.#`) with a [`SubscriptionConfig`] — filter, transform, concurrency
 //!   limit, per-key order, [middleware](middleware), per-subscription
-//!   [`RetryPolicy`](orchestrator_core::RetryPolicy), idempotent consumer; consumer groups
+//!   [`RetryPolicy`](orchestrator_core::RetryPolicy), idempotent consumer on an
+//!   [`Inbox`](orchestrator_core::Inbox) (in memory, or durable: across restarts); consumer groups
 //!   (named subscriptions compete, different names each get everything); graceful
 //!   [`shutdown`](EventBus::shutdown); [metrics](metrics) and `tracing` spans.
 //! - [`DeadLetters`]: list, inspect, reprocess, discard, and a failure report.

@@ -30,17 +30,18 @@
 //! ```
 
 use std::cell::RefCell;
-use std::collections::{HashSet, VecDeque};
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use orchestrator_core::{Delivery, EventEnvelope, EventHandler, EventId, HandlerError};
+use orchestrator_core::{
+    Delivery, EventEnvelope, EventHandler, HandlerError, InMemoryInbox, Inbox, InboxRetention,
+};
 
 /// What a handler or middleware knows about the delivery it is handling.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -260,51 +261,46 @@ impl Middleware for LogEvents {
     }
 }
 
-/// The idempotent consumer: skips an event whose id was handled successfully within the
-/// last `window` distinct events of this subscription, so a redelivery does not repeat side
-/// effects. Memory is bounded by the window.
-#[derive(Debug)]
+/// The idempotent consumer: skips an event whose id its [`Inbox`] has seen for the
+/// subscription (`ctx.subscription`, the consumer group), and records the id after the rest
+/// of the chain and the handler succeeded — before the bus acknowledges the delivery. A
+/// failed handler's id is not recorded, so its retry runs.
+///
+/// If the inbox cannot answer [`seen`](Inbox::seen), the attempt fails as retryable (the
+/// retry policy applies) rather than risk a second handling. If it cannot
+/// [`record`](Inbox::record), the error is logged and the delivery acknowledged anyway: the
+/// handler did succeed, and the only cost is that a later redelivery would be handled again.
+///
+/// [`SubscriptionConfig::idempotent`](crate::SubscriptionConfig::idempotent) and
+/// [`SubscriptionConfig::inbox`](crate::SubscriptionConfig::inbox) put it first in the chain.
+#[derive(Clone)]
 pub struct Deduplicate {
-    window: usize,
-    seen: Mutex<Seen>,
+    inbox: Arc<dyn Inbox>,
 }
 
-#[derive(Debug, Default)]
-struct Seen {
-    ids: HashSet<EventId>,
-    order: VecDeque<EventId>,
+impl std::fmt::Debug for Deduplicate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Deduplicate")
+            .field("inbox", &self.inbox.describe())
+            .finish()
+    }
 }
 
 impl Deduplicate {
-    /// Remembers the last `window` (at least 1) successfully handled event ids.
+    /// Remembers the last `window` (at least 1) successfully handled event ids of each
+    /// subscription, in memory (forgotten on restart).
     pub fn new(window: usize) -> Self {
-        Self {
-            window: window.max(1),
-            seen: Mutex::new(Seen::default()),
-        }
+        Self::with_inbox(Arc::new(InMemoryInbox::new(InboxRetention::last(window))))
     }
 
-    fn seen(&self) -> std::sync::MutexGuard<'_, Seen> {
-        // Every critical section is a lookup, or an insert followed by a bounded eviction,
-        // none of which can panic halfway; a poisoned lock still guards a consistent set.
-        self.seen.lock().unwrap_or_else(PoisonError::into_inner)
+    /// Keeps the handled ids in `inbox` (durable or not).
+    pub fn with_inbox(inbox: Arc<dyn Inbox>) -> Self {
+        Self { inbox }
     }
 
-    /// Whether `id` was handled within the window.
-    pub fn contains(&self, id: &EventId) -> bool {
-        self.seen().ids.contains(id)
-    }
-
-    fn remember(&self, id: EventId) {
-        let mut seen = self.seen();
-        if seen.ids.insert(id.clone()) {
-            seen.order.push_back(id);
-            while seen.order.len() > self.window {
-                if let Some(old) = seen.order.pop_front() {
-                    seen.ids.remove(&old);
-                }
-            }
-        }
+    /// The inbox the ids are kept in.
+    pub fn inbox(&self) -> &Arc<dyn Inbox> {
+        &self.inbox
     }
 }
 
@@ -317,13 +313,31 @@ impl Middleware for Deduplicate {
         next: Next<'_>,
     ) -> Result<(), HandlerError> {
         let id = event.id().clone();
-        if self.contains(&id) {
-            crate::metrics::duplicate(&ctx.subscription, event.event_type());
-            tracing::debug!(subscription = %ctx.subscription, event_id = %id, "duplicate skipped");
-            return Ok(());
+        match self.inbox.seen(&ctx.subscription, &id).await {
+            Ok(true) => {
+                crate::metrics::duplicate(&ctx.subscription, event.event_type());
+                tracing::debug!(subscription = %ctx.subscription, event_id = %id, "duplicate skipped");
+                return Ok(());
+            }
+            Ok(false) => {}
+            Err(error) => {
+                return Err(HandlerError::from_error(
+                    format!(
+                        "cannot tell whether {id} was handled: {}: {error}",
+                        self.inbox.describe()
+                    ),
+                    true,
+                ));
+            }
         }
         next.run(event, ctx).await?;
-        self.remember(id);
+        if let Err(error) = self.inbox.record(&ctx.subscription, &id).await {
+            tracing::warn!(
+                subscription = %ctx.subscription, event_id = %id, %error,
+                inbox = %self.inbox.describe(),
+                "handled, but recording the id in the inbox failed: a redelivery would be handled again"
+            );
+        }
         Ok(())
     }
 }
@@ -331,16 +345,20 @@ impl Middleware for Deduplicate {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use orchestrator_core::EventId;
 
-    #[test]
-    fn dedup_window_is_bounded() {
+    #[tokio::test]
+    async fn dedup_window_is_bounded() {
         let d = Deduplicate::new(2);
         let ids: Vec<EventId> = (0..3).map(|_| EventId::new()).collect();
         for id in &ids {
-            d.remember(id.clone());
+            d.inbox().record("group", id).await.unwrap();
         }
-        assert!(!d.contains(&ids[0]), "evicted beyond the window");
-        assert!(d.contains(&ids[1]) && d.contains(&ids[2]));
-        assert_eq!(d.seen().order.len(), 2);
+        assert!(
+            !d.inbox().seen("group", &ids[0]).await.unwrap(),
+            "evicted beyond the window"
+        );
+        assert!(d.inbox().seen("group", &ids[1]).await.unwrap());
+        assert!(d.inbox().seen("group", &ids[2]).await.unwrap());
     }
 }

@@ -3,7 +3,9 @@
 
 use std::sync::Arc;
 
-use orchestrator_core::{EventEnvelope, HandlerError, RetryPolicy};
+use orchestrator_core::{
+    EventEnvelope, HandlerError, InMemoryInbox, Inbox, InboxRetention, RetryPolicy,
+};
 
 use crate::middleware::Middleware;
 
@@ -58,7 +60,7 @@ pub struct SubscriptionConfig {
     pub(crate) middleware: Vec<Arc<dyn Middleware>>,
     pub(crate) retry: Option<RetryPolicy>,
     pub(crate) retry_mode: Option<RetryMode>,
-    pub(crate) dedup_window: Option<usize>,
+    pub(crate) inbox: Option<Arc<dyn Inbox>>,
 }
 
 impl std::fmt::Debug for SubscriptionConfig {
@@ -73,7 +75,7 @@ impl std::fmt::Debug for SubscriptionConfig {
             .field("middleware", &self.middleware.len())
             .field("retry", &self.retry)
             .field("retry_mode", &self.retry_mode)
-            .field("dedup_window", &self.dedup_window)
+            .field("inbox", &self.inbox.as_ref().map(|inbox| inbox.describe()))
             .finish()
     }
 }
@@ -92,7 +94,7 @@ impl SubscriptionConfig {
             middleware: Vec::new(),
             retry: None,
             retry_mode: None,
-            dedup_window: None,
+            inbox: None,
         }
     }
 
@@ -170,10 +172,38 @@ impl SubscriptionConfig {
         self
     }
 
-    /// The idempotent consumer: skip events whose id was handled successfully within the
-    /// last `window` events, so a redelivery does not repeat side effects.
-    pub fn idempotent(mut self, window: usize) -> Self {
-        self.dedup_window = Some(window);
+    /// The idempotent consumer in memory: skip events whose id was handled successfully
+    /// within the last `window` events, so a redelivery does not repeat side effects. It
+    /// forgets on restart; [`inbox`](Self::inbox) with a durable inbox does not. Shorthand
+    /// for `.inbox(Arc::new(InMemoryInbox::new(InboxRetention::last(window))))`.
+    pub fn idempotent(self, window: usize) -> Self {
+        self.inbox(Arc::new(InMemoryInbox::new(InboxRetention::last(window))))
+    }
+
+    /// The idempotent consumer on `inbox`: a delivery whose event id the inbox has seen for
+    /// this subscription's name (its consumer group) is acknowledged without calling the
+    /// handler (and counted in `orchestrator_bus_duplicates_total`); after the handler
+    /// succeeds, the id is recorded, then the delivery is acknowledged. A failed handler's
+    /// id is not recorded, so its retry runs. Replaces an earlier
+    /// [`idempotent`](Self::idempotent).
+    ///
+    /// With a durable inbox (a file or Redis one: `EventOrchestrator::inbox()` in the
+    /// facade) the de-duplication survives restarts — [name](Self::named) the subscription,
+    /// since its name is the key the ids are kept under. See
+    /// [`orchestrator_core::inbox`] for what is guaranteed: a crash between the handler's
+    /// success and the record means one more handling.
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use orchestrator_bus::SubscriptionConfig;
+    /// use orchestrator_core::inbox::{InMemoryInbox, InboxRetention};
+    ///
+    /// let inbox = Arc::new(InMemoryInbox::new(InboxRetention::last(50_000)));
+    /// let config = SubscriptionConfig::new("order.#").named("billing").inbox(inbox);
+    /// # let _ = config;
+    /// ```
+    pub fn inbox(mut self, inbox: Arc<dyn Inbox>) -> Self {
+        self.inbox = Some(inbox);
         self
     }
 }

@@ -2,7 +2,7 @@
 //!
 //! The vocabulary every orchestrator crate shares: the [`EventEnvelope`] and typed
 //! [`Event`]s, the CloudEvents wire codec, and the traits the concern crates build on —
-//! [`EventStore`], [`Transport`], [`DeadLetterQueue`], [`EventHandler`] — plus
+//! [`EventStore`], [`Transport`], [`DeadLetterQueue`], [`EventHandler`], [`Inbox`] — plus
 //! [`RetryPolicy`], [`Clock`] and the one [`Error`] type.
 //!
 //! Implementations live elsewhere: the in-memory store in `orchestrator-store`, the
@@ -25,8 +25,8 @@
 //!
 //! ## Features
 //!
-//! - `testkit` — the conformance suites [`testkit::store`] and [`testkit::transport`], which
-//!   any implementation runs with one call.
+//! - `testkit` — the conformance suites [`testkit::store`], [`testkit::transport`] and
+//!   [`testkit::inbox`], which any implementation runs with one call.
 
 pub mod clock;
 pub mod cloudevents;
@@ -35,6 +35,7 @@ pub mod dlq;
 pub mod envelope;
 pub mod error;
 pub mod handler;
+pub mod inbox;
 pub mod lease;
 pub mod pattern;
 pub mod retry;
@@ -52,6 +53,7 @@ pub use envelope::{
 };
 pub use error::{BoxError, Error, HandlerError, Result};
 pub use handler::{EventHandler, HandlerCall, HandlerSlot, JsonHandler};
+pub use inbox::{InMemoryInbox, Inbox, InboxRetention};
 pub use lease::{Lease, LocalLease};
 pub use pattern::TopicPattern;
 pub use retry::{Jitter, RetryPolicy};

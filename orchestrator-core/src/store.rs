@@ -305,6 +305,16 @@ pub trait EventStore: Send + Sync + 'static {
         let _ = name;
         None
     }
+
+    /// The [`Inbox`](crate::Inbox) kept beside this store's events, for subscriptions that
+    /// de-duplicate across restarts; `None` when the store keeps none (then an
+    /// [`InMemoryInbox`](crate::InMemoryInbox) is the fallback, which forgets on restart).
+    ///
+    /// Each call on one store returns the same inbox (or one sharing its state), so that
+    /// every subscription of a process uses one view of the ids.
+    fn inbox(&self) -> Option<Arc<dyn crate::Inbox>> {
+        None
+    }
 }
 
 #[async_trait]
@@ -345,6 +355,9 @@ impl<S: EventStore + ?Sized> EventStore for Arc<S> {
     }
     fn lease(&self, name: &str) -> Option<Arc<dyn crate::Lease>> {
         (**self).lease(name)
+    }
+    fn inbox(&self) -> Option<Arc<dyn crate::Inbox>> {
+        (**self).inbox()
     }
 }
 

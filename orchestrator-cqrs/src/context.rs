@@ -215,6 +215,10 @@ impl<S: EventStore> EventStore for PositionTrackingStore<S> {
     fn lease(&self, name: &str) -> Option<std::sync::Arc<dyn orchestrator_core::Lease>> {
         self.inner.lease(name)
     }
+
+    fn inbox(&self) -> Option<std::sync::Arc<dyn orchestrator_core::Inbox>> {
+        self.inner.inbox()
+    }
 }
 
 #[cfg(test)]

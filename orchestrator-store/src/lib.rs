@@ -15,6 +15,8 @@
 //! - [`projection`]: named read models fed from the global order with a durable checkpoint
 //!   in the store, retries and parking;
 //! - [`snapshot`]: aggregate snapshots (in memory or in files) and a snapshot policy;
+//! - [`inbox`]: the durable [`FileInbox`] of handled event ids, for subscriptions that
+//!   de-duplicate across restarts (what [`FileEventStore`] hands out as its inbox);
 //! - [`schema`]: the [`SchemaRegistry`] (JSON Schema per event type and version, upcasters)
 //!   implementing the core schema hooks, and a store wrapper validating on append.
 //!
@@ -49,6 +51,7 @@
 
 pub mod error;
 pub mod file;
+pub mod inbox;
 pub mod memory;
 pub mod projection;
 pub mod replay;
@@ -59,6 +62,8 @@ pub mod temporal;
 pub use error::{Error, Result};
 #[doc(inline)]
 pub use file::{FileDeadLetterQueue, FileEventStore};
+#[doc(inline)]
+pub use inbox::FileInbox;
 #[doc(inline)]
 pub use memory::InMemoryEventStore;
 #[doc(inline)]

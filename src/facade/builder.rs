@@ -7,6 +7,7 @@ use std::sync::Arc;
 use orchestrator_bus::{EventBus, InProcessTransport};
 use orchestrator_core::EventSchemas;
 use orchestrator_core::{Clock, DeadLetterQueue, EventStore, RetryPolicy, SystemClock, Transport};
+use orchestrator_core::{InMemoryInbox, Inbox};
 use orchestrator_cqrs::{CommandBus, QueryBus, QueryCacheConfig};
 use orchestrator_saga::SagaOrchestrator;
 use orchestrator_store::schema::ValidatingStore;
@@ -68,6 +69,7 @@ pub struct EventOrchestratorBuilder {
     max_concurrent_sagas: Option<usize>,
     commands: Option<CommandBus>,
     relay: RelayOptions,
+    inbox: Option<Arc<dyn Inbox>>,
 }
 
 impl Default for EventOrchestratorBuilder {
@@ -84,6 +86,7 @@ impl Default for EventOrchestratorBuilder {
             max_concurrent_sagas: None,
             commands: None,
             relay: RelayOptions::default(),
+            inbox: None,
         }
     }
 }
@@ -218,6 +221,13 @@ impl EventOrchestratorBuilder {
         self
     }
 
+    /// The inbox [`EventOrchestrator::inbox`] hands out, instead of the store's (for another
+    /// retention, or another place to keep the ids).
+    pub fn inbox(mut self, inbox: Arc<dyn Inbox>) -> Self {
+        self.inbox = Some(inbox);
+        self
+    }
+
     /// Connects what was given by URL and builds the orchestrator.
     ///
     /// On a durable store with a broker transport the outbox relay starts at once, so that
@@ -300,6 +310,9 @@ impl EventOrchestratorBuilder {
         store: Arc<dyn EventStore>,
     ) -> EventOrchestrator {
         let schemas = self.schemas.unwrap_or_default();
+        let inbox = self.inbox.or_else(|| store.inbox()).unwrap_or_else(|| {
+            Arc::new(InMemoryInbox::default().with_clock(Arc::clone(&self.clock)))
+        });
         let bus = EventBus::new(transport)
             .with_retry_policy(self.retry)
             .with_clock(Arc::clone(&self.clock))
@@ -332,6 +345,7 @@ impl EventOrchestratorBuilder {
             sagas: sagas.build(),
             commands: self.commands.unwrap_or_default(),
             queries: queries.build(),
+            inbox,
         }
     }
 }

@@ -12,7 +12,7 @@ use std::time::Duration;
 use orchestrator_bus::{DeadLetters, EventBus, ShutdownReport, Subscription, SubscriptionConfig};
 use orchestrator_core::{
     AppendResult, Event, EventEnvelope, EventHandler, EventId, EventStore, ExpectedVersion,
-    HandlerError, RetryPolicy, Transport,
+    HandlerError, Inbox, RetryPolicy, Transport,
 };
 use orchestrator_cqrs::{CommandBus, QueryBus};
 use orchestrator_saga::SagaOrchestrator;
@@ -61,6 +61,7 @@ pub struct EventOrchestrator {
     commands: CommandBus,
     queries: QueryBus,
     relay: Arc<Relay>,
+    inbox: Arc<dyn Inbox>,
 }
 
 impl std::fmt::Debug for EventOrchestrator {
@@ -117,6 +118,31 @@ impl EventOrchestrator {
     ) -> Result<Subscription> {
         self.subscribe_with(SubscriptionConfig::new(event_type_or_pattern), handler)
             .await
+    }
+
+    /// The inbox for subscriptions that de-duplicate across restarts, fitting the store:
+    /// a [`FileInbox`](orchestrator_store::FileInbox) in `<store dir>/inbox` for the
+    /// embedded durable store, a `RedisInbox` under the prefix for the Redis store, the one
+    /// given to [`EventOrchestratorBuilder::inbox`], else an
+    /// [`InMemoryInbox`](orchestrator_core::InMemoryInbox) — which forgets on restart
+    /// ([`Inbox::durable`] says which). Every call returns the same inbox.
+    ///
+    /// ```
+    /// use orchestrator::prelude::*;
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> orchestrator::Result<()> {
+    /// let orchestrator = EventOrchestrator::new();
+    /// orchestrator
+    ///     .subscribe_with(
+    ///         SubscriptionConfig::new("order.#").named("billing").inbox(orchestrator.inbox()),
+    ///         |_event: EventEnvelope| async { Ok::<_, HandlerError>(()) },
+    ///     )
+    ///     .await?;
+    /// assert!(!orchestrator.inbox().durable(), "the in-memory store keeps no inbox");
+    /// # Ok(()) }
+    /// ```
+    pub fn inbox(&self) -> Arc<dyn Inbox> {
+        Arc::clone(&self.inbox)
     }
 
     /// Subscribes `handler` with the bus's options: a name (consumer group), filter,

@@ -1,5 +1,6 @@
 //! Redis Streams: [`RedisEventStore`], [`RedisTransport`] and [`RedisDeadLetterQueue`]
-//! (feature `redis`).
+//! (feature `redis`), with the [`RedisLease`] and the durable [`RedisInbox`] the store hands
+//! out.
 //!
 //! Requires Redis 6.2 or later (`XAUTOCLAIM`, exclusive ranges); single-node or
 //! primary/replica deployments — Redis Cluster is not supported, because the store's append
@@ -63,6 +64,9 @@
 //! | `<prefix>delayed:<group>` | sorted set | nacked messages waiting out their delay, scored by due time (ms, Redis server clock) |
 //! | `<prefix>dlq` | stream | dead letters, oldest first; fields `id`, `type`, `subscription`, `letter` (JSON: `id`, `topic`, `subscription`, `reason`, `attempts`, `first_failure_at`, `last_failure_at`, `event`) |
 //! | `<prefix>dlq:index` | hash | dead-letter id → `dlq` entry id |
+//! | `<prefix>lease:<name>` | string | a [`RedisLease`]: the holder's token, with a time to live |
+//! | `<prefix>inbox:<group>` | sorted set | a [`RedisInbox`]: the event ids `<group>` handled, scored by record order |
+//! | `<prefix>inbox-at:<group>` | sorted set | the same ids scored by record time (ms since the epoch, the recording process's clock) |
 //!
 //! A store and a transport may share a prefix. [`RedisEventStore::delete_all`] and
 //! [`RedisTransport::delete_all`] delete every key under the prefix (`SCAN` + `DEL`; refused
@@ -163,6 +167,7 @@ mod config;
 mod conn;
 mod consumer;
 mod dlq;
+mod inbox;
 mod lease;
 mod scripts;
 mod settle;
@@ -171,6 +176,7 @@ mod transport;
 
 pub use config::{DEFAULT_PREFIX, RedisConfig};
 pub use dlq::RedisDeadLetterQueue;
+pub use inbox::RedisInbox;
 pub use lease::RedisLease;
 pub use store::RedisEventStore;
 pub use transport::RedisTransport;

@@ -313,6 +313,15 @@ impl EventStore for RedisEventStore {
         })))
     }
 
+    /// A [`RedisInbox`](super::RedisInbox) under this store's prefix, with the default
+    /// retention, on this store's connection; every call's inbox shares the same keys.
+    fn inbox(&self) -> Option<std::sync::Arc<dyn orchestrator_core::Inbox>> {
+        Some(std::sync::Arc::new(super::RedisInbox::new(
+            self.manager.clone(),
+            self.config.clone(),
+        )))
+    }
+
     /// A [`RedisLease`](super::RedisLease) in the key `<prefix>lease:<name>`, lasting 5 s
     /// without renewal: the processes sharing this store elect one holder.
     fn lease(&self, name: &str) -> Option<std::sync::Arc<dyn orchestrator_core::Lease>> {

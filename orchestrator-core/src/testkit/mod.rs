@@ -1,10 +1,11 @@
-//! Conformance suites: the behaviour every [`EventStore`](crate::EventStore) and
-//! [`Transport`](crate::Transport) must show. An implementation runs a whole suite with one
+//! Conformance suites: the behaviour every [`EventStore`](crate::EventStore),
+//! [`Transport`](crate::Transport) and [`Inbox`](crate::Inbox) must show. An implementation runs a whole suite with one
 //! call from its own tests, e.g. `testkit::store::run_all(|| async { MyStore::new() }).await`.
 //!
 //! The suites panic with a message naming the case and what was wrong, like any test.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+pub mod inbox;
 pub mod services;
 pub mod store;
 pub mod transport;

@@ -226,6 +226,10 @@ struct Inner {
     writer: Mutex<Option<JoinHandle<()>>>,
     report: RecoveryReport,
     options: FileStoreOptions,
+    /// The inbox in `<dir>/inbox`, handed out by [`EventStore::inbox`]; its directory is
+    /// created when a group is first used. `None` on a store opened read-only, which
+    /// writes nothing.
+    inbox: Option<Arc<crate::inbox::FileInbox>>,
     /// Dropped after `Drop::drop` has joined the writer, so the directory is unlocked only
     /// once every append in flight is on disk.
     access: Access,
@@ -344,13 +348,23 @@ impl FileEventStore {
         tracing::debug!(dir = %dir.display(), report = ?recovered.report, "embedded store opened");
         Ok(Self {
             inner: Arc::new(Inner {
-                dir,
                 shared,
                 requests: Mutex::new(Some(requests)),
                 writer: Mutex::new(Some(writer)),
                 report: recovered.report,
+                inbox: Some(Arc::new(
+                    crate::inbox::FileInbox::at(&dir.join("inbox")).with_sync(
+                        match options.fsync {
+                            FsyncPolicy::Never => crate::inbox::InboxSync::Never,
+                            FsyncPolicy::EveryAppend | FsyncPolicy::Interval(_) => {
+                                crate::inbox::InboxSync::EveryRecord
+                            }
+                        },
+                    ),
+                )),
                 options,
                 access: Access::Write { _lock: lock },
+                dir,
             }),
         })
     }
@@ -404,6 +418,7 @@ impl FileEventStore {
                 report,
                 options: FileStoreOptions::default(),
                 access: Access::ReadOnly(Mutex::new(cursor)),
+                inbox: None,
             }),
         })
     }
@@ -535,6 +550,16 @@ impl EventStore for FileEventStore {
 
     fn capabilities(&self) -> StoreCapabilities {
         StoreCapabilities::FULL
+    }
+
+    /// A [`FileInbox`](crate::inbox::FileInbox) in `<store dir>/inbox`, the same one on
+    /// every call: default retention, every record synced unless the store never syncs
+    /// ([`FsyncPolicy::Never`]).
+    fn inbox(&self) -> Option<Arc<dyn orchestrator_core::Inbox>> {
+        self.inner
+            .inbox
+            .as_ref()
+            .map(|inbox| Arc::clone(inbox) as Arc<dyn orchestrator_core::Inbox>)
     }
 
     fn lease(&self, name: &str) -> Option<Arc<dyn orchestrator_core::Lease>> {

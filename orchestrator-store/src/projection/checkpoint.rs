@@ -86,8 +86,8 @@ impl Checkpoints {
             Err(Error::WrongExpectedVersion { .. }) => Err(Error::invalid(
                 "checkpoint",
                 format!(
-                    "checkpoint stream `{}` was written by someone else: is another reader \
-                     named `{name}` (a projection runner, an outbox relay) running?",
+                    "checkpoint stream `{}` was written by someone else: is another runner \
+                     of `{name}` (a projection runner, an outbox relay) running?",
                     self.stream
                 ),
             )),

@@ -117,6 +117,10 @@ impl<S: EventStore> EventStore for ValidatingStore<S> {
             .boxed())
     }
 
+    fn inbox(&self) -> Option<std::sync::Arc<dyn orchestrator_core::Inbox>> {
+        self.inner.inbox()
+    }
+
     fn lease(&self, name: &str) -> Option<std::sync::Arc<dyn orchestrator_core::Lease>> {
         self.inner.lease(name)
     }
