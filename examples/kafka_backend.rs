@@ -1,5 +1,6 @@
-//! The orchestrator on Kafka: events published to Kafka topics, the event store and the
-//! saga logs on a log topic, dead letters on a compacted topic.
+//! The orchestrator on Kafka: events published to Kafka topics, the event store on a log
+//! topic, dead letters on a compacted topic. Sagas are refused on this store (it cannot
+//! check exact versions), and the tour says so; keep saga logs in the file or Redis store.
 //!
 //! Needs a Kafka-protocol broker at `ORCHESTRATOR_KAFKA_BROKERS` (default `127.0.0.1:9092`;
 //! `cargo xtask services up` starts tansu). Run it with

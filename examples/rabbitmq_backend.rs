@@ -1,5 +1,6 @@
 //! The orchestrator on RabbitMQ: events published through a topic exchange, the event store
-//! and the saga logs on a stream queue, dead letters in a queue.
+//! on a stream queue, dead letters in a queue. Sagas are refused on this store (it cannot
+//! check exact versions), and the tour says so; keep saga logs in the file or Redis store.
 //!
 //! Needs a RabbitMQ at `ORCHESTRATOR_AMQP_URL` (default
 //! `amqp://guest:guest@127.0.0.1:5672/%2f`; `cargo xtask services up` starts one). Run it with
