@@ -11,6 +11,7 @@
 //! faults slow-handler [--events N]                     a slow handler, bounded memory
 //! faults publisher-crash <file-memory|file-redis|redis-redis> [--rounds N]
 //!                                                      SIGKILL a publishing process, relay
+//! faults publisher-outage redis [--events N]           Redis away while publishing
 //! ```
 //!
 //! Each prints what it does on stderr and, last, one `result scenario=… key=value …` line on
@@ -22,6 +23,7 @@
 //! `ORCHESTRATOR_FAULTS_PIDS`, so that whoever runs the suite can stop them should this
 //! process be killed.
 
+mod outage;
 mod publisher_crash;
 mod report;
 mod restart;
@@ -122,6 +124,10 @@ fn run(args: &[String]) -> Result<(), Failure> {
             publisher_crash::parent(target, rounds as usize)
         }
         publisher_crash::CHILD => publisher_crash::child(rest),
+        "publisher-outage" => {
+            let events = number_option(rest, "--events", 20_000)?;
+            runtime()?.block_on(outage::run(target, events as usize))
+        }
         "slow-handler" => {
             let events = number_option(rest, "--events", 1_000_000)?;
             runtime()?.block_on(slow_handler::run(events as usize))
@@ -129,7 +135,7 @@ fn run(args: &[String]) -> Result<(), Failure> {
         other => Err(Failure::Failed(
             format!(
                 "unknown scenario `{other}` (restart, saga-crash, writers, slow-handler, \
-                 publisher-crash)"
+                 publisher-crash, publisher-outage)"
             )
             .into(),
         )),

@@ -146,6 +146,11 @@ impl SpareRedis {
     /// `SHUTDOWN` (which syncs the append-only file), then the same server again on the
     /// same port and data; returns how long it was away.
     pub(crate) fn restart(&mut self) -> Res<Duration> {
+        self.restart_after(Duration::ZERO)
+    }
+
+    /// As [`restart`](Self::restart), staying down `pause` before starting again.
+    pub(crate) fn restart_after(&mut self, pause: Duration) -> Res<Duration> {
         let started = Instant::now();
         let _ = resp(self.port, b"*1\r\n$8\r\nSHUTDOWN\r\n");
         if let Some(mut child) = self.child.take() {
@@ -157,6 +162,7 @@ impl SpareRedis {
                 std::thread::sleep(Duration::from_millis(20));
             }
         }
+        std::thread::sleep(pause);
         self.spawn()?;
         Ok(started.elapsed())
     }

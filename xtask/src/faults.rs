@@ -157,6 +157,18 @@ pub(crate) fn scenarios(short: bool) -> Vec<Scenario> {
         ));
     }
     all.push(scenario(
+        "publisher-outage-redis".into(),
+        vec![
+            "publisher-outage".into(),
+            "redis".into(),
+            "--events".into(),
+            pick(20_000, 5_000).to_string(),
+        ],
+        // A redis-server of its own (the binary says when redis-server is missing).
+        None,
+        pick(300, 180),
+    ));
+    all.push(scenario(
         "slow-handler".into(),
         vec![
             "slow-handler".into(),
@@ -452,7 +464,7 @@ mod tests {
     fn the_short_suite_is_the_same_suite_smaller() {
         let (full, short) = (scenarios(false), scenarios(true));
         assert_eq!(full.len(), short.len());
-        assert_eq!(full.len(), 3 + 1 + 5 + 3 + 1);
+        assert_eq!(full.len(), 3 + 1 + 5 + 3 + 1 + 1);
         let restart = short.iter().find(|s| s.name == "restart-kafka").unwrap();
         assert!(restart.args.contains(&"10000".to_owned()));
         assert_eq!(restart.service, None, "it runs a tansu of its own");

@@ -123,6 +123,25 @@ const TABLES: &[Table] = &[
         ],
     },
     Table {
+        prefix: "publisher-outage-",
+        title: "Broker outage under a publishing application",
+        about: "8 tasks publish through `EventOrchestrator` on the file store with the Redis \
+                transport (a spare redis-server, AOF, fsync always). At 30% published, Redis \
+                gets `SHUTDOWN` and stays away 3 s. Checked: no publish fails (it only \
+                appends), events are published while Redis is away, and once it is back the \
+                outbox relay delivers every event to a named subscription.",
+        columns: &[
+            ("events", "events"),
+            ("published while away", "published_during_outage"),
+            ("publish errors", "publish_errors"),
+            ("delivered", "delivered"),
+            ("redeliveries", "redeliveries"),
+            ("lost", "lost"),
+            ("broker away (ms)", "downtime_ms"),
+            ("run (s)", "seconds"),
+        ],
+    },
+    Table {
         prefix: "writers-",
         title: "Concurrent writers on one stream",
         about: "8 tasks append one event at a time to the same stream, at once. Stores with \
