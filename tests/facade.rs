@@ -1,6 +1,8 @@
 //! The `EventOrchestrator` facade on the embedded default.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod support;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, SystemTime};
@@ -17,18 +19,7 @@ async fn collect(
     orchestrator: &EventOrchestrator,
     pattern: &str,
 ) -> mpsc::UnboundedReceiver<EventEnvelope> {
-    let (tx, rx) = mpsc::unbounded_channel();
-    orchestrator
-        .subscribe(pattern, move |event: EventEnvelope| {
-            let tx = tx.clone();
-            async move {
-                tx.send(event).ok();
-                Ok::<_, HandlerError>(())
-            }
-        })
-        .await
-        .unwrap();
-    rx
+    support::collect(orchestrator, pattern).await.1
 }
 
 async fn next(rx: &mut mpsc::UnboundedReceiver<EventEnvelope>) -> EventEnvelope {

@@ -1,6 +1,8 @@
 //! Store-first delivery through the facade: `publish` appends, the outbox relay delivers.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod support;
+
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -13,24 +15,7 @@ use tokio::time::timeout;
 
 const WAIT: Duration = Duration::from_secs(30);
 
-/// Subscribes a handler that sends each event's `n` (or its type when it has none) to a channel.
-async fn collect(
-    orchestrator: &EventOrchestrator,
-    pattern: &str,
-) -> (Subscription, mpsc::UnboundedReceiver<EventEnvelope>) {
-    let (tx, rx) = mpsc::unbounded_channel();
-    let subscription = orchestrator
-        .subscribe(pattern, move |event: EventEnvelope| {
-            let tx = tx.clone();
-            async move {
-                tx.send(event).ok();
-                Ok::<_, HandlerError>(())
-            }
-        })
-        .await
-        .unwrap();
-    (subscription, rx)
-}
+use support::collect;
 
 async fn take(rx: &mut mpsc::UnboundedReceiver<EventEnvelope>, count: usize) -> Vec<EventEnvelope> {
     let mut got = Vec::with_capacity(count);

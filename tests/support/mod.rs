@@ -72,17 +72,17 @@ pub(crate) fn unique(prefix: &str) -> String {
     format!("{prefix}{}x{nanos}", std::process::id())
 }
 
-/// Publishes one event of `event_type` through `orchestrator` and checks that the handler
-/// span is a child of the publish span, in one trace, and that the handler saw the
-/// `traceparent`.
-pub(crate) async fn assert_one_trace(
+/// Subscribes a handler to `pattern` that forwards every event it gets to the receiver.
+pub(crate) async fn collect(
     orchestrator: &EventOrchestrator,
-    traces: &Traces,
-    event_type: &str,
+    pattern: &str,
+) -> (
+    Subscription,
+    tokio::sync::mpsc::UnboundedReceiver<EventEnvelope>,
 ) {
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let _subscription = orchestrator
-        .subscribe(event_type, move |event: EventEnvelope| {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let subscription = orchestrator
+        .subscribe(pattern, move |event: EventEnvelope| {
             let tx = tx.clone();
             async move {
                 tx.send(event).ok();
@@ -91,6 +91,18 @@ pub(crate) async fn assert_one_trace(
         })
         .await
         .unwrap();
+    (subscription, rx)
+}
+
+/// Publishes one event of `event_type` through `orchestrator` and checks that the handler
+/// span is a child of the publish span, in one trace, and that the handler saw the
+/// `traceparent`.
+pub(crate) async fn assert_one_trace(
+    orchestrator: &EventOrchestrator,
+    traces: &Traces,
+    event_type: &str,
+) {
+    let (_subscription, mut rx) = collect(orchestrator, event_type).await;
     let id = orchestrator
         .publish_event(event_type, json!({"n": 1}))
         .await
