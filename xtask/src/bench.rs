@@ -20,9 +20,10 @@ use std::time::{Duration, Instant};
 
 use crate::{Result, cargo, describe, json, machine, reachable, tansu};
 
-/// Features that turn on every benchmark (the backend benches need theirs).
-pub(crate) const ALL_BACKENDS: &str =
-    "orchestrator-backends/redis,orchestrator-backends/rabbitmq,orchestrator-backends/kafka";
+/// Features that turn on every benchmark (the backend benches need theirs; the umbrella's
+/// end-to-end bench measures the broker combinations its features carry).
+pub(crate) const ALL_BACKENDS: &str = "orchestrator-backends/redis,orchestrator-backends/rabbitmq,\
+     orchestrator-backends/kafka,orchestrator/redis,orchestrator/rabbitmq,orchestrator/kafka";
 
 /// One benchmark executable.
 #[derive(Debug, Clone, Copy)]
@@ -31,8 +32,11 @@ struct Bench {
     name: &'static str,
     /// Whether it is a criterion bench (takes criterion's arguments, writes estimates).
     criterion: bool,
-    /// The service it needs, if any.
+    /// The service it needs, if any (without it, it is skipped).
     service: Option<&'static str>,
+    /// Whether it gets a tansu of its own (memory storage) when tansu is installed, its
+    /// address in `ORCHESTRATOR_KAFKA_BROKERS`.
+    own_tansu: bool,
     /// Whether its standard output is noise to throw away (cqrs-es prints per command).
     discard_stdout: bool,
     /// How long a full run may take before it is stopped.
@@ -47,6 +51,7 @@ const BENCHES: &[Bench] = &[
         name: "codec",
         criterion: true,
         service: None,
+        own_tansu: false,
         discard_stdout: false,
         timeout: Duration::from_secs(180),
         slow: false,
@@ -55,6 +60,7 @@ const BENCHES: &[Bench] = &[
         name: "bus",
         criterion: true,
         service: None,
+        own_tansu: false,
         discard_stdout: false,
         timeout: Duration::from_secs(240),
         slow: false,
@@ -63,6 +69,7 @@ const BENCHES: &[Bench] = &[
         name: "store",
         criterion: true,
         service: None,
+        own_tansu: false,
         discard_stdout: false,
         timeout: Duration::from_secs(240),
         slow: false,
@@ -71,6 +78,7 @@ const BENCHES: &[Bench] = &[
         name: "saga",
         criterion: true,
         service: None,
+        own_tansu: false,
         discard_stdout: false,
         timeout: Duration::from_secs(360),
         slow: false,
@@ -79,6 +87,7 @@ const BENCHES: &[Bench] = &[
         name: "cqrs",
         criterion: true,
         service: None,
+        own_tansu: false,
         discard_stdout: true,
         timeout: Duration::from_secs(360),
         slow: false,
@@ -87,6 +96,7 @@ const BENCHES: &[Bench] = &[
         name: "redis",
         criterion: false,
         service: Some("redis"),
+        own_tansu: false,
         discard_stdout: false,
         timeout: Duration::from_secs(300),
         slow: false,
@@ -95,6 +105,7 @@ const BENCHES: &[Bench] = &[
         name: "rabbitmq",
         criterion: false,
         service: Some("rabbitmq"),
+        own_tansu: false,
         discard_stdout: false,
         timeout: Duration::from_secs(300),
         slow: true,
@@ -103,8 +114,20 @@ const BENCHES: &[Bench] = &[
         name: "kafka",
         criterion: false,
         service: Some("kafka"),
+        own_tansu: true,
         discard_stdout: false,
         timeout: Duration::from_secs(540),
+        slow: true,
+    },
+    // Skips the combinations whose broker is unreachable itself (printing why): memory and
+    // file need none.
+    Bench {
+        name: "e2e",
+        criterion: false,
+        service: None,
+        own_tansu: true,
+        discard_stdout: false,
+        timeout: Duration::from_secs(900),
         slow: true,
     },
 ];
@@ -317,11 +340,11 @@ fn run_bench(
         return Outcome::Failed(format!("cargo built no bench called `{}`", bench.name));
     };
     let mut cmd = Command::new(executable);
-    // The Kafka bench gets a tansu of its own with memory storage, so that it measures the
-    // clients rather than a shared broker's state (DESIGN.md's raw figures are for that
+    // The Kafka benches get a tansu of their own with memory storage, so that they measure
+    // the clients rather than a shared broker's state (DESIGN.md's raw figures are for that
     // set-up).
-    let own_kafka = if bench.service == Some("kafka") && tansu::installed().is_some() {
-        tansu::OwnTansu::start("the kafka bench", tansu::Storage::Memory)
+    let own_kafka = if bench.own_tansu && tansu::installed().is_some() {
+        tansu::OwnTansu::start(&format!("the {} bench", bench.name), tansu::Storage::Memory)
             .map_err(|why| eprintln!("warning: {why}"))
             .ok()
     } else {
@@ -347,7 +370,8 @@ fn run_bench(
         cmd.args(options.criterion_args());
     }
     if options.quick {
-        cmd.env("REDIS_BENCH_ROUNDS", "3");
+        cmd.env("REDIS_BENCH_ROUNDS", "3")
+            .env("E2E_BENCH_ROUNDS", "3");
     }
     let stdout_path = logs.join(format!("{}.stdout", bench.name));
     let stderr_path = logs.join(format!("{}.stderr", bench.name));

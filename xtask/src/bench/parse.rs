@@ -275,6 +275,95 @@ pub(crate) fn saga_report(output: &str) -> Vec<(String, f64, f64, f64)> {
         .collect()
 }
 
+/// A row of the end-to-end bench's table: the facade from `publish` to the handler, next to
+/// the same store's plain appends.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct E2eLine {
+    /// `store/transport` (`memory/memory`, `file/Redis`, …).
+    pub(crate) combination: String,
+    /// Tasks publishing at once.
+    pub(crate) concurrency: u32,
+    /// Events per measurement.
+    pub(crate) events: u64,
+    /// End-to-end events per second.
+    pub(crate) rate: f64,
+    /// Median latency, publish → handler entry, in microseconds.
+    pub(crate) p50_us: f64,
+    /// 99th-percentile latency, in microseconds.
+    pub(crate) p99_us: f64,
+    /// The same store's plain append rate, same run.
+    pub(crate) append_rate: f64,
+    /// End to end ÷ plain append, as the bench reports it (its median of per-round ratios).
+    pub(crate) ratio: f64,
+    /// Events ÷ (first publish → last `publish` returned): how fast the publishers went.
+    pub(crate) publish_rate: f64,
+}
+
+/// A combination (or one of its concurrencies) the end-to-end bench did not measure.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct E2eAbsence {
+    /// `Kafka/Kafka`, or `Kafka/Kafka at concurrency 64`.
+    pub(crate) what: String,
+    /// Why, as the bench printed it.
+    pub(crate) why: String,
+    /// Whether it failed (rather than being skipped: no broker, no feature).
+    pub(crate) failed: bool,
+}
+
+/// Reads the end-to-end bench's output: the rows of its table (after the line that opens
+/// with `facade end to end`, each `combination  concurrency events rate p50 p99 append
+/// ratio publish-rate`), and what it did not measure (`e2e skipped: <what>: <why>`,
+/// `e2e failed: <what>: <why>`).
+pub(crate) fn e2e_report(output: &str) -> (Vec<E2eLine>, Vec<E2eAbsence>) {
+    let absences = output
+        .lines()
+        .filter_map(|line| {
+            let line = line.trim();
+            match line.strip_prefix("e2e skipped: ") {
+                Some(rest) => Some((rest, false)),
+                None => line.strip_prefix("e2e failed: ").map(|rest| (rest, true)),
+            }
+        })
+        .map(|(rest, failed)| {
+            let (what, why) = rest.split_once(": ").unwrap_or((rest, ""));
+            E2eAbsence {
+                what: what.to_owned(),
+                why: why.to_owned(),
+                failed,
+            }
+        })
+        .collect();
+    let rows = output
+        .lines()
+        .skip_while(|line| !line.starts_with("facade end to end"))
+        .filter_map(table_row)
+        .filter_map(|row| match row.numbers[..] {
+            [
+                concurrency,
+                events,
+                rate,
+                p50_us,
+                p99_us,
+                append_rate,
+                ratio,
+                publish_rate,
+            ] => Some(E2eLine {
+                combination: row.label,
+                concurrency: concurrency as u32,
+                events: events as u64,
+                rate,
+                p50_us,
+                p99_us,
+                append_rate,
+                ratio,
+                publish_rate,
+            }),
+            _ => None,
+        })
+        .collect();
+    (rows, absences)
+}
+
 /// The first line of `output` containing `needle`, trimmed.
 pub(crate) fn line_with<'a>(output: &'a str, needle: &str) -> Option<&'a str> {
     output
@@ -373,6 +462,57 @@ file (fsync every append)            900000         800000     1.12
         assert_eq!(found.len(), 2);
         assert_eq!(found[1].0, "file (fsync every append)");
         assert_eq!(found[1].3, 1.12);
+    }
+
+    #[test]
+    fn e2e_rows_and_skips() {
+        let e2e = "\
+e2e bench: EventOrchestrator::publish → 1 subscriber's handler, payload 200 B of JSON, 5 rounds
+e2e skipped: Kafka/Kafka: Kafka at 127.0.0.1:9092 is unreachable (connection refused)
+e2e: memory/memory at concurrency 1, 20000 events
+e2e failed: Redis/Redis at concurrency 64: end to end, round 2: redis failed: timeout
+
+facade end to end (publish → handler) vs plain append, medians of 5 rounds
+combination          concurrency   events   e2e ev/s    p50 µs    p99 µs  append ev/s  e2e/append publish ev/s
+memory/memory                  1    20000     150000       6.1      30.2       900000        0.17       800000
+RabbitMQ/RabbitMQ             64     3000       2500    8000.0   21000.5         2600        0.96         2550
+(e2e/append is the median of the per-round ratios; target >= 0.7)
+";
+        let (rows, absences) = e2e_report(e2e);
+        assert_eq!(rows.len(), 2);
+        assert_eq!(rows[0].combination, "memory/memory");
+        assert_eq!((rows[0].concurrency, rows[0].events), (1, 20_000));
+        assert_eq!(
+            (rows[0].rate, rows[0].p50_us, rows[0].p99_us),
+            (150_000.0, 6.1, 30.2)
+        );
+        assert_eq!(
+            (rows[0].append_rate, rows[0].ratio, rows[0].publish_rate),
+            (900_000.0, 0.17, 800_000.0)
+        );
+        assert_eq!(rows[1].combination, "RabbitMQ/RabbitMQ");
+        assert_eq!(rows[1].concurrency, 64);
+        assert_eq!(
+            absences,
+            [
+                E2eAbsence {
+                    what: "Kafka/Kafka".to_owned(),
+                    why: "Kafka at 127.0.0.1:9092 is unreachable (connection refused)".to_owned(),
+                    failed: false,
+                },
+                E2eAbsence {
+                    what: "Redis/Redis at concurrency 64".to_owned(),
+                    why: "end to end, round 2: redis failed: timeout".to_owned(),
+                    failed: true,
+                }
+            ]
+        );
+        // Nothing before the table's heading is a row.
+        assert!(
+            e2e_report("memory/memory  1  2  3  4  5  6  7\n")
+                .0
+                .is_empty()
+        );
     }
 
     #[test]

@@ -414,6 +414,114 @@ fn cqrs_area(run: &Run<'_>) -> Area {
     }
 }
 
+/// End to end ÷ plain append at least this (DESIGN.md: the relay must not be the
+/// bottleneck).
+const E2E_RATIO: f64 = 0.7;
+
+/// The end-to-end bench's rows and what it did not measure.
+fn e2e(run: &Run<'_>) -> (Vec<parse::E2eLine>, Vec<parse::E2eAbsence>) {
+    output(run, "e2e")
+        .map(|(stdout, _)| parse::e2e_report(stdout))
+        .unwrap_or_default()
+}
+
+/// The p50 ceiling of a row, in microseconds, where there is one: everything in process
+/// (memory/memory) at concurrency 1.
+fn e2e_p50_target(line: &parse::E2eLine) -> Option<f64> {
+    (line.combination == "memory/memory" && line.concurrency == 1).then_some(50.0)
+}
+
+/// Whether a row meets its targets.
+fn e2e_met(line: &parse::E2eLine) -> bool {
+    line.ratio >= E2E_RATIO && e2e_p50_target(line).is_none_or(|ceiling| line.p50_us <= ceiling)
+}
+
+/// A row's targets as DESIGN.md states them.
+fn e2e_target_text(line: &parse::E2eLine) -> String {
+    match e2e_p50_target(line) {
+        Some(ceiling) => format!("≥ {E2E_RATIO}×, p50 ≤ {}", cost_text(ceiling * 1e3)),
+        None => format!("≥ {E2E_RATIO}×"),
+    }
+}
+
+/// The section of the end-to-end bench; counts its verdicts into `met` and `missed`.
+fn e2e_markdown(run: &Run<'_>, md: &mut String, met: &mut usize, missed: &mut Vec<String>) {
+    let title = "Facade end to end (publish → handler)";
+    let _ = writeln!(md, "## {title}\n");
+    let (rows, absences) = e2e(run);
+    if rows.is_empty() && absences.is_empty() {
+        let _ = writeln!(md, "Not measured: {}.\n", absence(run, "e2e"));
+        return;
+    }
+    let _ = writeln!(
+        md,
+        "`EventOrchestrator::publish` to one subscriber's handler: `publish` returns once the \
+         event is stored, the outbox relay carries it to the transport. Latency is from the \
+         call to `publish` to the handler's entry; events/s is events ÷ (first publish → last \
+         event handled). The baseline is the same store's plain `append` of the same events, \
+         one per call at the same concurrency, in the same round; the ratio is the median of \
+         the rounds' ratios. The publishers' rate is events ÷ (first publish → last `publish` \
+         returned): next to events/s, it tells a relay that lags from publishers that were \
+         slowed down. The latency target is for memory/memory at concurrency 1, everything \
+         in process."
+    );
+    if let Some((stdout, _)) = output(run, "e2e")
+        && let Some(line) = parse::line_with(stdout, "e2e bench:")
+    {
+        let settings = line.trim_start_matches("e2e bench:").trim();
+        let _ = writeln!(md, "\nSettings: {settings}.");
+    }
+    let _ = writeln!(md);
+    if !rows.is_empty() {
+        let _ = writeln!(
+            md,
+            "| store/transport | concurrency | events/s | p50 | p99 | publishers' rate | plain append (same run) | ratio | target | |"
+        );
+        let _ = writeln!(md, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|");
+    }
+    for line in &rows {
+        let verdict = if e2e_met(line) {
+            *met += 1;
+            "met"
+        } else {
+            missed.push(format!(
+                "{title}: {}, concurrency {}",
+                line.combination, line.concurrency
+            ));
+            "**missed**"
+        };
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} | {} | {} | {} | {:.2}× | {} | {verdict} |",
+            cell(&line.combination),
+            line.concurrency,
+            Figure::Rate(line.rate, "events/s").text(),
+            cost_text(line.p50_us * 1e3),
+            cost_text(line.p99_us * 1e3),
+            Figure::Rate(line.publish_rate, "events/s").text(),
+            Figure::Rate(line.append_rate, "events/s").text(),
+            line.ratio,
+            e2e_target_text(line),
+        );
+    }
+    if !rows.is_empty() {
+        let _ = writeln!(md);
+    }
+    for absent in &absences {
+        let verdict = if absent.failed {
+            missed.push(format!("{title}: {} (failed)", absent.what));
+            "failed"
+        } else {
+            "skipped"
+        };
+        let _ = writeln!(
+            md,
+            "Not measured: {}: {verdict}: {}.\n",
+            absent.what, absent.why
+        );
+    }
+}
+
 /// Why bench `name` has no figures, if it has none.
 fn absence(run: &Run<'_>, name: &str) -> String {
     match run.outcomes.iter().find(|(n, _)| *n == name) {
@@ -516,6 +624,7 @@ pub(crate) fn markdown(run: &Run<'_>) -> String {
             let _ = writeln!(md, "Memory: {line}\n");
         }
     }
+    e2e_markdown(run, &mut md, &mut met, &mut missed);
     let _ = writeln!(md, "## Summary\n");
     let _ = writeln!(md, "{met} targets met, {} missed.", missed.len());
     for what in &missed {
@@ -558,6 +667,29 @@ pub(crate) fn terminal_summary(run: &Run<'_>) -> String {
                 row.target.text()
             );
         }
+    }
+    let (rows, absences) = e2e(run);
+    if rows.is_empty() && absences.is_empty() {
+        let _ = writeln!(out, "  Facade end to end: {}", absence(run, "e2e"));
+    } else {
+        let _ = writeln!(out, "  Facade end to end (publish → handler):");
+    }
+    for line in &rows {
+        let _ = writeln!(
+            out,
+            "    {:<60} {:>18} {:>7} {:>9} {} (p50 {}, p99 {})",
+            format!("{}, concurrency {}", line.combination, line.concurrency),
+            Figure::Rate(line.rate, "events/s").text(),
+            format!("{:.2}x", line.ratio),
+            e2e_target_text(line),
+            if e2e_met(line) { "met" } else { "MISSED" },
+            cost_text(line.p50_us * 1e3),
+            cost_text(line.p99_us * 1e3),
+        );
+    }
+    for absent in &absences {
+        let verdict = if absent.failed { "FAILED" } else { "skipped" };
+        let _ = writeln!(out, "    {}: {verdict}: {}", absent.what, absent.why);
     }
     out
 }
@@ -631,5 +763,84 @@ mod tests {
             "{md}"
         );
         assert!(md.contains("1 targets met, 1 missed."), "{md}");
+        assert!(
+            md.contains("## Facade end to end (publish → handler)\n\nNot measured: not run"),
+            "{md}"
+        );
+    }
+
+    #[test]
+    fn the_end_to_end_section() {
+        let stdout = "\
+e2e bench: payload 200 B of JSON, 5 rounds, medians
+e2e skipped: Kafka/Kafka: Kafka at 127.0.0.1:9092 is unreachable (refused)
+e2e failed: Redis/Redis at concurrency 64: end to end, round 2: timeout
+facade end to end (publish → handler) vs plain append, medians of 5 rounds
+combination          concurrency   events   e2e ev/s    p50 µs    p99 µs  append ev/s  e2e/append publish ev/s
+memory/memory                  1    20000     150000      60.0     130.0       300000        0.50       290000
+memory/memory                 64    50000     400000     100.0    1000.0       500000        0.80       450000
+Redis/Redis                    1     2000       5000     210.0     900.0         6000        0.83         5500
+";
+        let outcomes = [(
+            "e2e",
+            Outcome::Ran {
+                stdout: stdout.to_owned(),
+                stderr: String::new(),
+                took: Duration::from_secs(100),
+            },
+        )];
+        let run = Run {
+            machine: "2 cores".to_owned(),
+            quick: false,
+            took: Duration::from_secs(100),
+            outcomes: &outcomes,
+            estimates: &[],
+        };
+        let md = markdown(&run);
+        assert!(
+            md.contains("in process.\n\nSettings: payload 200 B of JSON, 5 rounds, medians.\n\n|"),
+            "{md}"
+        );
+        assert!(
+            md.contains(
+                "| memory/memory | 1 | 150k events/s | 60.0 µs | 130.0 µs | 290k events/s | \
+                 300k events/s | 0.50× | ≥ 0.7×, p50 ≤ 50.0 µs | **missed** |"
+            ),
+            "{md}"
+        );
+        assert!(
+            md.contains("| memory/memory | 64 | 400k events/s | 100.0 µs | 1.00 ms | 450k events/s | 500k events/s | 0.80× | ≥ 0.7× | met |"),
+            "{md}"
+        );
+        assert!(md.contains("| Redis/Redis | 1 | 5.0k events/s |"), "{md}");
+        assert!(
+            md.contains(
+                "Not measured: Kafka/Kafka: skipped: Kafka at 127.0.0.1:9092 is unreachable (refused)."
+            ),
+            "{md}"
+        );
+        assert!(
+            md.contains(
+                "Not measured: Redis/Redis at concurrency 64: failed: end to end, round 2: timeout."
+            ),
+            "{md}"
+        );
+        assert!(md.contains("2 targets met, 2 missed."), "{md}");
+        assert!(
+            md.contains("- missed: Facade end to end (publish → handler): Redis/Redis at concurrency 64 (failed)"),
+            "{md}"
+        );
+        assert!(
+            md.contains(
+                "- missed: Facade end to end (publish → handler): memory/memory, concurrency 1"
+            ),
+            "{md}"
+        );
+        let terminal = terminal_summary(&run);
+        assert!(
+            terminal.contains("memory/memory, concurrency 64"),
+            "{terminal}"
+        );
+        assert!(terminal.contains("Kafka/Kafka: skipped"), "{terminal}");
     }
 }
