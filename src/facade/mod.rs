@@ -263,6 +263,10 @@ impl EventOrchestrator {
         // read-your-writes queries.
         orchestrator_cqrs::record_position(written.last_position);
         self.relay.ensure_started();
+        // An in-memory append never waits, so a task publishing in a loop would never let
+        // the relay (woken on this worker) run until the loop ends: spend a unit of the
+        // task's cooperative budget, which yields once the budget is used up.
+        tokio::task::consume_budget().await;
         Ok((id, written))
     }
 
