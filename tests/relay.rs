@@ -511,3 +511,32 @@ async fn a_retried_command_writes_its_events_once() {
     assert_eq!(orchestrator.store().head_position().await.unwrap(), 6);
     orchestrator.shutdown(Duration::from_secs(5)).await;
 }
+
+/// With an application name, unnamed subscriptions get stable names (their consumer
+/// groups), derived from the application and the patterns, in the order they are made.
+#[tokio::test]
+async fn unnamed_subscriptions_are_named_after_the_application() {
+    let orchestrator = EventOrchestrator::builder()
+        .application("billing")
+        .build()
+        .await
+        .unwrap();
+    let (first, _) = collect(&orchestrator, "order.#").await;
+    let (second, _) = collect(&orchestrator, "order.#").await;
+    let (users, _) = collect(&orchestrator, "user.*").await;
+    let named = orchestrator
+        .subscribe_with(
+            SubscriptionConfig::new("order.#").named("audit"),
+            |_e: EventEnvelope| async { Ok::<_, HandlerError>(()) },
+        )
+        .await
+        .unwrap();
+    assert_eq!(first.name(), "billing:order.all");
+    assert_eq!(second.name(), "billing:order.all-2");
+    assert_eq!(users.name(), "billing:user.any");
+    assert_eq!(named.name(), "audit", "a given name is kept");
+
+    let anonymous = EventOrchestrator::new();
+    let (unnamed, _) = collect(&anonymous, "order.#").await;
+    assert!(unnamed.name().starts_with("sub-"), "{}", unnamed.name());
+}

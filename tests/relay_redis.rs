@@ -3,6 +3,8 @@
 #![cfg(feature = "redis")]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod support;
+
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -232,4 +234,79 @@ fn uuid_like() -> String {
         .unwrap()
         .as_nanos();
     format!("{nanos:x}-{}", std::process::id())
+}
+
+/// A restarted process of a named application rejoins its consumer group: what was
+/// published while it was down reaches its unnamed subscription.
+#[tokio::test]
+async fn a_restarted_application_handles_what_was_published_while_it_was_down() {
+    let prefix = format!("relay-rejoin-{}:", uuid_like());
+    let Some(config) = config(&prefix).await else {
+        return;
+    };
+    let app = |config: RedisConfig| async move {
+        EventOrchestrator::builder()
+            .application("shipping")
+            .transport(Arc::new(RedisTransport::connect(config).await.unwrap()))
+            .build()
+            .await
+            .unwrap()
+    };
+    let publisher = EventOrchestrator::builder()
+        .transport(Arc::new(
+            RedisTransport::connect(config.clone()).await.unwrap(),
+        ))
+        .build()
+        .await
+        .unwrap();
+    let publish = |n: u64| {
+        publisher.publish_and_wait(EventEnvelope::new("parcel.sent", &json!({ "n": n })).unwrap())
+    };
+
+    let first = app(config.clone()).await;
+    let (subscription, mut rx) = support_collect(&first, "parcel.#").await;
+    assert_eq!(subscription.name(), "shipping:parcel.all");
+    publish(1).await.unwrap();
+    assert_eq!(next_n(&mut rx).await, 1);
+    first.shutdown(Duration::from_secs(5)).await;
+    drop(first);
+
+    // While the application is down.
+    for n in 2..=4 {
+        publish(n).await.unwrap();
+    }
+
+    let again = app(config.clone()).await;
+    let (_subscription, mut rx) = support_collect(&again, "parcel.#").await;
+    for n in 2..=4 {
+        assert_eq!(next_n(&mut rx).await, n, "published while it was down");
+    }
+    again.shutdown(Duration::from_secs(5)).await;
+    publisher.shutdown(Duration::from_secs(5)).await;
+    RedisTransport::connect(config)
+        .await
+        .unwrap()
+        .delete_all()
+        .await
+        .unwrap();
+}
+
+async fn support_collect(
+    orchestrator: &EventOrchestrator,
+    pattern: &str,
+) -> (
+    Subscription,
+    tokio::sync::mpsc::UnboundedReceiver<EventEnvelope>,
+) {
+    support::collect(orchestrator, pattern).await
+}
+
+async fn next_n(rx: &mut tokio::sync::mpsc::UnboundedReceiver<EventEnvelope>) -> u64 {
+    let event = tokio::time::timeout(Duration::from_secs(30), rx.recv())
+        .await
+        .expect("an event in time")
+        .expect("the subscription is open");
+    event.data::<serde_json::Value>().unwrap()["n"]
+        .as_u64()
+        .unwrap()
 }

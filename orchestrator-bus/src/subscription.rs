@@ -107,6 +107,16 @@ impl SubscriptionConfig {
         self
     }
 
+    /// The name given with [`named`](Self::named), if any.
+    pub fn given_name(&self) -> Option<&str> {
+        self.name.as_deref()
+    }
+
+    /// The topic patterns, in the order given.
+    pub fn patterns(&self) -> &[String] {
+        &self.patterns
+    }
+
     /// Adds another pattern.
     pub fn pattern(mut self, pattern: impl Into<String>) -> Self {
         self.patterns.push(pattern.into());

@@ -70,6 +70,7 @@ pub struct EventOrchestratorBuilder {
     commands: Option<CommandBus>,
     relay: RelayOptions,
     inbox: Option<Arc<dyn Inbox>>,
+    application: Option<String>,
 }
 
 impl Default for EventOrchestratorBuilder {
@@ -87,6 +88,7 @@ impl Default for EventOrchestratorBuilder {
             commands: None,
             relay: RelayOptions::default(),
             inbox: None,
+            application: None,
         }
     }
 }
@@ -211,6 +213,19 @@ impl EventOrchestratorBuilder {
     /// idempotency by command id) — instead of a plain one.
     pub fn command_bus(mut self, bus: CommandBus) -> Self {
         self.commands = Some(bus);
+        self
+    }
+
+    /// Names the application. Its unnamed subscriptions then get stable names derived from
+    /// it — `<application>:<pattern>` with `*` written `any` and `#` written `all`
+    /// (`billing:order.all` for `order.#`), and `…-<n>` for the `n`-th unnamed subscription
+    /// to the same patterns (in the order they are made) — so that a
+    /// restarted process rejoins its consumer groups on a broker and resumes where it left
+    /// off, instead of starting new groups that miss what was published while it was down.
+    /// Without it, an unnamed subscription gets a new unique group on every start (and a
+    /// warning on a broker transport).
+    pub fn application(mut self, name: impl Into<String>) -> Self {
+        self.application = Some(name.into());
         self
     }
 
@@ -346,6 +361,7 @@ impl EventOrchestratorBuilder {
             commands: self.commands.unwrap_or_default(),
             queries: queries.build(),
             inbox,
+            names: Arc::new(super::SubscriptionNames::new(self.application)),
         }
     }
 }

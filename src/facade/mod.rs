@@ -62,6 +62,66 @@ pub struct EventOrchestrator {
     queries: QueryBus,
     relay: Arc<Relay>,
     inbox: Arc<dyn Inbox>,
+    names: Arc<SubscriptionNames>,
+}
+
+/// Stable names for unnamed subscriptions, derived from the application's name (see
+/// [`EventOrchestratorBuilder::application`]).
+#[derive(Debug)]
+pub(crate) struct SubscriptionNames {
+    application: Option<String>,
+    /// How many unnamed subscriptions each pattern list got so far.
+    made: std::sync::Mutex<std::collections::HashMap<String, usize>>,
+}
+
+impl SubscriptionNames {
+    pub(crate) fn new(application: Option<String>) -> Self {
+        Self {
+            application,
+            made: std::sync::Mutex::default(),
+        }
+    }
+
+    /// The name for the next unnamed subscription to `patterns`, if the application has one.
+    fn next(&self, patterns: &[String]) -> Option<String> {
+        let application = self.application.as_deref()?;
+        // Group names allow letters, digits, `-`, `_`, `.` and `:`: `*` reads `any`, `#`
+        // reads `all`, and several patterns are joined with `_`.
+        let key = patterns
+            .iter()
+            .map(|p| {
+                p.split('.')
+                    .map(|word| match word {
+                        "*" => "any".to_owned(),
+                        "#" => "all".to_owned(),
+                        other => other
+                            .chars()
+                            .map(|c| {
+                                if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                                    c
+                                } else {
+                                    '_'
+                                }
+                            })
+                            .collect(),
+                    })
+                    .collect::<Vec<_>>()
+                    .join(".")
+            })
+            .collect::<Vec<_>>()
+            .join("_");
+        let mut made = self
+            .made
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let n = made.entry(key.clone()).or_insert(0);
+        *n += 1;
+        Some(if *n == 1 {
+            format!("{application}:{key}")
+        } else {
+            format!("{application}:{key}-{n}")
+        })
+    }
 }
 
 impl std::fmt::Debug for EventOrchestrator {
@@ -153,6 +213,25 @@ impl EventOrchestrator {
         config: SubscriptionConfig,
         handler: impl EventHandler,
     ) -> Result<Subscription> {
+        let config = match config.given_name() {
+            Some(_) => config,
+            None => match self.names.next(config.patterns()) {
+                Some(name) => config.named(name),
+                None => {
+                    if self.transport().as_any().is_none() {
+                        tracing::warn!(
+                            patterns = ?config.patterns(),
+                            transport = self.transport().name(),
+                            "an unnamed subscription on a broker gets a new consumer group on \
+                             every start: events published while the process was down are not \
+                             handled by it; name it, or name the application \
+                             (EventOrchestratorBuilder::application)"
+                        );
+                    }
+                    config
+                }
+            },
+        };
         Ok(self
             .bus
             .subscribe_with(config.middleware(TracePropagation), Arc::new(handler))
