@@ -223,7 +223,11 @@ impl Relay {
             bus: self.bus.clone(),
             status: self.status.clone(),
             stop: self.stop.subscribe(),
-            lease: self.store.lease(&format!("relay.{}", self.options.name)),
+            // A local lease is always held: nothing to take or renew.
+            lease: self
+                .store
+                .lease(&format!("relay.{}", self.options.name))
+                .filter(|lease| !lease.is_local()),
             in_process: self
                 .bus
                 .transport()

@@ -310,3 +310,118 @@ async fn next_n(rx: &mut tokio::sync::mpsc::UnboundedReceiver<EventEnvelope>) ->
         .as_u64()
         .unwrap()
 }
+
+type Effects = Arc<Mutex<Vec<(&'static str, String, String)>>>;
+
+/// Defines `trip` on `orchestrator`: three steps of 400 ms, each recording
+/// (process, saga id, step) once done.
+fn define_trip(orchestrator: &EventOrchestrator, process: &'static str, effects: &Effects) {
+    let steps = ["book", "pay", "confirm"].map(|step| {
+        let effects = Arc::clone(effects);
+        SagaStep::new(step, move |context: serde_json::Value| {
+            let effects = Arc::clone(&effects);
+            async move {
+                tokio::time::sleep(Duration::from_millis(400)).await;
+                let info = orchestrator::saga::StepInfo::from_context(&context).unwrap();
+                effects
+                    .lock()
+                    .unwrap()
+                    .push((process, info.saga_id, info.step));
+                Ok::<_, HandlerError>(json!({}))
+            }
+        })
+    });
+    orchestrator.define_saga("trip", steps).unwrap();
+}
+
+/// Two processes run sagas on one Redis store. While both live, recovery leaves the other's
+/// sagas alone (their runners hold their leases); when one dies, the other takes its sagas
+/// over once their leases expire, and every saga completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_process_takes_over_the_sagas_of_a_dead_one() {
+    let prefix = format!("saga-takeover-{}:", uuid_like());
+    let Some(config) = config(&prefix).await else {
+        return;
+    };
+    let effects: Effects = Arc::default();
+    let doomed_runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (doomed, ids) = {
+        let (config, effects) = (config.clone(), Arc::clone(&effects));
+        doomed_runtime
+            .spawn(async move {
+                let doomed = process(&config).await;
+                define_trip(&doomed, "doomed", &effects);
+                let mut ids = Vec::new();
+                for n in 0..10 {
+                    ids.push(
+                        doomed
+                            .spawn_saga("trip", json!({ "n": n }))
+                            .await
+                            .unwrap()
+                            .id(),
+                    );
+                }
+                (doomed, ids)
+            })
+            .await
+            .unwrap()
+    };
+    let survivor = process(&config).await;
+    define_trip(&survivor, "survivor", &effects);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let recovery = survivor.sagas().recover().await.unwrap();
+    assert!(recovery.resumed.is_empty(), "{:?}", recovery.resumed);
+    assert_eq!(recovery.elsewhere.len(), 10, "all run by the live process");
+
+    doomed_runtime.shutdown_background();
+    drop(doomed);
+    let died = Instant::now();
+    assert!(
+        effects.lock().unwrap().iter().all(|(p, ..)| *p == "doomed"),
+        "nothing ran twice while both lived"
+    );
+    let _watch = survivor.sagas().watch_orphans(Duration::from_millis(500));
+    wait_until("every saga completed", Duration::from_secs(60), || {
+        ids.iter().all(|id| {
+            survivor
+                .sagas()
+                .get(*id)
+                .is_some_and(|h| h.status() == SagaStatus::Completed)
+        })
+    })
+    .await;
+    eprintln!(
+        "took the sagas over and finished them {:?} after the death",
+        died.elapsed()
+    );
+    let effects = effects.lock().unwrap().clone();
+    for id in &ids {
+        let id = id.as_uuid().to_string();
+        for step in ["book", "pay", "confirm"] {
+            let runs = effects
+                .iter()
+                .filter(|(_, s, st)| *s == id && st == step)
+                .count();
+            // A step cut off mid-way by the death runs again: at least once, at most twice.
+            assert!(
+                (1..=2).contains(&runs),
+                "saga {id} step {step} ran {runs} times"
+            );
+        }
+    }
+    assert!(
+        effects.iter().any(|(p, ..)| *p == "survivor"),
+        "the survivor ran the rest"
+    );
+    survivor.shutdown(Duration::from_secs(5)).await;
+    RedisTransport::connect(config)
+        .await
+        .unwrap()
+        .delete_all()
+        .await
+        .unwrap();
+}

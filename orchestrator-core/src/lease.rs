@@ -44,6 +44,12 @@ pub trait Lease: Send + Sync + 'static {
 
     /// Gives the lease up if this candidate holds it, so that a standby takes over at once.
     async fn release(&self) -> Result<()>;
+
+    /// Whether this process is the only possible holder (a store no other process can use):
+    /// then the lease is always held and needs no renewal, and holders skip renewing it.
+    fn is_local(&self) -> bool {
+        false
+    }
 }
 
 /// A lease that is always held: for stores that only one process can use (the in-memory
@@ -76,5 +82,9 @@ impl Lease for LocalLease {
 
     async fn release(&self) -> Result<()> {
         Ok(())
+    }
+
+    fn is_local(&self) -> bool {
+        true
     }
 }

@@ -115,6 +115,19 @@ pub enum Error {
     #[error("the saga orchestrator is shut down")]
     Shutdown,
 
+    /// Another live process runs this saga: it holds the saga's lease. A saga is run by the
+    /// process holding its lease only; once that process dies (and the lease expires),
+    /// [`recover`](crate::SagaOrchestrator::recover) anywhere takes it over. Also the end of
+    /// a runner that lost its lease (it could not renew it in time): it stops where it stands,
+    /// and whoever takes the lease over carries the saga on from its log.
+    #[error("saga {id} is run by another process (it holds {lease})")]
+    RunningElsewhere {
+        /// The saga.
+        id: crate::SagaId,
+        /// Where its lease is kept.
+        lease: String,
+    },
+
     /// The event store, the transport or the codec failed.
     #[error(transparent)]
     Core(#[from] orchestrator_core::Error),

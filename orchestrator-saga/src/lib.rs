@@ -117,7 +117,9 @@ pub use flow::{Branch, Flow, WaitForEvent};
 pub use id::{STREAM_PREFIX, SagaId};
 pub use instance::SagaHandle;
 pub use log::LOG_EVENT_TYPES;
-pub use orchestrator::{Recovery, SagaOrchestrator, SagaOrchestratorBuilder, StoredSaga};
+pub use orchestrator::{
+    OrphanWatch, Recovery, SagaOrchestrator, SagaOrchestratorBuilder, StoredSaga,
+};
 pub use status::{
     CompensationFailure, EventWait, SagaOutcome, SagaSnapshot, SagaStatus, StepFailure,
 };

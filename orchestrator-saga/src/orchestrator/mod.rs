@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 
 use orchestrator_core::{
-    Clock, EventEnvelope, EventStore, SubscribeOptions, SystemClock, Transport,
+    Clock, EventEnvelope, EventStore, Lease, SubscribeOptions, SystemClock, Transport,
 };
 use serde_json::{Map, Value};
 use tokio::sync::Semaphore;
@@ -24,7 +24,7 @@ use crate::telemetry;
 
 mod recovery;
 
-pub use recovery::{Recovery, StoredSaga};
+pub use recovery::{OrphanWatch, Recovery, StoredSaga};
 
 /// What the runners share.
 pub(crate) struct Shared {
@@ -281,7 +281,14 @@ impl SagaOrchestrator {
             return Err(e);
         }
         metrics::counter!(telemetry::SAGAS_STARTED, "saga" => name).increment(1);
-        self.spawn(definition, instance.clone(), log);
+        // A fresh id: nobody else holds its lease. Should taking it fail (the backend is
+        // unreachable), the saga runs all the same: its start is logged, and only this
+        // process knows its id yet.
+        let lease = self.take_lease(id).await.unwrap_or_else(|e| {
+            tracing::warn!(saga_id = %id, error = %e, "could not take the lease of a new saga");
+            None
+        });
+        self.spawn(definition, instance.clone(), log, lease);
         Ok(SagaHandle { instance })
     }
 
@@ -290,7 +297,34 @@ impl SagaOrchestrator {
         self.start(saga, input).await?.outcome().await
     }
 
-    fn spawn(&self, definition: Arc<SagaDefinition>, instance: Arc<Instance>, log: LogWriter) {
+    /// Takes the lease of saga `id` from the store (`None`: the store has none, or only this
+    /// process can use it, so that there is nobody to compete with). Held elsewhere: [`Error::RunningElsewhere`].
+    pub(crate) async fn take_lease(&self, id: SagaId) -> Result<Option<Arc<dyn Lease>>> {
+        let Some(lease) = self
+            .shared
+            .store
+            .lease(&format!("saga.{}", id.as_uuid()))
+            .filter(|lease| !lease.is_local())
+        else {
+            return Ok(None);
+        };
+        if lease.try_acquire().await? {
+            Ok(Some(lease))
+        } else {
+            Err(Error::RunningElsewhere {
+                id,
+                lease: lease.describe(),
+            })
+        }
+    }
+
+    fn spawn(
+        &self,
+        definition: Arc<SagaDefinition>,
+        instance: Arc<Instance>,
+        log: LogWriter,
+        lease: Option<Arc<dyn Lease>>,
+    ) {
         let shared = self.shared.clone();
         let span = tracing::info_span!("saga", saga = %instance.saga, saga_id = %instance.id);
         let guard = StopGuard(instance.clone());
@@ -301,12 +335,29 @@ impl SagaOrchestrator {
                 // The semaphore is never closed, so acquiring fails only if it were; running
                 // without a permit is then the lesser evil.
                 let _permit = shared.permits.clone().acquire_owned().await.ok();
-                let result = runner.run().await;
+                let result = match &lease {
+                    None => runner.run().await,
+                    Some(held) => tokio::select! {
+                        result = runner.run() => result,
+                        () = lost(held.as_ref()) => {
+                            tracing::warn!(lease = %held.describe(), "the saga's lease was lost; its runner stops where it stands");
+                            Err(Error::RunningElsewhere {
+                                id: guard.0.id,
+                                lease: held.describe(),
+                            })
+                        }
+                    },
+                };
                 if let Err(e) = &result {
                     tracing::error!(error = %e, "saga runner stopped before the saga finished");
                 }
                 guard.0.finish(result.map_err(Arc::new));
                 shared.finished(guard.0.id);
+                if let Some(lease) = lease
+                    && let Err(e) = lease.release().await
+                {
+                    tracing::debug!(error = %e, "releasing a saga's lease failed; it expires");
+                }
             }
             .instrument(span),
         );
@@ -415,5 +466,21 @@ fn json_kind(value: &Value) -> &'static str {
         Value::String(_) => "a string",
         Value::Array(_) => "an array",
         Value::Object(_) => "an object",
+    }
+}
+
+/// Renews `lease` at a third of its time to live; resolves once it is lost: another holder
+/// has it, or renewals failed for a whole time to live.
+async fn lost(lease: &dyn Lease) {
+    let ttl = lease.ttl();
+    let mut renewed = std::time::Instant::now();
+    loop {
+        tokio::time::sleep(ttl / 3).await;
+        match lease.try_acquire().await {
+            Ok(true) => renewed = std::time::Instant::now(),
+            Ok(false) => return,
+            Err(_) if renewed.elapsed() >= ttl => return,
+            Err(e) => tracing::debug!(error = %e, "renewing a saga's lease failed"),
+        }
     }
 }

@@ -25,6 +25,20 @@ pub struct Recovery {
     /// The unfinished sagas that could not be resumed, and why (an undefined saga, a log
     /// that does not fit the definition).
     pub failed: Vec<(SagaId, Error)>,
+    /// The unfinished sagas another live process runs (it holds their lease): left to it.
+    pub elsewhere: Vec<SagaId>,
+}
+
+/// The background task of [`SagaOrchestrator::watch_orphans`]; dropping it stops it.
+#[derive(Debug)]
+pub struct OrphanWatch {
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for OrphanWatch {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }
 
 /// A saga found in the store by [`SagaOrchestrator::list_stored`].
@@ -70,6 +84,7 @@ impl SagaOrchestrator {
             }
             match self.resume(id).await {
                 Ok(handle) => recovery.resumed.push(handle),
+                Err(Error::RunningElsewhere { .. }) => recovery.elsewhere.push(id),
                 Err(e) => {
                     tracing::error!(saga_id = %id, error = %e, "cannot resume saga");
                     recovery.failed.push((id, e));
@@ -77,6 +92,35 @@ impl SagaOrchestrator {
             }
         }
         Ok(recovery)
+    }
+
+    /// Calls [`recover`](Self::recover) now and every `interval`, so that this process takes
+    /// over the sagas of a process that died: on a store shared by processes (Redis), each
+    /// running saga is held under a lease its runner renews; once the runner's process is
+    /// gone and the lease expired (5 s on Redis), the next round here resumes the saga from
+    /// its log. While its runner lives, a saga is left to it ([`Recovery::elsewhere`]), so
+    /// two live processes never run one saga. Define the sagas first. Stops when the handle
+    /// is dropped or the orchestrator shuts down.
+    pub fn watch_orphans(&self, interval: std::time::Duration) -> OrphanWatch {
+        let orchestrator = self.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                match orchestrator.recover().await {
+                    Ok(recovery) => {
+                        for handle in &recovery.resumed {
+                            tracing::info!(saga_id = %handle.id(), "took over an orphaned saga");
+                        }
+                        for (id, error) in &recovery.failed {
+                            tracing::warn!(saga_id = %id, %error, "an orphaned saga could not be resumed");
+                        }
+                    }
+                    Err(Error::Shutdown) => return,
+                    Err(error) => tracing::warn!(%error, "looking for orphaned sagas failed"),
+                }
+                tokio::time::sleep(interval).await;
+            }
+        });
+        OrphanWatch { task }
     }
 
     /// Every saga logged in the store, oldest first, read from their `saga.started` and
@@ -154,6 +198,11 @@ impl SagaOrchestrator {
             })?;
         check_log_fits(id, &definition, &live)?;
         let finished = live.status.is_finished().then(|| live.outcome(id));
+        // An unfinished saga is run only under its lease: another live process may run it.
+        let lease = match finished {
+            Some(_) => None,
+            None => self.take_lease(id).await?,
+        };
         let instance = Instance::new(id, definition.shared_name().clone(), live);
         {
             // Checked again under the same lock as the insert, so two concurrent resumes of
@@ -176,7 +225,7 @@ impl SagaOrchestrator {
             None => {
                 tracing::info!(saga_id = %id, saga = definition.name(), "resuming saga");
                 let log = LogWriter::new(id, version, self.shared.exact);
-                self.spawn(definition, instance.clone(), log);
+                self.spawn(definition, instance.clone(), log, lease);
             }
         }
         Ok(SagaHandle { instance })
