@@ -528,10 +528,17 @@ impl Worker {
         }
         // Read before looking at the queues: everything up to here was published before.
         let position = self.status.borrow().relayed_position;
-        if let Some(transport) = &self.in_process
-            && !transport.is_idle()
-        {
-            return Ok(false);
+        if let Some(transport) = &self.in_process {
+            // The relay is the transport's publisher: while it waits here, the handlers
+            // drain the queues. Waiting a little bounds what a crash under steady load
+            // publishes again to about one checkpoint interval.
+            let deadline = Instant::now() + DRAIN_WAIT;
+            while !transport.is_idle() {
+                if Instant::now() >= deadline {
+                    return Ok(false);
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
         }
         match checkpoints
             .save(self.store.as_ref(), &self.checkpoint_name(), position)
@@ -717,6 +724,10 @@ impl Worker {
         Ok(())
     }
 }
+
+/// How long a due checkpoint holds the relay back for the in-process handlers to settle what
+/// was published, before it gives up until the next look.
+const DRAIN_WAIT: Duration = Duration::from_millis(100);
 
 /// How soon a checkpoint that waits for the in-process transport to settle looks again.
 const IDLE_RECHECK: Duration = Duration::from_millis(50);
