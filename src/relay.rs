@@ -551,6 +551,12 @@ impl Worker {
             }
             // Someone else wrote the checkpoint: another relay holds the store now.
             Err(Error::InvalidInput { .. }) => Err(Ended::LeaseLost),
+            // A store that cannot be written here (opened read-only) cannot keep a checkpoint:
+            // relaying from it would publish the same events again and again.
+            Err(error @ Error::Unsupported { .. }) => {
+                tracing::error!(relay = %self.options.name, %error, "the store cannot keep the relay's checkpoint; the relay stops (build this process with RelayOptions::disabled())");
+                Err(Ended::Stop)
+            }
             Err(e) => Err(Ended::Failed(e)),
         }
     }

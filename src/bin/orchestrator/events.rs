@@ -67,6 +67,9 @@ pub(crate) struct ReplayArgs {
     to: Option<chrono::DateTime<chrono::Utc>>,
 }
 
+/// How long `publish` waits for the relay to put the event on a broker.
+const RELAY_WAIT: Duration = Duration::from_secs(15);
+
 pub(crate) async fn publish(cx: &Context, args: PublishArgs) -> CliResult {
     let data: Value = serde_json::from_str(&args.data)
         .map_err(|e| format!("the event data is not valid JSON: {e}"))?;
@@ -81,11 +84,38 @@ pub(crate) async fn publish(cx: &Context, args: PublishArgs) -> CliResult {
         event = event.with_causation_id(id);
     }
     let orchestrator = cx.connect(true, Access::Write).await?;
-    let id = orchestrator.publish(event).await?;
-    if cx.json {
-        print_json(&json!({ "id": id.to_string(), "type": args.event_type }))?;
+    let id = event.id().clone();
+    let delivered = if cx.relays(Access::Write) {
+        // Stored first; then on the broker before this process exits, unless another
+        // process relays this store (it holds the relay's lease) and publishes it.
+        match tokio::time::timeout(RELAY_WAIT, orchestrator.publish_and_wait(event)).await {
+            Ok(published) => {
+                published?;
+                "on the transport"
+            }
+            Err(_) if orchestrator.relay_status().state == orchestrator::RelayState::Standby => {
+                "stored; another process relays this store and publishes it"
+            }
+            Err(_) => {
+                return Err(format!(
+                    "event {id} is stored, but was not on the transport after {RELAY_WAIT:?}: \
+                     {:?}; it is published when this store's relay next runs",
+                    orchestrator.relay_status()
+                )
+                .into());
+            }
+        }
     } else {
-        println!("published {} {id}", args.event_type);
+        orchestrator.publish(event).await?;
+        "stored; the application's relay delivers it to its subscribers"
+    };
+    orchestrator.shutdown(Duration::from_secs(5)).await;
+    if cx.json {
+        print_json(
+            &json!({ "id": id.to_string(), "type": args.event_type, "outcome": delivered }),
+        )?;
+    } else {
+        println!("published {} {id} ({delivered})", args.event_type);
     }
     Ok(())
 }
@@ -176,7 +206,9 @@ async fn follow_store(cx: &Context) -> CliResult<EventOrchestrator> {
     let store = tokio::task::spawn_blocking(move || FileEventStore::open_read_only(dir))
         .await
         .map_err(|e| format!("opening the store failed: {e}"))??;
-    let orchestrator = cx.connect_with(Arc::new(store.clone()), url).await?;
+    let orchestrator = cx
+        .connect_with(Arc::new(store.clone()), url, Access::Read)
+        .await?;
     tokio::spawn(async move {
         loop {
             tokio::time::sleep(FOLLOW_EVERY).await;

@@ -64,7 +64,8 @@ enum Command {
     /// Print events as they arrive (from the transport if one is given, else from the
     /// store).
     Tail(events::TailArgs),
-    /// Publish one event: appended to the store, then published on the transport.
+    /// Publish one event: appended to the store; with a broker transport, also on the broker
+    /// before the command returns (else the application's relay delivers it).
     Publish(events::PublishArgs),
     /// The dead-letter queue: events whose handlers failed for good.
     #[command(subcommand)]
@@ -141,7 +142,15 @@ impl Context {
     async fn connect(&self, needs_store: bool, access: Access) -> CliResult<EventOrchestrator> {
         let url = self.store_url_or_memory(needs_store)?;
         let store = self.open_store(&url, access).await?;
-        self.connect_with(store, &url).await
+        self.connect_with(store, &url, access).await
+    }
+
+    /// Whether this command's orchestrator relays what it stores: only `publish` on a broker
+    /// transport does (and waits until the event is on the broker before it exits). Read
+    /// commands never relay, and with the in-process transport nobody here would receive
+    /// the event: the application's own relay delivers it when it runs.
+    fn relays(&self, access: Access) -> bool {
+        access == Access::Write && !self.in_process_transport()
     }
 
     /// Opens the store: read-only for commands that only read it, so that they work on the
@@ -173,10 +182,17 @@ impl Context {
         &self,
         store: Arc<dyn EventStore>,
         url: &str,
+        access: Access,
     ) -> CliResult<EventOrchestrator> {
+        let relay = if self.relays(access) {
+            orchestrator::RelayOptions::default()
+        } else {
+            orchestrator::RelayOptions::disabled()
+        };
         let build = EventOrchestrator::builder()
             .store(store)
             .transport_url(&self.transport)
+            .relay(relay)
             .build();
         match tokio::time::timeout(self.connect_timeout, build).await {
             Ok(Ok(built)) => Ok(built),
