@@ -38,6 +38,11 @@
 //!
 //! - events: [`subscribe`](EventOrchestrator::subscribe), [`publish_event`](EventOrchestrator::publish_event),
 //!   [`replay_events`](EventOrchestrator::replay_events) with a [`ReplayFilter`];
+//! - store-first delivery: `publish` appends, and the outbox [`relay`] carries every stored
+//!   event to the transport at least once, after any crash
+//!   ([`publish_and_wait`](EventOrchestrator::publish_and_wait),
+//!   [`relay_status`](EventOrchestrator::relay_status)); a durable
+//!   [`inbox`](EventOrchestrator::inbox) lets subscriptions skip redeliveries;
 //! - sagas and workflows: [`define_saga`](EventOrchestrator::define_saga),
 //!   [`start_saga`](EventOrchestrator::start_saga), [`sagas`](EventOrchestrator::sagas);
 //! - CQRS: [`register_command_handler`](EventOrchestrator::register_command_handler),
