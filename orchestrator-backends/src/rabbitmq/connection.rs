@@ -272,6 +272,8 @@ pub(crate) struct Publisher {
     channel: Mutex<Option<Channel>>,
     timeout: Duration,
     setup: Setup,
+    /// Messages published again after their confirms were lost (see [`Publisher::publish`]).
+    republished: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for Publisher {
@@ -290,7 +292,14 @@ impl Publisher {
             channel: Mutex::new(None),
             timeout,
             setup,
+            republished: std::sync::atomic::AtomicU64::new(0),
         }
+    }
+
+    /// How many messages were published again after their confirms were lost: each may
+    /// be a copy of one the broker had taken.
+    pub(crate) fn republished(&self) -> u64 {
+        self.republished.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The confirm-mode channel, opened (and set up) anew if it closed.
@@ -382,6 +391,10 @@ impl Publisher {
                 return Err(error);
             }
             tracing::debug!(%error, unconfirmed = messages.len() - done, "publishing again after a failure");
+            self.republished.fetch_add(
+                (messages.len() - done) as u64,
+                std::sync::atomic::Ordering::Relaxed,
+            );
             self.discard(&channel).await;
             sleep(delay).await;
         }

@@ -265,6 +265,14 @@ impl RabbitMqTransport {
         &self.inner.dlq
     }
 
+    /// How many messages this transport published again after their publisher confirms
+    /// were lost (a connection that dropped mid-publish): each may be a copy of a message the
+    /// broker had already taken, delivered once more without the redelivered flag. The one
+    /// source of duplicates besides redeliveries.
+    pub fn republished_messages(&self) -> u64 {
+        self.inner.publisher.republished()
+    }
+
     /// Stops every subscription (their `next()` returns `Ok(None)`) and closes the
     /// connections. Deliveries not yet settled return to their queues.
     pub async fn close(&self) {
