@@ -277,13 +277,19 @@ impl Relay {
     }
 
     /// Publishes what is stored up to the store's head as it stands now, waiting at most
-    /// `deadline`, then stops the relay (writing its checkpoint). Returns whether it caught up.
+    /// `deadline`, then stops the relay (writing its checkpoint). Returns whether it caught up
+    /// (a standby, which another process's relay covers, has nothing to catch up).
     pub(crate) async fn drain_and_stop(&self, deadline: Duration) -> bool {
+        // A standby publishes nothing: the holder of the lease relays what is stored.
+        let standby = self.status.borrow().state == RelayState::Standby;
         let caught_up = match self.store.head_position().await {
-            Ok(head) if self.task_running() => tokio::time::timeout(deadline, self.wait_for(head))
-                .await
-                .is_ok_and(|r| r.is_ok()),
-            _ => false,
+            Ok(head) if self.task_running() && !standby => {
+                tokio::time::timeout(deadline, self.wait_for(head))
+                    .await
+                    .is_ok_and(|r| r.is_ok())
+            }
+            // Nothing of this process's to drain.
+            _ => standby,
         };
         self.stop.send_replace(true);
         let task = self
