@@ -97,8 +97,20 @@ impl Lease for RabbitMqLease {
     }
 
     async fn release(&self) -> Result<()> {
-        self.held.lock().await.take();
-        // Closing the connection deletes the exclusive queue.
+        if let Some(channel) = self.held.lock().await.take()
+            && channel.status().connected()
+        {
+            // Deleted before this returns (the broker answers `delete-ok`), so a standby's
+            // next try takes the lease; closing the connection would delete it too, but
+            // later, whenever the broker gets to it.
+            let queue = short("lease queue", &self.queue)?;
+            if let Err(e) = channel
+                .queue_delete(queue, lapin::options::QueueDeleteOptions::default())
+                .await
+            {
+                tracing::debug!(error = %e, queue = %self.queue, "deleting the lease queue failed; closing its connection deletes it");
+            }
+        }
         self.connector.close().await;
         Ok(())
     }
