@@ -162,6 +162,8 @@ pub(crate) struct Relay {
     /// `true` asks the task to stop; dropping it (with the last orchestrator) stops it too.
     stop: watch::Sender<bool>,
     task: Mutex<Option<JoinHandle<()>>>,
+    /// The store's lease for this relay, unless it is local (always held).
+    lease: Option<Arc<dyn Lease>>,
 }
 
 impl std::fmt::Debug for Relay {
@@ -175,9 +177,7 @@ impl std::fmt::Debug for Relay {
 
 impl Relay {
     pub(crate) fn new(options: RelayOptions, store: Arc<dyn EventStore>, bus: EventBus) -> Self {
-        let lease = store
-            .lease(&format!("relay.{}", options.name))
-            .map(|l| l.describe());
+        let lease = store.lease(&format!("relay.{}", options.name));
         let state = if options.enabled {
             RelayState::Idle
         } else {
@@ -192,10 +192,12 @@ impl Relay {
                 relayed_position: 0,
                 checkpoint: 0,
                 dead_lettered: 0,
-                lease,
+                lease: lease.as_ref().map(|l| l.describe()),
             }),
             stop: watch::Sender::new(false),
             task: Mutex::new(None),
+            // A local lease is always held: nothing to take or renew.
+            lease: lease.filter(|lease| !lease.is_local()),
         }
     }
 
@@ -223,11 +225,7 @@ impl Relay {
             bus: self.bus.clone(),
             status: self.status.clone(),
             stop: self.stop.subscribe(),
-            // A local lease is always held: nothing to take or renew.
-            lease: self
-                .store
-                .lease(&format!("relay.{}", self.options.name))
-                .filter(|lease| !lease.is_local()),
+            lease: self.lease.clone(),
             in_process: self
                 .bus
                 .transport()
@@ -784,22 +782,7 @@ impl Held {
     fn keep(lease: Arc<dyn Lease>) -> Self {
         let (tx, held) = watch::channel(true);
         let keeper = tokio::spawn(async move {
-            let ttl = lease.ttl();
-            let mut renewed = Instant::now();
-            loop {
-                tokio::time::sleep(ttl / 3).await;
-                match lease.try_acquire().await {
-                    Ok(true) => renewed = Instant::now(),
-                    Ok(false) => break,
-                    Err(e) if renewed.elapsed() >= ttl => {
-                        tracing::warn!(lease = %lease.describe(), error = %e, "the relay lease could not be renewed in time");
-                        break;
-                    }
-                    Err(e) => {
-                        tracing::debug!(lease = %lease.describe(), error = %e, "renewing the relay lease failed");
-                    }
-                }
-            }
+            orchestrator_core::lease::renew_until_lost(lease.as_ref()).await;
             tx.send_replace(false);
         });
         Self { held, keeper }

@@ -182,12 +182,7 @@ async fn a_standby_takes_over_the_relay_when_the_holder_dies() {
         process.shutdown(Duration::from_secs(5)).await;
     }
     consumer.shutdown(Duration::from_secs(5)).await;
-    RedisTransport::connect(config)
-        .await
-        .unwrap()
-        .delete_all()
-        .await
-        .unwrap();
+    delete_keys(config).await;
 }
 
 #[tokio::test]
@@ -220,12 +215,7 @@ async fn a_holder_that_shuts_down_hands_the_lease_over_at_once() {
         .await
         .unwrap();
     second.shutdown(Duration::from_secs(5)).await;
-    RedisTransport::connect(config)
-        .await
-        .unwrap()
-        .delete_all()
-        .await
-        .unwrap();
+    delete_keys(config).await;
 }
 
 fn uuid_like() -> String {
@@ -283,12 +273,7 @@ async fn a_restarted_application_handles_what_was_published_while_it_was_down() 
     }
     again.shutdown(Duration::from_secs(5)).await;
     publisher.shutdown(Duration::from_secs(5)).await;
-    RedisTransport::connect(config)
-        .await
-        .unwrap()
-        .delete_all()
-        .await
-        .unwrap();
+    delete_keys(config).await;
 }
 
 async fn support_collect(
@@ -418,6 +403,11 @@ async fn a_live_process_takes_over_the_sagas_of_a_dead_one() {
         "the survivor ran the rest"
     );
     survivor.shutdown(Duration::from_secs(5)).await;
+    delete_keys(config).await;
+}
+
+/// Deletes every key under the test's prefix.
+async fn delete_keys(config: RedisConfig) {
     RedisTransport::connect(config)
         .await
         .unwrap()

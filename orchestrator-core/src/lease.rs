@@ -52,6 +52,24 @@ pub trait Lease: Send + Sync + 'static {
     }
 }
 
+/// Keeps a held `lease`: renews it at a third of its time to live, and returns once it is
+/// lost — a renewal says another candidate holds it, or renewals failed for a whole time to
+/// live. Holders run their work beside this and stop it when this returns.
+pub async fn renew_until_lost(lease: &dyn Lease) {
+    let ttl = lease.ttl();
+    let mut renewed = std::time::Instant::now();
+    loop {
+        tokio::time::sleep(ttl / 3).await;
+        match lease.try_acquire().await {
+            Ok(true) => renewed = std::time::Instant::now(),
+            Ok(false) => return,
+            Err(_) if renewed.elapsed() >= ttl => return,
+            // A renewal that fails is tried again; the caller hears of the loss, if any.
+            Err(_) => {}
+        }
+    }
+}
+
 /// A lease that is always held: for stores that only one process can use (the in-memory
 /// store; the file store, which locks its directory), where there is nobody to compete with.
 #[derive(Debug, Clone)]

@@ -339,7 +339,7 @@ impl SagaOrchestrator {
                     None => runner.run().await,
                     Some(held) => tokio::select! {
                         result = runner.run() => result,
-                        () = lost(held.as_ref()) => {
+                        () = orchestrator_core::lease::renew_until_lost(held.as_ref()) => {
                             tracing::warn!(lease = %held.describe(), "the saga's lease was lost; its runner stops where it stands");
                             Err(Error::RunningElsewhere {
                                 id: guard.0.id,
@@ -466,21 +466,5 @@ fn json_kind(value: &Value) -> &'static str {
         Value::String(_) => "a string",
         Value::Array(_) => "an array",
         Value::Object(_) => "an object",
-    }
-}
-
-/// Renews `lease` at a third of its time to live; resolves once it is lost: another holder
-/// has it, or renewals failed for a whole time to live.
-async fn lost(lease: &dyn Lease) {
-    let ttl = lease.ttl();
-    let mut renewed = std::time::Instant::now();
-    loop {
-        tokio::time::sleep(ttl / 3).await;
-        match lease.try_acquire().await {
-            Ok(true) => renewed = std::time::Instant::now(),
-            Ok(false) => return,
-            Err(_) if renewed.elapsed() >= ttl => return,
-            Err(e) => tracing::debug!(error = %e, "renewing a saga's lease failed"),
-        }
     }
 }
