@@ -512,6 +512,83 @@ async fn a_retried_command_writes_its_events_once() {
     orchestrator.shutdown(Duration::from_secs(5)).await;
 }
 
+/// A saga step's events get ids derived from the step's idempotency key, so the same
+/// invocation run again (after a crash, recovery re-runs it with the same attempt and key)
+/// writes nothing twice; its compensation derives its own.
+#[tokio::test]
+async fn a_saga_steps_events_are_named_by_its_idempotency_key() {
+    use orchestrator::core::derived_id::derive_ids;
+    use orchestrator::saga::StepInfo;
+    let orchestrator = EventOrchestrator::new();
+    let (publisher, undo) = (orchestrator.clone(), orchestrator.clone());
+    orchestrator
+        .define_saga(
+            "order",
+            vec![
+                SagaStep::new("reserve", move |context: serde_json::Value| {
+                    let publisher = publisher.clone();
+                    async move {
+                        publisher.publish_event("stock.reserved", json!({})).await?;
+                        publisher.publish_event("stock.counted", json!({})).await?;
+                        let info = StepInfo::from_context(&context).expect("called by the saga");
+                        Ok::<_, Error>(json!({ "key": info.idempotency_key }))
+                    }
+                })
+                .with_compensation(move |_: serde_json::Value| {
+                    let undo = undo.clone();
+                    async move {
+                        undo.publish_event("stock.released", json!({})).await?;
+                        Ok::<_, Error>(())
+                    }
+                }),
+                SagaStep::new("charge", |_: serde_json::Value| async {
+                    Err::<serde_json::Value, _>(HandlerError::permanent("card declined"))
+                }),
+            ],
+        )
+        .unwrap();
+    let outcome = orchestrator.start_saga("order", json!({})).await.unwrap();
+    assert_eq!(outcome.status, SagaStatus::Compensated);
+    let key = outcome.context["key"].as_str().unwrap().to_owned();
+    assert_eq!(key, format!("{}:reserve:1", outcome.id));
+
+    let events = |orchestrator: EventOrchestrator| async move {
+        orchestrator
+            .store()
+            .read_all(ReadAll::from(1, 100))
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|e| e.event_type().starts_with("stock."))
+            .map(|e| (e.event_type().to_owned(), e.id().to_string()))
+            .collect::<Vec<_>>()
+    };
+    let written = events(orchestrator.clone()).await;
+    assert_eq!(
+        written,
+        [
+            ("stock.reserved".to_owned(), format!("{key}/1")),
+            ("stock.counted".to_owned(), format!("{key}/2")),
+            (
+                "stock.released".to_owned(),
+                format!("{}:reserve:compensate:1/1", outcome.id)
+            ),
+        ]
+    );
+
+    // The same invocation again, as recovery runs it after a crash: nothing new is stored.
+    derive_ids(key.as_str(), async {
+        orchestrator
+            .publish_event("stock.reserved", json!({}))
+            .await?;
+        orchestrator.publish_event("stock.counted", json!({})).await
+    })
+    .await
+    .unwrap();
+    assert_eq!(events(orchestrator.clone()).await, written, "written once");
+    orchestrator.shutdown(Duration::from_secs(5)).await;
+}
+
 /// With an application name, unnamed subscriptions get stable names (their consumer
 /// groups), derived from the application and the patterns, in the order they are made.
 #[tokio::test]

@@ -31,6 +31,7 @@
 pub mod clock;
 pub mod cloudevents;
 pub mod codec;
+pub mod derived_id;
 pub mod dlq;
 pub mod envelope;
 pub mod error;

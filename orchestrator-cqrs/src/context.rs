@@ -51,8 +51,6 @@ tokio::task_local! {
 struct Scope {
     info: CommandInfo,
     position: Cell<Option<u64>>,
-    /// Event ids handed out by [`next_event_id`] so far.
-    emitted: Cell<u64>,
 }
 
 /// The command whose handler is running.
@@ -92,23 +90,16 @@ pub fn current_command() -> Option<CommandInfo> {
     SCOPE.try_with(|scope| scope.info.clone()).ok()
 }
 
-/// The id for the next event the running command emits, derived from the command's id:
-/// `<command id>/<n>` for its `n`-th event (1, 2, …). `None` outside a command handler, or
-/// for a command without an id.
+/// The id for the next event emitted by the running command (or by the saga step that sends
+/// it): `<command id>/<n>` for its `n`-th event (1, 2, …). `None` outside any scope that
+/// derives ids (a command without an id, outside a saga step, derives none).
 ///
 /// A command sent again with the same id (a client's retry after a timeout) whose handler
 /// emits the same events in the same order gets the same ids, so a store with idempotent
 /// appends writes them once ([`StoreCapabilities::idempotent_append`](orchestrator_core::StoreCapabilities)).
+/// The counting is [`orchestrator_core::derived_id`]'s, shared with saga steps.
 pub fn next_event_id() -> Option<String> {
-    SCOPE
-        .try_with(|scope| {
-            let id = scope.info.id.as_ref()?;
-            let n = scope.emitted.get() + 1;
-            scope.emitted.set(n);
-            Some(format!("{id}/{n}"))
-        })
-        .ok()
-        .flatten()
+    orchestrator_core::derived_id::next_derived_id()
 }
 
 /// Records that the running command wrote up to global `position`; the command's outcome
@@ -124,18 +115,21 @@ pub fn record_position(position: u64) {
 /// recorded. The position is also recorded in the enclosing command's scope, if any, so a
 /// command that sends another reports the other's writes too.
 pub(crate) async fn scoped<F: Future>(info: CommandInfo, handler: F) -> (F::Output, Option<u64>) {
+    let base = info.id.clone();
     let scope = Scope {
         info,
         position: Cell::new(None),
-        emitted: Cell::new(0),
     };
-    let (output, position) = SCOPE
-        .scope(scope, async move {
-            let output = handler.await;
-            let position = SCOPE.with(|scope| scope.position.get());
-            (output, position)
-        })
-        .await;
+    let run = SCOPE.scope(scope, async move {
+        let output = handler.await;
+        let position = SCOPE.with(|scope| scope.position.get());
+        (output, position)
+    });
+    // A command with an id names the ids of the events it emits.
+    let (output, position) = match base {
+        Some(base) => orchestrator_core::derived_id::derive_ids(base, run).await,
+        None => run.await,
+    };
     if let Some(p) = position {
         record_position(p);
     }

@@ -47,7 +47,10 @@ pub struct StepInfo {
     pub attempt: u32,
     /// `<saga id>:<step>:<attempt>` for actions, `<saga id>:<step>:compensate:<attempt>` for
     /// compensations: the same for a re-run of the same attempt after a crash, so a side
-    /// effect keyed by it happens once.
+    /// effect keyed by it happens once. It also names the events the invocation publishes
+    /// through the facade: `<idempotency key>/1`, `/2`, … (see
+    /// [`orchestrator_core::derived_id`]), so a re-run after a crash writes them once on a
+    /// store with idempotent appends.
     pub idempotency_key: String,
     /// Whether this is the step's compensation rather than its action.
     pub compensating: bool,

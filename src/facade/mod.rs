@@ -421,11 +421,11 @@ impl EventOrchestrator {
     }
 }
 
-/// `event` with the id the running command derives for its next event, if any (an
-/// envelope the caller built keeps its own id: see [`EventOrchestrator::publish`]).
+/// `event` with the id the running command or saga step derives for its next event, if any
+/// (an envelope the caller built keeps its own id: see [`EventOrchestrator::publish`]).
 fn with_command_id(event: EventEnvelope) -> EventEnvelope {
-    // A command id is non-empty, so its derived id always parses.
-    match orchestrator_cqrs::next_event_id().map(EventId::parse) {
+    // A command id or idempotency key is non-empty, so its derived id always parses.
+    match orchestrator_core::derived_id::next_derived_id().map(EventId::parse) {
         Some(Ok(id)) => event.with_id(id),
         _ => event,
     }

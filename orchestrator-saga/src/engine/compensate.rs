@@ -2,13 +2,14 @@
 
 use std::time::Instant;
 
+use orchestrator_core::derived_id::derive_ids;
 use tracing::Instrument;
 
 use super::Runner;
 use crate::error::Result;
 use crate::log::Record;
 use crate::status::CompensationFailure;
-use crate::step::{Compensation, SagaStep};
+use crate::step::{Compensation, SagaStep, StepInfo};
 
 impl Runner {
     /// Compensates the completed steps, last completed first, skipping those already
@@ -54,7 +55,13 @@ impl Runner {
                 tracing::info_span!("saga.step", step = %name, attempt, phase = "compensation");
             let started = Instant::now();
             let result = self
-                .attempt(step.timeout, compensation.compensate(context))
+                .attempt(
+                    step.timeout,
+                    derive_ids(
+                        StepInfo::key_for(&self.saga_id, name, attempt, true),
+                        compensation.compensate(context),
+                    ),
+                )
                 .instrument(span)
                 .await;
             self.unmark_running(name);

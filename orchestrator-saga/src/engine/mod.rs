@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use futures::FutureExt;
 use futures::future::{BoxFuture, join_all};
 use orchestrator_core::HandlerError;
+use orchestrator_core::derived_id::derive_ids;
 use serde_json::{Map, Value, json};
 use tokio::sync::watch;
 use tracing::Instrument;
@@ -347,7 +348,13 @@ impl Runner {
             let span = tracing::info_span!("saga.step", step = %name, attempt, phase = "action");
             let started = Instant::now();
             let result = self
-                .attempt(step.timeout, step.action.call(context))
+                .attempt(
+                    step.timeout,
+                    derive_ids(
+                        StepInfo::key_for(&self.saga_id, name, attempt, false),
+                        step.action.call(context),
+                    ),
+                )
                 .instrument(span)
                 .await;
             self.unmark_running(name);
