@@ -341,3 +341,120 @@ async fn the_event_bus_conformance_cases_pass_on_rabbitmq() {
     transport.delete_topology().await.unwrap();
     transport.close().await;
 }
+
+/// Whether the broker has queue `name` (a passive declare, on a channel of its own: a
+/// missing queue closes the channel).
+async fn queue_exists(connection: &Connection, name: &str) -> bool {
+    let channel = connection.create_channel().await.unwrap();
+    let found = channel
+        .queue_declare(
+            name.into(),
+            lapin::options::QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .is_ok();
+    if found {
+        let _ = channel.close(200, "checked".into()).await;
+    }
+    found
+}
+
+/// Waits until the broker has none of `queues` (panics with those left after `WAIT`).
+async fn wait_until_deleted(connection: &Connection, queues: &[String]) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let mut left = Vec::new();
+        for queue in queues {
+            if queue_exists(connection, queue).await {
+                left.push(queue.clone());
+            }
+        }
+        if left.is_empty() {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "left behind: {left:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// An ephemeral group lives as long as its consumer: its work queue and retry queue are
+/// deleted when its stream is dropped, and expire (`x-expires`) when its consumer went away
+/// without deleting them (its process died); a durable group's queue stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ephemeral_groups_leave_no_queue_behind() {
+    let config = config("ephemeral").with_ephemeral_expiry(Duration::from_millis(1500));
+    let cleanup = cleanup(&config);
+    let Some(transport) = connect(config.clone()).await else {
+        return;
+    };
+    let connection = Connection::connect(&services::amqp_url(), ConnectionProperties::default())
+        .await
+        .unwrap();
+    let topic = topic("tail.seen");
+    let group = format!("tail{}", uuid::Uuid::now_v7().simple());
+    let work = config.group_queue(&group);
+    let retry = config.retry_queue(&group, 32);
+    cleanup
+        .queues
+        .lock()
+        .unwrap()
+        .extend([work.clone(), retry.clone()]);
+    let mut stream = transport
+        .subscribe(SubscribeOptions::new(&group, &topic).unwrap().ephemeral())
+        .await
+        .unwrap();
+    transport
+        .publish(&topic, EventEnvelope::new(&topic, &json!({})).unwrap())
+        .await
+        .unwrap();
+    next(&mut stream)
+        .await
+        .nack(Duration::from_millis(20), "again")
+        .await
+        .unwrap();
+    let again = next(&mut stream).await;
+    assert_eq!(again.attempt(), 2);
+    again.ack().await.unwrap();
+    assert!(queue_exists(&connection, &work).await);
+    assert!(queue_exists(&connection, &retry).await, "{retry}");
+    drop(stream);
+    wait_until_deleted(&connection, &[work, retry]).await;
+
+    // A consumer that goes away without deleting its queue (the process died): the broker
+    // deletes it once it has been unused for the expiry.
+    let crashed = format!("crashed{}", uuid::Uuid::now_v7().simple());
+    let crashed_queue = config.group_queue(&crashed);
+    cleanup.queues.lock().unwrap().push(crashed_queue.clone());
+    let dying = connect(config.clone()).await.unwrap();
+    let stream = dying
+        .subscribe(SubscribeOptions::new(&crashed, &topic).unwrap().ephemeral())
+        .await
+        .unwrap();
+    std::mem::forget(stream);
+    dying.close().await;
+    // Not polled meanwhile: a passive declare counts as a use, which restarts the expiry.
+    tokio::time::sleep(Duration::from_millis(3000)).await;
+    assert!(
+        !queue_exists(&connection, &crashed_queue).await,
+        "{crashed_queue} expired"
+    );
+
+    // A durable group's queue stays while its consumer is away.
+    let durable = format!("durable{}", uuid::Uuid::now_v7().simple());
+    let durable_queue = config.group_queue(&durable);
+    cleanup.queues.lock().unwrap().push(durable_queue.clone());
+    let stream = transport
+        .subscribe(SubscribeOptions::new(&durable, &topic).unwrap())
+        .await
+        .unwrap();
+    drop(stream);
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    assert!(queue_exists(&connection, &durable_queue).await);
+}

@@ -449,3 +449,144 @@ async fn held_deliveries_are_not_reclaimed_from_a_live_consumer() {
     expect_quiet(&mut slow, "after every delivery was acked").await;
     transport.close().await;
 }
+
+/// What Redis keeps for `group` under `prefix`: its consumer group on `topic`'s stream, its
+/// patterns, its retry stream, its membership of the ephemeral set.
+async fn group_traces(url: &str, prefix: &str, topic: &str, group: &str) -> Vec<String> {
+    let mut conn = raw(url).await;
+    let mut traces = Vec::new();
+    let groups: redis::Value = redis::cmd("XINFO")
+        .arg("GROUPS")
+        .arg(format!("{prefix}topic:{topic}"))
+        .query_async(&mut conn)
+        .await
+        .unwrap_or(redis::Value::Nil);
+    if format!("{groups:?}").contains(group) {
+        traces.push(format!("consumer group on topic `{topic}`"));
+    }
+    let patterns: Vec<String> = redis::cmd("SMEMBERS")
+        .arg(format!("{prefix}patterns"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    if patterns.iter().any(|p| p.starts_with(&format!("{group} "))) {
+        traces.push("pattern".to_owned());
+    }
+    let retry: bool = redis::cmd("EXISTS")
+        .arg(format!("{prefix}retry:{group}"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    if retry {
+        traces.push("retry stream".to_owned());
+    }
+    let member: bool = redis::cmd("SISMEMBER")
+        .arg(format!("{prefix}ephemeral"))
+        .arg(group)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    if member {
+        traces.push("ephemeral set".to_owned());
+    }
+    traces
+}
+
+/// Waits until Redis keeps nothing for `group` (panics with what is left after `WAIT`).
+async fn wait_until_gone(url: &str, prefix: &str, topic: &str, group: &str) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let traces = group_traces(url, prefix, topic, group).await;
+        if traces.is_empty() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "group `{group}` left behind: {traces:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// An ephemeral group lives as long as its consumer: it gets what is published while it is
+/// subscribed; once its stream is dropped, its consumer group, pattern and retry stream are
+/// gone. The group of a consumer whose process died (its runtime dropped, so it removed
+/// nothing) is removed by the next subscription once its alive key has expired.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ephemeral_groups_leave_nothing_behind() {
+    let Some(url) = reachable().await else { return };
+    let prefix = random_prefix();
+    let _cleanup = Cleanup::new(&url, &prefix);
+    let config = config(&url, &prefix).with_ephemeral_timeout(Duration::from_millis(500));
+    let transport = RedisTransport::connect(config.clone()).await.unwrap();
+    let topic = "tail.seen";
+
+    let group = format!("tail-{}", suffix());
+    let options = SubscribeOptions::new(&group, "tail.#").unwrap().ephemeral();
+    let mut stream = transport.subscribe(options).await.unwrap();
+    transport.publish(topic, event(topic, 1)).await.unwrap();
+    let delivery = recv(&mut stream, "ephemeral group").await;
+    // A retry puts the event on the group's retry stream: that goes too.
+    delivery
+        .nack(Duration::from_millis(10), "again")
+        .await
+        .unwrap();
+    let again = recv(&mut stream, "the retry").await;
+    assert_eq!(again.attempt(), 2);
+    again.ack().await.unwrap();
+    assert!(!group_traces(&url, &prefix, topic, &group).await.is_empty());
+    drop(stream);
+    wait_until_gone(&url, &prefix, topic, &group).await;
+
+    // A consumer whose process dies removes nothing itself.
+    let crashed = format!("crashed-{}", suffix());
+    let (crash_config, crash_group) = (config.clone(), crashed.clone());
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let transport = RedisTransport::connect(crash_config).await.unwrap();
+            let options = SubscribeOptions::new(&crash_group, "tail.#")
+                .unwrap()
+                .ephemeral();
+            let stream = transport.subscribe(options).await.unwrap();
+            std::mem::forget(stream);
+        });
+        drop(runtime);
+    })
+    .join()
+    .unwrap();
+    assert!(
+        group_traces(&url, &prefix, topic, &crashed)
+            .await
+            .contains(&"ephemeral set".to_owned()),
+        "the crashed consumer's group is there until swept"
+    );
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let next = format!("next-{}", suffix());
+    let options = SubscribeOptions::new(&next, "tail.#").unwrap().ephemeral();
+    let stream = transport.subscribe(options).await.unwrap();
+    assert_eq!(
+        group_traces(&url, &prefix, topic, &crashed).await,
+        Vec::<String>::new(),
+        "swept by the next subscription"
+    );
+    drop(stream);
+    wait_until_gone(&url, &prefix, topic, &next).await;
+
+    // A durable group stays.
+    let durable = format!("durable-{}", suffix());
+    let stream = transport
+        .subscribe(SubscribeOptions::new(&durable, "tail.#").unwrap())
+        .await
+        .unwrap();
+    drop(stream);
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert!(
+        !group_traces(&url, &prefix, topic, &durable)
+            .await
+            .is_empty()
+    );
+}

@@ -291,6 +291,7 @@ impl EventBus {
             .unwrap_or_else(|| format!("sub-{}", uuid::Uuid::now_v7().simple()));
         let mut options = SubscribeOptions::new(name.clone(), "#")?;
         options.patterns = patterns;
+        options.ephemeral = config.ephemeral || config.name.is_none();
         options = options.prefetch(config.concurrency.saturating_mul(4).max(64));
 
         let mut chain: Vec<Arc<dyn Middleware>> = Vec::new();

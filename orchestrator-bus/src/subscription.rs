@@ -61,6 +61,7 @@ pub struct SubscriptionConfig {
     pub(crate) retry: Option<RetryPolicy>,
     pub(crate) retry_mode: Option<RetryMode>,
     pub(crate) inbox: Option<Arc<dyn Inbox>>,
+    pub(crate) ephemeral: bool,
 }
 
 impl std::fmt::Debug for SubscriptionConfig {
@@ -76,6 +77,7 @@ impl std::fmt::Debug for SubscriptionConfig {
             .field("retry", &self.retry)
             .field("retry_mode", &self.retry_mode)
             .field("inbox", &self.inbox.as_ref().map(|inbox| inbox.describe()))
+            .field("ephemeral", &self.ephemeral)
             .finish()
     }
 }
@@ -95,16 +97,35 @@ impl SubscriptionConfig {
             retry: None,
             retry_mode: None,
             inbox: None,
+            ephemeral: false,
         }
     }
 
     /// Names the subscription. The name is its consumer group: subscriptions with the same
     /// name share the events (competing consumers), each event going to one of them; dead
     /// letters record it and reprocessing goes back to it. Unnamed subscriptions get a
-    /// unique name, so each sees every event.
+    /// unique name, so each sees every event, and are [ephemeral](Self::ephemeral).
     pub fn named(mut self, name: impl Into<String>) -> Self {
         self.name = Some(name.into());
         self
+    }
+
+    /// Makes the subscription ephemeral: it sees the events published while it is
+    /// subscribed, and the transport removes its consumer group when it stops (a broker
+    /// cleans up after a crashed process too: see
+    /// [`SubscribeOptions::ephemeral`](orchestrator_core::SubscribeOptions::ephemeral)). For
+    /// tails, tests and other short-lived consumers. Unnamed subscriptions are always
+    /// ephemeral (their random group could never be resumed); a named ephemeral one must
+    /// have a name no other consumer uses.
+    pub fn ephemeral(mut self) -> Self {
+        self.ephemeral = true;
+        self
+    }
+
+    /// Whether the subscription was made [`ephemeral`](Self::ephemeral) (an unnamed one is
+    /// made so when it subscribes).
+    pub fn is_ephemeral(&self) -> bool {
+        self.ephemeral
     }
 
     /// The name given with [`named`](Self::named), if any.

@@ -28,6 +28,13 @@ pub struct SubscribeOptions {
     /// How many deliveries a consumer may hold unsettled at once (a hint; backends that
     /// have no such notion ignore it).
     pub prefetch: usize,
+    /// A group that lives only as long as its consumer (a `tail`, a test, a subscription
+    /// without a name): the transport removes what it keeps for the group (queues,
+    /// consumer groups, retry streams) when the delivery stream is dropped, and the broker
+    /// removes it after a while if the process dies first — see each backend's docs. An
+    /// ephemeral group has one consumer: give it a unique name. Default false: a group
+    /// keeps its place while its consumers are away, so a restarted process misses nothing.
+    pub ephemeral: bool,
 }
 
 impl SubscribeOptions {
@@ -39,7 +46,14 @@ impl SubscribeOptions {
             group,
             patterns: vec![TopicPattern::parse(pattern)?],
             prefetch: 64,
+            ephemeral: false,
         })
+    }
+
+    /// Makes the group [ephemeral](Self::ephemeral).
+    pub fn ephemeral(mut self) -> Self {
+        self.ephemeral = true;
+        self
     }
 
     /// Adds another pattern.

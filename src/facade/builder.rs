@@ -222,8 +222,10 @@ impl EventOrchestratorBuilder {
     /// to the same patterns (in the order they are made) — so that a
     /// restarted process rejoins its consumer groups on a broker and resumes where it left
     /// off, instead of starting new groups that miss what was published while it was down.
-    /// Without it, an unnamed subscription gets a new unique group on every start (and a
-    /// warning on a broker transport).
+    /// Without it, an unnamed subscription is ephemeral: a new unique group on every start,
+    /// removed when it stops (and a warning on a broker transport). A subscription made
+    /// [`ephemeral`](orchestrator_bus::SubscriptionConfig::ephemeral) is never given a
+    /// stable name.
     pub fn application(mut self, name: impl Into<String>) -> Self {
         self.application = Some(name.into());
         self

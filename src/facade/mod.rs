@@ -222,10 +222,10 @@ impl EventOrchestrator {
                         tracing::warn!(
                             patterns = ?config.patterns(),
                             transport = self.transport().name(),
-                            "an unnamed subscription on a broker gets a new consumer group on \
-                             every start: events published while the process was down are not \
-                             handled by it; name it, or name the application \
-                             (EventOrchestratorBuilder::application)"
+                            "an unnamed subscription on a broker is ephemeral: its consumer \
+                             group lives as long as this process, so events published while the \
+                             process is down are not handled by it; name it, or name the \
+                             application (EventOrchestratorBuilder::application)"
                         );
                     }
                     config

@@ -36,6 +36,7 @@ pub struct RabbitMqConfig {
     publish_timeout: Duration,
     backoff: Backoff,
     queue_expiry: Option<Duration>,
+    ephemeral_expiry: Duration,
 }
 
 impl RabbitMqConfig {
@@ -54,6 +55,7 @@ impl RabbitMqConfig {
                 max: Duration::from_secs(3),
             },
             queue_expiry: None,
+            ephemeral_expiry: Duration::from_secs(60),
         }
     }
 
@@ -112,6 +114,15 @@ impl RabbitMqConfig {
         self
     }
 
+    /// How long the queues of an ephemeral group outlive its consumer when its process dies
+    /// without deleting them (RabbitMQ's `x-expires` on the group's work and retry queues;
+    /// default 60 s). A consumer that stops normally deletes them at once. Must outlast a
+    /// reconnection, during which the queue has no consumer.
+    pub fn with_ephemeral_expiry(mut self, expiry: Duration) -> Self {
+        self.ephemeral_expiry = expiry.max(Duration::from_millis(100));
+        self
+    }
+
     /// The broker URL.
     pub fn url(&self) -> &str {
         &self.url
@@ -145,6 +156,11 @@ impl RabbitMqConfig {
     /// The queue expiry, if any.
     pub fn queue_expiry(&self) -> Option<Duration> {
         self.queue_expiry
+    }
+
+    /// The expiry of an ephemeral group's queues.
+    pub fn ephemeral_expiry(&self) -> Duration {
+        self.ephemeral_expiry
     }
 
     /// The durable queue of consumer group `group`: `<prefix>.group.<group>`.

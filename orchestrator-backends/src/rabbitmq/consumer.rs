@@ -43,6 +43,9 @@ impl RabbitMqDeliveryStream {
     pub(crate) async fn open(inner: Arc<Inner>, options: SubscribeOptions) -> Result<Self> {
         let queue = short("group queue", &inner.config.group_queue(&options.group))?;
         let closed = inner.closed.subscribe();
+        if options.ephemeral {
+            inner.mark_ephemeral(&options.group);
+        }
         let mut stream = Self {
             inner,
             options,
@@ -80,7 +83,11 @@ impl RabbitMqDeliveryStream {
             .await
             .map_err(from_lapin)?;
         channel
-            .queue_declare(self.queue.clone(), durable_queue(), inner.queue_arguments())
+            .queue_declare(
+                self.queue.clone(),
+                durable_queue(),
+                inner.queue_arguments(&self.options.group, 0),
+            )
             .await
             .map_err(from_lapin)?;
         inner.remember(self.queue.as_str());
@@ -345,15 +352,9 @@ impl Acknowledge for RabbitMqAcker {
                 mandatory: true,
             }
         } else {
-            let retry = short(
-                "retry queue",
-                &self
-                    .inner
-                    .config
-                    .retry_queue(&self.group, wire::retry_tier(delay)),
-            )?;
-            self.inner
-                .declare_retry_queue(&retry, &self.queue, false)
+            let retry = self
+                .inner
+                .declare_retry_queue(&self.group, wire::retry_tier(delay), &self.queue, false)
                 .await?;
             Outgoing {
                 exchange: ShortString::default(),
@@ -374,7 +375,7 @@ impl Acknowledge for RabbitMqAcker {
             }
             // Returned: the retry queue was deleted behind our back. Declare it again.
             self.inner
-                .declare_retry_queue(&message.routing_key, &self.queue, true)
+                .declare_retry_queue(&self.group, wire::retry_tier(delay), &self.queue, true)
                 .await?;
             self.inner
                 .publisher
@@ -387,6 +388,24 @@ impl Acknowledge for RabbitMqAcker {
     async fn dead_letter(mut self: Box<Self>, letter: DeadLetter) -> Result<()> {
         orchestrator_core::DeadLetterQueue::push(&self.inner.dlq, letter).await?;
         self.settle_ack().await
+    }
+}
+
+impl Drop for RabbitMqDeliveryStream {
+    /// An ephemeral group's queues go with its consumer (if there is no runtime to do it,
+    /// or it fails, they expire: `x-expires`).
+    fn drop(&mut self) {
+        if !self.options.ephemeral {
+            return;
+        }
+        let (inner, group) = (self.inner.clone(), self.options.group.clone());
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                if let Err(error) = inner.delete_group(&group).await {
+                    tracing::warn!(%group, %error, "could not delete an ephemeral group's queues; they expire");
+                }
+            });
+        }
     }
 }
 

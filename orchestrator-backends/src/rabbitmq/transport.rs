@@ -53,18 +53,94 @@ pub(crate) struct Inner {
     /// Queues declared by this transport: retry queues are declared once, and
     /// [`RabbitMqTransport::delete_topology`] knows what to delete.
     declared: StdMutex<BTreeSet<String>>,
+    /// The groups subscribed as ephemeral here: their queues expire, and are deleted when
+    /// their consumer stops.
+    ephemeral: StdMutex<BTreeSet<String>>,
     pub(crate) closed: watch::Sender<bool>,
 }
 
 impl Inner {
-    /// The arguments of group and retry queues (only `x-expires`, when configured).
-    pub(crate) fn queue_arguments(&self) -> FieldTable {
+    /// The arguments of `group`'s work queue (with `extra_ms` 0) and retry queues (with
+    /// their tier): only `x-expires`, when configured, or when the group is ephemeral (then
+    /// its expiry plus `extra_ms`, so a retry queue outlives the messages it holds).
+    pub(crate) fn queue_arguments(&self, group: &str, extra_ms: u64) -> FieldTable {
         let mut arguments = FieldTable::default();
-        if let Some(expiry) = self.config.queue_expiry() {
-            let ms = u64::try_from(expiry.as_millis()).unwrap_or(u64::MAX).max(1);
+        let expiry = if self.is_ephemeral(group) {
+            Some(self.config.ephemeral_expiry())
+        } else {
+            self.config.queue_expiry()
+        };
+        if let Some(expiry) = expiry {
+            let ms = u64::try_from(expiry.as_millis())
+                .unwrap_or(u64::MAX)
+                .max(1)
+                .saturating_add(if self.is_ephemeral(group) {
+                    extra_ms
+                } else {
+                    0
+                });
             arguments.insert("x-expires".into(), wire::number(ms));
         }
         arguments
+    }
+
+    /// Whether `group` was subscribed as ephemeral by this transport.
+    pub(crate) fn is_ephemeral(&self, group: &str) -> bool {
+        self.ephemeral
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains(group)
+    }
+
+    pub(crate) fn mark_ephemeral(&self, group: &str) {
+        self.ephemeral
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(group.to_owned());
+    }
+
+    /// Deletes an ephemeral group's work queue and the retry queues this transport declared
+    /// for it (their messages too): its consumer is gone.
+    pub(crate) async fn delete_group(&self, group: &str) -> Result<()> {
+        let work = self.config.group_queue(group);
+        let retry_prefix = self.config.retry_queue(group, 0);
+        let retry_prefix = retry_prefix.trim_end_matches("0ms");
+        let mut queues: Vec<String> = self
+            .declared
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .filter(|q| {
+                q.strip_prefix(retry_prefix)
+                    .and_then(|tier| tier.strip_suffix("ms"))
+                    .is_some_and(|tier| {
+                        !tier.is_empty() && tier.bytes().all(|b| b.is_ascii_digit())
+                    })
+            })
+            .cloned()
+            .collect();
+        queues.push(work);
+        for queue in &queues {
+            let name = short("queue", queue)?;
+            self.publisher
+                .declare(|channel: Channel| {
+                    let name = name.clone();
+                    async move {
+                        channel
+                            .queue_delete(name, QueueDeleteOptions::default())
+                            .await
+                            .map(drop)
+                    }
+                })
+                .await?;
+            self.forget(queue);
+        }
+        self.ephemeral
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(group);
+        tracing::debug!(group, queues = queues.len(), "ephemeral group deleted");
+        Ok(())
     }
 
     pub(crate) fn remember(&self, queue: &str) -> bool {
@@ -89,11 +165,11 @@ impl Inner {
     }
 
     /// Declares the group's work queue on the publishing channel (idempotent).
-    pub(crate) async fn declare_group_queue(&self, queue: &ShortString) -> Result<()> {
+    pub(crate) async fn declare_group_queue(&self, group: &str, queue: &ShortString) -> Result<()> {
         if self.is_declared(queue.as_str()) {
             return Ok(());
         }
-        let arguments = self.queue_arguments();
+        let arguments = self.queue_arguments(group, 0);
         self.publisher
             .declare(|channel: Channel| {
                 let (queue, arguments) = (queue.clone(), arguments.clone());
@@ -111,16 +187,22 @@ impl Inner {
 
     /// Declares a retry queue: messages expire after their own `expiration` and RabbitMQ
     /// dead-letters them through the default exchange back to the group's work queue.
+    ///
+    /// An ephemeral group's retry queue is declared again each time (a declaration resets
+    /// its expiry), so it cannot expire while it holds a message.
     pub(crate) async fn declare_retry_queue(
         &self,
-        retry: &ShortString,
+        group: &str,
+        tier_ms: u64,
         work: &ShortString,
         force: bool,
-    ) -> Result<()> {
-        if !force && self.is_declared(retry.as_str()) {
-            return Ok(());
+    ) -> Result<ShortString> {
+        let retry = short("retry queue", &self.config.retry_queue(group, tier_ms))?;
+        let ephemeral = self.is_ephemeral(group);
+        if !force && !ephemeral && self.is_declared(retry.as_str()) {
+            return Ok(retry);
         }
-        let mut arguments = self.queue_arguments();
+        let mut arguments = self.queue_arguments(group, tier_ms);
         arguments.insert("x-dead-letter-exchange".into(), wire::text(""));
         arguments.insert(
             "x-dead-letter-routing-key".into(),
@@ -138,7 +220,7 @@ impl Inner {
             })
             .await?;
         self.remember(retry.as_str());
-        Ok(())
+        Ok(retry)
     }
 }
 
@@ -250,6 +332,7 @@ impl RabbitMqTransport {
                 consuming,
                 dlq: dead_letters,
                 declared: StdMutex::new(BTreeSet::new()),
+                ephemeral: StdMutex::new(BTreeSet::new()),
                 closed,
             }),
         })
@@ -371,7 +454,7 @@ impl Transport for RabbitMqTransport {
         validate_group(group)?;
         validate_topic(topic)?;
         let queue = short("group queue", &self.inner.config.group_queue(group))?;
-        self.inner.declare_group_queue(&queue).await?;
+        self.inner.declare_group_queue(group, &queue).await?;
         let properties = wire::set_header(
             wire::event_properties(&event),
             wire::TOPIC,

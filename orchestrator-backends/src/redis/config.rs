@@ -42,6 +42,7 @@ pub struct RedisConfig {
     pub(crate) discovery_interval: Duration,
     pub(crate) delayed_poll_interval: Duration,
     pub(crate) topic_max_len: Option<usize>,
+    pub(crate) ephemeral_timeout: Duration,
 }
 
 impl std::fmt::Debug for RedisConfig {
@@ -91,6 +92,7 @@ impl RedisConfig {
             discovery_interval: Duration::from_secs(1),
             delayed_poll_interval: Duration::from_secs(1),
             topic_max_len: None,
+            ephemeral_timeout: Duration::from_secs(30),
         })
     }
 
@@ -164,6 +166,16 @@ impl RedisConfig {
     /// trimmed, even if a slow group has not read them. Default: no cap.
     pub fn with_topic_max_len(mut self, max_len: usize) -> Self {
         self.topic_max_len = Some(max_len);
+        self
+    }
+
+    /// How long an ephemeral group outlives its consumer when the consumer's process dies
+    /// without removing it (default 30 s): the consumer renews a key with this expiry, and
+    /// the next subscription on the same prefix removes the groups whose key has expired
+    /// (Redis has no expiry for consumer groups). A consumer that stops normally removes its
+    /// group at once.
+    pub fn with_ephemeral_timeout(mut self, timeout: Duration) -> Self {
+        self.ephemeral_timeout = timeout.max(Duration::from_millis(300));
         self
     }
 

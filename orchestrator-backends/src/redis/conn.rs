@@ -142,6 +142,16 @@ impl Keys {
         format!("{}delayed:{group}", self.prefix)
     }
 
+    /// The set of ephemeral groups (see [`SubscribeOptions::ephemeral`](orchestrator_core::SubscribeOptions)).
+    pub(crate) fn ephemeral(&self) -> String {
+        format!("{}ephemeral", self.prefix)
+    }
+
+    /// The key whose expiry marks an ephemeral group's consumer as gone.
+    pub(crate) fn alive(&self, group: &str) -> String {
+        format!("{}alive:{group}", self.prefix)
+    }
+
     pub(crate) fn dlq(&self) -> String {
         format!("{}dlq", self.prefix)
     }

@@ -121,6 +121,7 @@ pub(crate) async fn start(
         next_poll: now,
         next_discovery: now,
         next_claim: now,
+        next_alive: now + alive_interval(&transport.shared),
     };
     tracing::debug!(group = %reader.options.group, consumer = %reader.consumer, "consumer started");
     transport.track(tokio::spawn(reader.run()));
@@ -149,6 +150,13 @@ struct Reader {
     next_poll: Instant,
     next_discovery: Instant,
     next_claim: Instant,
+    /// When an ephemeral group's alive key is renewed next.
+    next_alive: Instant,
+}
+
+/// How often an ephemeral group's consumer renews its alive key: three times per expiry.
+fn alive_interval(shared: &Shared) -> Duration {
+    shared.config.ephemeral_timeout / 3
 }
 
 impl Reader {
@@ -180,6 +188,12 @@ impl Reader {
                 }
             }
         }
+        if self.options.ephemeral {
+            // The consumer is gone, and with it the group (its events included).
+            if let Err(error) = self.transport.remove_group(&self.options.group).await {
+                tracing::warn!(group = %self.options.group, %error, "could not remove an ephemeral group; the next subscription removes it once its alive key expires");
+            }
+        }
         tracing::debug!(group = %self.options.group, consumer = %self.consumer, "consumer stopped");
     }
 
@@ -199,7 +213,14 @@ impl Reader {
             self.claim().await?;
             self.next_claim = Instant::now() + self.shared.config.claim_interval();
         }
+        if self.options.ephemeral && now >= self.next_alive {
+            self.transport.keep_alive(&self.options.group).await?;
+            self.next_alive = Instant::now() + alive_interval(&self.shared);
+        }
         let mut until = self.next_poll.min(self.next_claim);
+        if self.options.ephemeral {
+            until = until.min(self.next_alive);
+        }
         if !self.exact_only {
             until = until.min(self.next_discovery);
         }

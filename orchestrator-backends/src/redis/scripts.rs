@@ -189,3 +189,25 @@ return false
 "#,
     )
 });
+
+/// Removes an ephemeral group: its consumer group on every stream in `KEYS` that has one
+/// (topic streams and its retry stream), its retry stream and delayed set, its alive key and
+/// its membership of the ephemeral set.
+///
+/// KEYS: the topic streams..., retry, delayed, alive, ephemeral set; ARGV: group.
+pub(crate) static REMOVE_GROUP: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local group = ARGV[1]
+local n = #KEYS
+for i = 1, n - 3 do
+  if redis.call('TYPE', KEYS[i])['ok'] == 'stream' then
+    redis.pcall('XGROUP', 'DESTROY', KEYS[i], group)
+  end
+end
+redis.call('DEL', KEYS[n - 3], KEYS[n - 2], KEYS[n - 1])
+redis.call('SREM', KEYS[n], group)
+return 1
+",
+    )
+});

@@ -258,6 +258,137 @@ impl RedisTransport {
         .await
     }
 
+    /// Registers `group` as ephemeral and marks its consumer alive; first removes the
+    /// ephemeral groups whose consumer is gone (their alive key expired).
+    async fn register_ephemeral(&self, group: &str) -> Result<()> {
+        let removed = self.sweep_ephemeral().await?;
+        if removed > 0 {
+            tracing::info!(removed, "removed ephemeral groups whose consumer is gone");
+        }
+        let shared = &self.shared;
+        with_retry(&shared.config, "SADD", |_| {
+            let mut manager = shared.manager.clone();
+            async move {
+                redis::cmd("SADD")
+                    .arg(shared.keys.ephemeral())
+                    .arg(group)
+                    .query_async::<()>(&mut manager)
+                    .await
+            }
+        })
+        .await?;
+        self.keep_alive(group).await
+    }
+
+    /// Renews an ephemeral group's alive key.
+    pub(crate) async fn keep_alive(&self, group: &str) -> Result<()> {
+        let shared = &self.shared;
+        let ttl = u64::try_from(shared.config.ephemeral_timeout.as_millis()).unwrap_or(u64::MAX);
+        with_retry(&shared.config, "SET", |_| {
+            let mut manager = shared.manager.clone();
+            async move {
+                redis::cmd("SET")
+                    .arg(shared.keys.alive(group))
+                    .arg(1)
+                    .arg("PX")
+                    .arg(ttl)
+                    .query_async::<()>(&mut manager)
+                    .await
+            }
+        })
+        .await
+    }
+
+    /// Removes the ephemeral groups whose consumer is gone; returns how many.
+    pub(crate) async fn sweep_ephemeral(&self) -> Result<usize> {
+        let shared = &self.shared;
+        let groups: Vec<String> = with_retry(&shared.config, "SMEMBERS", |_| {
+            let mut manager = shared.manager.clone();
+            async move {
+                redis::cmd("SMEMBERS")
+                    .arg(shared.keys.ephemeral())
+                    .query_async(&mut manager)
+                    .await
+            }
+        })
+        .await?;
+        if groups.is_empty() {
+            return Ok(0);
+        }
+        let alive: Vec<bool> = with_retry(&shared.config, "EXISTS", |_| {
+            let mut manager = shared.manager.clone();
+            let mut pipe = redis::pipe();
+            for group in &groups {
+                pipe.cmd("EXISTS").arg(shared.keys.alive(group));
+            }
+            async move { pipe.query_async(&mut manager).await }
+        })
+        .await?;
+        let mut removed = 0;
+        for (group, alive) in groups.iter().zip(alive) {
+            if !alive {
+                self.remove_group(group).await?;
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Removes everything the transport keeps for `group`: its patterns, its consumer group
+    /// on every topic stream, its retry stream and delayed set (their events included).
+    pub(crate) async fn remove_group(&self, group: &str) -> Result<()> {
+        let shared = &self.shared;
+        let prefix = format!("{group} ");
+        let patterns: Vec<String> = with_retry(&shared.config, "SMEMBERS", |_| {
+            let mut manager = shared.manager.clone();
+            async move {
+                redis::cmd("SMEMBERS")
+                    .arg(shared.keys.patterns())
+                    .query_async(&mut manager)
+                    .await
+            }
+        })
+        .await?;
+        let patterns: Vec<&String> = patterns.iter().filter(|m| m.starts_with(&prefix)).collect();
+        if !patterns.is_empty() {
+            // First, so that a topic registered from now on does not get the group again.
+            with_retry(&shared.config, "SREM", |_| {
+                let mut manager = shared.manager.clone();
+                let patterns = &patterns;
+                async move {
+                    redis::cmd("SREM")
+                        .arg(shared.keys.patterns())
+                        .arg(patterns)
+                        .query_async::<()>(&mut manager)
+                        .await
+                }
+            })
+            .await?;
+        }
+        let mut keys: Vec<String> = self
+            .topics()
+            .await?
+            .iter()
+            .map(|t| shared.keys.topic(t))
+            .collect();
+        keys.push(shared.keys.retry(group));
+        keys.push(shared.keys.delayed(group));
+        keys.push(shared.keys.alive(group));
+        keys.push(shared.keys.ephemeral());
+        with_retry(&shared.config, "remove group", |_| {
+            let mut manager = shared.manager.clone();
+            let mut invocation = super::scripts::REMOVE_GROUP.prepare_invoke();
+            for key in &keys {
+                invocation.key(key);
+            }
+            invocation.arg(group);
+            async move { invocation.invoke_async::<()>(&mut manager).await }
+        })
+        .await?;
+        tracing::debug!(group, "ephemeral group removed");
+        Ok(())
+    }
+
     pub(crate) fn track(&self, task: JoinHandle<()>) {
         let mut tasks = lock(&self.shared.tasks);
         tasks.retain(|t| !t.is_finished());
@@ -351,6 +482,9 @@ impl Transport for RedisTransport {
         self.ensure_open()?;
         let shared = &self.shared;
         let group = options.group.as_str();
+        if options.ephemeral {
+            self.register_ephemeral(group).await?;
+        }
         let members: Vec<String> = options
             .patterns
             .iter()

@@ -650,6 +650,7 @@ pub async fn invalid_input_is_rejected<T: Transport + ?Sized>(transport: &T) {
             group: bad_group.to_owned(),
             patterns: vec![pattern.clone()],
             prefetch: 1,
+            ephemeral: false,
         };
         let result = call_raw(&cx, "subscribe", transport.subscribe(options)).await;
         assert_invalid(
@@ -669,6 +670,7 @@ pub async fn invalid_input_is_rejected<T: Transport + ?Sized>(transport: &T) {
         group: group(),
         patterns: Vec::new(),
         prefetch: 1,
+        ephemeral: false,
     };
     let result = call_raw(&cx, "subscribe", transport.subscribe(options)).await;
     assert_invalid(&cx, "subscribe without patterns", result.err());

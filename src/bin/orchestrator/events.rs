@@ -29,8 +29,10 @@ pub(crate) struct TailArgs {
     /// Stop after this many events.
     #[arg(long, value_name = "N")]
     count: Option<u64>,
-    /// The consumer group to tail as, when tailing a broker transport (its queue or group
-    /// may outlive this command).
+    /// The consumer group to tail as, when tailing a broker transport: a durable group that
+    /// outlives this command and resumes where it stopped. Without it the tail is
+    /// ephemeral: its group is removed when the command ends (or, if it is killed, by the
+    /// broker after a while).
     #[arg(long, value_name = "NAME")]
     group: Option<String>,
 }
@@ -160,9 +162,19 @@ pub(crate) async fn tail(cx: &Context, args: TailArgs) -> CliResult {
         return Ok(());
     }
     let orchestrator = cx.connect(false, Access::Read).await?;
-    let group = args
-        .group
-        .unwrap_or_else(|| format!("orchestrator-cli-tail-{}", std::process::id()));
+    let config = match &args.group {
+        Some(group) => SubscriptionConfig::new(&args.pattern).named(group.clone()),
+        None => SubscriptionConfig::new(&args.pattern)
+            .named(format!(
+                "orchestrator-cli-tail-{}-{}",
+                std::process::id(),
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis())
+            ))
+            .ephemeral(),
+    };
+    let group = config.given_name().unwrap_or_default().to_owned();
     if !cx.json {
         eprintln!(
             "tailing `{}` on {} as group `{group}` (Ctrl-C to stop)",
@@ -171,16 +183,13 @@ pub(crate) async fn tail(cx: &Context, args: TailArgs) -> CliResult {
         );
     }
     let _subscription = orchestrator
-        .subscribe_with(
-            SubscriptionConfig::new(&args.pattern).named(group),
-            move |event: EventEnvelope| {
-                let tx = tx.clone();
-                async move {
-                    tx.send(event)
-                        .map_err(|_| HandlerError::retryable("the tail has stopped"))
-                }
-            },
-        )
+        .subscribe_with(config, move |event: EventEnvelope| {
+            let tx = tx.clone();
+            async move {
+                tx.send(event)
+                    .map_err(|_| HandlerError::retryable("the tail has stopped"))
+            }
+        })
         .await?;
     while printed < limit {
         let Some(event) = rx.recv().await else {
