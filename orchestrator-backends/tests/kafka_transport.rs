@@ -190,3 +190,151 @@ async fn redeliver_knows_its_groups() {
     assert_eq!((d.attempt(), d.topic(), d.group()), (1, topic, "mailer"));
     d.ack().await.unwrap();
 }
+
+/// The offsets consumer group `group_id` has committed on the partitions of `kafka_topic`
+/// (`Offset::Invalid` where it has none).
+async fn committed(brokers: &str, group_id: &str, kafka_topic: &str) -> Vec<rdkafka::Offset> {
+    use rdkafka::TopicPartitionList;
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let probe: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", group_id)
+        .create()
+        .unwrap();
+    let kafka_topic = kafka_topic.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let timeout = Duration::from_secs(10);
+        let metadata = probe.fetch_metadata(Some(&kafka_topic), timeout).unwrap();
+        let mut tpl = TopicPartitionList::new();
+        for partition in metadata.topics()[0].partitions() {
+            tpl.add_partition(&kafka_topic, partition.id());
+        }
+        probe
+            .committed_offsets(tpl, timeout)
+            .unwrap()
+            .elements()
+            .iter()
+            .map(|e| e.offset())
+            .collect()
+    })
+    .await
+    .unwrap()
+}
+
+/// The topics of the cluster whose name starts with `prefix`.
+async fn topics_under(brokers: &str, prefix: &str) -> Vec<String> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let probe: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .unwrap();
+    let prefix = prefix.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let metadata = probe
+            .fetch_metadata(None, Duration::from_secs(10))
+            .unwrap();
+        metadata
+            .topics()
+            .iter()
+            .map(|t| t.name().to_owned())
+            .filter(|t| t.starts_with(&prefix))
+            .collect()
+    })
+    .await
+    .unwrap()
+}
+
+/// An ephemeral group starts at the end of the topic (not its history), retries through the
+/// retry topic ephemeral groups share (each getting only its own), and leaves nothing on the
+/// broker: no retry topic of its own, no committed offset. A durable group, beside it,
+/// commits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ephemeral_groups_start_at_the_end_and_leave_nothing_behind() {
+    let Some(live) = live().await else {
+        return;
+    };
+    let Live {
+        brokers,
+        prefix,
+        transport,
+        ..
+    } = &live;
+    let topic = "tail.seen";
+    for seq in 0..5 {
+        transport.publish(topic, event(topic, seq)).await.unwrap();
+    }
+    let mut tail = transport
+        .subscribe(SubscribeOptions::new("tail-1", topic).unwrap().ephemeral())
+        .await
+        .unwrap();
+    let mut other = transport
+        .subscribe(SubscribeOptions::new("tail-2", topic).unwrap().ephemeral())
+        .await
+        .unwrap();
+    let mut durable = transport
+        .subscribe(SubscribeOptions::new("keeper", topic).unwrap())
+        .await
+        .unwrap();
+    let fresh = event(topic, 100);
+    transport.publish(topic, fresh.clone()).await.unwrap();
+
+    let first = recv(&mut tail, "the event published after subscribing").await;
+    assert_eq!(first.event().id(), fresh.id(), "not the topic's history");
+    first
+        .nack(Duration::from_millis(10), "again")
+        .await
+        .unwrap();
+    let again = recv(&mut tail, "the retry").await;
+    assert_eq!((again.event().id(), again.attempt()), (fresh.id(), 2));
+    again.ack().await.unwrap();
+    let seen = recv(&mut other, "the other ephemeral group").await;
+    assert_eq!((seen.event().id(), seen.attempt()), (fresh.id(), 1));
+    seen.ack().await.unwrap();
+    if let Ok(got) = tokio::time::timeout(Duration::from_millis(1500), other.next()).await {
+        panic!(
+            "the other group got tail-1's retry: {:?}",
+            got.map(|d| d.map(|d| (d.event().id().clone(), d.attempt())))
+        );
+    }
+    // The durable group reads the history too, and commits.
+    let mut seqs = Vec::new();
+    for _ in 0..6 {
+        let delivery = recv(&mut durable, "the durable group").await;
+        let data: serde_json::Value = delivery.event().data().unwrap();
+        seqs.push(data["seq"].as_u64().unwrap());
+        delivery.ack().await.unwrap();
+    }
+    seqs.sort_unstable();
+    assert_eq!(seqs, [0, 1, 2, 3, 4, 100]);
+    drop((tail, other, durable));
+
+    let kafka_topic = transport.kafka_topic(topic).unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let offsets = committed(brokers, &format!("{prefix}keeper"), &kafka_topic).await;
+        if offsets.iter().any(|o| matches!(o, rdkafka::Offset::Offset(_))) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the durable group committed nothing: {offsets:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for group in ["tail-1", "tail-2"] {
+        let offsets = committed(brokers, &format!("{prefix}{group}"), &kafka_topic).await;
+        assert!(
+            offsets.iter().all(|o| *o == rdkafka::Offset::Invalid),
+            "{group} committed {offsets:?}"
+        );
+    }
+    let topics = topics_under(brokers, prefix).await;
+    assert!(
+        topics.contains(&format!("{prefix}__orchestrator.retry.keeper")),
+        "{topics:?}"
+    );
+    assert!(
+        !topics.iter().any(|t| t.contains("retry.tail")),
+        "an ephemeral group's own retry topic: {topics:?}"
+    );
+}

@@ -298,6 +298,15 @@ impl KafkaConfig {
         config
     }
 
+    /// An ephemeral group consumer's settings: a group consumer's, but offsets are never
+    /// committed, so the group leaves nothing on the broker once its consumer is gone (the
+    /// subscription places each partition itself: see `consumer::Ephemeral`).
+    pub(crate) fn ephemeral_consumer(&self, group_id: &str) -> ClientConfig {
+        let mut config = self.group_consumer(group_id);
+        config.set("enable.auto.commit", "false");
+        config
+    }
+
     /// A reader's settings: no group (partitions are assigned by hand), end of partition
     /// reported, short fetch waits so that reaching the end is quick.
     pub(crate) fn reader(&self, eof: bool) -> ClientConfig {

@@ -10,7 +10,11 @@ use chrono::{DateTime, Utc};
 use futures::FutureExt as _;
 use orchestrator_core::{DeadLetter, EventEnvelope, Result, cloudevents};
 use rdkafka::client::ClientContext;
-use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::consumer::{
+    BaseConsumer, Consumer, ConsumerContext, Rebalance, RebalanceProtocol, StreamConsumer,
+};
+use rdkafka::error::KafkaError;
+use rdkafka::types::RDKafkaRespErr;
 use rdkafka::message::BorrowedMessage;
 use rdkafka::{Message, Offset, TopicPartitionList};
 use tokio::sync::{mpsc, watch};
@@ -47,12 +51,71 @@ pub(crate) struct Subscription {
     assignments: watch::Sender<u8>,
     /// How many rebalances happened (assignment changes).
     rebalances: AtomicU64,
+    /// Set for an ephemeral group: where its partitions are read from.
+    pub(crate) ephemeral: Option<Ephemeral>,
+}
+
+/// Where an ephemeral group reads each partition from. It commits no offsets (so it leaves
+/// nothing on the broker), so it places every partition it is assigned itself: at the end
+/// offset the partition had when the subscription was made, or, once messages were settled,
+/// after the last one; a partition it knows nothing of (a topic created later) from its
+/// start.
+#[derive(Default)]
+pub(crate) struct Ephemeral {
+    positions: Mutex<HashMap<(String, i32), i64>>,
+}
+
+impl Ephemeral {
+    /// Records where `topic`/`partition` is to be read from.
+    pub(crate) fn set(&self, topic: &str, partition: i32, offset: i64) {
+        self.positions
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert((topic.to_owned(), partition), offset);
+    }
+
+    fn advance(&self, offsets: &[(Arc<str>, i32, i64)]) {
+        let mut positions = self.positions.lock().unwrap_or_else(PoisonError::into_inner);
+        for (topic, partition, offset) in offsets {
+            let at = positions
+                .entry((topic.to_string(), *partition))
+                .or_insert(*offset);
+            *at = (*at).max(*offset);
+        }
+    }
+
+    /// Sets the offset of every partition of an assignment.
+    fn place(&self, tpl: &mut TopicPartitionList) {
+        let positions = self.positions.lock().unwrap_or_else(PoisonError::into_inner);
+        let wanted: Vec<(String, i32, Offset)> = tpl
+            .elements()
+            .iter()
+            .map(|e| {
+                let offset = positions
+                    .get(&(e.topic().to_owned(), e.partition()))
+                    .map_or(Offset::Beginning, |&o| Offset::Offset(o));
+                (e.topic().to_owned(), e.partition(), offset)
+            })
+            .collect();
+        drop(positions);
+        for (topic, partition, offset) in wanted {
+            if let Err(error) = tpl.set_partition_offset(&topic, partition, offset) {
+                tracing::warn!(%error, topic, partition, "cannot place an ephemeral group's partition");
+            }
+        }
+    }
 }
 
 impl Subscription {
-    pub(crate) fn new(transport: Arc<Shared>, group: String, retry_topic: String) -> Self {
+    pub(crate) fn new(
+        transport: Arc<Shared>,
+        group: String,
+        retry_topic: String,
+        ephemeral: bool,
+    ) -> Self {
         let (settled_tx, settled_rx) = mpsc::unbounded_channel();
         Self {
+            ephemeral: ephemeral.then(Ephemeral::default),
             transport,
             group,
             retry_topic,
@@ -129,6 +192,9 @@ impl Subscription {
         retries: &GroupConsumer,
         pending: Vec<(Arc<str>, i32, i64)>,
     ) {
+        if let Some(ephemeral) = &self.ephemeral {
+            ephemeral.advance(&pending);
+        }
         let (retry, event): (Vec<_>, Vec<_>) = pending
             .into_iter()
             .partition(|(topic, ..)| **topic == *self.retry_topic);
@@ -181,6 +247,38 @@ impl Context {
 impl ClientContext for Context {}
 
 impl ConsumerContext for Context {
+    /// What rdkafka's default does (pre-rebalance hook, assign or unassign, post-rebalance
+    /// hook), except that an ephemeral group's new partitions are placed first (see
+    /// [`Ephemeral`]).
+    fn rebalance(
+        &self,
+        base: &BaseConsumer<Self>,
+        err: RDKafkaRespErr,
+        tpl: &mut TopicPartitionList,
+    ) {
+        let assign = err == RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS;
+        if assign && let Some(ephemeral) = &self.sub.ephemeral {
+            ephemeral.place(tpl);
+        }
+        let rebalance = match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => Rebalance::Assign(tpl),
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => Rebalance::Revoke(tpl),
+            other => Rebalance::Error(KafkaError::Rebalance(other.into())),
+        };
+        self.pre_rebalance(base, &rebalance);
+        let cooperative = matches!(base.rebalance_protocol(), RebalanceProtocol::Cooperative);
+        let done = match (assign, cooperative) {
+            (true, true) => base.incremental_assign(tpl),
+            (true, false) => base.assign(tpl),
+            (false, true) => base.incremental_unassign(tpl),
+            (false, false) => base.unassign(),
+        };
+        if let Err(error) = done {
+            tracing::warn!(%error, group = %self.sub.group, assign, "applying a Kafka rebalance failed");
+        }
+        self.post_rebalance(base, &rebalance);
+    }
+
     fn pre_rebalance(&self, base: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Assign(tpl) => {
@@ -204,6 +302,9 @@ impl ConsumerContext for Context {
                         .collect()
                 };
                 // Still assigned here: librdkafka commits these as it lets the partitions go.
+                if let Some(ephemeral) = &self.sub.ephemeral {
+                    ephemeral.advance(&pending);
+                }
                 store(base, &pending);
             }
             Rebalance::Error(error) => {
@@ -445,6 +546,13 @@ fn read(
         .begin(kafka_topic, message.partition(), message.offset())?;
     let (topic, attempt, first_attempt_at, last_error, due) = if kafka_topic == sub.retry_topic {
         match wire::read_retry(message.headers()) {
+            // Ephemeral groups share a retry topic: another group's retry is not ours.
+            Some(info)
+                if sub.ephemeral.is_some() && info.group.as_deref() != Some(sub.group.as_str()) =>
+            {
+                sub.settle(&slot);
+                return None;
+            }
             Some(info) => (
                 Arc::from(info.topic.as_str()),
                 info.attempt,

@@ -83,6 +83,7 @@ impl KafkaAcker {
             first_attempt_at: Some(self.first_attempt_at),
             last_error: Some(reason),
             due_at_ms: Utc::now().timestamp_millis().saturating_add(delay),
+            group: Some(self.sub.group.clone()),
         }
     }
 

@@ -60,6 +60,7 @@
 //! |---|---|---|
 //! | `<prefix><event topic>` | configured (3) | events published to that topic: `order.placed` → `<prefix>order.placed` |
 //! | `<prefix>__orchestrator.retry.<group>` | configured (3) | one group's nacked, dropped and [`redeliver`](orchestrator_core::Transport::redeliver)ed messages |
+//! | `<prefix>__orchestrator.retries.ephemeral` | configured (3) | the retries of every [ephemeral](orchestrator_core::SubscribeOptions::ephemeral) group, each message naming its group (header `orchestrator-group`) |
 //! | `<prefix>__orchestrator.deadletters` | 1, compacted | dead letters, keyed by letter id |
 //! | `<prefix>__orchestrator.events` | 1 | the event store's log ([`KafkaConfig::with_store_topic`]) |
 //!
@@ -123,6 +124,18 @@
 //! this process creates one (it refreshes at once) or at the latest after
 //! [`KafkaConfig::with_metadata_refresh_interval`] (5 s). Several subscriptions of one group
 //! share the partitions; with more consumers than partitions, some stay idle.
+//!
+//! An [ephemeral](orchestrator_core::SubscribeOptions::ephemeral) group commits no offsets
+//! and has no retry topic of its own, so it leaves nothing on the broker however its process
+//! ends (an empty group without offsets is dropped by the coordinator). It places each
+//! partition it is assigned itself: at the partition's end offset when `subscribe` was
+//! called (read before joining, so nothing published after `subscribe` returns is missed,
+//! and none of the topic's history is delivered), later after the last message it settled,
+//! and a topic that appears later from its start. Its retries go through the retry topic all
+//! ephemeral groups share; each reads it from where it stood at `subscribe` and skips the
+//! messages of other groups. A dead letter of an ephemeral group cannot be
+//! [`redeliver`](orchestrator_core::Transport::redeliver)ed to it (there is no group
+//! retry topic: `Error::NotFound`).
 //!
 //! A consumer reads ahead: up to `prefetch` deliveries wait for the application; beyond that
 //! it stops taking messages from librdkafka (whose own prefetch queue bounds memory) until the

@@ -140,6 +140,12 @@ pub(crate) fn retry_topic(prefix: &str, group: &str) -> Result<String> {
     Ok(name)
 }
 
+/// The retry topic that ephemeral groups share (each reads only the messages for it), so
+/// that an ephemeral group leaves no topic behind: `<prefix>__orchestrator.retries.ephemeral`.
+pub(crate) fn ephemeral_retry_topic(prefix: &str) -> String {
+    internal(prefix, "retries.ephemeral")
+}
+
 /// The dead-letter topic: `<prefix>__orchestrator.deadletters`.
 pub(crate) fn dead_letter_topic(prefix: &str) -> String {
     internal(prefix, "deadletters")

@@ -16,9 +16,9 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use tokio::sync::mpsc;
 
-use super::client::{BACKEND, TopicKind, Topics, failure, kafka_error, producer, send};
+use super::client::{BACKEND, TopicKind, Topics, blocking, failure, kafka_error, producer, send};
 use super::config::KafkaConfig;
-use super::consumer::{Context, GroupConsumer, Role, Subscription, pump};
+use super::consumer::{Context, Ephemeral, GroupConsumer, Role, Subscription, pump};
 use super::delivery::KafkaDeliveryStream;
 use super::dlq::KafkaDeadLetterQueue;
 use super::live;
@@ -165,12 +165,43 @@ impl KafkaTransport {
 
     /// Whether some existing event topic matches one of the subscription's patterns.
     async fn any_topic_matches(&self, options: &SubscribeOptions) -> Result<bool> {
+        Ok(!self.matching_topics(options).await?.is_empty())
+    }
+
+    /// The existing Kafka topics whose event topic matches one of the subscription's
+    /// patterns.
+    async fn matching_topics(&self, options: &SubscribeOptions) -> Result<Vec<String>> {
         let prefix = &self.shared.config.prefix;
         let topics = self.shared.topics.list(prefix).await?;
         Ok(topics
-            .iter()
-            .filter_map(|t| names::logical_topic(prefix, t))
-            .any(|t| options.matches(&t)))
+            .into_iter()
+            .filter(|t| names::logical_topic(prefix, t).is_some_and(|t| options.matches(&t)))
+            .collect())
+    }
+
+    /// Records the current end offset of every partition of `topics` as where the
+    /// ephemeral group starts reading it.
+    async fn place_at_end(
+        &self,
+        consumer: &Arc<GroupConsumer>,
+        ephemeral: &Ephemeral,
+        topics: Vec<String>,
+    ) -> Result<()> {
+        let timeout = self.shared.config.operation_timeout;
+        for topic in topics {
+            let partitions = self.shared.topics.partitions(&topic).await?;
+            for partition in 0..partitions {
+                let (consumer, name) = (Arc::clone(consumer), topic.clone());
+                let (_, high) = blocking(move || {
+                    consumer
+                        .fetch_watermarks(&name, partition, timeout)
+                        .map_err(kafka_error)
+                })
+                .await?;
+                ephemeral.set(&topic, partition, high);
+            }
+        }
+        Ok(())
     }
 
     /// Queues one event for `kafka_topic`; `partition` overrides the key's partition.
@@ -293,7 +324,11 @@ impl Transport for KafkaTransport {
             }
             subscriptions.push(name);
         }
-        let retry_topic = names::retry_topic(&config.prefix, &options.group)?;
+        let retry_topic = if options.ephemeral {
+            names::ephemeral_retry_topic(&config.prefix)
+        } else {
+            names::retry_topic(&config.prefix, &options.group)?
+        };
         if config.create_topics {
             let refs: Vec<&str> = exact.iter().map(String::as_str).collect();
             self.shared
@@ -310,23 +345,40 @@ impl Transport for KafkaTransport {
             Arc::clone(&self.shared),
             options.group.clone(),
             retry_topic.clone(),
+            options.ephemeral,
         ));
         // Two consumers: the event topics' partitions are shared among the group's consumers
         // by themselves, the retry topic's in a group of its own, so that a retry topic never
-        // takes a consumer's share of the events.
+        // takes a consumer's share of the events. An ephemeral group's consumers commit
+        // nothing and start at the current end of every partition.
         let group_id = names::group_id(&config.prefix, &options.group);
-        let consumer: GroupConsumer = config
-            .group_consumer(&group_id)
+        let retries_group = if options.ephemeral {
+            format!("{group_id}.retries")
+        } else {
+            retry_topic.clone()
+        };
+        let settings = |id: &str| {
+            if options.ephemeral {
+                config.ephemeral_consumer(id)
+            } else {
+                config.group_consumer(id)
+            }
+        };
+        let consumer: GroupConsumer = settings(&group_id)
             .create_with_context(Context::new(Arc::clone(&sub), Role::Events))
             .map_err(kafka_error)?;
-        let refs: Vec<&str> = subscriptions.iter().map(String::as_str).collect();
-        consumer.subscribe(&refs).map_err(kafka_error)?;
-        let retries: GroupConsumer = config
-            .group_consumer(&retry_topic)
+        let retries: GroupConsumer = settings(&retries_group)
             .create_with_context(Context::new(Arc::clone(&sub), Role::Retries))
             .map_err(kafka_error)?;
-        retries.subscribe(&[&retry_topic]).map_err(kafka_error)?;
         let consumer = Arc::new(consumer);
+        if let Some(ephemeral) = &sub.ephemeral {
+            let mut topics = vec![retry_topic.clone()];
+            topics.extend(self.matching_topics(&options).await?);
+            self.place_at_end(&consumer, ephemeral, topics).await?;
+        }
+        let refs: Vec<&str> = subscriptions.iter().map(String::as_str).collect();
+        consumer.subscribe(&refs).map_err(kafka_error)?;
+        retries.subscribe(&[&retry_topic]).map_err(kafka_error)?;
         if by_pattern {
             self.shared
                 .watchers
@@ -375,6 +427,7 @@ impl Transport for KafkaTransport {
             first_attempt_at: None,
             last_error: None,
             due_at_ms: Utc::now().timestamp_millis(),
+            group: Some(group.to_owned()),
         };
         self.shared.send_retry(&retry_topic, &event, &info).await
     }

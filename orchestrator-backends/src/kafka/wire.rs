@@ -22,6 +22,9 @@ pub(crate) const FIRST_ATTEMPT_AT: &str = "orchestrator-first-attempt-at";
 pub(crate) const LAST_ERROR: &str = "orchestrator-last-error";
 /// Retry header: when the message is due (milliseconds since the Unix epoch).
 pub(crate) const DUE_AT: &str = "orchestrator-due-at";
+/// Header of a retry message: the consumer group it is for (ephemeral groups share one
+/// retry topic; each reads only its own).
+pub(crate) const GROUP: &str = "orchestrator-group";
 
 /// The event type given to a dead letter whose message was not a CloudEvent; its payload
 /// is the message value as it arrived (`application/octet-stream`), and its headers
@@ -65,6 +68,8 @@ pub(crate) struct RetryInfo {
     pub(crate) last_error: Option<String>,
     /// When it is due, in milliseconds since the epoch.
     pub(crate) due_at_ms: i64,
+    /// The consumer group it is for (absent in messages written before it was recorded).
+    pub(crate) group: Option<String>,
 }
 
 /// The headers of a retry message: the event's own, plus the retry story.
@@ -97,6 +102,12 @@ pub(crate) fn retry_headers(event: &EventEnvelope, info: &RetryInfo) -> OwnedHea
             value: Some(cut(error)),
         });
     }
+    if let Some(group) = &info.group {
+        headers = headers.insert(Header {
+            key: GROUP,
+            value: Some(group.as_str()),
+        });
+    }
     headers
 }
 
@@ -123,6 +134,7 @@ pub(crate) fn read_retry<H: Headers>(headers: Option<&H>) -> Option<RetryInfo> {
         due_at_ms: header(headers, DUE_AT)
             .and_then(|d| d.parse().ok())
             .unwrap_or(0),
+        group: header(headers, GROUP).map(str::to_owned),
     })
 }
 
@@ -204,6 +216,7 @@ mod tests {
             first_attempt_at: Some(Utc::now()),
             last_error: Some("no".into()),
             due_at_ms: 42,
+            group: Some("billing".into()),
         };
         let headers = retry_headers(&event, &info);
         assert_eq!(read_retry(Some(&headers)), Some(info));

@@ -44,7 +44,12 @@
 //! every group has its own queue, so each group gets every matching event. A group's
 //! queue exists from its first `subscribe` on, and keeps the group's events while no
 //! consumer is attached. Bindings accumulate: a group that once subscribed to a pattern
-//! keeps receiving it until its queue is deleted.
+//! keeps receiving it until its queue is deleted. An
+//! [ephemeral](orchestrator_core::SubscribeOptions::ephemeral) group's queues are deleted
+//! when its delivery stream is dropped, and carry `x-expires`
+//! ([`RabbitMqConfig::with_ephemeral_expiry`], 60 s; a retry queue's is that plus its tier,
+//! and it is declared again at every nack, so it never expires with a message in it): the
+//! broker deletes them once unused that long if the process died.
 //!
 //! **Patterns** are AMQP topic patterns as they are, because ours are a subset: segments
 //! separated by `.`, `*` matching exactly one segment, `#` (allowed only as the last

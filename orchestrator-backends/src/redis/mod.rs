@@ -64,9 +64,16 @@
 //! | `<prefix>delayed:<group>` | sorted set | nacked messages waiting out their delay, scored by due time (ms, Redis server clock) |
 //! | `<prefix>dlq` | stream | dead letters, oldest first; fields `id`, `type`, `subscription`, `letter` (JSON: `id`, `topic`, `subscription`, `reason`, `attempts`, `first_failure_at`, `last_failure_at`, `event`) |
 //! | `<prefix>dlq:index` | hash | dead-letter id → `dlq` entry id |
+//! | `<prefix>ephemeral` | set | the [ephemeral](orchestrator_core::SubscribeOptions::ephemeral) groups |
+//! | `<prefix>alive:<group>` | string | an ephemeral group's consumer is alive while it exists: renewed by the consumer, expiring after [`RedisConfig::with_ephemeral_timeout`] (30 s) |
 //! | `<prefix>lease:<name>` | string | a [`RedisLease`]: the holder's token, with a time to live |
 //! | `<prefix>inbox:<group>` | sorted set | a [`RedisInbox`]: the event ids `<group>` handled, scored by record order |
 //! | `<prefix>inbox-at:<group>` | sorted set | the same ids scored by record time (ms since the epoch, the recording process's clock) |
+//!
+//! An ephemeral group's consumer removes the group when it stops — its consumer group on
+//! every topic stream, its pattern, its retry stream and delayed set. Redis has no expiry for
+//! consumer groups, so a group whose process died is removed by the next subscription on the
+//! same prefix once its alive key has expired.
 //!
 //! A store and a transport may share a prefix. [`RedisEventStore::delete_all`] and
 //! [`RedisTransport::delete_all`] delete every key under the prefix (`SCAN` + `DEL`; refused
