@@ -230,9 +230,7 @@ async fn topics_under(brokers: &str, prefix: &str) -> Vec<String> {
         .unwrap();
     let prefix = prefix.to_owned();
     tokio::task::spawn_blocking(move || {
-        let metadata = probe
-            .fetch_metadata(None, Duration::from_secs(10))
-            .unwrap();
+        let metadata = probe.fetch_metadata(None, Duration::from_secs(10)).unwrap();
         metadata
             .topics()
             .iter()
@@ -312,7 +310,10 @@ async fn ephemeral_groups_start_at_the_end_and_leave_nothing_behind() {
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
         let offsets = committed(brokers, &format!("{prefix}keeper"), &kafka_topic).await;
-        if offsets.iter().any(|o| matches!(o, rdkafka::Offset::Offset(_))) {
+        if offsets
+            .iter()
+            .any(|o| matches!(o, rdkafka::Offset::Offset(_)))
+        {
             break;
         }
         assert!(

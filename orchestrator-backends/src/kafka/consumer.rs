@@ -14,8 +14,8 @@ use rdkafka::consumer::{
     BaseConsumer, Consumer, ConsumerContext, Rebalance, RebalanceProtocol, StreamConsumer,
 };
 use rdkafka::error::KafkaError;
-use rdkafka::types::RDKafkaRespErr;
 use rdkafka::message::BorrowedMessage;
+use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{Message, Offset, TopicPartitionList};
 use tokio::sync::{mpsc, watch};
 
@@ -75,7 +75,10 @@ impl Ephemeral {
     }
 
     fn advance(&self, offsets: &[(Arc<str>, i32, i64)]) {
-        let mut positions = self.positions.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut positions = self
+            .positions
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         for (topic, partition, offset) in offsets {
             let at = positions
                 .entry((topic.to_string(), *partition))
@@ -86,7 +89,10 @@ impl Ephemeral {
 
     /// Sets the offset of every partition of an assignment.
     fn place(&self, tpl: &mut TopicPartitionList) {
-        let positions = self.positions.lock().unwrap_or_else(PoisonError::into_inner);
+        let positions = self
+            .positions
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         let wanted: Vec<(String, i32, Offset)> = tpl
             .elements()
             .iter()
