@@ -12,6 +12,8 @@
 //! faults publisher-crash <file-memory|file-redis|redis-redis> [--rounds N]
 //!                                                      SIGKILL a publishing process, relay
 //! faults publisher-outage redis [--events N]           Redis away while publishing
+//! faults relay-failover redis [--children N]           SIGKILL the relaying process, again
+//! faults saga-takeover redis [--sagas N]                SIGKILL one of two saga processes
 //! ```
 //!
 //! Each prints what it does on stderr and, last, one `result scenario=… key=value …` line on
@@ -23,11 +25,14 @@
 //! `ORCHESTRATOR_FAULTS_PIDS`, so that whoever runs the suite can stop them should this
 //! process be killed.
 
+mod child;
 mod outage;
 mod publisher_crash;
+mod relay_failover;
 mod report;
 mod restart;
 mod saga_crash;
+mod saga_takeover;
 mod slow_handler;
 #[cfg(any(feature = "redis", feature = "kafka"))]
 mod spare;
@@ -128,6 +133,16 @@ fn run(args: &[String]) -> Result<(), Failure> {
             let events = number_option(rest, "--events", 20_000)?;
             runtime()?.block_on(outage::run(target, events as usize))
         }
+        "relay-failover" => {
+            let children = number_option(rest, "--children", 4)?;
+            relay_failover::parent(target, children as usize)
+        }
+        relay_failover::CHILD => relay_failover::child(rest),
+        "saga-takeover" => {
+            let sagas = number_option(rest, "--sagas", 100)?;
+            saga_takeover::parent(target, sagas as usize)
+        }
+        saga_takeover::CHILD => saga_takeover::child(rest),
         "slow-handler" => {
             let events = number_option(rest, "--events", 1_000_000)?;
             runtime()?.block_on(slow_handler::run(events as usize))
@@ -135,7 +150,7 @@ fn run(args: &[String]) -> Result<(), Failure> {
         other => Err(Failure::Failed(
             format!(
                 "unknown scenario `{other}` (restart, saga-crash, writers, slow-handler, \
-                 publisher-crash, publisher-outage)"
+                 publisher-crash, publisher-outage, relay-failover, saga-takeover)"
             )
             .into(),
         )),

@@ -68,7 +68,7 @@ fn resp(port: u16, command: &[u8]) -> std::io::Result<Vec<u8>> {
     let mut stream = TcpStream::connect(("127.0.0.1", port))?;
     stream.set_read_timeout(Some(Duration::from_secs(5)))?;
     stream.write_all(command)?;
-    let mut reply = vec![0; 64];
+    let mut reply = vec![0; 256];
     let n = stream.read(&mut reply).unwrap_or(0);
     reply.truncate(n);
     Ok(reply)
@@ -141,6 +141,18 @@ impl SpareRedis {
         let reply = resp(self.port, command.as_bytes()).ok()?;
         let text = std::str::from_utf8(&reply).ok()?;
         text.strip_prefix(':')?.trim_end().parse().ok()
+    }
+
+    /// The string value of `key` (`GET`); `None` when it is not set, or the server does not
+    /// answer.
+    pub(crate) fn get(&self, key: &str) -> Option<String> {
+        let command = format!("*2\r\n$3\r\nGET\r\n${}\r\n{key}\r\n", key.len());
+        let reply = resp(self.port, command.as_bytes()).ok()?;
+        let text = std::str::from_utf8(&reply).ok()?;
+        // `$<len>\r\n<value>\r\n`, or `$-1\r\n` when the key is missing.
+        let (len, rest) = text.strip_prefix('$')?.split_once("\r\n")?;
+        let len: usize = len.parse().ok()?;
+        rest.get(..len).map(str::to_owned)
     }
 
     /// `SHUTDOWN` (which syncs the append-only file), then the same server again on the
