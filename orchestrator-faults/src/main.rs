@@ -11,7 +11,7 @@
 //! faults slow-handler [--events N]                     a slow handler, bounded memory
 //! faults publisher-crash <file-memory|file-redis|redis-redis> [--rounds N]
 //!                                                      SIGKILL a publishing process, relay
-//! faults publisher-outage redis [--events N]           Redis away while publishing
+//! faults publisher-outage <redis|rabbitmq> [--events N] a broker away while publishing
 //! faults relay-failover redis [--children N]           SIGKILL the relaying process, again
 //! faults saga-takeover redis [--sagas N]                SIGKILL one of two saga processes
 //! ```
@@ -34,7 +34,7 @@ mod restart;
 mod saga_crash;
 mod saga_takeover;
 mod slow_handler;
-#[cfg(any(feature = "redis", feature = "kafka"))]
+#[cfg(any(feature = "redis", feature = "rabbitmq", feature = "kafka"))]
 mod spare;
 mod writers;
 

@@ -1,5 +1,5 @@
 //! `cargo xtask faults [--short]`: the fault suite — broker restarts mid-run, SIGKILLed
-//! saga processes, concurrent writers on every store, SIGKILLed publishers, a broker outage
+//! saga processes, concurrent writers on every store, SIGKILLed publishers, broker outages
 //! under publishers, relay failover and saga takeover between processes, a slow handler
 //! with bounded memory.
 //!
@@ -159,18 +159,21 @@ pub(crate) fn scenarios(short: bool) -> Vec<Scenario> {
             pick(600, 600),
         ));
     }
-    all.push(scenario(
-        "publisher-outage-redis".into(),
-        vec![
-            "publisher-outage".into(),
-            "redis".into(),
-            "--events".into(),
-            pick(20_000, 5_000).to_string(),
-        ],
-        // A redis-server of its own (the binary says when redis-server is missing).
-        None,
-        pick(300, 180),
-    ));
+    for broker in ["redis", "rabbitmq"] {
+        all.push(scenario(
+            format!("publisher-outage-{broker}"),
+            vec![
+                "publisher-outage".into(),
+                broker.into(),
+                "--events".into(),
+                pick(20_000, 5_000).to_string(),
+            ],
+            // A redis-server or RabbitMQ node of its own (the binary says when it cannot
+            // start one); the shared brokers are never stopped.
+            None,
+            pick(300, 180),
+        ));
+    }
     // Processes sharing a spare redis-server (started by the binary).
     all.push(scenario(
         "relay-failover-redis".into(),
@@ -490,7 +493,7 @@ mod tests {
     fn the_short_suite_is_the_same_suite_smaller() {
         let (full, short) = (scenarios(false), scenarios(true));
         assert_eq!(full.len(), short.len());
-        assert_eq!(full.len(), 3 + 1 + 5 + 3 + 1 + 2 + 1);
+        assert_eq!(full.len(), 3 + 1 + 5 + 3 + 2 + 2 + 1);
         let restart = short.iter().find(|s| s.name == "restart-kafka").unwrap();
         assert!(restart.args.contains(&"10000".to_owned()));
         assert_eq!(restart.service, None, "it runs a tansu of its own");
@@ -506,6 +509,11 @@ mod tests {
                 .args
                 .ends_with(&["--rounds".to_owned(), "50".to_owned()])
         );
+        let outage = short
+            .iter()
+            .find(|s| s.name == "publisher-outage-rabbitmq")
+            .unwrap();
+        assert_eq!(outage.service, None, "a RabbitMQ node of its own");
         let failover = short
             .iter()
             .find(|s| s.name == "relay-failover-redis")

@@ -125,12 +125,17 @@ const TABLES: &[Table] = &[
     Table {
         prefix: "publisher-outage-",
         title: "Broker outage under a publishing application",
-        about: "8 tasks publish through `EventOrchestrator` on the file store with the Redis \
-                transport (a spare redis-server, AOF, fsync always). At 30% published, Redis \
-                gets `SHUTDOWN` and stays away 3 s. Checked: no publish fails (it only \
-                appends), events are published while Redis is away, and once it is back the \
-                outbox relay delivers every event to a named subscription.",
+        about: "8 tasks publish through `EventOrchestrator` on the file store with a broker \
+                transport: a spare redis-server (AOF, fsync always), or a spare RabbitMQ node \
+                of the scenario's own (own node name, ports, database and Erlang cookie; the \
+                shared RabbitMQ is never stopped). At 30% published the broker stops cleanly \
+                (Redis `SHUTDOWN`, RabbitMQ SIGTERM), stays away 3 s and starts again on the \
+                same data; *broker away* includes its stop and its boot (RabbitMQ takes \
+                several seconds). Checked: no publish fails (it only appends), events are \
+                published while the broker is away, and once it is back the outbox relay \
+                delivers every event to a named subscription.",
         columns: &[
+            ("transport", "target"),
             ("events", "events"),
             ("published while away", "published_during_outage"),
             ("publish errors", "publish_errors"),
