@@ -13,7 +13,8 @@
 //!                                                      SIGKILL a publishing process, relay
 //! faults publisher-outage <redis|rabbitmq> [--events N] a broker away while publishing
 //! faults relay-failover redis [--children N]           SIGKILL the relaying process, again
-//! faults saga-takeover redis [--sagas N]                SIGKILL one of two saga processes
+//! faults saga-takeover redis [--sagas N] [--concurrent C] [--kill-after-ms T]
+//!                                                      SIGKILL one of two saga processes
 //! ```
 //!
 //! Each prints what it does on stderr and, last, one `result scenario=… key=value …` line on
@@ -140,7 +141,12 @@ fn run(args: &[String]) -> Result<(), Failure> {
         relay_failover::CHILD => relay_failover::child(rest),
         "saga-takeover" => {
             let sagas = number_option(rest, "--sagas", 100)?;
-            saga_takeover::parent(target, sagas as usize)
+            // The saga orchestrator's default: no saga waits for a slot.
+            let concurrent = number_option(rest, "--concurrent", 1024)?;
+            // 0: after a random number of the first process's starts.
+            let kill_ms = number_option(rest, "--kill-after-ms", 0)?;
+            let kill_at = (kill_ms > 0).then(|| std::time::Duration::from_millis(kill_ms));
+            saga_takeover::parent(target, sagas as usize, concurrent as usize, kill_at)
         }
         saga_takeover::CHILD => saga_takeover::child(rest),
         "slow-handler" => {

@@ -1,8 +1,12 @@
 //! Saga takeover: two processes run sagas on one Redis store (a spare redis-server), each
 //! with `SagaOrchestrator::watch_orphans`. A running saga is held under its lease, the Redis
 //! key `<prefix>lease:saga.<id>` (5 s, renewed by its runner). One process is killed with
-//! SIGKILL half-way through starting its sagas; the other must take its unfinished sagas
-//! over once their leases expire, and carry them on from their logs.
+//! SIGKILL half-way through starting its sagas (or at a given time); the other must take its
+//! unfinished sagas over once their leases expire, and carry them on from their logs.
+//!
+//! With `--concurrent 1` and a kill several seconds in, sagas wait for a slot longer than
+//! their lease lasts while both processes live: the lease must be renewed while a saga
+//! waits too, or the other process's orphan watch resumes a saga this one still runs.
 //!
 //! The saga is saga-crash's (four compensable steps; a third fail at `c`, a third at `d`),
 //! with its side-effect file, whose lines also name the process that ran each invocation
@@ -24,8 +28,15 @@ use crate::Failure;
 /// The child's command-line name.
 pub(crate) const CHILD: &str = "saga-takeover-child";
 
-/// The parent: two children with `sagas` sagas each; the first is killed mid-run.
-pub(crate) fn parent(target: &str, sagas: usize) -> Result<(), Failure> {
+/// The parent: two children with `sagas` sagas each, `concurrent` of them running at once
+/// in each (the rest wait for a slot); the first is killed mid-run: after a random number
+/// of its starts, or `kill_at` after it opened the store.
+pub(crate) fn parent(
+    target: &str,
+    sagas: usize,
+    concurrent: usize,
+    kill_at: Option<std::time::Duration>,
+) -> Result<(), Failure> {
     if target != "redis" {
         return Err(Failure::Failed(
             format!("unknown target `{target}` (redis)").into(),
@@ -33,11 +44,11 @@ pub(crate) fn parent(target: &str, sagas: usize) -> Result<(), Failure> {
     }
     #[cfg(feature = "redis")]
     {
-        Ok(redis::parent(sagas)?)
+        Ok(redis::parent(sagas, concurrent, kill_at)?)
     }
     #[cfg(not(feature = "redis"))]
     {
-        let _ = sagas;
+        let _ = (sagas, concurrent, kill_at);
         Err(crate::not_built("redis"))
     }
 }
@@ -46,22 +57,24 @@ pub(crate) fn parent(target: &str, sagas: usize) -> Result<(), Failure> {
 pub(crate) fn child(args: &[String]) -> Result<(), Failure> {
     #[cfg(feature = "redis")]
     {
-        let [url, prefix, effects, first, count] = args else {
+        let [url, prefix, effects, first, count, concurrent] = args else {
             return Err(Failure::Failed(
-                "usage: saga-takeover-child <url> <prefix> <effects> <first> <count>".into(),
+                "usage: saga-takeover-child <url> <prefix> <effects> <first> <count> <concurrent>"
+                    .into(),
             ));
         };
         let number = |text: &str| {
             text.parse::<usize>()
                 .map_err(|_| Failure::Failed(format!("{text:?} is not a number").into()))
         };
-        let (first, count) = (number(first)?, number(count)?);
+        let (first, count, concurrent) = (number(first)?, number(count)?, number(concurrent)?);
         let runtime = crate::runtime()?;
         Ok(runtime.block_on(redis::child(
             url,
             prefix,
             std::path::Path::new(effects),
             first..first + count,
+            concurrent,
         ))?)
     }
     #[cfg(not(feature = "redis"))]
@@ -106,9 +119,17 @@ mod redis {
         Ok(RedisConfig::new(url)?.with_prefix(prefix.to_owned()))
     }
 
-    pub(super) async fn child(url: &str, prefix: &str, effects: &Path, sagas: Range<usize>) -> Res {
+    pub(super) async fn child(
+        url: &str,
+        prefix: &str,
+        effects: &Path,
+        sagas: Range<usize>,
+        concurrent: usize,
+    ) -> Res {
         let store = RedisEventStore::connect(config(url, prefix)?).await?;
-        let orchestrator = SagaOrchestrator::builder(Arc::new(store)).build();
+        let orchestrator = SagaOrchestrator::builder(Arc::new(store))
+            .max_concurrent(concurrent)
+            .build();
         orchestrator.define(saga_crash::definition(effects)?)?;
         let _watch = orchestrator.watch_orphans(ORPHAN_INTERVAL);
         say("opened")?;
@@ -173,7 +194,7 @@ mod redis {
         say("done")
     }
 
-    pub(super) fn parent(sagas: usize) -> Res {
+    pub(super) fn parent(sagas: usize, concurrent: usize, kill_at: Option<Duration>) -> Res {
         ensure(sagas >= 6, || {
             "saga-takeover needs at least 6 sagas".to_owned()
         })?;
@@ -181,23 +202,35 @@ mod redis {
         let id = uuid::Uuid::now_v7().simple().to_string();
         let dir = std::env::temp_dir().join(format!("orchestrator-faults-takeover-{id}"));
         std::fs::create_dir_all(&dir)?;
-        let result = scenario(&spare, &format!("takeover-{id}:"), &dir, sagas);
+        let prefix = format!("takeover-{id}:");
+        let result = scenario(&spare, &prefix, &dir, sagas, concurrent, kill_at);
         let _ = std::fs::remove_dir_all(&dir);
         result
     }
 
-    fn scenario(spare: &SpareRedis, prefix: &str, dir: &Path, sagas: usize) -> Res {
+    fn scenario(
+        spare: &SpareRedis,
+        prefix: &str,
+        dir: &Path,
+        sagas: usize,
+        concurrent: usize,
+        kill_at: Option<Duration>,
+    ) -> Res {
         let seed = fastrand::u64(..);
         fastrand::seed(seed);
         let url = spare.url();
         let effects = dir.join("effects.log");
         let exe = std::env::current_exe()?;
-        // The victim is killed after its k-th start, k in the middle third.
+        // The victim is killed after its k-th start, k in the middle third, or at a time.
         let kill_after = fastrand::usize(sagas / 3..=sagas * 2 / 3);
+        let when = match kill_at {
+            Some(at) => format!("{at:?} after it opened the store"),
+            None => format!("after starting {kill_after}"),
+        };
         eprintln!(
-            "saga-takeover: two processes, {sagas} sagas each, on one Redis store (a spare \
-             redis-server), orphan watch every {ORPHAN_INTERVAL:?}; the first is SIGKILLed after \
-             starting {kill_after}; seed {seed}"
+            "saga-takeover: two processes, {sagas} sagas each ({concurrent} at once), on one \
+             Redis store (a spare redis-server), orphan watch every {ORPHAN_INTERVAL:?}; the \
+             first is SIGKILLed {when}; seed {seed}"
         );
         let started = Instant::now();
         let spawn = |first: usize| {
@@ -210,16 +243,23 @@ mod redis {
                     effects.as_os_str(),
                     OsStr::new(&first.to_string()),
                     OsStr::new(&sagas.to_string()),
+                    OsStr::new(&concurrent.to_string()),
                 ],
             )
         };
         let mut victim = spawn(0)?;
         let mut survivor = spawn(sagas)?;
-        victim.expect("opened", Duration::from_secs(60))?;
+        let opened = victim.expect("opened", Duration::from_secs(60))?;
         survivor.expect("opened", Duration::from_secs(60))?;
         let want = format!("started {kill_after}");
         let mut victim_said = Vec::new();
-        loop {
+        if let Some(at) = kill_at {
+            std::thread::sleep(at.saturating_sub(opened.elapsed()));
+            if let Some(status) = victim.try_wait()? {
+                return Err(format!("the first process ended before its kill ({status})").into());
+            }
+        }
+        while kill_at.is_none() {
             let Some((at, line)) = victim.line(Duration::from_secs(60)) else {
                 return Err("the first process went silent before its kill".into());
             };
@@ -335,6 +375,14 @@ mod redis {
         let mut line = Report::new("saga-takeover", "redis");
         line.add("sagas", stored)
             .add("started_by_killed", victim_started)
+            .add("concurrent", concurrent)
+            .add(
+                "killed_after",
+                kill_at.map_or_else(
+                    || format!("{victim_started} starts"),
+                    |at| format!("{:.1} s", at.as_secs_f64()),
+                ),
+            )
             .add("completed", count(SagaStatus::Completed))
             .add("compensated", count(SagaStatus::Compensated))
             .add(
