@@ -332,13 +332,20 @@ impl SagaOrchestrator {
         let task = tokio::spawn(
             async move {
                 let guard = guard;
-                // The semaphore is never closed, so acquiring fails only if it were; running
-                // without a permit is then the lesser evil.
-                let _permit = shared.permits.clone().acquire_owned().await.ok();
+                let permits = shared.permits.clone();
+                let run = async move {
+                    // The semaphore is never closed, so acquiring fails only if it were;
+                    // running without a permit is then the lesser evil.
+                    let _permit = permits.acquire_owned().await.ok();
+                    runner.run().await
+                };
+                // The lease is renewed while the saga waits for a slot too: a saga that waited
+                // longer than the lease lasts would otherwise look orphaned to the other
+                // processes, which would resume it while this one still runs it.
                 let result = match &lease {
-                    None => runner.run().await,
+                    None => run.await,
                     Some(held) => tokio::select! {
-                        result = runner.run() => result,
+                        result = run => result,
                         () = orchestrator_core::lease::renew_until_lost(held.as_ref()) => {
                             tracing::warn!(lease = %held.describe(), "the saga's lease was lost; its runner stops where it stands");
                             Err(Error::RunningElsewhere {

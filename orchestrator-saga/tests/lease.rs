@@ -1,0 +1,179 @@
+//! Saga leases between two orchestrators sharing one store, as two processes share a Redis
+//! store: a saga that waits for a concurrency slot keeps its lease, so the other's orphan
+//! watch leaves it alone.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use orchestrator_core::{
+    AppendResult, EventEnvelope, EventFilter, EventStore, EventStream, ExpectedVersion,
+    HandlerError, Lease, ReadAll, Result, StoreCapabilities,
+};
+use orchestrator_saga::{SagaDefinition, SagaOrchestrator, SagaStatus, SagaStep};
+use orchestrator_store::InMemoryEventStore;
+use serde_json::{Value, json};
+
+/// How long a lease lasts without renewal: short, so that the test is quick.
+const TTL: Duration = Duration::from_millis(300);
+
+/// The leases of one shared store: key → (holder's token, expiry).
+type Table = Arc<Mutex<HashMap<String, (u64, Instant)>>>;
+
+/// One candidate for a lease in [`Table`], the way `RedisLease` is one for its key.
+struct SharedLease {
+    table: Table,
+    key: String,
+    token: u64,
+}
+
+#[async_trait]
+impl Lease for SharedLease {
+    fn describe(&self) -> String {
+        format!("test lease `{}`", self.key)
+    }
+
+    fn ttl(&self) -> Duration {
+        TTL
+    }
+
+    async fn try_acquire(&self) -> Result<bool> {
+        let mut table = self.table.lock().unwrap();
+        let now = Instant::now();
+        match table.get(&self.key) {
+            Some((holder, expiry)) if *holder != self.token && *expiry > now => Ok(false),
+            _ => {
+                table.insert(self.key.clone(), (self.token, now + TTL));
+                Ok(true)
+            }
+        }
+    }
+
+    async fn release(&self) -> Result<()> {
+        let mut table = self.table.lock().unwrap();
+        if table
+            .get(&self.key)
+            .is_some_and(|(holder, _)| *holder == self.token)
+        {
+            table.remove(&self.key);
+        }
+        Ok(())
+    }
+}
+
+/// An in-memory store whose leases compete across orchestrators, as a Redis store's do
+/// across processes.
+struct SharedStore {
+    inner: InMemoryEventStore,
+    leases: Table,
+    tokens: std::sync::atomic::AtomicU64,
+}
+
+#[async_trait]
+impl EventStore for SharedStore {
+    fn name(&self) -> &'static str {
+        "shared in-memory"
+    }
+
+    fn capabilities(&self) -> StoreCapabilities {
+        self.inner.capabilities()
+    }
+
+    async fn append(
+        &self,
+        stream: &str,
+        expected: ExpectedVersion,
+        events: Vec<EventEnvelope>,
+    ) -> Result<AppendResult> {
+        self.inner.append(stream, expected, events).await
+    }
+
+    async fn read_stream(
+        &self,
+        stream: &str,
+        from_version: u64,
+        limit: usize,
+    ) -> Result<Vec<EventEnvelope>> {
+        self.inner.read_stream(stream, from_version, limit).await
+    }
+
+    async fn read_all(&self, query: ReadAll) -> Result<Vec<EventEnvelope>> {
+        self.inner.read_all(query).await
+    }
+
+    async fn stream_version(&self, stream: &str) -> Result<Option<u64>> {
+        self.inner.stream_version(stream).await
+    }
+
+    async fn head_position(&self) -> Result<u64> {
+        self.inner.head_position().await
+    }
+
+    async fn subscribe(&self, from_position: u64, filter: EventFilter) -> Result<EventStream> {
+        self.inner.subscribe(from_position, filter).await
+    }
+
+    fn lease(&self, name: &str) -> Option<Arc<dyn Lease>> {
+        let token = self
+            .tokens
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Some(Arc::new(SharedLease {
+            table: Arc::clone(&self.leases),
+            key: name.to_owned(),
+            token,
+        }))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_saga_waiting_for_a_slot_keeps_its_lease() {
+    let store = Arc::new(SharedStore {
+        inner: InMemoryEventStore::new(),
+        leases: Table::default(),
+        tokens: 0.into(),
+    });
+    // Which orchestrator ran each saga's step.
+    let runs: Arc<Mutex<Vec<(&'static str, String)>>> = Arc::default();
+    let define = |orchestrator: &SagaOrchestrator, who: &'static str| {
+        let runs = Arc::clone(&runs);
+        let step = SagaStep::new("slow", move |context: Value| {
+            let runs = Arc::clone(&runs);
+            async move {
+                let saga = context["n"].to_string();
+                runs.lock().unwrap().push((who, saga));
+                // Longer than the lease lasts: the sagas behind it wait longer still.
+                tokio::time::sleep(TTL * 2).await;
+                Ok::<_, HandlerError>(json!({}))
+            }
+        });
+        orchestrator
+            .define(SagaDefinition::new("slow", vec![step]).unwrap())
+            .unwrap();
+    };
+    let runner = SagaOrchestrator::builder(store.clone() as Arc<dyn EventStore>)
+        .max_concurrent(1)
+        .build();
+    define(&runner, "runner");
+    let other = SagaOrchestrator::new(store.clone() as Arc<dyn EventStore>);
+    define(&other, "other");
+    let _watch = other.watch_orphans(Duration::from_millis(20));
+
+    let mut handles = Vec::new();
+    for n in 0..3 {
+        handles.push(runner.start("slow", json!({ "n": n })).await.unwrap());
+    }
+    for handle in handles {
+        let outcome = handle.outcome().await.unwrap();
+        assert_eq!(outcome.status, SagaStatus::Completed);
+    }
+    let runs = runs.lock().unwrap().clone();
+    assert_eq!(
+        runs.iter().filter(|(who, _)| *who == "other").count(),
+        0,
+        "the other orchestrator ran sagas the runner still held: {runs:?}"
+    );
+    assert_eq!(runs.len(), 3, "{runs:?}");
+    assert!(other.list(None).is_empty(), "the other resumed sagas");
+}
