@@ -197,6 +197,24 @@ pub(crate) fn scenarios(short: bool) -> Vec<Scenario> {
         None,
         pick(300, 180),
     ));
+    // One saga at a time per process, the kill seconds in: sagas wait for a slot longer
+    // than their lease lasts while both processes live (their leases must be renewed
+    // meanwhile, or the other process resumes them).
+    all.push(scenario(
+        "saga-takeover-queued-redis".into(),
+        vec![
+            "saga-takeover".into(),
+            "redis".into(),
+            "--sagas".into(),
+            pick(40, 30).to_string(),
+            "--concurrent".into(),
+            "1".into(),
+            "--kill-after-ms".into(),
+            pick(10_000, 7_000).to_string(),
+        ],
+        None,
+        pick(300, 180),
+    ));
     all.push(scenario(
         "slow-handler".into(),
         vec![
@@ -493,7 +511,7 @@ mod tests {
     fn the_short_suite_is_the_same_suite_smaller() {
         let (full, short) = (scenarios(false), scenarios(true));
         assert_eq!(full.len(), short.len());
-        assert_eq!(full.len(), 3 + 1 + 5 + 3 + 2 + 2 + 1);
+        assert_eq!(full.len(), 3 + 1 + 5 + 3 + 2 + 3 + 1);
         let restart = short.iter().find(|s| s.name == "restart-kafka").unwrap();
         assert!(restart.args.contains(&"10000".to_owned()));
         assert_eq!(restart.service, None, "it runs a tansu of its own");

@@ -196,10 +196,14 @@ const TABLES: &[Table] = &[
                 survivor of the dead one's sagas before the kill, no resume before it); the \
                 first takeover within the limit (lease time + watch interval + 2 s). \
                 *Taken over* counts sagas resumed unfinished; the takeover times run from the \
-                kill to the first and the last of them.",
+                kill to the first and the last of them. The *queued* run lets each process run \
+                one saga at a time and kills the first some seconds in, so that sagas wait for \
+                a slot longer than their lease lasts while both processes live.",
         columns: &[
             ("sagas", "sagas"),
             ("started by the killed one", "started_by_killed"),
+            ("at once", "concurrent"),
+            ("killed after", "killed_after"),
             ("completed", "completed"),
             ("compensated", "compensated"),
             ("other", "other_status"),
