@@ -228,6 +228,17 @@ impl Effects {
         self.lines.0 + self.lines.1 - self.keys().0 - self.keys().1
     }
 
+    /// Adds the side-effect accounting to a report: lines and distinct keys of each kind,
+    /// and the re-runs the keys absorbed.
+    pub(crate) fn report(&self, line: &mut Report) {
+        let (done_keys, undone_keys) = self.keys();
+        line.add("action_effects", self.lines.0)
+            .add("action_keys", done_keys)
+            .add("compensation_effects", self.lines.1)
+            .add("compensation_keys", undone_keys)
+            .add("reruns_absorbed_by_key", self.reruns());
+    }
+
     /// Distinct action keys and compensation keys.
     pub(crate) fn keys(&self) -> (usize, usize) {
         let distinct = |m: &BTreeMap<(String, String), BTreeMap<String, usize>>| {
@@ -357,13 +368,9 @@ fn scenario(base: &Path, sagas: usize, kills: usize) -> Res {
         )
         .add("kills", kills)
         .add("kills_mid_run", kills_mid_run)
-        .add("resumed_by_recover", recovered)
-        .add("action_effects", effects.lines.0)
-        .add("action_keys", done_keys)
-        .add("compensation_effects", effects.lines.1)
-        .add("compensation_keys", undone_keys)
-        .add("reruns_absorbed_by_key", effects.reruns())
-        .add("seed", seed)
+        .add("resumed_by_recover", recovered);
+    effects.report(&mut line);
+    line.add("seed", seed)
         .add("seconds", format!("{:.1}", took.as_secs_f64()));
     line.print();
     Ok(())

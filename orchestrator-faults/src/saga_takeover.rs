@@ -168,7 +168,7 @@ mod redis {
                 started.insert(handle.id());
                 handle
             };
-            say(&format!("started {}", k + 1))?;
+            say(&format!("started {} {}", k + 1, handle.id().as_uuid()))?;
             handles.push(handle);
             tokio::time::sleep(START_EVERY).await;
         }
@@ -251,7 +251,7 @@ mod redis {
         let mut survivor = spawn(sagas)?;
         let opened = victim.expect("opened", Duration::from_secs(60))?;
         survivor.expect("opened", Duration::from_secs(60))?;
-        let want = format!("started {kill_after}");
+        let want = format!("started {kill_after} ");
         let mut victim_said = Vec::new();
         if let Some(at) = kill_at {
             std::thread::sleep(at.saturating_sub(opened.elapsed()));
@@ -263,7 +263,7 @@ mod redis {
             let Some((at, line)) = victim.line(Duration::from_secs(60)) else {
                 return Err("the first process went silent before its kill".into());
             };
-            let reached = line == want;
+            let reached = line.starts_with(&want);
             victim_said.push((at, line));
             if reached {
                 break;
@@ -291,13 +291,41 @@ mod redis {
             .collect();
         // Resumed while the other still lived: by the survivor before the kill, or by the
         // killed process at any time (the survivor never died).
-        let early = resumed.iter().filter(|(at, _)| *at < killed).count()
-            + victim_said
+        let mut early: Vec<String> = resumed
+            .iter()
+            .filter(|(at, _)| *at < killed)
+            .map(|(_, id)| format!("{id} by the survivor"))
+            .collect();
+        early.extend(
+            victim_said
                 .iter()
-                .filter(|(_, l)| l.starts_with("resumed "))
-                .count();
-        ensure(early == 0, || {
-            format!("the survivor resumed {early} sagas while the other process still ran them")
+                .filter_map(|(_, l)| l.strip_prefix("resumed "))
+                .map(|id| format!("{id} by the killed process")),
+        );
+        ensure(early.is_empty(), || {
+            let started_by = |id: &str| {
+                let ends = |said: &[(Instant, String)]| {
+                    said.iter()
+                        .any(|(_, l)| l.starts_with("started ") && l.ends_with(id))
+                };
+                match (ends(&victim_said), ends(&said)) {
+                    (true, _) => "started by the killed process",
+                    (_, true) => "started by the survivor",
+                    _ => "started by neither",
+                }
+            };
+            let which: Vec<String> = early
+                .iter()
+                .map(|e| {
+                    let id = e.split(' ').next().unwrap_or_default();
+                    format!("{e} ({})", started_by(id))
+                })
+                .collect();
+            format!(
+                "{} sagas were resumed while the process running them lived: {}",
+                early.len(),
+                which.join(", ")
+            )
         })?;
         ensure(!resumed.is_empty(), || {
             "the survivor resumed no saga: the kill found none unfinished".to_owned()
@@ -393,14 +421,9 @@ mod redis {
             .add("takeover_first_s", secs(first_takeover))
             .add("takeover_last_s", secs(last_takeover))
             .add("takeover_limit_s", secs(takeover_limit()))
-            .add("run_by_both", shared.len())
-            .add("action_effects", effects.lines.0)
-            .add("action_keys", done_keys)
-            .add("compensation_effects", effects.lines.1)
-            .add("compensation_keys", undone_keys)
-            .add("reruns_absorbed_by_key", effects.reruns())
-            .add("seed", seed)
-            .add("seconds", secs(took));
+            .add("run_by_both", shared.len());
+        effects.report(&mut line);
+        line.add("seed", seed).add("seconds", secs(took));
         line.print();
         Ok(())
     }
