@@ -1,10 +1,11 @@
 //! Saga leases between two orchestrators sharing one store, as two processes share a Redis
-//! store: a saga that waits for a concurrency slot keeps its lease, so the other's orphan
-//! watch leaves it alone.
+//! store: a saga holds its lease from before its start is logged, and keeps it while it
+//! waits for a concurrency slot, so the other's recovery leaves it alone.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -68,7 +69,23 @@ impl Lease for SharedLease {
 struct SharedStore {
     inner: InMemoryEventStore,
     leases: Table,
-    tokens: std::sync::atomic::AtomicU64,
+    tokens: AtomicU64,
+    /// Set: the first time a saga's start is logged, this orchestrator runs `recover` before
+    /// the append returns (another process looking for orphans at that very moment).
+    recover_after_start: OnceLock<SagaOrchestrator>,
+    recovered: AtomicBool,
+}
+
+impl SharedStore {
+    fn new() -> Arc<Self> {
+        Arc::new(Self {
+            inner: InMemoryEventStore::new(),
+            leases: Table::default(),
+            tokens: AtomicU64::new(0),
+            recover_after_start: OnceLock::new(),
+            recovered: AtomicBool::new(false),
+        })
+    }
 }
 
 #[async_trait]
@@ -87,7 +104,16 @@ impl EventStore for SharedStore {
         expected: ExpectedVersion,
         events: Vec<EventEnvelope>,
     ) -> Result<AppendResult> {
-        self.inner.append(stream, expected, events).await
+        let start = events.iter().any(|e| e.event_type() == "saga.started");
+        let result = self.inner.append(stream, expected, events).await?;
+        if start
+            && let Some(other) = self.recover_after_start.get()
+            && !self.recovered.swap(true, Ordering::SeqCst)
+        {
+            let recovery = other.recover().await.unwrap();
+            assert!(recovery.failed.is_empty(), "{:?}", recovery.failed);
+        }
+        Ok(result)
     }
 
     async fn read_stream(
@@ -116,9 +142,7 @@ impl EventStore for SharedStore {
     }
 
     fn lease(&self, name: &str) -> Option<Arc<dyn Lease>> {
-        let token = self
-            .tokens
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let token = self.tokens.fetch_add(1, Ordering::Relaxed);
         Some(Arc::new(SharedLease {
             table: Arc::clone(&self.leases),
             key: name.to_owned(),
@@ -127,37 +151,65 @@ impl EventStore for SharedStore {
     }
 }
 
+/// Which orchestrator ran each saga's step, by the saga's input `n`.
+type Runs = Arc<Mutex<Vec<(&'static str, String)>>>;
+
+/// Defines saga `slow` on `orchestrator` (`who`): one step that records its run and takes
+/// twice as long as a lease lasts.
+fn define(orchestrator: &SagaOrchestrator, who: &'static str, runs: &Runs) {
+    let runs = Arc::clone(runs);
+    let step = SagaStep::new("slow", move |context: Value| {
+        let runs = Arc::clone(&runs);
+        async move {
+            let saga = context["n"].to_string();
+            runs.lock().unwrap().push((who, saga));
+            // Longer than the lease lasts: the sagas behind it wait longer still.
+            tokio::time::sleep(TTL * 2).await;
+            Ok::<_, HandlerError>(json!({}))
+        }
+    });
+    orchestrator
+        .define(SagaDefinition::new("slow", vec![step]).unwrap())
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_saga_is_held_before_its_start_is_logged() {
+    let store = SharedStore::new();
+    let runs = Runs::default();
+    let runner = SagaOrchestrator::new(store.clone() as Arc<dyn EventStore>);
+    define(&runner, "runner", &runs);
+    let other = SagaOrchestrator::new(store.clone() as Arc<dyn EventStore>);
+    define(&other, "other", &runs);
+    store.recover_after_start.set(other.clone()).ok().unwrap();
+
+    let outcome = runner
+        .start("slow", json!({ "n": 0 }))
+        .await
+        .unwrap()
+        .outcome()
+        .await
+        .unwrap();
+    assert_eq!(outcome.status, SagaStatus::Completed);
+    assert!(
+        store.recovered.load(Ordering::SeqCst),
+        "the other did not look"
+    );
+    let runs = runs.lock().unwrap().clone();
+    assert_eq!(runs, [("runner", "0".to_owned())], "run by both");
+    assert!(other.list(None).is_empty(), "the other resumed the saga");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_saga_waiting_for_a_slot_keeps_its_lease() {
-    let store = Arc::new(SharedStore {
-        inner: InMemoryEventStore::new(),
-        leases: Table::default(),
-        tokens: 0.into(),
-    });
-    // Which orchestrator ran each saga's step.
-    let runs: Arc<Mutex<Vec<(&'static str, String)>>> = Arc::default();
-    let define = |orchestrator: &SagaOrchestrator, who: &'static str| {
-        let runs = Arc::clone(&runs);
-        let step = SagaStep::new("slow", move |context: Value| {
-            let runs = Arc::clone(&runs);
-            async move {
-                let saga = context["n"].to_string();
-                runs.lock().unwrap().push((who, saga));
-                // Longer than the lease lasts: the sagas behind it wait longer still.
-                tokio::time::sleep(TTL * 2).await;
-                Ok::<_, HandlerError>(json!({}))
-            }
-        });
-        orchestrator
-            .define(SagaDefinition::new("slow", vec![step]).unwrap())
-            .unwrap();
-    };
+    let store = SharedStore::new();
+    let runs = Runs::default();
     let runner = SagaOrchestrator::builder(store.clone() as Arc<dyn EventStore>)
         .max_concurrent(1)
         .build();
-    define(&runner, "runner");
+    define(&runner, "runner", &runs);
     let other = SagaOrchestrator::new(store.clone() as Arc<dyn EventStore>);
-    define(&other, "other");
+    define(&other, "other", &runs);
     let _watch = other.watch_orphans(Duration::from_millis(20));
 
     let mut handles = Vec::new();
