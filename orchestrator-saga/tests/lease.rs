@@ -1,6 +1,7 @@
 //! Saga leases between two orchestrators sharing one store, as two processes share a Redis
 //! store: a saga holds its lease from before its start is logged, and keeps it while it
-//! waits for a concurrency slot, so the other's recovery leaves it alone.
+//! waits for a concurrency slot, so the other's recovery leaves it alone; and a saga that
+//! finished while the other waited for its lease is not run again.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::HashMap;
@@ -16,6 +17,7 @@ use orchestrator_core::{
 use orchestrator_saga::{SagaDefinition, SagaOrchestrator, SagaStatus, SagaStep};
 use orchestrator_store::InMemoryEventStore;
 use serde_json::{Value, json};
+use tokio::sync::Notify;
 
 /// How long a lease lasts without renewal: short, so that the test is quick.
 const TTL: Duration = Duration::from_millis(300);
@@ -23,11 +25,23 @@ const TTL: Duration = Duration::from_millis(300);
 /// The leases of one shared store: key → (holder's token, expiry).
 type Table = Arc<Mutex<HashMap<String, (u64, Instant)>>>;
 
+/// Holds one lease's first `try_acquire` until the test opens it.
+#[derive(Default)]
+struct Gate {
+    /// Notified when the `try_acquire` arrives.
+    arrived: Notify,
+    /// Lets it go on.
+    open: Notify,
+}
+
 /// One candidate for a lease in [`Table`], the way `RedisLease` is one for its key.
 struct SharedLease {
     table: Table,
     key: String,
     token: u64,
+    gate: Mutex<Option<Arc<Gate>>>,
+    /// Notified whenever a holder releases a lease.
+    released: Arc<Notify>,
 }
 
 #[async_trait]
@@ -41,6 +55,11 @@ impl Lease for SharedLease {
     }
 
     async fn try_acquire(&self) -> Result<bool> {
+        let gate = self.gate.lock().unwrap().take();
+        if let Some(gate) = gate {
+            gate.arrived.notify_one();
+            gate.open.notified().await;
+        }
         let mut table = self.table.lock().unwrap();
         let now = Instant::now();
         match table.get(&self.key) {
@@ -59,6 +78,7 @@ impl Lease for SharedLease {
             .is_some_and(|(holder, _)| *holder == self.token)
         {
             table.remove(&self.key);
+            self.released.notify_one();
         }
         Ok(())
     }
@@ -74,6 +94,9 @@ struct SharedStore {
     /// the append returns (another process looking for orphans at that very moment).
     recover_after_start: OnceLock<SagaOrchestrator>,
     recovered: AtomicBool,
+    /// Set: the next lease made waits at this gate before its first `try_acquire`.
+    gate: Mutex<Option<Arc<Gate>>>,
+    released: Arc<Notify>,
 }
 
 impl SharedStore {
@@ -84,6 +107,8 @@ impl SharedStore {
             tokens: AtomicU64::new(0),
             recover_after_start: OnceLock::new(),
             recovered: AtomicBool::new(false),
+            gate: Mutex::default(),
+            released: Arc::default(),
         })
     }
 }
@@ -147,6 +172,8 @@ impl EventStore for SharedStore {
             table: Arc::clone(&self.leases),
             key: name.to_owned(),
             token,
+            gate: Mutex::new(self.gate.lock().unwrap().take()),
+            released: Arc::clone(&self.released),
         }))
     }
 }
@@ -228,4 +255,58 @@ async fn a_saga_waiting_for_a_slot_keeps_its_lease() {
     );
     assert_eq!(runs.len(), 3, "{runs:?}");
     assert!(other.list(None).is_empty(), "the other resumed sagas");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_saga_finished_while_another_waited_for_its_lease_is_not_run_again() {
+    let store = SharedStore::new();
+    let runs = Runs::default();
+    let (started, go_on) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
+    let define = |orchestrator: &SagaOrchestrator, who: &'static str| {
+        let (runs, started, go_on) = (Arc::clone(&runs), Arc::clone(&started), go_on.clone());
+        let step = SagaStep::new("held", move |context: Value| {
+            let (runs, started, go_on) = (Arc::clone(&runs), started.clone(), go_on.clone());
+            async move {
+                runs.lock().unwrap().push((who, context["n"].to_string()));
+                if who == "runner" {
+                    started.notify_one();
+                    go_on.notified().await;
+                }
+                Ok::<_, HandlerError>(json!({}))
+            }
+        });
+        orchestrator
+            .define(SagaDefinition::new("held", vec![step]).unwrap())
+            .unwrap();
+    };
+    let runner = SagaOrchestrator::new(store.clone() as Arc<dyn EventStore>);
+    define(&runner, "runner");
+    let other = SagaOrchestrator::new(store.clone() as Arc<dyn EventStore>);
+    define(&other, "other");
+
+    let handle = runner.start("held", json!({ "n": 0 })).await.unwrap();
+    started.notified().await;
+    // The other reads the unfinished saga's log, then waits for its lease...
+    let gate = Arc::new(Gate::default());
+    *store.gate.lock().unwrap() = Some(Arc::clone(&gate));
+    let resuming = tokio::spawn({
+        let (other, id) = (other.clone(), handle.id());
+        async move { other.resume(id).await }
+    });
+    gate.arrived.notified().await;
+    // ...while the runner finishes it and lets its lease go.
+    go_on.notify_one();
+    assert_eq!(
+        handle.outcome().await.unwrap().status,
+        SagaStatus::Completed
+    );
+    store.released.notified().await;
+    gate.open.notify_one();
+    let resumed = resuming.await.unwrap().unwrap();
+    assert_eq!(
+        resumed.outcome().await.unwrap().status,
+        SagaStatus::Completed
+    );
+    let runs = runs.lock().unwrap().clone();
+    assert_eq!(runs, [("runner", "0".to_owned())], "run again");
 }
