@@ -11,7 +11,10 @@
 //! faults slow-handler [--events N]                     a slow handler, bounded memory
 //! faults publisher-crash <file-memory|file-redis|redis-redis> [--rounds N]
 //!                                                      SIGKILL a publishing process, relay
-//! faults publisher-outage redis [--events N]           Redis away while publishing
+//! faults publisher-outage <redis|rabbitmq> [--events N] a broker away while publishing
+//! faults relay-failover redis [--children N]           SIGKILL the relaying process, again
+//! faults saga-takeover redis [--sagas N] [--concurrent C] [--kill-after-ms T]
+//!                                                      SIGKILL one of two saga processes
 //! ```
 //!
 //! Each prints what it does on stderr and, last, one `result scenario=… key=value …` line on
@@ -23,13 +26,16 @@
 //! `ORCHESTRATOR_FAULTS_PIDS`, so that whoever runs the suite can stop them should this
 //! process be killed.
 
+mod child;
 mod outage;
 mod publisher_crash;
+mod relay_failover;
 mod report;
 mod restart;
 mod saga_crash;
+mod saga_takeover;
 mod slow_handler;
-#[cfg(any(feature = "redis", feature = "kafka"))]
+#[cfg(any(feature = "redis", feature = "rabbitmq", feature = "kafka"))]
 mod spare;
 mod writers;
 
@@ -128,6 +134,21 @@ fn run(args: &[String]) -> Result<(), Failure> {
             let events = number_option(rest, "--events", 20_000)?;
             runtime()?.block_on(outage::run(target, events as usize))
         }
+        "relay-failover" => {
+            let children = number_option(rest, "--children", 4)?;
+            relay_failover::parent(target, children as usize)
+        }
+        relay_failover::CHILD => relay_failover::child(rest),
+        "saga-takeover" => {
+            let sagas = number_option(rest, "--sagas", 100)?;
+            // The saga orchestrator's default: no saga waits for a slot.
+            let concurrent = number_option(rest, "--concurrent", 1024)?;
+            // 0: after a random number of the first process's starts.
+            let kill_ms = number_option(rest, "--kill-after-ms", 0)?;
+            let kill_at = (kill_ms > 0).then(|| std::time::Duration::from_millis(kill_ms));
+            saga_takeover::parent(target, sagas as usize, concurrent as usize, kill_at)
+        }
+        saga_takeover::CHILD => saga_takeover::child(rest),
         "slow-handler" => {
             let events = number_option(rest, "--events", 1_000_000)?;
             runtime()?.block_on(slow_handler::run(events as usize))
@@ -135,7 +156,7 @@ fn run(args: &[String]) -> Result<(), Failure> {
         other => Err(Failure::Failed(
             format!(
                 "unknown scenario `{other}` (restart, saga-crash, writers, slow-handler, \
-                 publisher-crash, publisher-outage)"
+                 publisher-crash, publisher-outage, relay-failover, saga-takeover)"
             )
             .into(),
         )),

@@ -18,17 +18,17 @@
 //! its id to a `handled` file (one `O_APPEND` write each). The child process is this binary
 //! again (`faults publisher-child <target> <dir> <prefix> <publish|drain>`).
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::io::{BufRead, BufReader, Write};
+use std::collections::BTreeSet;
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use orchestrator::prelude::*;
 use orchestrator::{RelayOptions, RelayState};
 use serde_json::json;
 
+use crate::child::{ChildProcess, Lines, read_ids, say};
 use crate::{Failure, Report, Res, ensure};
 
 /// The child's command-line name.
@@ -127,29 +127,6 @@ async fn transport(target: Target, prefix: &str) -> Result<Option<Arc<dyn Transp
         }
         #[cfg(not(feature = "redis"))]
         Target::FileRedis | Target::RedisRedis => Err(crate::not_built("redis")),
-    }
-}
-
-/// Appends lines to a file, one `O_APPEND` write each (lines from concurrent tasks and
-/// processes never interleave).
-#[derive(Clone)]
-struct Lines(Arc<Mutex<std::fs::File>>);
-
-impl Lines {
-    fn open(path: &Path) -> Res<Self> {
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)?;
-        Ok(Self(Arc::new(Mutex::new(file))))
-    }
-
-    fn write(&self, line: &str) -> std::io::Result<()> {
-        let mut file = self
-            .0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        file.write_all(format!("{line}\n").as_bytes())
     }
 }
 
@@ -253,14 +230,6 @@ async fn drain_child(orchestrator: &EventOrchestrator) -> Res {
     say("done")
 }
 
-/// A line to the parent, flushed at once.
-fn say(line: &str) -> Res {
-    let mut out = std::io::stdout().lock();
-    writeln!(out, "{line}")?;
-    out.flush()?;
-    Ok(())
-}
-
 /// Runs one child; kills it `kill_after` after it opened the store, or lets it finish.
 fn run_child_process(
     exe: &Path,
@@ -269,76 +238,40 @@ fn run_child_process(
     prefix: &str,
     kill_after: Option<Duration>,
 ) -> Res {
-    let mut child = Command::new(exe)
-        .arg(CHILD)
-        .arg(target.name())
-        .arg(dir)
-        .arg(prefix)
-        .arg(if kill_after.is_some() {
-            "publish"
-        } else {
-            "drain"
-        })
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()?;
-    let stdout = child.stdout.take().ok_or("no stdout from the child")?;
-    let (lines_tx, lines) = std::sync::mpsc::channel();
-    let reader = std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { return };
-            if lines_tx.send(line).is_err() {
-                return;
-            }
-        }
-    });
-    let opened = lines.recv_timeout(Duration::from_secs(60));
-    let result = match (opened.as_deref(), kill_after) {
-        (Ok("opened"), Some(delay)) => {
+    let mode = if kill_after.is_some() {
+        "publish"
+    } else {
+        "drain"
+    };
+    let mut child = ChildProcess::spawn(
+        exe,
+        [
+            OsStr::new(CHILD),
+            OsStr::new(target.name()),
+            dir.as_os_str(),
+            OsStr::new(prefix),
+            OsStr::new(mode),
+        ],
+    )?;
+    child.expect("opened", Duration::from_secs(60))?;
+    match kill_after {
+        Some(delay) => {
             std::thread::sleep(delay);
             if let Some(status) = child.try_wait()? {
-                Err(format!("a publishing child ended on its own ({status})").into())
-            } else {
-                // Our own child, by its handle: SIGKILL.
-                child.kill()?;
-                child.wait()?;
-                Ok(())
+                return Err(format!("a publishing child ended on its own ({status})").into());
             }
+            child.kill()
         }
-        (Ok("opened"), None) => {
-            let status = child.wait()?;
+        None => {
+            let status = child.wait(Duration::from_secs(300))?;
             ensure(status.success(), || {
                 format!("the draining child failed ({status})")
+            })?;
+            ensure(child.finish().iter().any(|(_, l)| l == "done"), || {
+                "the draining child did not say done".to_owned()
             })
         }
-        (other, _) => {
-            let _ = child.kill();
-            let _ = child.wait();
-            Err(format!("the child did not start: {other:?}").into())
-        }
-    };
-    let _ = reader.join();
-    if kill_after.is_none() {
-        ensure(lines.try_iter().any(|l| l == "done"), || {
-            "the draining child did not say done".to_owned()
-        })?;
     }
-    result
-}
-
-/// The ids in a file of lines, with how often each appears.
-fn read_ids(path: &Path) -> Res<BTreeMap<String, usize>> {
-    let mut ids = BTreeMap::new();
-    let text = match std::fs::read_to_string(path) {
-        Ok(text) => text,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
-        Err(e) => return Err(e.into()),
-    };
-    for line in text.lines() {
-        *ids.entry(line.to_owned()).or_insert(0) += 1;
-    }
-    Ok(ids)
 }
 
 /// The parent: kill publishing children at random moments, let a last one drain, check.

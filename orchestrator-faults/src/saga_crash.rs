@@ -17,11 +17,10 @@
 //! The child process is this binary again (`faults saga-child <store> <effects> <sagas>`).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{BufRead, BufReader, Write};
+use std::ffi::OsStr;
+use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::Arc;
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use orchestrator_core::HandlerError;
@@ -29,6 +28,7 @@ use orchestrator_saga::{SagaDefinition, SagaOrchestrator, SagaStatus, SagaStep, 
 use orchestrator_store::file::FileEventStore;
 use serde_json::{Value, json};
 
+use crate::child::{ChildProcess, epoch_ms, say};
 use crate::{Failure, Report, Res, ensure};
 
 /// The child's command-line name.
@@ -42,7 +42,7 @@ const MAX_KILL_DELAY_MS: u64 = 200;
 const CONCURRENT: usize = 10;
 
 /// The step that fails for saga number `n`, if any.
-fn fails_at(n: usize) -> Option<&'static str> {
+pub(crate) fn fails_at(n: usize) -> Option<&'static str> {
     match n % 3 {
         1 => Some("c"),
         2 => Some("d"),
@@ -51,19 +51,26 @@ fn fails_at(n: usize) -> Option<&'static str> {
 }
 
 /// Appends one line to the side-effect file, in one write (`O_APPEND`: lines from
-/// concurrent tasks and processes never interleave).
-fn record_effect(effects: &Path, line: &str) -> Result<(), HandlerError> {
+/// concurrent tasks and processes never interleave): `kind key pid started ended`.
+fn record_effect(effects: &Path, kind: &str, key: &str, started: u64) -> Result<(), HandlerError> {
+    let line = format!(
+        "{kind} {key} {} {started} {}\n",
+        std::process::id(),
+        epoch_ms()
+    );
     let mut file = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(effects)
         .map_err(|e| HandlerError::from_error(e, true))?;
-    file.write_all(format!("{line}\n").as_bytes())
+    file.write_all(line.as_bytes())
         .map_err(|e| HandlerError::from_error(e, true))
 }
 
 /// The saga: four compensable steps that take 30–150 ms each (compensations 10–60 ms).
-fn definition(effects: &Path) -> Res<SagaDefinition> {
+/// Each side-effect line is `do|undo <key> <pid> <started ms> <ended ms>`: which process
+/// ran the invocation, and when (milliseconds since the epoch).
+pub(crate) fn definition(effects: &Path) -> Res<SagaDefinition> {
     let steps = STEPS.map(|name| {
         let (act, undo) = (effects.to_path_buf(), effects.to_path_buf());
         SagaStep::new(name, move |context: Value| {
@@ -74,8 +81,9 @@ fn definition(effects: &Path) -> Res<SagaDefinition> {
                 if context["fail_at"] == info.step {
                     return Err(HandlerError::permanent(format!("{} refused", info.step)));
                 }
+                let started = epoch_ms();
                 tokio::time::sleep(Duration::from_millis(fastrand::u64(30..150))).await;
-                record_effect(&effects, &format!("do {}", info.idempotency_key))?;
+                record_effect(&effects, "do", &info.idempotency_key, started)?;
                 Ok::<_, HandlerError>(json!({ info.step: true }))
             }
         })
@@ -84,8 +92,9 @@ fn definition(effects: &Path) -> Res<SagaDefinition> {
             async move {
                 let info = StepInfo::from_context(&context)
                     .ok_or_else(|| HandlerError::permanent("not called by a saga"))?;
+                let started = epoch_ms();
                 tokio::time::sleep(Duration::from_millis(fastrand::u64(10..60))).await;
-                record_effect(&effects, &format!("undo {}", info.idempotency_key))
+                record_effect(&effects, "undo", &info.idempotency_key, started)
             }
         })
     });
@@ -130,14 +139,6 @@ async fn run_child(store_dir: &Path, effects: &Path, sagas: usize) -> Res {
     say("done")
 }
 
-/// A line to the parent, flushed at once.
-fn say(line: &str) -> Res {
-    let mut out = std::io::stdout().lock();
-    writeln!(out, "{line}")?;
-    out.flush()?;
-    Ok(())
-}
-
 /// What the parent learnt from one child.
 #[derive(Debug, Default)]
 struct ChildRun {
@@ -155,53 +156,36 @@ fn run_child_process(
     sagas: usize,
     kill_after: Option<Duration>,
 ) -> Res<ChildRun> {
-    let mut child = Command::new(exe)
-        .arg(CHILD)
-        .arg(store)
-        .arg(effects)
-        .arg(sagas.to_string())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()?;
-    let stdout = child.stdout.take().ok_or("no stdout from the child")?;
-    let (lines_tx, lines) = mpsc::channel();
-    let reader = std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { return };
-            if lines_tx.send(line).is_err() {
-                return;
-            }
-        }
-    });
-    let opened = lines.recv_timeout(Duration::from_secs(60));
-    let mut run = ChildRun::default();
-    match (opened.as_deref(), kill_after) {
-        (Ok("opened"), Some(delay)) => {
+    let sagas = sagas.to_string();
+    let mut child = ChildProcess::spawn(
+        exe,
+        [
+            OsStr::new(CHILD),
+            store.as_os_str(),
+            effects.as_os_str(),
+            OsStr::new(&sagas),
+        ],
+    )?;
+    child.expect("opened", Duration::from_secs(60))?;
+    match kill_after {
+        Some(delay) => {
             std::thread::sleep(delay);
             // A child that ended on its own before the kill must have ended well.
             if let Some(status) = child.try_wait()? {
                 ensure(status.success(), || format!("a child failed ({status})"))?;
             } else {
-                // Our own child, by its handle: SIGKILL.
                 child.kill()?;
-                child.wait()?;
             }
         }
-        (Ok("opened"), None) => {
-            let status = child.wait()?;
+        None => {
+            let status = child.wait(Duration::from_secs(300))?;
             ensure(status.success(), || {
                 format!("the last child failed ({status})")
             })?;
         }
-        (other, _) => {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(format!("the child did not open the store: {other:?}").into());
-        }
     }
-    let _ = reader.join();
-    for line in lines.try_iter() {
+    let mut run = ChildRun::default();
+    for (_, line) in child.finish() {
         if let Some(n) = line.strip_prefix("recovered ") {
             run.recovered = n.parse().unwrap_or(0);
         } else if line == "done" {
@@ -211,25 +195,76 @@ fn run_child_process(
     Ok(run)
 }
 
+/// One side effect: which process ran it for which saga, and when (ms since the epoch).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Span {
+    /// The saga's id.
+    pub(crate) saga: String,
+    /// The process that ran it.
+    pub(crate) pid: u32,
+    /// When the invocation started.
+    pub(crate) started_ms: u64,
+    /// When its side effect was written.
+    pub(crate) ended_ms: u64,
+}
+
 /// The side effects, by saga id: each invocation key and how many lines it has.
 #[derive(Debug, Default)]
-struct Effects {
+pub(crate) struct Effects {
     /// `(saga id, step) → {key → lines}` for actions.
-    done: BTreeMap<(String, String), BTreeMap<String, usize>>,
+    pub(crate) done: BTreeMap<(String, String), BTreeMap<String, usize>>,
     /// The same for compensations.
-    undone: BTreeMap<(String, String), BTreeMap<String, usize>>,
+    pub(crate) undone: BTreeMap<(String, String), BTreeMap<String, usize>>,
     /// Lines in all, of each kind.
-    lines: (usize, usize),
+    pub(crate) lines: (usize, usize),
+    /// Every line's process and time span, in file order.
+    pub(crate) spans: Vec<Span>,
+}
+
+impl Effects {
+    /// Lines repeated with the same key: invocations run again after a kill, which a
+    /// receiver keyed by the idempotency key does once.
+    pub(crate) fn reruns(&self) -> usize {
+        self.lines.0 + self.lines.1 - self.keys().0 - self.keys().1
+    }
+
+    /// Adds the side-effect accounting to a report: lines and distinct keys of each kind,
+    /// and the re-runs the keys absorbed.
+    pub(crate) fn report(&self, line: &mut Report) {
+        let (done_keys, undone_keys) = self.keys();
+        line.add("action_effects", self.lines.0)
+            .add("action_keys", done_keys)
+            .add("compensation_effects", self.lines.1)
+            .add("compensation_keys", undone_keys)
+            .add("reruns_absorbed_by_key", self.reruns());
+    }
+
+    /// Distinct action keys and compensation keys.
+    pub(crate) fn keys(&self) -> (usize, usize) {
+        let distinct = |m: &BTreeMap<(String, String), BTreeMap<String, usize>>| {
+            m.values().map(BTreeMap::len).sum::<usize>()
+        };
+        (distinct(&self.done), distinct(&self.undone))
+    }
 }
 
 /// Reads the side-effect file.
-fn read_effects(path: &Path) -> Res<Effects> {
+pub(crate) fn read_effects(path: &Path) -> Res<Effects> {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let mut effects = Effects::default();
     for line in text.lines() {
-        let (kind, key) = line
-            .split_once(' ')
-            .ok_or_else(|| format!("bad line {line:?}"))?;
+        let bad = || format!("bad line {line:?}");
+        let mut words = line.split(' ');
+        let (Some(kind), Some(key), Some(pid), Some(started), Some(ended), None) = (
+            words.next(),
+            words.next(),
+            words.next(),
+            words.next(),
+            words.next(),
+            words.next(),
+        ) else {
+            return Err(bad().into());
+        };
         let mut parts = key.split(':');
         let (Some(saga), Some(step)) = (parts.next(), parts.next()) else {
             return Err(format!("bad key {key:?}").into());
@@ -243,12 +278,18 @@ fn read_effects(path: &Path) -> Res<Effects> {
                 effects.lines.1 += 1;
                 &mut effects.undone
             }
-            _ => return Err(format!("bad line {line:?}").into()),
+            _ => return Err(bad().into()),
         };
         *map.entry((saga.to_owned(), step.to_owned()))
             .or_default()
             .entry(key.to_owned())
             .or_default() += 1;
+        effects.spans.push(Span {
+            saga: saga.to_owned(),
+            pid: pid.parse().map_err(|_| bad())?,
+            started_ms: started.parse().map_err(|_| bad())?,
+            ended_ms: ended.parse().map_err(|_| bad())?,
+        });
     }
     Ok(effects)
 }
@@ -293,26 +334,18 @@ fn scenario(base: &Path, sagas: usize, kills: usize) -> Res {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let (statuses, completed_steps) = runtime.block_on(async {
+    let Outcomes {
+        statuses,
+        steps: completed_steps,
+    } = runtime.block_on(async {
         let orchestrator = SagaOrchestrator::new(Arc::new(FileEventStore::open(&store)?));
-        let mut statuses = BTreeMap::new();
-        let mut completed_steps = BTreeMap::new();
-        for stored in orchestrator.list_stored().await? {
-            let snapshot = orchestrator.load(stored.id).await?;
-            let id = stored.id.as_uuid().to_string();
-            statuses.insert(id.clone(), snapshot.status);
-            completed_steps.insert(id, (snapshot.completed_steps, snapshot.compensated_steps));
-        }
-        Ok::<_, crate::BoxError>((statuses, completed_steps))
+        outcomes(&orchestrator).await
     })?;
     let effects = read_effects(&effects)?;
     check(sagas, &statuses, &completed_steps, &effects)?;
 
     let count = |s: SagaStatus| statuses.values().filter(|&&x| x == s).count();
-    let distinct = |m: &BTreeMap<(String, String), BTreeMap<String, usize>>| {
-        m.values().map(BTreeMap::len).sum::<usize>()
-    };
-    let (done_keys, undone_keys) = (distinct(&effects.done), distinct(&effects.undone));
+    let (done_keys, undone_keys) = effects.keys();
     eprintln!(
         "  {} sagas: {} completed, {} compensated; {kills} kills ({kills_mid_run} while sagas \
          were unfinished), {recovered} sagas resumed by recover(); actions: {} side effects, \
@@ -335,23 +368,39 @@ fn scenario(base: &Path, sagas: usize, kills: usize) -> Res {
         )
         .add("kills", kills)
         .add("kills_mid_run", kills_mid_run)
-        .add("resumed_by_recover", recovered)
-        .add("action_effects", effects.lines.0)
-        .add("action_keys", done_keys)
-        .add("compensation_effects", effects.lines.1)
-        .add("compensation_keys", undone_keys)
-        .add(
-            "reruns_absorbed_by_key",
-            effects.lines.0 + effects.lines.1 - done_keys - undone_keys,
-        )
-        .add("seed", seed)
+        .add("resumed_by_recover", recovered);
+    effects.report(&mut line);
+    line.add("seed", seed)
         .add("seconds", format!("{:.1}", took.as_secs_f64()));
     line.print();
     Ok(())
 }
 
+/// How the sagas in a store ended, by saga id.
+#[derive(Debug, Default)]
+pub(crate) struct Outcomes {
+    /// Each saga's status.
+    pub(crate) statuses: BTreeMap<String, SagaStatus>,
+    /// Each saga's completed and compensated steps.
+    pub(crate) steps: BTreeMap<String, (Vec<String>, Vec<String>)>,
+}
+
+/// Reads every saga the store holds, whoever ran it.
+pub(crate) async fn outcomes(orchestrator: &SagaOrchestrator) -> Res<Outcomes> {
+    let mut outcomes = Outcomes::default();
+    for stored in orchestrator.list_stored().await? {
+        let snapshot = orchestrator.load(stored.id).await?;
+        let id = stored.id.as_uuid().to_string();
+        outcomes.statuses.insert(id.clone(), snapshot.status);
+        outcomes
+            .steps
+            .insert(id, (snapshot.completed_steps, snapshot.compensated_steps));
+    }
+    Ok(outcomes)
+}
+
 /// Every saga ended well, and the side effects match the log.
-fn check(
+pub(crate) fn check(
     sagas: usize,
     statuses: &BTreeMap<String, SagaStatus>,
     steps: &BTreeMap<String, (Vec<String>, Vec<String>)>,
@@ -401,4 +450,33 @@ fn check(
     ensure(unknown.is_none(), || {
         format!("side effects of a saga the store does not know: {unknown:?}")
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn reads_side_effect_lines_with_their_process_and_time() {
+        let path = std::env::temp_dir().join(format!(
+            "orchestrator-faults-effects-{}",
+            uuid::Uuid::now_v7().simple()
+        ));
+        std::fs::write(
+            &path,
+            "do s1:a:1 10 100 150\ndo s1:a:1 11 200 260\nundo s1:a:compensate:1 11 300 320\n",
+        )
+        .unwrap();
+        let effects = super::read_effects(&path).unwrap();
+        let _ = std::fs::remove_file(&path);
+        assert_eq!(effects.lines, (2, 1));
+        assert_eq!(effects.keys(), (1, 1));
+        assert_eq!(effects.reruns(), 1);
+        assert_eq!(effects.spans[1].pid, 11);
+        assert_eq!(effects.spans[1].ended_ms, 260);
+        std::fs::write(&path, "do s1:a:1\n").unwrap();
+        assert!(
+            super::read_effects(&path).is_err(),
+            "a line without its process"
+        );
+        let _ = std::fs::remove_file(&path);
+    }
 }

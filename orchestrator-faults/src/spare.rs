@@ -68,7 +68,7 @@ fn resp(port: u16, command: &[u8]) -> std::io::Result<Vec<u8>> {
     let mut stream = TcpStream::connect(("127.0.0.1", port))?;
     stream.set_read_timeout(Some(Duration::from_secs(5)))?;
     stream.write_all(command)?;
-    let mut reply = vec![0; 64];
+    let mut reply = vec![0; 256];
     let n = stream.read(&mut reply).unwrap_or(0);
     reply.truncate(n);
     Ok(reply)
@@ -141,6 +141,18 @@ impl SpareRedis {
         let reply = resp(self.port, command.as_bytes()).ok()?;
         let text = std::str::from_utf8(&reply).ok()?;
         text.strip_prefix(':')?.trim_end().parse().ok()
+    }
+
+    /// The string value of `key` (`GET`); `None` when it is not set, or the server does not
+    /// answer.
+    pub(crate) fn get(&self, key: &str) -> Option<String> {
+        let command = format!("*2\r\n$3\r\nGET\r\n${}\r\n{key}\r\n", key.len());
+        let reply = resp(self.port, command.as_bytes()).ok()?;
+        let text = std::str::from_utf8(&reply).ok()?;
+        // `$<len>\r\n<value>\r\n`, or `$-1\r\n` when the key is missing.
+        let (len, rest) = text.strip_prefix('$')?.split_once("\r\n")?;
+        let len: usize = len.parse().ok()?;
+        rest.get(..len).map(str::to_owned)
     }
 
     /// `SHUTDOWN` (which syncs the append-only file), then the same server again on the
@@ -299,6 +311,216 @@ impl Drop for SpareTansu {
         if let Some(mut child) = self.child.take() {
             kill(&mut child);
         }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The RabbitMQ server script: `ORCHESTRATOR_RABBITMQ_SERVER`, else the one Debian's
+/// package installs, else `rabbitmq-server` on the `PATH`. Not `/usr/sbin/rabbitmq-server`
+/// when run as root: that wrapper switches to the `rabbitmq` user, who cannot write the
+/// node's folder here.
+#[cfg(feature = "rabbitmq")]
+fn rabbitmq_server() -> PathBuf {
+    if let Some(path) = std::env::var_os("ORCHESTRATOR_RABBITMQ_SERVER") {
+        return PathBuf::from(path);
+    }
+    let packaged = PathBuf::from("/usr/lib/rabbitmq/bin/rabbitmq-server");
+    if packaged.exists() {
+        packaged
+    } else {
+        PathBuf::from("rabbitmq-server")
+    }
+}
+
+/// A RabbitMQ node of the scenario's own: its own node name (`spare-<uuid>@localhost`),
+/// AMQP and distribution ports, database, logs and configuration, all in its data folder,
+/// so that stopping it never touches the shared broker.
+///
+/// Nothing of the machine's RabbitMQ setup is read: the configuration file (a listener on
+/// the spare port), the environment file (empty) and the enabled-plugins file (`[]`: no
+/// management plugin) are the node's own. `HOME` is the data folder too, so the Erlang
+/// cookie is a fresh one Erlang writes there (the shared node's cookie is neither read nor
+/// changed). The node registers its name with the machine's `epmd`, as every Erlang node
+/// does; its name is unique, and the entry goes with the node.
+///
+/// The server script runs the Erlang VM as its child and stops it cleanly on SIGTERM; the
+/// VM's own process id (from its pid file) is recorded too, so that whoever runs the suite
+/// can kill it should this process die.
+#[cfg(feature = "rabbitmq")]
+pub(crate) struct SpareRabbitMq {
+    node: String,
+    port: u16,
+    dist_port: u16,
+    dir: PathBuf,
+    /// The server script.
+    child: Option<Child>,
+    /// The Erlang VM's process id, once its pid file told it.
+    vm: Option<u32>,
+}
+
+#[cfg(feature = "rabbitmq")]
+impl SpareRabbitMq {
+    /// Starts one on free ports (it takes 5–15 s to boot).
+    pub(crate) fn start() -> Res<Self> {
+        let dir = data_dir("rabbitmq")?;
+        let port = free_port()?;
+        let mut dist_port = free_port()?;
+        while dist_port == port {
+            dist_port = free_port()?;
+        }
+        std::fs::create_dir_all(dir.join("home"))?;
+        std::fs::create_dir_all(dir.join("log"))?;
+        std::fs::write(
+            dir.join("rabbitmq.conf"),
+            format!("listeners.tcp.default = 127.0.0.1:{port}\n"),
+        )?;
+        std::fs::write(dir.join("enabled_plugins"), "[].\n")?;
+        std::fs::write(dir.join("rabbitmq-env.conf"), "")?;
+        let mut node = Self {
+            node: format!("spare-{}@localhost", uuid::Uuid::now_v7().simple()),
+            port,
+            dist_port,
+            dir,
+            child: None,
+            vm: None,
+        };
+        node.spawn()?;
+        Ok(node)
+    }
+
+    /// Its AMQP URL (the default `guest` user, which may connect from loopback).
+    pub(crate) fn url(&self) -> String {
+        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
+    }
+
+    fn spawn(&mut self) -> Res {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("log").join("console.log"))?;
+        let pid_file = self.dir.join("node.pid");
+        let _ = std::fs::remove_file(&pid_file);
+        let dir = &self.dir;
+        let child = Command::new(rabbitmq_server())
+            .current_dir(dir)
+            .env("HOME", dir.join("home"))
+            .env("RABBITMQ_NODENAME", &self.node)
+            .env("RABBITMQ_NODE_IP_ADDRESS", "127.0.0.1")
+            .env("RABBITMQ_NODE_PORT", self.port.to_string())
+            .env("RABBITMQ_DIST_PORT", self.dist_port.to_string())
+            .env("ERL_FLAGS", "-kernel inet_dist_use_interface {127,0,0,1}")
+            .env("RABBITMQ_MNESIA_BASE", dir.join("mnesia"))
+            .env("RABBITMQ_LOG_BASE", dir.join("log"))
+            .env("RABBITMQ_CONFIG_FILE", dir.join("rabbitmq.conf"))
+            .env("RABBITMQ_ADVANCED_CONFIG_FILE", dir.join("advanced.config"))
+            .env("RABBITMQ_CONF_ENV_FILE", dir.join("rabbitmq-env.conf"))
+            .env("RABBITMQ_ENABLED_PLUGINS_FILE", dir.join("enabled_plugins"))
+            .env("RABBITMQ_PID_FILE", &pid_file)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .map_err(|e| {
+                format!(
+                    "cannot run {}: {e} (set ORCHESTRATOR_RABBITMQ_SERVER)",
+                    rabbitmq_server().display()
+                )
+            })?;
+        record_pid(child.id());
+        self.child = Some(child);
+        let started = Instant::now();
+        loop {
+            if self.vm.is_none()
+                && let Some(pid) = std::fs::read_to_string(&pid_file)
+                    .ok()
+                    .and_then(|text| text.trim().parse::<u32>().ok())
+            {
+                record_pid(pid);
+                self.vm = Some(pid);
+            }
+            if self.vm.is_some() && TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return Ok(());
+            }
+            if let Some(child) = self.child.as_mut()
+                && let Some(status) = child.try_wait()?
+            {
+                return Err(format!(
+                    "the spare RabbitMQ node ended while starting ({status}): see {}",
+                    self.dir.join("log").display()
+                )
+                .into());
+            }
+            if started.elapsed() > Duration::from_secs(90) {
+                return Err(format!(
+                    "the spare RabbitMQ node did not listen within 90 s: see {}",
+                    self.dir.join("log").display()
+                )
+                .into());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Stops the node: SIGTERM to its VM, which RabbitMQ takes as a clean stop (queues
+    /// and messages written to disk), then waits for the server script to end (it ends
+    /// with the VM); SIGKILL to both after `grace`.
+    fn stop(&mut self, grace: Duration) -> Res {
+        let Some(mut child) = self.child.take() else {
+            return Ok(());
+        };
+        // The VM this node started (its pid file), not by any name.
+        let vm = self.vm.take();
+        let signal = |name: &str, pid: u32| {
+            Command::new("kill")
+                .args([name, &pid.to_string()])
+                .stderr(Stdio::null())
+                .status()
+        };
+        if let Some(pid) = vm {
+            signal("-TERM", pid)?;
+        } else {
+            // Not booted far enough to write its pid file: the script passes SIGTERM on.
+            signal("-TERM", child.id())?;
+        }
+        let started = Instant::now();
+        while child.try_wait()?.is_none() {
+            if started.elapsed() > grace {
+                if let Some(pid) = vm {
+                    signal("-KILL", pid)?;
+                }
+                kill(&mut child);
+                if let Some(pid) = vm {
+                    record(format_args!("done {pid}"));
+                }
+                return Err(
+                    format!("the spare RabbitMQ node did not stop within {grace:?}").into(),
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // The script waits for its VM: both are gone.
+        if let Some(pid) = vm {
+            record(format_args!("done {pid}"));
+        }
+        record(format_args!("done {}", child.id()));
+        Ok(())
+    }
+
+    /// Stops the node cleanly, stays down `pause`, then starts it again on the same
+    /// ports and data; returns how long it was away (its boot included).
+    pub(crate) fn restart_after(&mut self, pause: Duration) -> Res<Duration> {
+        let started = Instant::now();
+        self.stop(Duration::from_secs(30))?;
+        std::thread::sleep(pause);
+        self.spawn()?;
+        Ok(started.elapsed())
+    }
+}
+
+#[cfg(feature = "rabbitmq")]
+impl Drop for SpareRabbitMq {
+    fn drop(&mut self) {
+        let _ = self.stop(Duration::from_secs(20));
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

@@ -1,5 +1,7 @@
 //! `cargo xtask faults [--short]`: the fault suite — broker restarts mid-run, SIGKILLed
-//! saga processes, concurrent writers on every store, a slow handler with bounded memory.
+//! saga processes, concurrent writers on every store, SIGKILLed publishers, broker outages
+//! under publishers, relay failover and saga takeover between processes, a slow handler
+//! with bounded memory.
 //!
 //! Each scenario is one run of the `faults` binary of `orchestrator-faults` (built once,
 //! with every backend feature, the same build as `cargo test --workspace --all-features`),
@@ -157,15 +159,59 @@ pub(crate) fn scenarios(short: bool) -> Vec<Scenario> {
             pick(600, 600),
         ));
     }
+    for broker in ["redis", "rabbitmq"] {
+        all.push(scenario(
+            format!("publisher-outage-{broker}"),
+            vec![
+                "publisher-outage".into(),
+                broker.into(),
+                "--events".into(),
+                pick(20_000, 5_000).to_string(),
+            ],
+            // A redis-server or RabbitMQ node of its own (the binary says when it cannot
+            // start one); the shared brokers are never stopped.
+            None,
+            pick(300, 180),
+        ));
+    }
+    // Processes sharing a spare redis-server (started by the binary).
     all.push(scenario(
-        "publisher-outage-redis".into(),
+        "relay-failover-redis".into(),
         vec![
-            "publisher-outage".into(),
+            "relay-failover".into(),
             "redis".into(),
-            "--events".into(),
-            pick(20_000, 5_000).to_string(),
+            "--children".into(),
+            pick(5, 3).to_string(),
         ],
-        // A redis-server of its own (the binary says when redis-server is missing).
+        None,
+        pick(300, 180),
+    ));
+    all.push(scenario(
+        "saga-takeover-redis".into(),
+        vec![
+            "saga-takeover".into(),
+            "redis".into(),
+            "--sagas".into(),
+            pick(100, 40).to_string(),
+        ],
+        None,
+        pick(300, 180),
+    ));
+    // One saga at a time per process, the kill seconds in: sagas wait for a slot longer
+    // than their lease lasts while both processes live (their leases must be renewed
+    // meanwhile, or the other process resumes them).
+    all.push(scenario(
+        "saga-takeover-queued-redis".into(),
+        vec![
+            "saga-takeover".into(),
+            "redis".into(),
+            "--sagas".into(),
+            pick(40, 30).to_string(),
+            "--concurrent".into(),
+            "1".into(),
+            "--kill-after-ms".into(),
+            pick(10_000, 7_000).to_string(),
+        ],
         None,
         pick(300, 180),
     ));
@@ -465,7 +511,7 @@ mod tests {
     fn the_short_suite_is_the_same_suite_smaller() {
         let (full, short) = (scenarios(false), scenarios(true));
         assert_eq!(full.len(), short.len());
-        assert_eq!(full.len(), 3 + 1 + 5 + 3 + 1 + 1);
+        assert_eq!(full.len(), 3 + 1 + 5 + 3 + 2 + 3 + 1);
         let restart = short.iter().find(|s| s.name == "restart-kafka").unwrap();
         assert!(restart.args.contains(&"10000".to_owned()));
         assert_eq!(restart.service, None, "it runs a tansu of its own");
@@ -480,6 +526,20 @@ mod tests {
             crash
                 .args
                 .ends_with(&["--rounds".to_owned(), "50".to_owned()])
+        );
+        let outage = short
+            .iter()
+            .find(|s| s.name == "publisher-outage-rabbitmq")
+            .unwrap();
+        assert_eq!(outage.service, None, "a RabbitMQ node of its own");
+        let failover = short
+            .iter()
+            .find(|s| s.name == "relay-failover-redis")
+            .unwrap();
+        assert!(
+            failover
+                .args
+                .ends_with(&["--children".to_owned(), "3".to_owned()])
         );
     }
 

@@ -265,12 +265,20 @@ impl SagaOrchestrator {
             saga: saga.to_owned(),
             input,
         };
-        // Registered before the start is logged, so a concurrent `recover` that sees the log
-        // also sees a saga being run here and leaves it alone.
+        // Registered before the start is logged, so a concurrent `recover` here that sees the
+        // log also sees a saga being run here and leaves it alone.
         self.shared
             .registry()
             .instances
             .insert(id, instance.clone());
+        // The lease is taken before the start is logged: once the log shows the saga, another
+        // process's `recover` may look for it, and must find it held. A fresh id: nobody else
+        // holds its lease. Should taking it fail (the backend is unreachable), the saga runs
+        // all the same: only this process knows its id until its start is logged.
+        let lease = self.take_lease(id).await.unwrap_or_else(|e| {
+            tracing::warn!(saga_id = %id, error = %e, "could not take the lease of a new saga");
+            None
+        });
         let logged = log
             .append(&*self.shared.store, time, started, |record, time| {
                 instance.with_live(|l| l.apply(record, time));
@@ -278,16 +286,14 @@ impl SagaOrchestrator {
             .await;
         if let Err(e) = logged {
             self.shared.registry().instances.remove(&id);
+            if let Some(lease) = lease
+                && let Err(e) = lease.release().await
+            {
+                tracing::debug!(saga_id = %id, error = %e, "releasing the lease of a saga that did not start failed; it expires");
+            }
             return Err(e);
         }
         metrics::counter!(telemetry::SAGAS_STARTED, "saga" => name).increment(1);
-        // A fresh id: nobody else holds its lease. Should taking it fail (the backend is
-        // unreachable), the saga runs all the same: its start is logged, and only this
-        // process knows its id yet.
-        let lease = self.take_lease(id).await.unwrap_or_else(|e| {
-            tracing::warn!(saga_id = %id, error = %e, "could not take the lease of a new saga");
-            None
-        });
         self.spawn(definition, instance.clone(), log, lease);
         Ok(SagaHandle { instance })
     }
@@ -332,13 +338,20 @@ impl SagaOrchestrator {
         let task = tokio::spawn(
             async move {
                 let guard = guard;
-                // The semaphore is never closed, so acquiring fails only if it were; running
-                // without a permit is then the lesser evil.
-                let _permit = shared.permits.clone().acquire_owned().await.ok();
+                let permits = shared.permits.clone();
+                let run = async move {
+                    // The semaphore is never closed, so acquiring fails only if it were;
+                    // running without a permit is then the lesser evil.
+                    let _permit = permits.acquire_owned().await.ok();
+                    runner.run().await
+                };
+                // The lease is renewed while the saga waits for a slot too: a saga that waited
+                // longer than the lease lasts would otherwise look orphaned to the other
+                // processes, which would resume it while this one still runs it.
                 let result = match &lease {
-                    None => runner.run().await,
+                    None => run.await,
                     Some(held) => tokio::select! {
-                        result = runner.run() => result,
+                        result = run => result,
                         () = orchestrator_core::lease::renew_until_lost(held.as_ref()) => {
                             tracing::warn!(lease = %held.describe(), "the saga's lease was lost; its runner stops where it stands");
                             Err(Error::RunningElsewhere {

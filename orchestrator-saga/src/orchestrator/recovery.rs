@@ -185,24 +185,37 @@ impl SagaOrchestrator {
                 instance: instance.clone(),
             });
         }
-        let events = read_log(&*self.shared.store, id).await?;
-        let version = events
-            .last()
-            .and_then(EventEnvelope::stream_version)
-            .ok_or(Error::NotFound { id })?;
-        let live = Live::replay(id, &events)?;
+        let (mut version, mut live) = self.read_live(id).await?;
         let definition = self
             .definition(&live.saga)
             .ok_or_else(|| Error::UndefinedSaga {
                 saga: live.saga.clone(),
             })?;
         check_log_fits(id, &definition, &live)?;
-        let finished = live.status.is_finished().then(|| live.outcome(id));
         // An unfinished saga is run only under its lease: another live process may run it.
-        let lease = match finished {
-            Some(_) => None,
-            None => self.take_lease(id).await?,
-        };
+        let mut lease = None;
+        if !live.status.is_finished() {
+            let held = self.take_lease(id).await?;
+            // Read again under the lease: the process that held it until now may have
+            // logged more since the first read — even finished the saga and let the lease
+            // go — and a runner started from the first read would do that again.
+            match self.read_live(id).await.and_then(|(version, live)| {
+                check_log_fits(id, &definition, &live)?;
+                Ok((version, live))
+            }) {
+                Ok(fresh) => (version, live) = fresh,
+                Err(e) => {
+                    release(held.as_deref(), id).await;
+                    return Err(e);
+                }
+            }
+            if live.status.is_finished() {
+                release(held.as_deref(), id).await;
+            } else {
+                lease = held;
+            }
+        }
+        let finished = live.status.is_finished().then(|| live.outcome(id));
         let instance = Instance::new(id, definition.shared_name().clone(), live);
         {
             // Checked again under the same lock as the insert, so two concurrent resumes of
@@ -229,6 +242,25 @@ impl SagaOrchestrator {
             }
         }
         Ok(SagaHandle { instance })
+    }
+
+    /// Saga `id`'s log as it stands: its version and the state it replays to.
+    async fn read_live(&self, id: SagaId) -> Result<(u64, Live)> {
+        let events = read_log(&*self.shared.store, id).await?;
+        let version = events
+            .last()
+            .and_then(EventEnvelope::stream_version)
+            .ok_or(Error::NotFound { id })?;
+        Ok((version, Live::replay(id, &events)?))
+    }
+}
+
+/// Gives up a saga's lease this process took but will not run the saga under.
+async fn release(lease: Option<&dyn orchestrator_core::Lease>, id: SagaId) {
+    if let Some(lease) = lease
+        && let Err(e) = lease.release().await
+    {
+        tracing::debug!(saga_id = %id, error = %e, "releasing a saga's lease failed; it expires");
     }
 }
 

@@ -125,12 +125,17 @@ const TABLES: &[Table] = &[
     Table {
         prefix: "publisher-outage-",
         title: "Broker outage under a publishing application",
-        about: "8 tasks publish through `EventOrchestrator` on the file store with the Redis \
-                transport (a spare redis-server, AOF, fsync always). At 30% published, Redis \
-                gets `SHUTDOWN` and stays away 3 s. Checked: no publish fails (it only \
-                appends), events are published while Redis is away, and once it is back the \
-                outbox relay delivers every event to a named subscription.",
+        about: "8 tasks publish through `EventOrchestrator` on the file store with a broker \
+                transport: a spare redis-server (AOF, fsync always), or a spare RabbitMQ node \
+                of the scenario's own (own node name, ports, database and Erlang cookie; the \
+                shared RabbitMQ is never stopped). At 30% published the broker stops cleanly \
+                (Redis `SHUTDOWN`, RabbitMQ SIGTERM), stays away 3 s and starts again on the \
+                same data; *broker away* includes its stop and its boot (RabbitMQ takes \
+                several seconds). Checked: no publish fails (it only appends), events are \
+                published while the broker is away, and once it is back the outbox relay \
+                delivers every event to a named subscription.",
         columns: &[
+            ("transport", "target"),
             ("events", "events"),
             ("published while away", "published_during_outage"),
             ("publish errors", "publish_errors"),
@@ -138,6 +143,83 @@ const TABLES: &[Table] = &[
             ("redeliveries", "redeliveries"),
             ("lost", "lost"),
             ("broker away (ms)", "downtime_ms"),
+            ("run (s)", "seconds"),
+        ],
+    },
+    Table {
+        prefix: "relay-failover-",
+        title: "SIGKILL of the relaying process: relay failover",
+        about: "Several processes publish through `EventOrchestrator` on one Redis store and \
+                Redis transport (a spare redis-server), 2 tasks each, one event per 10 ms. \
+                Only the holder of the store's relay lease (the key `lease:relay.default`, \
+                `SET NX PX`, 5 s, renewed every 5/3 s; its value names the holder's process \
+                id) relays. The parent reads the key, SIGKILLs the holder after it relayed \
+                1.5 s, and measures *takeover* (until another live process holds the key) \
+                and *flow back* (until the subscriber, a named group in the parent, receives \
+                an event published after the kill); then it kills the new holder, until one \
+                process is left, which drains and ends. Checked: every takeover within the \
+                limit (lease time + a standby's retry interval + 2 s); publishes kept being \
+                acknowledged while nobody relayed; every acknowledged publish stored; every \
+                stored event delivered at least once. *Duplicates* are deliveries beyond the \
+                first: events a new holder published again from the dead one's last \
+                checkpoint (the relay checkpoints every 1,000 events, or 1 s after the last \
+                one it published: under this steady stream, every 1,000 events).",
+        columns: &[
+            ("processes", "children"),
+            ("kills", "kills"),
+            ("takeover (s)", "takeover_s"),
+            ("limit (s)", "takeover_limit_s"),
+            ("flow back (s)", "flow_back_s"),
+            ("published while unrelayed", "published_while_unrelayed"),
+            ("acknowledged", "acked"),
+            ("stored", "stored"),
+            ("delivered", "delivered"),
+            ("duplicates", "duplicates"),
+            ("missing", "missing"),
+            ("run (s)", "seconds"),
+        ],
+    },
+    Table {
+        prefix: "saga-takeover-",
+        title: "SIGKILL of one of two processes running sagas: takeover",
+        about: "Two processes run saga-crash's saga (four compensable steps, a third fail at \
+                step 3, a third at step 4) on one Redis store (a spare redis-server), each \
+                starting its sagas one per 40 ms, each with `watch_orphans` every 500 ms. A \
+                running saga is held under its lease (`lease:saga.<id>`, 5 s, renewed by its \
+                runner). The first process is SIGKILLed after a random number of its starts \
+                (in the middle third); the other must resume its unfinished sagas once their \
+                leases expire. Side-effect lines carry the invocation's idempotency key, the \
+                process id and the time span. Checked: every saga Completed or Compensated; \
+                one action key per completed step, one compensation key per completed step of \
+                each compensated saga; no saga run by both processes while both lived (no \
+                overlapping invocations of one saga in two processes, no invocation by the \
+                survivor of the dead one's sagas before the kill, no resume before it); the \
+                first takeover within the limit (lease time + watch interval + 2 s). \
+                *Taken over* counts sagas resumed unfinished; the takeover times run from the \
+                kill to the first and the last of them. The *queued* run lets each process run \
+                one saga at a time and kills the first some seconds in, so that sagas wait for \
+                a slot longer than their lease lasts while both processes live.",
+        columns: &[
+            ("sagas", "sagas"),
+            ("started by the killed one", "started_by_killed"),
+            ("at once", "concurrent"),
+            ("killed after", "killed_after"),
+            ("completed", "completed"),
+            ("compensated", "compensated"),
+            ("other", "other_status"),
+            ("taken over", "taken_over"),
+            (
+                "takeover first / last (s)",
+                "takeover_first_s|takeover_last_s",
+            ),
+            ("limit (s)", "takeover_limit_s"),
+            ("run by both", "run_by_both"),
+            ("action lines / keys", "action_effects|action_keys"),
+            (
+                "compensation lines / keys",
+                "compensation_effects|compensation_keys",
+            ),
+            ("re-runs absorbed by the key", "reruns_absorbed_by_key"),
             ("run (s)", "seconds"),
         ],
     },
