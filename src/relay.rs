@@ -23,8 +23,8 @@
 //!   [`RelayOptions::disabled`].
 //! - **Checkpoint.** Kept in the store itself, in the system stream
 //!   `$checkpoint-relay.<name>`, every [`RelayOptions::checkpoint_every`] published events or
-//!   [`RelayOptions::checkpoint_interval`] after the last one, whichever comes first, and
-//!   when the relay stops. Where the store checks exact versions, a relay that lost its lease
+//!   at the latest [`RelayOptions::checkpoint_interval`] after the first event it has not
+//!   checkpointed, whichever comes first, and when the relay stops. Where the store checks exact versions, a relay that lost its lease
 //!   and writes a checkpoint late finds the stream moved on, and stops. The in-memory store
 //!   gets no checkpoint (nothing outlives the process anyway).
 //! - **Failures.** A publish that fails is retried with backoff (50 ms up to 5 s), for as
@@ -59,7 +59,8 @@ pub struct RelayOptions {
     pub batch: usize,
     /// Checkpoint after this many published events (default 1,000).
     pub checkpoint_every: u64,
-    /// Checkpoint this long after the last published event, if nothing else did (default 1 s).
+    /// Checkpoint at the latest this long after the first published event not checkpointed
+    /// yet (default 1 s).
     pub checkpoint_interval: Duration,
     /// Streams whose id starts with one of these are not published (default `$` and `saga-`).
     pub skip_stream_prefixes: Vec<String>,
@@ -100,7 +101,8 @@ impl RelayOptions {
         self
     }
 
-    /// Checkpoint `interval` after the last published event.
+    /// Checkpoint at the latest `interval` after the first published event not checkpointed
+    /// yet.
     pub fn checkpoint_interval(mut self, interval: Duration) -> Self {
         self.checkpoint_interval = interval;
         self
@@ -495,7 +497,12 @@ impl Worker {
             };
             if published > 0 {
                 unsaved += published;
-                save_at = Some(tokio::time::Instant::now() + self.options.checkpoint_interval);
+                // Due an interval after the first event not checkpointed yet, so a steady
+                // stream is checkpointed at least that often too (a new lease holder then
+                // publishes again at most about an interval's worth).
+                save_at.get_or_insert_with(|| {
+                    tokio::time::Instant::now() + self.options.checkpoint_interval
+                });
             }
             if unsaved >= self.options.checkpoint_every {
                 match self.save(checkpoints.as_mut(), &mut unsaved).await {
