@@ -1,5 +1,5 @@
-//! Kafka: [`KafkaTransport`], [`KafkaEventStore`] and [`KafkaDeadLetterQueue`] (feature
-//! `kafka`).
+//! Kafka: [`KafkaTransport`], [`KafkaEventStore`] (with its [`KafkaLease`]) and
+//! [`KafkaDeadLetterQueue`] (feature `kafka`).
 //!
 //! Built on rdkafka 0.39 with librdkafka compiled from its bundled source (no system
 //! librdkafka needed; the build wants gcc, g++, make and python3). Works with any cluster that
@@ -62,6 +62,7 @@
 //! | `<prefix>__orchestrator.retry.<group>` | configured (3) | one group's nacked, dropped and [`redeliver`](orchestrator_core::Transport::redeliver)ed messages |
 //! | `<prefix>__orchestrator.deadletters` | 1, compacted | dead letters, keyed by letter id |
 //! | `<prefix>__orchestrator.events` | 1 | the event store's log ([`KafkaConfig::with_store_topic`]) |
+//! | `<prefix>__orchestrator.lease.<name>` | 1, always empty | a [`KafkaLease`]: the consumer group of the same name assigns its partition to the holder |
 //!
 //! Consumer groups are named `<prefix><group>`; each group's retry topic is read in a group
 //! named as the topic. Topics are created through the admin API
@@ -197,6 +198,30 @@
 //!   `subscribe` reads it from the position on and goes on reading live — one reader, so no
 //!   gap and no duplicate at the hand-over.
 //!
+//! # Leases: one relay per store
+//!
+//! [`KafkaEventStore::lease`](orchestrator_core::EventStore::lease) returns a
+//! [`KafkaLease`], so that of the processes sharing a Kafka store one at a time runs the
+//! outbox relay (and any other work that must run once per store). It is kept by Kafka's own
+//! group coordination, with no extra service: every candidate joins the consumer group
+//! `<prefix>__orchestrator.lease.<name>`, subscribed to the one-partition topic of the same
+//! name (created like the other topics; it stays empty), and the member that the group
+//! assigns partition 0 holds the lease (assignor `cooperative-sticky`: candidates joining
+//! never move it). A holder renews by committing an offset in its current generation, which
+//! the coordinator accepts only from a live member of that generation, so a holder that was
+//! expelled learns it at its next renewal.
+//!
+//! | event | the lease |
+//! |---|---|
+//! | the holder releases it, shuts down or drops it | leaves the group: a standby gets the partition in the rebalance that follows |
+//! | the holder's process dies (SIGKILL, a crash) or is cut off | the coordinator expels it after the session timeout ([`KafkaConfig::with_lease_session_timeout`], 6 s), then a standby gets it |
+//! | the holder's process hangs but its librdkafka threads run | it leaves the group after three session timeouts without a poll |
+//!
+//! Holders renew, and standbys look, every third of the session timeout (the lease's
+//! [`ttl`](orchestrator_core::Lease::ttl)). As with any lease, a holder acts on what it last
+//! heard: between the moment it is expelled and its next renewal, it may still relay
+//! while its successor has started (deliveries are at least once anyway).
+//!
 //! # Producer
 //!
 //! One idempotent producer (`enable.idempotence=true`: acks from all in-sync replicas,
@@ -266,6 +291,7 @@ mod config;
 mod consumer;
 mod delivery;
 mod dlq;
+mod lease;
 mod live;
 mod names;
 mod offsets;
@@ -274,8 +300,9 @@ mod store;
 mod transport;
 mod wire;
 
-pub use config::{DEFAULT_PREFIX, KafkaConfig};
+pub use config::{DEFAULT_LEASE_SESSION_TIMEOUT, DEFAULT_PREFIX, KafkaConfig};
 pub use dlq::KafkaDeadLetterQueue;
+pub use lease::KafkaLease;
 pub use store::{KAFKA_STORE_CAPABILITIES, KafkaEventStore};
 pub use transport::KafkaTransport;
 pub use wire::UNDECODABLE_EVENT_TYPE;
