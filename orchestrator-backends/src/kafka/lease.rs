@@ -30,9 +30,10 @@ use super::names;
 ///   current assignment. The assignor is `cooperative-sticky`, so a candidate joining never
 ///   moves the partition away from its holder.
 /// - **Renewing it**: a holder's `try_acquire` commits an offset of partition 0 in the
-///   group's current generation. The coordinator accepts that only from a live member of the
-///   current generation, so a holder that was expelled (its session timed out while it was
-///   paused or cut off) learns it at its next renewal instead of trusting its own view; a
+///   group's current generation. Apache Kafka's coordinator accepts that only from a live
+///   member of the current generation, so a holder that was expelled (its session timed out
+///   while it was paused or cut off) learns it at its next renewal instead of trusting its
+///   own view (librdkafka also revokes the partition itself when its session times out); a
 ///   renewal that gets no answer is an error, and
 ///   [`renew_until_lost`](orchestrator_core::lease::renew_until_lost) gives the lease up
 ///   after a whole `ttl` of them, as the coordinator does.
@@ -43,6 +44,9 @@ use super::names;
 /// - **Giving it up**: [`release`](Lease::release) — and dropping the lease — closes the
 ///   consumer, which leaves the group: a standby is handed the partition in the rebalance
 ///   that follows, without waiting for a session to time out.
+///
+/// On tansu 0.6.0, a holder that dies without leaving the group is never replaced: see the
+/// [module docs](super) on tansu.
 ///
 /// The consumer is polled by a task of its own (rebalances are served there); it is closed
 /// on a thread of its own, as every consumer of this backend. From
@@ -220,9 +224,17 @@ impl Lease for KafkaLease {
     }
 
     async fn release(&self) -> Result<()> {
-        let Some(member) = self.member.lock().await.take() else {
-            return Ok(());
-        };
+        let member = self.member.lock().await.take();
+        if let Some(member) = member {
+            self.close(member).await;
+        }
+        Ok(())
+    }
+}
+
+impl KafkaLease {
+    /// Closes a membership: leaves the group, waiting for that at most a session timeout.
+    async fn close(&self, member: Member) {
         let Member {
             _stop,
             handle,
@@ -239,7 +251,6 @@ impl Lease for KafkaLease {
         if tokio::time::timeout(timeout, closed).await.is_err() {
             tracing::debug!(lease = ?self.topic, ?timeout, "the Kafka lease consumer did not close in time; it leaves the group when it does");
         }
-        Ok(())
     }
 }
 

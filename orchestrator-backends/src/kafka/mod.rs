@@ -214,7 +214,7 @@
 //! | event | the lease |
 //! |---|---|
 //! | the holder releases it, shuts down or drops it | leaves the group: a standby gets the partition in the rebalance that follows |
-//! | the holder's process dies (SIGKILL, a crash) or is cut off | the coordinator expels it after the session timeout ([`KafkaConfig::with_lease_session_timeout`], 6 s), then a standby gets it |
+//! | the holder's process dies (SIGKILL, a crash) or is cut off | the coordinator expels it after the session timeout ([`KafkaConfig::with_lease_session_timeout`], 6 s), then a standby gets it (not on tansu 0.6.0: see below) |
 //! | the holder's process hangs but its librdkafka threads run | it leaves the group after three session timeouts without a poll |
 //!
 //! Holders renew, and standbys look, every third of the session timeout (the lease's
@@ -272,6 +272,29 @@
 //! - **Joining is slow**: a consumer's first assignment takes a few seconds (the group
 //!   coordinator waits for members to rejoin), which is why `subscribe` waits for it and why
 //!   the suites take tens of seconds.
+//! - **A group whose leader dies without leaving never re-forms.** When a heartbeat finds a
+//!   member's session expired, tansu removes the member but keeps it as the group's leader;
+//!   every later `SyncGroup` of the members left is answered `REBALANCE_IN_PROGRESS` while
+//!   it waits for that leader's assignment, and since joining and syncing do not count as
+//!   contact, the members re-joining in that loop are expelled in turn. For a
+//!   [`KafkaLease`] this means: on tansu, a holder that releases the lease, shuts down or is
+//!   dropped (it leaves the group) is replaced within about a second, and a holder that is
+//!   expelled learns it at its next renewal, but a holder killed without leaving — the
+//!   group's leader, as the first member usually is — is **never** replaced: no process
+//!   relays the store until the processes and the broker start afresh. The lease tests
+//!   cover what works on tansu; the takeover after a SIGKILL is what Apache Kafka's
+//!   coordinator does and tansu 0.6.0 does not. tansu also accepts offset commits without
+//!   checking the member or its generation, so there a renewal's commit confirms nothing
+//!   (the member's own view, which librdkafka revokes when its session times out, decides).
+//! - **Transactions are half there.** A transactional producer (`transactional.id`) gets
+//!   its producer id from `InitProducerId`, and a second producer initialising the same id
+//!   fences the first: the zombie's next produce fails with "There is a newer producer with
+//!   the same transactionalId which fences the current one". But tansu does not offer
+//!   `EndTxn` (librdkafka: "EndTxnRequest (KIP-98) not supported by broker, requires broker
+//!   version >= 0.11.0"), so no transaction can be committed or aborted, and records written
+//!   in a transaction are visible at once, even to `isolation.level=read_committed`. Exact
+//!   expected versions through a single fenced transactional writer therefore cannot be
+//!   built or tested here; the store stays without the `expected_version` capability.
 //!
 //! And what librdkafka does that the backend works around, whatever the broker:
 //!
