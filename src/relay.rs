@@ -16,11 +16,11 @@
 //! - **One relay per store.** Processes sharing a store elect one relay through the store's
 //!   [`Lease`] ([`EventStore::lease`]): a local lease on the in-memory store and on the file
 //!   store (one process at a time opens its directory), a Redis key with a 5 s time to live
-//!   on the Redis store, an exclusive queue (held by its connection) on the RabbitMQ store.
-//!   A standby keeps trying and takes over when the holder stops renewing. The Kafka store
-//!   has no lease yet: on it every process relays (each event is then published once per
-//!   process), so run one relaying process per Kafka store and build the others with
-//!   [`RelayOptions::disabled`].
+//!   on the Redis store, an exclusive queue (held by its connection) on the RabbitMQ store,
+//!   the assignment of a consumer group's one partition on the Kafka store (6 s session
+//!   timeout; on tansu 0.6.0 a holder that dies without leaving is never replaced, see the
+//!   Kafka backend's docs). A standby keeps trying and takes over when the holder stops
+//!   renewing.
 //! - **Checkpoint.** Kept in the store itself, in the system stream
 //!   `$checkpoint-relay.<name>`, every [`RelayOptions::checkpoint_every`] published events or
 //!   at the latest [`RelayOptions::checkpoint_interval`] after the first event it has not

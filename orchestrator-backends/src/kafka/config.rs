@@ -11,6 +11,10 @@ use super::names;
 /// The topic prefix used when none is configured: none (topics are named as event types).
 pub const DEFAULT_PREFIX: &str = "";
 
+/// The default session timeout of the lease consumers
+/// ([`KafkaConfig::with_lease_session_timeout`]).
+pub const DEFAULT_LEASE_SESSION_TIMEOUT: Duration = Duration::from_secs(6);
+
 /// How to reach the Kafka cluster and how the backend behaves.
 ///
 /// Building a config checks its values; nothing connects until
@@ -57,6 +61,7 @@ pub struct KafkaConfig {
     pub(crate) subscribe_timeout: Duration,
     pub(crate) max_delayed: usize,
     pub(crate) store_topic: Option<String>,
+    pub(crate) lease_session_timeout: Duration,
 }
 
 impl std::fmt::Debug for KafkaConfig {
@@ -77,6 +82,7 @@ impl std::fmt::Debug for KafkaConfig {
             .field("subscribe_timeout", &self.subscribe_timeout)
             .field("max_delayed", &self.max_delayed)
             .field("store_topic", &self.store_topic())
+            .field("lease_session_timeout", &self.lease_session_timeout)
             .finish()
     }
 }
@@ -114,6 +120,7 @@ impl KafkaConfig {
             subscribe_timeout: Duration::from_secs(60),
             max_delayed: 10_000,
             store_topic: None,
+            lease_session_timeout: DEFAULT_LEASE_SESSION_TIMEOUT,
         }
     }
 
@@ -234,6 +241,24 @@ impl KafkaConfig {
         Ok(self)
     }
 
+    /// The session timeout of the consumers that hold the store's leases
+    /// ([`KafkaLease`](super::KafkaLease); librdkafka's `session.timeout.ms` for them alone;
+    /// default 6 s, at least 1 s): when a holder's process dies without leaving the group,
+    /// the group coordinator hands the lease to a standby once this much time has passed
+    /// without a heartbeat from it. It is also the lease's [`ttl`](orchestrator_core::Lease::ttl),
+    /// so holders renew, and standbys look, every third of it. The broker must allow it:
+    /// Apache Kafka refuses session timeouts below its `group.min.session.timeout.ms`
+    /// (6 s by default).
+    pub fn with_lease_session_timeout(mut self, timeout: Duration) -> Self {
+        self.lease_session_timeout = timeout.max(Duration::from_secs(1));
+        self
+    }
+
+    /// The lease consumers' session timeout ([`with_lease_session_timeout`](Self::with_lease_session_timeout)).
+    pub fn lease_session_timeout(&self) -> Duration {
+        self.lease_session_timeout
+    }
+
     /// The bootstrap brokers.
     pub fn brokers(&self) -> &str {
         &self.brokers
@@ -322,6 +347,34 @@ impl KafkaConfig {
             )
             .set("enable.partition.eof", if eof { "true" } else { "false" });
         self.consumer_overrides(&mut config);
+        config
+    }
+
+    /// A lease candidate's settings: a group consumer that never commits on its own (its
+    /// renewals commit by hand), with the lease's session timeout, heartbeats at most a
+    /// second apart (a standby hears of a rebalance at its next heartbeat), and the
+    /// cooperative-sticky assignor (a member joining never takes the partition from its
+    /// holder). Set after the pass-through properties: the lease relies on them.
+    pub(crate) fn lease_consumer(&self, group_id: &str) -> ClientConfig {
+        let mut config = self.base();
+        self.consumer_overrides(&mut config);
+        let session = self.lease_session_timeout;
+        config
+            .set("group.id", group_id)
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "latest")
+            .set("partition.assignment.strategy", "cooperative-sticky")
+            .set("session.timeout.ms", millis(session))
+            .set(
+                "heartbeat.interval.ms",
+                millis((session / 3).min(Duration::from_secs(1))),
+            )
+            // A process whose async threads are wedged stops polling: it leaves the group
+            // (and the lease goes) after three session timeouts rather than librdkafka's
+            // default five minutes.
+            .set("max.poll.interval.ms", millis(session * 3))
+            .set("enable.partition.eof", "false");
         config
     }
 

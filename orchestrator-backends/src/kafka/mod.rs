@@ -1,5 +1,5 @@
-//! Kafka: [`KafkaTransport`], [`KafkaEventStore`] and [`KafkaDeadLetterQueue`] (feature
-//! `kafka`).
+//! Kafka: [`KafkaTransport`], [`KafkaEventStore`] (with its [`KafkaLease`]) and
+//! [`KafkaDeadLetterQueue`] (feature `kafka`).
 //!
 //! Built on rdkafka 0.39 with librdkafka compiled from its bundled source (no system
 //! librdkafka needed; the build wants gcc, g++, make and python3). Works with any cluster that
@@ -63,6 +63,7 @@
 //! | `<prefix>__orchestrator.retries.ephemeral` | configured (3) | the retries of every [ephemeral](orchestrator_core::SubscribeOptions::ephemeral) group, each message naming its group (header `orchestrator-group`) |
 //! | `<prefix>__orchestrator.deadletters` | 1, compacted | dead letters, keyed by letter id |
 //! | `<prefix>__orchestrator.events` | 1 | the event store's log ([`KafkaConfig::with_store_topic`]) |
+//! | `<prefix>__orchestrator.lease.<name>` | 1, always empty | a [`KafkaLease`]: the consumer group of the same name assigns its partition to the holder |
 //!
 //! Consumer groups are named `<prefix><group>`; each group's retry topic is read in a group
 //! named as the topic. Topics are created through the admin API
@@ -210,6 +211,30 @@
 //!   `subscribe` reads it from the position on and goes on reading live — one reader, so no
 //!   gap and no duplicate at the hand-over.
 //!
+//! # Leases: one relay per store
+//!
+//! [`KafkaEventStore::lease`](orchestrator_core::EventStore::lease) returns a
+//! [`KafkaLease`], so that of the processes sharing a Kafka store one at a time runs the
+//! outbox relay (and any other work that must run once per store). It is kept by Kafka's own
+//! group coordination, with no extra service: every candidate joins the consumer group
+//! `<prefix>__orchestrator.lease.<name>`, subscribed to the one-partition topic of the same
+//! name (created like the other topics; it stays empty), and the member that the group
+//! assigns partition 0 holds the lease (assignor `cooperative-sticky`: candidates joining
+//! never move it). A holder renews by committing an offset in its current generation, which
+//! the coordinator accepts only from a live member of that generation, so a holder that was
+//! expelled learns it at its next renewal.
+//!
+//! | event | the lease |
+//! |---|---|
+//! | the holder releases it, shuts down or drops it | leaves the group: a standby gets the partition in the rebalance that follows |
+//! | the holder's process dies (SIGKILL, a crash) or is cut off | the coordinator expels it after the session timeout ([`KafkaConfig::with_lease_session_timeout`], 6 s), then a standby gets it (not on tansu 0.6.0: see below) |
+//! | the holder's process hangs but its librdkafka threads run | it leaves the group after three session timeouts without a poll |
+//!
+//! Holders renew, and standbys look, every third of the session timeout (the lease's
+//! [`ttl`](orchestrator_core::Lease::ttl)). As with any lease, a holder acts on what it last
+//! heard: between the moment it is expelled and its next renewal, it may still relay
+//! while its successor has started (deliveries are at least once anyway).
+//!
 //! # Producer
 //!
 //! One idempotent producer (`enable.idempotence=true`: acks from all in-sync replicas,
@@ -260,6 +285,29 @@
 //! - **Joining is slow**: a consumer's first assignment takes a few seconds (the group
 //!   coordinator waits for members to rejoin), which is why `subscribe` waits for it and why
 //!   the suites take tens of seconds.
+//! - **A group whose leader dies without leaving never re-forms.** When a heartbeat finds a
+//!   member's session expired, tansu removes the member but keeps it as the group's leader;
+//!   every later `SyncGroup` of the members left is answered `REBALANCE_IN_PROGRESS` while
+//!   it waits for that leader's assignment, and since joining and syncing do not count as
+//!   contact, the members re-joining in that loop are expelled in turn. For a
+//!   [`KafkaLease`] this means: on tansu, a holder that releases the lease, shuts down or is
+//!   dropped (it leaves the group) is replaced within about a second, and a holder that is
+//!   expelled learns it at its next renewal, but a holder killed without leaving — the
+//!   group's leader, as the first member usually is — is **never** replaced: no process
+//!   relays the store until the processes and the broker start afresh. The lease tests
+//!   cover what works on tansu; the takeover after a SIGKILL is what Apache Kafka's
+//!   coordinator does and tansu 0.6.0 does not. tansu also accepts offset commits without
+//!   checking the member or its generation, so there a renewal's commit confirms nothing
+//!   (the member's own view, which librdkafka revokes when its session times out, decides).
+//! - **Transactions are half there.** A transactional producer (`transactional.id`) gets
+//!   its producer id from `InitProducerId`, and a second producer initialising the same id
+//!   fences the first: the zombie's next produce fails with "There is a newer producer with
+//!   the same transactionalId which fences the current one". But tansu does not offer
+//!   `EndTxn` (librdkafka: "EndTxnRequest (KIP-98) not supported by broker, requires broker
+//!   version >= 0.11.0"), so no transaction can be committed or aborted, and records written
+//!   in a transaction are visible at once, even to `isolation.level=read_committed`. Exact
+//!   expected versions through a single fenced transactional writer therefore cannot be
+//!   built or tested here; the store stays without the `expected_version` capability.
 //!
 //! And what librdkafka does that the backend works around, whatever the broker:
 //!
@@ -279,6 +327,7 @@ mod config;
 mod consumer;
 mod delivery;
 mod dlq;
+mod lease;
 mod live;
 mod names;
 mod offsets;
@@ -287,8 +336,9 @@ mod store;
 mod transport;
 mod wire;
 
-pub use config::{DEFAULT_PREFIX, KafkaConfig};
+pub use config::{DEFAULT_LEASE_SESSION_TIMEOUT, DEFAULT_PREFIX, KafkaConfig};
 pub use dlq::KafkaDeadLetterQueue;
+pub use lease::KafkaLease;
 pub use store::{KAFKA_STORE_CAPABILITIES, KafkaEventStore};
 pub use transport::KafkaTransport;
 pub use wire::UNDECODABLE_EVENT_TYPE;

@@ -146,6 +146,19 @@ pub(crate) fn ephemeral_retry_topic(prefix: &str) -> String {
     internal(prefix, "retries.ephemeral")
 }
 
+/// A lease's topic, which is also its consumer group:
+/// `<prefix>__orchestrator.lease.<escaped name>`.
+pub(crate) fn lease_topic(prefix: &str, name: &str) -> Result<String> {
+    let topic = internal(prefix, &format!("lease.{}", escape(name)));
+    if topic.len() > MAX_TOPIC_LEN {
+        return Err(Error::invalid(
+            "lease name",
+            format!("`{name}` is too long for its Kafka topic `{topic}`"),
+        ));
+    }
+    Ok(topic)
+}
+
 /// The dead-letter topic: `<prefix>__orchestrator.deadletters`.
 pub(crate) fn dead_letter_topic(prefix: &str) -> String {
     internal(prefix, "deadletters")
@@ -218,6 +231,15 @@ mod tests {
             "app.__orchestrator.retry.g_3A1"
         );
         assert!(event_topic("", &"x".repeat(250)).is_err());
+        assert_eq!(
+            lease_topic("app.", "relay.default").unwrap(),
+            "app.__orchestrator.lease.relay.default"
+        );
+        assert_eq!(
+            lease_topic("", "saga:1").unwrap(),
+            "__orchestrator.lease.saga_3A1"
+        );
+        assert!(lease_topic("", &"x".repeat(240)).is_err());
     }
 
     #[test]

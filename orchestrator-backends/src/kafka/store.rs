@@ -47,6 +47,8 @@ pub struct KafkaEventStore {
 
 struct Inner {
     config: KafkaConfig,
+    /// Topic administration, shared with the store's leases (which create their topics).
+    topics: Arc<Topics>,
     topic: String,
     producer: FutureProducer,
     /// Which records belong to which stream.
@@ -114,6 +116,7 @@ impl KafkaEventStore {
                 index_reader: LogReader::new(&config)?,
                 query_reader: LogReader::new(&config)?,
                 closed,
+                topics: Arc::new(topics),
                 topic,
                 config,
             }),
@@ -441,6 +444,19 @@ impl EventStore for KafkaEventStore {
             rx.recv().await.map(|item| (item, rx))
         })
         .boxed())
+    }
+
+    /// A [`KafkaLease`](super::KafkaLease): partition 0 of the one-partition topic
+    /// `<prefix>__orchestrator.lease.<name>`, as the consumer group of the same name assigns
+    /// it; a standby takes over within a session timeout
+    /// ([`KafkaConfig::with_lease_session_timeout`], 6 s) of the holder's death, and within a
+    /// rebalance of its release.
+    fn lease(&self, name: &str) -> Option<Arc<dyn orchestrator_core::Lease>> {
+        Some(Arc::new(super::KafkaLease::new(
+            self.inner.config.clone(),
+            Arc::clone(&self.inner.topics),
+            name,
+        )))
     }
 }
 
