@@ -120,3 +120,68 @@ async fn the_log_can_be_deleted_right_after_a_read() {
     tokio::time::sleep(std::time::Duration::from_secs(3)).await;
     drop(store);
 }
+
+/// The store's log topic keeps every record: the store creates it with infinite retention,
+/// and refuses a topic provisioned with a finite one (events would vanish and versions be
+/// renumbered) unless the user accepts that.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_topic_with_finite_retention_is_refused() {
+    use rdkafka::ClientConfig;
+    use rdkafka::admin::{
+        AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication,
+    };
+    use rdkafka::client::DefaultClientContext;
+    let Some(live) = live().await else {
+        return;
+    };
+    let Live {
+        brokers, prefix, ..
+    } = &live;
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers.as_str())
+        .create()
+        .unwrap();
+    let options = AdminOptions::new();
+
+    // Created by the store: every record kept.
+    let store = KafkaEventStore::connect(config(brokers, prefix))
+        .await
+        .unwrap();
+    let described = admin
+        .describe_configs([&ResourceSpecifier::Topic(store.topic())], &options)
+        .await
+        .unwrap();
+    let created = described[0].as_ref().unwrap();
+    for name in ["retention.ms", "retention.bytes"] {
+        assert_eq!(
+            created.get(name).and_then(|e| e.value.as_deref()),
+            Some("-1"),
+            "{name} of the store's own topic"
+        );
+    }
+
+    // Provisioned by someone else, with the broker's usual week.
+    let topic = format!("{prefix}weekly");
+    let weekly =
+        NewTopic::new(&topic, 1, TopicReplication::Fixed(1)).set("retention.ms", "604800000");
+    admin.create_topics([&weekly], &options).await.unwrap()[0]
+        .as_ref()
+        .unwrap();
+    let on_weekly = || {
+        config(brokers, prefix)
+            .with_store_topic(topic.clone())
+            .unwrap()
+    };
+    match KafkaEventStore::connect(on_weekly()).await {
+        Err(Error::InvalidInput { reason, .. }) => {
+            assert!(reason.contains("retention.ms=604800000"), "{reason}");
+            assert!(reason.contains("with_finite_store_retention"), "{reason}");
+        }
+        other => panic!(
+            "expected InvalidInput, got {:?}",
+            other.map(|s| s.topic().to_owned())
+        ),
+    }
+    let accepted = KafkaEventStore::connect(on_weekly().with_finite_store_retention(true)).await;
+    assert!(accepted.is_ok(), "{:?}", accepted.err());
+}

@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use orchestrator_core::{Error, Result};
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -191,10 +191,9 @@ impl Topics {
                 ),
             });
         }
-        let (partitions, compacted) = match kind {
-            TopicKind::Partitioned => (self.config.partitions, false),
-            TopicKind::Log => (1, false),
-            TopicKind::Compacted => (1, true),
+        let partitions = match kind {
+            TopicKind::Partitioned => self.config.partitions,
+            TopicKind::Log | TopicKind::Compacted => 1,
         };
         let new: Vec<NewTopic<'_>> = missing
             .iter()
@@ -204,10 +203,14 @@ impl Topics {
                     partitions,
                     TopicReplication::Fixed(self.config.replication_factor),
                 );
-                if compacted {
-                    topic.set("cleanup.policy", "compact")
-                } else {
-                    topic
+                match kind {
+                    TopicKind::Compacted => topic.set("cleanup.policy", "compact"),
+                    // The store's log keeps every record: its versions are ranks in it.
+                    TopicKind::Log => topic
+                        .set("cleanup.policy", "delete")
+                        .set("retention.ms", "-1")
+                        .set("retention.bytes", "-1"),
+                    TopicKind::Partitioned => topic,
                 }
             })
             .collect();
@@ -249,6 +252,59 @@ impl Topics {
             }
         }
         Ok(created)
+    }
+
+    /// Checks that the store's log topic keeps every record: `retention.ms` and
+    /// `retention.bytes` -1 and no compaction (unless finite retention was allowed). A
+    /// broker that does not describe topic configurations is taken at its word (logged).
+    pub(crate) async fn check_log_retention(&self, topic: &str) -> Result<()> {
+        if self.config.finite_store_retention {
+            return Ok(());
+        }
+        let resource = ResourceSpecifier::Topic(topic);
+        let described = self
+            .admin
+            .describe_configs([&resource], &self.options())
+            .await;
+        let config = match described.map(|mut r| r.pop()) {
+            Ok(Some(Ok(config))) => config,
+            Ok(Some(Err(code))) => {
+                tracing::warn!(topic, %code, "cannot check the Kafka store topic's retention");
+                return Ok(());
+            }
+            Ok(None) => return Ok(()),
+            Err(error) => {
+                tracing::warn!(topic, %error, "cannot check the Kafka store topic's retention");
+                return Ok(());
+            }
+        };
+        let value = |name: &str| config.get(name).and_then(|e| e.value.clone());
+        let mut finite = Vec::new();
+        for name in ["retention.ms", "retention.bytes"] {
+            if let Some(v) = value(name)
+                && v.trim() != "-1"
+            {
+                finite.push(format!("{name}={v}"));
+            }
+        }
+        if let Some(policy) = value("cleanup.policy")
+            && policy.contains("compact")
+        {
+            finite.push(format!("cleanup.policy={policy}"));
+        }
+        if finite.is_empty() {
+            return Ok(());
+        }
+        Err(Error::invalid(
+            "Kafka store topic",
+            format!(
+                "`{topic}` does not keep every record ({}): stream versions are ranks in the \
+                 log, so deleted or compacted records would make events vanish and renumber the \
+                 rest; set retention.ms=-1, retention.bytes=-1 and cleanup.policy=delete on the \
+                 topic, or accept that with KafkaConfig::with_finite_store_retention(true)",
+                finite.join(", ")
+            ),
+        ))
     }
 
     /// Waits until a metadata request shows `topic` with its partitions.

@@ -51,6 +51,7 @@ pub struct KafkaConfig {
     pub(crate) partitions: i32,
     pub(crate) replication_factor: i32,
     pub(crate) create_topics: bool,
+    pub(crate) finite_store_retention: bool,
     pub(crate) properties: BTreeMap<String, String>,
     pub(crate) producer_properties: BTreeMap<String, String>,
     pub(crate) consumer_properties: BTreeMap<String, String>,
@@ -110,6 +111,7 @@ impl KafkaConfig {
             partitions: 3,
             replication_factor: 1,
             create_topics: true,
+            finite_store_retention: false,
             properties: BTreeMap::new(),
             producer_properties: BTreeMap::new(),
             consumer_properties: BTreeMap::new(),
@@ -156,6 +158,18 @@ impl KafkaConfig {
     /// topic then fails (subscriptions by pattern simply wait for matching topics).
     pub fn with_create_topics(mut self, create: bool) -> Self {
         self.create_topics = create;
+        self
+    }
+
+    /// Lets the event store use a log topic whose retention is finite (`retention.ms` or
+    /// `retention.bytes` other than -1, or a `compact` cleanup policy). Off by default:
+    /// stream versions are ranks in the log, so when the broker deletes old records, events
+    /// vanish and the rest are renumbered, and compaction keeps one event per stream. The
+    /// store creates its topic with infinite retention; with this off, opening a store on a
+    /// topic provisioned otherwise fails with `Error::InvalidInput` naming the settings to
+    /// change. Turn it on only if you archive the log elsewhere and accept the renumbering.
+    pub fn with_finite_store_retention(mut self, allow: bool) -> Self {
+        self.finite_store_retention = allow;
         self
     }
 

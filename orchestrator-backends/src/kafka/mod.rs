@@ -207,6 +207,13 @@
 //!   check there would catch some retries and let others be written twice, which is worse
 //!   than a capability the application knows it lacks. An append sent again is written
 //!   again: deduplicate by event id when reading (a projection keyed by event id, say).
+//! - **retention**: the log must keep every record — versions are ranks in it, so records
+//!   the broker deletes (retention, 7 days on Apache Kafka's defaults) or compacts away would
+//!   make events vanish and renumber the rest. The store creates its topic with
+//!   `retention.ms=-1`, `retention.bytes=-1` and `cleanup.policy=delete`, and checks the
+//!   topic's settings (DescribeConfigs) each time it connects: a topic with finite retention
+//!   or compaction is refused with `Error::InvalidInput` naming the settings, unless
+//!   [`KafkaConfig::with_finite_store_retention`] accepts it.
 //! - `read_all` reads the log from the position on, filters, and stops at the limit;
 //!   `subscribe` reads it from the position on and goes on reading live — one reader, so no
 //!   gap and no duplicate at the hand-over.

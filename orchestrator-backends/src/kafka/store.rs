@@ -102,12 +102,15 @@ fn record_stream<'a>(message: &'a BorrowedMessage<'_>) -> Option<&'a str> {
 }
 
 impl KafkaEventStore {
-    /// Connects to the log topic `config.store_topic()`, creating it (one partition) if
-    /// needed.
+    /// Connects to the log topic `config.store_topic()`, creating it (one partition,
+    /// infinite retention) if needed. A topic that does not keep every record (finite
+    /// `retention.ms` or `retention.bytes`, or compaction) is refused with
+    /// `Error::InvalidInput` unless [`KafkaConfig::with_finite_store_retention`] allows it.
     pub async fn connect(config: KafkaConfig) -> Result<Self> {
         let topics = Topics::new(&config)?;
         let topic = config.store_topic();
         topics.ensure(&[&topic], TopicKind::Log).await?;
+        topics.check_log_retention(&topic).await?;
         let (closer, closed) = watch::channel(false);
         Ok(Self {
             inner: Arc::new(Inner {
