@@ -103,25 +103,10 @@ fn unknown(url: &str) -> Error {
     ))
 }
 
-/// `url` with the password of its user info replaced by `***`.
+/// `url` with the password of its user info replaced by `***` (see
+/// [`orchestrator_core::redact::redact_url`]).
 pub fn redact(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
-    };
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    let Some(at) = rest[..authority_end].rfind('@') else {
-        return url.to_owned();
-    };
-    let user_info = &rest[..at];
-    let user = user_info
-        .split_once(':')
-        .map_or(user_info, |(user, _)| user);
-    let masked = if user_info.contains(':') {
-        format!("{user}:***")
-    } else {
-        "***".to_owned()
-    };
-    format!("{scheme}://{masked}{}", &rest[at..])
+    orchestrator_core::redact::redact_url(url)
 }
 
 /// Opens the event store a URL names.

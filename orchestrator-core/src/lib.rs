@@ -39,6 +39,7 @@ pub mod handler;
 pub mod inbox;
 pub mod lease;
 pub mod pattern;
+pub mod redact;
 pub mod retry;
 pub mod schema;
 pub mod store;

@@ -92,16 +92,7 @@ pub(crate) fn short(what: &str, value: &str) -> Result<ShortString> {
 
 /// The URL without its password, for messages.
 pub(crate) fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            let credentials = &url[scheme + 3..at];
-            match credentials.split_once(':') {
-                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
-                None => url.to_owned(),
-            }
-        }
-        _ => url.to_owned(),
-    }
+    orchestrator_core::redact::redact_url(url)
 }
 
 /// How long closing a channel or connection may wait for the broker's answer: a broker

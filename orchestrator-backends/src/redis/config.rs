@@ -75,13 +75,13 @@ impl RedisConfig {
                 format!(
                     "`{}`: {e}; expected redis://[user:password@]host[:port][/db] or rediss://… \
                      (TLS needs redis-rs's TLS feature, see orchestrator_backends::redis)",
-                    redact_url(url)
+                    orchestrator_core::redact::redact_url(url)
                 ),
             )
         })?;
         Ok(Self {
             client,
-            redacted_url: redact_url(url),
+            redacted_url: orchestrator_core::redact::redact_url(url),
             prefix: DEFAULT_PREFIX.to_owned(),
             response_timeout: Duration::from_secs(5),
             connection_timeout: Duration::from_secs(5),
@@ -224,46 +224,21 @@ impl RedisConfig {
     }
 }
 
-/// `redis://user:secret@host` → `redis://user:***@host`.
-fn redact_url(url: &str) -> String {
-    let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
-        return url.to_owned();
-    };
-    let rest = &url[scheme_end..];
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    let Some(at) = rest[..authority_end].rfind('@') else {
-        return url.to_owned();
-    };
-    let userinfo = &rest[..at];
-    let user = userinfo.split(':').next().unwrap_or_default();
-    let masked = if userinfo.contains(':') {
-        format!("{user}:***")
-    } else {
-        // A lone userinfo is the password in redis URLs (`redis://secret@host`).
-        "***".to_owned()
-    };
-    format!("{}{masked}{}", &url[..scheme_end], &rest[at..])
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn passwords_are_redacted() {
-        assert_eq!(
-            redact_url("redis://127.0.0.1:6379"),
-            "redis://127.0.0.1:6379"
-        );
-        assert_eq!(
-            redact_url("redis://:pw@127.0.0.1:6379/2"),
-            "redis://:***@127.0.0.1:6379/2"
-        );
-        assert_eq!(
-            redact_url("rediss://app:p@ss:w@cache.example"),
-            "rediss://app:***@cache.example"
-        );
-        assert_eq!(redact_url("redis://pw@host"), "redis://***@host");
+    fn the_redacted_url_hides_the_password() {
+        let config = RedisConfig::new("redis://app:s3cret@127.0.0.1:6379/2").unwrap();
+        assert_eq!(config.redacted_url(), "redis://app:***@127.0.0.1:6379/2");
+        assert!(!format!("{config:?}").contains("s3cret"));
+        // A `/` in the password (not percent-encoded) does not parse; the error hides it.
+        let error = RedisConfig::new("redis://app:pa/ss@127.0.0.1:6379/2")
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("app:***@127.0.0.1"), "{error}");
+        assert!(!error.contains("pa/ss"), "{error}");
     }
 
     #[test]
