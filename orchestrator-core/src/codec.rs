@@ -72,10 +72,26 @@ impl Bincode {
         bincode::config::standard().with_limit::<{ Self::MAX_LEN }>()
     }
 
-    /// Encodes any serde value (a payload) with bincode.
+    /// Encodes any serde value (a payload) with bincode. A value whose encoding is larger
+    /// than [`MAX_LEN`](Self::MAX_LEN) — more than the decoder reads back — is refused
+    /// with [`Error::InvalidInput`] naming its size and the limit, so that nothing is ever
+    /// written that could not be read again.
     pub fn encode_payload<T: Serialize>(value: &T) -> Result<Vec<u8>> {
-        bincode::serde::encode_to_vec(value, Self::config())
-            .map_err(|e| Error::encode(format!("bincode: {e}")))
+        let bytes = bincode::serde::encode_to_vec(value, Self::config())
+            .map_err(|e| Error::encode(format!("bincode: {e}")))?;
+        if bytes.len() > Self::MAX_LEN {
+            return Err(Error::invalid(
+                "event",
+                format!(
+                    "{} bytes once encoded, over the {} bytes (64 MiB) the binary codec reads \
+                     back (Bincode::MAX_LEN); make the payload smaller, or keep large data \
+                     outside the event and put a reference to it in the event",
+                    bytes.len(),
+                    Self::MAX_LEN
+                ),
+            ));
+        }
+        Ok(bytes)
     }
 
     /// Decodes a bincode payload into any serde type.
