@@ -194,3 +194,209 @@ fn text_data_with_text_content_type() {
     .unwrap();
     assert_eq!(&event.data_bytes()[..], b"hello");
 }
+
+/// The attributes of a minimal valid event, without the closing brace.
+const HEAD: &str = r#"{"specversion":"1.0","id":"1","source":"s","type":"a.b""#;
+
+/// `HEAD` and `members`, closed.
+fn object_with(members: impl IntoIterator<Item = String>) -> String {
+    let mut text = String::from(HEAD);
+    for member in members {
+        text.push(',');
+        text.push_str(&member);
+    }
+    text.push('}');
+    text
+}
+
+fn decode_error(input: &str) -> (String, String) {
+    match decode(input.as_bytes()) {
+        Err(Error::Decode { field, reason }) => (field, reason),
+        other => panic!("expected a decode error, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_repeated_attribute_keeps_its_last_value_and_null_means_absent() {
+    let event = decode(
+        object_with([
+            r#""tenant":"a""#.into(),
+            r#""tenant":"b""#.into(),
+            r#""region":"x""#.into(),
+            r#""region":null"#.into(),
+            r#""zone":null"#.into(),
+            r#""zone":"z""#.into(),
+            r#""subject":"s1""#.into(),
+            r#""subject":"s2""#.into(),
+            r#""correlationid":"c""#.into(),
+            r#""correlationid":null"#.into(),
+        ])
+        .as_bytes(),
+    )
+    .unwrap();
+    assert_eq!(event.header("tenant"), Some("b"));
+    assert_eq!(event.header("region"), None);
+    assert_eq!(event.header("zone"), Some("z"));
+    assert_eq!(event.headers().len(), 2);
+    assert_eq!(event.subject(), Some("s2"));
+    assert_eq!(event.correlation_id(), None);
+}
+
+#[test]
+fn a_1_mib_event_of_90k_extension_keys_is_refused_naming_the_limit() {
+    // Issue 19: this decoded in the end, after seconds of quadratic work, and so was never
+    // dead-lettered. Now reading stops at the member over `MAX_ATTRIBUTES`.
+    let input = object_with((0..90_000).map(|i| format!(r#""k{i:05}":1"#)));
+    assert!(input.len() > 1_000_000 - 20_000, "{}", input.len());
+    let (field, reason) = decode_error(&input);
+    assert_eq!(field, "$");
+    assert!(reason.contains("cloudevents::MAX_ATTRIBUTES"), "{reason}");
+    assert!(reason.contains("274"), "{reason}");
+}
+
+#[test]
+fn the_same_key_repeated_counts_against_the_member_limit() {
+    let input = object_with((0..=MAX_ATTRIBUTES).map(|_| r#""tenant":"acme""#.to_owned()));
+    let (field, reason) = decode_error(&input);
+    assert_eq!(field, "$");
+    assert!(reason.contains("MAX_ATTRIBUTES"), "{reason}");
+    // Up to the limit, repeats are read as before: the last value wins.
+    let members = MAX_ATTRIBUTES - 4; // the four of `HEAD`
+    let input = object_with((0..members).map(|i| format!(r#""tenant":"{i}""#)));
+    let last = (members - 1).to_string();
+    assert_eq!(
+        decode(input.as_bytes()).unwrap().header("tenant"),
+        Some(last.as_str())
+    );
+}
+
+#[test]
+fn extensions_up_to_the_limit_decode_and_one_more_is_refused() {
+    let exactly = object_with((0..MAX_EXTENSIONS).map(|i| format!(r#""k{i}":"v""#)));
+    let event = decode(exactly.as_bytes()).unwrap();
+    assert_eq!(event.headers().len(), MAX_EXTENSIONS);
+    assert_eq!(decode(&encode(&event).unwrap()).unwrap(), event);
+
+    let over = object_with((0..=MAX_EXTENSIONS).map(|i| format!(r#""k{i}":"v""#)));
+    let (field, reason) = decode_error(&over);
+    assert_eq!(field, "$");
+    assert!(reason.contains("257 extension attributes"), "{reason}");
+    assert!(reason.contains("cloudevents::MAX_EXTENSIONS"), "{reason}");
+}
+
+#[test]
+fn a_long_extension_name_is_refused_and_shown_shortened() {
+    let name = "n".repeat(MAX_EXTENSION_NAME_LEN);
+    let event = decode(object_with([format!(r#""{name}":1"#)]).as_bytes()).unwrap();
+    assert_eq!(event.header(&name), Some("1"));
+
+    let long = "n".repeat(1 << 20);
+    let (field, reason) = decode_error(&object_with([format!(r#""{long}":1"#)]));
+    assert_eq!(field, format!("{name}…"));
+    assert!(reason.contains("1048576 bytes long"), "{reason}");
+    assert!(
+        reason.contains("cloudevents::MAX_EXTENSION_NAME_LEN"),
+        "{reason}"
+    );
+    assert!(
+        reason.len() < 1000,
+        "the error repeats the name: {} bytes",
+        reason.len()
+    );
+}
+
+#[test]
+fn a_long_extension_value_is_refused_measured_as_text() {
+    let fits = "v".repeat(MAX_EXTENSION_VALUE_LEN);
+    let event = decode(object_with([format!(r#""tenant":"{fits}""#)]).as_bytes()).unwrap();
+    assert_eq!(
+        event.header("tenant").map(str::len),
+        Some(MAX_EXTENSION_VALUE_LEN)
+    );
+    // Escapes count as the characters they stand for: 8192 `\u0041` are 8192 bytes of text.
+    let escaped = "\\u0041".repeat(MAX_EXTENSION_VALUE_LEN);
+    let event = decode(object_with([format!(r#""tenant":"{escaped}""#)]).as_bytes()).unwrap();
+    assert_eq!(
+        event.header("tenant").map(str::len),
+        Some(MAX_EXTENSION_VALUE_LEN)
+    );
+
+    let over = "v".repeat(MAX_EXTENSION_VALUE_LEN + 1);
+    let (field, reason) = decode_error(&object_with([format!(r#""tenant":"{over}""#)]));
+    assert_eq!(field, "tenant");
+    assert!(reason.contains("8193 bytes long"), "{reason}");
+    assert!(
+        reason.contains("cloudevents::MAX_EXTENSION_VALUE_LEN"),
+        "{reason}"
+    );
+    let digits = "9".repeat(MAX_EXTENSION_VALUE_LEN + 1);
+    assert_eq!(
+        decode_error(&object_with([format!(r#""n":{digits}"#)])).0,
+        "n"
+    );
+}
+
+#[test]
+fn deep_nesting_is_kept_in_data_and_refused_in_an_extension_without_recursion() {
+    // Far deeper than serde_json's recursion limit (128) or any stack: nothing recurses.
+    let depth = 200_000;
+    let nested = format!("{}{}", "[".repeat(depth), "]".repeat(depth));
+    let event = decode(object_with([format!(r#""data":{nested}"#)]).as_bytes()).unwrap();
+    assert_eq!(event.data_bytes().len(), 2 * depth);
+    assert_eq!(decode(&encode(&event).unwrap()).unwrap(), event);
+
+    let (field, reason) = decode_error(&object_with([format!(r#""deep":{nested}"#)]));
+    assert_eq!(field, "deep");
+    assert!(reason.contains("not an array"), "{reason}");
+    let objects = format!("{}1{}", r#"{"a":"#.repeat(depth), "}".repeat(depth));
+    let (field, reason) = decode_error(&object_with([format!(r#""deep":{objects}"#)]));
+    assert_eq!(field, "deep");
+    assert!(reason.contains("not an object"), "{reason}");
+}
+
+#[test]
+fn with_header_refuses_what_decoding_would_refuse() {
+    let invalid = |result: Result<EventEnvelope>| match result {
+        Err(Error::InvalidInput { reason, .. }) => reason,
+        other => panic!("expected InvalidInput, got {other:?}"),
+    };
+    let event = EventEnvelope::new("a.b", &1).unwrap();
+    let reason = invalid(
+        event
+            .clone()
+            .with_header("n".repeat(MAX_EXTENSION_NAME_LEN + 1), "v"),
+    );
+    assert!(reason.contains("MAX_EXTENSION_NAME_LEN"), "{reason}");
+    let reason = invalid(
+        event
+            .clone()
+            .with_header("tenant", "v".repeat(MAX_EXTENSION_VALUE_LEN + 1)),
+    );
+    assert!(reason.contains("MAX_EXTENSION_VALUE_LEN"), "{reason}");
+
+    let mut full = event;
+    for i in 0..MAX_EXTENSIONS {
+        full = full.with_header(format!("k{i}"), "v").unwrap();
+    }
+    // Replacing a header is fine; one more is not.
+    let full = full.with_header("k0", "w").unwrap();
+    let reason = invalid(full.clone().with_header("extra", "v"));
+    assert!(reason.contains("MAX_EXTENSIONS"), "{reason}");
+    assert_eq!(decode(&encode(&full).unwrap()).unwrap(), full);
+}
+
+#[test]
+fn encode_refuses_headers_over_the_limits() {
+    let mut event = EventEnvelope::new("a.b", &1).unwrap();
+    // Past `with_header`, as an envelope read from an old store could be.
+    event
+        .fields_mut()
+        .headers
+        .insert("tenant".into(), "v".repeat(MAX_EXTENSION_VALUE_LEN + 1));
+    match encode(&event) {
+        Err(Error::Encode { reason }) => {
+            assert!(reason.contains("MAX_EXTENSION_VALUE_LEN"), "{reason}");
+        }
+        other => panic!("expected an encode error, got {other:?}"),
+    }
+}
