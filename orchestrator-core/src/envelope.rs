@@ -8,6 +8,7 @@ use chrono::{DateTime, Utc};
 use serde::{Serialize, de::DeserializeOwned};
 use uuid::Uuid;
 
+use crate::cloudevents;
 use crate::error::{Error, Result};
 
 /// The content type of JSON payloads, the default.
@@ -237,7 +238,7 @@ impl EventEnvelope {
         }
     }
 
-    fn fields_mut(&mut self) -> &mut Fields {
+    pub(crate) fn fields_mut(&mut self) -> &mut Fields {
         Arc::make_mut(&mut self.inner)
     }
 
@@ -467,15 +468,39 @@ impl EventEnvelope {
 
     /// Adds a header. Header names travel as CloudEvents extension attributes, so they must
     /// be lowercase ASCII letters and digits and must not be one of the reserved attribute
-    /// names; anything else is an [`Error::InvalidInput`].
+    /// names; anything else is an [`Error::InvalidInput`]. So is a header over the limits
+    /// every consumer's decoder enforces: more than
+    /// [`MAX_EXTENSIONS`](crate::cloudevents::MAX_EXTENSIONS) headers, a name longer than
+    /// [`MAX_EXTENSION_NAME_LEN`](crate::cloudevents::MAX_EXTENSION_NAME_LEN) or a value
+    /// longer than [`MAX_EXTENSION_VALUE_LEN`](crate::cloudevents::MAX_EXTENSION_VALUE_LEN)
+    /// bytes.
     pub fn with_header(
         mut self,
         name: impl Into<String>,
         value: impl Into<String>,
     ) -> Result<Self> {
-        let name = name.into();
+        let (name, value) = (name.into(), value.into());
         validate_header_name(&name)?;
-        self.fields_mut().headers.insert(name, value.into());
+        if value.len() > cloudevents::MAX_EXTENSION_VALUE_LEN {
+            return Err(Error::invalid(
+                "header value",
+                format!(
+                    "header `{name}`: {}",
+                    cloudevents::value_too_long(value.len())
+                ),
+            ));
+        }
+        let headers = &self.inner.headers;
+        if headers.len() >= cloudevents::MAX_EXTENSIONS && !headers.contains_key(&name) {
+            return Err(Error::invalid(
+                "header",
+                format!(
+                    "`{name}` would be one header too many: {}",
+                    cloudevents::too_many_extensions(headers.len() + 1)
+                ),
+            ));
+        }
+        self.fields_mut().headers.insert(name, value);
         Ok(self)
     }
 
@@ -647,8 +672,19 @@ pub fn validate_event_type(event_type: &str) -> Result<()> {
     Ok(())
 }
 
-/// Checks a CloudEvents extension attribute name: lowercase ASCII letters and digits only.
+/// Checks a CloudEvents extension attribute name: lowercase ASCII letters and digits only,
+/// at most [`MAX_EXTENSION_NAME_LEN`](cloudevents::MAX_EXTENSION_NAME_LEN) bytes.
 pub fn validate_extension_name(name: &str) -> Result<()> {
+    if name.len() > cloudevents::MAX_EXTENSION_NAME_LEN {
+        return Err(Error::invalid(
+            "extension attribute name",
+            format!(
+                "`{}`: {}",
+                cloudevents::shorten(name),
+                cloudevents::name_too_long(name.len())
+            ),
+        ));
+    }
     if name.is_empty()
         || !name
             .bytes()
