@@ -460,6 +460,14 @@ pub(crate) fn faults(root: &Path, options: &Options) -> Result<()> {
         None if options.short || !options.only.is_empty() => work.join("FAULTS.md"),
         None => root.join("FAULTS.md"),
     };
+    // Sections measured by hand (below the marker) are kept.
+    let kept = fs::read_to_string(&out)
+        .ok()
+        .and_then(|old| hand_written(&old).map(str::to_owned));
+    let summary = match kept {
+        Some(kept) => format!("{}\n{kept}", summary.trim_end()),
+        None => summary,
+    };
     fs::write(&out, &summary).map_err(|e| format!("cannot write {}: {e}", out.display()))?;
     eprintln!("\n{}", report::terminal_summary(&outcomes));
     eprintln!(
@@ -489,9 +497,30 @@ pub(crate) fn faults(root: &Path, options: &Options) -> Result<()> {
     }
 }
 
+/// The line after which `FAULTS.md` holds sections measured by hand, which a new run keeps.
+const HAND_WRITTEN: &str = "<!-- Measured by hand: `cargo xtask faults` keeps what follows. -->";
+
+/// The hand-written part of an earlier report (from the marker on), if it has one.
+fn hand_written(report: &str) -> Option<&str> {
+    report.find(HAND_WRITTEN).map(|at| &report[at..])
+}
+
 #[cfg(test)]
 mod tests {
-    use super::{Options, Outcome, after_exit, leftover_dir, parse_result, scenarios};
+    use super::{
+        HAND_WRITTEN, Options, Outcome, after_exit, hand_written, leftover_dir, parse_result,
+        scenarios,
+    };
+
+    #[test]
+    fn the_hand_written_sections_are_found_from_the_marker_on() {
+        let report = format!("# Faults\n\ngenerated\n\n{HAND_WRITTEN}\n\n## By hand\n");
+        assert_eq!(
+            hand_written(&report),
+            Some(format!("{HAND_WRITTEN}\n\n## By hand\n").as_str())
+        );
+        assert_eq!(hand_written("# Faults\n\ngenerated\n"), None);
+    }
 
     fn args(list: &[&str]) -> Vec<String> {
         list.iter().map(|s| (*s).to_owned()).collect()
