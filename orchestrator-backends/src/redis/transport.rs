@@ -199,18 +199,24 @@ impl RedisTransport {
         Ok(())
     }
 
-    async fn registered_patterns(&self) -> Result<Vec<(String, TopicPattern)>> {
+    /// The members of the set at `key`.
+    async fn members(&self, key: String) -> Result<Vec<String>> {
         let shared = &self.shared;
-        let members: Vec<String> = with_retry(&shared.config, "SMEMBERS", |_| {
+        with_retry(&shared.config, "SMEMBERS", |_| {
             let mut manager = shared.manager.clone();
+            let key = &key;
             async move {
                 redis::cmd("SMEMBERS")
-                    .arg(shared.keys.patterns())
+                    .arg(key)
                     .query_async(&mut manager)
                     .await
             }
         })
-        .await?;
+        .await
+    }
+
+    async fn registered_patterns(&self) -> Result<Vec<(String, TopicPattern)>> {
+        let members = self.members(self.shared.keys.patterns()).await?;
         Ok(members
             .iter()
             .filter_map(|m| {
@@ -222,17 +228,7 @@ impl RedisTransport {
 
     /// The registered topics.
     pub(crate) async fn topics(&self) -> Result<Vec<String>> {
-        let shared = &self.shared;
-        with_retry(&shared.config, "SMEMBERS", |_| {
-            let mut manager = shared.manager.clone();
-            async move {
-                redis::cmd("SMEMBERS")
-                    .arg(shared.keys.topics())
-                    .query_async(&mut manager)
-                    .await
-            }
-        })
-        .await
+        self.members(self.shared.keys.topics()).await
     }
 
     /// `XGROUP CREATE key group start MKSTREAM`; an existing group is left as it is.
@@ -302,16 +298,7 @@ impl RedisTransport {
     /// Removes the ephemeral groups whose consumer is gone; returns how many.
     pub(crate) async fn sweep_ephemeral(&self) -> Result<usize> {
         let shared = &self.shared;
-        let groups: Vec<String> = with_retry(&shared.config, "SMEMBERS", |_| {
-            let mut manager = shared.manager.clone();
-            async move {
-                redis::cmd("SMEMBERS")
-                    .arg(shared.keys.ephemeral())
-                    .query_async(&mut manager)
-                    .await
-            }
-        })
-        .await?;
+        let groups = self.members(shared.keys.ephemeral()).await?;
         if groups.is_empty() {
             return Ok(0);
         }
@@ -339,16 +326,7 @@ impl RedisTransport {
     pub(crate) async fn remove_group(&self, group: &str) -> Result<()> {
         let shared = &self.shared;
         let prefix = format!("{group} ");
-        let patterns: Vec<String> = with_retry(&shared.config, "SMEMBERS", |_| {
-            let mut manager = shared.manager.clone();
-            async move {
-                redis::cmd("SMEMBERS")
-                    .arg(shared.keys.patterns())
-                    .query_async(&mut manager)
-                    .await
-            }
-        })
-        .await?;
+        let patterns = self.members(shared.keys.patterns()).await?;
         let patterns: Vec<&String> = patterns.iter().filter(|m| m.starts_with(&prefix)).collect();
         if !patterns.is_empty() {
             // First, so that a topic registered from now on does not get the group again.
