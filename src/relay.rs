@@ -18,8 +18,8 @@
 //!   store (one process at a time opens its directory), a Redis key with a 5 s time to live
 //!   on the Redis store, an exclusive queue (held by its connection) on the RabbitMQ store,
 //!   the assignment of a consumer group's one partition on the Kafka store (6 s session
-//!   timeout; on tansu 0.6.0 a holder that dies without leaving is never replaced, see the
-//!   Kafka backend's docs). A standby keeps trying and takes over when the holder stops
+//!   timeout; on tansu 0.6.0, whose coordinator keeps a dead member, a standby takes over
+//!   after three session timeouts without a renewal, see the Kafka backend's docs). A standby keeps trying and takes over when the holder stops
 //!   renewing.
 //! - **Checkpoint.** Kept in the store itself, in the system stream
 //!   `$checkpoint-relay.<name>`, every [`RelayOptions::checkpoint_every`] published events or

@@ -1,10 +1,8 @@
 //! `KafkaLease` against the live broker: one holder at a time, a standby takes over after a
-//! release and after the holder is dropped (both leave the group); a holder expelled while
-//! it was paused finds out at its next renewal.
-//!
-//! Not tested here: a standby taking over from a holder killed with SIGKILL. tansu 0.6.0
-//! never completes another rebalance of a group whose leader died without leaving (see the
-//! Kafka module docs), so on the test broker that takeover does not happen.
+//! release and after the holder is dropped (both leave the group) and after it is killed
+//! with SIGKILL (on tansu 0.6.0, whose coordinator never re-forms a group whose leader died
+//! without leaving, through the lease's next epoch); a holder expelled while it was paused
+//! finds out at its next renewal.
 //!
 //! The killed and paused holders run in a child process: this test binary again, running
 //! only [`lease_holder_child`], which takes the lease and reports each renewal on stdout.
@@ -130,8 +128,7 @@ async fn a_dropped_holder_hands_the_lease_over() {
 
 /// A holder in a child process, stopped with SIGSTOP for longer than its session timeout:
 /// the coordinator expels it, and once it runs again its next renewal says it lost the
-/// lease. (Whether the standby then takes over is not checked here: on tansu 0.6.0 it does
-/// not when the expelled holder was the group's leader — see the module docs.)
+/// lease. (The standby's takeover is checked in `a_killed_holder_is_replaced`.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_holder_finds_at_its_next_renewal_that_it_lost_the_lease() {
     let Some(live) = live().await else {
@@ -156,6 +153,41 @@ async fn a_paused_holder_finds_at_its_next_renewal_that_it_lost_the_lease() {
     );
     let _ = child.child.wait();
     drop(child);
+    standby.release().await.unwrap();
+}
+
+/// A holder in a child process killed with SIGKILL (it never leaves the group): a standby
+/// takes the lease over. On Apache Kafka the coordinator expels the dead member after a
+/// session timeout; on tansu 0.6.0, whose coordinator keeps a dead leader, the standby sees
+/// no renewal for three session timeouts and moves the lease to the next epoch's group.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_holder_is_replaced() {
+    let Some(live) = live().await else {
+        return;
+    };
+    let store = store(&live).await;
+    let standby = store.lease("relay.default").unwrap();
+    let mut child = Holder::spawn(&live, "relay.default");
+    child.wait_for("held");
+    assert!(!standby.try_acquire().await.unwrap(), "the child holds it");
+    assert!(
+        !standby.try_acquire().await.unwrap(),
+        "and goes on holding it"
+    );
+    child.child.kill().unwrap();
+    let _ = child.child.wait();
+    let took = taken_within(&*standby, SESSION / 3, SESSION * 6)
+        .await
+        .expect("a standby takes over from a killed holder");
+    eprintln!("takeover after the holder was killed: {took:?}");
+    assert!(standby.try_acquire().await.unwrap(), "and keeps it");
+    // A new candidate finds the lease where it went, and does not take it.
+    let late = store.lease("relay.default").unwrap();
+    assert!(
+        !late.try_acquire().await.unwrap(),
+        "a late candidate is a standby"
+    );
+    late.release().await.unwrap();
     standby.release().await.unwrap();
 }
 

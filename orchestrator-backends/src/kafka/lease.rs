@@ -2,7 +2,7 @@
 //! processes that share a Kafka store.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use orchestrator_core::{Error, Lease, Result};
@@ -45,8 +45,16 @@ use super::names;
 ///   consumer, which leaves the group: a standby is handed the partition in the rebalance
 ///   that follows, without waiting for a session to time out.
 ///
-/// On tansu 0.6.0, a holder that dies without leaving the group is never replaced: see the
-/// [module docs](super) on tansu.
+/// - **Epochs**: a group whose coordinator never hands the partition on — tansu 0.6.0 keeps
+///   a dead leader in its group forever (see the [module docs](super) on tansu) — must not
+///   stop the relay for good. Each renewal records its time (the commit's metadata, ms since
+///   the epoch). A standby that has been a member for three session timeouts
+///   and sees no renewal in its group for as long gives the group up: it moves to the next
+///   epoch's group, `<group>.epoch<n>` (epoch 0 is `<group>` itself), where the first member
+///   takes the lease. Every candidate looks for a renewal in the next epoch's group at each
+///   try, so the others follow, and a holder that was only paused learns at its next renewal
+///   that it lost the lease. On Apache Kafka this never happens while a holder lives: the
+///   coordinator expels a dead member within a session timeout and the new holder renews.
 ///
 /// The consumer is polled by a task of its own (rebalances are served there); it is closed
 /// on a thread of its own, as every consumer of this backend. From
@@ -57,8 +65,17 @@ pub struct KafkaLease {
     /// The lease's topic and consumer group, or why the name cannot be one.
     topic: Result<String, String>,
     name: String,
-    /// This candidate's membership, while it has joined the group.
-    member: Mutex<Option<Member>>,
+    /// This candidate's epoch and membership.
+    candidate: Mutex<Candidate>,
+}
+
+/// Which group a candidate joins, and its membership there.
+#[derive(Default)]
+struct Candidate {
+    /// The lease's current epoch (see [`KafkaLease`], "Epochs"), once looked up.
+    epoch: Option<u64>,
+    /// The membership in that epoch's group, while joined.
+    member: Option<Member>,
 }
 
 impl std::fmt::Debug for KafkaLease {
@@ -77,7 +94,7 @@ impl KafkaLease {
             name: name.to_owned(),
             config,
             topics,
-            member: Mutex::new(None),
+            candidate: Mutex::new(Candidate::default()),
         }
     }
 
@@ -90,9 +107,15 @@ impl KafkaLease {
 
     /// Joins the lease's group: creates the topic if needed, then the consumer and the task
     /// that polls it.
-    async fn join(&self) -> Result<Member> {
+    async fn join(&self, epoch: u64) -> Result<Member> {
         let topic = self.topic()?.to_owned();
         self.topics.ensure(&[&topic], TopicKind::Log).await?;
+        let group = group(&topic, epoch);
+        let next: BaseConsumer = self
+            .config
+            .lease_consumer(&self::group(&topic, epoch + 1))
+            .create()
+            .map_err(kafka_error)?;
         let (state, state_rx) = watch::channel(Membership::Joining);
         let context = LeaseContext {
             topic: topic.clone(),
@@ -100,7 +123,7 @@ impl KafkaLease {
         };
         let consumer: LeaseConsumer = self
             .config
-            .lease_consumer(&topic)
+            .lease_consumer(&group)
             .create_with_context(context)
             .map_err(kafka_error)?;
         consumer.subscribe(&[&topic]).map_err(kafka_error)?;
@@ -119,7 +142,31 @@ impl KafkaLease {
             task,
             closed,
             renewal: None,
+            epoch,
+            joined: Instant::now(),
+            next: Arc::new(next),
         })
+    }
+
+    /// The epoch to join first: the last one whose group has a renewal (0 if none has).
+    async fn current_epoch(&self) -> Result<u64> {
+        let topic = self.topic()?.to_owned();
+        let mut current = 0;
+        for epoch in 0..MAX_EPOCHS {
+            let probe: BaseConsumer = self
+                .config
+                .lease_consumer(&group(&topic, epoch))
+                .create()
+                .map_err(kafka_error)?;
+            if last_renewal(Arc::new(probe), &topic, self.ttl())
+                .await?
+                .is_none()
+            {
+                break;
+            }
+            current = epoch;
+        }
+        Ok(current)
     }
 
     /// Asks the coordinator whether this member still holds the lease: commits offset 0 of
@@ -144,6 +191,9 @@ impl KafkaLease {
                 tokio::task::spawn_blocking(move || {
                     let mut tpl = TopicPartitionList::new();
                     tpl.add_partition_offset(&topic, 0, Offset::Offset(0))?;
+                    if let Some(mut renewal) = tpl.find_partition(&topic, 0) {
+                        renewal.set_metadata(now_ms().to_string());
+                    }
                     handle.consumer()?.commit(&tpl, CommitMode::Sync)
                 })
             }
@@ -203,28 +253,60 @@ impl Lease for KafkaLease {
     }
 
     async fn try_acquire(&self) -> Result<bool> {
-        let mut slot = self.member.lock().await;
-        if slot.as_ref().is_some_and(|m| m.task.is_finished()) {
+        let topic = self.topic()?.to_owned();
+        let mut candidate = self.candidate.lock().await;
+        if candidate
+            .member
+            .as_ref()
+            .is_some_and(|m| m.task.is_finished())
+        {
             // Its consumer failed for good: join again with a new one.
-            *slot = None;
+            candidate.member = None;
         }
-        let member = match slot.as_mut() {
-            Some(member) => member,
-            None => slot.insert(self.join().await?),
+        let epoch = match candidate.epoch {
+            Some(epoch) => epoch,
+            None => *candidate.epoch.insert(self.current_epoch().await?),
         };
-        let mut state = member.state.clone();
-        // The first answer of the group (a new member's first assignment) takes a join and
-        // a sync round; a candidate that gets none within a session timeout holds nothing yet.
-        let _ =
-            tokio::time::timeout(self.ttl(), state.wait_for(|s| *s != Membership::Joining)).await;
-        if !member.holds() {
+        let mut member = match candidate.member.take() {
+            Some(member) => member,
+            None => self.join(epoch).await?,
+        };
+        // A renewal in the next epoch's group: this one was given up as stuck.
+        if last_renewal(Arc::clone(&member.next), &topic, self.ttl() / 3)
+            .await?
+            .is_some()
+        {
+            tracing::info!(lease = %topic, epoch = epoch + 1, "the Kafka lease moved to the next epoch's group; following it");
+            let held = member.holds();
+            self.close(member).await;
+            candidate.epoch = Some(epoch + 1);
+            if held {
+                return Ok(false);
+            }
+            member = self.join(epoch + 1).await?;
+        }
+        self.answered(&member).await;
+        if !member.holds()
+            && member.joined.elapsed() >= self.stale()
+            && self.stuck(&member, &topic).await?
+        {
+            let next = member.epoch + 1;
+            tracing::warn!(lease = %topic, epoch = next, stale = ?self.stale(), "no renewal of the Kafka lease for a long time and the group hands nothing on (a holder that died, on a broker whose coordinator does not expel it): moving to the next epoch's group");
+            self.close(member).await;
+            candidate.epoch = Some(next);
+            member = self.join(next).await?;
+            self.answered(&member).await;
+        }
+        let held = member.holds();
+        let member = candidate.member.insert(member);
+        if !held {
             return Ok(false);
         }
         self.confirm(member).await
     }
 
     async fn release(&self) -> Result<()> {
-        let member = self.member.lock().await.take();
+        let member = self.candidate.lock().await.member.take();
         if let Some(member) = member {
             self.close(member).await;
         }
@@ -233,6 +315,40 @@ impl Lease for KafkaLease {
 }
 
 impl KafkaLease {
+    /// How long a standby waits without any renewal in its group before it gives the group
+    /// up.
+    fn stale(&self) -> Duration {
+        self.ttl() * STALE_RENEWALS
+    }
+
+    /// Waits (at most a session timeout) for the group's first answer to a new member: a
+    /// join and a sync round.
+    async fn answered(&self, member: &Member) {
+        let mut state = member.state.clone();
+        let _ =
+            tokio::time::timeout(self.ttl(), state.wait_for(|s| *s != Membership::Joining)).await;
+    }
+
+    /// Whether the member's group looks stuck: no renewal in it for [`Self::stale`].
+    async fn stuck(&self, member: &Member, topic: &str) -> Result<bool> {
+        let handle = Arc::clone(&member.handle);
+        let topic_name = topic.to_owned();
+        let timeout = self.ttl() / 3;
+        let renewed = tokio::task::spawn_blocking(move || -> Result<Option<i64>> {
+            let consumer = handle.consumer().map_err(kafka_error)?;
+            committed_renewal(consumer, &topic_name, timeout)
+        })
+        .await
+        .map_err(|e| {
+            failure(
+                true,
+                format!("reading the Kafka lease's renewals failed: {e}"),
+            )
+        })??;
+        let stale = i64::try_from(self.stale().as_millis()).unwrap_or(i64::MAX);
+        Ok(renewed.is_none_or(|at| now_ms().saturating_sub(at) > stale))
+    }
+
     /// Closes a membership: leaves the group, waiting for that at most a session timeout.
     async fn close(&self, member: Member) {
         let Member {
@@ -327,6 +443,12 @@ struct Member {
     closed: oneshot::Receiver<()>,
     /// A renewal's commit that had not been answered when it was last awaited.
     renewal: Option<JoinHandle<rdkafka::error::KafkaResult<()>>>,
+    /// The epoch of the group it joined.
+    epoch: u64,
+    /// When it joined.
+    joined: Instant,
+    /// A client of the next epoch's group (it never joins: it reads that group's renewals).
+    next: Arc<BaseConsumer>,
 }
 
 impl Member {
@@ -405,4 +527,59 @@ async fn poll(handle: Arc<Handle>, mut stop: oneshot::Receiver<()>, topic: Strin
             },
         }
     }
+}
+
+/// How many session timeouts without a renewal make a standby give its group up.
+pub(crate) const STALE_RENEWALS: u32 = 3;
+
+/// Epochs looked at when a candidate starts (the lease moves to a new epoch only when a
+/// group got stuck, so this is never reached in practice).
+const MAX_EPOCHS: u64 = 1_000;
+
+/// The consumer group of a lease's `epoch`.
+fn group(topic: &str, epoch: u64) -> String {
+    if epoch == 0 {
+        topic.to_owned()
+    } else {
+        format!("{topic}.epoch{epoch}")
+    }
+}
+
+fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+/// When the holder of `consumer`'s group last renewed the lease (the committed offset's
+/// metadata), `Some(0)` for a renewal that recorded no time, `None` when nobody ever did.
+fn committed_renewal<C: ConsumerContext>(
+    consumer: &impl Consumer<C>,
+    topic: &str,
+    timeout: Duration,
+) -> Result<Option<i64>> {
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition(topic, 0);
+    let committed = consumer
+        .committed_offsets(tpl, timeout)
+        .map_err(kafka_error)?;
+    Ok(committed
+        .find_partition(topic, 0)
+        .filter(|e| matches!(e.offset(), Offset::Offset(_)))
+        .map(|e| e.metadata().parse().unwrap_or(0)))
+}
+
+/// [`committed_renewal`] off the async threads.
+async fn last_renewal(
+    consumer: Arc<BaseConsumer>,
+    topic: &str,
+    timeout: Duration,
+) -> Result<Option<i64>> {
+    let topic = topic.to_owned();
+    tokio::task::spawn_blocking(move || committed_renewal(&*consumer, &topic, timeout))
+        .await
+        .map_err(|e| {
+            failure(
+                true,
+                format!("reading the Kafka lease's renewals failed: {e}"),
+            )
+        })?
 }
