@@ -72,7 +72,9 @@ pub use bus::{EventBus, ShutdownReport, Subscription};
 pub use dead_letters::{DeadLetters, FailureGroup, FailureReport};
 pub use dispatch::Unfinished;
 #[doc(inline)]
-pub use memory::{InMemoryDeadLetterQueue, InProcessTransport, InProcessTransportBuilder};
+pub use memory::{
+    DEFAULT_DLQ_CAPACITY, InMemoryDeadLetterQueue, InProcessTransport, InProcessTransportBuilder,
+};
 #[doc(inline)]
 pub use subscription::{Filter, RetryMode, SubscriptionConfig, Transform};
 /// Whether no subscriber could want an INFO span (`bus.handle`, `bus.publish`): then the

@@ -9,6 +9,15 @@ use orchestrator_core::{DeadLetter, DeadLetterQuery, DeadLetterQueue, Result};
 /// A [`DeadLetterQueue`] in memory: letters in insertion order (oldest first), gone when
 /// the process ends.
 ///
+/// It holds at most a [capacity](Self::with_capacity) of letters ([`DEFAULT_DLQ_CAPACITY`],
+/// 100,000, by default), so that a long-running process whose handlers keep failing does
+/// not grow without bound: when it is full, the oldest letter makes room for the new one,
+/// logged at `warn` (with the dropped letter's id and subscription) and counted in
+/// `orchestrator_dlq_evicted_total`. (Refusing the new letter instead would hand the
+/// delivery back to its transport at once, to fail and be refused again in a loop.) For
+/// dead letters that must all be kept, use a durable queue: the file store's, or a
+/// broker's.
+///
 /// Clones share the same letters, so a clone handed to the transport and one kept for
 /// inspection see the same queue.
 ///
@@ -24,9 +33,22 @@ use orchestrator_core::{DeadLetter, DeadLetterQuery, DeadLetterQueue, Result};
 /// # Ok(())
 /// # }
 /// ```
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct InMemoryDeadLetterQueue {
     letters: Arc<Mutex<Letters>>,
+    capacity: usize,
+}
+
+/// How many letters an [`InMemoryDeadLetterQueue`] holds by default.
+pub const DEFAULT_DLQ_CAPACITY: usize = 100_000;
+
+impl Default for InMemoryDeadLetterQueue {
+    fn default() -> Self {
+        Self {
+            letters: Arc::default(),
+            capacity: DEFAULT_DLQ_CAPACITY,
+        }
+    }
 }
 
 /// Letters keyed by insertion number, with an index from letter id to that number.
@@ -38,9 +60,22 @@ struct Letters {
 }
 
 impl InMemoryDeadLetterQueue {
-    /// An empty queue.
+    /// An empty queue of the default capacity, dropping the oldest letter when full.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// An empty queue holding at most `capacity` letters (at least 1).
+    pub fn with_capacity(capacity: usize) -> Self {
+        Self {
+            capacity: capacity.max(1),
+            ..Self::default()
+        }
+    }
+
+    /// How many letters it holds at most.
+    pub fn capacity(&self) -> usize {
+        self.capacity
     }
 
     fn letters(&self) -> MutexGuard<'_, Letters> {
@@ -69,6 +104,20 @@ impl DeadLetterQueue for InMemoryDeadLetterQueue {
     /// becomes the newest.
     async fn push(&self, letter: DeadLetter) -> Result<()> {
         let mut letters = self.letters();
+        let replaces = letters.seq_of.contains_key(&letter.id);
+        if !replaces
+            && letters.by_seq.len() >= self.capacity
+            && let Some((_, oldest)) = letters.by_seq.pop_first()
+        {
+            letters.seq_of.remove(&oldest.id);
+            tracing::warn!(
+                letter = %oldest.id,
+                subscription = %oldest.subscription,
+                capacity = self.capacity,
+                "the in-memory dead-letter queue is full: its oldest letter was dropped"
+            );
+            metrics::counter!("orchestrator_dlq_evicted_total").increment(1);
+        }
         let seq = letters.next_seq;
         letters.next_seq += 1;
         if let Some(old) = letters.seq_of.insert(letter.id.clone(), seq) {
@@ -133,6 +182,26 @@ mod tests {
 
     fn ids(letters: &[DeadLetter]) -> Vec<&str> {
         letters.iter().map(|l| l.id.as_str()).collect()
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_drops_its_oldest_letter() {
+        let dlq = InMemoryDeadLetterQueue::with_capacity(2);
+        let (a, b, c) = (letter("a.x", "s"), letter("b.x", "s"), letter("c.x", "s"));
+        for l in [&a, &b, &c] {
+            dlq.push(l.clone()).await.unwrap();
+        }
+        let kept = dlq.list(&DeadLetterQuery::default()).await.unwrap();
+        assert_eq!(ids(&kept), [b.id.as_str(), c.id.as_str()], "a made room");
+        assert_eq!(dlq.get(&a.id).await.unwrap(), None);
+        // Replacing a parked letter takes no room.
+        dlq.push(b.clone()).await.unwrap();
+        let kept = dlq.list(&DeadLetterQuery::default()).await.unwrap();
+        assert_eq!(ids(&kept), [c.id.as_str(), b.id.as_str()]);
+        assert_eq!(
+            InMemoryDeadLetterQueue::new().capacity(),
+            DEFAULT_DLQ_CAPACITY
+        );
     }
 
     #[tokio::test]

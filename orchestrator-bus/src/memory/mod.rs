@@ -6,5 +6,5 @@
 mod dlq;
 mod transport;
 
-pub use dlq::InMemoryDeadLetterQueue;
+pub use dlq::{DEFAULT_DLQ_CAPACITY, InMemoryDeadLetterQueue};
 pub use transport::{DEFAULT_CAPACITY, InProcessTransport, InProcessTransportBuilder};
