@@ -134,11 +134,7 @@ async fn a_paused_holder_finds_at_its_next_renewal_that_it_lost_the_lease() {
     let Some(live) = live().await else {
         return;
     };
-    let store = store(&live).await;
-    let standby = store.lease("relay.default").unwrap();
-    let mut child = Holder::spawn(&live, "relay.default");
-    child.wait_for("held");
-    assert!(!standby.try_acquire().await.unwrap(), "the child holds it");
+    let (_store, standby, mut child) = held_by_a_child(&live).await;
 
     signal(&child.child, "-STOP");
     // Heartbeats stop with the process: the coordinator expels it after a session timeout.
@@ -165,11 +161,7 @@ async fn a_killed_holder_is_replaced() {
     let Some(live) = live().await else {
         return;
     };
-    let store = store(&live).await;
-    let standby = store.lease("relay.default").unwrap();
-    let mut child = Holder::spawn(&live, "relay.default");
-    child.wait_for("held");
-    assert!(!standby.try_acquire().await.unwrap(), "the child holds it");
+    let (store, standby, mut child) = held_by_a_child(&live).await;
     assert!(
         !standby.try_acquire().await.unwrap(),
         "and goes on holding it"
@@ -189,6 +181,17 @@ async fn a_killed_holder_is_replaced() {
     );
     late.release().await.unwrap();
     standby.release().await.unwrap();
+}
+
+/// A store, a standby candidate on it, and a child process holding the lease
+/// `relay.default` (checked: the standby does not get it).
+async fn held_by_a_child(live: &Live) -> (KafkaEventStore, Arc<dyn Lease>, Holder) {
+    let store = store(live).await;
+    let standby = store.lease("relay.default").unwrap();
+    let mut child = Holder::spawn(live, "relay.default");
+    child.wait_for("held");
+    assert!(!standby.try_acquire().await.unwrap(), "the child holds it");
+    (store, standby, child)
 }
 
 fn signal(child: &Child, signal: &str) {

@@ -163,11 +163,6 @@ impl KafkaTransport {
         self.shared.topics.delete(&refs).await
     }
 
-    /// Whether some existing event topic matches one of the subscription's patterns.
-    async fn any_topic_matches(&self, options: &SubscribeOptions) -> Result<bool> {
-        Ok(!self.matching_topics(options).await?.is_empty())
-    }
-
     /// The existing Kafka topics whose event topic matches one of the subscription's
     /// patterns.
     async fn matching_topics(&self, options: &SubscribeOptions) -> Result<Vec<String>> {
@@ -371,9 +366,16 @@ impl Transport for KafkaTransport {
             .create_with_context(Context::new(Arc::clone(&sub), Role::Retries))
             .map_err(kafka_error)?;
         let consumer = Arc::new(consumer);
+        // The existing topics the patterns match: where an ephemeral group starts, and
+        // whether there is an assignment to wait for (exact topics exist by now).
+        let matching = if sub.ephemeral.is_some() || exact.is_empty() {
+            self.matching_topics(&options).await?
+        } else {
+            Vec::new()
+        };
         if let Some(ephemeral) = &sub.ephemeral {
             let mut topics = vec![retry_topic.clone()];
-            topics.extend(self.matching_topics(&options).await?);
+            topics.extend(matching.iter().cloned());
             self.place_at_end(&consumer, ephemeral, topics).await?;
         }
         let refs: Vec<&str> = subscriptions.iter().map(String::as_str).collect();
@@ -391,7 +393,7 @@ impl Transport for KafkaTransport {
         tokio::spawn(pump(Arc::clone(&sub), consumer, Arc::new(retries), tx));
         // librdkafka joins the group only once some topic matches; until one does there is
         // nothing to wait for (a topic that appears later is read from its start).
-        let events = !exact.is_empty() || self.any_topic_matches(&options).await?;
+        let events = !exact.is_empty() || !matching.is_empty();
         let timeout = config.subscribe_timeout;
         if tokio::time::timeout(timeout, sub.assigned(events))
             .await

@@ -65,20 +65,16 @@ impl Inner {
     /// its expiry plus `extra_ms`, so a retry queue outlives the messages it holds).
     pub(crate) fn queue_arguments(&self, group: &str, extra_ms: u64) -> FieldTable {
         let mut arguments = FieldTable::default();
-        let expiry = if self.is_ephemeral(group) {
-            Some(self.config.ephemeral_expiry())
+        let (expiry, extra_ms) = if self.is_ephemeral(group) {
+            (Some(self.config.ephemeral_expiry()), extra_ms)
         } else {
-            self.config.queue_expiry()
+            (self.config.queue_expiry(), 0)
         };
         if let Some(expiry) = expiry {
             let ms = u64::try_from(expiry.as_millis())
                 .unwrap_or(u64::MAX)
                 .max(1)
-                .saturating_add(if self.is_ephemeral(group) {
-                    extra_ms
-                } else {
-                    0
-                });
+                .saturating_add(extra_ms);
             arguments.insert("x-expires".into(), wire::number(ms));
         }
         arguments
