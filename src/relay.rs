@@ -36,6 +36,7 @@
 //!   in-memory and file stores) and publishes runs of events of one type with one
 //!   [`EventBus::publish_batch`] call.
 
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -166,6 +167,29 @@ pub(crate) struct Relay {
     task: Mutex<Option<JoinHandle<()>>>,
     /// The store's lease for this relay, unless it is local (always held).
     lease: Option<Arc<dyn Lease>>,
+    /// Whether the task was started (a lock-free look before taking `task`'s lock).
+    started: AtomicBool,
+    /// Where the relay is, for publishers to pace themselves (see [`Pace`]).
+    pace: Arc<Pace>,
+}
+
+/// How far this process's relay has published, for [`Relay::behind`]: the relayed position
+/// while the relay is relaying here, [`Pace::NOT_RELAYING`] otherwise (stopped, standing by
+/// for another process's relay, or retrying a transport that is down: publishers then have
+/// nothing to give way to).
+#[derive(Debug)]
+struct Pace(AtomicU64);
+
+impl Pace {
+    const NOT_RELAYING: u64 = u64::MAX;
+
+    fn relaying_at(&self, position: u64) {
+        self.0.store(position, Ordering::Relaxed);
+    }
+
+    fn not_relaying(&self) {
+        self.0.store(Self::NOT_RELAYING, Ordering::Relaxed);
+    }
 }
 
 impl std::fmt::Debug for Relay {
@@ -200,7 +224,15 @@ impl Relay {
             task: Mutex::new(None),
             // A local lease is always held: nothing to take or renew.
             lease: lease.filter(|lease| !lease.is_local()),
+            started: AtomicBool::new(false),
+            pace: Arc::new(Pace(AtomicU64::new(Pace::NOT_RELAYING))),
         }
+    }
+
+    /// How many events up to `position` this process's relay has still to publish; 0 when
+    /// it is not relaying here (see [`Pace`]).
+    pub(crate) fn behind(&self, position: u64) -> u64 {
+        position.saturating_sub(self.pace.0.load(Ordering::Relaxed))
     }
 
     /// Whether the relay was asked to stop (the orchestrator shuts down).
@@ -214,7 +246,9 @@ impl Relay {
 
     /// Starts the relay task unless it runs already (or is disabled, or stopped).
     pub(crate) fn ensure_started(&self) {
-        if !self.options.enabled || *self.stop.borrow() {
+        // Called on every publish: once started, no lock.
+        if self.started.load(Ordering::Acquire) || !self.options.enabled || *self.stop.borrow()
+        {
             return;
         }
         let mut task = self.task.lock().unwrap_or_else(PoisonError::into_inner);
@@ -228,6 +262,7 @@ impl Relay {
             status: self.status.clone(),
             stop: self.stop.subscribe(),
             lease: self.lease.clone(),
+            pace: Arc::clone(&self.pace),
             in_process: self
                 .bus
                 .transport()
@@ -236,6 +271,7 @@ impl Relay {
                 .cloned(),
         };
         *task = Some(tokio::spawn(worker.run()));
+        self.started.store(true, Ordering::Release);
     }
 
     pub(crate) fn status(&self) -> RelayStatus {
@@ -340,6 +376,7 @@ struct Worker {
     status: watch::Sender<RelayStatus>,
     stop: watch::Receiver<bool>,
     lease: Option<Arc<dyn Lease>>,
+    pace: Arc<Pace>,
     /// The transport, when it is the in-process one (checkpoints wait for it to settle).
     in_process: Option<InProcessTransport>,
 }
@@ -360,6 +397,7 @@ impl Worker {
             };
             self.status.send_modify(|s| s.state = RelayState::Relaying);
             let ended = self.relay(held.as_ref().map(|h| &h.held)).await;
+            self.pace.not_relaying();
             if let Some(held) = held {
                 held.keeper.abort();
                 if matches!(ended, Ended::Stop)
@@ -441,6 +479,7 @@ impl Worker {
             }
         }
         let from = self.status.borrow().relayed_position + 1;
+        self.pace.relaying_at(from - 1);
         let events = match self.store.subscribe(from, EventFilter::all()).await {
             Ok(events) => events,
             Err(e) => return Ended::Failed(e),
@@ -608,13 +647,16 @@ impl Worker {
     }
 
     fn advance(&self, position: u64) {
+        let mut relayed = position;
         self.status.send_if_modified(|s| {
             let moved = position > s.relayed_position;
             if moved {
                 s.relayed_position = position;
             }
+            relayed = s.relayed_position;
             moved
         });
+        self.pace.relaying_at(relayed);
     }
 
     /// Publishes one run of events of one type, retrying until the transport takes it;
@@ -655,6 +697,8 @@ impl Worker {
                     tracing::warn!(relay = %self.options.name, error = %e, attempt, ?pause, "publishing stored events failed; retrying");
                     self.status
                         .send_modify(|s| s.state = RelayState::Retrying(e.to_string()));
+                    // Publishers have nothing to give way to until the transport is back.
+                    self.pace.not_relaying();
                     if self.pause(pause).await {
                         return Err(Ended::Stop);
                     }
