@@ -5,12 +5,17 @@
 //! |---|---|---|---|
 //! | `memory:` | [`InMemoryEventStore`] | [`InProcessTransport`] | — |
 //! | `file://DIR` (`file:///abs/dir`, `file://./rel`) | [`FileEventStore`] in `DIR` | — | — |
-//! | `redis://…`, `rediss://…` | `RedisEventStore` | `RedisTransport` | `redis` |
+//! | `redis://…` (`rediss://…`) | `RedisEventStore` | `RedisTransport` | `redis` (`redis-tls`) |
 //! | `amqp://…` (`amqps://…`) | `RabbitMqEventStore` | `RabbitMqTransport` | `rabbitmq` (`rabbitmq-tls`) |
-//! | `kafka://host:port[,host:port…]` | `KafkaEventStore` | `KafkaTransport` | `kafka` |
+//! | `kafka://host:port[,host:port…][?key=value&…]` | `KafkaEventStore` | `KafkaTransport` | `kafka` |
 //!
 //! A URL whose backend is not compiled in is [`Error::FeatureDisabled`], naming the feature
-//! to enable. Credentials in URLs never appear in errors ([`redact`]).
+//! to enable. Credentials in URLs never appear in errors or `Debug` output ([`redact`]).
+//!
+//! A `kafka://` URL's query carries TLS and SASL settings (librdkafka's names:
+//! `security.protocol`, `sasl.mechanism`, `sasl.username`, `sasl.password`,
+//! `ssl.ca.location`, …; unknown keys are refused): see
+//! `orchestrator::backends::kafka::KafkaConfig::from_url`.
 //!
 //! ```
 //! use orchestrator::connect::Backend;
@@ -34,8 +39,8 @@ use orchestrator_store::{FileEventStore, InMemoryEventStore};
 
 use crate::error::{Error, Result};
 
-/// A parsed backend URL.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A parsed backend URL. Its `Debug` output hides passwords ([`redact`]).
+#[derive(Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Backend {
     /// `memory:` — in this process only.
@@ -46,8 +51,21 @@ pub enum Backend {
     Redis(String),
     /// `amqp://…` or `amqps://…`, the whole URL.
     Amqp(String),
-    /// `kafka://…`: the bootstrap servers (`host:port,host:port`).
+    /// `kafka://…`, the whole URL: the bootstrap servers (`host:port,host:port`) and the
+    /// query's settings.
     Kafka(String),
+}
+
+impl std::fmt::Debug for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Memory => f.write_str("Memory"),
+            Self::File(dir) => f.debug_tuple("File").field(dir).finish(),
+            Self::Redis(url) => f.debug_tuple("Redis").field(&redact(url)).finish(),
+            Self::Amqp(url) => f.debug_tuple("Amqp").field(&redact(url)).finish(),
+            Self::Kafka(url) => f.debug_tuple("Kafka").field(&redact(url)).finish(),
+        }
+    }
 }
 
 impl Backend {
@@ -69,14 +87,14 @@ impl Backend {
             "redis" | "rediss" => Ok(Self::Redis(url.to_owned())),
             "amqp" | "amqps" => Ok(Self::Amqp(url.to_owned())),
             "kafka" => {
-                let brokers = rest.trim_end_matches('/');
-                if brokers.is_empty() {
+                let brokers = rest.split_once('?').map_or(rest, |(b, _)| b);
+                if brokers.trim_end_matches('/').is_empty() {
                     return Err(Error::Core(orchestrator_core::Error::invalid(
                         "Kafka URL",
                         "name the brokers: kafka://127.0.0.1:9092[,host:port…]",
                     )));
                 }
-                Ok(Self::Kafka(brokers.to_owned()))
+                Ok(Self::Kafka(url.to_owned()))
             }
             _ => Err(unknown(url)),
         }
@@ -104,9 +122,48 @@ fn unknown(url: &str) -> Error {
 }
 
 /// `url` with the password of its user info replaced by `***` (see
-/// [`orchestrator_core::redact::redact_url`]).
+/// [`orchestrator_core::redact::redact_url`]); for a `kafka://` URL, the values of its
+/// secret query parameters (`sasl.password`, `ssl.key.password`, …) and of unknown ones.
 pub fn redact(url: &str) -> String {
-    orchestrator_core::redact::redact_url(url)
+    let Some(query) = url
+        .trim_start()
+        .strip_prefix("kafka://")
+        .and_then(|rest| rest.split_once('?').map(|(_, q)| q))
+    else {
+        return orchestrator_core::redact::redact_url(url);
+    };
+    let base = orchestrator_core::redact::redact_url(&url[..url.len() - query.len() - 1]);
+    let shown: Vec<String> = query
+        .split('&')
+        .map(|pair| match pair.split_once('=') {
+            Some((key, value)) if PLAIN_KAFKA_KEYS.contains(&key) => format!("{key}={value}"),
+            Some((key, _)) if is_property_name(key) => format!("{key}=***"),
+            _ => "…".to_owned(),
+        })
+        .collect();
+    format!("{base}?{}", shown.join("&"))
+}
+
+/// The `kafka://` query parameters whose values are not secret.
+const PLAIN_KAFKA_KEYS: &[&str] = &[
+    "security.protocol",
+    "sasl.mechanism",
+    "sasl.mechanisms",
+    "sasl.username",
+    "ssl.ca.location",
+    "ssl.certificate.location",
+    "ssl.key.location",
+    "ssl.endpoint.identification.algorithm",
+    "client.id",
+];
+
+/// Whether `text` looks like a librdkafka property name (so showing it shows no secret).
+fn is_property_name(text: &str) -> bool {
+    text.contains('.')
+        && text.len() <= 64
+        && text
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '.' || c == '_')
 }
 
 /// Opens the event store a URL names.
@@ -121,7 +178,7 @@ pub async fn store(url: &str) -> Result<Arc<dyn EventStore>> {
         Backend::File(dir) => Ok(Arc::new(open_file(dir, FileEventStore::open).await?)),
         Backend::Redis(url) => redis_store(&url).await,
         Backend::Amqp(url) => rabbitmq_store(&url).await,
-        Backend::Kafka(brokers) => kafka_store(&brokers).await,
+        Backend::Kafka(url) => kafka_store(&url).await,
     }
 }
 
@@ -166,13 +223,24 @@ pub async fn transport(url: &str) -> Result<Arc<dyn Transport>> {
         ))),
         Backend::Redis(url) => redis_transport(&url).await,
         Backend::Amqp(url) => rabbitmq_transport(&url).await,
-        Backend::Kafka(brokers) => kafka_transport(&brokers).await,
+        Backend::Kafka(url) => kafka_transport(&url).await,
     }
+}
+
+/// `rediss://` without the `redis-tls` feature names that feature.
+#[cfg(feature = "redis")]
+fn check_redis_tls(url: &str) -> Result<()> {
+    let scheme = url.split_once("://").map_or("", |(s, _)| s);
+    if scheme.eq_ignore_ascii_case("rediss") && !cfg!(feature = "redis-tls") {
+        return Err(disabled(url, "redis-tls"));
+    }
+    Ok(())
 }
 
 #[cfg(feature = "redis")]
 async fn redis_store(url: &str) -> Result<Arc<dyn EventStore>> {
     use orchestrator_backends::redis::{RedisConfig, RedisEventStore};
+    check_redis_tls(url)?;
     Ok(Arc::new(
         RedisEventStore::connect(RedisConfig::new(url)?).await?,
     ))
@@ -181,6 +249,7 @@ async fn redis_store(url: &str) -> Result<Arc<dyn EventStore>> {
 #[cfg(feature = "redis")]
 async fn redis_transport(url: &str) -> Result<Arc<dyn Transport>> {
     use orchestrator_backends::redis::{RedisConfig, RedisTransport};
+    check_redis_tls(url)?;
     Ok(Arc::new(
         RedisTransport::connect(RedisConfig::new(url)?).await?,
     ))
@@ -233,28 +302,28 @@ async fn rabbitmq_transport(url: &str) -> Result<Arc<dyn Transport>> {
 }
 
 #[cfg(feature = "kafka")]
-async fn kafka_store(brokers: &str) -> Result<Arc<dyn EventStore>> {
+async fn kafka_store(url: &str) -> Result<Arc<dyn EventStore>> {
     use orchestrator_backends::kafka::{KafkaConfig, KafkaEventStore};
     Ok(Arc::new(
-        KafkaEventStore::connect(KafkaConfig::new(brokers)).await?,
+        KafkaEventStore::connect(KafkaConfig::from_url(url)?).await?,
     ))
 }
 
 #[cfg(feature = "kafka")]
-async fn kafka_transport(brokers: &str) -> Result<Arc<dyn Transport>> {
+async fn kafka_transport(url: &str) -> Result<Arc<dyn Transport>> {
     use orchestrator_backends::kafka::{KafkaConfig, KafkaTransport};
     Ok(Arc::new(
-        KafkaTransport::connect(KafkaConfig::new(brokers)).await?,
+        KafkaTransport::connect(KafkaConfig::from_url(url)?).await?,
     ))
 }
 
 #[cfg(not(feature = "kafka"))]
-async fn kafka_store(_brokers: &str) -> Result<Arc<dyn EventStore>> {
+async fn kafka_store(_url: &str) -> Result<Arc<dyn EventStore>> {
     Err(disabled("kafka://", "kafka"))
 }
 
 #[cfg(not(feature = "kafka"))]
-async fn kafka_transport(_brokers: &str) -> Result<Arc<dyn Transport>> {
+async fn kafka_transport(_url: &str) -> Result<Arc<dyn Transport>> {
     Err(disabled("kafka://", "kafka"))
 }
 
@@ -277,8 +346,9 @@ mod tests {
         );
         assert_eq!(
             Backend::parse("kafka://a:9092,b:9092/").unwrap(),
-            Backend::Kafka("a:9092,b:9092".into())
+            Backend::Kafka("kafka://a:9092,b:9092/".into())
         );
+        assert!(Backend::parse("kafka://?security.protocol=ssl").is_err());
         assert_eq!(Backend::parse("rediss://h:1").unwrap().scheme(), "rediss");
         assert!(Backend::parse("file://").is_err());
         assert!(Backend::parse("kafka://").is_err());
@@ -294,6 +364,18 @@ mod tests {
         assert_eq!(redact("redis://:pw@h:1/0"), "redis://:***@h:1/0");
         assert_eq!(redact("redis://token@h"), "redis://***@h");
         assert_eq!(redact("file:///a@b/c"), "file:///a@b/c");
+        assert_eq!(
+            redact("kafka://b:9092?sasl.username=u&sasl.password=p@ss&ssl.key.password=k"),
+            "kafka://b:9092?sasl.username=u&sasl.password=***&ssl.key.password=***"
+        );
+        assert_eq!(
+            redact("kafka://b:9092?s3cret&x.y=z"),
+            "kafka://b:9092?…&x.y=***"
+        );
+        let backend = Backend::parse("kafka://b:9092?sasl.password=p%40ss").unwrap();
+        assert!(!format!("{backend:?}").contains("p%40ss"));
+        let backend = Backend::parse("redis://:s3cret@h:1").unwrap();
+        assert!(!format!("{backend:?}").contains("s3cret"));
     }
 
     #[tokio::test]
@@ -321,6 +403,21 @@ mod tests {
                     ..
                 }
             ));
+        }
+        if cfg!(feature = "redis") && !cfg!(feature = "redis-tls") {
+            let Err(err) = store("rediss://:pw@127.0.0.1:6380").await else {
+                panic!("redis-tls is not compiled in")
+            };
+            assert!(
+                matches!(
+                    err,
+                    Error::FeatureDisabled {
+                        feature: "redis-tls",
+                        ..
+                    }
+                ),
+                "{err}"
+            );
         }
         assert!(transport("file:///tmp/x").await.is_err());
     }

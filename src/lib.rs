@@ -71,6 +71,7 @@
 //! - `redis`, `rabbitmq`, `kafka` — the broker backends (`orchestrator::backends::…`, and
 //!   `redis://`, `amqp://`, `kafka://` URLs in the builder and the CLI).
 //! - `rabbitmq-tls` — `amqps://` for the RabbitMQ backend.
+//! - `redis-tls` — `rediss://` for the Redis backend.
 //! - `cli` — the `orchestrator` command-line tool (`tail`, `publish`, `dlq`, `replay`,
 //!   `streams`, `sagas`, `trace`).
 //!

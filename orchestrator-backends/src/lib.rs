@@ -21,7 +21,10 @@
 //! - `rabbitmq` — module `rabbitmq`: RabbitMQ.
 //! - `rabbitmq-tls` — `amqps://` URLs for the RabbitMQ backend (rustls with the ring
 //!   provider and the webpki roots; no C crypto build).
-//! - `kafka` — module `kafka`: Kafka (rdkafka with a bundled librdkafka).
+//! - `redis-tls` — `rediss://` URLs for the Redis backend (rustls with the ring provider; the
+//!   system's roots, or the CAs given to `RedisConfig::with_tls_root_certificates`).
+//! - `kafka` — module `kafka`: Kafka (rdkafka with a bundled librdkafka built with the
+//!   system's OpenSSL, so TLS and SASL PLAIN/SCRAM/OAUTHBEARER are always available).
 
 #[cfg(feature = "kafka")]
 pub mod kafka;

@@ -4,6 +4,7 @@
 //! fresh clone, and one function per subcommand. See `cargo xtask help`.
 
 mod bench;
+mod deny;
 mod endpoint;
 mod faults;
 mod json;
@@ -27,10 +28,13 @@ Usage: cargo xtask <command>
 Commands:
   test-all [--quick] [--filter NAME] [--repeat N] [--load [THREADS]] [-- <test args>...]
         Everything CI checks, stopping at the first failure: services up,
-        cargo fmt --check, clippy -D warnings (default features, each package
-        feature on its own, all features), cargo test --workspace --all-features,
-        then the short fault suite (faults --short). --quick skips the clippy run
-        per feature. Arguments after `--` go to the test harness, e.g.
+        cargo fmt --check, cargo deny check bans licenses sources (deny.toml;
+        cargo-deny installed into ~/.cache/orchestrator/tools when missing; no
+        advisories: their database is out of reach), clippy -D warnings (default
+        features, each package feature on its own, all features), cargo test
+        --workspace --all-features, then the short fault suite (faults --short).
+        --quick skips the clippy run per feature. Arguments after `--` go to the
+        test harness, e.g.
         `cargo xtask test-all -- --nocapture`.
         The tests run against a Kafka broker of their own (tansu on a free port,
         sqlite in a fresh folder, both gone afterwards) unless

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crate::{Result, cargo, describe, faults, metadata, services, tansu};
+use crate::{Result, cargo, deny, describe, faults, metadata, services, tansu};
 
 /// Command-line options of `test-all`.
 #[derive(Debug, PartialEq, Eq)]
@@ -176,6 +176,20 @@ impl Run<'_> {
                 Ok(())
             }
             result => self.record(name, started, result),
+        }
+    }
+
+    /// The dependency policy (`deny.toml`): `cargo deny check bans licenses sources`, with
+    /// cargo-deny installed first when missing.
+    fn deny(&mut self) -> Result<()> {
+        let name = "cargo deny check bans licenses sources";
+        let started = Instant::now();
+        match deny::binary() {
+            Ok(binary) => {
+                let cmd = deny::check_command(self.root, &binary);
+                self.step(name, cmd)
+            }
+            Err(why) => self.record(name, started, Err(why)),
         }
     }
 
@@ -426,6 +440,7 @@ impl Run<'_> {
         let mut fmt = cargo(self.root);
         fmt.args(["fmt", "--all", "--", "--check"]);
         self.step("cargo fmt --check", fmt)?;
+        self.deny()?;
 
         self.clippy(
             "clippy (default features)",

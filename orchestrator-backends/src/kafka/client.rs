@@ -20,7 +20,25 @@ pub(crate) const BACKEND: &str = "kafka";
 /// Wraps a librdkafka error; `temporary` when retrying may help (a broker away, a timeout).
 pub(crate) fn kafka_error(error: KafkaError) -> Error {
     let temporary = is_temporary(&error);
-    Error::backend(BACKEND, temporary, error)
+    Error::backend(BACKEND, temporary, without_secret(error))
+}
+
+/// A configuration error names the property and its value, and librdkafka's description
+/// may repeat the value: hide both when the property holds a secret.
+fn without_secret(error: KafkaError) -> KafkaError {
+    match error {
+        KafkaError::ClientConfig(code, description, key, value)
+            if super::url::is_secret_key(&key) =>
+        {
+            let description = if value.is_empty() {
+                description
+            } else {
+                description.replace(&value, "***")
+            };
+            KafkaError::ClientConfig(code, description, key, "***".to_owned())
+        }
+        other => other,
+    }
 }
 
 /// A failure of ours around Kafka (a malformed record, a task that died).

@@ -93,9 +93,7 @@ fn redacted(properties: &BTreeMap<String, String>) -> BTreeMap<&str, &str> {
     properties
         .iter()
         .map(|(k, v)| {
-            let secret = ["password", "secret", "pem", "oauthbearer.config", "jaas"]
-                .iter()
-                .any(|s| k.contains(s));
+            let secret = super::url::is_secret_key(k);
             (k.as_str(), if secret { "***" } else { v.as_str() })
         })
         .collect()
@@ -271,6 +269,12 @@ impl KafkaConfig {
     /// The lease consumers' session timeout ([`with_lease_session_timeout`](Self::with_lease_session_timeout)).
     pub fn lease_session_timeout(&self) -> Duration {
         self.lease_session_timeout
+    }
+
+    /// The value of a property set for every client ([`with_property`](Self::with_property)
+    /// or a `kafka://` URL's query).
+    pub fn property(&self, key: &str) -> Option<&str> {
+        self.properties.get(key).map(String::as_str)
     }
 
     /// The bootstrap brokers.

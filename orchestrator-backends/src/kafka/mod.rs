@@ -39,13 +39,17 @@
 //!   (`PLAIN`, `SCRAM-SHA-256`, `SCRAM-SHA-512`, `OAUTHBEARER`), `sasl.username`,
 //!   `sasl.password`, ….
 //!
-//! This crate builds librdkafka without OpenSSL and without Cyrus SASL, so that it builds on a
-//! bare machine. For TLS or SCRAM/GSSAPI, turn on the matching rdkafka feature in your own
-//! `Cargo.toml` — cargo unifies features, so this backend gets it too:
-//! `rdkafka = { version = "0.39", features = ["ssl-vendored"] }` (OpenSSL built from source)
-//! or `features = ["ssl", "sasl"]` (system libraries). SASL `PLAIN` needs neither. Values of
-//! properties whose names contain `password`, `secret`, `pem`, `jaas` or
-//! `oauthbearer.config` never appear in `Debug` output, and event payloads are never logged
+//! A `kafka://` URL carries the same settings in its query ([`KafkaConfig::from_url`]; the
+//! keys of [`URL_QUERY_KEYS`], unknown keys refused), which is how the builder's
+//! `store_url` / `transport_url` and the CLI's `--store` / `--transport` reach a secured
+//! cluster:
+//! `kafka://b1:9093?security.protocol=SASL_SSL&sasl.mechanism=SCRAM-SHA-256&sasl.username=app&sasl.password=…&ssl.ca.location=/etc/kafka/ca.pem`.
+//!
+//! librdkafka is built with the system's OpenSSL (Debian: `libssl-dev`, `pkg-config`), so
+//! TLS and SASL `PLAIN`, `SCRAM-SHA-256/512` and `OAUTHBEARER` work out of the box; `GSSAPI`
+//! (Kerberos) would need Cyrus SASL and is not built. Values of properties whose names
+//! contain `password`, `secret`, `pem`, `jaas` or `oauthbearer.config` never appear in
+//! `Debug` output or in errors ([`redact_url`] for URLs), and event payloads are never logged
 //! (logs name events by id and type).
 //!
 //! # Topics, keys and names
@@ -343,6 +347,7 @@ mod offsets;
 mod reader;
 mod store;
 mod transport;
+mod url;
 mod wire;
 
 pub use config::{DEFAULT_LEASE_SESSION_TIMEOUT, DEFAULT_PREFIX, KafkaConfig};
@@ -350,4 +355,5 @@ pub use dlq::KafkaDeadLetterQueue;
 pub use lease::KafkaLease;
 pub use store::{KAFKA_STORE_CAPABILITIES, KafkaEventStore};
 pub use transport::KafkaTransport;
+pub use url::{URL_QUERY_KEYS, redact_url};
 pub use wire::UNDECODABLE_EVENT_TYPE;

@@ -43,6 +43,9 @@ pub struct RedisConfig {
     pub(crate) delayed_poll_interval: Duration,
     pub(crate) topic_max_len: Option<usize>,
     pub(crate) ephemeral_timeout: Duration,
+    /// The certificates given for TLS, kept so that each `with_tls_*` call adds to the others.
+    #[cfg(feature = "redis-tls")]
+    tls: redis::TlsCertificates,
 }
 
 impl std::fmt::Debug for RedisConfig {
@@ -59,6 +62,7 @@ impl std::fmt::Debug for RedisConfig {
             .field("discovery_interval", &self.discovery_interval)
             .field("delayed_poll_interval", &self.delayed_poll_interval)
             .field("topic_max_len", &self.topic_max_len)
+            .field("tls", &self.tls_description())
             .finish()
     }
 }
@@ -66,22 +70,26 @@ impl std::fmt::Debug for RedisConfig {
 impl RedisConfig {
     /// A config for the Redis at `url`, with every other setting at its default.
     ///
-    /// Fails with [`Error::InvalidInput`] when the URL cannot be parsed, or names `rediss://`
-    /// in a build without TLS support.
+    /// Fails with [`Error::InvalidInput`] when the URL cannot be parsed, and with
+    /// [`Error::Unsupported`] naming the `redis-tls` feature when it is a `rediss://` URL in a
+    /// build without that feature.
     pub fn new(url: &str) -> Result<Self> {
+        let redacted_url = orchestrator_core::redact::redact_url(url);
+        if is_tls_url(url) {
+            tls_available()?;
+        }
         let client = redis::Client::open(url).map_err(|e| {
             Error::invalid(
                 "redis URL",
                 format!(
-                    "`{}`: {e}; expected redis://[user:password@]host[:port][/db] or rediss://… \
-                     (TLS needs redis-rs's TLS feature, see orchestrator_backends::redis)",
-                    orchestrator_core::redact::redact_url(url)
+                    "`{redacted_url}`: {e}; expected redis://[user:password@]host[:port][/db] \
+                     or rediss://…"
                 ),
             )
         })?;
         Ok(Self {
             client,
-            redacted_url: orchestrator_core::redact::redact_url(url),
+            redacted_url,
             prefix: DEFAULT_PREFIX.to_owned(),
             response_timeout: Duration::from_secs(5),
             connection_timeout: Duration::from_secs(5),
@@ -93,7 +101,92 @@ impl RedisConfig {
             delayed_poll_interval: Duration::from_secs(1),
             topic_max_len: None,
             ephemeral_timeout: Duration::from_secs(30),
+            #[cfg(feature = "redis-tls")]
+            tls: redis::TlsCertificates {
+                client_tls: None,
+                root_cert: None,
+            },
         })
+    }
+
+    /// Trusts exactly the certificate authorities in `pem` (one or more PEM certificates)
+    /// instead of the system's roots, for a Redis whose certificate a private CA signed.
+    ///
+    /// Fails with [`Error::InvalidInput`] when the URL is not `rediss://` or the PEM holds
+    /// no readable certificate.
+    #[cfg(feature = "redis-tls")]
+    pub fn with_tls_root_certificates(mut self, pem: impl Into<Vec<u8>>) -> Result<Self> {
+        use rustls::pki_types::CertificateDer;
+        use rustls::pki_types::pem::PemObject;
+
+        self.require_tls()?;
+        let pem = pem.into();
+        let certificates = CertificateDer::pem_slice_iter(&pem)
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(|e| Error::invalid("redis TLS root certificates", format!("{e}")))?;
+        if certificates.is_empty() {
+            return Err(Error::invalid(
+                "redis TLS root certificates",
+                "no PEM certificate (-----BEGIN CERTIFICATE-----) found",
+            ));
+        }
+        self.tls.root_cert = Some(pem);
+        self.rebuild_tls_client()
+    }
+
+    /// Presents a client certificate (mutual TLS): `cert_pem` is the certificate chain,
+    /// `key_pem` its private key, both PEM. The key never shows in `Debug` output.
+    ///
+    /// Fails with [`Error::InvalidInput`] when the URL is not `rediss://` or either PEM
+    /// cannot be read.
+    #[cfg(feature = "redis-tls")]
+    pub fn with_tls_client_certificate(
+        mut self,
+        cert_pem: impl Into<Vec<u8>>,
+        key_pem: impl Into<Vec<u8>>,
+    ) -> Result<Self> {
+        self.tls.client_tls = Some(redis::ClientTlsConfig {
+            client_cert: cert_pem.into(),
+            client_key: key_pem.into(),
+        });
+        self.rebuild_tls_client()
+    }
+
+    /// Certificates apply to `rediss://` URLs only.
+    #[cfg(feature = "redis-tls")]
+    fn require_tls(&self) -> Result<()> {
+        match self.client.get_connection_info().addr() {
+            redis::ConnectionAddr::TcpTls { .. } => Ok(()),
+            _ => Err(Error::invalid(
+                "redis TLS settings",
+                format!(
+                    "`{}` is not a rediss:// URL; certificates apply to TLS connections only",
+                    self.redacted_url
+                ),
+            )),
+        }
+    }
+
+    #[cfg(feature = "redis-tls")]
+    fn rebuild_tls_client(mut self) -> Result<Self> {
+        self.require_tls()?;
+        let info = self.client.get_connection_info().clone();
+        self.client = redis::Client::build_with_tls(info, self.tls.clone())
+            .map_err(|e| Error::invalid("redis TLS certificates", format!("{e} (PEM expected)")))?;
+        Ok(self)
+    }
+
+    fn tls_description(&self) -> &'static str {
+        #[cfg(feature = "redis-tls")]
+        if let redis::ConnectionAddr::TcpTls { .. } = self.client.get_connection_info().addr() {
+            return match (&self.tls.root_cert, &self.tls.client_tls) {
+                (None, None) => "system roots",
+                (Some(_), None) => "given roots",
+                (None, Some(_)) => "system roots, client certificate",
+                (Some(_), Some(_)) => "given roots, client certificate",
+            };
+        }
+        "off"
     }
 
     /// Puts every key under `prefix` (default `orchestrator:`), so that several applications
@@ -224,6 +317,33 @@ impl RedisConfig {
     }
 }
 
+/// Whether `url` asks for TLS (`rediss://`, or `valkeys://` which redis-rs reads alike).
+fn is_tls_url(url: &str) -> bool {
+    let scheme = url.trim_start().split_once("://").map_or("", |(s, _)| s);
+    scheme.eq_ignore_ascii_case("rediss") || scheme.eq_ignore_ascii_case("valkeys")
+}
+
+/// Whether this build can make TLS connections; installs the ring crypto provider as the
+/// process default when none is installed yet, so that rustls does not depend on which of
+/// its providers other crates of the application happen to enable.
+#[cfg(feature = "redis-tls")]
+#[allow(clippy::unnecessary_wraps)] // the signature is that of the build without TLS
+fn tls_available() -> Result<()> {
+    // `Err` only means a provider is installed already, which is what we want.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    Ok(())
+}
+
+#[cfg(not(feature = "redis-tls"))]
+fn tls_available() -> Result<()> {
+    Err(Error::Unsupported {
+        backend: "redis",
+        operation: "rediss:// (TLS)",
+        hint: "this build has no Redis TLS: enable the `redis-tls` feature (of `orchestrator`, \
+               or of `orchestrator-backends`)",
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -259,11 +379,38 @@ mod tests {
         assert_eq!(config.claim_interval(), Duration::from_millis(1500));
     }
 
+    #[cfg(not(feature = "redis-tls"))]
     #[test]
-    fn tls_urls_need_a_tls_build() {
-        // This crate does not enable redis-rs's TLS; an application may (see the module docs).
-        if let Err(error) = RedisConfig::new("rediss://127.0.0.1:6380") {
-            assert!(error.to_string().contains("TLS"), "{error}");
-        }
+    fn tls_urls_name_the_tls_feature() {
+        let error = RedisConfig::new("rediss://:pw@127.0.0.1:6380").unwrap_err();
+        assert!(
+            matches!(
+                error,
+                Error::Unsupported {
+                    backend: "redis",
+                    ..
+                }
+            ),
+            "{error}"
+        );
+        assert!(error.to_string().contains("`redis-tls`"), "{error}");
+        assert!(!error.to_string().contains("pw"), "{error}");
+    }
+
+    #[cfg(feature = "redis-tls")]
+    #[test]
+    fn tls_urls_take_certificates() {
+        let config = RedisConfig::new("rediss://:pw@127.0.0.1:6380").unwrap();
+        assert!(format!("{config:?}").contains("system roots"));
+        // Certificates are for TLS URLs only, and must be PEM.
+        let error = RedisConfig::new("redis://127.0.0.1")
+            .unwrap()
+            .with_tls_root_certificates(b"x".to_vec())
+            .unwrap_err();
+        assert!(error.to_string().contains("not a rediss://"), "{error}");
+        let error = config
+            .with_tls_root_certificates(b"not a certificate".to_vec())
+            .unwrap_err();
+        assert!(matches!(error, Error::InvalidInput { .. }), "{error}");
     }
 }

@@ -27,12 +27,14 @@
 //! - `redis://host:port/db` — plain TCP;
 //! - `redis://:password@host:port` or `redis://user:password@host:port` — `AUTH` (with an ACL
 //!   user in the second form) on every connection, reconnections included;
-//! - `rediss://user:password@host:port/db` — TLS. TLS is a feature of redis-rs: add
-//!   `redis = { version = "1.8", features = ["tokio-native-tls-comp"] }` (system OpenSSL) or
-//!   `features = ["tokio-rustls-comp"]` (rustls; then install a rustls `CryptoProvider` at
-//!   start-up) to your application's `Cargo.toml`, and cargo enables it for this backend too.
-//!   `rediss://host:port/#insecure` skips certificate checks (development only; with rustls
-//!   it also needs redis-rs's `tls-rustls-insecure` feature).
+//! - `rediss://user:password@host:port/db` — TLS, with the `redis-tls` feature (rustls with
+//!   the ring provider; without the feature [`RedisConfig::new`] refuses `rediss://` with
+//!   [`Error::Unsupported`](orchestrator_core::Error::Unsupported) naming it). The server's
+//!   certificate is checked against the system's roots (`SSL_CERT_FILE` / `SSL_CERT_DIR`
+//!   are honoured, which is how the CLI trusts a private CA), or against the CAs given to
+//!   `RedisConfig::with_tls_root_certificates`; `RedisConfig::with_tls_client_certificate`
+//!   adds a client certificate (mutual TLS). `#insecure` URLs (no certificate check) are
+//!   not supported.
 //!
 //! Passwords never appear in logs or `Debug` output ([`RedisConfig::redacted_url`]); event
 //! payloads are never logged either — logs name events by id and type only.

@@ -30,14 +30,17 @@ use orchestrator::core::EventStore;
 struct Cli {
     /// The event store: file://DIR (the embedded durable store: read commands open it
     /// read-only, beside a running application; `publish` needs it not to be open in another
-    /// process), redis://…, amqp://…, kafka://host:port, or memory:.
+    /// process), redis://… (rediss://… for TLS), amqp://… (amqps://…),
+    /// kafka://host:port[?security.protocol=SASL_SSL&sasl.mechanism=…&sasl.username=…&…],
+    /// or memory:. Prefer the environment variable for URLs with passwords: arguments show
+    /// in `ps`.
     #[arg(long, global = true, env = "ORCHESTRATOR_STORE", value_name = "URL")]
     store: Option<String>,
 
     /// The transport, which carries published events to subscribers and keeps the
     /// dead-letter queue: memory: (this process only; with --store file://DIR, dead letters
     /// are the embedded application's, in DIR/dead-letters), redis://…, amqp://…,
-    /// kafka://host:port.
+    /// kafka://host:port[?…] (TLS and SASL as for --store).
     #[arg(
         long,
         global = true,
