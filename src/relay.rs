@@ -166,7 +166,13 @@ pub(crate) struct Relay {
     task: Mutex<Option<JoinHandle<()>>>,
     /// The store's lease for this relay, unless it is local (always held).
     lease: Option<Arc<dyn Lease>>,
+    /// Told every position up to which events are relayed (the bounded in-memory store
+    /// evicts only those).
+    on_relayed: Option<OnRelayed>,
 }
+
+/// What a relay tells, as it moves, the position up to which it has relayed.
+pub(crate) type OnRelayed = Arc<dyn Fn(u64) + Send + Sync>;
 
 impl std::fmt::Debug for Relay {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -200,7 +206,14 @@ impl Relay {
             task: Mutex::new(None),
             // A local lease is always held: nothing to take or renew.
             lease: lease.filter(|lease| !lease.is_local()),
+            on_relayed: None,
         }
+    }
+
+    /// Calls `hook` with the relayed position each time it moves.
+    pub(crate) fn on_relayed(mut self, hook: OnRelayed) -> Self {
+        self.on_relayed = Some(hook);
+        self
     }
 
     /// Whether the relay was asked to stop (the orchestrator shuts down).
@@ -226,6 +239,7 @@ impl Relay {
             store: Arc::clone(&self.store),
             bus: self.bus.clone(),
             status: self.status.clone(),
+            on_relayed: self.on_relayed.clone(),
             stop: self.stop.subscribe(),
             lease: self.lease.clone(),
             in_process: self
@@ -342,6 +356,7 @@ struct Worker {
     lease: Option<Arc<dyn Lease>>,
     /// The transport, when it is the in-process one (checkpoints wait for it to settle).
     in_process: Option<InProcessTransport>,
+    on_relayed: Option<OnRelayed>,
 }
 
 impl Worker {
@@ -608,13 +623,16 @@ impl Worker {
     }
 
     fn advance(&self, position: u64) {
-        self.status.send_if_modified(|s| {
+        let moved = self.status.send_if_modified(|s| {
             let moved = position > s.relayed_position;
             if moved {
                 s.relayed_position = position;
             }
             moved
         });
+        if moved && let Some(hook) = &self.on_relayed {
+            hook(position);
+        }
     }
 
     /// Publishes one run of events of one type, retrying until the transport takes it;
