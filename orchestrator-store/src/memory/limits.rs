@@ -220,7 +220,7 @@ impl State {
 
 impl InMemoryEventStore {
     /// An empty store that keeps at most `limits` worth of events (see the
-    /// [module docs](self#limits)).
+    /// [module docs](super#limits)).
     pub fn with_limits(limits: MemoryLimits) -> Self {
         Self {
             inner: Arc::new(Inner {
