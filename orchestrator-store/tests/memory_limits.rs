@@ -64,17 +64,17 @@ async fn a_full_store_refuses_appends_and_keeps_every_event() {
 
 #[tokio::test]
 async fn the_byte_limit_counts_too() {
-    let store = InMemoryEventStore::with_limits(MemoryLimits::unbounded().max_bytes(2_000));
+    let store = InMemoryEventStore::with_limits(MemoryLimits::unbounded().max_bytes(3_000));
     let big = || EventEnvelope::new("test.big", &json!({ "pad": "x".repeat(600) })).unwrap();
     store.append("a", Any, vec![big(), big()]).await.unwrap();
     let refused = store.append("a", Any, vec![big()]).await.unwrap_err();
     assert!(
-        matches!(&refused, Error::StoreFull { limit, .. } if limit.contains("2000 bytes")),
+        matches!(&refused, Error::StoreFull { limit, .. } if limit.contains("3000 bytes")),
         "{refused:?}"
     );
     let usage = store.usage();
     assert_eq!(usage.events, 2);
-    assert!(usage.bytes > 1_200 && usage.bytes <= 2_000, "{usage:?}");
+    assert!(usage.bytes > 2_000 && usage.bytes <= 3_000, "{usage:?}");
 }
 
 #[tokio::test]
