@@ -104,7 +104,10 @@ async fn scenario(events: u64, cap: u64) -> Res {
         .add("peak_rss_kib", hwm)
         .add("growth", format!("{growth:.2}"))
         .add("growth_limit", GROWTH_LIMIT)
-        .add("events_per_s", format!("{:.0}", events as f64 / took.as_secs_f64()))
+        .add(
+            "events_per_s",
+            format!("{:.0}", events as f64 / took.as_secs_f64()),
+        )
         .add("seconds", format!("{:.1}", took.as_secs_f64()));
     ensure(handled == events, || {
         format!("{handled} of {events} events handled")

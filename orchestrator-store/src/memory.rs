@@ -349,10 +349,7 @@ impl EventStore for InMemoryEventStore {
         validate_stream_id(stream)?;
         validate_batch_ids(&events)?;
         let limits = self.inner.limits;
-        let bytes: u64 = events
-            .iter()
-            .map(|e| limits::event_bytes(stream, e))
-            .sum();
+        let bytes: u64 = events.iter().map(|e| limits::event_bytes(stream, e)).sum();
         if let Some(max) = limits.max_events.filter(|&max| as_u64(events.len()) > max) {
             return Err(Error::invalid(
                 "append",
@@ -380,9 +377,11 @@ impl EventStore for InMemoryEventStore {
             // Marked as seen before trying, so a release after the try wakes the wait below.
             released.borrow_and_update();
             match self.inner.append_now(stream, expected, &mut events, bytes) {
-                Err(full @ Error::StoreFull { temporary: true, .. })
-                    if !limits.max_wait.is_zero() =>
-                {
+                Err(
+                    full @ Error::StoreFull {
+                        temporary: true, ..
+                    },
+                ) if !limits.max_wait.is_zero() => {
                     let deadline = *deadline
                         .get_or_insert_with(|| tokio::time::Instant::now() + limits.max_wait);
                     match tokio::time::timeout_at(deadline, released.changed()).await {

@@ -46,7 +46,10 @@ fn two_thousand_segments_open_and_read_under_a_limit_of_256_descriptors() {
         "the child failed ({}):\n{stdout}\n{stderr}",
         output.status
     );
-    assert!(stdout.contains("1 passed"), "the child ran no test:\n{stdout}");
+    assert!(
+        stdout.contains("1 passed"),
+        "the child ran no test:\n{stdout}"
+    );
 }
 
 fn in_child() {

@@ -15,7 +15,10 @@ fn event(n: u64) -> EventEnvelope {
 }
 
 fn positions(events: &[EventEnvelope]) -> Vec<u64> {
-    events.iter().filter_map(EventEnvelope::global_position).collect()
+    events
+        .iter()
+        .filter_map(EventEnvelope::global_position)
+        .collect()
 }
 
 fn evicting(max_events: u64) -> InMemoryEventStore {
@@ -109,11 +112,20 @@ async fn only_released_events_are_evicted() {
         .await
         .unwrap();
     let usage = store.usage();
-    assert_eq!((usage.events, usage.first_position, usage.evicted), (4, 3, 2));
+    assert_eq!(
+        (usage.events, usage.first_position, usage.evicted),
+        (4, 3, 2)
+    );
     // Nothing more is released: the next append is refused, nothing unreleased goes.
     let refused = store.append("b", Any, vec![event(7)]).await.unwrap_err();
     assert!(
-        matches!(refused, Error::StoreFull { temporary: true, .. }),
+        matches!(
+            refused,
+            Error::StoreFull {
+                temporary: true,
+                ..
+            }
+        ),
         "{refused:?}"
     );
     assert!(refused.is_temporary());
@@ -149,7 +161,9 @@ async fn reads_after_eviction_say_what_is_gone() {
     // A stream read of evicted versions is a typed error naming the oldest kept version.
     let error = store.read_stream("a", 1, usize::MAX).await.unwrap_err();
     match &error {
-        Error::Evicted { what, first_kept, .. } => {
+        Error::Evicted {
+            what, first_kept, ..
+        } => {
             assert_eq!(*first_kept, 3);
             assert!(what.contains("stream `a` from version 1"), "{what}");
         }
@@ -254,6 +268,15 @@ async fn an_append_waits_for_a_release_when_told_to() {
             .max_wait(Duration::from_millis(50)),
     );
     impatient.append("a", Any, vec![event(1)]).await.unwrap();
-    let refused = impatient.append("a", Any, vec![event(2)]).await.unwrap_err();
-    assert!(matches!(refused, Error::StoreFull { temporary: true, .. }));
+    let refused = impatient
+        .append("a", Any, vec![event(2)])
+        .await
+        .unwrap_err();
+    assert!(matches!(
+        refused,
+        Error::StoreFull {
+            temporary: true,
+            ..
+        }
+    ));
 }

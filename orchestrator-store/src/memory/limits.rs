@@ -146,7 +146,12 @@ pub struct MemoryUsage {
 impl State {
     /// Makes room for `count` events of `bytes` under `limits`, evicting released events if
     /// the policy allows; a [`Error::StoreFull`] when it cannot.
-    pub(super) fn make_room(&mut self, limits: &MemoryLimits, count: u64, bytes: u64) -> Result<()> {
+    pub(super) fn make_room(
+        &mut self,
+        limits: &MemoryLimits,
+        count: u64,
+        bytes: u64,
+    ) -> Result<()> {
         loop {
             let events_over = limits
                 .max_events
@@ -176,8 +181,9 @@ impl State {
                 WhenFull::EvictReleased => (
                     format!(
                         "only released events are evicted, and events are released up to \
-                         position {} of {} (an append waits up to {:?} for more): retry once more are \
-                         released (in the facade: once the outbox relay has published them)",
+                         position {} of {} (an append waits up to {:?} for more): retry once \
+                         more are released (in the facade: once the outbox relay has published \
+                         them)",
                         self.released,
                         self.head(),
                         limits.max_wait
@@ -202,9 +208,7 @@ impl State {
         let position = self.first;
         self.first += 1;
         let stream_id = event.stream_id().unwrap_or_default();
-        self.bytes = self
-            .bytes
-            .saturating_sub(event_bytes(stream_id, &event));
+        self.bytes = self.bytes.saturating_sub(event_bytes(stream_id, &event));
         if let Some(stream) = self.streams.get_mut(stream_id) {
             // A stream's events are in global order, so its oldest kept is this one.
             if stream.positions.front() == Some(&position) {
@@ -217,7 +221,6 @@ impl State {
         }
         true
     }
-
 }
 
 impl InMemoryEventStore {
