@@ -137,5 +137,7 @@ pub mod prelude {
     };
     pub use orchestrator_cqrs::{CommandRequest, QueryCacheConfig, QueryOptions, QueryRequest};
     pub use orchestrator_saga::{SagaDefinition, SagaOutcome, SagaStatus, SagaStep};
-    pub use orchestrator_store::{FileEventStore, InMemoryEventStore, SchemaRegistry};
+    pub use orchestrator_store::{
+        FileEventStore, InMemoryEventStore, MemoryLimits, SchemaRegistry, WhenFull,
+    };
 }

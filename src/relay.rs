@@ -171,6 +171,9 @@ pub(crate) struct Relay {
     started: AtomicBool,
     /// Where the relay is, for publishers to pace themselves (see [`Pace`]).
     pace: Arc<Pace>,
+    /// Told every position up to which events are relayed (the bounded in-memory store
+    /// evicts only those).
+    on_relayed: Option<OnRelayed>,
 }
 
 /// How far this process's relay has published, for [`Relay::behind`]: the relayed position
@@ -191,6 +194,9 @@ impl Pace {
         self.0.store(Self::NOT_RELAYING, Ordering::Relaxed);
     }
 }
+
+/// What a relay tells, as it moves, the position up to which it has relayed.
+pub(crate) type OnRelayed = Arc<dyn Fn(u64) + Send + Sync>;
 
 impl std::fmt::Debug for Relay {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -226,6 +232,7 @@ impl Relay {
             lease: lease.filter(|lease| !lease.is_local()),
             started: AtomicBool::new(false),
             pace: Arc::new(Pace(AtomicU64::new(Pace::NOT_RELAYING))),
+            on_relayed: None,
         }
     }
 
@@ -233,6 +240,12 @@ impl Relay {
     /// it is not relaying here (see [`Pace`]).
     pub(crate) fn behind(&self, position: u64) -> u64 {
         position.saturating_sub(self.pace.0.load(Ordering::Relaxed))
+    }
+
+    /// Calls `hook` with the relayed position each time it moves.
+    pub(crate) fn on_relayed(mut self, hook: OnRelayed) -> Self {
+        self.on_relayed = Some(hook);
+        self
     }
 
     /// Whether the relay was asked to stop (the orchestrator shuts down).
@@ -260,6 +273,7 @@ impl Relay {
             store: Arc::clone(&self.store),
             bus: self.bus.clone(),
             status: self.status.clone(),
+            on_relayed: self.on_relayed.clone(),
             stop: self.stop.subscribe(),
             lease: self.lease.clone(),
             pace: Arc::clone(&self.pace),
@@ -379,6 +393,7 @@ struct Worker {
     pace: Arc<Pace>,
     /// The transport, when it is the in-process one (checkpoints wait for it to settle).
     in_process: Option<InProcessTransport>,
+    on_relayed: Option<OnRelayed>,
 }
 
 impl Worker {
@@ -648,7 +663,7 @@ impl Worker {
 
     fn advance(&self, position: u64) {
         let mut relayed = position;
-        self.status.send_if_modified(|s| {
+        let moved = self.status.send_if_modified(|s| {
             let moved = position > s.relayed_position;
             if moved {
                 s.relayed_position = position;
@@ -657,6 +672,9 @@ impl Worker {
             moved
         });
         self.pace.relaying_at(relayed);
+        if moved && let Some(hook) = &self.on_relayed {
+            hook(position);
+        }
     }
 
     /// Publishes one run of events of one type, retrying until the transport takes it;

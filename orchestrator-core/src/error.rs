@@ -125,6 +125,30 @@ pub enum Error {
     /// A handler returned an error.
     #[error("handler failed: {0}")]
     Handler(HandlerError),
+
+    /// A bounded store holds as much as it may: the append was refused, nothing was written.
+    #[error("{store} is full ({limit}): {hint}")]
+    StoreFull {
+        /// The store.
+        store: &'static str,
+        /// The limit reached, with its value ("1000000 events").
+        limit: String,
+        /// Why nothing could make room, and what to do.
+        hint: String,
+        /// Whether room can appear by itself (events waiting to be released for eviction).
+        temporary: bool,
+    },
+
+    /// Events asked for are no longer kept: a bounded store evicted them to make room.
+    #[error("{what} was evicted; the oldest kept is {first_kept}: {hint}")]
+    Evicted {
+        /// What was asked for ("stream `order-1` from version 1").
+        what: String,
+        /// The oldest version (of a stream) or position (of the log) still kept.
+        first_kept: u64,
+        /// What to do instead.
+        hint: String,
+    },
 }
 
 fn describe_actual(actual: Option<u64>) -> String {
@@ -173,6 +197,7 @@ impl Error {
             Self::Backend { temporary, .. } => *temporary,
             Self::Timeout { .. } => true,
             Self::Handler(e) => e.is_retryable(),
+            Self::StoreFull { temporary, .. } => *temporary,
             _ => false,
         }
     }

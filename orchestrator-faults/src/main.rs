@@ -9,6 +9,7 @@
 //! faults writers <memory|file|redis|rabbitmq|kafka> [--writers W] [--appends N]
 //!                                                      concurrent appends to one stream
 //! faults slow-handler [--events N]                     a slow handler, bounded memory
+//! faults soak-memory [--events N] [--cap C]            the default facade, capped store
 //! faults publisher-crash <file-memory|file-redis|redis-redis> [--rounds N]
 //!                                                      SIGKILL a publishing process, relay
 //! faults publisher-outage <redis|rabbitmq> [--events N] a broker away while publishing
@@ -35,6 +36,7 @@ mod restart;
 mod saga_crash;
 mod saga_takeover;
 mod slow_handler;
+mod soak;
 #[cfg(any(feature = "redis", feature = "rabbitmq", feature = "kafka"))]
 mod spare;
 mod writers;
@@ -153,10 +155,15 @@ fn run(args: &[String]) -> Result<(), Failure> {
             let events = number_option(rest, "--events", 1_000_000)?;
             runtime()?.block_on(slow_handler::run(events as usize))
         }
+        "soak-memory" => {
+            let events = number_option(rest, "--events", 1_000_000)?;
+            let cap = number_option(rest, "--cap", 100_000)?;
+            runtime()?.block_on(soak::run(events, cap))
+        }
         other => Err(Failure::Failed(
             format!(
                 "unknown scenario `{other}` (restart, saga-crash, writers, slow-handler, \
-                 publisher-crash, publisher-outage, relay-failover, saga-takeover)"
+                 soak-memory, publisher-crash, publisher-outage, relay-failover, saga-takeover)"
             )
             .into(),
         )),

@@ -65,6 +65,6 @@ pub use file::{FileDeadLetterQueue, FileEventStore};
 #[doc(inline)]
 pub use inbox::FileInbox;
 #[doc(inline)]
-pub use memory::InMemoryEventStore;
+pub use memory::{InMemoryEventStore, MemoryLimits, MemoryUsage, WhenFull};
 #[doc(inline)]
 pub use schema::SchemaRegistry;

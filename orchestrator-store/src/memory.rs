@@ -11,6 +11,25 @@
 //! until an append moves it. A slow subscriber therefore holds at most one batch, and the
 //! hand-over from catch-up to live has no gap and no duplicate because there is no hand-over:
 //! stored and live events are read from the same log by the same cursor.
+//!
+//! # Limits
+//!
+//! The store keeps at most [`MemoryLimits`] worth of events: by default one million or
+//! about 1 GiB, whichever comes first, and refuses appends past that with
+//! [`Error::StoreFull`]. [`InMemoryEventStore::with_limits`] sets other limits, none, or
+//! [`WhenFull::EvictReleased`]: the oldest events that were
+//! [released](InMemoryEventStore::release_through) (in the `orchestrator` facade: published
+//! by its outbox relay) are evicted to make room, and only those. After an eviction:
+//!
+//! - `read_all` and `subscribe` from an evicted position start at the oldest event kept
+//!   ([`InMemoryEventStore::usage`] says which); a subscription that eviction overtakes
+//!   (it had not read events that are now gone) yields one [`Error::Evicted`] naming the
+//!   oldest kept position, then goes on from there.
+//! - `read_stream` from an evicted version is [`Error::Evicted`] naming the stream's oldest
+//!   kept version: an aggregate whose early events are gone must be loaded from a snapshot
+//!   taken before they went (read from the snapshot's version on).
+//! - Stream versions stay right (appends with expected versions work as before), but an
+//!   append sent again whose original was evicted is no longer recognised as a retry.
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
@@ -25,6 +44,10 @@ use orchestrator_core::{
 };
 use tokio::sync::watch;
 
+mod limits;
+
+pub use limits::{MemoryLimits, MemoryUsage, WhenFull};
+
 /// How many matching events a subscription reads from the log at a time.
 const SUBSCRIPTION_BATCH: usize = 256;
 
@@ -35,7 +58,9 @@ const SCAN_CHUNK: usize = 4096;
 /// An [`EventStore`] that keeps its events in memory, for tests and for applications that
 /// do not need their events to outlive the process.
 ///
-/// Clones share the same events. Subscriptions end when the last clone is dropped.
+/// Clones share the same events. Subscriptions end when the last clone is dropped. It keeps
+/// at most [`MemoryLimits::default`] worth of events unless told otherwise: see the
+/// [module docs](self#limits).
 ///
 /// ```
 /// use futures::StreamExt;
@@ -62,6 +87,10 @@ pub struct InMemoryEventStore {
 
 struct Inner {
     state: RwLock<State>,
+    limits: MemoryLimits,
+    /// The released position ([`InMemoryEventStore::release_through`]); appends waiting for
+    /// room wait on it.
+    released: watch::Sender<u64>,
     /// The head position, sent on every append (while the write lock is held, so the value
     /// only grows); subscriptions wait on it, and see the store close when it drops.
     head: watch::Sender<u64>,
@@ -71,33 +100,63 @@ impl Default for Inner {
     fn default() -> Self {
         Self {
             state: RwLock::default(),
+            limits: MemoryLimits::default(),
+            released: watch::Sender::new(0),
             head: watch::Sender::new(0),
         }
     }
 }
 
-#[derive(Default)]
 struct State {
-    /// Every event in global order: the event at position `p` is `log[p - 1]`.
-    log: Vec<EventEnvelope>,
-    /// Each stream's events. A stream is only entered here by an append that writes to it,
-    /// so no entry is empty.
+    /// Every event kept, in global order: the event at position `p` is
+    /// `log[p - first]`.
+    log: VecDeque<EventEnvelope>,
+    /// The position of `log[0]`: 1 plus the number of events evicted.
+    first: u64,
+    /// What the kept events count for against [`MemoryLimits::max_bytes`].
+    bytes: u64,
+    /// Events up to this position may be evicted ([`InMemoryEventStore::release_through`]).
+    released: u64,
+    /// Each stream's events. A stream is only entered here by an append that writes to it;
+    /// it stays when its events are evicted, to keep its version.
     streams: HashMap<String, StreamState>,
+}
+
+impl Default for State {
+    fn default() -> Self {
+        Self {
+            log: VecDeque::new(),
+            first: 1,
+            bytes: 0,
+            released: 0,
+            streams: HashMap::new(),
+        }
+    }
 }
 
 #[derive(Default)]
 struct StreamState {
-    /// The global positions of the stream's events: version `v` is at `positions[v - 1]`.
-    positions: Vec<u64>,
-    /// The version of each event id (the ids share their allocation with the logged events).
+    /// How many of the stream's first versions were evicted.
+    evicted: u64,
+    /// The global positions of the stream's kept events: version `v` is at
+    /// `positions[v - evicted - 1]`.
+    positions: VecDeque<u64>,
+    /// The version of each kept event id (the ids share their allocation with the logged
+    /// events).
     ids: HashMap<EventId, u64>,
 }
 
 impl StreamState {
+    fn version(&self) -> u64 {
+        self.evicted + as_u64(self.positions.len())
+    }
+
     /// Where the stream holds the event with this id.
     fn stored(&self, id: &EventId) -> Option<StoredPosition> {
         let stream_version = *self.ids.get(id)?;
-        let global_position = *self.positions.get(index_of(stream_version))?;
+        let global_position = *self
+            .positions
+            .get(index_of(stream_version.checked_sub(self.evicted)?))?;
         Some(StoredPosition {
             stream_version,
             global_position,
@@ -106,7 +165,8 @@ impl StreamState {
 }
 
 impl InMemoryEventStore {
-    /// An empty store.
+    /// An empty store with the [default limits](MemoryLimits::default): one million events
+    /// or about 1 GiB, appends past that refused.
     pub fn new() -> Self {
         Self::default()
     }
@@ -134,6 +194,76 @@ impl Inner {
     fn write(&self) -> RwLockWriteGuard<'_, State> {
         self.state.write().unwrap_or_else(PoisonError::into_inner)
     }
+
+    /// Appends `events` if they fit (taking them out of the vector only then), under the
+    /// write lock.
+    fn append_now(
+        &self,
+        stream: &str,
+        expected: ExpectedVersion,
+        events: &mut Vec<EventEnvelope>,
+        bytes: u64,
+    ) -> Result<AppendResult> {
+        let mut guard = self.write();
+        let state = &mut *guard;
+        if let Some(existing) = state.streams.get(stream)
+            && let Some(original) =
+                find_retried_append(stream, expected, events, |id| existing.stored(id))?
+        {
+            return Ok(original);
+        }
+        let actual = state.stream_version(stream);
+        if !expected.is_satisfied_by(actual) {
+            return Err(Error::WrongExpectedVersion {
+                stream: stream.to_owned(),
+                expected,
+                actual,
+            });
+        }
+        let version = actual.unwrap_or(0);
+        let head = state.head();
+        let count = as_u64(events.len());
+        if count == 0 {
+            return Ok(AppendResult {
+                next_expected_version: version,
+                first_position: head + 1,
+                last_position: head,
+            });
+        }
+        state.make_room(&self.limits, count, bytes)?;
+        let events = std::mem::take(events);
+        // Eviction moved nothing the checks above looked at: versions stay, and `head` is
+        // computed from positions, not from what is kept.
+        state.bytes += bytes;
+        state.log.reserve(events.len());
+        let entry = state.streams.entry(stream.to_owned()).or_default();
+        entry.positions.extend((1..=count).map(|i| head + i));
+        entry.ids.reserve(events.len());
+        entry.ids.extend(
+            events
+                .iter()
+                .zip(1..)
+                .map(|(event, i)| (event.id().clone(), version + i)),
+        );
+        state
+            .log
+            .extend(events.into_iter().zip(1..).map(|(event, i)| {
+                event.with_position(
+                    stream,
+                    StoredPosition {
+                        stream_version: version + i,
+                        global_position: head + i,
+                    },
+                )
+            }));
+        let last_position = head + count;
+        self.head.send_replace(last_position);
+        Ok(AppendResult {
+            next_expected_version: version + count,
+            first_position: head + 1,
+            last_position,
+        })
+    }
 }
 
 /// The log index of global position `position` (positions start at 1).
@@ -148,11 +278,17 @@ fn as_u64(n: usize) -> u64 {
 
 impl State {
     fn head(&self) -> u64 {
-        as_u64(self.log.len())
+        self.first - 1 + as_u64(self.log.len())
     }
 
     fn stream_version(&self, stream: &str) -> Option<u64> {
-        self.streams.get(stream).map(|s| as_u64(s.positions.len()))
+        self.streams.get(stream).map(StreamState::version)
+    }
+
+    /// The kept event at `position`.
+    fn at(&self, position: u64) -> Option<&EventEnvelope> {
+        self.log
+            .get(usize::try_from(position.checked_sub(self.first)?).ok()?)
     }
 
     /// Looks at the events from position `from` up to `until` (inclusive, and no further
@@ -166,11 +302,14 @@ impl State {
         limit: usize,
         mut take: impl FnMut(&EventEnvelope),
     ) -> u64 {
-        let start = index_of(from.max(1)).min(self.log.len());
-        let end = usize::try_from(until).map_or(self.log.len(), |u| u.min(self.log.len()));
+        // Positions before the oldest kept event are gone: start at it.
+        let offset = self.first - 1;
+        let start = index_of(from.max(self.first) - offset).min(self.log.len());
+        let end = usize::try_from(until.saturating_sub(offset))
+            .map_or(self.log.len(), |u| u.min(self.log.len()));
         let mut taken = 0;
         let mut next = start;
-        for event in self.log.get(start..end).unwrap_or_default() {
+        for event in self.log.range(start..end.max(start)) {
             if taken == limit {
                 break;
             }
@@ -180,7 +319,7 @@ impl State {
                 taken += 1;
             }
         }
-        as_u64(next) + 1
+        as_u64(next) + 1 + offset
     }
 }
 
@@ -209,60 +348,51 @@ impl EventStore for InMemoryEventStore {
     ) -> Result<AppendResult> {
         validate_stream_id(stream)?;
         validate_batch_ids(&events)?;
-        let mut guard = self.inner.write();
-        let state = &mut *guard;
-        if let Some(existing) = state.streams.get(stream)
-            && let Some(original) =
-                find_retried_append(stream, expected, &events, |id| existing.stored(id))?
-        {
-            return Ok(original);
+        let limits = self.inner.limits;
+        let bytes: u64 = events.iter().map(|e| limits::event_bytes(stream, e)).sum();
+        if let Some(max) = limits.max_events.filter(|&max| as_u64(events.len()) > max) {
+            return Err(Error::invalid(
+                "append",
+                format!(
+                    "{} events can never fit an in-memory store limited to {max} events; \
+                     append fewer at a time or raise MemoryLimits::max_events",
+                    events.len()
+                ),
+            ));
         }
-        let actual = state.stream_version(stream);
-        if !expected.is_satisfied_by(actual) {
-            return Err(Error::WrongExpectedVersion {
-                stream: stream.to_owned(),
-                expected,
-                actual,
-            });
+        if let Some(max) = limits.max_bytes.filter(|&max| bytes > max) {
+            return Err(Error::invalid(
+                "append",
+                format!(
+                    "events of about {bytes} bytes can never fit an in-memory store limited \
+                     to about {max} bytes; append less at a time or raise \
+                     MemoryLimits::max_bytes"
+                ),
+            ));
         }
-        let version = actual.unwrap_or(0);
-        let head = state.head();
-        let count = as_u64(events.len());
-        if count == 0 {
-            return Ok(AppendResult {
-                next_expected_version: version,
-                first_position: head + 1,
-                last_position: head,
-            });
-        }
-        state.log.reserve(events.len());
-        let entry = state.streams.entry(stream.to_owned()).or_default();
-        entry.positions.extend((1..=count).map(|i| head + i));
-        entry.ids.reserve(events.len());
-        entry.ids.extend(
-            events
-                .iter()
-                .zip(1..)
-                .map(|(event, i)| (event.id().clone(), version + i)),
-        );
-        state
-            .log
-            .extend(events.into_iter().zip(1..).map(|(event, i)| {
-                event.with_position(
-                    stream,
-                    StoredPosition {
-                        stream_version: version + i,
-                        global_position: head + i,
+        let mut events = events;
+        let mut released = self.inner.released.subscribe();
+        let mut deadline = None;
+        loop {
+            // Marked as seen before trying, so a release after the try wakes the wait below.
+            released.borrow_and_update();
+            match self.inner.append_now(stream, expected, &mut events, bytes) {
+                Err(
+                    full @ Error::StoreFull {
+                        temporary: true, ..
                     },
-                )
-            }));
-        let last_position = head + count;
-        self.inner.head.send_replace(last_position);
-        Ok(AppendResult {
-            next_expected_version: version + count,
-            first_position: head + 1,
-            last_position,
-        })
+                ) if !limits.max_wait.is_zero() => {
+                    let deadline = *deadline
+                        .get_or_insert_with(|| tokio::time::Instant::now() + limits.max_wait);
+                    match tokio::time::timeout_at(deadline, released.changed()).await {
+                        Ok(Ok(())) => {}
+                        // Timed out, or the store is being dropped.
+                        _ => return Err(full),
+                    }
+                }
+                other => return other,
+            }
+        }
     }
 
     async fn read_stream(
@@ -273,14 +403,26 @@ impl EventStore for InMemoryEventStore {
     ) -> Result<Vec<EventEnvelope>> {
         validate_stream_id(stream)?;
         let state = self.inner.read();
-        let Some(positions) = state.streams.get(stream).map(|s| &s.positions) else {
+        let Some(entry) = state.streams.get(stream) else {
             return Ok(Vec::new());
         };
-        let start = index_of(from_version.max(1)).min(positions.len());
-        Ok(positions[start..]
-            .iter()
+        let from = from_version.max(1);
+        if from <= entry.evicted && limit > 0 {
+            return Err(Error::Evicted {
+                what: format!("stream `{stream}` from version {from}"),
+                first_kept: entry.evicted + 1,
+                hint: "the in-memory store evicted its oldest events to stay within its \
+                       limits; load the aggregate from a snapshot taken before (reading from \
+                       the snapshot's version on), or keep events in a durable store"
+                    .to_owned(),
+            });
+        }
+        let start = index_of(from - entry.evicted).min(entry.positions.len());
+        Ok(entry
+            .positions
+            .range(start..)
             .take(limit)
-            .filter_map(|&p| state.log.get(index_of(p)).cloned())
+            .filter_map(|&p| state.at(p).cloned())
             .collect())
     }
 
@@ -317,13 +459,15 @@ impl EventStore for InMemoryEventStore {
         let subscription = Subscription {
             store: Arc::downgrade(&self.inner),
             head: self.inner.head.subscribe(),
-            next: from_position.max(1),
+            // What was evicted before the subscription began is skipped quietly, as by
+            // `read_all`; what is evicted under it is reported.
+            next: from_position.max(self.inner.read().first),
             filter,
             buffer: VecDeque::new(),
         };
         Ok(futures::stream::unfold(subscription, |mut sub| async move {
             let event = sub.next_event().await?;
-            Some((Ok(event), sub))
+            Some((event, sub))
         })
         .boxed())
     }
@@ -342,12 +486,12 @@ struct Subscription {
 }
 
 impl Subscription {
-    /// The next matching event, waiting for appends when caught up; `None` once the store is
-    /// dropped.
-    async fn next_event(&mut self) -> Option<EventEnvelope> {
+    /// The next matching event, waiting for appends when caught up, or an
+    /// [`Error::Evicted`] when eviction overtook the cursor; `None` once the store is dropped.
+    async fn next_event(&mut self) -> Option<Result<EventEnvelope>> {
         loop {
             if let Some(event) = self.buffer.pop_front() {
-                return Some(event);
+                return Some(Ok(event));
             }
             // Marking the head as seen before reading the log means that any append the read
             // misses changes the head afterwards, so `changed()` below cannot miss it.
@@ -355,6 +499,17 @@ impl Subscription {
             let caught_up = {
                 let store = self.store.upgrade()?;
                 let state = store.read();
+                if self.next < state.first {
+                    let error = Error::Evicted {
+                        what: format!("the events from position {}", self.next),
+                        first_kept: state.first,
+                        hint: "the subscription fell behind an in-memory store that evicts \
+                               its oldest events; it goes on from the oldest kept"
+                            .to_owned(),
+                    };
+                    self.next = state.first;
+                    return Some(Err(error));
+                }
                 let until = self.next.saturating_add(as_u64(SCAN_CHUNK) - 1);
                 let buffer = &mut self.buffer;
                 self.next = state.scan(self.next, until, &self.filter, SUBSCRIPTION_BATCH, |e| {
@@ -473,7 +628,7 @@ mod tests {
             filter: EventFilter::all(),
             buffer: VecDeque::new(),
         };
-        assert!(sub.next_event().await.is_some());
+        assert!(sub.next_event().await.unwrap().is_ok());
         assert_eq!(sub.buffer.len(), SUBSCRIPTION_BATCH - 1);
     }
 

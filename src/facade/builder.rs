@@ -12,6 +12,7 @@ use orchestrator_cqrs::{CommandBus, QueryBus, QueryCacheConfig};
 use orchestrator_saga::SagaOrchestrator;
 use orchestrator_store::schema::ValidatingStore;
 use orchestrator_store::{FileDeadLetterQueue, FileEventStore, InMemoryEventStore, SchemaRegistry};
+use orchestrator_store::{MemoryLimits, WhenFull};
 
 use super::EventOrchestrator;
 use crate::connect::{self, Backend};
@@ -26,9 +27,10 @@ enum Source<T: ?Sized> {
 
 /// Configures an [`EventOrchestrator`]; from [`EventOrchestrator::builder`].
 ///
-/// Everything has a default: the in-process transport, the in-memory store, the default
-/// [`RetryPolicy`], the system clock, an empty schema registry, a query cache of 10,000
-/// results for 30 s, up to 1024 sagas at once.
+/// Everything has a default: the in-process transport, the in-memory store (bounded: see
+/// [`memory_limits`](Self::memory_limits)), the default [`RetryPolicy`], the system clock,
+/// an empty schema registry, a query cache of 10,000 results for 30 s, up to 1024 sagas at
+/// once.
 ///
 /// **Dead letters in embedded mode.** With the embedded durable store — given by
 /// [`store_url`](Self::store_url)`("file://DIR")` or by [`file_store`](Self::file_store) —
@@ -71,6 +73,10 @@ pub struct EventOrchestratorBuilder {
     relay: RelayOptions,
     inbox: Option<Arc<dyn Inbox>>,
     application: Option<String>,
+    /// The limits of the in-memory store the builder makes when given no store.
+    memory_limits: MemoryLimits,
+    /// That store, once made, for the relay to release what it published.
+    memory_store: Option<InMemoryEventStore>,
 }
 
 impl Default for EventOrchestratorBuilder {
@@ -89,6 +95,8 @@ impl Default for EventOrchestratorBuilder {
             relay: RelayOptions::default(),
             inbox: None,
             application: None,
+            memory_limits: MemoryLimits::default().when_full(WhenFull::EvictReleased),
+            memory_store: None,
         }
     }
 }
@@ -238,6 +246,29 @@ impl EventOrchestratorBuilder {
         self
     }
 
+    /// The limits of the in-memory store used when no store is given (or `memory:` is):
+    /// by default [`MemoryLimits::default`] (one million events or about 1 GiB) with
+    /// [`WhenFull::EvictReleased`], so a long-running process keeps the newest events and
+    /// never loses one the outbox relay has not published yet: the oldest published ones
+    /// are evicted, and a publish that finds only unpublished ones waits (up to
+    /// [`MemoryLimits::max_wait`]) for the relay to catch up. After an eviction, reading an
+    /// aggregate's evicted events is [`Error::Evicted`](orchestrator_core::Error::Evicted):
+    /// such aggregates need snapshots (see
+    /// [`orchestrator_store::memory`](orchestrator_store::memory#limits)).
+    /// [`MemoryLimits::unbounded`] keeps everything, as before limits existed. A store given
+    /// with [`store`](Self::store) keeps its own limits.
+    pub fn memory_limits(mut self, limits: MemoryLimits) -> Self {
+        self.memory_limits = limits;
+        self
+    }
+
+    /// The in-memory store made when none is given, with the builder's limits.
+    fn memory_store(&mut self) -> Arc<dyn EventStore> {
+        let store = InMemoryEventStore::with_limits(self.memory_limits);
+        self.memory_store = Some(store.clone());
+        Arc::new(store)
+    }
+
     /// The inbox [`EventOrchestrator::inbox`] hands out, instead of the store's (for another
     /// retention, or another place to keep the ids).
     pub fn inbox(mut self, inbox: Arc<dyn Inbox>) -> Self {
@@ -265,7 +296,10 @@ impl EventOrchestratorBuilder {
             None => None,
         };
         let store: Arc<dyn EventStore> = match self.store.take() {
-            None => Arc::new(InMemoryEventStore::new()),
+            None => self.memory_store(),
+            Some(Source::Url(url)) if Backend::parse(&url)? == Backend::Memory => {
+                self.memory_store()
+            }
             Some(Source::Ready(store)) => store,
             Some(Source::Url(url)) => connect::store(&url).await?,
         };
@@ -310,7 +344,8 @@ impl EventOrchestratorBuilder {
     /// The embedded default, which needs nothing connected.
     pub(super) fn build_in_process(mut self) -> EventOrchestrator {
         let transport = self.in_process_transport();
-        self.assemble(transport, Arc::new(InMemoryEventStore::new()))
+        let store = self.memory_store();
+        self.assemble(transport, store)
     }
 
     fn in_process_transport(&mut self) -> Arc<dyn Transport> {
@@ -336,7 +371,12 @@ impl EventOrchestratorBuilder {
             .with_schemas(schemas.clone());
         // The relay reads events as stored: an event that cannot be upcast is still
         // published, and dead-lettered by the subscriptions that cannot take it.
-        let relay = Arc::new(Relay::new(self.relay, Arc::clone(&store), bus.clone()));
+        let mut relay = Relay::new(self.relay, Arc::clone(&store), bus.clone());
+        if let Some(memory) = self.memory_store {
+            // What the relay has published may be evicted; nothing else ever is.
+            relay = relay.on_relayed(Arc::new(move |position| memory.release_through(position)));
+        }
+        let relay = Arc::new(relay);
         // Every other reader — aggregates, read models, temporal queries, replay, saga waits,
         // the user — sees events upcast to their type's latest version, and every append is
         // validated: one place does both.

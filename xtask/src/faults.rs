@@ -225,6 +225,18 @@ pub(crate) fn scenarios(short: bool) -> Vec<Scenario> {
         None,
         pick(300, 120),
     ));
+    all.push(scenario(
+        "soak-memory".into(),
+        vec![
+            "soak-memory".into(),
+            "--events".into(),
+            pick(1_000_000, 200_000).to_string(),
+            "--cap".into(),
+            pick(100_000, 20_000).to_string(),
+        ],
+        None,
+        pick(300, 120),
+    ));
     all
 }
 
@@ -540,7 +552,7 @@ mod tests {
     fn the_short_suite_is_the_same_suite_smaller() {
         let (full, short) = (scenarios(false), scenarios(true));
         assert_eq!(full.len(), short.len());
-        assert_eq!(full.len(), 3 + 1 + 5 + 3 + 2 + 3 + 1);
+        assert_eq!(full.len(), 3 + 1 + 5 + 3 + 2 + 3 + 1 + 1);
         let restart = short.iter().find(|s| s.name == "restart-kafka").unwrap();
         assert!(restart.args.contains(&"10000".to_owned()));
         assert_eq!(restart.service, None, "it runs a tansu of its own");

@@ -9,20 +9,17 @@
 //! any other as its text), plus each distinct stream id and type once.
 
 use std::collections::HashMap;
-use std::fs::File;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use orchestrator_core::{EventEnvelope, EventFilter, EventId, StoredPosition};
 
-/// A segment as readers see it.
+/// A segment as readers see it: its file, opened when a read needs it (see `handles.rs`).
 #[derive(Debug, Clone)]
 pub(crate) struct SegmentRef {
-    /// The file's path, for errors.
+    /// The file's path.
     pub(crate) path: PathBuf,
-    /// A handle for positioned reads.
-    pub(crate) file: Arc<File>,
 }
 
 /// Where one event's frame is, and what filters need to know about it.

@@ -26,7 +26,10 @@
 //! - **Reads.** The index holds each event's location, stream, type and time, so filtered
 //!   reads fetch only matching frames; frames next to each other are fetched with one
 //!   positioned read and checked again before decoding. Reads are plain blocking file reads
-//!   on the calling task (mostly served from the page cache).
+//!   on the calling task (mostly served from the page cache). Segment files are opened when
+//!   a read needs them and kept in a cache of [`FileStoreOptions::max_open_segments`]
+//!   handles (64 by default), so the number of segments is not bounded by the process's
+//!   file-descriptor limit.
 //!
 //! Dropping the last handle of a store waits for the writer to finish the appends in flight
 //! and sync them.
@@ -79,6 +82,7 @@
 
 pub mod dead_letters;
 mod format;
+mod handles;
 mod index;
 mod lock;
 mod read;
@@ -109,6 +113,7 @@ pub use dead_letters::FileDeadLetterQueue;
 pub use recovery::RecoveryReport;
 pub(crate) use segment::sync_dir;
 
+use handles::SegmentFiles;
 use index::{Index, Loc};
 use lock::DirLock;
 use recovery::Cursor;
@@ -141,6 +146,11 @@ pub struct FileStoreOptions {
     pub fsync: FsyncPolicy,
     /// The size past which a segment is sealed and a new one started (64 MiB by default).
     pub max_segment_bytes: u64,
+    /// How many segment files readers keep open at most (64 by default): segments are
+    /// opened when a read needs them and the least recently read is closed first, so a
+    /// store of any number of segments stays within the process's file-descriptor limit.
+    /// The segment being written has one more handle, always open.
+    pub max_open_segments: usize,
 }
 
 impl Default for FileStoreOptions {
@@ -148,6 +158,7 @@ impl Default for FileStoreOptions {
         Self {
             fsync: FsyncPolicy::EveryAppend,
             max_segment_bytes: 64 * 1024 * 1024,
+            max_open_segments: 64,
         }
     }
 }
@@ -162,6 +173,13 @@ impl FileStoreOptions {
     /// Sets the segment size (at least 4 KiB).
     pub fn max_segment_bytes(mut self, bytes: u64) -> Self {
         self.max_segment_bytes = bytes.max(4096);
+        self
+    }
+
+    /// Sets how many segment files readers keep open at most (at least 1; see
+    /// [`max_open_segments`](Self::max_open_segments)).
+    pub fn max_open_segments(mut self, segments: usize) -> Self {
+        self.max_open_segments = segments.max(1);
         self
     }
 }
@@ -199,6 +217,8 @@ pub(crate) struct Shared {
     /// it drops.
     pub(crate) head: watch::Sender<u64>,
     pub(crate) stats: Stats,
+    /// The segments' read handles, opened on demand, at most `max_open_segments` at once.
+    pub(crate) files: SegmentFiles,
 }
 
 impl Shared {
@@ -328,6 +348,7 @@ impl FileEventStore {
             index: RwLock::new(recovered.index),
             head: watch::Sender::new(head),
             stats: Stats::default(),
+            files: SegmentFiles::new(options.max_open_segments),
         });
         let (requests, receiver) = mpsc::channel();
         let writer = Writer::new(
@@ -412,6 +433,7 @@ impl FileEventStore {
                     index: RwLock::new(index),
                     head: watch::Sender::new(head),
                     stats: Stats::default(),
+                    files: SegmentFiles::new(FileStoreOptions::default().max_open_segments),
                 }),
                 requests: Mutex::new(None),
                 writer: Mutex::new(None),
@@ -496,7 +518,7 @@ impl FileEventStore {
     fn read(&self, locs: &[Loc]) -> Result<Vec<EventEnvelope>> {
         let segments = self.inner.shared.index().segments.clone();
         let mut events = Vec::new();
-        read::read_locs(&segments, locs, &mut events)?;
+        read::read_locs(&self.inner.shared.files, &segments, locs, &mut events)?;
         Ok(events)
     }
 }
@@ -537,7 +559,7 @@ pub(crate) fn read_range(
             });
             index.segments.clone()
         };
-        read::read_locs(&segments, &locs, &mut events)?;
+        read::read_locs(&shared.files, &segments, &locs, &mut events)?;
     }
     Ok((events, next))
 }

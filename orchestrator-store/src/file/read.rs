@@ -6,6 +6,7 @@ use orchestrator_core::EventEnvelope;
 use crate::error::{Error, Result};
 
 use super::format::{Parsed, decode_envelope, parse_frame};
+use super::handles::SegmentFiles;
 use super::index::{Loc, SegmentRef};
 use super::segment::read_exact_at;
 
@@ -14,6 +15,7 @@ const READ_CHUNK: u64 = 1024 * 1024;
 
 /// Reads and decodes the events at `locs`, in order, appending them to `out`.
 pub(crate) fn read_locs(
+    files: &SegmentFiles,
     segments: &[SegmentRef],
     locs: &[Loc],
     out: &mut Vec<EventEnvelope>,
@@ -44,7 +46,8 @@ pub(crate) fn read_locs(
         })?;
         let len = usize::try_from(end - first.offset).unwrap_or(usize::MAX);
         buf.resize(len, 0);
-        read_exact_at(&segment.file, &mut buf, first.offset)
+        let file = files.get(first.segment, &segment.path)?;
+        read_exact_at(&file, &mut buf, first.offset)
             .map_err(|e| Error::io("read", &segment.path, e))?;
         let mut at = 0;
         for loc in &locs[i..j] {

@@ -56,12 +56,11 @@ pub(crate) struct Recovered {
     pub(crate) report: RecoveryReport,
 }
 
-pub(crate) fn open_reader(path: &Path) -> Result<SegmentRef> {
-    let file = File::open(path).map_err(|e| Error::io("open", path, e))?;
-    Ok(SegmentRef {
+/// A segment for the index; its file is opened when a read needs it.
+pub(crate) fn segment_ref(path: &Path) -> SegmentRef {
+    SegmentRef {
         path: path.to_owned(),
-        file: Arc::new(file),
-    })
+    }
 }
 
 fn open_writer(path: &Path) -> Result<File> {
@@ -153,7 +152,7 @@ pub(crate) fn scan(dir: &Path, index: &RwLock<Index>, cursor: &mut Cursor) -> Re
         let data = read_from(&path, start)?;
         let mut index = index.write().unwrap_or_else(PoisonError::into_inner);
         if (index.segments.len() as u64) < seq {
-            index.push_segment(open_reader(&path)?);
+            index.push_segment(segment_ref(&path));
         }
         let segment = u32::try_from(seq - 1).unwrap_or(u32::MAX);
         *cursor = Cursor { seq, offset: start };
@@ -199,7 +198,7 @@ pub(crate) fn recover(dir: &Path) -> Result<Recovered> {
     };
     if scanned.segments == 0 {
         let file = create_segment(dir, 1)?;
-        index.push_segment(open_reader(&segment_path(dir, 1))?);
+        index.push_segment(segment_ref(&segment_path(dir, 1)));
         report.segments = 1;
         return Ok(Recovered {
             index,

@@ -37,7 +37,7 @@ use crate::error::Error;
 
 use super::format::{FLAG_END_OF_APPEND, SEGMENT_HEADER_LEN, push_frame};
 use super::index::NewEntry;
-use super::recovery::open_reader;
+use super::recovery::segment_ref;
 use super::segment::{create_segment, segment_path};
 use super::{FsyncPolicy, Shared};
 
@@ -418,13 +418,10 @@ impl Writer {
     /// Makes the pending appends visible and answers them.
     fn publish(&mut self) {
         self.unsynced_since = None;
-        let mut readers = Vec::with_capacity(self.new_segments.len());
-        for seq in std::mem::take(&mut self.new_segments) {
-            match open_reader(&segment_path(&self.dir, seq)) {
-                Ok(reader) => readers.push(reader),
-                Err(e) => return self.fail(e),
-            }
-        }
+        let readers: Vec<_> = std::mem::take(&mut self.new_segments)
+            .into_iter()
+            .map(|seq| segment_ref(&segment_path(&self.dir, seq)))
+            .collect();
         let mut pending = std::mem::take(&mut self.pending);
         let mut appends = 0;
         let mut events = 0;

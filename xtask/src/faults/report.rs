@@ -270,6 +270,27 @@ const TABLES: &[Table] = &[
             ("run (s)", "seconds"),
         ],
     },
+    Table {
+        prefix: "soak-memory",
+        title: "Soak: the default facade's memory stays bounded",
+        about: "`EventOrchestrator` on the in-memory store, capped (evicting the events its \
+                outbox relay has published), one publisher as fast as it can and one \
+                subscriber. Every event handled, the store keeping no more than its cap, and \
+                the peak resident set (VmHWM) after every event no more than the stated \
+                factor of the peak after the first tenth.",
+        columns: &[
+            ("events", "events"),
+            ("handled", "handled"),
+            ("cap", "cap"),
+            ("kept", "kept"),
+            ("peak RSS after 1/10 (KiB)", "rss_tenth_kib"),
+            ("peak RSS (KiB)", "peak_rss_kib"),
+            ("growth", "growth"),
+            ("limit", "growth_limit"),
+            ("events/s", "events_per_s"),
+            ("run (s)", "seconds"),
+        ],
+    },
 ];
 
 /// A cell: one field, or `a / b` for `a|b`; `—` when missing.
@@ -295,11 +316,13 @@ pub(crate) fn markdown(run: &Run<'_>) -> String {
         if run.short { " --short" } else { "" },
         if run.short {
             "**The short (CI) suite: 10,000 events per restart, 8 × 1,000 appends (Kafka: \
-             8 × 150), 100,000 events through the slow handler.**"
+             8 × 150), 100,000 events through the slow handler, 200,000 through the \
+             soak.**"
         } else {
             "The full suite: 100,000 events per restart, 8 × 10,000 appends (Kafka: 8 × 1,000, \
              as each Kafka append waits for its log to index it, about 20 a second on tansu), \
-             1,000,000 events through the slow handler (`--short` is the CI-sized one)."
+             1,000,000 events through the slow handler and through the soak (`--short` is \
+             the CI-sized one)."
         }
     );
     let _ = writeln!(md, "**Machine:** {}.\n", run.machine);
