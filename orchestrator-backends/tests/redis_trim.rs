@@ -1,0 +1,254 @@
+//! Trimming `RedisTransport`'s topic streams against the live Redis: what every group has
+//! acknowledged goes, what any group still needs stays, and a stream whose consumers keep up
+//! stays small.
+#![cfg(feature = "redis")]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod redis_support;
+
+use std::time::{Duration, Instant};
+
+use orchestrator_backends::redis::{RedisConfig, RedisTransport};
+use orchestrator_core::{EventEnvelope, SubscribeOptions, Transport};
+use redis::aio::MultiplexedConnection;
+use redis_support::{Cleanup, config, random_prefix, raw, reachable};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+fn event(topic: &str, seq: usize) -> EventEnvelope {
+    EventEnvelope::new(topic, &serde_json::json!({ "seq": seq })).unwrap()
+}
+
+/// A transport that trims only when asked (the interval is never reached) and keeps no
+/// acknowledged entry for its age.
+fn trim_on_request(url: &str, prefix: &str) -> RedisConfig {
+    config(url, prefix)
+        .with_topic_trim_interval(Duration::from_secs(3600))
+        .with_topic_retention(Duration::ZERO)
+}
+
+async fn ids(conn: &mut MultiplexedConnection, key: &str) -> Vec<String> {
+    let entries: Vec<(String, Vec<(String, Vec<u8>)>)> = redis::cmd("XRANGE")
+        .arg(key)
+        .arg("-")
+        .arg("+")
+        .query_async(conn)
+        .await
+        .unwrap();
+    entries.into_iter().map(|(id, _)| id).collect()
+}
+
+async fn create_group(conn: &mut MultiplexedConnection, key: &str, group: &str) {
+    let _: () = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(key)
+        .arg(group)
+        .arg("0")
+        .query_async(conn)
+        .await
+        .unwrap();
+}
+
+/// `XREADGROUP` of the next `count` entries for `group`: they are pending until acked.
+async fn read(conn: &mut MultiplexedConnection, key: &str, group: &str, count: usize) {
+    let _: redis::Value = redis::cmd("XREADGROUP")
+        .arg("GROUP")
+        .arg(group)
+        .arg("consumer")
+        .arg("COUNT")
+        .arg(count)
+        .arg("STREAMS")
+        .arg(key)
+        .arg(">")
+        .query_async(conn)
+        .await
+        .unwrap();
+}
+
+async fn ack(conn: &mut MultiplexedConnection, key: &str, group: &str, ids: &[&String]) {
+    let _: i64 = redis::cmd("XACK")
+        .arg(key)
+        .arg(group)
+        .arg(ids)
+        .query_async(conn)
+        .await
+        .unwrap();
+}
+
+async fn publish(transport: &RedisTransport, topic: &str, n: usize) {
+    transport
+        .publish_batch(topic, (0..n).map(|i| event(topic, i)).collect())
+        .await
+        .unwrap();
+}
+
+/// A fast group acked everything; a slow group read six entries, acked three of them (1, 2
+/// and 4) and has not read the last four. Trimming removes only entries 1 and 2: the slow
+/// group's oldest unacknowledged entry (3) and everything after it stay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trimming_keeps_every_entry_a_slow_group_has_not_acknowledged() {
+    let Some(url) = reachable().await else { return };
+    let prefix = random_prefix();
+    let _cleanup = Cleanup::new(&url, &prefix);
+    let transport = RedisTransport::connect(trim_on_request(&url, &prefix))
+        .await
+        .unwrap();
+    let (topic, key) = ("stock.moved", format!("{prefix}topic:stock.moved"));
+    let mut conn = raw(&url).await;
+    publish(&transport, topic, 10).await;
+    let all = ids(&mut conn, &key).await;
+    assert_eq!(all.len(), 10, "not trimmed on publish");
+    create_group(&mut conn, &key, "fast").await;
+    create_group(&mut conn, &key, "slow").await;
+    read(&mut conn, &key, "fast", 10).await;
+    ack(&mut conn, &key, "fast", &all.iter().collect::<Vec<_>>()).await;
+    read(&mut conn, &key, "slow", 6).await;
+    ack(&mut conn, &key, "slow", &[&all[0], &all[1], &all[3]]).await;
+
+    let trim = transport.trim_topic(topic).await.unwrap();
+    assert_eq!(trim.removed, 2, "{trim:?}");
+    assert_eq!(trim.remaining, 8);
+    assert_eq!(trim.cut, all[2]);
+    assert_eq!(ids(&mut conn, &key).await, all[2..].to_vec());
+
+    // Once the slow group has caught up, only the newest entry (read by all) is left.
+    ack(&mut conn, &key, "slow", &[&all[2], &all[4], &all[5]]).await;
+    assert_eq!(transport.trim_topic(topic).await.unwrap().removed, 3);
+    assert_eq!(ids(&mut conn, &key).await, all[5..].to_vec(), "4 unread");
+    read(&mut conn, &key, "slow", 10).await;
+    ack(&mut conn, &key, "slow", &all[6..].iter().collect::<Vec<_>>()).await;
+    assert_eq!(transport.trim_topic(topic).await.unwrap().removed, 4);
+    assert_eq!(ids(&mut conn, &key).await, all[9..].to_vec());
+    transport.close().await;
+}
+
+/// A group that has not read anything yet keeps the whole stream, however far the others got;
+/// a stream with no group keeps what is younger than the retention age.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_that_has_not_read_keeps_its_entries() {
+    let Some(url) = reachable().await else { return };
+    let prefix = random_prefix();
+    let _cleanup = Cleanup::new(&url, &prefix);
+    let transport = RedisTransport::connect(trim_on_request(&url, &prefix))
+        .await
+        .unwrap();
+    let (topic, key) = ("stock.counted", format!("{prefix}topic:stock.counted"));
+    let mut conn = raw(&url).await;
+    publish(&transport, topic, 5).await;
+    let all = ids(&mut conn, &key).await;
+    create_group(&mut conn, &key, "fast").await;
+    create_group(&mut conn, &key, "late").await;
+    read(&mut conn, &key, "fast", 5).await;
+    ack(&mut conn, &key, "fast", &all.iter().collect::<Vec<_>>()).await;
+
+    let trim = transport.trim_topic(topic).await.unwrap();
+    assert_eq!((trim.removed, trim.remaining), (0, 5), "{trim:?}");
+    assert_eq!(ids(&mut conn, &key).await, all);
+
+    // Without groups, only the retention age keeps entries.
+    let lonely = "stock.audited";
+    publish(&transport, lonely, 3).await;
+    let keeper = RedisTransport::connect(
+        trim_on_request(&url, &prefix).with_topic_retention(Duration::from_secs(3600)),
+    )
+    .await
+    .unwrap();
+    assert_eq!(keeper.trim_topic(lonely).await.unwrap().removed, 0);
+    // The entries' ids are milliseconds: let the clock pass the last one.
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let trim = transport.trim_topic(lonely).await.unwrap();
+    assert_eq!((trim.removed, trim.remaining), (3, 0), "{trim:?}");
+    assert_eq!(
+        transport.trim_topic("never.published").await.unwrap().removed,
+        0
+    );
+    keeper.close().await;
+    transport.close().await;
+}
+
+/// Acknowledged entries younger than the retention age stay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_retention_age_keeps_young_acknowledged_entries() {
+    let Some(url) = reachable().await else { return };
+    let prefix = random_prefix();
+    let _cleanup = Cleanup::new(&url, &prefix);
+    let transport = RedisTransport::connect(
+        trim_on_request(&url, &prefix).with_topic_retention(Duration::from_secs(3600)),
+    )
+    .await
+    .unwrap();
+    let (topic, key) = ("stock.held", format!("{prefix}topic:stock.held"));
+    let mut conn = raw(&url).await;
+    publish(&transport, topic, 4).await;
+    let all = ids(&mut conn, &key).await;
+    create_group(&mut conn, &key, "fast").await;
+    read(&mut conn, &key, "fast", 4).await;
+    ack(&mut conn, &key, "fast", &all.iter().collect::<Vec<_>>()).await;
+    assert_eq!(transport.trim_topic(topic).await.unwrap().removed, 0);
+    assert_eq!(ids(&mut conn, &key).await.len(), 4);
+    transport.close().await;
+}
+
+/// With trimming on (every publish here), a topic whose consumer acks everything stays at
+/// about one batch, however much is published: without trimming it would hold all 1,000.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishing_keeps_a_stream_bounded_while_consumers_keep_up() {
+    let Some(url) = reachable().await else { return };
+    let prefix = random_prefix();
+    let _cleanup = Cleanup::new(&url, &prefix);
+    let transport = RedisTransport::connect(
+        config(&url, &prefix)
+            .with_topic_trim_interval(Duration::ZERO)
+            .with_topic_retention(Duration::ZERO),
+    )
+    .await
+    .unwrap();
+    let (topic, key) = ("stock.flowed", format!("{prefix}topic:stock.flowed"));
+    let mut conn = raw(&url).await;
+    let mut sub = transport
+        .subscribe(SubscribeOptions::new("keeper", topic).unwrap())
+        .await
+        .unwrap();
+    const BATCH: usize = 50;
+    let mut longest = 0;
+    for round in 0..20 {
+        publish(&transport, topic, BATCH).await;
+        let len: usize = redis::cmd("XLEN")
+            .arg(&key)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        longest = longest.max(len);
+        assert!(
+            len <= BATCH + 1,
+            "round {round}: {len} entries, more than one batch and the last entry read"
+        );
+        for _ in 0..BATCH {
+            let delivery = tokio::time::timeout(WAIT, sub.next())
+                .await
+                .expect("a delivery in time")
+                .unwrap()
+                .unwrap();
+            delivery.ack().await.unwrap();
+        }
+        // Acks are sent in the background: wait until Redis has them all.
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let summary: (i64, Option<String>, Option<String>, redis::Value) =
+                redis::cmd("XPENDING")
+                    .arg(&key)
+                    .arg("keeper")
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap();
+            if summary.0 == 0 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "acks did not reach Redis");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    eprintln!("1,000 events published in batches of {BATCH}: the stream held at most {longest}");
+    drop(sub);
+    transport.close().await;
+}
