@@ -199,7 +199,7 @@
 //!   few bytes whatever its length, and events that interleave with other streams' at most 3
 //!   bytes each while fewer than 8,192 other records come between two of a stream's (tested
 //!   on a million events: 2.6 bytes each with 1,000 streams round-robin, where a `Vec` of
-//!   offsets took 8.2). Every stream also costs its id plus at most 131 bytes of map entry and
+//!   offsets took 8.3). Every stream also costs its id plus at most 131 bytes of map entry and
 //!   table slack. A lookup decodes at most 64 tokens from the nearest checkpoint. Global
 //!   positions need no index (position = offset + 1).
 //! - **capabilities** ([`KAFKA_STORE_CAPABILITIES`]): `durable` and `read_stream` (by the

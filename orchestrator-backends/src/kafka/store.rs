@@ -129,6 +129,13 @@ impl KafkaEventStore {
         &self.inner.topic
     }
 
+    /// The bytes the in-memory stream index holds, as counted from its capacities: the
+    /// figure the [module docs](super#the-event-store) bound (a few bytes per event at most,
+    /// plus each stream's id and entry). Only what this store has read of the log so far.
+    pub async fn index_heap_size(&self) -> usize {
+        self.inner.index.lock().await.streams.heap_size()
+    }
+
     /// Deletes the log topic with every event in it (for tests and tear-down), once this
     /// process's subscriptions to it have closed (waiting at most the operation timeout) and
     /// this store's own log readers are closed (see the module docs on tansu). Appends and

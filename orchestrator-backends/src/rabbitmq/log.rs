@@ -103,6 +103,11 @@ impl Log {
         self.state().pending.remove(write_id);
     }
 
+    /// The stream index's heap bytes ([`StreamIndex::heap_size`]).
+    pub(crate) fn index_heap_size(&self) -> usize {
+        self.state().streams.heap_size()
+    }
+
     pub(crate) fn head(&self) -> u64 {
         self.state().head
     }

@@ -143,7 +143,7 @@
 //! consecutive ones as one token: a stream written in one go costs a few bytes whatever its
 //! length, and events that interleave with other streams' at most 3 bytes each while fewer
 //! than 8,192 other records come between two of a stream's (tested on a million events: 2.6
-//! bytes each with 1,000 streams round-robin, where a `Vec` of positions took 8.2). Every
+//! bytes each with 1,000 streams round-robin, where a `Vec` of positions took 8.3). Every
 //! stream also costs its id plus at most 131 bytes of map entry and table slack. A lookup
 //! decodes at most 64 tokens from the nearest checkpoint. Global positions need no index
 //! (position = offset + 1).
