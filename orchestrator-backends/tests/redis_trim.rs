@@ -9,7 +9,7 @@ mod redis_support;
 use std::time::{Duration, Instant};
 
 use orchestrator_backends::redis::{RedisConfig, RedisTransport};
-use orchestrator_core::{EventEnvelope, SubscribeOptions, Transport};
+use orchestrator_core::{Delivery, DeliveryStream, EventEnvelope, SubscribeOptions, Transport};
 use redis::aio::MultiplexedConnection;
 use redis_support::{Cleanup, config, random_prefix, raw, reachable};
 
@@ -73,6 +73,36 @@ async fn ack(conn: &mut MultiplexedConnection, key: &str, group: &str, ids: &[&S
         .query_async(conn)
         .await
         .unwrap();
+}
+
+async fn recv(stream: &mut Box<dyn DeliveryStream>) -> Delivery {
+    tokio::time::timeout(WAIT, stream.next())
+        .await
+        .expect("a delivery in time")
+        .unwrap()
+        .unwrap()
+}
+
+async fn xlen(conn: &mut MultiplexedConnection, key: &str) -> usize {
+    redis::cmd("XLEN").arg(key).query_async(conn).await.unwrap()
+}
+
+/// Waits until `group` has nothing pending on `key` (acks are sent in the background).
+async fn settled(conn: &mut MultiplexedConnection, key: &str, group: &str) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let summary: (i64, Option<String>, Option<String>, redis::Value) = redis::cmd("XPENDING")
+            .arg(key)
+            .arg(group)
+            .query_async(conn)
+            .await
+            .unwrap();
+        if summary.0 == 0 {
+            return;
+        }
+        assert!(Instant::now() < deadline, "acks did not reach Redis");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 async fn publish(transport: &RedisTransport, topic: &str, n: usize) {
@@ -213,42 +243,87 @@ async fn publishing_keeps_a_stream_bounded_while_consumers_keep_up() {
     let mut longest = 0;
     for round in 0..20 {
         publish(&transport, topic, BATCH).await;
-        let len: usize = redis::cmd("XLEN")
-            .arg(&key)
-            .query_async(&mut conn)
-            .await
-            .unwrap();
+        let len = xlen(&mut conn, &key).await;
         longest = longest.max(len);
         assert!(
             len <= BATCH + 1,
             "round {round}: {len} entries, more than one batch and the last entry read"
         );
         for _ in 0..BATCH {
-            let delivery = tokio::time::timeout(WAIT, sub.next())
-                .await
-                .expect("a delivery in time")
-                .unwrap()
-                .unwrap();
-            delivery.ack().await.unwrap();
+            recv(&mut sub).await.ack().await.unwrap();
         }
-        // Acks are sent in the background: wait until Redis has them all.
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let summary: (i64, Option<String>, Option<String>, redis::Value) =
-                redis::cmd("XPENDING")
-                    .arg(&key)
-                    .arg("keeper")
-                    .query_async(&mut conn)
-                    .await
-                    .unwrap();
-            if summary.0 == 0 {
-                break;
-            }
-            assert!(Instant::now() < deadline, "acks did not reach Redis");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        settled(&mut conn, &key, "keeper").await;
     }
     eprintln!("1,000 events published in batches of {BATCH}: the stream held at most {longest}");
     drop(sub);
+    transport.close().await;
+}
+
+/// Through real subscriptions, with a trim on every publish: a slow group holding deliveries
+/// unacknowledged keeps every entry from its oldest held one on, while a fast group acks
+/// everything; once the slow group catches up it has received every event, and the stream
+/// shrinks to the newest entries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_subscription_loses_nothing_to_trimming() {
+    let Some(url) = reachable().await else { return };
+    let prefix = random_prefix();
+    let _cleanup = Cleanup::new(&url, &prefix);
+    let transport = RedisTransport::connect(
+        config(&url, &prefix)
+            .with_topic_trim_interval(Duration::ZERO)
+            .with_topic_retention(Duration::ZERO),
+    )
+    .await
+    .unwrap();
+    let (topic, key) = ("stock.shipped", format!("{prefix}topic:stock.shipped"));
+    let mut conn = raw(&url).await;
+    let mut fast = transport
+        .subscribe(SubscribeOptions::new("fast", topic).unwrap())
+        .await
+        .unwrap();
+    let mut slow = transport
+        .subscribe(
+            SubscribeOptions::new("slow", topic)
+                .unwrap()
+                .prefetch(4),
+        )
+        .await
+        .unwrap();
+    let mut published = Vec::new();
+    let mut held = Vec::new();
+    for round in 0..4 {
+        let batch: Vec<EventEnvelope> = (0..10).map(|i| event(topic, round * 10 + i)).collect();
+        published.extend(batch.iter().map(|e| e.id().clone()));
+        transport.publish_batch(topic, batch).await.unwrap();
+        for _ in 0..10 {
+            recv(&mut fast).await.ack().await.unwrap();
+        }
+        if round == 0 {
+            for _ in 0..3 {
+                held.push(recv(&mut slow).await);
+            }
+        }
+        settled(&mut conn, &key, "fast").await;
+        assert_eq!(
+            xlen(&mut conn, &key).await,
+            published.len(),
+            "round {round}: the slow group still holds the first events"
+        );
+    }
+    let mut received: Vec<_> = held.iter().map(|d| d.event().id().clone()).collect();
+    for delivery in held {
+        delivery.ack().await.unwrap();
+    }
+    while received.len() < published.len() {
+        let delivery = recv(&mut slow).await;
+        received.push(delivery.event().id().clone());
+        delivery.ack().await.unwrap();
+    }
+    assert_eq!(received, published, "every event, in order, none twice");
+    settled(&mut conn, &key, "slow").await;
+    publish(&transport, topic, 1).await;
+    let len = xlen(&mut conn, &key).await;
+    assert!(len <= 2, "{len} entries left once both groups caught up");
+    drop((fast, slow));
     transport.close().await;
 }
