@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use orchestrator_backends::redis::{RedisConfig, RedisTransport};
 use orchestrator_core::{Delivery, DeliveryStream, EventEnvelope, SubscribeOptions, Transport};
 use redis::aio::MultiplexedConnection;
-use redis_support::{Cleanup, config, random_prefix, raw, reachable};
+use redis_support::{Cleanup, RawEntries, config, random_prefix, raw, reachable};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -28,7 +28,7 @@ fn trim_on_request(url: &str, prefix: &str) -> RedisConfig {
 }
 
 async fn ids(conn: &mut MultiplexedConnection, key: &str) -> Vec<String> {
-    let entries: Vec<(String, Vec<(String, Vec<u8>)>)> = redis::cmd("XRANGE")
+    let entries: RawEntries = redis::cmd("XRANGE")
         .arg(key)
         .arg("-")
         .arg("+")
@@ -146,7 +146,13 @@ async fn trimming_keeps_every_entry_a_slow_group_has_not_acknowledged() {
     assert_eq!(transport.trim_topic(topic).await.unwrap().removed, 3);
     assert_eq!(ids(&mut conn, &key).await, all[5..].to_vec(), "4 unread");
     read(&mut conn, &key, "slow", 10).await;
-    ack(&mut conn, &key, "slow", &all[6..].iter().collect::<Vec<_>>()).await;
+    ack(
+        &mut conn,
+        &key,
+        "slow",
+        &all[6..].iter().collect::<Vec<_>>(),
+    )
+    .await;
     assert_eq!(transport.trim_topic(topic).await.unwrap().removed, 4);
     assert_eq!(ids(&mut conn, &key).await, all[9..].to_vec());
     transport.close().await;
@@ -189,7 +195,11 @@ async fn a_group_that_has_not_read_keeps_its_entries() {
     let trim = transport.trim_topic(lonely).await.unwrap();
     assert_eq!((trim.removed, trim.remaining), (3, 0), "{trim:?}");
     assert_eq!(
-        transport.trim_topic("never.published").await.unwrap().removed,
+        transport
+            .trim_topic("never.published")
+            .await
+            .unwrap()
+            .removed,
         0
     );
     keeper.close().await;
@@ -282,11 +292,7 @@ async fn a_slow_subscription_loses_nothing_to_trimming() {
         .await
         .unwrap();
     let mut slow = transport
-        .subscribe(
-            SubscribeOptions::new("slow", topic)
-                .unwrap()
-                .prefetch(4),
-        )
+        .subscribe(SubscribeOptions::new("slow", topic).unwrap().prefetch(4))
         .await
         .unwrap();
     let mut published = Vec::new();

@@ -73,7 +73,12 @@ impl Index {
             && let Err(refused) = self.streams.push(stream, position_of(offset))
         {
             // Cannot happen: the log is read in offset order, from `next` on.
-            tracing::error!(stream, offset, last = refused.last, "a log record out of order was not indexed");
+            tracing::error!(
+                stream,
+                offset,
+                last = refused.last,
+                "a log record out of order was not indexed"
+            );
         }
         self.next = offset + 1;
     }

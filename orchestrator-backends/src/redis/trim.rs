@@ -4,8 +4,8 @@
 use std::collections::HashMap;
 use std::time::Instant;
 
-use orchestrator_core::transport::validate_topic;
 use orchestrator_core::Result;
+use orchestrator_core::transport::validate_topic;
 
 use super::conn::{protocol_error, with_retry};
 use super::scripts;
@@ -77,9 +77,8 @@ impl RedisTransport {
                 async move { invocation.invoke_async(&mut manager).await }
             })
             .await?;
-        let count = |n: i64| {
-            u64::try_from(n).map_err(|_| protocol_error(format!("a negative count {n}")))
-        };
+        let count =
+            |n: i64| u64::try_from(n).map_err(|_| protocol_error(format!("a negative count {n}")));
         let trim = TopicTrim {
             removed: count(removed)?,
             remaining: count(remaining)?,
@@ -129,7 +128,10 @@ mod tests {
         let clock = TrimClock::default();
         let start = Instant::now();
         let second = Duration::from_secs(1);
-        assert!(!clock.due("t", start, second), "the first publish starts the clock");
+        assert!(
+            !clock.due("t", start, second),
+            "the first publish starts the clock"
+        );
         assert!(!clock.due("t", start + second / 2, second));
         assert!(clock.due("t", start + second, second));
         assert!(!clock.due("t", start + second * 3 / 2, second));

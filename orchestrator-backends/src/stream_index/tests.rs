@@ -61,7 +61,11 @@ fn check_against(index: &StreamIndex, plain: &Plain, rng: &mut Rng) {
         let len = positions.len() as u64;
         assert_eq!(index.version(stream), Some(len), "{stream}");
         for (i, &p) in positions.iter().enumerate() {
-            assert_eq!(index.version_of(stream, p), Some(i as u64 + 1), "{stream} @{p}");
+            assert_eq!(
+                index.version_of(stream, p),
+                Some(i as u64 + 1),
+                "{stream} @{p}"
+            );
             if i == 0 || positions[i - 1] + 1 < p {
                 assert_eq!(index.version_of(stream, p - 1), None, "{stream} @{}", p - 1);
             }
@@ -74,7 +78,11 @@ fn check_against(index: &StreamIndex, plain: &Plain, rng: &mut Rng) {
             let limit = usize::try_from(rng.below(80)).unwrap();
             let skip = usize::try_from(from.max(1) - 1).unwrap();
             let expected: Vec<u64> = positions.iter().skip(skip).take(limit).copied().collect();
-            assert_eq!(index.positions(stream, from, limit), expected, "{stream} from {from}");
+            assert_eq!(
+                index.positions(stream, from, limit),
+                expected,
+                "{stream} from {from}"
+            );
         }
     }
     assert_eq!(index.version("nope"), None);
@@ -113,7 +121,11 @@ fn the_index_agrees_with_a_plain_list() {
 fn positions_must_ascend_within_a_stream() {
     let mut index = StreamIndex::default();
     assert_eq!(index.push("a", 0), Err(NotAscending { last: 0 }));
-    assert_eq!(index.streams(), 0, "a refused first position adds no stream");
+    assert_eq!(
+        index.streams(),
+        0,
+        "a refused first position adds no stream"
+    );
     assert_eq!(index.push("a", 5), Ok(1));
     assert_eq!(index.push("a", 5), Err(NotAscending { last: 5 }));
     assert_eq!(index.push("a", 3), Err(NotAscending { last: 5 }));
@@ -145,7 +157,10 @@ fn a_million_events_of_one_stream_take_a_few_bytes() {
     assert!(before >= 8.0);
     assert!(index.heap_size() < 1024, "{}", index.heap_size());
     assert_eq!(index.version_of("orders", 765_432), Some(765_432));
-    assert_eq!(index.positions("orders", 999_999, 5), vec![999_999, 1_000_000]);
+    assert_eq!(
+        index.positions("orders", 999_999, 5),
+        vec![999_999, 1_000_000]
+    );
 }
 
 #[test]
