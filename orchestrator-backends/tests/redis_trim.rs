@@ -15,6 +15,31 @@ use redis_support::{Cleanup, RawEntries, config, random_prefix, raw, reachable};
 
 const WAIT: Duration = Duration::from_secs(20);
 
+/// A live Redis, a key prefix of the test's own (deleted at the end) and a raw connection.
+struct Fixture {
+    url: String,
+    prefix: String,
+    conn: MultiplexedConnection,
+    _cleanup: Cleanup,
+}
+
+impl Fixture {
+    async fn new() -> Option<Self> {
+        let url = reachable().await?;
+        let prefix = random_prefix();
+        Some(Self {
+            conn: raw(&url).await,
+            _cleanup: Cleanup::new(&url, &prefix),
+            url,
+            prefix,
+        })
+    }
+
+    fn key(&self, topic: &str) -> String {
+        format!("{}topic:{topic}", self.prefix)
+    }
+}
+
 fn event(topic: &str, seq: usize) -> EventEnvelope {
     EventEnvelope::new(topic, &serde_json::json!({ "seq": seq })).unwrap()
 }
@@ -24,6 +49,13 @@ fn event(topic: &str, seq: usize) -> EventEnvelope {
 fn trim_on_request(url: &str, prefix: &str) -> RedisConfig {
     config(url, prefix)
         .with_topic_trim_interval(Duration::from_secs(3600))
+        .with_topic_retention(Duration::ZERO)
+}
+
+/// A transport that trims on every publish and keeps no acknowledged entry for its age.
+fn trim_always(url: &str, prefix: &str) -> RedisConfig {
+    config(url, prefix)
+        .with_topic_trim_interval(Duration::ZERO)
         .with_topic_retention(Duration::ZERO)
 }
 
@@ -117,44 +149,43 @@ async fn publish(transport: &RedisTransport, topic: &str, n: usize) {
 /// group's oldest unacknowledged entry (3) and everything after it stay.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn trimming_keeps_every_entry_a_slow_group_has_not_acknowledged() {
-    let Some(url) = reachable().await else { return };
-    let prefix = random_prefix();
-    let _cleanup = Cleanup::new(&url, &prefix);
-    let transport = RedisTransport::connect(trim_on_request(&url, &prefix))
+    let Some(mut fx) = Fixture::new().await else {
+        return;
+    };
+    let transport = RedisTransport::connect(trim_on_request(&fx.url, &fx.prefix))
         .await
         .unwrap();
-    let (topic, key) = ("stock.moved", format!("{prefix}topic:stock.moved"));
-    let mut conn = raw(&url).await;
+    let (topic, key) = ("stock.moved", fx.key("stock.moved"));
     publish(&transport, topic, 10).await;
-    let all = ids(&mut conn, &key).await;
+    let all = ids(&mut fx.conn, &key).await;
     assert_eq!(all.len(), 10, "not trimmed on publish");
-    create_group(&mut conn, &key, "fast").await;
-    create_group(&mut conn, &key, "slow").await;
-    read(&mut conn, &key, "fast", 10).await;
-    ack(&mut conn, &key, "fast", &all.iter().collect::<Vec<_>>()).await;
-    read(&mut conn, &key, "slow", 6).await;
-    ack(&mut conn, &key, "slow", &[&all[0], &all[1], &all[3]]).await;
+    create_group(&mut fx.conn, &key, "fast").await;
+    create_group(&mut fx.conn, &key, "slow").await;
+    read(&mut fx.conn, &key, "fast", 10).await;
+    ack(&mut fx.conn, &key, "fast", &all.iter().collect::<Vec<_>>()).await;
+    read(&mut fx.conn, &key, "slow", 6).await;
+    ack(&mut fx.conn, &key, "slow", &[&all[0], &all[1], &all[3]]).await;
 
     let trim = transport.trim_topic(topic).await.unwrap();
     assert_eq!(trim.removed, 2, "{trim:?}");
     assert_eq!(trim.remaining, 8);
     assert_eq!(trim.cut, all[2]);
-    assert_eq!(ids(&mut conn, &key).await, all[2..].to_vec());
+    assert_eq!(ids(&mut fx.conn, &key).await, all[2..].to_vec());
 
     // Once the slow group has caught up, only the newest entry (read by all) is left.
-    ack(&mut conn, &key, "slow", &[&all[2], &all[4], &all[5]]).await;
+    ack(&mut fx.conn, &key, "slow", &[&all[2], &all[4], &all[5]]).await;
     assert_eq!(transport.trim_topic(topic).await.unwrap().removed, 3);
-    assert_eq!(ids(&mut conn, &key).await, all[5..].to_vec(), "4 unread");
-    read(&mut conn, &key, "slow", 10).await;
+    assert_eq!(ids(&mut fx.conn, &key).await, all[5..].to_vec(), "4 unread");
+    read(&mut fx.conn, &key, "slow", 10).await;
     ack(
-        &mut conn,
+        &mut fx.conn,
         &key,
         "slow",
         &all[6..].iter().collect::<Vec<_>>(),
     )
     .await;
     assert_eq!(transport.trim_topic(topic).await.unwrap().removed, 4);
-    assert_eq!(ids(&mut conn, &key).await, all[9..].to_vec());
+    assert_eq!(ids(&mut fx.conn, &key).await, all[9..].to_vec());
     transport.close().await;
 }
 
@@ -162,30 +193,29 @@ async fn trimming_keeps_every_entry_a_slow_group_has_not_acknowledged() {
 /// a stream with no group keeps what is younger than the retention age.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_group_that_has_not_read_keeps_its_entries() {
-    let Some(url) = reachable().await else { return };
-    let prefix = random_prefix();
-    let _cleanup = Cleanup::new(&url, &prefix);
-    let transport = RedisTransport::connect(trim_on_request(&url, &prefix))
+    let Some(mut fx) = Fixture::new().await else {
+        return;
+    };
+    let transport = RedisTransport::connect(trim_on_request(&fx.url, &fx.prefix))
         .await
         .unwrap();
-    let (topic, key) = ("stock.counted", format!("{prefix}topic:stock.counted"));
-    let mut conn = raw(&url).await;
+    let (topic, key) = ("stock.counted", fx.key("stock.counted"));
     publish(&transport, topic, 5).await;
-    let all = ids(&mut conn, &key).await;
-    create_group(&mut conn, &key, "fast").await;
-    create_group(&mut conn, &key, "late").await;
-    read(&mut conn, &key, "fast", 5).await;
-    ack(&mut conn, &key, "fast", &all.iter().collect::<Vec<_>>()).await;
+    let all = ids(&mut fx.conn, &key).await;
+    create_group(&mut fx.conn, &key, "fast").await;
+    create_group(&mut fx.conn, &key, "late").await;
+    read(&mut fx.conn, &key, "fast", 5).await;
+    ack(&mut fx.conn, &key, "fast", &all.iter().collect::<Vec<_>>()).await;
 
     let trim = transport.trim_topic(topic).await.unwrap();
     assert_eq!((trim.removed, trim.remaining), (0, 5), "{trim:?}");
-    assert_eq!(ids(&mut conn, &key).await, all);
+    assert_eq!(ids(&mut fx.conn, &key).await, all);
 
     // Without groups, only the retention age keeps entries.
     let lonely = "stock.audited";
     publish(&transport, lonely, 3).await;
     let keeper = RedisTransport::connect(
-        trim_on_request(&url, &prefix).with_topic_retention(Duration::from_secs(3600)),
+        trim_on_request(&fx.url, &fx.prefix).with_topic_retention(Duration::from_secs(3600)),
     )
     .await
     .unwrap();
@@ -209,23 +239,22 @@ async fn a_group_that_has_not_read_keeps_its_entries() {
 /// Acknowledged entries younger than the retention age stay.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_retention_age_keeps_young_acknowledged_entries() {
-    let Some(url) = reachable().await else { return };
-    let prefix = random_prefix();
-    let _cleanup = Cleanup::new(&url, &prefix);
+    let Some(mut fx) = Fixture::new().await else {
+        return;
+    };
     let transport = RedisTransport::connect(
-        trim_on_request(&url, &prefix).with_topic_retention(Duration::from_secs(3600)),
+        trim_on_request(&fx.url, &fx.prefix).with_topic_retention(Duration::from_secs(3600)),
     )
     .await
     .unwrap();
-    let (topic, key) = ("stock.held", format!("{prefix}topic:stock.held"));
-    let mut conn = raw(&url).await;
+    let (topic, key) = ("stock.held", fx.key("stock.held"));
     publish(&transport, topic, 4).await;
-    let all = ids(&mut conn, &key).await;
-    create_group(&mut conn, &key, "fast").await;
-    read(&mut conn, &key, "fast", 4).await;
-    ack(&mut conn, &key, "fast", &all.iter().collect::<Vec<_>>()).await;
+    let all = ids(&mut fx.conn, &key).await;
+    create_group(&mut fx.conn, &key, "fast").await;
+    read(&mut fx.conn, &key, "fast", 4).await;
+    ack(&mut fx.conn, &key, "fast", &all.iter().collect::<Vec<_>>()).await;
     assert_eq!(transport.trim_topic(topic).await.unwrap().removed, 0);
-    assert_eq!(ids(&mut conn, &key).await.len(), 4);
+    assert_eq!(ids(&mut fx.conn, &key).await.len(), 4);
     transport.close().await;
 }
 
@@ -233,18 +262,13 @@ async fn the_retention_age_keeps_young_acknowledged_entries() {
 /// about one batch, however much is published: without trimming it would hold all 1,000.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publishing_keeps_a_stream_bounded_while_consumers_keep_up() {
-    let Some(url) = reachable().await else { return };
-    let prefix = random_prefix();
-    let _cleanup = Cleanup::new(&url, &prefix);
-    let transport = RedisTransport::connect(
-        config(&url, &prefix)
-            .with_topic_trim_interval(Duration::ZERO)
-            .with_topic_retention(Duration::ZERO),
-    )
-    .await
-    .unwrap();
-    let (topic, key) = ("stock.flowed", format!("{prefix}topic:stock.flowed"));
-    let mut conn = raw(&url).await;
+    let Some(mut fx) = Fixture::new().await else {
+        return;
+    };
+    let transport = RedisTransport::connect(trim_always(&fx.url, &fx.prefix))
+        .await
+        .unwrap();
+    let (topic, key) = ("stock.flowed", fx.key("stock.flowed"));
     let mut sub = transport
         .subscribe(SubscribeOptions::new("keeper", topic).unwrap())
         .await
@@ -253,7 +277,7 @@ async fn publishing_keeps_a_stream_bounded_while_consumers_keep_up() {
     let mut longest = 0;
     for round in 0..20 {
         publish(&transport, topic, BATCH).await;
-        let len = xlen(&mut conn, &key).await;
+        let len = xlen(&mut fx.conn, &key).await;
         longest = longest.max(len);
         assert!(
             len <= BATCH + 1,
@@ -262,7 +286,7 @@ async fn publishing_keeps_a_stream_bounded_while_consumers_keep_up() {
         for _ in 0..BATCH {
             recv(&mut sub).await.ack().await.unwrap();
         }
-        settled(&mut conn, &key, "keeper").await;
+        settled(&mut fx.conn, &key, "keeper").await;
     }
     eprintln!("1,000 events published in batches of {BATCH}: the stream held at most {longest}");
     drop(sub);
@@ -275,18 +299,13 @@ async fn publishing_keeps_a_stream_bounded_while_consumers_keep_up() {
 /// shrinks to the newest entries.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_subscription_loses_nothing_to_trimming() {
-    let Some(url) = reachable().await else { return };
-    let prefix = random_prefix();
-    let _cleanup = Cleanup::new(&url, &prefix);
-    let transport = RedisTransport::connect(
-        config(&url, &prefix)
-            .with_topic_trim_interval(Duration::ZERO)
-            .with_topic_retention(Duration::ZERO),
-    )
-    .await
-    .unwrap();
-    let (topic, key) = ("stock.shipped", format!("{prefix}topic:stock.shipped"));
-    let mut conn = raw(&url).await;
+    let Some(mut fx) = Fixture::new().await else {
+        return;
+    };
+    let transport = RedisTransport::connect(trim_always(&fx.url, &fx.prefix))
+        .await
+        .unwrap();
+    let (topic, key) = ("stock.shipped", fx.key("stock.shipped"));
     let mut fast = transport
         .subscribe(SubscribeOptions::new("fast", topic).unwrap())
         .await
@@ -309,9 +328,9 @@ async fn a_slow_subscription_loses_nothing_to_trimming() {
                 held.push(recv(&mut slow).await);
             }
         }
-        settled(&mut conn, &key, "fast").await;
+        settled(&mut fx.conn, &key, "fast").await;
         assert_eq!(
-            xlen(&mut conn, &key).await,
+            xlen(&mut fx.conn, &key).await,
             published.len(),
             "round {round}: the slow group still holds the first events"
         );
@@ -326,9 +345,9 @@ async fn a_slow_subscription_loses_nothing_to_trimming() {
         delivery.ack().await.unwrap();
     }
     assert_eq!(received, published, "every event, in order, none twice");
-    settled(&mut conn, &key, "slow").await;
+    settled(&mut fx.conn, &key, "slow").await;
     publish(&transport, topic, 1).await;
-    let len = xlen(&mut conn, &key).await;
+    let len = xlen(&mut fx.conn, &key).await;
     assert!(len <= 2, "{len} entries left once both groups caught up");
     drop((fast, slow));
     transport.close().await;
