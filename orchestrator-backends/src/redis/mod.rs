@@ -57,7 +57,7 @@
 //! | `<prefix>stream-ids:<stream id>` | hash | event id → stream version, for every event of the stream |
 //! | `<prefix>all` | stream | every stored event in global order; entry id `0-<global position>`, fields `type`, `event` |
 //! | `<prefix>position` | string | the last global position handed out |
-//! | `<prefix>topic:<topic>` | stream | one transport topic; fields `type`, `event`; one consumer group per subscribing group |
+//! | `<prefix>topic:<topic>` | stream | one transport topic; fields `type`, `event`; one consumer group per subscribing group; [trimmed](#trimming-topic-streams) of what every group acknowledged |
 //! | `<prefix>topics` | set | every topic published or subscribed to |
 //! | `<prefix>patterns` | set | `"<group> <pattern>"` for every pattern a group subscribed to |
 //! | `<prefix>retry:<group>` | stream | messages for one group only — nacked, dropped, or [`redeliver`](orchestrator_core::Transport::redeliver)ed; fields `type`, `event`, `topic`, `attempt`, `first` (ms since the epoch), `error`; consumer group `<group>` |
