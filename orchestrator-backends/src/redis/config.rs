@@ -311,6 +311,22 @@ mod tests {
     }
 
     #[test]
+    fn topic_trimming_is_on_by_default_and_can_be_turned_off() {
+        let config = RedisConfig::new("redis://127.0.0.1").unwrap();
+        assert_eq!(
+            config.topic_trim_interval,
+            Some(DEFAULT_TOPIC_TRIM_INTERVAL)
+        );
+        assert_eq!(config.topic_retention, DEFAULT_TOPIC_RETENTION);
+        assert_eq!(config.topic_max_len, None, "no lossy ceiling unless asked");
+        let config = config
+            .with_topic_retention(Duration::from_secs(5))
+            .without_topic_trimming();
+        assert_eq!(config.topic_trim_interval, None);
+        assert_eq!(config.topic_retention, Duration::from_secs(5));
+    }
+
+    #[test]
     fn tls_urls_need_a_tls_build() {
         // This crate does not enable redis-rs's TLS; an application may (see the module docs).
         if let Err(error) = RedisConfig::new("rediss://127.0.0.1:6380") {
