@@ -32,6 +32,8 @@ pub mod kafka;
 pub mod rabbitmq;
 #[cfg(feature = "redis")]
 pub mod redis;
+#[cfg(any(feature = "kafka", feature = "rabbitmq"))]
+mod stream_index;
 
 /// The backends compiled into this build ("redis", "rabbitmq", "kafka").
 pub fn enabled_backends() -> &'static [&'static str] {

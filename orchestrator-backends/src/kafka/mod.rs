@@ -194,10 +194,18 @@
 //!   a cluster skips offsets, e.g. transaction markers). One partition also means one broker
 //!   takes every write: the store's write throughput is that of one partition.
 //! - **stream version** = the event's rank among the records of its stream (the key), in log
-//!   order. The store reads the log's keys into an in-memory index (stream → offsets, 8 bytes
-//!   per event) on first use and keeps it up to date; versions therefore have no gaps and
-//!   agree for every reader, however many processes append. The JSON written carries the
+//!   order. The store reads the log's keys into an in-memory index (stream → positions) on
+//!   first use and keeps it up to date; versions therefore have no gaps and agree for every
+//!   reader, however many processes append. The JSON written carries the
 //!   `streamid` extension but no `streamversion` or `globalposition`: those come from the log.
+//! - **index memory**: the index keeps no offset per event. Each stream's positions are
+//!   gap-encoded, a run of consecutive ones as one token: a stream written in one go costs a
+//!   few bytes whatever its length, and events that interleave with other streams' at most 3
+//!   bytes each while fewer than 8,192 other records come between two of a stream's (tested
+//!   on a million events: 2.6 bytes each with 1,000 streams round-robin, where a `Vec` of
+//!   offsets took 8.3). Every stream also costs its id plus at most 131 bytes of map entry and
+//!   table slack. A lookup decodes at most 64 tokens from the nearest checkpoint. Global
+//!   positions need no index (position = offset + 1).
 //! - **capabilities** ([`KAFKA_STORE_CAPABILITIES`]): `durable` and `read_stream` (by the
 //!   index: only the stream's own records are decoded). Not `expected_version`: Kafka cannot
 //!   make a write conditional on what the log holds, so `ExpectedVersion::Exact`, `NoStream`

@@ -1,6 +1,5 @@
 //! [`KafkaEventStore`]: every stream in one single-partition log topic.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -22,6 +21,7 @@ use super::consumer::close_detached;
 use super::live::{self, LiveConsumer};
 use super::reader::{Flow, LogReader};
 use super::wire;
+use crate::stream_index::StreamIndex;
 
 /// What [`KafkaEventStore`] guarantees: durable, `read_stream` by index, but neither exact
 /// expected versions, all-or-nothing batches nor idempotent appends (see the
@@ -58,32 +58,34 @@ struct Inner {
     closed: watch::Receiver<bool>,
 }
 
-/// Every stream's record offsets, read from the log up to `next`.
+/// Every stream's record positions (offset + 1), read from the log up to `next`; compact
+/// (see the [module docs](super#the-event-store) for what it costs).
 #[derive(Default)]
 struct Index {
     next: i64,
-    streams: HashMap<String, Vec<i64>>,
+    streams: StreamIndex,
 }
 
 impl Index {
     /// Records the message at `offset` of `stream` (the next one in the log).
     fn add(&mut self, stream: Option<&str>, offset: i64) {
-        if let Some(stream) = stream {
-            match self.streams.get_mut(stream) {
-                Some(offsets) => offsets.push(offset),
-                None => {
-                    self.streams.insert(stream.to_owned(), vec![offset]);
-                }
-            }
+        if let Some(stream) = stream
+            && let Err(refused) = self.streams.push(stream, position_of(offset))
+        {
+            // Cannot happen: the log is read in offset order, from `next` on.
+            tracing::error!(
+                stream,
+                offset,
+                last = refused.last,
+                "a log record out of order was not indexed"
+            );
         }
         self.next = offset + 1;
     }
 
     /// The version of the record at `offset` in `stream`.
     fn version(&self, stream: &str, offset: i64) -> Option<u64> {
-        let offsets = self.streams.get(stream)?;
-        let i = offsets.binary_search(&offset).ok()?;
-        u64::try_from(i + 1).ok()
+        self.streams.version_of(stream, position_of(offset))
     }
 }
 
@@ -130,6 +132,13 @@ impl KafkaEventStore {
     /// The log topic's name.
     pub fn topic(&self) -> &str {
         &self.inner.topic
+    }
+
+    /// The bytes the in-memory stream index holds, as counted from its capacities: the
+    /// figure the [module docs](super#the-event-store) bound (a few bytes per event at most,
+    /// plus each stream's id and entry). Only what this store has read of the log so far.
+    pub async fn index_heap_size(&self) -> usize {
+        self.inner.index.lock().await.streams.heap_size()
     }
 
     /// Deletes the log topic with every event in it (for tests and tear-down), once this
@@ -299,9 +308,9 @@ impl EventStore for KafkaEventStore {
             let head = inner.head().await?;
             let mut index = inner.index.lock().await;
             inner.catch_up(&mut index, Some(head)).await?;
-            let version = index.streams.get(stream).map_or(0, Vec::len);
+            let version = index.streams.version(stream).unwrap_or(0);
             return Ok(AppendResult {
-                next_expected_version: u64::try_from(version).unwrap_or(0),
+                next_expected_version: version,
                 first_position: position_of(head),
                 last_position: position_of(head - 1),
             });
@@ -363,12 +372,12 @@ impl EventStore for KafkaEventStore {
             let head = inner.head().await?;
             let mut index = inner.index.lock().await;
             inner.catch_up(&mut index, Some(head)).await?;
-            let skip = usize::try_from(from_version.max(1) - 1).unwrap_or(usize::MAX);
             index
                 .streams
-                .get(stream)
-                .map(|o| o.iter().skip(skip).take(limit).copied().collect())
-                .unwrap_or_default()
+                .positions(stream, from_version, limit)
+                .into_iter()
+                .map(offset_of)
+                .collect()
         };
         let Some(&first) = wanted.first() else {
             return Ok(Vec::new());
@@ -424,10 +433,7 @@ impl EventStore for KafkaEventStore {
         let head = inner.head().await?;
         let mut index = inner.index.lock().await;
         inner.catch_up(&mut index, Some(head)).await?;
-        Ok(index
-            .streams
-            .get(stream)
-            .and_then(|o| u64::try_from(o.len()).ok()))
+        Ok(index.streams.version(stream))
     }
 
     async fn head_position(&self) -> Result<u64> {

@@ -4,7 +4,8 @@
 //! Stream versions are not written by appenders (concurrent appenders could not agree on
 //! them without a lock RabbitMQ does not have): an event's version is its rank among the
 //! events of its stream in log order, which every reader of the whole log computes alike.
-//! The index keeps, per stream, the global positions of its events (8 bytes per event).
+//! The index keeps, per stream, the global positions of its events, compactly (see the
+//! [module docs](super#index-memory) for what it costs).
 
 use std::collections::HashMap;
 use std::sync::{Mutex as StdMutex, PoisonError};
@@ -22,6 +23,7 @@ use tokio::time::{Instant, sleep, timeout};
 use super::config::RabbitMqStoreConfig;
 use super::connection::{Connector, close_channel, failure, from_lapin};
 use super::wire;
+use crate::stream_index::StreamIndex;
 
 /// The header RabbitMQ puts on every message read from a stream: its offset.
 const OFFSET_HEADER: &str = "x-stream-offset";
@@ -44,7 +46,7 @@ pub(crate) struct Seen {
 #[derive(Default)]
 struct State {
     /// Per stream, the global positions of its events, in order.
-    streams: HashMap<String, Vec<u64>>,
+    streams: StreamIndex,
     /// The position of the last event (not marker) seen.
     head: u64,
     /// Records this process wrote and waits to see, by write id.
@@ -101,31 +103,27 @@ impl Log {
         self.state().pending.remove(write_id);
     }
 
+    /// The stream index's heap bytes ([`StreamIndex::heap_size`]).
+    pub(crate) fn index_heap_size(&self) -> usize {
+        self.state().streams.heap_size()
+    }
+
     pub(crate) fn head(&self) -> u64 {
         self.state().head
     }
 
     pub(crate) fn stream_version(&self, stream: &str) -> Option<u64> {
-        let state = self.state();
-        let positions = state.streams.get(stream)?;
-        u64::try_from(positions.len()).ok()
+        self.state().streams.version(stream)
     }
 
     /// The positions of `stream`'s events from version `from` (1-based), at most `limit`.
     pub(crate) fn stream_positions(&self, stream: &str, from: u64, limit: usize) -> Vec<u64> {
-        let state = self.state();
-        let Some(positions) = state.streams.get(stream) else {
-            return Vec::new();
-        };
-        let skip = usize::try_from(from.max(1) - 1).unwrap_or(usize::MAX);
-        positions.iter().skip(skip).take(limit).copied().collect()
+        self.state().streams.positions(stream, from, limit)
     }
 
     /// The version of the event of `stream` at `position`.
     fn version_at(&self, stream: &str, position: u64) -> Option<u64> {
-        let state = self.state();
-        let index = state.streams.get(stream)?.binary_search(&position).ok()?;
-        u64::try_from(index + 1).ok()
+        self.state().streams.version_of(stream, position)
     }
 
     /// Offsets below this are indexed.
@@ -143,13 +141,17 @@ impl Log {
         let position = offset + 1;
         let mut state = self.state();
         let version = match record {
-            Record::Event { stream } => {
-                let positions = state.streams.entry(stream).or_default();
-                positions.push(position);
-                let version = u64::try_from(positions.len()).unwrap_or(u64::MAX);
-                state.head = position;
-                version
-            }
+            Record::Event { stream } => match state.streams.push(&stream, position) {
+                Ok(version) => {
+                    state.head = position;
+                    version
+                }
+                Err(refused) => {
+                    // Cannot happen: the tailer skips offsets below what it processed.
+                    tracing::error!(%stream, position, last = refused.last, "a log record out of order was not indexed");
+                    0
+                }
+            },
             Record::Marker | Record::Foreign => 0,
         };
         // Before the waiter hears of it: whoever it wakes must find the record indexed.

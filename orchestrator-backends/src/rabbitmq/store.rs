@@ -117,6 +117,13 @@ impl RabbitMqEventStore {
         &self.inner.log.config
     }
 
+    /// The bytes the in-memory stream index holds, as counted from its capacities: the
+    /// figure the [module docs](super#index-memory) bound (a few bytes per event at most,
+    /// plus each stream's id and entry). Only what this store's reader has indexed so far.
+    pub fn index_heap_size(&self) -> usize {
+        self.inner.log.index_heap_size()
+    }
+
     /// Waits until this store has indexed every event written to the log (by any process)
     /// before the call, so that `stream_version`, `head_position` and reads see them.
     ///

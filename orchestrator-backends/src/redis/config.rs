@@ -9,6 +9,14 @@ use super::conn::redis_error;
 /// The key prefix used when none is configured.
 pub const DEFAULT_PREFIX: &str = "orchestrator:";
 
+/// How often a publisher trims a topic stream, unless configured
+/// ([`RedisConfig::with_topic_trim_interval`]).
+pub const DEFAULT_TOPIC_TRIM_INTERVAL: Duration = Duration::from_secs(1);
+
+/// How long a topic entry is kept at least, unless configured
+/// ([`RedisConfig::with_topic_retention`]).
+pub const DEFAULT_TOPIC_RETENTION: Duration = Duration::from_secs(60);
+
 /// How to reach Redis and how the backend behaves.
 ///
 /// Built from a URL: `redis://[user:password@]host[:port][/db]`, or `rediss://…` for TLS (see
@@ -42,6 +50,8 @@ pub struct RedisConfig {
     pub(crate) discovery_interval: Duration,
     pub(crate) delayed_poll_interval: Duration,
     pub(crate) topic_max_len: Option<usize>,
+    pub(crate) topic_trim_interval: Option<Duration>,
+    pub(crate) topic_retention: Duration,
     pub(crate) ephemeral_timeout: Duration,
     /// The certificates given for TLS, kept so that each `with_tls_*` call adds to the others.
     #[cfg(feature = "redis-tls")]
@@ -63,6 +73,8 @@ impl std::fmt::Debug for RedisConfig {
             .field("delayed_poll_interval", &self.delayed_poll_interval)
             .field("topic_max_len", &self.topic_max_len)
             .field("tls", &self.tls_description())
+            .field("topic_trim_interval", &self.topic_trim_interval)
+            .field("topic_retention", &self.topic_retention)
             .finish()
     }
 }
@@ -100,6 +112,8 @@ impl RedisConfig {
             discovery_interval: Duration::from_secs(1),
             delayed_poll_interval: Duration::from_secs(1),
             topic_max_len: None,
+            topic_trim_interval: Some(DEFAULT_TOPIC_TRIM_INTERVAL),
+            topic_retention: DEFAULT_TOPIC_RETENTION,
             ephemeral_timeout: Duration::from_secs(30),
             #[cfg(feature = "redis-tls")]
             tls: redis::TlsCertificates {
@@ -255,10 +269,47 @@ impl RedisConfig {
         self
     }
 
-    /// Caps each topic stream at about `max_len` entries (`XADD … MAXLEN ~`); the oldest are
-    /// trimmed, even if a slow group has not read them. Default: no cap.
+    /// A hard ceiling on each topic stream: about `max_len` entries (`XADD … MAXLEN ~`).
+    /// Default: none — topic streams are kept small by
+    /// [trimming](super#trimming-topic-streams), which never removes what a group still needs.
+    ///
+    /// **This ceiling loses events**: it wins over delivery. When a group lags by more than
+    /// `max_len` entries (a slow or stopped consumer), the oldest entries are removed whether
+    /// or not the group has read or acknowledged them — entries it had not read are never
+    /// delivered to it, and entries it held unacknowledged are dropped from its pending list
+    /// when a consumer next reclaims them, with no dead letter. Set it only as a memory limit
+    /// you prefer to losing Redis, well above the backlog a healthy group ever has.
     pub fn with_topic_max_len(mut self, max_len: usize) -> Self {
         self.topic_max_len = Some(max_len);
+        self
+    }
+
+    /// How often a publishing process trims each topic stream it publishes to (default 1 s;
+    /// see [trimming](super#trimming-topic-streams)). The trim runs in the publish that finds
+    /// it due, one script per topic.
+    pub fn with_topic_trim_interval(mut self, interval: Duration) -> Self {
+        self.topic_trim_interval = Some(interval);
+        self
+    }
+
+    /// Turns trimming off: topic streams then keep every entry until
+    /// [`with_topic_max_len`](Self::with_topic_max_len) caps them (or forever, without a
+    /// cap). [`RedisTransport::trim_topic`](super::RedisTransport::trim_topic) still trims on
+    /// request.
+    pub fn without_topic_trimming(mut self) -> Self {
+        self.topic_trim_interval = None;
+        self
+    }
+
+    /// How long a topic entry is kept at least, even once every group has acknowledged it
+    /// (default 60 s; measured on the Redis server's clock against the entry's id). It lets a
+    /// publish retried after a lost reply find the events its failed attempt wrote (retries
+    /// last [`with_retry_for`](Self::with_retry_for), 30 s), and a pattern group that finds a
+    /// topic late read its recent events. A topic stream with no group keeps its entries this
+    /// long, then loses them (no group would ever read them: a group subscribing later starts
+    /// with the events published after it).
+    pub fn with_topic_retention(mut self, retention: Duration) -> Self {
+        self.topic_retention = retention;
         self
     }
 
@@ -412,5 +463,21 @@ mod tests {
             .with_tls_root_certificates(b"not a certificate".to_vec())
             .unwrap_err();
         assert!(matches!(error, Error::InvalidInput { .. }), "{error}");
+    }
+
+    #[test]
+    fn topic_trimming_is_on_by_default_and_can_be_turned_off() {
+        let config = RedisConfig::new("redis://127.0.0.1").unwrap();
+        assert_eq!(
+            config.topic_trim_interval,
+            Some(DEFAULT_TOPIC_TRIM_INTERVAL)
+        );
+        assert_eq!(config.topic_retention, DEFAULT_TOPIC_RETENTION);
+        assert_eq!(config.topic_max_len, None, "no lossy ceiling unless asked");
+        let config = config
+            .with_topic_retention(Duration::from_secs(5))
+            .without_topic_trimming();
+        assert_eq!(config.topic_trim_interval, None);
+        assert_eq!(config.topic_retention, Duration::from_secs(5));
     }
 }

@@ -59,7 +59,7 @@
 //! | `<prefix>stream-ids:<stream id>` | hash | event id → stream version, for every event of the stream |
 //! | `<prefix>all` | stream | every stored event in global order; entry id `0-<global position>`, fields `type`, `event` |
 //! | `<prefix>position` | string | the last global position handed out |
-//! | `<prefix>topic:<topic>` | stream | one transport topic; fields `type`, `event`; one consumer group per subscribing group |
+//! | `<prefix>topic:<topic>` | stream | one transport topic; fields `type`, `event`; one consumer group per subscribing group; [trimmed](#trimming-topic-streams) of what every group acknowledged |
 //! | `<prefix>topics` | set | every topic published or subscribed to |
 //! | `<prefix>patterns` | set | `"<group> <pattern>"` for every pattern a group subscribed to |
 //! | `<prefix>retry:<group>` | stream | messages for one group only — nacked, dropped, or [`redeliver`](orchestrator_core::Transport::redeliver)ed; fields `type`, `event`, `topic`, `attempt`, `first` (ms since the epoch), `error`; consumer group `<group>` |
@@ -117,8 +117,8 @@
 //! **Publishing** is `XADD` to `<prefix>topic:<topic>`; a batch is one pipeline. A publish that
 //! fails on a connection error is retried; the retry first skips the events the failed
 //! attempt did write (found in the stream's tail by event id), so a lost reply does not
-//! duplicate them. Topic streams are not trimmed unless
-//! [`RedisConfig::with_topic_max_len`] is set.
+//! duplicate them. Topic streams are trimmed of what every group has acknowledged (see
+//! [trimming](#trimming-topic-streams)).
 //!
 //! **Subscribing** makes the group a Redis consumer group, named as the group, on the stream
 //! of every topic its patterns match, plus on its own retry stream `<prefix>retry:<group>`. Each
@@ -171,6 +171,40 @@
 //! To reprocess a letter, [`redeliver`](orchestrator_core::Transport::redeliver) its event to
 //! its subscription (it goes to that group's retry stream, attempt 1) and
 //! [`remove`](orchestrator_core::DeadLetterQueue::remove) it.
+//!
+//! # Trimming topic streams
+//!
+//! A topic stream would otherwise keep every event ever published. Every
+//! [`RedisConfig::with_topic_trim_interval`] (1 s) per topic, the publish that finds the
+//! interval passed runs one script on the topic's stream that, atomically:
+//!
+//! 1. takes the **cut**: the oldest of, for each consumer group of the stream
+//!    (`XINFO GROUPS`), its last-delivered id and its oldest pending id (`XPENDING`
+//!    summary) — and, in any case, no newer than the retention age
+//!    ([`RedisConfig::with_topic_retention`], 60 s, against the entry ids' milliseconds on the
+//!    Redis server's clock);
+//! 2. removes the entries older than the cut (`XTRIM … MINID <cut>`, exact).
+//!
+//! So an entry is removed only once **every** group has read it and acknowledged it (acked,
+//! nacked into its retry stream, or dead-lettered — each settles it with `XACK`) and it is
+//! older than the retention age. An entry a group has not read, or holds unacknowledged — read
+//! ahead, handed out, or waiting to be reclaimed from a dead consumer — stays, and so does
+//! everything after it; a group that has not read anything yet keeps the whole stream. Because
+//! the script is atomic, no read, ack or `XAUTOCLAIM` can come between the cut and the trim.
+//! The newest entry every group has read stays too (the cut is inclusive).
+//!
+//! - **While consumers keep up**, a topic stream holds about what was published in the last
+//!   retention age plus trim interval, plus the groups' backlog.
+//! - **A stream with no group** keeps entries for the retention age, then loses them: a group
+//!   subscribing later starts with the events published after it, so none would read them.
+//! - **A durable group that stops consuming holds the stream**: it grows by everything
+//!   published since, until the group comes back, or is removed (`XGROUP DESTROY`), or
+//!   [`RedisConfig::with_topic_max_len`] — a hard ceiling that *does* remove what groups have
+//!   not read — caps it. Ephemeral groups are removed with their consumer, so they never hold
+//!   a stream for long.
+//! - A process that publishes to a topic once and stops never trims it; the next publisher,
+//!   or [`RedisTransport::trim_topics`], does. [`RedisConfig::without_topic_trimming`] turns
+//!   trimming off (then only `with_topic_max_len` bounds a stream).
 
 mod config;
 mod conn;
@@ -182,13 +216,17 @@ mod scripts;
 mod settle;
 mod store;
 mod transport;
+mod trim;
 
-pub use config::{DEFAULT_PREFIX, RedisConfig};
+pub use config::{
+    DEFAULT_PREFIX, DEFAULT_TOPIC_RETENTION, DEFAULT_TOPIC_TRIM_INTERVAL, RedisConfig,
+};
 pub use dlq::RedisDeadLetterQueue;
 pub use inbox::RedisInbox;
 pub use lease::RedisLease;
 pub use store::RedisEventStore;
 pub use transport::RedisTransport;
+pub use trim::TopicTrim;
 
 /// Runs the stream-reply parsers on `reply` the way the transport, the store and the
 /// dead-letter queue read streams (`XREADGROUP`, `XAUTOCLAIM` and `XRANGE` shapes), and

@@ -211,3 +211,56 @@ return 1
 ",
     )
 });
+
+/// Trims a topic stream of what no consumer group still needs (see the
+/// [module docs](super#trimming-topic-streams)): the entries older than the oldest of, for each
+/// group, its last-delivered id and its oldest pending id — and, whatever the groups, only
+/// entries older than the retention age. Atomic, so no read, ack or claim comes between
+/// computing the cut and trimming.
+///
+/// Ids are compared as pairs of decimal strings (exact for any 64-bit part, where Lua numbers
+/// would round).
+///
+/// KEYS: topic stream. ARGV: retention age in ms (entries younger are kept).
+/// Returns `{removed, length after, the cut (the oldest id kept may be newer)}`.
+pub(crate) static TRIM_TOPIC: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local key = KEYS[1]
+if redis.call('TYPE', key)['ok'] ~= 'stream' then return {0, 0, ''} end
+local function split(id)
+  local dash = string.find(id, '-', 1, true)
+  return string.sub(id, 1, dash - 1), string.sub(id, dash + 1)
+end
+local function below(a, b)
+  if #a ~= #b then return #a < #b end
+  return a < b
+end
+local function older(a, b)
+  local am, as = split(a)
+  local bm, bs = split(b)
+  if am ~= bm then return below(am, bm) end
+  return below(as, bs)
+end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local cut = string.format('%d', math.max(now - tonumber(ARGV[1]), 0)) .. '-0'
+local groups = redis.call('XINFO', 'GROUPS', key)
+for _, g in ipairs(groups) do
+  local name, pending, last
+  for i = 1, #g, 2 do
+    if g[i] == 'name' then name = g[i + 1]
+    elseif g[i] == 'pending' then pending = g[i + 1]
+    elseif g[i] == 'last-delivered-id' then last = g[i + 1] end
+  end
+  if older(last, cut) then cut = last end
+  if pending > 0 then
+    local oldest = redis.call('XPENDING', key, name)[2]
+    if older(oldest, cut) then cut = oldest end
+  end
+end
+local removed = redis.call('XTRIM', key, 'MINID', cut)
+return {removed, redis.call('XLEN', key), cut}
+",
+    )
+});

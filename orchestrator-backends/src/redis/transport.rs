@@ -19,6 +19,7 @@ use super::config::RedisConfig;
 use super::conn::{Keys, delete_prefix, is_busy_group, parse_entries, with_retry};
 use super::consumer;
 use super::dlq::RedisDeadLetterQueue;
+use super::trim::TrimClock;
 
 /// A [`Transport`] on Redis Streams.
 ///
@@ -54,6 +55,8 @@ pub(crate) struct Shared {
     pub(crate) keys: Keys,
     pub(crate) dlq: RedisDeadLetterQueue,
     known_topics: Mutex<HashSet<String>>,
+    /// When each topic was last trimmed.
+    pub(crate) trims: TrimClock,
     pub(crate) closed: watch::Sender<bool>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
 }
@@ -81,6 +84,7 @@ impl RedisTransport {
                 keys,
                 dlq,
                 known_topics: Mutex::new(HashSet::new()),
+                trims: TrimClock::default(),
                 closed: watch::channel(false).0,
                 tasks: Mutex::new(Vec::new()),
             }),
@@ -114,6 +118,7 @@ impl RedisTransport {
     /// tests and teardown; close the transport first.
     pub async fn delete_all(&self) -> Result<usize> {
         lock(&self.shared.known_topics).clear();
+        self.shared.trims.clear();
         delete_prefix(&mut self.shared.manager.clone(), &self.shared.config.prefix).await
     }
 
@@ -128,6 +133,7 @@ impl RedisTransport {
 
     /// Writes entries to a topic stream in one round trip. A retry after a connection error
     /// first looks at the stream's tail and skips the events the failed attempt did write.
+    /// Then trims the stream if its trim interval has passed.
     async fn add_entries(&self, topic: &str, entries: &[(&str, &str, Vec<u8>)]) -> Result<()> {
         let shared = &self.shared;
         let key = shared.keys.topic(topic);
@@ -164,7 +170,9 @@ impl RedisTransport {
                 pipe.query_async::<()>(&mut manager).await
             }
         })
-        .await
+        .await?;
+        self.trim_if_due(topic).await;
+        Ok(())
     }
 
     /// Records `topic` in the topic registry; the first time it is seen anywhere, creates the
