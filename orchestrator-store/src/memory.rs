@@ -21,7 +21,7 @@ use futures::StreamExt;
 use orchestrator_core::store::{find_retried_append, validate_batch_ids, validate_stream_id};
 use orchestrator_core::{
     AppendResult, Error, EventEnvelope, EventFilter, EventId, EventStore, EventStream,
-    ExpectedVersion, ReadAll, Result, StoreCapabilities, StoredPosition,
+    ExpectedVersion, MaxEventSize, ReadAll, Result, StoreCapabilities, StoredPosition,
 };
 use tokio::sync::watch;
 
@@ -58,6 +58,7 @@ const SCAN_CHUNK: usize = 4096;
 #[derive(Clone, Default)]
 pub struct InMemoryEventStore {
     inner: Arc<Inner>,
+    max_event_size: MaxEventSize,
 }
 
 struct Inner {
@@ -109,6 +110,14 @@ impl InMemoryEventStore {
     /// An empty store.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Refuses events larger than `limit` (default [`MaxEventSize::DEFAULT`]) with
+    /// [`Error::TooLarge`], writing nothing of their batch; the same limit as the broker
+    /// stores', so that what works here works there.
+    pub fn with_max_event_size(mut self, limit: MaxEventSize) -> Self {
+        self.max_event_size = limit;
+        self
     }
 }
 
@@ -209,6 +218,7 @@ impl EventStore for InMemoryEventStore {
     ) -> Result<AppendResult> {
         validate_stream_id(stream)?;
         validate_batch_ids(&events)?;
+        self.max_event_size.check_append(stream, &events)?;
         let mut guard = self.inner.write();
         let state = &mut *guard;
         if let Some(existing) = state.streams.get(stream)

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use orchestrator_bus::{EventBus, InProcessTransport};
-use orchestrator_core::EventSchemas;
+use orchestrator_core::{EventSchemas, MaxEventSize};
 use orchestrator_core::{Clock, DeadLetterQueue, EventStore, RetryPolicy, SystemClock, Transport};
 use orchestrator_core::{InMemoryInbox, Inbox};
 use orchestrator_cqrs::{CommandBus, QueryBus, QueryCacheConfig};
@@ -71,6 +71,7 @@ pub struct EventOrchestratorBuilder {
     relay: RelayOptions,
     inbox: Option<Arc<dyn Inbox>>,
     application: Option<String>,
+    max_event_size: MaxEventSize,
 }
 
 impl Default for EventOrchestratorBuilder {
@@ -89,6 +90,7 @@ impl Default for EventOrchestratorBuilder {
             relay: RelayOptions::default(),
             inbox: None,
             application: None,
+            max_event_size: MaxEventSize::DEFAULT,
         }
     }
 }
@@ -113,6 +115,7 @@ impl std::fmt::Debug for EventOrchestratorBuilder {
             )
             .field("retry", &self.retry)
             .field("query_cache", &self.query_cache)
+            .field("max_event_size", &self.max_event_size)
             .finish_non_exhaustive()
     }
 }
@@ -238,6 +241,17 @@ impl EventOrchestratorBuilder {
         self
     }
 
+    /// The largest event the orchestrator accepts (default [`MaxEventSize::DEFAULT`], 900 KiB,
+    /// under every supported broker's default message size): `publish` refuses a larger one
+    /// with [`TooLarge`](orchestrator_core::Error::TooLarge) before storing anything, and
+    /// the store and transport the builder makes — the defaults, and those given by URL —
+    /// refuse larger ones too (a store or transport you give ready-made keeps the limit it
+    /// was configured with).
+    pub fn max_event_size(mut self, limit: MaxEventSize) -> Self {
+        self.max_event_size = limit;
+        self
+    }
+
     /// The inbox [`EventOrchestrator::inbox`] hands out, instead of the store's (for another
     /// retention, or another place to keep the ids).
     pub fn inbox(mut self, inbox: Arc<dyn Inbox>) -> Self {
@@ -264,14 +278,15 @@ impl EventOrchestratorBuilder {
             Some(Source::Ready(_)) => self.file_store_dir.take(),
             None => None,
         };
+        let limit = self.max_event_size;
         let store: Arc<dyn EventStore> = match self.store.take() {
-            None => Arc::new(InMemoryEventStore::new()),
+            None => Arc::new(InMemoryEventStore::new().with_max_event_size(limit)),
             Some(Source::Ready(store)) => store,
-            Some(Source::Url(url)) => connect::store(&url).await?,
+            Some(Source::Url(url)) => connect::store_with_limit(&url, limit).await?,
         };
         let transport = match self.transport.take() {
             Some(Source::Url(url)) if Backend::parse(&url)? == Backend::Memory => None,
-            Some(Source::Url(url)) => Some(connect::transport(&url).await?),
+            Some(Source::Url(url)) => Some(connect::transport_with_limit(&url, limit).await?),
             Some(Source::Ready(transport)) => Some(transport),
             None => None,
         };
@@ -310,11 +325,14 @@ impl EventOrchestratorBuilder {
     /// The embedded default, which needs nothing connected.
     pub(super) fn build_in_process(mut self) -> EventOrchestrator {
         let transport = self.in_process_transport();
-        self.assemble(transport, Arc::new(InMemoryEventStore::new()))
+        let store = InMemoryEventStore::new().with_max_event_size(self.max_event_size);
+        self.assemble(transport, Arc::new(store))
     }
 
     fn in_process_transport(&mut self) -> Arc<dyn Transport> {
-        let mut builder = InProcessTransport::builder().clock(Arc::clone(&self.clock));
+        let mut builder = InProcessTransport::builder()
+            .clock(Arc::clone(&self.clock))
+            .max_event_size(self.max_event_size);
         if let Some(queue) = self.dead_letters.take() {
             builder = builder.dead_letter_queue(queue);
         }
@@ -364,6 +382,7 @@ impl EventOrchestratorBuilder {
             queries: queries.build(),
             inbox,
             names: Arc::new(super::SubscriptionNames::new(self.application)),
+            max_event_size: self.max_event_size,
         }
     }
 }

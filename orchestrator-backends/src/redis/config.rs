@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use orchestrator_core::{Error, Result};
+use orchestrator_core::{Error, MaxEventSize, Result};
 
 use super::conn::redis_error;
 
@@ -43,6 +43,7 @@ pub struct RedisConfig {
     pub(crate) delayed_poll_interval: Duration,
     pub(crate) topic_max_len: Option<usize>,
     pub(crate) ephemeral_timeout: Duration,
+    pub(crate) max_event_size: MaxEventSize,
 }
 
 impl std::fmt::Debug for RedisConfig {
@@ -59,6 +60,7 @@ impl std::fmt::Debug for RedisConfig {
             .field("discovery_interval", &self.discovery_interval)
             .field("delayed_poll_interval", &self.delayed_poll_interval)
             .field("topic_max_len", &self.topic_max_len)
+            .field("max_event_size", &self.max_event_size)
             .finish()
     }
 }
@@ -93,6 +95,7 @@ impl RedisConfig {
             delayed_poll_interval: Duration::from_secs(1),
             topic_max_len: None,
             ephemeral_timeout: Duration::from_secs(30),
+            max_event_size: MaxEventSize::DEFAULT,
         })
     }
 
@@ -176,6 +179,16 @@ impl RedisConfig {
     /// group at once.
     pub fn with_ephemeral_timeout(mut self, timeout: Duration) -> Self {
         self.ephemeral_timeout = timeout.max(Duration::from_millis(300));
+        self
+    }
+
+    /// The largest event the store and the transport write (default
+    /// [`MaxEventSize::DEFAULT`]): a larger one is refused with
+    /// [`Error::TooLarge`](orchestrator_core::Error::TooLarge) before anything is written (a
+    /// batch with one writes nothing), and a larger entry read from a stream is refused
+    /// undecoded (the transport dead-letters it).
+    pub fn with_max_event_size(mut self, limit: MaxEventSize) -> Self {
+        self.max_event_size = limit;
         self
     }
 

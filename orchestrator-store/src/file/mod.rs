@@ -99,7 +99,7 @@ use async_trait::async_trait;
 use orchestrator_core::store::{validate_batch_ids, validate_stream_id};
 use orchestrator_core::{
     AppendResult, Error as CoreError, EventEnvelope, EventFilter, EventStore, EventStream,
-    ExpectedVersion, ReadAll, Result, StoreCapabilities,
+    ExpectedVersion, MaxEventSize, ReadAll, Result, StoreCapabilities,
 };
 use tokio::sync::{oneshot, watch};
 
@@ -141,6 +141,11 @@ pub struct FileStoreOptions {
     pub fsync: FsyncPolicy,
     /// The size past which a segment is sealed and a new one started (64 MiB by default).
     pub max_segment_bytes: u64,
+    /// The largest event an append accepts ([`MaxEventSize::DEFAULT`] by default); a batch
+    /// with a larger event is refused with [`Error::TooLarge`](orchestrator_core::Error::TooLarge)
+    /// before anything of it is written. Reading is not limited by it (only by the format's
+    /// 64 MiB), so events written under a larger limit stay readable.
+    pub max_event_size: MaxEventSize,
 }
 
 impl Default for FileStoreOptions {
@@ -148,6 +153,7 @@ impl Default for FileStoreOptions {
         Self {
             fsync: FsyncPolicy::EveryAppend,
             max_segment_bytes: 64 * 1024 * 1024,
+            max_event_size: MaxEventSize::DEFAULT,
         }
     }
 }
@@ -162,6 +168,12 @@ impl FileStoreOptions {
     /// Sets the segment size (at least 4 KiB).
     pub fn max_segment_bytes(mut self, bytes: u64) -> Self {
         self.max_segment_bytes = bytes.max(4096);
+        self
+    }
+
+    /// Sets the largest event an append accepts (see [`max_event_size`](Self::max_event_size)).
+    pub fn max_event_size(mut self, limit: MaxEventSize) -> Self {
+        self.max_event_size = limit;
         self
     }
 }
@@ -579,6 +591,10 @@ impl EventStore for FileEventStore {
         validate_stream_id(stream)?;
         self.inner.check_writable("append")?;
         validate_batch_ids(&events)?;
+        self.inner
+            .options
+            .max_event_size
+            .check_append(stream, &events)?;
         let (reply, answer) = oneshot::channel();
         self.inner.send(Request::Append(AppendRequest {
             stream: stream.to_owned(),
