@@ -231,7 +231,8 @@ async fn rabbitmq_store(url: &str, limit: MaxEventSize) -> Result<Arc<dyn EventS
     use orchestrator_backends::rabbitmq::{RabbitMqEventStore, RabbitMqStoreConfig};
     check_tls(url)?;
     Ok(Arc::new(
-        RabbitMqEventStore::connect(RabbitMqStoreConfig::new(url).with_max_event_size(limit)).await?,
+        RabbitMqEventStore::connect(RabbitMqStoreConfig::new(url).with_max_event_size(limit))
+            .await?,
     ))
 }
 

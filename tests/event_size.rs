@@ -80,11 +80,21 @@ async fn the_builder_option_applies_to_publish_store_and_transport() {
     // that store), and so does the transport.
     let refused = orchestrator
         .store()
-        .append("docs", orchestrator_core::ExpectedVersion::Any, vec![big.clone()])
+        .append(
+            "docs",
+            orchestrator_core::ExpectedVersion::Any,
+            vec![big.clone()],
+        )
         .await;
-    assert!(matches!(refused, Err(CoreError::TooLarge { limit: 1024, .. })), "{refused:?}");
+    assert!(
+        matches!(refused, Err(CoreError::TooLarge { limit: 1024, .. })),
+        "{refused:?}"
+    );
     let refused = orchestrator.transport().publish("doc.saved", big).await;
-    assert!(matches!(refused, Err(CoreError::TooLarge { limit: 1024, .. })), "{refused:?}");
+    assert!(
+        matches!(refused, Err(CoreError::TooLarge { limit: 1024, .. })),
+        "{refused:?}"
+    );
 }
 
 /// A stored event over the transport's limit (a store given ready-made with a larger one,
@@ -97,7 +107,11 @@ async fn the_relay_dead_letters_a_stored_event_the_transport_refuses() {
     let big = EventEnvelope::new("doc.saved", &"x".repeat(2048)).unwrap();
     let small = EventEnvelope::new("doc.saved", &1).unwrap();
     store
-        .append("docs", orchestrator_core::ExpectedVersion::Any, vec![big.clone(), small])
+        .append(
+            "docs",
+            orchestrator_core::ExpectedVersion::Any,
+            vec![big.clone(), small],
+        )
         .await
         .unwrap();
     let transport = InProcessTransport::builder().max_event_size(limit).build();
@@ -128,5 +142,9 @@ async fn the_relay_dead_letters_a_stored_event_the_transport_refuses() {
         panic!("expected one dead letter, got {letters:?}")
     };
     assert_eq!(letter.event.id(), big.id());
-    assert!(letter.reason.contains("maximum event size"), "{}", letter.reason);
+    assert!(
+        letter.reason.contains("maximum event size"),
+        "{}",
+        letter.reason
+    );
 }

@@ -43,7 +43,9 @@ mod redis {
             .await
             .unwrap();
         transport::oversize_events_are_refused(&small, limit()).await;
-        let large = RedisTransport::connect(config(&url, &prefix)).await.unwrap();
+        let large = RedisTransport::connect(config(&url, &prefix))
+            .await
+            .unwrap();
         transport::received_oversize_events_are_dead_lettered(&large, &small, limit()).await;
     }
 }
@@ -109,20 +111,23 @@ mod rabbitmq {
             .with_queue_prefix(prefix.clone())
             .with_queue_expiry(Duration::from_secs(60))
             .with_connect_timeout(Duration::from_secs(5));
-        let small = match RabbitMqTransport::connect(config.clone().with_max_event_size(limit()))
-            .await
-        {
-            Ok(transport) => transport,
-            Err(error) => {
-                services::unreachable("RabbitMQ", &services::amqp_url(), &error);
-                return;
-            }
-        };
+        let small =
+            match RabbitMqTransport::connect(config.clone().with_max_event_size(limit())).await {
+                Ok(transport) => transport,
+                Err(error) => {
+                    services::unreachable("RabbitMQ", &services::amqp_url(), &error);
+                    return;
+                }
+            };
         transport::oversize_events_are_refused(&small, limit()).await;
         let large = RabbitMqTransport::connect(config.clone()).await.unwrap();
         transport::received_oversize_events_are_dead_lettered(&large, &small, limit()).await;
         drop((small, large));
-        delete(&[config.dead_letter_queue()], &[config.exchange().to_owned()]).await;
+        delete(
+            &[config.dead_letter_queue()],
+            &[config.exchange().to_owned()],
+        )
+        .await;
     }
 }
 

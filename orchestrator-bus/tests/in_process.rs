@@ -356,10 +356,22 @@ async fn oversize_events_are_refused() {
     let bus = orchestrator_bus::EventBus::new(Arc::new(transport.clone()));
     let mut sub = subscribe(&transport, "g", "doc.saved").await;
     let big = EventEnvelope::new("doc.saved", &"x".repeat(1024)).unwrap();
-    let refused = bus.publish_batch(vec![event("doc.saved", 1), big.clone()]).await;
-    assert!(matches!(refused, Err(Error::TooLarge { limit: 1024, .. })), "{refused:?}");
+    let refused = bus
+        .publish_batch(vec![event("doc.saved", 1), big.clone()])
+        .await;
+    assert!(
+        matches!(refused, Err(Error::TooLarge { limit: 1024, .. })),
+        "{refused:?}"
+    );
     let refused = bus.publish(big).await;
-    assert!(matches!(refused, Err(Error::TooLarge { limit: 1024, .. })), "{refused:?}");
+    assert!(
+        matches!(refused, Err(Error::TooLarge { limit: 1024, .. })),
+        "{refused:?}"
+    );
     bus.publish(event("doc.saved", 2)).await.unwrap();
-    assert_eq!(seq(&next(&mut sub).await), 2, "the refused batch sent nothing");
+    assert_eq!(
+        seq(&next(&mut sub).await),
+        2,
+        "the refused batch sent nothing"
+    );
 }

@@ -139,7 +139,9 @@ impl<'a> Wire<'a> {
     ) -> Self {
         let position = match stored_in {
             Some(_) => Some((u64::MAX, u64::MAX)),
-            None => event.position.map(|p| (p.stream_version, p.global_position)),
+            None => event
+                .position
+                .map(|p| (p.stream_version, p.global_position)),
         };
         Self {
             specversion: SPEC_VERSION,
@@ -197,9 +199,14 @@ pub(crate) fn wire_len_bound(event: &EventEnvelope, stored_in: Option<&str>) -> 
         + opt(&e.data_schema)
         + opt(&e.correlation_id)
         + opt(&e.causation_id)
-        + e.trace.as_ref().map_or(0, |t| t.traceparent.len() + opt(&t.tracestate))
+        + e.trace
+            .as_ref()
+            .map_or(0, |t| t.traceparent.len() + opt(&t.tracestate))
         + stored_in.map_or_else(|| opt(&e.stream_id), str::len)
-        + e.headers.iter().map(|(k, v)| k.len() + v.len() + 1).sum::<usize>();
+        + e.headers
+            .iter()
+            .map(|(k, v)| k.len() + v.len() + 1)
+            .sum::<usize>();
     512 + strings.saturating_mul(6) + data_len(e)
 }
 

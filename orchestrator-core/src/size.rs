@@ -197,9 +197,7 @@ mod tests {
             .with_header("k", "\u{2}".repeat(100))
             .unwrap();
         for event in events().into_iter().chain([escaped]) {
-            assert!(
-                cloudevents::wire_len_bound(&event, None) >= cloudevents::encoded_len(&event)
-            );
+            assert!(cloudevents::wire_len_bound(&event, None) >= cloudevents::encoded_len(&event));
             assert!(
                 cloudevents::wire_len_bound(&event, Some("s\u{1}"))
                     >= cloudevents::stored_encoded_len(&event, "s\u{1}")
@@ -216,8 +214,14 @@ mod tests {
             other => panic!("{other:?}"),
         }
         let err = limit.check_len(101).unwrap_err().to_string();
-        assert!(err.contains("101 bytes") && err.contains("100 bytes"), "{err}");
-        assert!(matches!(MaxEventSize::new(0), Err(Error::InvalidInput { .. })));
+        assert!(
+            err.contains("101 bytes") && err.contains("100 bytes"),
+            "{err}"
+        );
+        assert!(matches!(
+            MaxEventSize::new(0),
+            Err(Error::InvalidInput { .. })
+        ));
         assert!(MaxEventSize::new(MaxEventSize::MAX.bytes() + 1).is_err());
         assert_eq!(MaxEventSize::default(), MaxEventSize::DEFAULT);
     }
@@ -227,7 +231,11 @@ mod tests {
         let limit = MaxEventSize::new(1024).unwrap();
         let small = EventEnvelope::new("a.b", &1).unwrap();
         let large = EventEnvelope::new("a.b", &"x".repeat(1024)).unwrap();
-        assert!(limit.check_append("s", &[small.clone(), small.clone()]).is_ok());
+        assert!(
+            limit
+                .check_append("s", &[small.clone(), small.clone()])
+                .is_ok()
+        );
         assert!(matches!(
             limit.check_append("s", &[small, large]),
             Err(Error::TooLarge { limit: 1024, .. })
@@ -237,8 +245,8 @@ mod tests {
     #[test]
     fn received_bytes_over_the_limit_are_a_decode_error() {
         let limit = MaxEventSize::new(64).unwrap();
-        let wire = cloudevents::encode(&EventEnvelope::new("a.b", &"x".repeat(100)).unwrap())
-            .unwrap();
+        let wire =
+            cloudevents::encode(&EventEnvelope::new("a.b", &"x".repeat(100)).unwrap()).unwrap();
         let err = limit.decode(&wire).unwrap_err();
         assert_eq!(err.decode_field(), Some("$"), "{err}");
         assert!(err.to_string().contains("maximum event size"), "{err}");

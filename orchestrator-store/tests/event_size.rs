@@ -27,6 +27,9 @@ async fn the_file_store_refuses_oversize_events_and_reopens() {
     drop(store);
     // What was written before and after the refused batches reads back after a restart.
     let reopened = FileEventStore::open(dir.path()).unwrap();
-    assert_eq!(reopened.read_all(ReadAll::from(1, 100)).await.unwrap(), written);
+    assert_eq!(
+        reopened.read_all(ReadAll::from(1, 100)).await.unwrap(),
+        written
+    );
     assert_eq!(written.len(), 2);
 }

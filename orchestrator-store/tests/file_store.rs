@@ -457,7 +457,9 @@ async fn a_dropped_store_ends_its_subscriptions() {
 /// — goes on reading and writing. Checked at the default limit and at the largest one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_event_too_large_to_read_back_is_refused_before_it_is_written() {
-    use orchestrator_core::{Error, EventEnvelope, EventStore, ExpectedVersion, MaxEventSize, ReadAll};
+    use orchestrator_core::{
+        Error, EventEnvelope, EventStore, ExpectedVersion, MaxEventSize, ReadAll,
+    };
     use orchestrator_store::file::{FileEventStore, FileStoreOptions};
     for limit in [MaxEventSize::DEFAULT, MaxEventSize::MAX] {
         let dir = tempfile::tempdir().unwrap();

@@ -5,8 +5,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use orchestrator_bus::{EventBus, InProcessTransport};
-use orchestrator_core::{EventSchemas, MaxEventSize};
 use orchestrator_core::{Clock, DeadLetterQueue, EventStore, RetryPolicy, SystemClock, Transport};
+use orchestrator_core::{EventSchemas, MaxEventSize};
 use orchestrator_core::{InMemoryInbox, Inbox};
 use orchestrator_cqrs::{CommandBus, QueryBus, QueryCacheConfig};
 use orchestrator_saga::SagaOrchestrator;

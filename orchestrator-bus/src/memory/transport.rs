@@ -14,8 +14,8 @@ use chrono::{DateTime, Utc};
 use orchestrator_core::transport::{validate_group, validate_topic};
 use orchestrator_core::{
     Clock, DeadLetter, DeadLetterQueue, Delivery, DeliveryInfo, DeliveryStream, Error,
-    EventEnvelope, MaxEventSize, Result, Returned, Settler, SubscribeOptions, SystemClock, TopicPattern,
-    Transport,
+    EventEnvelope, MaxEventSize, Result, Returned, Settler, SubscribeOptions, SystemClock,
+    TopicPattern, Transport,
 };
 
 use super::InMemoryDeadLetterQueue;

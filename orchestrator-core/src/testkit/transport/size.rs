@@ -93,5 +93,10 @@ pub async fn received_oversize_events_are_dead_lettered<P, S>(
         letter.reason
     );
     call(&cx, "dlq.remove", dlq.remove(&letter.id)).await;
-    expect_quiet(&cx, &mut sub, "after the oversize message was dead-lettered").await;
+    expect_quiet(
+        &cx,
+        &mut sub,
+        "after the oversize message was dead-lettered",
+    )
+    .await;
 }
