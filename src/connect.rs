@@ -34,7 +34,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use orchestrator_bus::InProcessTransport;
-use orchestrator_core::{EventStore, Transport};
+use orchestrator_core::{EventStore, MaxEventSize, Transport};
+use orchestrator_store::file::FileStoreOptions;
 use orchestrator_store::{FileEventStore, InMemoryEventStore};
 
 use crate::error::{Error, Result};
@@ -173,12 +174,25 @@ fn is_property_name(text: &str) -> bool {
 /// [`orchestrator_store::Error::Locked`] inside [`Error::Core`] (see
 /// [`orchestrator_store::Error::from_core`]), naming the holder's pid.
 pub async fn store(url: &str) -> Result<Arc<dyn EventStore>> {
+    store_with_limit(url, MaxEventSize::DEFAULT).await
+}
+
+/// Opens the event store a URL names, as [`store`] does, refusing events over `limit`
+/// (see [`MaxEventSize`]).
+pub async fn store_with_limit(url: &str, limit: MaxEventSize) -> Result<Arc<dyn EventStore>> {
     match Backend::parse(url)? {
-        Backend::Memory => Ok(Arc::new(InMemoryEventStore::new())),
-        Backend::File(dir) => Ok(Arc::new(open_file(dir, FileEventStore::open).await?)),
-        Backend::Redis(url) => redis_store(&url).await,
-        Backend::Amqp(url) => rabbitmq_store(&url).await,
-        Backend::Kafka(url) => kafka_store(&url).await,
+        Backend::Memory => Ok(Arc::new(
+            InMemoryEventStore::new().with_max_event_size(limit),
+        )),
+        Backend::File(dir) => Ok(Arc::new(
+            open_file(dir, move |dir| {
+                FileEventStore::open_with(dir, FileStoreOptions::default().max_event_size(limit))
+            })
+            .await?,
+        )),
+        Backend::Redis(url) => redis_store(&url, limit).await,
+        Backend::Amqp(url) => rabbitmq_store(&url, limit).await,
+        Backend::Kafka(url) => kafka_store(&url, limit).await,
     }
 }
 
@@ -202,7 +216,7 @@ pub async fn store_read_only(url: &str) -> Result<Arc<dyn EventStore>> {
 /// blocking I/O.
 async fn open_file(
     dir: PathBuf,
-    open: fn(PathBuf) -> orchestrator_store::Result<FileEventStore>,
+    open: impl FnOnce(PathBuf) -> orchestrator_store::Result<FileEventStore> + Send + 'static,
 ) -> Result<FileEventStore> {
     let opened = tokio::task::spawn_blocking(move || open(dir))
         .await
@@ -214,16 +228,24 @@ async fn open_file(
 
 /// Connects the transport a URL names (`memory:` is a fresh [`InProcessTransport`]).
 pub async fn transport(url: &str) -> Result<Arc<dyn Transport>> {
+    transport_with_limit(url, MaxEventSize::DEFAULT).await
+}
+
+/// Connects the transport a URL names, as [`transport`] does, refusing events over `limit`
+/// (see [`MaxEventSize`]).
+pub async fn transport_with_limit(url: &str, limit: MaxEventSize) -> Result<Arc<dyn Transport>> {
     match Backend::parse(url)? {
-        Backend::Memory => Ok(Arc::new(InProcessTransport::new())),
+        Backend::Memory => Ok(Arc::new(
+            InProcessTransport::builder().max_event_size(limit).build(),
+        )),
         Backend::File(_) => Err(Error::Core(orchestrator_core::Error::invalid(
             "transport URL",
             "there is no file transport: events travel in-process (memory:) or through a \
              broker (redis://, amqp://, kafka://); file:// names a store",
         ))),
-        Backend::Redis(url) => redis_transport(&url).await,
-        Backend::Amqp(url) => rabbitmq_transport(&url).await,
-        Backend::Kafka(url) => kafka_transport(&url).await,
+        Backend::Redis(url) => redis_transport(&url, limit).await,
+        Backend::Amqp(url) => rabbitmq_transport(&url, limit).await,
+        Backend::Kafka(url) => kafka_transport(&url, limit).await,
     }
 }
 
@@ -238,30 +260,30 @@ fn check_redis_tls(url: &str) -> Result<()> {
 }
 
 #[cfg(feature = "redis")]
-async fn redis_store(url: &str) -> Result<Arc<dyn EventStore>> {
+async fn redis_store(url: &str, limit: MaxEventSize) -> Result<Arc<dyn EventStore>> {
     use orchestrator_backends::redis::{RedisConfig, RedisEventStore};
     check_redis_tls(url)?;
     Ok(Arc::new(
-        RedisEventStore::connect(RedisConfig::new(url)?).await?,
+        RedisEventStore::connect(RedisConfig::new(url)?.with_max_event_size(limit)).await?,
     ))
 }
 
 #[cfg(feature = "redis")]
-async fn redis_transport(url: &str) -> Result<Arc<dyn Transport>> {
+async fn redis_transport(url: &str, limit: MaxEventSize) -> Result<Arc<dyn Transport>> {
     use orchestrator_backends::redis::{RedisConfig, RedisTransport};
     check_redis_tls(url)?;
     Ok(Arc::new(
-        RedisTransport::connect(RedisConfig::new(url)?).await?,
+        RedisTransport::connect(RedisConfig::new(url)?.with_max_event_size(limit)).await?,
     ))
 }
 
 #[cfg(not(feature = "redis"))]
-async fn redis_store(url: &str) -> Result<Arc<dyn EventStore>> {
+async fn redis_store(url: &str, _limit: MaxEventSize) -> Result<Arc<dyn EventStore>> {
     Err(disabled(url, "redis"))
 }
 
 #[cfg(not(feature = "redis"))]
-async fn redis_transport(url: &str) -> Result<Arc<dyn Transport>> {
+async fn redis_transport(url: &str, _limit: MaxEventSize) -> Result<Arc<dyn Transport>> {
     Err(disabled(url, "redis"))
 }
 
@@ -274,56 +296,57 @@ fn check_tls(url: &str) -> Result<()> {
 }
 
 #[cfg(feature = "rabbitmq")]
-async fn rabbitmq_store(url: &str) -> Result<Arc<dyn EventStore>> {
+async fn rabbitmq_store(url: &str, limit: MaxEventSize) -> Result<Arc<dyn EventStore>> {
     use orchestrator_backends::rabbitmq::{RabbitMqEventStore, RabbitMqStoreConfig};
     check_tls(url)?;
     Ok(Arc::new(
-        RabbitMqEventStore::connect(RabbitMqStoreConfig::new(url)).await?,
+        RabbitMqEventStore::connect(RabbitMqStoreConfig::new(url).with_max_event_size(limit))
+            .await?,
     ))
 }
 
 #[cfg(feature = "rabbitmq")]
-async fn rabbitmq_transport(url: &str) -> Result<Arc<dyn Transport>> {
+async fn rabbitmq_transport(url: &str, limit: MaxEventSize) -> Result<Arc<dyn Transport>> {
     use orchestrator_backends::rabbitmq::{RabbitMqConfig, RabbitMqTransport};
     check_tls(url)?;
     Ok(Arc::new(
-        RabbitMqTransport::connect(RabbitMqConfig::new(url)).await?,
+        RabbitMqTransport::connect(RabbitMqConfig::new(url).with_max_event_size(limit)).await?,
     ))
 }
 
 #[cfg(not(feature = "rabbitmq"))]
-async fn rabbitmq_store(url: &str) -> Result<Arc<dyn EventStore>> {
+async fn rabbitmq_store(url: &str, _limit: MaxEventSize) -> Result<Arc<dyn EventStore>> {
     Err(disabled(url, "rabbitmq"))
 }
 
 #[cfg(not(feature = "rabbitmq"))]
-async fn rabbitmq_transport(url: &str) -> Result<Arc<dyn Transport>> {
+async fn rabbitmq_transport(url: &str, _limit: MaxEventSize) -> Result<Arc<dyn Transport>> {
     Err(disabled(url, "rabbitmq"))
 }
 
 #[cfg(feature = "kafka")]
-async fn kafka_store(url: &str) -> Result<Arc<dyn EventStore>> {
+async fn kafka_store(url: &str, limit: MaxEventSize) -> Result<Arc<dyn EventStore>> {
     use orchestrator_backends::kafka::{KafkaConfig, KafkaEventStore};
     Ok(Arc::new(
-        KafkaEventStore::connect(KafkaConfig::from_url(url)?).await?,
+        KafkaEventStore::connect(KafkaConfig::from_url(url)?.with_max_event_size(limit)).await?,
     ))
 }
 
 #[cfg(feature = "kafka")]
-async fn kafka_transport(url: &str) -> Result<Arc<dyn Transport>> {
+async fn kafka_transport(url: &str, limit: MaxEventSize) -> Result<Arc<dyn Transport>> {
     use orchestrator_backends::kafka::{KafkaConfig, KafkaTransport};
     Ok(Arc::new(
-        KafkaTransport::connect(KafkaConfig::from_url(url)?).await?,
+        KafkaTransport::connect(KafkaConfig::from_url(url)?.with_max_event_size(limit)).await?,
     ))
 }
 
 #[cfg(not(feature = "kafka"))]
-async fn kafka_store(_url: &str) -> Result<Arc<dyn EventStore>> {
+async fn kafka_store(_url: &str, _limit: MaxEventSize) -> Result<Arc<dyn EventStore>> {
     Err(disabled("kafka://", "kafka"))
 }
 
 #[cfg(not(feature = "kafka"))]
-async fn kafka_transport(_url: &str) -> Result<Arc<dyn Transport>> {
+async fn kafka_transport(_url: &str, _limit: MaxEventSize) -> Result<Arc<dyn Transport>> {
     Err(disabled("kafka://", "kafka"))
 }
 

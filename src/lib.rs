@@ -133,7 +133,7 @@ pub mod prelude {
     pub use orchestrator_core::{
         DeadLetter, DeadLetterQuery, DeadLetterQueue, Event, EventEnvelope, EventFilter,
         EventHandler, EventId, EventStore, ExpectedVersion, HandlerError, Inbox, InboxRetention,
-        JsonHandler, ReadAll, RetryPolicy, TopicPattern, Transport,
+        JsonHandler, MaxEventSize, ReadAll, RetryPolicy, TopicPattern, Transport,
     };
     pub use orchestrator_cqrs::{CommandRequest, QueryCacheConfig, QueryOptions, QueryRequest};
     pub use orchestrator_saga::{SagaDefinition, SagaOutcome, SagaStatus, SagaStep};

@@ -829,7 +829,10 @@ async fn stopped(stop: &mut watch::Receiver<bool>) {
 fn refused(error: &Error) -> bool {
     matches!(
         error,
-        Error::InvalidInput { .. } | Error::Encode { .. } | Error::Decode { .. }
+        Error::InvalidInput { .. }
+            | Error::Encode { .. }
+            | Error::Decode { .. }
+            | Error::TooLarge { .. }
     )
 }
 

@@ -225,6 +225,11 @@ impl EventBus {
         let count = events.len() as u64;
         match &self.direct {
             Some(direct) => {
+                // All checked before one is sent: a batch with an event over the maximum
+                // size sends nothing, as on every transport.
+                for event in &events {
+                    direct.check_size(event)?;
+                }
                 for event in events {
                     if let Some(unsent) = direct.publish_direct(event)? {
                         direct.send_rest(unsent).await?;

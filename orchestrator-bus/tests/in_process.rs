@@ -343,3 +343,35 @@ async fn idle_only_once_every_published_event_is_settled() {
     assert!(transport.is_idle(), "dead-lettered");
     assert_eq!(transport.dead_letter_queue().len().await.unwrap(), 1);
 }
+
+/// An event over the configured maximum size is refused with `TooLarge` — alone or in a
+/// batch, which then sends nothing — by the transport and by the bus's direct path to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversize_events_are_refused() {
+    use orchestrator_core::MaxEventSize;
+    let limit = MaxEventSize::new(1024).unwrap();
+    let transport = InProcessTransport::builder().max_event_size(limit).build();
+    orchestrator_core::testkit::transport::oversize_events_are_refused(&transport, limit).await;
+
+    let bus = orchestrator_bus::EventBus::new(Arc::new(transport.clone()));
+    let mut sub = subscribe(&transport, "g", "doc.saved").await;
+    let big = EventEnvelope::new("doc.saved", &"x".repeat(1024)).unwrap();
+    let refused = bus
+        .publish_batch(vec![event("doc.saved", 1), big.clone()])
+        .await;
+    assert!(
+        matches!(refused, Err(Error::TooLarge { limit: 1024, .. })),
+        "{refused:?}"
+    );
+    let refused = bus.publish(big).await;
+    assert!(
+        matches!(refused, Err(Error::TooLarge { limit: 1024, .. })),
+        "{refused:?}"
+    );
+    bus.publish(event("doc.saved", 2)).await.unwrap();
+    assert_eq!(
+        seq(&next(&mut sub).await),
+        2,
+        "the refused batch sent nothing"
+    );
+}

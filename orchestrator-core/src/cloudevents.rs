@@ -128,6 +128,121 @@ struct Wire<'a> {
     headers: &'a BTreeMap<String, String>,
 }
 
+impl<'a> Wire<'a> {
+    /// The wire form of `event`; `stored_in` (a stream) stands in for a stored position, with
+    /// the widest version and global position, to measure the event as it will be stored.
+    fn new(
+        event: &'a Fields,
+        data: Option<&'a RawValue>,
+        data_base64: Option<String>,
+        stored_in: Option<&'a str>,
+    ) -> Self {
+        let position = match stored_in {
+            Some(_) => Some((u64::MAX, u64::MAX)),
+            None => event
+                .position
+                .map(|p| (p.stream_version, p.global_position)),
+        };
+        Self {
+            specversion: SPEC_VERSION,
+            id: event.id.as_str(),
+            source: &event.source,
+            event_type: &event.event_type,
+            time: event.time.to_rfc3339_opts(SecondsFormat::AutoSi, true),
+            subject: event.subject.as_deref(),
+            dataschema: event.data_schema.as_deref(),
+            datacontenttype: &event.content_type,
+            data,
+            data_base64,
+            schemaversion: event.schema_version,
+            correlationid: event.correlation_id.as_deref(),
+            causationid: event.causation_id.as_deref(),
+            traceparent: event.trace.as_ref().map(|t| t.traceparent.as_str()),
+            tracestate: event.trace.as_ref().and_then(|t| t.tracestate.as_deref()),
+            streamid: stored_in.or(event.stream_id.as_deref()),
+            streamversion: position.map(|p| p.0),
+            globalposition: position.map(|p| p.1),
+            headers: &event.headers,
+        }
+    }
+}
+
+/// The length in bytes of [`encode`]'s output for `event`, computed without encoding the
+/// payload: what [`MaxEventSize`](crate::MaxEventSize) measures.
+///
+/// Exact whenever `encode` succeeds, except that whitespace around a JSON payload (which
+/// `encode` drops) is counted: a JSON payload is written verbatim, any other as base64,
+/// whose length is known in advance.
+pub fn encoded_len(event: &EventEnvelope) -> usize {
+    wire_len(&event.inner, None)
+}
+
+/// The length of the event as it will be encoded once stored in `stream`: with that stream
+/// id, and the widest stream version and global position (20 digits each), so that what a
+/// store accepts under a limit the relay can publish under the same limit.
+pub fn stored_encoded_len(event: &EventEnvelope, stream: &str) -> usize {
+    wire_len(&event.inner, Some(stream))
+}
+
+/// A quick upper bound of [`wire_len`], from the lengths of the event's strings, so that an
+/// event far under a limit is passed without being measured: every byte of a string counted
+/// as the six of its worst JSON escape (`\u001f`), plus 512 for the attribute names, the
+/// numbers and the time.
+pub(crate) fn wire_len_bound(event: &EventEnvelope, stored_in: Option<&str>) -> usize {
+    let e = &*event.inner;
+    let opt = |s: &Option<String>| s.as_ref().map_or(0, String::len);
+    let strings = e.id.as_str().len()
+        + e.source.len()
+        + e.event_type.len()
+        + e.content_type.len()
+        + opt(&e.subject)
+        + opt(&e.data_schema)
+        + opt(&e.correlation_id)
+        + opt(&e.causation_id)
+        + e.trace
+            .as_ref()
+            .map_or(0, |t| t.traceparent.len() + opt(&t.tracestate))
+        + stored_in.map_or_else(|| opt(&e.stream_id), str::len)
+        + e.headers
+            .iter()
+            .map(|(k, v)| k.len() + v.len() + 1)
+            .sum::<usize>();
+    512 + strings.saturating_mul(6) + data_len(e)
+}
+
+/// The length of the payload's member, comma included.
+fn data_len(event: &Fields) -> usize {
+    let len = event.data.len();
+    if len == 0 {
+        0
+    } else if is_json_content_type(&event.content_type) {
+        // `,"data":` and the payload verbatim.
+        8 + len
+    } else {
+        // `,"data_base64":"…"`, padded base64.
+        17 + len.div_ceil(3) * 4
+    }
+}
+
+fn wire_len(event: &Fields, stored_in: Option<&str>) -> usize {
+    /// Counts bytes instead of keeping them.
+    struct Counter(usize);
+    impl std::io::Write for Counter {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut counter = Counter(0);
+    // Serializing borrowed strings and numbers into a counter cannot fail; were it to, the
+    // count would only be short by what was not written, and `encode` fails the same way.
+    let _ = serde_json::to_writer(&mut counter, &Wire::new(event, None, None, stored_in));
+    counter.0 + data_len(event)
+}
+
 /// Encodes an envelope as a CloudEvents JSON object.
 ///
 /// Fails with [`Error::Encode`] when a JSON-typed payload is not valid JSON (or not UTF-8),
@@ -161,27 +276,7 @@ pub fn encode(event: &EventEnvelope) -> Result<Vec<u8>> {
             Some(base64::engine::general_purpose::STANDARD.encode(&event.data)),
         )
     };
-    let wire = Wire {
-        specversion: SPEC_VERSION,
-        id: event.id.as_str(),
-        source: &event.source,
-        event_type: &event.event_type,
-        time: event.time.to_rfc3339_opts(SecondsFormat::AutoSi, true),
-        subject: event.subject.as_deref(),
-        dataschema: event.data_schema.as_deref(),
-        datacontenttype: &event.content_type,
-        data,
-        data_base64,
-        schemaversion: event.schema_version,
-        correlationid: event.correlation_id.as_deref(),
-        causationid: event.causation_id.as_deref(),
-        traceparent: event.trace.as_ref().map(|t| t.traceparent.as_str()),
-        tracestate: event.trace.as_ref().and_then(|t| t.tracestate.as_deref()),
-        streamid: event.stream_id.as_deref(),
-        streamversion: event.position.map(|p| p.stream_version),
-        globalposition: event.position.map(|p| p.global_position),
-        headers: &event.headers,
-    };
+    let wire = Wire::new(event, data, data_base64, None);
     serde_json::to_vec(&wire).map_err(|e| Error::encode(e.to_string()))
 }
 
@@ -192,8 +287,12 @@ pub fn encode(event: &EventEnvelope) -> Result<Vec<u8>> {
 /// without surrounding whitespace), as `data` must. Extensions other than orchestrator's
 /// become headers (numbers and booleans as their JSON text).
 ///
-/// Input over one of the [limits](self#limits) is an [`Error::Decode`] whose reason names it.
+/// Input over one of the [limits](self#limits) is an [`Error::Decode`] whose reason names it,
+/// as is input longer than [`MaxEventSize::MAX`](crate::MaxEventSize::MAX) (64 MiB); to
+/// refuse input over a configured limit, decode with
+/// [`MaxEventSize::decode`](crate::MaxEventSize::decode).
 pub fn decode(bytes: &[u8]) -> Result<EventEnvelope> {
+    crate::MaxEventSize::MAX.check_received(bytes)?;
     let mut attrs = Attrs::read(bytes)?;
 
     let specversion =

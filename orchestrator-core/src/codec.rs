@@ -74,22 +74,16 @@ impl Bincode {
 
     /// Encodes any serde value (a payload) with bincode. A value whose encoding is larger
     /// than [`MAX_LEN`](Self::MAX_LEN) — more than the decoder reads back — is refused
-    /// with [`Error::InvalidInput`] naming its size and the limit, so that nothing is ever
+    /// with [`Error::TooLarge`] naming its size and the limit, so that nothing is ever
     /// written that could not be read again.
     pub fn encode_payload<T: Serialize>(value: &T) -> Result<Vec<u8>> {
         let bytes = bincode::serde::encode_to_vec(value, Self::config())
             .map_err(|e| Error::encode(format!("bincode: {e}")))?;
         if bytes.len() > Self::MAX_LEN {
-            return Err(Error::invalid(
-                "event",
-                format!(
-                    "{} bytes once encoded, over the {} bytes (64 MiB) the binary codec reads \
-                     back (Bincode::MAX_LEN); make the payload smaller, or keep large data \
-                     outside the event and put a reference to it in the event",
-                    bytes.len(),
-                    Self::MAX_LEN
-                ),
-            ));
+            return Err(Error::TooLarge {
+                size: bytes.len(),
+                limit: Self::MAX_LEN,
+            });
         }
         Ok(bytes)
     }

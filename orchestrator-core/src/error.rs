@@ -44,6 +44,20 @@ pub enum Error {
         reason: String,
     },
 
+    /// An event is larger than the [maximum event size](crate::MaxEventSize) of the store or
+    /// transport it was given to; nothing was written.
+    #[error(
+        "event is {size} bytes once encoded, over the maximum event size of {limit} bytes; make \
+         the payload smaller, or keep large data outside the event and put a reference to it in \
+         the event, or raise the limit (`max_event_size`) within what your broker accepts"
+    )]
+    TooLarge {
+        /// The event's size in bytes, encoded as the store or transport writes it.
+        size: usize,
+        /// The limit in bytes.
+        limit: usize,
+    },
+
     /// An append's expected version did not match the stream; nothing was written.
     #[error(
         "wrong expected version on stream `{stream}`: expected {expected}, but the stream {}",

@@ -42,6 +42,7 @@ pub mod pattern;
 pub mod redact;
 pub mod retry;
 pub mod schema;
+pub mod size;
 pub mod store;
 pub mod transport;
 
@@ -60,6 +61,7 @@ pub use lease::{Lease, LocalLease};
 pub use pattern::TopicPattern;
 pub use retry::{Jitter, RetryPolicy};
 pub use schema::{EventSchemas, NoSchemas};
+pub use size::MaxEventSize;
 pub use store::{
     AppendResult, EventFilter, EventStore, EventStream, ExpectedVersion, ReadAll, StoreCapabilities,
 };

@@ -40,7 +40,7 @@ use futures::StreamExt;
 use orchestrator_core::store::{find_retried_append, validate_batch_ids, validate_stream_id};
 use orchestrator_core::{
     AppendResult, Error, EventEnvelope, EventFilter, EventId, EventStore, EventStream,
-    ExpectedVersion, ReadAll, Result, StoreCapabilities, StoredPosition,
+    ExpectedVersion, MaxEventSize, ReadAll, Result, StoreCapabilities, StoredPosition,
 };
 use tokio::sync::watch;
 
@@ -83,6 +83,7 @@ const SCAN_CHUNK: usize = 4096;
 #[derive(Clone, Default)]
 pub struct InMemoryEventStore {
     inner: Arc<Inner>,
+    max_event_size: MaxEventSize,
 }
 
 struct Inner {
@@ -169,6 +170,14 @@ impl InMemoryEventStore {
     /// or about 1 GiB, appends past that refused.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Refuses events larger than `limit` (default [`MaxEventSize::DEFAULT`]) with
+    /// [`Error::TooLarge`], writing nothing of their batch; the same limit as the broker
+    /// stores', so that what works here works there.
+    pub fn with_max_event_size(mut self, limit: MaxEventSize) -> Self {
+        self.max_event_size = limit;
+        self
     }
 }
 
@@ -348,6 +357,7 @@ impl EventStore for InMemoryEventStore {
     ) -> Result<AppendResult> {
         validate_stream_id(stream)?;
         validate_batch_ids(&events)?;
+        self.max_event_size.check_append(stream, &events)?;
         let limits = self.inner.limits;
         let bytes: u64 = events.iter().map(|e| limits::event_bytes(stream, e)).sum();
         if let Some(max) = limits.max_events.filter(|&max| as_u64(events.len()) > max) {

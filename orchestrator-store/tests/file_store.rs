@@ -451,41 +451,48 @@ async fn a_dropped_store_ends_its_subscriptions() {
     assert!(sub.next().await.is_none());
 }
 
-/// An event larger than the codec reads back (64 MiB) is refused before anything is
-/// written: the append fails with `InvalidInput` naming the size and the limit, and the
-/// store — the one in use and the directory reopened — goes on reading and writing.
+/// A 70 MiB event — larger than the codec reads back (64 MiB), and than the default maximum
+/// event size — is refused before anything is written: the append fails with `TooLarge`
+/// naming the size and the limit, and the store — the one in use and the directory reopened
+/// — goes on reading and writing. Checked at the default limit and at the largest one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_event_too_large_to_read_back_is_refused_before_it_is_written() {
-    use orchestrator_core::codec::Bincode;
-    use orchestrator_core::{Error, EventEnvelope, EventStore, ExpectedVersion, ReadAll};
-    let dir = tempfile::tempdir().unwrap();
-    let store = orchestrator_store::file::FileEventStore::open(dir.path()).unwrap();
-    let small = || EventEnvelope::new("doc.saved", &serde_json::json!({ "n": 1 })).unwrap();
-    store
-        .append("docs", ExpectedVersion::Any, vec![small()])
-        .await
+    use orchestrator_core::{
+        Error, EventEnvelope, EventStore, ExpectedVersion, MaxEventSize, ReadAll,
+    };
+    use orchestrator_store::file::{FileEventStore, FileStoreOptions};
+    for limit in [MaxEventSize::DEFAULT, MaxEventSize::MAX] {
+        let dir = tempfile::tempdir().unwrap();
+        let options = FileStoreOptions::default().max_event_size(limit);
+        let store = FileEventStore::open_with(dir.path(), options.clone()).unwrap();
+        let small = || EventEnvelope::new("doc.saved", &serde_json::json!({ "n": 1 })).unwrap();
+        store
+            .append("docs", ExpectedVersion::Any, vec![small()])
+            .await
+            .unwrap();
+        let huge = EventEnvelope::from_bytes(
+            "doc.saved",
+            "application/octet-stream",
+            vec![7_u8; 70 * 1024 * 1024],
+        )
         .unwrap();
-    let huge = EventEnvelope::from_bytes(
-        "doc.saved",
-        "application/octet-stream",
-        vec![7_u8; 70 * 1024 * 1024],
-    )
-    .unwrap();
-    match store
-        .append("docs", ExpectedVersion::Any, vec![small(), huge])
-        .await
-    {
-        Err(Error::InvalidInput { reason, .. }) => {
-            assert!(reason.contains(&Bincode::MAX_LEN.to_string()), "{reason}");
+        match store
+            .append("docs", ExpectedVersion::Any, vec![small(), huge])
+            .await
+        {
+            Err(Error::TooLarge { size, limit: l }) => {
+                assert_eq!(l, limit.bytes());
+                assert!(size > 70 * 1024 * 1024, "{size}");
+            }
+            other => panic!("expected TooLarge, got {other:?}"),
         }
-        other => panic!("expected InvalidInput, got {other:?}"),
+        store
+            .append("docs", ExpectedVersion::Exact(1), vec![small()])
+            .await
+            .expect("nothing of the refused batch was written");
+        drop(store);
+        let reopened = FileEventStore::open_with(dir.path(), options).unwrap();
+        let events = reopened.read_all(ReadAll::from(1, 10)).await.unwrap();
+        assert_eq!(events.len(), 2);
     }
-    store
-        .append("docs", ExpectedVersion::Exact(1), vec![small()])
-        .await
-        .expect("nothing of the refused batch was written");
-    drop(store);
-    let reopened = orchestrator_store::file::FileEventStore::open(dir.path()).unwrap();
-    let events = reopened.read_all(ReadAll::from(1, 10)).await.unwrap();
-    assert_eq!(events.len(), 2);
 }

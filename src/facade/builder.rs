@@ -5,8 +5,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use orchestrator_bus::{EventBus, InProcessTransport};
-use orchestrator_core::EventSchemas;
 use orchestrator_core::{Clock, DeadLetterQueue, EventStore, RetryPolicy, SystemClock, Transport};
+use orchestrator_core::{EventSchemas, MaxEventSize};
 use orchestrator_core::{InMemoryInbox, Inbox};
 use orchestrator_cqrs::{CommandBus, QueryBus, QueryCacheConfig};
 use orchestrator_saga::SagaOrchestrator;
@@ -77,6 +77,7 @@ pub struct EventOrchestratorBuilder {
     memory_limits: MemoryLimits,
     /// That store, once made, for the relay to release what it published.
     memory_store: Option<InMemoryEventStore>,
+    max_event_size: MaxEventSize,
 }
 
 impl Default for EventOrchestratorBuilder {
@@ -97,6 +98,7 @@ impl Default for EventOrchestratorBuilder {
             application: None,
             memory_limits: MemoryLimits::default().when_full(WhenFull::EvictReleased),
             memory_store: None,
+            max_event_size: MaxEventSize::DEFAULT,
         }
     }
 }
@@ -121,6 +123,7 @@ impl std::fmt::Debug for EventOrchestratorBuilder {
             )
             .field("retry", &self.retry)
             .field("query_cache", &self.query_cache)
+            .field("max_event_size", &self.max_event_size)
             .finish_non_exhaustive()
     }
 }
@@ -264,9 +267,21 @@ impl EventOrchestratorBuilder {
 
     /// The in-memory store made when none is given, with the builder's limits.
     fn memory_store(&mut self) -> Arc<dyn EventStore> {
-        let store = InMemoryEventStore::with_limits(self.memory_limits);
+        let store = InMemoryEventStore::with_limits(self.memory_limits)
+            .with_max_event_size(self.max_event_size);
         self.memory_store = Some(store.clone());
         Arc::new(store)
+    }
+
+    /// The largest event the orchestrator accepts (default [`MaxEventSize::DEFAULT`], 900 KiB,
+    /// under every supported broker's default message size): `publish` refuses a larger one
+    /// with [`TooLarge`](orchestrator_core::Error::TooLarge) before storing anything, and
+    /// the store and transport the builder makes — the defaults, and those given by URL —
+    /// refuse larger ones too (a store or transport you give ready-made keeps the limit it
+    /// was configured with).
+    pub fn max_event_size(mut self, limit: MaxEventSize) -> Self {
+        self.max_event_size = limit;
+        self
     }
 
     /// The inbox [`EventOrchestrator::inbox`] hands out, instead of the store's (for another
@@ -295,17 +310,18 @@ impl EventOrchestratorBuilder {
             Some(Source::Ready(_)) => self.file_store_dir.take(),
             None => None,
         };
+        let limit = self.max_event_size;
         let store: Arc<dyn EventStore> = match self.store.take() {
             None => self.memory_store(),
             Some(Source::Url(url)) if Backend::parse(&url)? == Backend::Memory => {
                 self.memory_store()
             }
             Some(Source::Ready(store)) => store,
-            Some(Source::Url(url)) => connect::store(&url).await?,
+            Some(Source::Url(url)) => connect::store_with_limit(&url, limit).await?,
         };
         let transport = match self.transport.take() {
             Some(Source::Url(url)) if Backend::parse(&url)? == Backend::Memory => None,
-            Some(Source::Url(url)) => Some(connect::transport(&url).await?),
+            Some(Source::Url(url)) => Some(connect::transport_with_limit(&url, limit).await?),
             Some(Source::Ready(transport)) => Some(transport),
             None => None,
         };
@@ -349,7 +365,9 @@ impl EventOrchestratorBuilder {
     }
 
     fn in_process_transport(&mut self) -> Arc<dyn Transport> {
-        let mut builder = InProcessTransport::builder().clock(Arc::clone(&self.clock));
+        let mut builder = InProcessTransport::builder()
+            .clock(Arc::clone(&self.clock))
+            .max_event_size(self.max_event_size);
         if let Some(queue) = self.dead_letters.take() {
             builder = builder.dead_letter_queue(queue);
         }
@@ -404,6 +422,7 @@ impl EventOrchestratorBuilder {
             queries: queries.build(),
             inbox,
             names: Arc::new(super::SubscriptionNames::new(self.application)),
+            max_event_size: self.max_event_size,
         }
     }
 }

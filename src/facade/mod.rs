@@ -12,7 +12,7 @@ use std::time::Duration;
 use orchestrator_bus::{DeadLetters, EventBus, ShutdownReport, Subscription, SubscriptionConfig};
 use orchestrator_core::{
     AppendResult, Event, EventEnvelope, EventHandler, EventId, EventStore, ExpectedVersion,
-    HandlerError, Inbox, RetryPolicy, Transport,
+    HandlerError, Inbox, MaxEventSize, RetryPolicy, Transport,
 };
 use orchestrator_cqrs::{CommandBus, QueryBus};
 use orchestrator_saga::SagaOrchestrator;
@@ -67,6 +67,8 @@ pub struct EventOrchestrator {
     relay: Arc<Relay>,
     inbox: Arc<dyn Inbox>,
     names: Arc<SubscriptionNames>,
+    /// Checked by `publish` before the append ([`EventOrchestratorBuilder::max_event_size`]).
+    max_event_size: MaxEventSize,
 }
 
 /// Stable names for unnamed subscriptions, derived from the application's name (see
@@ -336,6 +338,10 @@ impl EventOrchestrator {
         }
         let id = event.id().clone();
         let stream = event.stream_id().unwrap_or(event.event_type()).to_owned();
+        // Here, and not only in the store, so that a store given ready-made with a larger
+        // limit does not accept what the transport will refuse.
+        self.max_event_size
+            .check_append(&stream, std::slice::from_ref(&event))?;
         let written = self
             .store
             .as_ref()

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use orchestrator_core::Result;
+use orchestrator_core::{MaxEventSize, Result};
 use rdkafka::ClientConfig;
 
 use super::names;
@@ -63,6 +63,7 @@ pub struct KafkaConfig {
     pub(crate) max_delayed: usize,
     pub(crate) store_topic: Option<String>,
     pub(crate) lease_session_timeout: Duration,
+    pub(crate) max_event_size: MaxEventSize,
 }
 
 impl std::fmt::Debug for KafkaConfig {
@@ -84,6 +85,7 @@ impl std::fmt::Debug for KafkaConfig {
             .field("max_delayed", &self.max_delayed)
             .field("store_topic", &self.store_topic())
             .field("lease_session_timeout", &self.lease_session_timeout)
+            .field("max_event_size", &self.max_event_size)
             .finish()
     }
 }
@@ -121,6 +123,7 @@ impl KafkaConfig {
             max_delayed: 10_000,
             store_topic: None,
             lease_session_timeout: DEFAULT_LEASE_SESSION_TIMEOUT,
+            max_event_size: MaxEventSize::DEFAULT,
         }
     }
 
@@ -263,6 +266,18 @@ impl KafkaConfig {
     /// (6 s by default).
     pub fn with_lease_session_timeout(mut self, timeout: Duration) -> Self {
         self.lease_session_timeout = timeout.max(Duration::from_secs(1));
+        self
+    }
+
+    /// The largest event the store and the transport produce (default
+    /// [`MaxEventSize::DEFAULT`], 900 KiB, under Kafka's 1 MB default message size): a larger
+    /// one is refused with [`Error::TooLarge`](orchestrator_core::Error::TooLarge) before
+    /// anything is produced (a batch with one produces nothing), and a larger message a
+    /// subscription receives is dead-lettered undecoded. Raising it past 1 MB needs the
+    /// topics' `max.message.bytes` and the producer's `message.max.bytes` raised to match
+    /// ([`with_producer_property`](Self::with_producer_property)).
+    pub fn with_max_event_size(mut self, limit: MaxEventSize) -> Self {
+        self.max_event_size = limit;
         self
     }
 

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use futures::FutureExt as _;
-use orchestrator_core::{DeadLetter, EventEnvelope, Result, cloudevents};
+use orchestrator_core::{DeadLetter, EventEnvelope, Result};
 use rdkafka::client::ClientContext;
 use rdkafka::consumer::{
     BaseConsumer, Consumer, ConsumerContext, Rebalance, RebalanceProtocol, StreamConsumer,
@@ -589,7 +589,9 @@ fn read(
         };
         (topic, 1, now, None, 0)
     };
-    let event = match message.payload().map(cloudevents::decode) {
+    // A message over the limit is dead-lettered undecoded.
+    let limit = sub.transport.config.max_event_size;
+    let event = match message.payload().map(|bytes| limit.decode(bytes)) {
         Some(Ok(event)) => event,
         Some(Err(error)) => {
             let reason = format!("not a CloudEvent: {error}");

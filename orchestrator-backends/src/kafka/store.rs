@@ -304,6 +304,7 @@ impl EventStore for KafkaEventStore {
             });
         }
         let inner = &self.inner;
+        inner.config.max_event_size.check_append(stream, &events)?;
         if events.is_empty() {
             let head = inner.head().await?;
             let mut index = inner.index.lock().await;

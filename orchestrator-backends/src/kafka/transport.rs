@@ -207,6 +207,7 @@ impl KafkaTransport {
         partition: Option<i32>,
     ) -> Result<std::result::Result<DeliveryFuture, KafkaError>> {
         let value = cloudevents::encode(event)?;
+        self.shared.config.max_event_size.check_len(value.len())?;
         let key = event.partition_key();
         let mut record = FutureRecord::to(kafka_topic)
             .key(key.as_bytes())
@@ -236,8 +237,9 @@ impl Transport for KafkaTransport {
 
     async fn publish(&self, topic: &str, event: EventEnvelope) -> Result<()> {
         let kafka_topic = self.kafka_topic(topic)?;
-        self.shared.ensure_topic(&kafka_topic).await?;
         let value = cloudevents::encode(&event)?;
+        self.shared.config.max_event_size.check_len(value.len())?;
+        self.shared.ensure_topic(&kafka_topic).await?;
         let key = event.partition_key();
         let record = FutureRecord::to(&kafka_topic)
             .key(key.as_bytes())
@@ -253,6 +255,10 @@ impl Transport for KafkaTransport {
         let kafka_topic = self.kafka_topic(topic)?;
         if events.is_empty() {
             return Ok(());
+        }
+        // All refused before one is sent: a batch with an event over the limit sends nothing.
+        for event in &events {
+            self.shared.config.max_event_size.check(event)?;
         }
         self.shared.ensure_topic(&kafka_topic).await?;
         let keyless = match events.iter().find(|e| e.stream_id().is_none()) {

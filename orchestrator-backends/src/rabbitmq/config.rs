@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use orchestrator_core::{Error, Result};
+use orchestrator_core::{Error, MaxEventSize, Result};
 
 use super::connection::{Backoff, short};
 
@@ -37,6 +37,7 @@ pub struct RabbitMqConfig {
     backoff: Backoff,
     queue_expiry: Option<Duration>,
     ephemeral_expiry: Duration,
+    max_event_size: MaxEventSize,
 }
 
 impl RabbitMqConfig {
@@ -56,6 +57,7 @@ impl RabbitMqConfig {
             },
             queue_expiry: None,
             ephemeral_expiry: Duration::from_secs(60),
+            max_event_size: MaxEventSize::DEFAULT,
         }
     }
 
@@ -121,6 +123,21 @@ impl RabbitMqConfig {
     pub fn with_ephemeral_expiry(mut self, expiry: Duration) -> Self {
         self.ephemeral_expiry = expiry.max(Duration::from_millis(100));
         self
+    }
+
+    /// The largest event the transport publishes (default [`MaxEventSize::DEFAULT`]): a
+    /// larger one is refused with [`Error::TooLarge`] before anything is published (a batch
+    /// with one publishes nothing), and a larger message a subscription receives is
+    /// dead-lettered undecoded. RabbitMQ refuses messages over its `max_message_size`
+    /// (16 MiB by default), so a limit above that needs the broker's raised too.
+    pub fn with_max_event_size(mut self, limit: MaxEventSize) -> Self {
+        self.max_event_size = limit;
+        self
+    }
+
+    /// The largest event published ([`with_max_event_size`](Self::with_max_event_size)).
+    pub fn max_event_size(&self) -> MaxEventSize {
+        self.max_event_size
     }
 
     /// The broker URL.
@@ -224,6 +241,7 @@ pub struct RabbitMqStoreConfig {
     publish_timeout: Duration,
     backoff: Backoff,
     prefetch: u16,
+    max_event_size: MaxEventSize,
 }
 
 impl RabbitMqStoreConfig {
@@ -240,6 +258,7 @@ impl RabbitMqStoreConfig {
                 max: Duration::from_secs(3),
             },
             prefetch: 1000,
+            max_event_size: MaxEventSize::DEFAULT,
         }
     }
 
@@ -282,6 +301,18 @@ impl RabbitMqStoreConfig {
     pub fn with_prefetch(mut self, prefetch: u16) -> Self {
         self.prefetch = prefetch.max(1);
         self
+    }
+
+    /// The largest event an append writes (default [`MaxEventSize::DEFAULT`]): a batch with
+    /// a larger one is refused with [`Error::TooLarge`] before anything of it is written.
+    pub fn with_max_event_size(mut self, limit: MaxEventSize) -> Self {
+        self.max_event_size = limit;
+        self
+    }
+
+    /// The largest event an append writes ([`with_max_event_size`](Self::with_max_event_size)).
+    pub fn max_event_size(&self) -> MaxEventSize {
+        self.max_event_size
     }
 
     /// The broker URL.

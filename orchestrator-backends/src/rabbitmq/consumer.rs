@@ -15,7 +15,6 @@ use lapin::types::{FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Consumer, ExchangeKind};
 use orchestrator_core::{
     Acknowledge, DeadLetter, Delivery, DeliveryInfo, DeliveryStream, Result, SubscribeOptions,
-    cloudevents,
 };
 use tokio::sync::watch;
 use tokio::time::{Instant, Sleep, sleep, timeout};
@@ -136,7 +135,8 @@ impl RabbitMqDeliveryStream {
         let attempt = stored_attempt.saturating_add(u32::from(message.redelivered));
         let first_attempt_at =
             wire::header_time(properties, wire::FIRST_ATTEMPT_AT).unwrap_or_else(Utc::now);
-        let event = match cloudevents::decode(&message.data) {
+        // A message over the limit is dead-lettered undecoded.
+        let event = match self.inner.config.max_event_size().decode(&message.data) {
             Ok(event) => event,
             Err(error) => {
                 let reason = format!("the message is not a CloudEvent: {error}");

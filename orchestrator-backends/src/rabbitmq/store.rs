@@ -230,6 +230,7 @@ impl EventStore for RabbitMqEventStore {
             });
         }
         let log = &self.inner.log;
+        log.config.max_event_size().check_append(stream, &events)?;
         if events.is_empty() {
             let head = log.head();
             return Ok(AppendResult {

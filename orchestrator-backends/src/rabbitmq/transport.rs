@@ -396,11 +396,14 @@ impl RabbitMqTransport {
         Ok(())
     }
 
+    /// The message for `event`, refused if its body is over the maximum event size.
     fn message(&self, topic: &str, event: &EventEnvelope) -> Result<Outgoing> {
+        let body = cloudevents::encode(event)?;
+        self.inner.config.max_event_size().check_len(body.len())?;
         Ok(Outgoing {
             exchange: self.inner.exchange.clone(),
             routing_key: short("topic", topic)?,
-            body: cloudevents::encode(event)?,
+            body,
             properties: wire::event_properties(event),
             mandatory: false,
         })

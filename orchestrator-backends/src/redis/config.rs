@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use orchestrator_core::{Error, Result};
+use orchestrator_core::{Error, MaxEventSize, Result};
 
 use super::conn::redis_error;
 
@@ -56,6 +56,7 @@ pub struct RedisConfig {
     /// The certificates given for TLS, kept so that each `with_tls_*` call adds to the others.
     #[cfg(feature = "redis-tls")]
     tls: redis::TlsCertificates,
+    pub(crate) max_event_size: MaxEventSize,
 }
 
 impl std::fmt::Debug for RedisConfig {
@@ -75,6 +76,7 @@ impl std::fmt::Debug for RedisConfig {
             .field("tls", &self.tls_description())
             .field("topic_trim_interval", &self.topic_trim_interval)
             .field("topic_retention", &self.topic_retention)
+            .field("max_event_size", &self.max_event_size)
             .finish()
     }
 }
@@ -120,6 +122,7 @@ impl RedisConfig {
                 client_tls: None,
                 root_cert: None,
             },
+            max_event_size: MaxEventSize::DEFAULT,
         })
     }
 
@@ -320,6 +323,16 @@ impl RedisConfig {
     /// group at once.
     pub fn with_ephemeral_timeout(mut self, timeout: Duration) -> Self {
         self.ephemeral_timeout = timeout.max(Duration::from_millis(300));
+        self
+    }
+
+    /// The largest event the store and the transport write (default
+    /// [`MaxEventSize::DEFAULT`]): a larger one is refused with
+    /// [`Error::TooLarge`](orchestrator_core::Error::TooLarge) before anything is written (a
+    /// batch with one writes nothing), and a larger entry read from a stream is refused
+    /// undecoded (the transport dead-letters it).
+    pub fn with_max_event_size(mut self, limit: MaxEventSize) -> Self {
+        self.max_event_size = limit;
         self
     }
 

@@ -10,7 +10,7 @@ use chrono::{TimeZone, Utc};
 use orchestrator_core::envelope::validate_event_type;
 use orchestrator_core::{
     Acknowledge, DeadLetter, Delivery, DeliveryInfo, DeliveryStream, EventEnvelope, Result,
-    SubscribeOptions, cloudevents,
+    SubscribeOptions,
 };
 use redis::Value;
 use redis::aio::ConnectionManager;
@@ -496,9 +496,13 @@ impl Reader {
                 "entry {} of `{key}` has no `event` field",
                 entry.id
             )),
-            Some(json) => {
-                cloudevents::decode(json).map_err(|e| format!("entry {} of `{key}`: {e}", entry.id))
-            }
+            // Refused over the limit before decoding: the entry is dead-lettered.
+            Some(json) => self
+                .shared
+                .config
+                .max_event_size
+                .decode(json)
+                .map_err(|e| format!("entry {} of `{key}`: {e}", entry.id)),
         };
         let Entry { id, fields } = entry;
         let event_json = fields

@@ -153,6 +153,7 @@ impl EventStore for RedisEventStore {
     ) -> Result<AppendResult> {
         validate_stream_id(stream)?;
         validate_batch_ids(&events)?;
+        self.config.max_event_size.check_append(stream, &events)?;
         let (mode, exact) = append_mode(expected);
         let (stream_key, all_key, position_key, ids_key) = (
             self.keys.stream(stream),

@@ -7,8 +7,8 @@ use async_trait::async_trait;
 use chrono::Utc;
 use orchestrator_core::transport::{validate_group, validate_topic};
 use orchestrator_core::{
-    DeadLetterQueue, DeliveryStream, Error, EventEnvelope, Result, SubscribeOptions, TopicPattern,
-    Transport, cloudevents,
+    DeadLetterQueue, DeliveryStream, Error, EventEnvelope, MaxEventSize, Result, SubscribeOptions,
+    TopicPattern, Transport, cloudevents,
 };
 use redis::aio::ConnectionManager;
 use redis::{RedisError, Value};
@@ -414,13 +414,12 @@ async fn ids_in_tail(
         .collect())
 }
 
-/// An event as a topic entry: its type, its id (to recognise it on a retry) and its JSON.
-fn encode_for_topic(event: &EventEnvelope) -> Result<(&str, &str, Vec<u8>)> {
-    Ok((
-        event.event_type(),
-        event.id().as_str(),
-        cloudevents::encode(event)?,
-    ))
+/// An event as a topic entry: its type, its id (to recognise it on a retry) and its JSON,
+/// refused if the JSON is over `limit`.
+fn encode_for_topic(event: &EventEnvelope, limit: MaxEventSize) -> Result<(&str, &str, Vec<u8>)> {
+    let json = cloudevents::encode(event)?;
+    limit.check_len(json.len())?;
+    Ok((event.event_type(), event.id().as_str(), json))
 }
 
 #[async_trait]
@@ -432,7 +431,7 @@ impl Transport for RedisTransport {
     async fn publish(&self, topic: &str, event: EventEnvelope) -> Result<()> {
         validate_topic(topic)?;
         self.ensure_open()?;
-        let entry = encode_for_topic(&event)?;
+        let entry = encode_for_topic(&event, self.shared.config.max_event_size)?;
         self.register_topic(topic).await?;
         self.add_entries(topic, std::slice::from_ref(&entry))
             .await?;
@@ -449,7 +448,7 @@ impl Transport for RedisTransport {
         }
         let entries = events
             .iter()
-            .map(encode_for_topic)
+            .map(|event| encode_for_topic(event, self.shared.config.max_event_size))
             .collect::<Result<Vec<_>>>()?;
         self.register_topic(topic).await?;
         self.add_entries(topic, &entries).await?;
@@ -524,6 +523,7 @@ impl Transport for RedisTransport {
         let key = shared.keys.retry(group);
         self.create_group(&key, group, "0").await?;
         let json = cloudevents::encode(&event)?;
+        shared.config.max_event_size.check_len(json.len())?;
         let first = Utc::now().timestamp_millis().to_string();
         let fields: [(&str, &[u8]); 6] = [
             ("type", event.event_type().as_bytes()),

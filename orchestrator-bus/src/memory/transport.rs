@@ -14,8 +14,8 @@ use chrono::{DateTime, Utc};
 use orchestrator_core::transport::{validate_group, validate_topic};
 use orchestrator_core::{
     Clock, DeadLetter, DeadLetterQueue, Delivery, DeliveryInfo, DeliveryStream, Error,
-    EventEnvelope, Result, Returned, Settler, SubscribeOptions, SystemClock, TopicPattern,
-    Transport,
+    EventEnvelope, MaxEventSize, Result, Returned, Settler, SubscribeOptions, SystemClock,
+    TopicPattern, Transport,
 };
 
 use super::InMemoryDeadLetterQueue;
@@ -98,6 +98,7 @@ struct Shared {
     /// Unique to this transport in the process (keys the per-thread route cache).
     id: u64,
     capacity: usize,
+    max_event_size: MaxEventSize,
     clock: Arc<dyn Clock>,
     dead_letters: Arc<dyn DeadLetterQueue>,
     closer: Arc<Closer>,
@@ -488,7 +489,13 @@ impl InProcessTransport {
     /// The part that needs no waiting runs here; what is left (a queue was full, or the
     /// route was not cached on this thread) is returned for [`send_rest`].
     pub(crate) fn publish_direct(&self, event: EventEnvelope) -> Result<Option<Unsent>> {
+        self.check_size(&event)?;
         self.handle.shared.publish_now(event)
+    }
+
+    /// Refuses an event over the maximum event size, as `publish` does.
+    pub(crate) fn check_size(&self, event: &EventEnvelope) -> Result<()> {
+        self.handle.shared.max_event_size.check(event)
     }
 
     /// Finishes what [`publish_direct`](Self::publish_direct) could not send at once.
@@ -525,6 +532,7 @@ impl std::fmt::Debug for InProcessTransport {
 #[derive(Default)]
 pub struct InProcessTransportBuilder {
     capacity: Option<usize>,
+    max_event_size: Option<MaxEventSize>,
     clock: Option<Arc<dyn Clock>>,
     dead_letters: Option<Arc<dyn DeadLetterQueue>>,
 }
@@ -533,6 +541,7 @@ impl std::fmt::Debug for InProcessTransportBuilder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("InProcessTransportBuilder")
             .field("capacity", &self.capacity)
+            .field("max_event_size", &self.max_event_size)
             .field("clock", &self.clock)
             .field(
                 "dead_letters",
@@ -556,6 +565,14 @@ impl InProcessTransportBuilder {
         self
     }
 
+    /// The largest event `publish` accepts (default [`MaxEventSize::DEFAULT`]): a larger
+    /// one is refused with [`Error::TooLarge`], and a batch with one is refused whole. The
+    /// same limit as the broker transports', so that what works here works there.
+    pub fn max_event_size(mut self, limit: MaxEventSize) -> Self {
+        self.max_event_size = Some(limit);
+        self
+    }
+
     /// The clock that times nack delays and stamps first-attempt times (default: the
     /// system clock). Tests pass a [`orchestrator_core::ManualClock`].
     pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
@@ -567,6 +584,7 @@ impl InProcessTransportBuilder {
     pub fn build(self) -> InProcessTransport {
         let shared = Shared {
             capacity: self.capacity.unwrap_or(DEFAULT_CAPACITY),
+            max_event_size: self.max_event_size.unwrap_or_default(),
             clock: self.clock.unwrap_or_else(|| Arc::new(SystemClock)),
             dead_letters: self
                 .dead_letters
@@ -779,11 +797,15 @@ impl Transport for InProcessTransport {
                 Some(unsent) => self.send_rest(unsent).await,
             };
         }
+        self.check_size(&event)?;
         let route = self.handle.shared.route(topic)?;
         send_from(&route, 0, event).await
     }
 
     async fn publish_batch(&self, topic: &str, events: Vec<EventEnvelope>) -> Result<()> {
+        for event in &events {
+            self.check_size(event)?;
+        }
         let route = self.handle.shared.route(topic)?;
         for event in events {
             send_from(&route, 0, event).await?;

@@ -400,3 +400,16 @@ fn encode_refuses_headers_over_the_limits() {
         other => panic!("expected an encode error, got {other:?}"),
     }
 }
+
+/// Input over the largest event size (64 MiB) is refused before it is parsed, with a
+/// decode error naming the limit.
+#[test]
+fn input_over_the_largest_event_size_is_refused_unparsed() {
+    // A valid event, whose payload alone is at the limit.
+    let mut huge = br#"{"specversion":"1.0","id":"1","source":"s","type":"a.b","data":""#.to_vec();
+    huge.resize(huge.len() + crate::MaxEventSize::MAX.bytes(), b'x');
+    huge.extend_from_slice(br#""}"#);
+    let error = decode(&huge).unwrap_err();
+    assert_eq!(error.decode_field(), Some("$"), "{error}");
+    assert!(error.to_string().contains("maximum event size"), "{error}");
+}

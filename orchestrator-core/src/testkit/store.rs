@@ -75,6 +75,7 @@
 mod global;
 mod idempotent;
 mod limited;
+mod size;
 mod streams;
 mod subscribe;
 mod support;
@@ -92,6 +93,7 @@ use crate::store::EventStore;
 pub use global::*;
 pub use idempotent::*;
 pub use limited::Limited;
+pub use size::oversize_events_are_refused;
 pub use streams::*;
 pub use subscribe::*;
 

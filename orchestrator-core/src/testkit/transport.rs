@@ -46,6 +46,9 @@ use crate::error::Error;
 use crate::pattern::TopicPattern;
 use crate::transport::{Delivery, DeliveryStream, SubscribeOptions, Transport};
 
+mod size;
+pub use size::{oversize_events_are_refused, received_oversize_events_are_dead_lettered};
+
 /// How long the suite waits for an event or a batch of events (brokers can be slow).
 pub const RECEIVE_TIMEOUT: Duration = Duration::from_secs(20);
 

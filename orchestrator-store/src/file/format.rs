@@ -146,6 +146,24 @@ mod tests {
         }
     }
 
+    /// A frame header whose checksum holds but whose length claims 4 GiB is refused as
+    /// impossible, without reading (or allocating) a body: recovery reports it as corruption
+    /// instead of waiting for, or truncating at, four gigabytes.
+    #[test]
+    fn a_length_over_the_limit_is_refused_unread() {
+        for claimed in [u32::MAX, u32::try_from(MAX_BODY_LEN + 1).unwrap()] {
+            let mut header = [0_u8; FRAME_HEADER_LEN + 1];
+            header[..4].copy_from_slice(&claimed.to_le_bytes());
+            let header_crc = crc32fast::hash(&header[..8]);
+            header[8..12].copy_from_slice(&header_crc.to_le_bytes());
+            header[12] = FLAG_END_OF_APPEND;
+            match parse_frame(&header) {
+                Parsed::Bad(why) => assert!(why.contains("impossible frame length"), "{why}"),
+                other => panic!("a {claimed}-byte frame: {other:?}"),
+            }
+        }
+    }
+
     #[test]
     fn flipped_bits_are_bad() {
         let mut buf = Vec::new();

@@ -103,7 +103,7 @@ use async_trait::async_trait;
 use orchestrator_core::store::{validate_batch_ids, validate_stream_id};
 use orchestrator_core::{
     AppendResult, Error as CoreError, EventEnvelope, EventFilter, EventStore, EventStream,
-    ExpectedVersion, ReadAll, Result, StoreCapabilities,
+    ExpectedVersion, MaxEventSize, ReadAll, Result, StoreCapabilities,
 };
 use tokio::sync::{oneshot, watch};
 
@@ -151,6 +151,11 @@ pub struct FileStoreOptions {
     /// store of any number of segments stays within the process's file-descriptor limit.
     /// The segment being written has one more handle, always open.
     pub max_open_segments: usize,
+    /// The largest event an append accepts ([`MaxEventSize::DEFAULT`] by default); a batch
+    /// with a larger event is refused with [`Error::TooLarge`](orchestrator_core::Error::TooLarge)
+    /// before anything of it is written. Reading is not limited by it (only by the format's
+    /// 64 MiB), so events written under a larger limit stay readable.
+    pub max_event_size: MaxEventSize,
 }
 
 impl Default for FileStoreOptions {
@@ -159,6 +164,7 @@ impl Default for FileStoreOptions {
             fsync: FsyncPolicy::EveryAppend,
             max_segment_bytes: 64 * 1024 * 1024,
             max_open_segments: 64,
+            max_event_size: MaxEventSize::DEFAULT,
         }
     }
 }
@@ -180,6 +186,12 @@ impl FileStoreOptions {
     /// [`max_open_segments`](Self::max_open_segments)).
     pub fn max_open_segments(mut self, segments: usize) -> Self {
         self.max_open_segments = segments.max(1);
+        self
+    }
+
+    /// Sets the largest event an append accepts (see [`max_event_size`](Self::max_event_size)).
+    pub fn max_event_size(mut self, limit: MaxEventSize) -> Self {
+        self.max_event_size = limit;
         self
     }
 }
@@ -601,6 +613,10 @@ impl EventStore for FileEventStore {
         validate_stream_id(stream)?;
         self.inner.check_writable("append")?;
         validate_batch_ids(&events)?;
+        self.inner
+            .options
+            .max_event_size
+            .check_append(stream, &events)?;
         let (reply, answer) = oneshot::channel();
         self.inner.send(Request::Append(AppendRequest {
             stream: stream.to_owned(),

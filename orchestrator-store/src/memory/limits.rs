@@ -1,6 +1,7 @@
 //! How much an [`InMemoryEventStore`](super::InMemoryEventStore) keeps, and what it does
 //! when that is reached.
 
+use orchestrator_core::MaxEventSize;
 use std::time::Duration;
 
 use orchestrator_core::{Error, EventEnvelope, Result};
@@ -232,6 +233,7 @@ impl InMemoryEventStore {
                 limits,
                 ..Inner::default()
             }),
+            max_event_size: MaxEventSize::DEFAULT,
         }
     }
 
