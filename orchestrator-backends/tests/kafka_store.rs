@@ -185,3 +185,77 @@ async fn a_log_topic_with_finite_retention_is_refused() {
     let accepted = KafkaEventStore::connect(on_weekly().with_finite_store_retention(true)).await;
     assert!(accepted.is_ok(), "{:?}", accepted.err());
 }
+
+/// 64 tasks appending at once through one store (one producer: their records share produce
+/// requests): every append is answered with the positions its records really have in the log,
+/// and every stream reads back whole, in order, with versions 1, 2, 3, …
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_appends_are_indexed_where_they_landed() {
+    const TASKS: usize = 64;
+    const PER_TASK: usize = 10;
+    let Some(live) = live().await else {
+        return;
+    };
+    let Live {
+        brokers, prefix, ..
+    } = &live;
+    let store = KafkaEventStore::connect(config(brokers, prefix))
+        .await
+        .unwrap();
+    let mut tasks = Vec::new();
+    for task in 0..TASKS {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            // Half the tasks share streams, so records of one stream interleave with others.
+            let stream = format!("acct-{}", task % (TASKS / 2));
+            let mut written = Vec::new();
+            for n in 0..PER_TASK {
+                let event = EventEnvelope::new(
+                    "account.credited",
+                    &serde_json::json!({"task": task, "n": n}),
+                )
+                .unwrap();
+                let id = event.id().clone();
+                let result = store
+                    .append(&stream, ExpectedVersion::Any, vec![event])
+                    .await
+                    .unwrap_or_else(|e| panic!("task {task}, append {n}: {e}"));
+                assert_eq!(result.first_position, result.last_position);
+                written.push((id, result.last_position, result.next_expected_version));
+            }
+            (stream, written)
+        }));
+    }
+    let mut by_position = std::collections::BTreeMap::new();
+    for task in tasks {
+        let (stream, written) = task.await.unwrap();
+        for (id, position, version) in written {
+            assert!(
+                by_position
+                    .insert(position, (stream.clone(), id, version))
+                    .is_none(),
+                "two appends were answered with position {position}"
+            );
+        }
+    }
+    let all = store
+        .read_all(ReadAll::from(1, TASKS * PER_TASK + 10))
+        .await
+        .unwrap();
+    assert_eq!(all.len(), TASKS * PER_TASK);
+    for event in &all {
+        let position = event.global_position().unwrap();
+        let (stream, id, version) = &by_position[&position];
+        assert_eq!(event.id(), id, "the event at position {position}");
+        assert_eq!(event.stream_id(), Some(stream.as_str()));
+        assert_eq!(event.stream_version(), Some(*version));
+    }
+    for stream in 0..TASKS / 2 {
+        let events = store
+            .read_stream(&format!("acct-{stream}"), 1, 1000)
+            .await
+            .unwrap();
+        let versions: Vec<u64> = events.iter().filter_map(|e| e.stream_version()).collect();
+        assert_eq!(versions, (1..=2 * PER_TASK as u64).collect::<Vec<_>>());
+    }
+}
