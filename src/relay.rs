@@ -171,9 +171,20 @@ pub(crate) struct Relay {
     started: AtomicBool,
     /// Where the relay is, for publishers to pace themselves (see [`Pace`]).
     pace: Arc<Pace>,
+    /// Publishers giving way to the relay (see [`Relay::give_way`]).
+    giving_way: AtomicU64,
     /// Told every position up to which events are relayed (the bounded in-memory store
     /// evicts only those).
     on_relayed: Option<OnRelayed>,
+}
+
+/// A publisher giving way to the relay, counted until dropped (see [`Relay::give_way`]).
+pub(crate) struct GivingWay<'a>(&'a AtomicU64);
+
+impl Drop for GivingWay<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// How far this process's relay has published, for [`Relay::behind`]: the relayed position
@@ -232,8 +243,21 @@ impl Relay {
             lease: lease.filter(|lease| !lease.is_local()),
             started: AtomicBool::new(false),
             pace: Arc::new(Pace(AtomicU64::new(Pace::NOT_RELAYING))),
+            giving_way: AtomicU64::new(0),
             on_relayed: None,
         }
+    }
+
+    /// Counts a publisher giving way to the relay until the guard is dropped, for the others
+    /// to pace themselves by how many do.
+    pub(crate) fn give_way(&self) -> GivingWay<'_> {
+        self.giving_way.fetch_add(1, Ordering::Relaxed);
+        GivingWay(&self.giving_way)
+    }
+
+    /// How many publishers are giving way to the relay now.
+    pub(crate) fn giving_way(&self) -> u64 {
+        self.giving_way.load(Ordering::Relaxed)
     }
 
     /// How many events up to `position` this process's relay has still to publish; 0 when

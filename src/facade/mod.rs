@@ -24,8 +24,8 @@ use crate::error::Result;
 use crate::propagation::{self, TracePropagation};
 use crate::relay::{Relay, RelayStatus};
 
-/// How many stored events this process's relay may have still to publish before a publisher
-/// gives way to it (see `store_and_relay`).
+/// How many stored events this process's relay may have still to publish, per publisher
+/// giving way to it, before another publisher gives way too (see `store_and_relay`).
 const RELAY_LEAD: u64 = 16;
 
 pub use builder::EventOrchestratorBuilder;
@@ -355,9 +355,14 @@ impl EventOrchestrator {
         // An in-memory append never waits, so a task publishing in a loop would keep the
         // relay (woken on this worker, where no idle worker can take it) from running until
         // its cooperative budget runs out: 128 appends, a latency of ~100 µs for events that
-        // could be delivered in a few. Once the relay is more than a few events behind, give
-        // way; otherwise spend a unit of the budget, which yields when it is used up.
-        if self.relay.behind(written.last_position) > RELAY_LEAD {
+        // could be delivered in a few. Once the relay is more than a few events behind for
+        // each publish in flight, give way; otherwise spend a unit of the budget, which
+        // yields when it is used up. (With many publishers the relay is always some events
+        // behind: the lead grows with the publishers already giving way, so that they do not
+        // all yield on every publish, which only adds task switches.)
+        let lead = RELAY_LEAD.saturating_mul(self.relay.giving_way() + 1);
+        if self.relay.behind(written.last_position) > lead {
+            let _giving_way = self.relay.give_way();
             tokio::task::yield_now().await;
         } else {
             tokio::task::consume_budget().await;
