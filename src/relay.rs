@@ -284,8 +284,7 @@ impl Relay {
     /// Starts the relay task unless it runs already (or is disabled, or stopped).
     pub(crate) fn ensure_started(&self) {
         // Called on every publish: once started, no lock.
-        if self.started.load(Ordering::Acquire) || !self.options.enabled || *self.stop.borrow()
-        {
+        if self.started.load(Ordering::Acquire) || !self.options.enabled || *self.stop.borrow() {
             return;
         }
         let mut task = self.task.lock().unwrap_or_else(PoisonError::into_inner);
