@@ -271,11 +271,18 @@ impl Lease for KafkaLease {
             Some(member) => member,
             None => self.join(epoch).await?,
         };
-        // A renewal in the next epoch's group: this one was given up as stuck.
-        if last_renewal(Arc::clone(&member.next), &topic, self.ttl() / 3)
-            .await?
-            .is_some()
-        {
+        // A renewal in the next epoch's group: this one was given up as stuck. A failed look
+        // keeps the membership (and so the time it joined, which the stale check counts
+        // from): a slow broker must not make a standby rejoin on every try and never see the
+        // group stale.
+        let moved = match last_renewal(Arc::clone(&member.next), &topic, self.ttl() / 3).await {
+            Ok(renewal) => renewal.is_some(),
+            Err(error) => {
+                candidate.member = Some(member);
+                return Err(error);
+            }
+        };
+        if moved {
             tracing::info!(lease = %topic, epoch = epoch + 1, "the Kafka lease moved to the next epoch's group; following it");
             let held = member.holds();
             self.close(member).await;
@@ -286,10 +293,18 @@ impl Lease for KafkaLease {
             member = self.join(epoch + 1).await?;
         }
         self.answered(&member).await;
-        if !member.holds()
-            && member.joined.elapsed() >= self.stale()
-            && self.stuck(&member, &topic).await?
-        {
+        let stuck = if !member.holds() && member.joined.elapsed() >= self.stale() {
+            match self.stuck(&member, &topic).await {
+                Ok(stuck) => stuck,
+                Err(error) => {
+                    candidate.member = Some(member);
+                    return Err(error);
+                }
+            }
+        } else {
+            false
+        };
+        if stuck {
             let next = member.epoch + 1;
             tracing::warn!(lease = %topic, epoch = next, stale = ?self.stale(), "no renewal of the Kafka lease for a long time and the group hands nothing on (a holder that died, on a broker whose coordinator does not expel it): moving to the next epoch's group");
             self.close(member).await;
