@@ -274,12 +274,17 @@ impl Lease for KafkaLease {
         // A renewal in the next epoch's group: this one was given up as stuck. A failed look
         // keeps the membership (and so the time it joined, which the stale check counts
         // from): a slow broker must not make a standby rejoin on every try and never see the
-        // group stale.
+        // group stale. A holder that cannot look does not claim the lease; a standby carries
+        // on (it claims nothing, and if the group is stale it moves to the next one anyway).
         let moved = match last_renewal(Arc::clone(&member.next), &topic, self.ttl() / 3).await {
             Ok(renewal) => renewal.is_some(),
-            Err(error) => {
+            Err(error) if member.holds() => {
                 candidate.member = Some(member);
                 return Err(error);
+            }
+            Err(error) => {
+                tracing::debug!(lease = %topic, %error, "could not read the next epoch's renewals; looking again at the next try");
+                false
             }
         };
         if moved {
