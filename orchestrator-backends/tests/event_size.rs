@@ -60,28 +60,7 @@ mod rabbitmq {
     use orchestrator_core::testkit::{services, store, transport};
 
     use super::limit;
-
-    /// Deletes the queues and exchanges a test declared.
-    async fn delete(queues: &[String], exchanges: &[String]) {
-        let url = services::amqp_url();
-        let Ok(connection) =
-            lapin::Connection::connect(&url, lapin::ConnectionProperties::default()).await
-        else {
-            return;
-        };
-        let channel = connection.create_channel().await.unwrap();
-        for queue in queues {
-            let _ = channel
-                .queue_delete(queue.as_str().into(), Default::default())
-                .await;
-        }
-        for exchange in exchanges {
-            let _ = channel
-                .exchange_delete(exchange.as_str().into(), Default::default())
-                .await;
-        }
-        let _ = connection.close(200, "cleaned up".into()).await;
-    }
+    use super::rabbitmq_support::delete;
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_store_refuses_oversize_events() {
@@ -125,7 +104,7 @@ mod rabbitmq {
         drop((small, large));
         delete(
             &[config.dead_letter_queue()],
-            &[config.exchange().to_owned()],
+            &[config.exchange().to_owned(), config.dead_letter_exchange()],
         )
         .await;
     }
@@ -133,6 +112,8 @@ mod rabbitmq {
 
 #[cfg(feature = "kafka")]
 mod kafka_support;
+#[cfg(feature = "rabbitmq")]
+mod rabbitmq_support;
 
 #[cfg(feature = "kafka")]
 mod kafka {

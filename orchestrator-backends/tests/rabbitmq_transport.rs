@@ -7,6 +7,8 @@
 #![cfg(feature = "rabbitmq")]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod rabbitmq_support;
+
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -17,6 +19,7 @@ use orchestrator_core::testkit::{services, transport as suite};
 use orchestrator_core::{
     DeadLetterQuery, DeliveryStream, Error, EventEnvelope, SubscribeOptions, Transport,
 };
+use rabbitmq_support::Cleanup;
 use serde_json::json;
 use tokio::time::timeout;
 
@@ -41,51 +44,6 @@ async fn connect(config: RabbitMqConfig) -> Option<RabbitMqTransport> {
             services::unreachable("RabbitMQ", &url, &error);
             None
         }
-    }
-}
-
-/// Deletes the named queues and exchanges when dropped, also when a test panics: on a
-/// thread of its own with its own runtime, because `Drop` cannot await.
-#[derive(Default)]
-struct Cleanup {
-    queues: Arc<Mutex<Vec<String>>>,
-    exchanges: Arc<Mutex<Vec<String>>>,
-}
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        let queues = std::mem::take(&mut *self.queues.lock().unwrap_or_else(|e| e.into_inner()));
-        let exchanges =
-            std::mem::take(&mut *self.exchanges.lock().unwrap_or_else(|e| e.into_inner()));
-        if queues.is_empty() && exchanges.is_empty() {
-            return;
-        }
-        let cleaner = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            runtime.block_on(async move {
-                let url = services::amqp_url();
-                let connection =
-                    lapin::Connection::connect(&url, lapin::ConnectionProperties::default())
-                        .await
-                        .unwrap();
-                let channel = connection.create_channel().await.unwrap();
-                for queue in queues {
-                    let _ = channel
-                        .queue_delete(queue.as_str().into(), Default::default())
-                        .await;
-                }
-                for exchange in exchanges {
-                    let _ = channel
-                        .exchange_delete(exchange.as_str().into(), Default::default())
-                        .await;
-                }
-                let _ = connection.close(200, "cleaned up".into()).await;
-            });
-        });
-        let _ = cleaner.join();
     }
 }
 
