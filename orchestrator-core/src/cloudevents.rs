@@ -55,7 +55,7 @@ use std::borrow::Cow;
 
 use crate::envelope::{
     CONTENT_TYPE_JSON, EventEnvelope, EventId, Fields, RESERVED_ATTRIBUTES, StoredPosition,
-    TraceContext, is_json_content_type, shared_str, validate_event_type, validate_extension_name,
+    TraceContext, is_json_content_type, shared_str, validate_extension_name,
 };
 use crate::error::{Error, Result};
 
@@ -310,7 +310,8 @@ pub fn decode(bytes: &[u8]) -> Result<EventEnvelope> {
         return Err(Error::decode("source", "must not be empty"));
     }
     let event_type = take_string(&mut attrs, "type")?.ok_or_else(|| missing("type"))?;
-    validate_event_type(&event_type).map_err(|e| Error::decode("type", e.to_string()))?;
+    let event_type = crate::envelope::checked_event_type(&event_type)
+        .map_err(|e| Error::decode("type", e.to_string()))?;
     let time = match take_string(&mut attrs, "time")? {
         Some(t) => DateTime::parse_from_rfc3339(&t)
             .map_err(|e| Error::decode("time", format!("`{t}` is not an RFC 3339 timestamp: {e}")))?
@@ -411,7 +412,7 @@ pub fn decode(bytes: &[u8]) -> Result<EventEnvelope> {
 
     Ok(EventEnvelope::from_fields(Fields {
         id,
-        event_type: crate::envelope::intern_event_type(&event_type),
+        event_type,
         schema_version,
         source: shared_str(&source),
         time,

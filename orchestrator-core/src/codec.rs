@@ -20,8 +20,8 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
 use crate::envelope::{
-    CONTENT_TYPE_BINCODE, EventEnvelope, EventId, Fields, StoredPosition, TraceContext, shared_str,
-    validate_event_type,
+    CONTENT_TYPE_BINCODE, EventEnvelope, EventId, Fields, StoredPosition, TraceContext,
+    checked_event_type, shared_str,
 };
 use crate::error::{Error, Result};
 
@@ -202,7 +202,8 @@ impl Codec for Bincode {
             return Err(Error::decode("id", "must not be empty"));
         }
         let id = EventId::from_checked(r.id);
-        validate_event_type(r.event_type).map_err(|e| Error::decode("type", e.to_string()))?;
+        let event_type =
+            checked_event_type(r.event_type).map_err(|e| Error::decode("type", e.to_string()))?;
         let time = DateTime::<Utc>::from_timestamp(r.time_secs, r.time_nanos)
             .ok_or_else(|| Error::decode("time", "out of range"))?;
         let trace = match (r.traceparent, r.tracestate) {
@@ -215,7 +216,7 @@ impl Codec for Bincode {
         };
         Ok(EventEnvelope::from_fields(Fields {
             id,
-            event_type: crate::envelope::intern_event_type(r.event_type),
+            event_type,
             schema_version: r.schema_version,
             source: shared_str(r.source),
             time,

@@ -619,6 +619,29 @@ pub fn intern_event_type(event_type: &str) -> Arc<str> {
     shared
 }
 
+/// The shared string of a valid event type, or why it is not valid: what decoders call for
+/// every event they read. The last valid type is remembered per thread, so a run of events
+/// of one type (a replay page, a batch from a broker) costs a comparison each, not a
+/// validation and a look-up in the shared set (whose lock and counters the threads would
+/// otherwise contend for).
+pub(crate) fn checked_event_type(event_type: &str) -> Result<Arc<str>> {
+    thread_local! {
+        static LAST: std::cell::RefCell<Option<Arc<str>>> = const { std::cell::RefCell::new(None) };
+    }
+    LAST.with(|last| {
+        let mut last = last.borrow_mut();
+        if let Some(known) = last.as_ref()
+            && **known == *event_type
+        {
+            return Ok(Arc::clone(known));
+        }
+        validate_event_type(event_type)?;
+        let shared = intern_event_type(event_type);
+        *last = Some(Arc::clone(&shared));
+        Ok(shared)
+    })
+}
+
 /// How many distinct event types [`intern_event_type`] keeps (against unbounded growth
 /// when types come from outside).
 pub const MAX_INTERNED_TYPES: usize = 4096;

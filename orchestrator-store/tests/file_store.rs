@@ -496,3 +496,53 @@ async fn an_event_too_large_to_read_back_is_refused_before_it_is_written() {
         assert_eq!(events.len(), 2);
     }
 }
+
+/// A long read comes back whole and in log order; a record corrupted on disk after it was
+/// read once (the store keeps its read buffer between reads) is reported with its offset by
+/// the next read, wherever it is in the read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_reads_come_back_in_order_and_see_corruption_after_an_earlier_read() {
+    use std::os::unix::fs::FileExt as _;
+
+    for victim in [0, 100, 999] {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileEventStore::open(dir.path()).unwrap();
+        let mut appended = Vec::new();
+        for batch in 0..10u64 {
+            let events: Vec<_> = (0..100).map(|n| event(batch * 100 + n)).collect();
+            appended.extend(events.iter().map(|e| e.id().clone()));
+            store
+                .append(&format!("s-{}", batch % 3), Any, events)
+                .await
+                .unwrap();
+        }
+        let read = all(&store).await;
+        let ids: Vec<_> = read.iter().map(|e| e.id().clone()).collect();
+        assert_eq!(ids, appended, "every event, in the order appended");
+        let positions: Vec<_> = read.iter().filter_map(|e| e.global_position()).collect();
+        assert_eq!(positions, (1..=1000).collect::<Vec<u64>>());
+
+        let segment = segments(dir.path())[0].clone();
+        let offset = frame_offsets(&segment)[victim];
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&segment)
+            .unwrap();
+        let mut byte = [0u8];
+        file.read_exact_at(&mut byte, offset + 20).unwrap();
+        file.write_all_at(&[byte[0] ^ 0x5a], offset + 20).unwrap();
+        let error = store
+            .read_all(ReadAll::from(1, 1000))
+            .await
+            .expect_err("a corrupt record is not read");
+        assert!(
+            matches!(
+                Error::from_core(&error),
+                Some(Error::Corrupt { offset: at, reason, .. })
+                    if *at == offset && reason.contains("checksum")
+            ),
+            "record {victim}: {error}"
+        );
+    }
+}
