@@ -50,17 +50,15 @@ impl Runner {
             .unwrap_or(0)
             + 1;
         loop {
-            let context = self.invocation_context(name, attempt, true);
+            let key = StepInfo::key_for(&self.saga_id, name, attempt, true);
+            let context = self.invocation_context(name, attempt, true, &key);
             let span =
                 tracing::info_span!("saga.step", step = %name, attempt, phase = "compensation");
             let started = Instant::now();
             let result = self
                 .attempt(
                     step.timeout,
-                    derive_ids(
-                        StepInfo::key_for(&self.saga_id, name, attempt, true),
-                        compensation.compensate(context),
-                    ),
+                    derive_ids(key, compensation.compensate(context)),
                 )
                 .instrument(span)
                 .await;

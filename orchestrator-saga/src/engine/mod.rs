@@ -200,14 +200,15 @@ impl Runner {
             .with_live(|l| Value::Object(l.context.clone()))
     }
 
-    /// The context for one invocation, with its [`StepInfo`]; marks the step running.
-    fn invocation_context(&self, step: &str, attempt: u32, compensating: bool) -> Value {
+    /// The context for one invocation, with its [`StepInfo`] (whose idempotency key is
+    /// `key`, [`StepInfo::key_for`] the same invocation); marks the step running.
+    fn invocation_context(&self, step: &str, attempt: u32, compensating: bool, key: &str) -> Value {
         let info = json!({
             "saga_id": self.saga_id,
             "saga": &*self.instance.saga,
             "step": step,
             "attempt": attempt,
-            "idempotency_key": StepInfo::key_for(&self.saga_id, step, attempt, compensating),
+            "idempotency_key": key,
             "compensating": compensating,
         });
         self.instance.with_live(|l| {
@@ -344,17 +345,12 @@ impl Runner {
             .unwrap_or(0)
             + 1;
         loop {
-            let context = self.invocation_context(name, attempt, false);
+            let key = StepInfo::key_for(&self.saga_id, name, attempt, false);
+            let context = self.invocation_context(name, attempt, false, &key);
             let span = tracing::info_span!("saga.step", step = %name, attempt, phase = "action");
             let started = Instant::now();
             let result = self
-                .attempt(
-                    step.timeout,
-                    derive_ids(
-                        StepInfo::key_for(&self.saga_id, name, attempt, false),
-                        step.action.call(context),
-                    ),
-                )
+                .attempt(step.timeout, derive_ids(key, step.action.call(context)))
                 .instrument(span)
                 .await;
             self.unmark_running(name);
