@@ -54,8 +54,8 @@ use serde_json::value::RawValue;
 use std::borrow::Cow;
 
 use crate::envelope::{
-    CONTENT_TYPE_JSON, EventEnvelope, EventId, Fields, RESERVED_ATTRIBUTES, StoredPosition,
-    TraceContext, is_json_content_type, shared_str, validate_extension_name,
+    CONTENT_TYPE_JSON, EventEnvelope, EventId, Fields, KnownJson, RESERVED_ATTRIBUTES,
+    StoredPosition, TraceContext, is_json_content_type, shared_str, validate_extension_name,
 };
 use crate::error::{Error, Result};
 
@@ -105,8 +105,7 @@ struct Wire<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     dataschema: Option<&'a str>,
     datacontenttype: &'a str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    data: Option<&'a RawValue>,
+    // A JSON payload (`data`) is written by `encode` after the rest, verbatim.
     #[serde(skip_serializing_if = "Option::is_none")]
     data_base64: Option<String>,
     schemaversion: u32,
@@ -131,12 +130,7 @@ struct Wire<'a> {
 impl<'a> Wire<'a> {
     /// The wire form of `event`; `stored_in` (a stream) stands in for a stored position, with
     /// the widest version and global position, to measure the event as it will be stored.
-    fn new(
-        event: &'a Fields,
-        data: Option<&'a RawValue>,
-        data_base64: Option<String>,
-        stored_in: Option<&'a str>,
-    ) -> Self {
+    fn new(event: &'a Fields, data_base64: Option<String>, stored_in: Option<&'a str>) -> Self {
         let position = match stored_in {
             Some(_) => Some((u64::MAX, u64::MAX)),
             None => event
@@ -152,7 +146,6 @@ impl<'a> Wire<'a> {
             subject: event.subject.as_deref(),
             dataschema: event.data_schema.as_deref(),
             datacontenttype: &event.content_type,
-            data,
             data_base64,
             schemaversion: event.schema_version,
             correlationid: event.correlation_id.as_deref(),
@@ -239,7 +232,7 @@ fn wire_len(event: &Fields, stored_in: Option<&str>) -> usize {
     let mut counter = Counter(0);
     // Serializing borrowed strings and numbers into a counter cannot fail; were it to, the
     // count would only be short by what was not written, and `encode` fails the same way.
-    let _ = serde_json::to_writer(&mut counter, &Wire::new(event, None, None, stored_in));
+    let _ = serde_json::to_writer(&mut counter, &Wire::new(event, None, stored_in));
     counter.0 + data_len(event)
 }
 
@@ -253,31 +246,37 @@ pub fn encode(event: &EventEnvelope) -> Result<Vec<u8>> {
     if let Some(why) = headers_over_limits(&event.headers) {
         return Err(Error::encode(format!("event {}: {why}", event.id)));
     }
-    let raw;
-    let (data, data_base64) = if event.data.is_empty() {
-        (None, None)
-    } else if is_json_content_type(&event.content_type) {
+    let json_data = !event.data.is_empty() && is_json_content_type(&event.content_type);
+    if json_data && !event.data_is_json.0 {
+        // Bytes given as JSON by the caller: check them before sending them as such.
         let text = std::str::from_utf8(&event.data).map_err(|_| {
             Error::encode(format!(
                 "event {}: payload is declared `{}` but is not UTF-8",
                 event.id, event.content_type
             ))
         })?;
-        raw = serde_json::from_str::<&RawValue>(text).map_err(|e| {
+        serde_json::from_str::<&RawValue>(text).map_err(|e| {
             Error::encode(format!(
                 "event {}: payload is declared `{}` but is not valid JSON: {e}",
                 event.id, event.content_type
             ))
         })?;
-        (Some(raw), None)
-    } else {
-        (
-            None,
-            Some(base64::engine::general_purpose::STANDARD.encode(&event.data)),
-        )
-    };
-    let wire = Wire::new(event, data, data_base64, None);
-    serde_json::to_vec(&wire).map_err(|e| Error::encode(e.to_string()))
+    }
+    let data_base64 = (!event.data.is_empty() && !json_data)
+        .then(|| base64::engine::general_purpose::STANDARD.encode(&event.data));
+    let mut out = Vec::with_capacity(384 + event.data.len() + event.data.len() / 3);
+    serde_json::to_writer(&mut out, &Wire::new(event, data_base64, None))
+        .map_err(|e| Error::encode(e.to_string()))?;
+    if json_data {
+        // The payload goes in verbatim, as the last member (`wire_len` counts it so too).
+        if out.pop() != Some(b'}') {
+            return Err(Error::encode("a CloudEvents encoding is not a JSON object"));
+        }
+        out.extend_from_slice(b",\"data\":");
+        out.extend_from_slice(&event.data);
+        out.push(b'}');
+    }
+    Ok(out)
 }
 
 /// Decodes a CloudEvents JSON object into an envelope.
@@ -422,6 +421,8 @@ pub fn decode(bytes: &[u8]) -> Result<EventEnvelope> {
         causation_id,
         trace,
         headers,
+        // A JSON payload was parsed as JSON here: in `data`, or checked in `data_base64`.
+        data_is_json: KnownJson(is_json_content_type(&content_type)),
         content_type: shared_str(&content_type),
         data: data.into(),
         stream_id,

@@ -20,7 +20,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
 use crate::envelope::{
-    CONTENT_TYPE_BINCODE, EventEnvelope, EventId, Fields, StoredPosition, TraceContext,
+    CONTENT_TYPE_BINCODE, EventEnvelope, EventId, Fields, KnownJson, StoredPosition, TraceContext,
     checked_event_type, shared_str,
 };
 use crate::error::{Error, Result};
@@ -228,6 +228,7 @@ impl Codec for Bincode {
             headers: r.headers,
             content_type: shared_str(r.content_type),
             data: Bytes::copy_from_slice(r.data),
+            data_is_json: KnownJson(false),
             stream_id: r.stream_id,
             position: r
                 .position

@@ -184,8 +184,22 @@ pub(crate) struct Fields {
     pub(crate) headers: BTreeMap<String, String>,
     pub(crate) content_type: Arc<str>,
     pub(crate) data: Bytes,
+    /// `data` is known to be valid JSON: written by serde_json, or parsed as JSON by a
+    /// decoder. Encoding to CloudEvents then writes it without parsing it again.
+    pub(crate) data_is_json: KnownJson,
     pub(crate) stream_id: Option<String>,
     pub(crate) position: Option<StoredPosition>,
+}
+
+/// Whether an envelope's payload is known to be valid JSON. Not part of the event: two
+/// envelopes that differ only in it are equal.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct KnownJson(pub(crate) bool);
+
+impl PartialEq for KnownJson {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
 }
 
 impl EventEnvelope {
@@ -195,7 +209,9 @@ impl EventEnvelope {
     pub fn new(event_type: impl Into<String>, data: &impl Serialize) -> Result<Self> {
         let bytes = serde_json::to_vec(data)
             .map_err(|e| Error::encode(format!("payload is not serializable as JSON: {e}")))?;
-        Self::from_bytes(event_type, CONTENT_TYPE_JSON, bytes)
+        let mut event = Self::from_bytes(event_type, CONTENT_TYPE_JSON, bytes)?;
+        event.fields_mut().data_is_json = KnownJson(true);
+        Ok(event)
     }
 
     /// A new event of `event_type` carrying raw `data` of the given content type.
@@ -227,6 +243,7 @@ impl EventEnvelope {
             headers: BTreeMap::new(),
             content_type: shared_str(&content_type),
             data: data.into(),
+            data_is_json: KnownJson(false),
             stream_id: None,
             position: None,
         }))
@@ -537,6 +554,7 @@ impl EventEnvelope {
             .map_err(|e| Error::encode(format!("payload is not serializable as JSON: {e}")))?
             .into();
         self.fields_mut().content_type = shared_str(CONTENT_TYPE_JSON);
+        self.fields_mut().data_is_json = KnownJson(true);
         Ok(self)
     }
 
@@ -548,6 +566,7 @@ impl EventEnvelope {
     ) -> Self {
         self.fields_mut().content_type = content_type.into().into();
         self.fields_mut().data = data.into();
+        self.fields_mut().data_is_json = KnownJson(false);
         self
     }
 }

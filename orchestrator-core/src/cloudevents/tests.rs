@@ -413,3 +413,40 @@ fn input_over_the_largest_event_size_is_refused_unparsed() {
     assert_eq!(error.decode_field(), Some("$"), "{error}");
     assert!(error.to_string().contains("maximum event size"), "{error}");
 }
+
+#[test]
+fn a_json_payload_is_written_verbatim_last_and_counted_exactly() {
+    for event in [
+        full_event(),
+        EventEnvelope::new("a.b", &json!({"n": 1})).unwrap(),
+        EventEnvelope::from_bytes("a.b", "application/json", &b"[1, 2]"[..]).unwrap(),
+        EventEnvelope::from_bytes("a.b", "application/octet-stream", vec![1u8, 2, 3]).unwrap(),
+        EventEnvelope::from_bytes("a.b", "application/json", Vec::new()).unwrap(),
+    ] {
+        let wire = encode(&event).unwrap();
+        assert_eq!(wire.len(), encoded_len(&event), "{event:?}");
+        assert_eq!(decode(&wire).unwrap(), event);
+        if is_json_content_type(event.content_type()) && !event.data_bytes().is_empty() {
+            let tail = [&b",\"data\":"[..], &event.data_bytes()[..], b"}"].concat();
+            assert!(wire.ends_with(&tail), "{}", String::from_utf8_lossy(&wire));
+        }
+    }
+}
+
+#[test]
+fn bytes_given_as_json_are_checked_whatever_the_event_held_before() {
+    // A valid JSON event whose payload is then replaced by bytes that are not JSON.
+    let replaced = EventEnvelope::new("a.b", &json!({"n": 1}))
+        .unwrap()
+        .with_data_bytes("application/json", &b"{nope"[..]);
+    assert!(matches!(encode(&replaced), Err(Error::Encode { .. })));
+    // Read back from the binary codec, bytes are not trusted as JSON either.
+    let binary = crate::codec::Bincode;
+    let stored = crate::codec::Codec::encode(
+        &binary,
+        &EventEnvelope::from_bytes("a.b", "application/json", &b"{nope"[..]).unwrap(),
+    )
+    .unwrap();
+    let read = crate::codec::Codec::decode(&binary, &stored).unwrap();
+    assert!(matches!(encode(&read), Err(Error::Encode { .. })));
+}
