@@ -124,47 +124,22 @@ fn unknown(url: &str) -> Error {
 
 /// `url` with the password of its user info replaced by `***` (see
 /// [`orchestrator_core::redact::redact_url`]); for a `kafka://` URL, the values of its
-/// secret query parameters (`sasl.password`, `ssl.key.password`, …) and of unknown ones.
+/// secret query parameters (`sasl.password`, `ssl.key.password`, …) and of unknown ones
+/// ([`orchestrator_backends::kafka::redact_url`]; built without the `kafka` feature, the
+/// whole query).
 pub fn redact(url: &str) -> String {
-    let Some(query) = url
-        .trim_start()
-        .strip_prefix("kafka://")
-        .and_then(|rest| rest.split_once('?').map(|(_, q)| q))
-    else {
+    if !url.trim_start().starts_with("kafka://") {
         return orchestrator_core::redact::redact_url(url);
-    };
-    let base = orchestrator_core::redact::redact_url(&url[..url.len() - query.len() - 1]);
-    let shown: Vec<String> = query
-        .split('&')
-        .map(|pair| match pair.split_once('=') {
-            Some((key, value)) if PLAIN_KAFKA_KEYS.contains(&key) => format!("{key}={value}"),
-            Some((key, _)) if is_property_name(key) => format!("{key}=***"),
-            _ => "…".to_owned(),
-        })
-        .collect();
-    format!("{base}?{}", shown.join("&"))
-}
-
-/// The `kafka://` query parameters whose values are not secret.
-const PLAIN_KAFKA_KEYS: &[&str] = &[
-    "security.protocol",
-    "sasl.mechanism",
-    "sasl.mechanisms",
-    "sasl.username",
-    "ssl.ca.location",
-    "ssl.certificate.location",
-    "ssl.key.location",
-    "ssl.endpoint.identification.algorithm",
-    "client.id",
-];
-
-/// Whether `text` looks like a librdkafka property name (so showing it shows no secret).
-fn is_property_name(text: &str) -> bool {
-    text.contains('.')
-        && text.len() <= 64
-        && text
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '.' || c == '_')
+    }
+    #[cfg(feature = "kafka")]
+    {
+        orchestrator_backends::kafka::redact_url(url)
+    }
+    #[cfg(not(feature = "kafka"))]
+    match url.split_once('?') {
+        Some((base, _)) => format!("{}?***", orchestrator_core::redact::redact_url(base)),
+        None => orchestrator_core::redact::redact_url(url),
+    }
 }
 
 /// Opens the event store a URL names.
@@ -387,13 +362,21 @@ mod tests {
         assert_eq!(redact("redis://:pw@h:1/0"), "redis://:***@h:1/0");
         assert_eq!(redact("redis://token@h"), "redis://***@h");
         assert_eq!(redact("file:///a@b/c"), "file:///a@b/c");
+        #[cfg(feature = "kafka")]
+        {
+            assert_eq!(
+                redact("kafka://b:9092?sasl.username=u&sasl.password=p@ss&ssl.key.password=k"),
+                "kafka://b:9092?sasl.username=u&sasl.password=***&ssl.key.password=***"
+            );
+            assert_eq!(
+                redact("kafka://b:9092?s3cret&x.y=z"),
+                "kafka://b:9092?…&x.y=***"
+            );
+        }
+        #[cfg(not(feature = "kafka"))]
         assert_eq!(
-            redact("kafka://b:9092?sasl.username=u&sasl.password=p@ss&ssl.key.password=k"),
-            "kafka://b:9092?sasl.username=u&sasl.password=***&ssl.key.password=***"
-        );
-        assert_eq!(
-            redact("kafka://b:9092?s3cret&x.y=z"),
-            "kafka://b:9092?…&x.y=***"
+            redact("kafka://u:pw@b:9092?sasl.password=p@ss"),
+            "kafka://u:***@b:9092?***"
         );
         let backend = Backend::parse("kafka://b:9092?sasl.password=p%40ss").unwrap();
         assert!(!format!("{backend:?}").contains("p%40ss"));

@@ -11,18 +11,20 @@ use orchestrator_backends::kafka::{KAFKA_STORE_CAPABILITIES, KafkaEventStore};
 use orchestrator_core::testkit::store::run_all;
 use orchestrator_core::{Error, EventEnvelope, EventStore, ExpectedVersion, ReadAll};
 
+/// A store on the live broker under the test's prefix.
+async fn store(live: &Live) -> KafkaEventStore {
+    KafkaEventStore::connect(config(&live.brokers, &live.prefix))
+        .await
+        .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kafka_store_conforms() {
     let Some(live) = live().await else {
         return;
     };
-    let Live {
-        brokers, prefix, ..
-    } = &live;
     // One log for every case: each case names its own streams and event types.
-    let store = KafkaEventStore::connect(config(brokers, prefix))
-        .await
-        .unwrap();
+    let store = store(&live).await;
     run_all(|| {
         let store = store.clone();
         async move { store }
@@ -35,12 +37,7 @@ async fn expected_versions_are_unsupported_and_typed() {
     let Some(live) = live().await else {
         return;
     };
-    let Live {
-        brokers, prefix, ..
-    } = &live;
-    let store = KafkaEventStore::connect(config(brokers, prefix))
-        .await
-        .unwrap();
+    let store = store(&live).await;
     assert!(!store.capabilities().expected_version);
     assert!(!store.capabilities().atomic_batch);
     assert!(store.capabilities().durable && store.capabilities().read_stream);
@@ -75,9 +72,7 @@ async fn expected_versions_are_unsupported_and_typed() {
     assert_eq!((written.first_position, written.last_position), (1, 2));
 
     // A second store instance rebuilds the same versions and positions from the log.
-    let again = KafkaEventStore::connect(config(brokers, prefix))
-        .await
-        .unwrap();
+    let again = self::store(&live).await;
     let events = again.read_stream("acct-1", 1, 10).await.unwrap();
     let positions: Vec<(u64, u64)> = events
         .iter()
@@ -144,9 +139,7 @@ async fn a_log_topic_with_finite_retention_is_refused() {
     let options = AdminOptions::new();
 
     // Created by the store: every record kept.
-    let store = KafkaEventStore::connect(config(brokers, prefix))
-        .await
-        .unwrap();
+    let store = store(&live).await;
     let described = admin
         .describe_configs([&ResourceSpecifier::Topic(store.topic())], &options)
         .await
@@ -196,12 +189,7 @@ async fn concurrent_appends_are_indexed_where_they_landed() {
     let Some(live) = live().await else {
         return;
     };
-    let Live {
-        brokers, prefix, ..
-    } = &live;
-    let store = KafkaEventStore::connect(config(brokers, prefix))
-        .await
-        .unwrap();
+    let store = store(&live).await;
     let mut tasks = Vec::new();
     for task in 0..TASKS {
         let store = store.clone();

@@ -30,8 +30,9 @@ pub(crate) fn is_secret_key(key: &str) -> bool {
         .any(|s| key.contains(s))
 }
 
-/// `url` with the values of secret query parameters (`sasl.password`, `ssl.key.password`, …)
-/// and of unknown ones replaced by `***`; for messages and logs.
+/// `url` with the password of its user info replaced by `***` (as
+/// [`orchestrator_core::redact::redact_url`] does) and the values of secret query parameters
+/// (`sasl.password`, `ssl.key.password`, …) and of unknown ones too; for messages and logs.
 ///
 /// ```
 /// use orchestrator_backends::kafka::redact_url;
@@ -47,8 +48,10 @@ pub(crate) fn is_secret_key(key: &str) -> bool {
 /// does not look like a property name (`a.b_c`) is shown as `…`.
 pub fn redact_url(url: &str) -> String {
     let Some((base, query)) = url.split_once('?') else {
-        return url.to_owned();
+        return orchestrator_core::redact::redact_url(url);
     };
+    // The user info ends before the query: an `@` in a query value is not its end.
+    let base = orchestrator_core::redact::redact_url(base);
     let mut shown = Vec::new();
     let mut hiding = false;
     for pair in query.split('&') {
@@ -317,6 +320,14 @@ mod tests {
                 "kafka://b:9092?sasl.password={secret}&client.id=c"
             )),
             "kafka://b:9092?sasl.password=***&client.id=c"
+        );
+        assert_eq!(
+            redact_url(&format!("kafka://u:{secret}@b:9092?sasl.password={secret}")),
+            "kafka://u:***@b:9092?sasl.password=***"
+        );
+        assert_eq!(
+            redact_url(&format!("kafka://u:{secret}@b:9092")),
+            "kafka://u:***@b:9092"
         );
     }
 
