@@ -7,7 +7,15 @@
 //!   as it goes) against a `KafkaTransport` subscription of a fresh group (fetch wait 10 ms),
 //!   `next()` + `ack()` per event; timed from the first message to the last.
 //!
-//! Each is run `REPS` times; medians are printed with the ratio ours/raw.
+//! - store append: raw `FutureProducer` writing the very records `KafkaEventStore::append`
+//!   writes (one partition, stream id as key, CloudEvents JSON with the stream id, the same
+//!   headers), waiting for each delivery, against `KafkaEventStore::append`, which also keeps
+//!   its stream index: single events by 64 tasks at once (`STORE_SINGLES` events), and
+//!   batches of 100 from one task (`STORE_BATCHES` batches).
+//!
+//! Each is run `REPS` times (the store rows `STORE_REPS`); medians are printed with the
+//! ratio ours/raw. `KAFKA_BENCH_ONLY=store` runs the store rows alone, `=transport` the
+//! others; `KAFKA_BENCH_STORE_SCALE=<percent>` scales the store rows' event counts.
 //!
 //! The broker: with `ORCHESTRATOR_KAFKA_BROKERS` set, that one. Otherwise the bench starts a
 //! tansu of its own (the one `cargo xtask services up` installs) with
@@ -20,9 +28,11 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-use orchestrator_backends::kafka::{KafkaConfig, KafkaTransport};
+use std::sync::Arc;
+
+use orchestrator_backends::kafka::{KafkaConfig, KafkaEventStore, KafkaTransport};
 use orchestrator_core::testkit::services;
-use orchestrator_core::{EventEnvelope, SubscribeOptions, Transport};
+use orchestrator_core::{EventEnvelope, EventStore, ExpectedVersion, SubscribeOptions, Transport};
 use rdkafka::ClientConfig;
 use rdkafka::Message;
 use rdkafka::consumer::{Consumer, StreamConsumer};
@@ -36,6 +46,15 @@ const TOPIC: &str = "bench.item";
 /// Where the raw producer writes: its plain JSON values are not events, so they stay out of
 /// the topic the consumers read.
 const RAW_TOPIC: &str = "bench.raw";
+const STORE_REPS: usize = 3;
+/// Single-event appends per store rep, made by [`STORE_WRITERS`] tasks at once.
+const STORE_SINGLES: usize = 5_000;
+const STORE_WRITERS: usize = 64;
+/// Batches of [`STORE_BATCH`] events per store rep, appended one after another.
+const STORE_BATCHES: usize = 100;
+const STORE_BATCH: usize = 100;
+/// The raw writer's topic for the store rows: one partition, as the store's log.
+const RAW_LOG_TOPIC: &str = "bench.rawlog";
 
 fn payload(i: usize) -> serde_json::Value {
     // About 200 bytes of JSON.
@@ -162,6 +181,16 @@ async fn run(brokers: String) {
         .create()
         .expect("a producer");
     let value = serde_json::to_vec(&payload(0)).expect("json");
+    let only = std::env::var("KAFKA_BENCH_ONLY").unwrap_or_default();
+    if only != "transport" {
+        store_rows(&brokers, &config, &raw_producer).await;
+    }
+    if only == "store" {
+        if let Err(e) = transport.delete_all_topics().await {
+            println!("cleanup failed: {e}");
+        }
+        return;
+    }
     println!(
         "kafka bench: broker {brokers}, {REPS} reps, produce {PRODUCE} ({IN_FLIGHT} in flight), \
          consume {CONSUME}; payload {} bytes of JSON (CloudEvent on the wire: {} bytes)",
@@ -351,4 +380,161 @@ async fn our_consume(transport: &KafkaTransport, group: &str) -> f64 {
         delivery.ack().await.expect("ack");
     }
     (CONSUME - 1) as f64 / start.map_or(1.0, |s| s.elapsed().as_secs_f64())
+}
+
+/// The store rows: `KafkaEventStore::append` against raw producing the same records.
+async fn store_rows(brokers: &str, config: &KafkaConfig, raw_producer: &FutureProducer) {
+    let store = match KafkaEventStore::connect(config.clone()).await {
+        Ok(store) => Arc::new(store),
+        Err(e) => return println!("kafka store rows skipped: {e}"),
+    };
+    let raw_log = format!("{}{RAW_LOG_TOPIC}", config.prefix());
+    // The raw log topic: one partition, as the store's (created by a store on that name).
+    let raw_store = KafkaEventStore::connect(
+        config
+            .clone()
+            .with_store_topic(&raw_log)
+            .expect("a valid topic"),
+    )
+    .await
+    .expect("the raw log topic");
+    let scale = std::env::var("KAFKA_BENCH_STORE_SCALE")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .unwrap_or(100)
+        .max(1);
+    let (singles_n, batches_n) = (
+        (STORE_SINGLES * scale / 100).max(STORE_WRITERS),
+        (STORE_BATCHES * scale / 100).max(1),
+    );
+    println!(
+        "kafka store bench: broker {brokers}, {STORE_REPS} reps; single appends: \
+         {singles_n} by {STORE_WRITERS} tasks; batches: {batches_n} × {STORE_BATCH} from one \
+         task"
+    );
+    // Warm up both.
+    let warm: Vec<EventEnvelope> = (0..100).map(store_event).collect();
+    store
+        .append("warm", ExpectedVersion::Any, warm.clone())
+        .await
+        .expect("append");
+    raw_append(raw_producer, &raw_log, &warm).await;
+
+    let (mut raw_s, mut our_s, mut raw_b, mut our_b) = (vec![], vec![], vec![], vec![]);
+    for rep in 0..STORE_REPS {
+        let singles: Arc<[EventEnvelope]> = (0..singles_n).map(store_event).collect();
+        let stream = format!("single-{rep}");
+        raw_s.push(
+            concurrently(&singles, |event| {
+                let (producer, topic) = (raw_producer.clone(), raw_log.clone());
+                async move { raw_append(&producer, &topic, std::slice::from_ref(&event)).await }
+            })
+            .await,
+        );
+        our_s.push(
+            concurrently(&singles, |event| {
+                let (store, stream) = (Arc::clone(&store), stream.clone());
+                async move {
+                    store
+                        .append(&stream, ExpectedVersion::Any, vec![event])
+                        .await
+                        .expect("append");
+                }
+            })
+            .await,
+        );
+        let batches: Vec<Vec<EventEnvelope>> = (0..batches_n)
+            .map(|b| {
+                (0..STORE_BATCH)
+                    .map(|i| store_event(b * STORE_BATCH + i))
+                    .collect()
+            })
+            .collect();
+        let t = Instant::now();
+        for batch in &batches {
+            raw_append(raw_producer, &raw_log, batch).await;
+        }
+        raw_b.push((batches_n * STORE_BATCH) as f64 / t.elapsed().as_secs_f64());
+        let t = Instant::now();
+        for batch in batches {
+            store
+                .append(&format!("batch-{rep}"), ExpectedVersion::Any, batch)
+                .await
+                .expect("append");
+        }
+        our_b.push((batches_n * STORE_BATCH) as f64 / t.elapsed().as_secs_f64());
+    }
+    report(
+        &format!("store append, single events, {STORE_WRITERS} in flight"),
+        &raw_s,
+        &our_s,
+    );
+    report(
+        &format!("store append, batches of {STORE_BATCH}"),
+        &raw_b,
+        &our_b,
+    );
+    for store in [store.as_ref(), &raw_store] {
+        if let Err(e) = store.delete_topic().await {
+            println!("cleanup failed: {e}");
+        }
+    }
+}
+
+/// An event as the store bench appends it.
+fn store_event(i: usize) -> EventEnvelope {
+    EventEnvelope::new(TOPIC, &payload(i)).expect("an event")
+}
+
+/// Runs `append` on every event, [`STORE_WRITERS`] tasks at once; events/s.
+async fn concurrently<F, Fut>(events: &Arc<[EventEnvelope]>, append: F) -> f64
+where
+    F: Fn(EventEnvelope) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let t = Instant::now();
+    let mut tasks = Vec::with_capacity(STORE_WRITERS);
+    for task in 0..STORE_WRITERS {
+        let mine: Vec<Fut> = (task..events.len())
+            .step_by(STORE_WRITERS)
+            .map(|i| append(events[i].clone()))
+            .collect();
+        tasks.push(tokio::spawn(async move {
+            for one in mine {
+                one.await;
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.expect("a writer");
+    }
+    events.len() as f64 / t.elapsed().as_secs_f64()
+}
+
+/// Raw: the records `KafkaEventStore::append` writes for `events` (partition 0, the stream
+/// id as key, CloudEvents JSON with the stream id, the content-type header), then waits
+/// for every delivery.
+async fn raw_append(producer: &FutureProducer, topic: &str, events: &[EventEnvelope]) {
+    use rdkafka::message::{Header, OwnedHeaders};
+    let mut pending = Vec::with_capacity(events.len());
+    for event in events {
+        let event = event.clone().with_stream_id("raw");
+        let value = orchestrator_core::cloudevents::encode(&event).expect("encode");
+        let headers = OwnedHeaders::new().insert(Header {
+            key: "content-type",
+            value: Some("application/cloudevents+json"),
+        });
+        let record = FutureRecord::to(topic)
+            .partition(0)
+            .key("raw")
+            .payload(&value[..])
+            .headers(headers);
+        match producer.send_result(record) {
+            Ok(f) => pending.push(f),
+            Err((e, _)) => panic!("produce: {e}"),
+        }
+    }
+    for f in pending {
+        f.await.expect("delivery").expect("delivered");
+    }
 }

@@ -179,9 +179,11 @@ async fn a_log_topic_with_finite_retention_is_refused() {
     assert!(accepted.is_ok(), "{:?}", accepted.err());
 }
 
-/// 64 tasks appending at once through one store (one producer: their records share produce
-/// requests): every append is answered with the positions its records really have in the log,
-/// and every stream reads back whole, in order, with versions 1, 2, 3, …
+/// 64 tasks appending at once, most through one store (one producer: their records share
+/// produce requests), a quarter through a second store on the same log (another producer, as
+/// another process would be): every append is answered with the positions its records really
+/// have in the log, every stream reads back whole, in order, with versions 1, 2, 3, … and both
+/// stores number the log the same way.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_appends_are_indexed_where_they_landed() {
     const TASKS: usize = 64;
@@ -190,9 +192,17 @@ async fn concurrent_appends_are_indexed_where_they_landed() {
         return;
     };
     let store = store(&live).await;
+    // A second writer on the same log, with its own producer, as another process would be:
+    // each store indexes its own records from their delivery reports and must read the
+    // other's from the log.
+    let other = self::store(&live).await;
     let mut tasks = Vec::new();
     for task in 0..TASKS {
-        let store = store.clone();
+        let store = if task % 4 == 3 {
+            other.clone()
+        } else {
+            store.clone()
+        };
         tasks.push(tokio::spawn(async move {
             // Half the tasks share streams, so records of one stream interleave with others.
             let stream = format!("acct-{}", task % (TASKS / 2));
@@ -246,4 +256,16 @@ async fn concurrent_appends_are_indexed_where_they_landed() {
         let versions: Vec<u64> = events.iter().filter_map(|e| e.stream_version()).collect();
         assert_eq!(versions, (1..=2 * PER_TASK as u64).collect::<Vec<_>>());
     }
+    // The other writer sees the same log, numbered the same way.
+    let seen_by_other = other
+        .read_all(ReadAll::from(1, TASKS * PER_TASK + 10))
+        .await
+        .unwrap();
+    let summary = |events: &[EventEnvelope]| -> Vec<_> {
+        events
+            .iter()
+            .map(|e| (e.id().clone(), e.global_position(), e.stream_version()))
+            .collect()
+    };
+    assert_eq!(summary(&seen_by_other), summary(&all));
 }

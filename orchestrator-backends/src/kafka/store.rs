@@ -1,6 +1,6 @@
 //! [`KafkaEventStore`]: every stream in one single-partition log topic.
 
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError, Weak};
 
 use async_trait::async_trait;
 use futures::StreamExt as _;
@@ -11,9 +11,9 @@ use orchestrator_core::{
 };
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::BorrowedMessage;
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use rdkafka::{Message, Offset, TopicPartitionList};
-use tokio::sync::{Mutex, mpsc, watch};
+use tokio::sync::{Mutex, mpsc, oneshot, watch};
 
 use super::client::{BACKEND, TopicKind, Topics, failure, kafka_error, producer};
 use super::config::KafkaConfig;
@@ -53,6 +53,11 @@ struct Inner {
     producer: FutureProducer,
     /// Which records belong to which stream.
     index: Mutex<Index>,
+    /// Appends' records in the order they were produced, to the [indexer](index_deliveries).
+    indexer: mpsc::UnboundedSender<Produced>,
+    /// Held while an append hands its records to the producer and to the indexer, so that
+    /// both see appends in the same order.
+    produce_order: std::sync::Mutex<()>,
     index_reader: LogReader,
     query_reader: LogReader,
     closed: watch::Receiver<bool>,
@@ -114,17 +119,22 @@ impl KafkaEventStore {
         topics.ensure(&[&topic], TopicKind::Log).await?;
         topics.check_log_retention(&topic).await?;
         let (closer, closed) = watch::channel(false);
+        let (indexer, produced) = mpsc::unbounded_channel();
+        let inner = Arc::new(Inner {
+            producer: producer(&config)?,
+            index: Mutex::new(Index::default()),
+            indexer,
+            produce_order: std::sync::Mutex::new(()),
+            index_reader: LogReader::new(&config)?,
+            query_reader: LogReader::new(&config)?,
+            closed,
+            topics: Arc::new(topics),
+            topic,
+            config,
+        });
+        tokio::spawn(index_deliveries(Arc::downgrade(&inner), produced));
         Ok(Self {
-            inner: Arc::new(Inner {
-                producer: producer(&config)?,
-                index: Mutex::new(Index::default()),
-                index_reader: LogReader::new(&config)?,
-                query_reader: LogReader::new(&config)?,
-                closed,
-                topics: Arc::new(topics),
-                topic,
-                config,
-            }),
+            inner,
             _closer: Arc::new(closer),
         })
     }
@@ -160,7 +170,86 @@ impl KafkaEventStore {
     }
 }
 
+/// One append's records, handed to the [indexer](index_deliveries) in the order they were
+/// produced.
+struct Produced {
+    stream: String,
+    deliveries: Vec<DeliveryFuture>,
+    /// Where the append waits for its first and last offsets and the stream's version after
+    /// it (`None`: nobody waits; the records are only indexed).
+    reply: Option<oneshot::Sender<Result<(i64, i64, u64)>>>,
+}
+
+/// The indexer: takes every append's delivery reports in the order the records were
+/// produced — which, on the log's one partition with an idempotent producer, is their order
+/// in the log — and adds them to the index without reading the log back. Only a gap (records
+/// produced by another process in between) is read from the log. Ends when the store is
+/// dropped.
+async fn index_deliveries(inner: Weak<Inner>, mut produced: mpsc::UnboundedReceiver<Produced>) {
+    while let Some(Produced {
+        stream,
+        deliveries,
+        reply,
+    }) = produced.recv().await
+    {
+        let mut offsets = Vec::with_capacity(deliveries.len());
+        let mut failed = None;
+        for delivery in deliveries {
+            match delivery.await {
+                Ok(Ok(delivered)) => offsets.push(delivered.offset),
+                Ok(Err((e, _))) => {
+                    failed.get_or_insert_with(|| kafka_error(e));
+                }
+                Err(_) => {
+                    failed.get_or_insert_with(|| failure(true, "the Kafka producer was dropped"));
+                }
+            }
+        }
+        let result = match (failed, inner.upgrade()) {
+            (Some(error), _) => Err(error),
+            (None, None) => Err(Error::Closed {
+                what: "the Kafka event store".to_owned(),
+            }),
+            (None, Some(inner)) => inner.index_own(&stream, &offsets).await,
+        };
+        if let Some(reply) = reply {
+            let _ = reply.send(result);
+        }
+    }
+}
+
 impl Inner {
+    /// Adds this process's own records (at `offsets`, in log order, all of `stream`) to the
+    /// index from their delivery reports, reading the log only for the records of other
+    /// writers before them. Returns the first and last offsets and the stream's version at
+    /// the last.
+    async fn index_own(&self, stream: &str, offsets: &[i64]) -> Result<(i64, i64, u64)> {
+        let (Some(&first), Some(&last)) = (offsets.first(), offsets.last()) else {
+            return Err(failure(false, "an append delivered no record"));
+        };
+        let mut index = self.index.lock().await;
+        for &offset in offsets {
+            if offset > index.next {
+                // Another writer's records come first: read them.
+                self.catch_up(&mut index, Some(offset)).await?;
+            }
+            if offset == index.next {
+                index.add(Some(stream), offset);
+            }
+            // Below `next`: a reader has indexed it already.
+        }
+        let version = index.version(stream, last).ok_or_else(|| {
+            failure(
+                false,
+                format!(
+                    "offset {last} of `{}` is missing from the index",
+                    self.topic
+                ),
+            )
+        })?;
+        Ok((first, last, version))
+    }
+
     /// Reads the log into the index until it covers offsets below `upto` (or the log's
     /// current end, if that is sooner and `upto` is `None`).
     async fn catch_up(&self, index: &mut Index, upto: Option<i64>) -> Result<()> {
@@ -316,44 +405,54 @@ impl EventStore for KafkaEventStore {
                 last_position: position_of(head - 1),
             });
         }
-        let mut pending = Vec::with_capacity(events.len());
+        let mut records = Vec::with_capacity(events.len());
         for event in events {
             let event = event.without_position().with_stream_id(stream);
             let value = cloudevents::encode(&event)?;
-            let record = FutureRecord::to(&inner.topic)
-                .partition(0)
-                .key(stream.as_bytes())
-                .payload(&value[..])
-                .headers(wire::event_headers(&event));
-            let delivery = inner
-                .producer
-                .send_result(record)
-                .map_err(|(e, _)| kafka_error(e))?;
-            pending.push(delivery);
+            records.push((value, wire::event_headers(&event)));
         }
-        let mut offsets = Vec::with_capacity(pending.len());
-        for delivery in pending {
-            let delivered = delivery
-                .await
-                .map_err(|_| failure(true, "the Kafka producer was dropped"))?
-                .map_err(|(e, _)| kafka_error(e))?;
-            offsets.push(delivered.offset);
+        let (reply, indexed) = oneshot::channel();
+        {
+            let _in_order = inner
+                .produce_order
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            let mut deliveries = Vec::with_capacity(records.len());
+            let mut refused = None;
+            for (value, headers) in records {
+                let record = FutureRecord::to(&inner.topic)
+                    .partition(0)
+                    .key(stream.as_bytes())
+                    .payload(&value[..])
+                    .headers(headers);
+                match inner.producer.send_result(record) {
+                    Ok(delivery) => deliveries.push(delivery),
+                    Err((e, _)) => {
+                        refused = Some(kafka_error(e));
+                        break;
+                    }
+                }
+            }
+            // What was produced is indexed even if the rest was refused, or if this append
+            // is dropped while it waits: the index stays in step with the log without
+            // reading it.
+            let produced = Produced {
+                stream: stream.to_owned(),
+                deliveries,
+                reply: if refused.is_none() { Some(reply) } else { None },
+            };
+            if inner.indexer.send(produced).is_err() {
+                return Err(Error::Closed {
+                    what: format!("the Kafka event store on `{}`", inner.topic),
+                });
+            }
+            if let Some(error) = refused {
+                return Err(error);
+            }
         }
-        let (first, last) = match (offsets.iter().min(), offsets.iter().max()) {
-            (Some(&first), Some(&last)) => (first, last),
-            _ => return Err(failure(false, "an append delivered no record")),
-        };
-        let mut index = inner.index.lock().await;
-        inner.catch_up(&mut index, Some(last + 1)).await?;
-        let version = index.version(stream, last).ok_or_else(|| {
-            failure(
-                false,
-                format!(
-                    "offset {last} of `{}` is missing from the index",
-                    inner.topic
-                ),
-            )
-        })?;
+        let (first, last, version) = indexed.await.map_err(|_| Error::Closed {
+            what: format!("the Kafka event store on `{}`", inner.topic),
+        })??;
         Ok(AppendResult {
             next_expected_version: version,
             first_position: position_of(first),
