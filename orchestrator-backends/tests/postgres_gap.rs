@@ -18,6 +18,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
+use orchestrator_backends::postgres::PostgresEventStore;
 use orchestrator_core::{Error, EventEnvelope, EventFilter, EventId, EventStore, ExpectedVersion};
 use postgres_support::{Cleanup, config, random_schema, raw, reachable};
 
@@ -53,42 +54,46 @@ struct Tally {
     appends: usize,
 }
 
+/// A subscriber from the start that collects `target` events and then checks that nothing
+/// more arrives (no duplicate, nothing rolled back).
+async fn follow(
+    store: PostgresEventStore,
+    target: usize,
+) -> tokio::task::JoinHandle<Vec<(u64, EventId)>> {
+    let mut subscription = store.subscribe(0, EventFilter::all()).await.unwrap();
+    tokio::spawn(async move {
+        let mut seen: Vec<(u64, EventId)> = Vec::with_capacity(target);
+        while seen.len() < target {
+            let event = tokio::time::timeout(Duration::from_secs(30), subscription.next())
+                .await
+                .unwrap_or_else(|_| panic!("the subscription stalled after {} events", seen.len()))
+                .expect("the subscription ended")
+                .expect("the subscription failed");
+            seen.push((event.global_position().unwrap(), event.id().clone()));
+        }
+        let extra = tokio::time::timeout(Duration::from_millis(700), subscription.next()).await;
+        assert!(
+            extra.is_err(),
+            "an event after the last committed one: {extra:?}"
+        );
+        seen
+    })
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subscribers_see_every_committed_event_once_in_order_despite_rollbacks() {
     let Some(url) = reachable().await else { return };
     let schema = random_schema();
     let _cleanup = Cleanup::new(&url, &schema);
-    let store = orchestrator_backends::postgres::PostgresEventStore::connect(
-        config(&url, &schema).with_pool_size(WRITERS),
-    )
-    .await
-    .unwrap();
+    let store = PostgresEventStore::connect(config(&url, &schema).with_pool_size(WRITERS))
+        .await
+        .unwrap();
     let target = target();
     let started = Instant::now();
 
     // One subscriber from the start, live all along; a second joins half-way, catching up
     // while the writers go on.
-    let follow = |store: orchestrator_backends::postgres::PostgresEventStore| async move {
-        let mut subscription = store.subscribe(0, EventFilter::all()).await.unwrap();
-        tokio::spawn(async move {
-            let mut seen: Vec<(u64, EventId)> = Vec::with_capacity(target);
-            while seen.len() < target {
-                let event = tokio::time::timeout(Duration::from_secs(30), subscription.next())
-                    .await
-                    .unwrap_or_else(|_| {
-                        panic!("the subscription stalled after {} events", seen.len())
-                    })
-                    .expect("the subscription ended")
-                    .expect("the subscription failed");
-                seen.push((event.global_position().unwrap(), event.id().clone()));
-            }
-            // Nothing more may arrive: no duplicate, nothing rolled back.
-            let extra = tokio::time::timeout(Duration::from_millis(700), subscription.next()).await;
-            assert!(extra.is_err(), "an event after the last committed one: {extra:?}");
-            seen
-        })
-    };
-    let first = follow(store.clone()).await;
+    let first = follow(store.clone(), target).await;
 
     // Events reserved by the writers (each reservation is then committed).
     let committed = Arc::new(AtomicUsize::new(0));
@@ -194,7 +199,7 @@ async fn subscribers_see_every_committed_event_once_in_order_despite_rollbacks()
     while committed.load(Ordering::SeqCst) < target / 2 {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let second = follow(store.clone()).await;
+    let second = follow(store.clone(), target).await;
 
     let mut expected: Vec<(u64, EventId)> = Vec::with_capacity(target);
     let (mut raw_rollbacks, mut conflicts, mut appends) = (0, 0, 0);
@@ -251,5 +256,8 @@ async fn subscribers_see_every_committed_event_once_in_order_despite_rollbacks()
             );
         }
     }
-    eprintln!("gap test: both subscribers done after {:?}", started.elapsed());
+    eprintln!(
+        "gap test: both subscribers done after {:?}",
+        started.elapsed()
+    );
 }

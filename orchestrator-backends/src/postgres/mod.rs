@@ -67,7 +67,10 @@
 //! same rules as every store: [idempotent appends](orchestrator_core::store#idempotent-appends),
 //! expected versions) one `INSERT … SELECT FROM unnest(…)` of the whole batch and a
 //! `pg_notify` on the store's channel; then `COMMIT`. The unique constraints back the checks
-//! up against writers that bypass the lock.
+//! up against writers that bypass the lock. The append lock is
+//! `pg_advisory_xact_lock(1330791233, hashtext('<schema>'))` (the first key is `'ORCA'` in
+//! ASCII); migrations take `(1330791245, hashtext('<schema>'))` (`'ORCM'`). A tool that must
+//! write rows itself takes the append lock first, in the same transaction.
 //!
 //! **The global order is gap-safe.** Positions are `max(position) + 1 …`, read *after* the
 //! append lock is taken, and the lock is released only when the transaction has committed
