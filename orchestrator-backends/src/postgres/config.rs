@@ -24,8 +24,11 @@ pub const DEFAULT_POOL_SIZE: usize = 16;
 /// How to reach PostgreSQL and how the backend behaves.
 ///
 /// Built from a libpq-style URL, `postgres://[user[:password]@]host[:port]/database[?options]`
-/// (`postgresql://` too), or a `key=value` connection string. Building a config only parses
-/// it; nothing connects until [`PostgresEventStore::connect`](super::PostgresEventStore::connect).
+/// (`postgresql://` too), or a `key=value` connection string. A URL may also name the schema
+/// with the query parameter `schema=NAME` (this backend's, not libpq's: it is taken out
+/// before the rest is parsed), which is how `postgres://` URLs in the facade and the CLI
+/// choose one. Building a config only parses it; nothing connects until
+/// [`PostgresEventStore::connect`](super::PostgresEventStore::connect).
 ///
 /// ```
 /// use std::time::Duration;
@@ -65,13 +68,15 @@ impl std::fmt::Debug for PostgresConfig {
 }
 
 impl PostgresConfig {
-    /// Parses a connection URL (or `key=value` string).
+    /// Parses a connection URL (or `key=value` string), with an optional `schema=NAME` in a
+    /// URL's query.
     ///
     /// Fails with [`Error::InvalidInput`] when it does not parse (the message shows the URL
     /// with its password hidden), and with [`Error::Unsupported`] for `sslmode=require`:
     /// this backend does not speak TLS yet (see the [module docs](super#connecting)).
     pub fn new(url: &str) -> Result<Self> {
         let redacted_url = redact_url(url);
+        let (url, schema) = take_schema(url);
         let pg: tokio_postgres::Config = url.parse().map_err(|e| {
             Error::invalid(
                 "PostgreSQL URL",
@@ -94,10 +99,12 @@ impl PostgresConfig {
             .get_connect_timeout()
             .copied()
             .unwrap_or(Duration::from_secs(10));
+        let schema = schema.unwrap_or_else(|| DEFAULT_SCHEMA.to_owned());
+        validate_schema(&schema)?;
         Ok(Self {
             pg,
             redacted_url,
-            schema: DEFAULT_SCHEMA.to_owned(),
+            schema,
             pool_size: DEFAULT_POOL_SIZE,
             poll_interval: DEFAULT_POLL_INTERVAL,
             connect_timeout,
@@ -182,6 +189,56 @@ impl PostgresConfig {
     }
 }
 
+/// Takes the `schema=NAME` parameter out of a URL's query (the last one wins; `%XX` escapes
+/// decoded), returning the URL without it.
+fn take_schema(url: &str) -> (String, Option<String>) {
+    let Some((base, query)) = url.split_once('?').filter(|_| url.contains("://")) else {
+        return (url.to_owned(), None);
+    };
+    let mut schema = None;
+    let kept: Vec<&str> = query
+        .split('&')
+        .filter(|pair| match pair.split_once('=') {
+            Some(("schema", value)) => {
+                schema = Some(percent_decode(value));
+                false
+            }
+            _ => true,
+        })
+        .collect();
+    if kept.is_empty() {
+        (base.to_owned(), schema)
+    } else {
+        (format!("{base}?{}", kept.join("&")), schema)
+    }
+}
+
+/// `%XX` escapes decoded (an invalid escape is kept as it is); the result is checked as a
+/// schema name afterwards.
+fn percent_decode(value: &str) -> String {
+    let bytes = value.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let escaped = (bytes[i] == b'%')
+            .then(|| bytes.get(i + 1..i + 3))
+            .flatten()
+            .and_then(|hex| std::str::from_utf8(hex).ok())
+            .and_then(|hex| u8::from_str_radix(hex, 16).ok());
+        match escaped {
+            Some(byte) => {
+                out.push(byte);
+                i += 3;
+            }
+            None => {
+                out.push(bytes[i]);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 /// Checks a schema name: 1 to 63 bytes (PostgreSQL's identifier length), no control
 /// characters (it is always quoted, so any other character is fine).
 pub(crate) fn validate_schema(schema: &str) -> Result<()> {
@@ -233,6 +290,35 @@ mod tests {
             PostgresConfig::new("postgres://h/db?sslmode=require"),
             Err(Error::Unsupported { .. })
         ));
+    }
+
+    #[test]
+    fn a_url_names_its_schema() {
+        let config =
+            PostgresConfig::new("postgres://u:pw@h/db?connect_timeout=4&schema=shop%20events")
+                .unwrap();
+        assert_eq!(config.schema(), "shop events");
+        assert_eq!(config.connect_timeout, Duration::from_secs(4));
+        assert_eq!(
+            PostgresConfig::new("postgres://h/db?schema=billing")
+                .unwrap()
+                .schema(),
+            "billing"
+        );
+        assert_eq!(
+            PostgresConfig::new("postgres://h/db").unwrap().schema(),
+            DEFAULT_SCHEMA
+        );
+        assert!(matches!(
+            PostgresConfig::new("postgres://h/db?schema="),
+            Err(Error::InvalidInput { .. })
+        ));
+        assert!(matches!(
+            PostgresConfig::new("postgres://h/db?schema=a%0Ab"),
+            Err(Error::InvalidInput { .. })
+        ));
+        assert_eq!(percent_decode("a%2"), "a%2");
+        assert_eq!(percent_decode("%zz%41"), "%zzA");
     }
 
     #[test]
