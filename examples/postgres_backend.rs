@@ -107,8 +107,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 async fn account_tour(store: Arc<dyn EventStore>) -> Result<(), Box<dyn std::error::Error>> {
     let accounts = AggregateRepository::<Account>::new(store.clone())?;
     accounts.execute("a-1", AccountCommand::Open).await?;
-    accounts.execute("a-1", AccountCommand::Deposit(100)).await?;
-    let done = accounts.execute("a-1", AccountCommand::Withdraw(30)).await?;
+    accounts
+        .execute("a-1", AccountCommand::Deposit(100))
+        .await?;
+    let done = accounts
+        .execute("a-1", AccountCommand::Withdraw(30))
+        .await?;
     println!(
         "  account a-1: balance {} at version {}",
         done.state.balance, done.version

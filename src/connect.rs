@@ -382,7 +382,10 @@ mod tests {
             Backend::parse("postgresql://h/db").unwrap(),
             Backend::Postgres("postgresql://h/db".into())
         );
-        assert_eq!(Backend::parse("postgres://h/db").unwrap().scheme(), "postgres");
+        assert_eq!(
+            Backend::parse("postgres://h/db").unwrap().scheme(),
+            "postgres"
+        );
         assert!(Backend::parse("file://").is_err());
         assert!(Backend::parse("kafka://").is_err());
         let err = Backend::parse("mysql://u:pw@h/db").unwrap_err().to_string();
@@ -525,7 +528,11 @@ mod tests {
         let stream = format!("connect-{}", orchestrator_core::EventId::new());
         let event = orchestrator_core::EventEnvelope::new("a.b", &serde_json::json!({})).unwrap();
         store
-            .append(&stream, orchestrator_core::ExpectedVersion::NoStream, vec![event])
+            .append(
+                &stream,
+                orchestrator_core::ExpectedVersion::NoStream,
+                vec![event],
+            )
             .await
             .unwrap();
         assert_eq!(store.stream_version(&stream).await.unwrap(), Some(1));

@@ -91,7 +91,12 @@ pub(crate) const SERVICES: &[Service] = &[
         title: "PostgreSQL",
         env: "ORCHESTRATOR_POSTGRES_URL",
         default_url: "postgres://postgres@127.0.0.1:5432/test",
-        endpoint: |url| parse_url(url, &[("postgres", 5432, false), ("postgresql", 5432, false)]),
+        endpoint: |url| {
+            parse_url(
+                url,
+                &[("postgres", 5432, false), ("postgresql", 5432, false)],
+            )
+        },
         probe: postgres_probe,
         start: |endpoint| Ok(pg_ctlcluster(endpoint, "start")),
         start_timeout: Duration::from_secs(60),
@@ -799,7 +804,10 @@ mod tests {
             at("127.0.0.1", 5432, false)
         );
         assert_eq!(
-            endpoint("postgres", "postgresql://u:p%40ss@db.internal/app?sslmode=disable"),
+            endpoint(
+                "postgres",
+                "postgresql://u:p%40ss@db.internal/app?sslmode=disable"
+            ),
             at("db.internal", 5432, false)
         );
         assert!(endpoint("postgres", "host=/var/run/postgresql dbname=test").is_err());
@@ -811,10 +819,7 @@ mod tests {
     fn the_postgres_probe_speaks_the_protocol() {
         let service = SERVICES.iter().find(|s| s.name == "postgres").unwrap();
         let closed = at("127.0.0.1", 1, false).unwrap();
-        assert!(matches!(
-            (service.probe)(&closed),
-            super::Health::Down(_)
-        ));
+        assert!(matches!((service.probe)(&closed), super::Health::Down(_)));
         let local = at("127.0.0.1", 5432, false).unwrap();
         match (service.probe)(&local) {
             super::Health::Ready(how) => assert!(how.contains("SSLRequest"), "{how}"),

@@ -121,7 +121,7 @@ async fn listen(
                 }
             }
         };
-        failures = 0;
+        let listening_since = std::time::Instant::now();
         // Whatever was notified while not listening is read now.
         tx.send_modify(|n| *n = n.wrapping_add(1));
         if let Some(ready) = ready.take() {
@@ -132,6 +132,22 @@ async fn listen(
             () = tx.closed() => return,
         }
         drop(client);
+        // A connection that breaks again and again right after connecting (a server that
+        // terminates it) is retried with a growing pause; one that lived is retried at once.
+        failures = if listening_since.elapsed() < Duration::from_secs(5) {
+            failures.saturating_add(1)
+        } else {
+            0
+        };
+        if failures > 0 {
+            let delay = backoff()
+                .delay_after(failures)
+                .unwrap_or(Duration::from_secs(2));
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                () = tx.closed() => return,
+            }
+        }
     }
 }
 
