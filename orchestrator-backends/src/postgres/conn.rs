@@ -50,11 +50,6 @@ pub(crate) async fn client(pool: &Pool) -> Result<Object> {
     pool.get().await.map_err(pool_error)
 }
 
-/// A number the backend stores as `bigint`, or [`Error::InvalidInput`] past `i64::MAX`.
-pub(crate) fn to_i64(what: &str, n: u64) -> Result<i64> {
-    i64::try_from(n).map_err(|_| Error::invalid(what, format!("{n} is past {}", i64::MAX)))
-}
-
 /// A `bigint` the backend wrote, which is never negative.
 pub(crate) fn to_u64(what: &str, n: i64) -> Result<u64> {
     u64::try_from(n).map_err(|_| {

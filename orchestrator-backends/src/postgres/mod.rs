@@ -61,13 +61,17 @@
 //!
 //! # The event store
 //!
-//! **An append** is one transaction: `pg_advisory_xact_lock` on the schema's append lock;
-//! then, pipelined behind it in the same round trip, the stream's version, the head position
-//! and which of the batch's ids the stream holds; then (the decisions taken in Rust with the
-//! same rules as every store: [idempotent appends](orchestrator_core::store#idempotent-appends),
-//! expected versions) one `INSERT … SELECT FROM unnest(…)` of the whole batch and a
-//! `pg_notify` on the store's channel; then `COMMIT`. The unique constraints back the checks
-//! up against writers that bypass the lock. The append lock is
+//! **An append** is one round trip: `BEGIN`, `SELECT * FROM <schema>.append_events(…)` and
+//! `COMMIT`, pipelined. The function (installed by migration 2) takes the schema's append
+//! lock (`pg_advisory_xact_lock`), answers "some of these ids are in the stream" or "the
+//! expected version fails" without writing, or else writes the whole batch with one
+//! `INSERT … SELECT FROM unnest(…)` — each row's JSON completed with its version and
+//! position — and `pg_notify`s the store's channel. When ids were found, the library then
+//! tells a retry (the original result is returned) from a clash
+//! ([`DuplicateEvent`](orchestrator_core::Error::DuplicateEvent)) by the rules every store
+//! follows ([idempotent appends](orchestrator_core::store#idempotent-appends)); stored rows
+//! never change, so that needs no lock. The unique constraints back the checks up against
+//! writers that bypass the lock. The append lock is
 //! `pg_advisory_xact_lock(1330791233, hashtext('<schema>'))` (the first key is `'ORCA'` in
 //! ASCII); migrations take `(1330791245, hashtext('<schema>'))` (`'ORCM'`). A tool that must
 //! write rows itself takes the append lock first, in the same transaction.
@@ -82,11 +86,17 @@
 //! out at insert, not at commit). A rolled-back append leaves no hole either: the next
 //! append takes the same positions.
 //!
-//! **The cost**: appends to one schema are serialised, from the lock to the commit (three
-//! round trips on a connection plus the commit's WAL flush), whatever their streams. Reads
-//! and subscriptions never take the lock. Batches amortise it (one lock per batch); writers
-//! that need more appends per second than one lock holder can do shard by schema (one
-//! store each). The alternative — positions from a sequence, and readers that wait out
+//! **The cost**: appends to one schema are serialised from the lock to the end of the commit,
+//! whatever their streams, so concurrent appends cannot share a WAL flush (PostgreSQL's group
+//! commit): the append rate is about one per flush. Measured once on a loaded 2-core machine
+//! (release build, 200-byte payloads, `synchronous_commit = on`), against raw tokio-postgres
+//! `BEGIN; INSERT; COMMIT` in the same run: one writer, 381 appends/s against 423 raw
+//! (0.9×); 16 writers, 390/s against 3,220 raw (0.12×: what the lock costs); 100-event
+//! batches, 22,800 events/s; `read_all`, 164,000 events/s; a subscription at about 1k
+//! events/s sees an event 1.4 ms (median) and 13 ms (p99) after its append was called.
+//! Reads and subscriptions never take the lock. Batches amortise it (one lock and one flush
+//! per batch); writers that need more single appends per second shard by schema (one store
+//! each). The alternative — positions from a sequence, and readers that wait out
 //! in-flight transactions below a high-water mark — writes in parallel but delays every
 //! subscriber by the slowest open transaction, and needs care with the transaction-id
 //! horizon; the lock is simpler to get right, and its cost is measurable

@@ -26,10 +26,11 @@ struct Migration {
 }
 
 /// Every migration, in order. Never edit one that shipped: add the next.
-const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    description: "events, inbox, leases",
-    sql: r"
+const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        description: "events, inbox, leases",
+        sql: r"
 CREATE TABLE {schema}.events (
     position       bigint      PRIMARY KEY,
     stream_id      text        NOT NULL,
@@ -63,7 +64,67 @@ CREATE TABLE {schema}.leases (
     expires_at timestamptz NOT NULL
 );
 ",
-}];
+    },
+    Migration {
+        version: 2,
+        description: "append_events: an append in one statement under the append lock",
+        sql: APPEND_EVENTS,
+    },
+];
+
+/// An append, server-side, so that the lock is held for the statement and the commit only
+/// (no client round trip in between). Takes the append lock; then, in this order:
+/// status 1 (nothing written) when the stream holds any of the ids — the caller tells a
+/// retry from a duplicate, facts that no later append changes; status 2 (nothing written,
+/// `version` the stream's) when the expectation fails — kinds 0 any, 1 no stream, 2 an
+/// existing stream, 3 exactly `p_expected`; else status 0: the events are written at
+/// `head + 1 …` and versions after the stream's, each JSON (`p_events`, without its
+/// closing brace) completed with its `streamversion` and `globalposition`, and the channel
+/// notified with the last position.
+const APPEND_EVENTS: &str = r#"
+CREATE FUNCTION {schema}.append_events(
+    p_stream text, p_expected_kind integer, p_expected bigint,
+    p_ids text[], p_types text[], p_times timestamptz[], p_events text[],
+    p_lock_class integer, p_lock_key integer, p_channel text,
+    OUT status integer, OUT version bigint, OUT first_position bigint, OUT last_position bigint)
+LANGUAGE plpgsql AS $fn$
+#variable_conflict use_column
+DECLARE
+    v_head bigint;
+    v_count integer := coalesce(array_length(p_ids, 1), 0);
+BEGIN
+    PERFORM pg_advisory_xact_lock(p_lock_class, p_lock_key);
+    IF v_count > 0 AND EXISTS (
+        SELECT 1 FROM {schema}.events e WHERE e.stream_id = p_stream AND e.event_id = ANY (p_ids)
+    ) THEN
+        status := 1;
+        RETURN;
+    END IF;
+    SELECT max(e.stream_version) INTO version FROM {schema}.events e WHERE e.stream_id = p_stream;
+    IF (p_expected_kind = 1 AND version IS NOT NULL)
+        OR (p_expected_kind = 2 AND version IS NULL)
+        OR (p_expected_kind = 3 AND version IS DISTINCT FROM p_expected) THEN
+        status := 2;
+        RETURN;
+    END IF;
+    SELECT coalesce(max(e.position), 0) INTO v_head FROM {schema}.events e;
+    version := coalesce(version, 0);
+    first_position := v_head + 1;
+    last_position := v_head + v_count;
+    IF v_count > 0 THEN
+        INSERT INTO {schema}.events
+            (position, stream_id, stream_version, event_id, event_type, event_time, event)
+        SELECT v_head + u.i, p_stream, version + u.i, u.id, u.ty, u.tm,
+               (u.ev || ',"streamversion":' || (version + u.i) || ',"globalposition":'
+                   || (v_head + u.i) || '}')::json
+        FROM unnest(p_ids, p_types, p_times, p_events) WITH ORDINALITY AS u(id, ty, tm, ev, i);
+        PERFORM pg_notify(p_channel, last_position::text);
+        version := version + v_count;
+    END IF;
+    status := 0;
+END
+$fn$;
+"#;
 
 /// The schema version this build writes and reads.
 pub(crate) fn latest_version() -> i32 {

@@ -15,7 +15,7 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 
 use super::config::{PostgresConfig, quote_ident};
-use super::conn::{BACKEND, clamp_i64, client, pg_error, to_i64, to_u64};
+use super::conn::{BACKEND, clamp_i64, client, pg_error, to_u64};
 use super::follow::Notifier;
 use super::schema::{APPEND_LOCK_CLASS, migrate};
 use super::{PostgresInbox, PostgresLease};
@@ -62,9 +62,8 @@ pub(crate) struct Inner {
 
 /// The statements, with the schema filled in.
 pub(crate) struct Sql {
-    state: String,
+    append: String,
     ids: String,
-    insert: String,
     read_stream: String,
     pub(crate) read_all: String,
     stream_version: String,
@@ -75,20 +74,13 @@ impl Sql {
     fn new(schema: &str) -> Self {
         let t = format!("{}.events", quote_ident(schema));
         Self {
-            state: format!(
-                "SELECT (SELECT max(stream_version) FROM {t} WHERE stream_id = $1), \
-                        (SELECT coalesce(max(position), 0) FROM {t})"
+            append: format!(
+                "SELECT * FROM {}.append_events($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+                quote_ident(schema)
             ),
             ids: format!(
                 "SELECT event_id, stream_version, position FROM {t} \
                  WHERE stream_id = $1 AND event_id = ANY($2)"
-            ),
-            insert: format!(
-                "INSERT INTO {t} \
-                 (position, stream_id, stream_version, event_id, event_type, event_time, event) \
-                 SELECT p, $1, v, i, ty, tm, e::json \
-                 FROM unnest($2::bigint[], $3::bigint[], $4::text[], $5::text[], \
-                             $6::timestamptz[], $7::text[]) AS u(p, v, i, ty, tm, e)"
             ),
             read_stream: format!(
                 "SELECT event::text FROM {t} WHERE stream_id = $1 AND stream_version >= $2 \
@@ -289,116 +281,109 @@ impl EventStore for PostgresEventStore {
             });
         }
         let ids: Vec<&str> = prepared.iter().map(|p| p.id.as_str()).collect();
-
-        let mut conn = client(&inner.pool).await?;
-        let (lock, state, lookup) = futures::try_join!(
-            conn.prepare_cached("SELECT pg_advisory_xact_lock($1, $2)"),
-            conn.prepare_cached(&inner.sql.state),
-            conn.prepare_cached(&inner.sql.ids),
-        )
-        .map_err(pg_error)?;
-        // Dropping the transaction unfinished (an error, a cancelled caller) rolls it back,
-        // which releases the lock.
-        let tx = conn.transaction().await.map_err(pg_error)?;
-        // One round trip: the lock, then what the append decides on, read after the lock
-        // so that every earlier append is visible.
-        let lock_params: [&(dyn ToSql + Sync); 2] = [&APPEND_LOCK_CLASS, &inner.lock_key];
-        let state_params: [&(dyn ToSql + Sync); 1] = [&stream];
-        let (_, state, stored) = futures::try_join!(
-            tx.execute(&lock, &lock_params),
-            tx.query_one(&state, &state_params),
-            async {
-                if ids.is_empty() {
-                    Ok(Vec::new())
-                } else {
-                    tx.query(&lookup, &[&stream, &ids]).await
-                }
-            },
-        )
-        .map_err(pg_error)?;
-        let version = state
-            .get::<_, Option<i64>>(0)
-            .map(|v| to_u64("stream version", v))
-            .transpose()?;
-        let head = to_u64("position", state.get(1))?;
-
-        if !stored.is_empty() {
-            let mut at = HashMap::with_capacity(stored.len());
-            for row in &stored {
-                let id: String = row.get(0);
-                let position = StoredPosition {
-                    stream_version: to_u64("stream version", row.get(1))?,
-                    global_position: to_u64("position", row.get(2))?,
-                };
-                at.insert(id, position);
-            }
-            if let Some(original) =
-                find_retried_append(stream, expected, &events, |id| at.get(id.as_str()).copied())?
-            {
-                tx.rollback().await.map_err(pg_error)?;
-                tracing::debug!(stream, events = events.len(), ?original, "retried append");
-                return Ok(original);
-            }
-        }
-        if !expected.is_satisfied_by(version) {
-            return Err(wrong_version(stream, expected, version));
-        }
-        let current = version.unwrap_or(0);
-        if prepared.is_empty() {
-            return Ok(AppendResult {
-                next_expected_version: current,
-                first_position: head + 1,
-                last_position: head,
-            });
-        }
-
-        let count = prepared.len() as u64;
-        let mut positions = Vec::with_capacity(prepared.len());
-        let mut versions = Vec::with_capacity(prepared.len());
-        let mut jsons = Vec::with_capacity(prepared.len());
-        for (offset, event) in (1..).zip(&prepared) {
-            let (version, position) = (current + offset, head + offset);
-            positions.push(to_i64("global position", position)?);
-            versions.push(to_i64("stream version", version)?);
-            jsons.push(format!(
-                "{},\"streamversion\":{version},\"globalposition\":{position}}}",
-                event.open_json
-            ));
-        }
         let types: Vec<&str> = prepared.iter().map(|p| p.event_type.as_str()).collect();
         let times: Vec<DateTime<Utc>> = prepared.iter().map(|p| p.time).collect();
-        let last_position = head + count;
-        let (insert, notify) = futures::try_join!(
-            tx.prepare_cached(&inner.sql.insert),
-            tx.prepare_cached("SELECT pg_notify($1, $2)"),
-        )
-        .map_err(pg_error)?;
-        let insert_params: [&(dyn ToSql + Sync); 7] =
-            [&stream, &positions, &versions, &ids, &types, &times, &jsons];
-        let payload = last_position.to_string();
-        let notify_params: [&(dyn ToSql + Sync); 2] = [&inner.channel, &payload];
-        let inserted = futures::try_join!(
-            tx.execute(&insert, &insert_params),
-            tx.execute(&notify, &notify_params),
-        );
-        if let Err(error) = inserted {
-            drop(tx);
-            // Under the lock no other append can take these versions; a writer that bypasses
-            // it (SQL by hand) can, and the unique constraint stops it there.
-            if error.code() == Some(&SqlState::UNIQUE_VIOLATION) {
-                let actual = self.stream_version(stream).await?;
-                return Err(wrong_version(stream, expected, actual));
-            }
-            return Err(pg_error(error));
-        }
-        tx.commit().await.map_err(pg_error)?;
-        let result = AppendResult {
-            next_expected_version: current + count,
-            first_position: head + 1,
-            last_position,
+        let jsons: Vec<&str> = prepared.iter().map(|p| p.open_json.as_str()).collect();
+        let (kind, exact): (i32, i64) = match expected {
+            ExpectedVersion::Any => (0, 0),
+            ExpectedVersion::NoStream | ExpectedVersion::Exact(0) => (1, 0),
+            ExpectedVersion::StreamExists => (2, 0),
+            // Versions are bigints: one past i64::MAX is never reached (-1 matches none).
+            ExpectedVersion::Exact(n) => (3, i64::try_from(n).unwrap_or(-1)),
         };
-        tracing::debug!(stream, events = events.len(), ?result, "appended");
-        Ok(result)
+
+        let conn = client(&inner.pool).await?;
+        let append = conn
+            .prepare_cached(&inner.sql.append)
+            .await
+            .map_err(pg_error)?;
+        let params: [&(dyn ToSql + Sync); 10] = [
+            &stream,
+            &kind,
+            &exact,
+            &ids,
+            &types,
+            &times,
+            &jsons,
+            &APPEND_LOCK_CLASS,
+            &inner.lock_key,
+            &inner.channel,
+        ];
+        // One round trip: BEGIN, the append (which takes the lock), COMMIT, sent together,
+        // so the lock is held for the statement and the commit only. The three requests are
+        // queued on the connection at the first poll, so a caller that goes away cannot
+        // leave the transaction open: it commits, or rolls back on an error.
+        let (_, row, _) = futures::try_join!(
+            conn.batch_execute("BEGIN"),
+            conn.query_one(&append, &params),
+            conn.batch_execute("COMMIT"),
+        )
+        .map_err(|error| {
+            // Under the lock no other append can take these versions; a writer that bypasses
+            // it (SQL by hand) can, and the unique constraints stop it there.
+            if error.code() == Some(&SqlState::UNIQUE_VIOLATION) {
+                Error::backend(
+                    BACKEND,
+                    true,
+                    format!(
+                        "stream `{stream}`: a row written without the append lock took a \
+                         version or id of this append ({error}); nothing was written"
+                    ),
+                )
+            } else {
+                pg_error(error)
+            }
+        })?;
+        let status: i32 = row.get(0);
+        let version = row
+            .get::<_, Option<i64>>(1)
+            .map(|v| to_u64("stream version", v))
+            .transpose()?;
+        match status {
+            0 => {
+                let result = AppendResult {
+                    next_expected_version: version.unwrap_or(0),
+                    first_position: to_u64("position", row.get(2))?,
+                    last_position: to_u64("position", row.get::<_, i64>(3).max(0))?,
+                };
+                tracing::debug!(stream, events = events.len(), ?result, "appended");
+                Ok(result)
+            }
+            1 => {
+                // The stream holds some of the ids: a retry or a clash, which no later append
+                // can change (rows are never rewritten), so it is told apart after the lock.
+                let lookup = conn
+                    .prepare_cached(&inner.sql.ids)
+                    .await
+                    .map_err(pg_error)?;
+                let stored = conn
+                    .query(&lookup, &[&stream, &ids])
+                    .await
+                    .map_err(pg_error)?;
+                let mut at = HashMap::with_capacity(stored.len());
+                for row in &stored {
+                    let position = StoredPosition {
+                        stream_version: to_u64("stream version", row.get(1))?,
+                        global_position: to_u64("position", row.get(2))?,
+                    };
+                    at.insert(row.get::<_, String>(0), position);
+                }
+                match find_retried_append(stream, expected, &events, |id| {
+                    at.get(id.as_str()).copied()
+                })? {
+                    Some(original) => {
+                        tracing::debug!(stream, events = events.len(), ?original, "retried append");
+                        Ok(original)
+                    }
+                    None => Err(Error::backend(
+                        BACKEND,
+                        true,
+                        format!("stream `{stream}`: the ids of an append vanished; try again"),
+                    )),
+                }
+            }
+            _ => Err(wrong_version(stream, expected, version)),
+        }
     }
 
     async fn read_stream(
