@@ -283,6 +283,35 @@ async fn bad_input_is_a_typed_error() {
             Err(Error::InvalidInput { .. })
         ));
     }
+    // An id PostgreSQL text cannot hold.
+    let nul = EventEnvelope::new("t.far", &1)
+        .unwrap()
+        .with_id(orchestrator_core::EventId::parse("a\0b").unwrap());
+    assert!(matches!(
+        store.append("s", ExpectedVersion::Any, vec![nul]).await,
+        Err(Error::InvalidInput { .. })
+    ));
+    let lease = store.lease("a\0b").unwrap();
+    assert!(matches!(
+        lease.try_acquire().await,
+        Err(Error::InvalidInput { .. })
+    ));
+    let inbox = store.inbox().unwrap();
+    let nul_id = orchestrator_core::EventId::parse("a\0b").unwrap();
+    assert!(matches!(
+        inbox.record("g", &nul_id).await,
+        Err(Error::InvalidInput { .. })
+    ));
+    for filter in [
+        EventFilter::all().stream_prefix("s\0"),
+        EventFilter::all().event_type("t\0far"),
+    ] {
+        let none = store
+            .read_all(ReadAll::from(0, 10).filter(filter))
+            .await
+            .unwrap();
+        assert!(none.is_empty());
+    }
     // The last second RFC 3339 can write.
     store
         .append("s", ExpectedVersion::Any, vec![beyond])

@@ -50,6 +50,17 @@ pub(crate) async fn client(pool: &Pool) -> Result<Object> {
     pool.get().await.map_err(pool_error)
 }
 
+/// Refuses text PostgreSQL cannot store: `text` holds any UTF-8 but the NUL character.
+pub(crate) fn check_text(what: &str, text: &str) -> Result<()> {
+    if text.contains('\0') {
+        return Err(Error::invalid(
+            what,
+            format!("{text:?} contains a NUL character, which PostgreSQL text cannot hold"),
+        ));
+    }
+    Ok(())
+}
+
 /// A `bigint` the backend wrote, which is never negative.
 pub(crate) fn to_u64(what: &str, n: i64) -> Result<u64> {
     u64::try_from(n).map_err(|_| {

@@ -10,7 +10,7 @@ use orchestrator_core::inbox::validate_group;
 use orchestrator_core::{Clock, EventId, Inbox, InboxRetention, Result, SystemClock};
 
 use super::config::{PostgresConfig, quote_ident};
-use super::conn::{client, pg_error};
+use super::conn::{check_text, client, pg_error};
 use super::schema::migrate;
 
 /// A durable [`Inbox`] in PostgreSQL, for subscriptions whose de-duplication must survive
@@ -147,6 +147,7 @@ impl Inbox for PostgresInbox {
 
     async fn seen(&self, group: &str, id: &EventId) -> Result<bool> {
         validate_group(group)?;
+        check_text("event id", id.as_str())?;
         let conn = client(&self.pool).await?;
         let statement = conn
             .prepare_cached(&self.sql.seen)
@@ -165,6 +166,7 @@ impl Inbox for PostgresInbox {
 
     async fn record(&self, group: &str, id: &EventId) -> Result<()> {
         validate_group(group)?;
+        check_text("event id", id.as_str())?;
         let now = self.now();
         let cutoff = self.cutoff();
         let mut conn = client(&self.pool).await?;

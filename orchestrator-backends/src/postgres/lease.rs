@@ -9,7 +9,7 @@ use deadpool_postgres::Pool;
 use orchestrator_core::{Error, Lease, Result};
 
 use super::config::{PostgresConfig, quote_ident};
-use super::conn::{client, pg_error};
+use super::conn::{check_text, client, pg_error};
 use super::schema::migrate;
 
 /// A [`Lease`] kept in the row `name` of `<schema>.leases`: the holder's token and when the
@@ -100,6 +100,7 @@ impl Lease for PostgresLease {
     }
 
     async fn try_acquire(&self) -> Result<bool> {
+        check_text("lease name", &self.name)?;
         let conn = client(&self.pool).await?;
         let statement = conn.prepare_cached(&self.sql.0).await.map_err(pg_error)?;
         // Milliseconds as a float8: exact for any time to live up to 2^53 ms.

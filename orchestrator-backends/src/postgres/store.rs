@@ -15,7 +15,7 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 
 use super::config::{PostgresConfig, quote_ident};
-use super::conn::{BACKEND, clamp_i64, client, pg_error, to_u64};
+use super::conn::{BACKEND, check_text, clamp_i64, client, pg_error, to_u64};
 use super::follow::Notifier;
 use super::schema::{APPEND_LOCK_CLASS, migrate};
 use super::{PostgresInbox, PostgresLease};
@@ -183,12 +183,27 @@ impl PostgresEventStore {
         filter: &EventFilter,
         limit: usize,
     ) -> Result<Vec<(u64, Result<EventEnvelope>)>> {
+        // Stored stream ids and types hold no NUL (PostgreSQL text cannot): a filter value
+        // with one matches nothing, and is not sent.
+        let types_sent: Vec<&String> = filter
+            .event_types
+            .iter()
+            .filter(|t| !t.contains('\0'))
+            .collect();
+        if filter
+            .stream_prefix
+            .as_deref()
+            .is_some_and(|p| p.contains('\0'))
+            || (types_sent.is_empty() && !filter.event_types.is_empty())
+        {
+            return Ok(Vec::new());
+        }
         let conn = client(&self.inner.pool).await?;
         let statement = conn
             .prepare_cached(&self.inner.sql.read_all)
             .await
             .map_err(pg_error)?;
-        let types = (!filter.event_types.is_empty()).then_some(&filter.event_types);
+        let types = (!types_sent.is_empty()).then_some(&types_sent);
         // A bound outside the storable years bounds nothing stored: drop it from the SQL
         // (the exact filter still applies), which also keeps it within timestamptz's range.
         let from_time = filter.from_time.filter(|t| in_storable_range(*t));
@@ -262,6 +277,7 @@ impl EventStore for PostgresEventStore {
             if json.pop() != Some('}') {
                 return Err(Error::encode("a CloudEvents encoding is not a JSON object"));
             }
+            check_text("event id", event.id().as_str())?;
             if !in_storable_range(event.time()) {
                 return Err(Error::invalid(
                     "event time",
