@@ -22,10 +22,10 @@
 //!
 //! The client is [tokio-postgres](https://docs.rs/tokio-postgres) pooled by
 //! [deadpool-postgres](https://docs.rs/deadpool-postgres): async on tokio like the rest of
-//! the project, small (no ORM, no macros), with statement pipelining (an append sends its
-//! lock and its reads in one round trip) and a per-connection statement cache; and unlike
-//! sqlx's checked queries it needs no database, and no offline query data, at build time.
-//! Statements are prepared once per connection and kept.
+//! the project, small (no ORM, no macros), with request pipelining (an append sends
+//! `BEGIN`, its statement and `COMMIT` in one round trip) and a per-connection statement
+//! cache; and, unlike sqlx's checked queries, it needs no database and no offline query
+//! data at build time. Statements are prepared once per connection and kept.
 //!
 //! **TLS is not supported yet**: `sslmode=require` is refused with
 //! [`Error::Unsupported`](orchestrator_core::Error::Unsupported); the default
