@@ -14,7 +14,8 @@ pub async fn reachable() -> Option<String> {
     match ping(&url).await {
         Ok(()) => Some(url),
         Err(error) => {
-            services::unreachable("PostgreSQL", &url, &error);
+            let shown = orchestrator_core::redact::redact_url(&url);
+            services::unreachable("PostgreSQL", &shown, &error);
             None
         }
     }
