@@ -441,3 +441,56 @@ async fn notifications_wake_subscriptions_before_the_poll() {
         assert!(ids.contains(heard.id()));
     }
 }
+
+/// A user without `CREATE` on the database, given a schema by an administrator, connects,
+/// migrates and appends; without the schema it gets the server's refusal as an error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_schema_given_by_an_administrator_is_enough() {
+    let Some(url) = reachable().await else { return };
+    if !url.contains("://postgres@") {
+        eprintln!("skipping: the test makes a role as `postgres`, and the URL's user is not it");
+        return;
+    }
+    let schema = random_schema();
+    let _cleanup = Cleanup::new(&url, &schema);
+    let role = format!("orch_role_{}", uuid::Uuid::now_v7().simple());
+    let admin = raw(&url).await;
+    admin
+        .batch_execute(&format!(
+            "CREATE ROLE {role} LOGIN; CREATE SCHEMA \"{schema}\" AUTHORIZATION {role};"
+        ))
+        .await
+        .unwrap();
+    let as_role = url.replacen("://postgres@", &format!("://{role}@"), 1);
+    let outcome = async {
+        let store = PostgresEventStore::connect(config(&as_role, &schema)).await?;
+        store
+            .append(
+                "s",
+                ExpectedVersion::NoStream,
+                vec![EventEnvelope::new("t.a", &1)?],
+            )
+            .await?;
+        let elsewhere =
+            PostgresEventStore::connect(config(&as_role, &format!("{schema}_not_given"))).await;
+        Ok::<_, Error>(elsewhere.map(|_| ()))
+    }
+    .await;
+    admin
+        .batch_execute(&format!(
+            "DROP SCHEMA IF EXISTS \"{schema}\" CASCADE; DROP ROLE {role};"
+        ))
+        .await
+        .unwrap();
+    let elsewhere = outcome.unwrap();
+    assert!(
+        matches!(
+            &elsewhere,
+            Err(Error::Backend {
+                temporary: false,
+                ..
+            })
+        ),
+        "creating a schema without CREATE on the database: {elsewhere:?}"
+    );
+}

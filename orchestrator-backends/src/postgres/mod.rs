@@ -43,7 +43,8 @@
 //!
 //! Everything lives in one schema ([`PostgresConfig::with_schema`], default
 //! `orchestrator`), created on connect when missing (so the user needs `CREATE` on the
-//! database the first time, or a schema created for it by an administrator):
+//! database the first time, or else a schema created for it by an administrator, on which
+//! it has `CREATE` and `USAGE`):
 //!
 //! | table | what |
 //! |---|---|

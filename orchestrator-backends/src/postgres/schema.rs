@@ -147,9 +147,23 @@ pub(crate) async fn migrate(client: &mut Object, schema: &str) -> Result<i32> {
     )
     .await
     .map_err(pg_error)?;
+    // `CREATE SCHEMA IF NOT EXISTS` needs `CREATE` on the database even when the schema
+    // exists: look first, so that a user given a schema by an administrator can connect.
+    let exists: bool = tx
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)",
+            &[&schema],
+        )
+        .await
+        .map_err(pg_error)?
+        .get(0);
+    if !exists {
+        tx.batch_execute(&format!("CREATE SCHEMA {q}"))
+            .await
+            .map_err(pg_error)?;
+    }
     tx.batch_execute(&format!(
-        "CREATE SCHEMA IF NOT EXISTS {q};
-         CREATE TABLE IF NOT EXISTS {q}.migrations (
+        "CREATE TABLE IF NOT EXISTS {q}.migrations (
              version     integer     PRIMARY KEY,
              description text        NOT NULL,
              applied_at  timestamptz NOT NULL DEFAULT now()
