@@ -63,13 +63,15 @@
 //!   projections, snapshots, the schema registry.
 //! - [`saga`] (`orchestrator-saga`): sagas and workflows.
 //! - [`cqrs`] (`orchestrator-cqrs`): command and query buses, aggregates, read models.
-//! - `backends` (`orchestrator-backends`): Redis, RabbitMQ and Kafka, each behind its own
-//!   feature.
+//! - `backends` (`orchestrator-backends`): Redis, RabbitMQ, Kafka and PostgreSQL (its event
+//!   store), each behind its own feature.
 //!
 //! ## Features
 //!
 //! - `redis`, `rabbitmq`, `kafka` — the broker backends (`orchestrator::backends::…`, and
 //!   `redis://`, `amqp://`, `kafka://` URLs in the builder and the CLI).
+//! - `postgres` — the PostgreSQL event store (`orchestrator::backends::postgres`, and
+//!   `postgres://` store URLs in the builder and the CLI; no PostgreSQL transport yet).
 //! - `rabbitmq-tls` — `amqps://` for the RabbitMQ backend.
 //! - `redis-tls` — `rediss://` for the Redis backend.
 //! - `cli` — the `orchestrator` command-line tool (`tail`, `publish`, `dlq`, `replay`,
@@ -115,12 +117,22 @@ pub use orchestrator_saga as saga;
 /// Commands, queries, aggregates and read models (`orchestrator-cqrs`).
 pub use orchestrator_cqrs as cqrs;
 
-/// Broker backends (`orchestrator-backends`): Redis, RabbitMQ and Kafka, each behind the
-/// feature of the same name.
-#[cfg(any(feature = "redis", feature = "rabbitmq", feature = "kafka"))]
+/// Broker backends (`orchestrator-backends`): Redis, RabbitMQ, Kafka and PostgreSQL, each
+/// behind the feature of the same name.
+#[cfg(any(
+    feature = "redis",
+    feature = "rabbitmq",
+    feature = "kafka",
+    feature = "postgres"
+))]
 #[cfg_attr(
     docsrs,
-    doc(cfg(any(feature = "redis", feature = "rabbitmq", feature = "kafka")))
+    doc(cfg(any(
+        feature = "redis",
+        feature = "rabbitmq",
+        feature = "kafka",
+        feature = "postgres"
+    )))
 )]
 pub use orchestrator_backends as backends;
 

@@ -23,11 +23,15 @@
 //!   provider and the webpki roots; no C crypto build).
 //! - `redis-tls` — `rediss://` URLs for the Redis backend (rustls with the ring provider; the
 //!   system's roots, or the CAs given to `RedisConfig::with_tls_root_certificates`).
+//! - `postgres` — module `postgres`: PostgreSQL (tokio-postgres pooled by deadpool-postgres):
+//!   the event store, its lease and its inbox; no transport yet.
 //! - `kafka` — module `kafka`: Kafka (rdkafka with a bundled librdkafka built with the
 //!   system's OpenSSL, so TLS and SASL PLAIN/SCRAM/OAUTHBEARER are always available).
 
 #[cfg(feature = "kafka")]
 pub mod kafka;
+#[cfg(feature = "postgres")]
+pub mod postgres;
 #[cfg(feature = "rabbitmq")]
 pub mod rabbitmq;
 #[cfg(feature = "redis")]
@@ -35,7 +39,7 @@ pub mod redis;
 #[cfg(any(feature = "kafka", feature = "rabbitmq"))]
 mod stream_index;
 
-/// The backends compiled into this build ("redis", "rabbitmq", "kafka").
+/// The backends compiled into this build ("redis", "rabbitmq", "kafka", "postgres").
 pub fn enabled_backends() -> &'static [&'static str] {
     &[
         #[cfg(feature = "redis")]
@@ -44,5 +48,7 @@ pub fn enabled_backends() -> &'static [&'static str] {
         "rabbitmq",
         #[cfg(feature = "kafka")]
         "kafka",
+        #[cfg(feature = "postgres")]
+        "postgres",
     ]
 }

@@ -48,8 +48,10 @@ Commands:
   services up|status|down [<service>...]
         Start (if needed) and wait for, report on, or stop the brokers backend
         tests use: redis (ORCHESTRATOR_REDIS_URL, default redis://127.0.0.1:6379),
-        rabbitmq (ORCHESTRATOR_AMQP_URL, default amqp://guest:guest@127.0.0.1:5672/%2f)
-        and kafka (ORCHESTRATOR_KAFKA_BROKERS, default 127.0.0.1:9092: the tansu
+        rabbitmq (ORCHESTRATOR_AMQP_URL, default amqp://guest:guest@127.0.0.1:5672/%2f),
+        postgres (ORCHESTRATOR_POSTGRES_URL, default
+        postgres://postgres@127.0.0.1:5432/test: the machine's cluster on that port,
+        started with pg_ctlcluster when down) and kafka (ORCHESTRATOR_KAFKA_BROKERS, default 127.0.0.1:9092: the tansu
         Kafka-protocol broker, installed into ~/.cache/orchestrator/tools when
         missing; sqlite storage, emptied at each start). Each line says where the
         service keeps its data. `status` exits 1 unless all are up.

@@ -87,6 +87,25 @@ pub(crate) const SERVICES: &[Service] = &[
         by_hand: "sudo systemctl start rabbitmq-server",
     },
     Service {
+        name: "postgres",
+        title: "PostgreSQL",
+        env: "ORCHESTRATOR_POSTGRES_URL",
+        default_url: "postgres://postgres@127.0.0.1:5432/test",
+        endpoint: |url| {
+            parse_url(
+                url,
+                &[("postgres", 5432, false), ("postgresql", 5432, false)],
+            )
+        },
+        probe: postgres_probe,
+        start: |endpoint| Ok(pg_ctlcluster(endpoint, "start")),
+        start_timeout: Duration::from_secs(60),
+        stop: postgres_stop,
+        data: "the cluster's data directory (Debian: /var/lib/postgresql/<version>/main)",
+        package: "postgresql",
+        by_hand: "sudo pg_ctlcluster 15 main start (or: sudo systemctl start postgresql)",
+    },
+    Service {
         name: "kafka",
         title: "Kafka (tansu)",
         env: "ORCHESTRATOR_KAFKA_BROKERS",
@@ -246,6 +265,59 @@ fn amqp_stop(_: &Endpoint) -> Result<()> {
     let status = cmd
         .status()
         .map_err(|e| spawn_error(&cmd, &e, "rabbitmq-server"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("`{}` failed ({status})", describe(&cmd)))
+    }
+}
+
+/// PostgreSQL answers an `SSLRequest` with one byte: `S` (it will speak TLS) or `N` (plain
+/// only) — which no other protocol on its port would send.
+fn postgres_probe(endpoint: &Endpoint) -> Health {
+    // Length 8, then the SSLRequest code 80877103.
+    let request = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
+    match exchange(endpoint, &request, |r| !r.is_empty()) {
+        Ok(reply) if reply.first() == Some(&b'N') => {
+            Health::Ready("answers SSLRequest: plain connections".to_owned())
+        }
+        Ok(reply) if reply.first() == Some(&b'S') => {
+            Health::Ready("answers SSLRequest: offers TLS".to_owned())
+        }
+        Ok(reply) if reply.is_empty() => {
+            Health::Down("closed the connection on SSLRequest".to_owned())
+        }
+        Ok(reply) => Health::Down(format!(
+            "answered SSLRequest with `{}`: not PostgreSQL, or starting up",
+            first_line(&reply)
+        )),
+        Err(e) => Health::Down(e.to_string()),
+    }
+}
+
+/// `pg_ctlcluster <version> <cluster> <action>` for every Debian cluster on the endpoint's
+/// port (as `pg_lsclusters` lists them); the service runs as a machine service, so xtask
+/// starts the cluster that is there rather than one of its own.
+fn pg_ctlcluster(endpoint: &Endpoint, action: &str) -> Command {
+    let script = format!(
+        "clusters=$(pg_lsclusters --no-header | awk '$3 == {port} {{ print $1 \" \" $2 }}'); \
+         [ -n \"$clusters\" ] || {{ echo 'no PostgreSQL cluster on port {port} (pg_lsclusters)' >&2; exit 1; }}; \
+         echo \"$clusters\" | while read version cluster; do \
+             pg_ctlcluster \"$version\" \"$cluster\" {action} || exit 1; \
+         done",
+        port = endpoint.port
+    );
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c").arg(script);
+    cmd
+}
+
+/// Stops the cluster on the endpoint's port with `pg_ctlcluster … stop`.
+fn postgres_stop(endpoint: &Endpoint) -> Result<()> {
+    let mut cmd = pg_ctlcluster(endpoint, "stop");
+    let status = cmd
+        .status()
+        .map_err(|e| spawn_error(&cmd, &e, "postgresql"))?;
     if status.success() {
         Ok(())
     } else {
@@ -723,6 +795,36 @@ mod tests {
             port,
             tls,
         })
+    }
+
+    #[test]
+    fn postgres_urls() {
+        assert_eq!(
+            endpoint("postgres", "postgres://postgres@127.0.0.1:5432/test"),
+            at("127.0.0.1", 5432, false)
+        );
+        assert_eq!(
+            endpoint(
+                "postgres",
+                "postgresql://u:p%40ss@db.internal/app?sslmode=disable"
+            ),
+            at("db.internal", 5432, false)
+        );
+        assert!(endpoint("postgres", "host=/var/run/postgresql dbname=test").is_err());
+    }
+
+    /// The probe tells the machine's PostgreSQL apart from a port that is closed; skipped
+    /// when this machine runs none on 5432.
+    #[test]
+    fn the_postgres_probe_speaks_the_protocol() {
+        let service = SERVICES.iter().find(|s| s.name == "postgres").unwrap();
+        let closed = at("127.0.0.1", 1, false).unwrap();
+        assert!(matches!((service.probe)(&closed), super::Health::Down(_)));
+        let local = at("127.0.0.1", 5432, false).unwrap();
+        match (service.probe)(&local) {
+            super::Health::Ready(how) => assert!(how.contains("SSLRequest"), "{how}"),
+            super::Health::Down(why) => eprintln!("skipping: no PostgreSQL on 5432 ({why})"),
+        }
     }
 
     #[test]

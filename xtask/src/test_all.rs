@@ -153,7 +153,7 @@ impl Run<'_> {
         result.is_ok()
     }
 
-    /// `services up` for the services this machine runs (Redis, RabbitMQ, and Kafka only
+    /// `services up` for the services this machine runs (Redis, RabbitMQ, PostgreSQL, and Kafka only
     /// when `ORCHESTRATOR_KAFKA_BROKERS` names one: otherwise each test run gets a broker of
     /// its own). Fatal under CI, otherwise a warning that backend tests will skip.
     fn services(&mut self) -> Result<()> {

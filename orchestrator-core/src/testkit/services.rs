@@ -20,6 +20,12 @@ pub fn kafka_brokers() -> String {
     std::env::var("ORCHESTRATOR_KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into())
 }
 
+/// `ORCHESTRATOR_POSTGRES_URL`, default `postgres://postgres@127.0.0.1:5432/test`.
+pub fn postgres_url() -> String {
+    std::env::var("ORCHESTRATOR_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
 /// Whether this run is CI (`CI=true`), where unreachable services fail tests.
 pub fn is_ci() -> bool {
     std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")

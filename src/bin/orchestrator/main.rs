@@ -3,7 +3,7 @@
 //! trace a request's causation tree.
 //!
 //! The backend is chosen by URL: `--store` (`file://DIR`, `redis://…`, `amqp://…`,
-//! `kafka://host:port`, `memory:`) and `--transport` (`memory:`, `redis://…`, `amqp://…`,
+//! `kafka://host:port`, `postgres://…`, `memory:`) and `--transport` (`memory:`, `redis://…`, `amqp://…`,
 //! `kafka://host:port`). Output is readable by default; `--json` prints JSON for scripts.
 //! Built with the `cli` feature (plus the feature of each broker backend wanted):
 //! `cargo run --features cli --bin orchestrator -- --help`.
@@ -32,7 +32,7 @@ struct Cli {
     /// read-only, beside a running application; `publish` needs it not to be open in another
     /// process), redis://… (rediss://… for TLS), amqp://… (amqps://…),
     /// kafka://host:port[?security.protocol=SASL_SSL&sasl.mechanism=…&sasl.username=…&…],
-    /// or memory:. Prefer the environment variable for URLs with passwords: arguments show
+    /// postgres://user@host/db[?schema=NAME], or memory:. Prefer the environment variable for URLs with passwords: arguments show
     /// in `ps`.
     #[arg(long, global = true, env = "ORCHESTRATOR_STORE", value_name = "URL")]
     store: Option<String>,
@@ -126,7 +126,7 @@ impl Context {
     fn store_url(&self) -> CliResult<&str> {
         self.store.as_deref().ok_or_else(|| {
             "no event store given: pass --store file://DIR (or redis://…, amqp://…, \
-             kafka://host:port), or set ORCHESTRATOR_STORE"
+             kafka://host:port, postgres://…), or set ORCHESTRATOR_STORE"
                 .into()
         })
     }

@@ -1,0 +1,336 @@
+//! [`PostgresConfig`]: where PostgreSQL is, which schema the backend owns, and how it behaves.
+
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use orchestrator_core::redact::redact_url;
+use orchestrator_core::{Error, MaxEventSize, Result};
+use tokio_postgres::NoTls;
+use tokio_postgres::config::SslMode;
+
+use super::conn::BACKEND;
+
+/// The schema the backend keeps its tables in when none is configured.
+pub const DEFAULT_SCHEMA: &str = "orchestrator";
+
+/// How often a subscription reads the table even without a notification, unless configured
+/// ([`PostgresConfig::with_poll_interval`]).
+pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_millis(500);
+
+/// How many connections the pool holds at most, unless configured
+/// ([`PostgresConfig::with_pool_size`]).
+pub const DEFAULT_POOL_SIZE: usize = 16;
+
+/// How to reach PostgreSQL and how the backend behaves.
+///
+/// Built from a libpq-style URL, `postgres://[user[:password]@]host[:port]/database[?options]`
+/// (`postgresql://` too), or a `key=value` connection string. A URL may also name the schema
+/// with the query parameter `schema=NAME` (this backend's, not libpq's: it is taken out
+/// before the rest is parsed), which is how `postgres://` URLs in the facade and the CLI
+/// choose one. Building a config only parses it; nothing connects until
+/// [`PostgresEventStore::connect`](super::PostgresEventStore::connect).
+///
+/// ```
+/// use std::time::Duration;
+/// use orchestrator_backends::postgres::PostgresConfig;
+///
+/// let config = PostgresConfig::new("postgres://app:s3cret@127.0.0.1:5432/shop")?
+///     .with_schema("billing_events")?
+///     .with_poll_interval(Duration::from_millis(200));
+/// assert_eq!(config.schema(), "billing_events");
+/// // The password never shows in logs or debug output.
+/// assert_eq!(config.redacted_url(), "postgres://app:***@127.0.0.1:5432/shop");
+/// assert!(!format!("{config:?}").contains("s3cret"));
+/// # Ok::<(), orchestrator_core::Error>(())
+/// ```
+#[derive(Clone)]
+pub struct PostgresConfig {
+    pub(crate) pg: tokio_postgres::Config,
+    redacted_url: String,
+    pub(crate) schema: String,
+    pub(crate) pool_size: usize,
+    pub(crate) poll_interval: Duration,
+    pub(crate) connect_timeout: Duration,
+    pub(crate) max_event_size: MaxEventSize,
+}
+
+impl std::fmt::Debug for PostgresConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresConfig")
+            .field("url", &self.redacted_url)
+            .field("schema", &self.schema)
+            .field("pool_size", &self.pool_size)
+            .field("poll_interval", &self.poll_interval)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("max_event_size", &self.max_event_size)
+            .finish()
+    }
+}
+
+impl PostgresConfig {
+    /// Parses a connection URL (or `key=value` string), with an optional `schema=NAME` in a
+    /// URL's query.
+    ///
+    /// Fails with [`Error::InvalidInput`] when it does not parse (the message shows the URL
+    /// with its password hidden), and with [`Error::Unsupported`] for `sslmode=require`:
+    /// this backend does not speak TLS yet (see the [module docs](super#connecting)).
+    pub fn new(url: &str) -> Result<Self> {
+        let redacted_url = redact_url(url);
+        let (url, schema) = take_schema(url);
+        let pg: tokio_postgres::Config = url.parse().map_err(|e| {
+            Error::invalid(
+                "PostgreSQL URL",
+                format!(
+                    "`{redacted_url}` does not parse ({e}); expected \
+                     postgres://user[:password]@host[:port]/database"
+                ),
+            )
+        })?;
+        if pg.get_ssl_mode() == SslMode::Require {
+            return Err(Error::Unsupported {
+                backend: BACKEND,
+                operation: "sslmode=require",
+                hint: "this backend does not speak TLS yet: reach PostgreSQL over a trusted \
+                       network or its local socket, with sslmode=prefer (the default) or \
+                       sslmode=disable",
+            });
+        }
+        let connect_timeout = pg
+            .get_connect_timeout()
+            .copied()
+            .unwrap_or(Duration::from_secs(10));
+        let schema = schema.unwrap_or_else(|| DEFAULT_SCHEMA.to_owned());
+        validate_schema(&schema)?;
+        Ok(Self {
+            pg,
+            redacted_url,
+            schema,
+            pool_size: DEFAULT_POOL_SIZE,
+            poll_interval: DEFAULT_POLL_INTERVAL,
+            connect_timeout,
+            max_event_size: MaxEventSize::DEFAULT,
+        })
+    }
+
+    /// Keeps the backend's tables in `schema` (default [`DEFAULT_SCHEMA`]), created on
+    /// connect if missing. Any name PostgreSQL accepts as a quoted identifier: 1 to 63 bytes,
+    /// no control characters.
+    pub fn with_schema(mut self, schema: impl Into<String>) -> Result<Self> {
+        let schema = schema.into();
+        validate_schema(&schema)?;
+        self.schema = schema;
+        Ok(self)
+    }
+
+    /// Holds at most `size` pooled connections (at least 1; default [`DEFAULT_POOL_SIZE`]).
+    /// Each subscription's notifications arrive on one more connection, shared by the
+    /// store's subscriptions.
+    pub fn with_pool_size(mut self, size: usize) -> Self {
+        self.pool_size = size.max(1);
+        self
+    }
+
+    /// How often a subscription reads new events without having been notified (default
+    /// [`DEFAULT_POLL_INTERVAL`], at least 10 ms): the bound on its lag should a notification
+    /// be lost, e.g. while the listening connection reconnects.
+    pub fn with_poll_interval(mut self, interval: Duration) -> Self {
+        self.poll_interval = interval.max(Duration::from_millis(10));
+        self
+    }
+
+    /// How long connecting may take (default: the URL's `connect_timeout`, else 10 s).
+    pub fn with_connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout.max(Duration::from_millis(1));
+        self
+    }
+
+    /// Refuses to store events larger than `limit` once encoded (default
+    /// [`MaxEventSize::DEFAULT`]) with [`Error::TooLarge`].
+    pub fn with_max_event_size(mut self, limit: MaxEventSize) -> Self {
+        self.max_event_size = limit;
+        self
+    }
+
+    /// The schema the backend's tables are in.
+    pub fn schema(&self) -> &str {
+        &self.schema
+    }
+
+    /// The URL with its password replaced by `***`, for logs and errors.
+    pub fn redacted_url(&self) -> &str {
+        &self.redacted_url
+    }
+
+    /// A pool of connections to the configured server.
+    pub(crate) fn pool(&self) -> Result<Pool> {
+        let mut pg = self.pg.clone();
+        pg.connect_timeout(self.connect_timeout);
+        let manager = Manager::from_config(
+            pg,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        Pool::builder(manager)
+            .max_size(self.pool_size)
+            .runtime(Runtime::Tokio1)
+            .create_timeout(Some(self.connect_timeout))
+            .wait_timeout(Some(self.connect_timeout.saturating_mul(3)))
+            .build()
+            .map_err(|e| Error::backend(BACKEND, false, e))
+    }
+
+    /// The connection settings, with the configured timeout.
+    pub(crate) fn pg_config(&self) -> tokio_postgres::Config {
+        let mut pg = self.pg.clone();
+        pg.connect_timeout(self.connect_timeout);
+        pg
+    }
+}
+
+/// Takes the `schema=NAME` parameter out of a URL's query (the last one wins; `%XX` escapes
+/// decoded), returning the URL without it.
+fn take_schema(url: &str) -> (String, Option<String>) {
+    let Some((base, query)) = url.split_once('?').filter(|_| url.contains("://")) else {
+        return (url.to_owned(), None);
+    };
+    let mut schema = None;
+    let kept: Vec<&str> = query
+        .split('&')
+        .filter(|pair| match pair.split_once('=') {
+            Some(("schema", value)) => {
+                schema = Some(percent_decode(value));
+                false
+            }
+            _ => true,
+        })
+        .collect();
+    if kept.is_empty() {
+        (base.to_owned(), schema)
+    } else {
+        (format!("{base}?{}", kept.join("&")), schema)
+    }
+}
+
+/// `%XX` escapes decoded (an invalid escape is kept as it is); the result is checked as a
+/// schema name afterwards.
+fn percent_decode(value: &str) -> String {
+    let bytes = value.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let escaped = (bytes[i] == b'%')
+            .then(|| bytes.get(i + 1..i + 3))
+            .flatten()
+            .and_then(|hex| std::str::from_utf8(hex).ok())
+            .and_then(|hex| u8::from_str_radix(hex, 16).ok());
+        match escaped {
+            Some(byte) => {
+                out.push(byte);
+                i += 3;
+            }
+            None => {
+                out.push(bytes[i]);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Checks a schema name: 1 to 63 bytes (PostgreSQL's identifier length), no control
+/// characters (it is always quoted, so any other character is fine).
+pub(crate) fn validate_schema(schema: &str) -> Result<()> {
+    if schema.is_empty() || schema.len() > 63 {
+        return Err(Error::invalid(
+            "PostgreSQL schema",
+            format!("{schema:?} must be 1 to 63 bytes long"),
+        ));
+    }
+    if schema.chars().any(char::is_control) {
+        return Err(Error::invalid(
+            "PostgreSQL schema",
+            format!("{schema:?} contains control characters"),
+        ));
+    }
+    Ok(())
+}
+
+/// `name` as a quoted SQL identifier.
+pub(crate) fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_parse_and_hide_passwords() {
+        let config = PostgresConfig::new("postgresql://u:pw@h:5433/db?connect_timeout=3").unwrap();
+        assert_eq!(
+            config.redacted_url(),
+            "postgresql://u:***@h:5433/db?connect_timeout=3"
+        );
+        assert_eq!(config.connect_timeout, Duration::from_secs(3));
+        assert!(!format!("{config:?}").contains("pw"));
+        assert!(PostgresConfig::new("host=/var/run/postgresql dbname=test").is_ok());
+    }
+
+    #[test]
+    fn bad_urls_are_typed_errors_without_the_password() {
+        let Err(Error::InvalidInput { reason, .. }) =
+            PostgresConfig::new("postgres://u:s3cret@h:notaport/db")
+        else {
+            panic!("a bad port parses")
+        };
+        assert!(!reason.contains("s3cret"), "{reason}");
+        assert!(matches!(
+            PostgresConfig::new("postgres://h/db?sslmode=require"),
+            Err(Error::Unsupported { .. })
+        ));
+    }
+
+    #[test]
+    fn a_url_names_its_schema() {
+        let config =
+            PostgresConfig::new("postgres://u:pw@h/db?connect_timeout=4&schema=shop%20events")
+                .unwrap();
+        assert_eq!(config.schema(), "shop events");
+        assert_eq!(config.connect_timeout, Duration::from_secs(4));
+        assert_eq!(
+            PostgresConfig::new("postgres://h/db?schema=billing")
+                .unwrap()
+                .schema(),
+            "billing"
+        );
+        assert_eq!(
+            PostgresConfig::new("postgres://h/db").unwrap().schema(),
+            DEFAULT_SCHEMA
+        );
+        assert!(matches!(
+            PostgresConfig::new("postgres://h/db?schema="),
+            Err(Error::InvalidInput { .. })
+        ));
+        assert!(matches!(
+            PostgresConfig::new("postgres://h/db?schema=a%0Ab"),
+            Err(Error::InvalidInput { .. })
+        ));
+        assert_eq!(percent_decode("a%2"), "a%2");
+        assert_eq!(percent_decode("%zz%41"), "%zzA");
+    }
+
+    #[test]
+    fn schemas_are_checked_and_quoted() {
+        let config = PostgresConfig::new("postgres://h/db").unwrap();
+        assert!(config.clone().with_schema("").is_err());
+        assert!(config.clone().with_schema("a\nb").is_err());
+        assert!(config.clone().with_schema("x".repeat(64)).is_err());
+        assert_eq!(
+            config.with_schema("Odd \"name\"").unwrap().schema(),
+            "Odd \"name\""
+        );
+        assert_eq!(quote_ident("Odd \"name\""), "\"Odd \"\"name\"\"\"");
+    }
+}

@@ -1,0 +1,79 @@
+//! Error mapping, pooled connections and the numbers PostgreSQL stores as `bigint`.
+
+use deadpool_postgres::{Object, Pool, PoolError};
+use orchestrator_core::{Error, Result};
+use tokio_postgres::error::SqlState;
+
+/// The backend name in errors.
+pub(crate) const BACKEND: &str = "postgres";
+
+/// Whether retrying after `error` can help: the connection broke, the server is starting or
+/// shutting down, or the transaction lost a serialization or deadlock race.
+pub(crate) fn is_temporary(error: &tokio_postgres::Error) -> bool {
+    if error.is_closed() {
+        return true;
+    }
+    match error.code() {
+        // No SQLSTATE: an I/O error, a timeout, a connection that went away.
+        None => true,
+        Some(code) => {
+            code.code().starts_with("08") // connection exception
+                || code.code().starts_with("53") // insufficient resources
+                || *code == SqlState::T_R_SERIALIZATION_FAILURE
+                || *code == SqlState::T_R_DEADLOCK_DETECTED
+                || *code == SqlState::ADMIN_SHUTDOWN
+                || *code == SqlState::CANNOT_CONNECT_NOW
+                || *code == SqlState::QUERY_CANCELED
+        }
+    }
+}
+
+/// A tokio-postgres error as the core error.
+pub(crate) fn pg_error(error: tokio_postgres::Error) -> Error {
+    Error::backend(BACKEND, is_temporary(&error), error)
+}
+
+/// A pool error (no connection could be made or none became free in time) as the core error.
+pub(crate) fn pool_error(error: PoolError) -> Error {
+    match error {
+        PoolError::Backend(e) => pg_error(e),
+        // Timeouts and a closed pool: waiting or reconnecting may help, except when closed.
+        PoolError::Closed => Error::Closed {
+            what: "PostgreSQL connection pool".to_owned(),
+        },
+        other => Error::backend(BACKEND, true, other),
+    }
+}
+
+/// A pooled connection.
+pub(crate) async fn client(pool: &Pool) -> Result<Object> {
+    pool.get().await.map_err(pool_error)
+}
+
+/// Refuses text PostgreSQL cannot store: `text` holds any UTF-8 but the NUL character.
+pub(crate) fn check_text(what: &str, text: &str) -> Result<()> {
+    if text.contains('\0') {
+        return Err(Error::invalid(
+            what,
+            format!("{text:?} contains a NUL character, which PostgreSQL text cannot hold"),
+        ));
+    }
+    Ok(())
+}
+
+/// A `bigint` the backend wrote, which is never negative.
+pub(crate) fn to_u64(what: &str, n: i64) -> Result<u64> {
+    u64::try_from(n).map_err(|_| {
+        Error::backend(
+            BACKEND,
+            false,
+            format!("a stored {what} is negative ({n}): the table was written by hand?"),
+        )
+    })
+}
+
+/// A clamp of a caller's `u64` (a version or position to read from) to `bigint`: anything
+/// past `i64::MAX` reads nothing either way.
+pub(crate) fn clamp_i64(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}

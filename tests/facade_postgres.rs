@@ -1,0 +1,215 @@
+//! The facade with its store on PostgreSQL: publish → handler with stored positions, a saga
+//! logged in the store, and the relay's lease (a `PostgresLease` row) electing one relay
+//! among processes that share the store, handed over when the holder shuts down or dies.
+#![cfg(feature = "postgres")]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use orchestrator::RelayState;
+use orchestrator::backends::postgres::{PostgresConfig, PostgresEventStore};
+use orchestrator::core::testkit::services::{postgres_url, unreachable};
+use orchestrator::prelude::*;
+use serde_json::{Value, json};
+
+/// A store in a schema of this test's own, or `None` (after saying why) when PostgreSQL is
+/// unreachable.
+async fn store(schema: &str) -> Option<PostgresEventStore> {
+    let url = postgres_url();
+    let config = PostgresConfig::new(&url)
+        .unwrap()
+        .with_schema(schema)
+        .unwrap()
+        .with_pool_size(4);
+    match PostgresEventStore::connect(config).await {
+        Ok(store) => Some(store),
+        Err(error) => {
+            unreachable("PostgreSQL", &orchestrator::connect::redact(&url), &error);
+            None
+        }
+    }
+}
+
+fn schema(test: &str) -> String {
+    format!(
+        "orch_test_{test}_{}",
+        orchestrator::core::EventId::new().as_str().replace('-', "")
+    )
+}
+
+/// An event type a handler saw, with the global position it saw.
+type Handled = (String, Option<u64>);
+
+/// Drops the test's schema when dropped, also when the test panics.
+struct DropSchema(String);
+
+impl Drop for DropSchema {
+    fn drop(&mut self) {
+        let schema = self.0.clone();
+        // A runtime of its own on a thread of its own: `Drop` may run inside the test's.
+        let dropped = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| e.to_string())?;
+            runtime.block_on(async {
+                let config = PostgresConfig::new(&postgres_url())
+                    .and_then(|c| c.with_schema(schema))
+                    .map_err(|e| e.to_string())?;
+                let store = PostgresEventStore::connect(config)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                store.drop_schema().await.map_err(|e| e.to_string())
+            })
+        })
+        .join()
+        .unwrap_or_else(|_| Err("the cleanup thread panicked".into()));
+        if let Err(why) = dropped {
+            eprintln!("cleanup of schema `{}` failed: {why}", self.0);
+        }
+    }
+}
+
+async fn process(store: &PostgresEventStore) -> EventOrchestrator {
+    EventOrchestrator::builder()
+        .store(Arc::new(store.clone()))
+        .build()
+        .await
+        .unwrap()
+}
+
+async fn wait_until(what: &str, within: Duration, mut ok: impl FnMut() -> bool) {
+    let started = Instant::now();
+    while !ok() {
+        assert!(started.elapsed() < within, "{what} within {within:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn published_events_are_stored_handled_and_sagas_logged() {
+    let schema = schema("facade");
+    let Some(store) = store(&schema).await else {
+        return;
+    };
+    let _cleanup = DropSchema(schema.clone());
+    let orchestrator = process(&store).await;
+    let handled: Arc<Mutex<Vec<Handled>>> = Arc::default();
+    let seen = Arc::clone(&handled);
+    orchestrator
+        .subscribe_with(
+            SubscriptionConfig::new("order.*").named("orders"),
+            move |event: EventEnvelope| {
+                let seen = Arc::clone(&seen);
+                async move {
+                    seen.lock()
+                        .unwrap()
+                        .push((event.event_type().to_owned(), event.global_position()));
+                    Ok::<_, HandlerError>(())
+                }
+            },
+        )
+        .await
+        .unwrap();
+    for event_type in ["order.placed", "order.shipped"] {
+        orchestrator
+            .publish_event(event_type, json!({ "order_id": "o-1" }))
+            .await
+            .unwrap();
+    }
+    wait_until("both events handled", Duration::from_secs(10), || {
+        handled.lock().unwrap().len() == 2
+    })
+    .await;
+    let handled = handled.lock().unwrap().clone();
+    assert_eq!(handled[0].0, "order.placed");
+    assert!(
+        handled.iter().all(|(_, position)| position.is_some()),
+        "handlers see the stored positions: {handled:?}"
+    );
+
+    orchestrator
+        .define_saga(
+            "ship",
+            vec![SagaStep::new("pack", |_: Value| async {
+                Ok::<_, HandlerError>(json!({ "box": 1 }))
+            })],
+        )
+        .unwrap();
+    let saga = orchestrator
+        .start_saga("ship", json!({ "order_id": "o-1" }))
+        .await
+        .unwrap();
+    assert_eq!(saga.status.to_string(), "completed");
+    assert!(
+        store.head_position().await.unwrap() > 2,
+        "the saga's log is in the store too"
+    );
+    orchestrator.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_process_relays_and_a_standby_takes_over_when_it_dies() {
+    let schema = schema("relay");
+    let Some(store) = store(&schema).await else {
+        return;
+    };
+    let _cleanup = DropSchema(schema.clone());
+    // The holder runs on a runtime of its own, so that it can die at once: dropping that
+    // runtime drops its tasks mid-flight, without releasing the lease (as SIGKILL would).
+    let holder_runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let holder = {
+        let schema = schema.clone();
+        holder_runtime
+            .spawn(async move {
+                let store = PostgresEventStore::connect(
+                    PostgresConfig::new(&postgres_url())
+                        .unwrap()
+                        .with_schema(schema)
+                        .unwrap(),
+                )
+                .await
+                .unwrap();
+                let holder = process(&store).await;
+                // With the in-process transport the relay starts with the first publish;
+                // started here, its task runs on this runtime.
+                holder.start_relay();
+                holder
+            })
+            .await
+            .unwrap()
+    };
+    wait_until("the first process relays", Duration::from_secs(10), || {
+        holder.relay_status().state == RelayState::Relaying
+    })
+    .await;
+    let lease = holder.relay_status().lease.unwrap();
+    assert!(lease.contains("postgres row"), "{lease}");
+    let standby = process(&store).await;
+    standby.start_relay();
+    wait_until("the second stands by", Duration::from_secs(10), || {
+        standby.relay_status().state == RelayState::Standby
+    })
+    .await;
+
+    holder_runtime.shutdown_background();
+    let died = Instant::now();
+    wait_until(
+        "the standby relays within the lease time (5 s) and its renewal period",
+        Duration::from_secs(12),
+        || standby.relay_status().state == RelayState::Relaying,
+    )
+    .await;
+    eprintln!("took over {:?} after the holder died", died.elapsed());
+    // It relays: an event published now reaches its subscribers.
+    standby
+        .publish_and_wait(EventEnvelope::new("relay.after", &json!({})).unwrap())
+        .await
+        .unwrap();
+    standby.shutdown(Duration::from_secs(5)).await;
+}
