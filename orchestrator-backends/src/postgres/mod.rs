@@ -123,6 +123,7 @@
 //! [`inbox`](orchestrator_core::EventStore::inbox) a [`PostgresInbox`] (rows in `inbox`),
 //! both in the store's schema and on its pool.
 
+mod commit;
 mod config;
 mod conn;
 mod follow;

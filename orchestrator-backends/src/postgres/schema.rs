@@ -70,6 +70,11 @@ CREATE TABLE {schema}.leases (
         description: "append_events: an append in one statement under the append lock",
         sql: APPEND_EVENTS,
     },
+    Migration {
+        version: 3,
+        description: "append_batch: several appends in one transaction, a result each",
+        sql: APPEND_BATCH,
+    },
 ];
 
 /// An append, server-side, so that the lock is held for the statement and the commit only
@@ -122,6 +127,87 @@ BEGIN
         version := version + v_count;
     END IF;
     status := 0;
+END
+$fn$;
+"#;
+
+/// Several appends in one statement (group commit), each checked and written in turn under
+/// the append lock as [`APPEND_EVENTS`] checks and writes one, so that each gets the result
+/// it would have had alone, run in this order. Append `i` is `p_streams[i]`,
+/// `p_kinds[i]`/`p_expected[i]` (its expectation) and the next `p_counts[i]` elements of the
+/// event arrays. One row per append, `idx` its index (1-based): status 0 (written: `version`
+/// the stream's new version, positions `first_position ..= last_position`), 1 (nothing
+/// written: the stream holds some of its ids) or 2 (nothing written: the expectation fails,
+/// `version` the stream's). A failing append writes nothing and leaves the others alone. The
+/// channel is notified once, with the last position written.
+const APPEND_BATCH: &str = r#"
+CREATE FUNCTION {schema}.append_batch(
+    p_streams text[], p_kinds integer[], p_expected bigint[], p_counts integer[],
+    p_ids text[], p_types text[], p_times timestamptz[], p_events text[],
+    p_lock_class integer, p_lock_key integer, p_channel text)
+RETURNS TABLE (idx integer, status integer, version bigint, first_position bigint,
+               last_position bigint)
+LANGUAGE plpgsql AS $fn$
+#variable_conflict use_column
+DECLARE
+    v_head bigint;
+    v_from integer := 1;
+    v_to integer;
+    v_stream text;
+    v_kind integer;
+    v_current bigint;
+    v_written boolean := false;
+BEGIN
+    PERFORM pg_advisory_xact_lock(p_lock_class, p_lock_key);
+    SELECT coalesce(max(e.position), 0) INTO v_head FROM {schema}.events e;
+    FOR i IN 1 .. coalesce(array_length(p_streams, 1), 0) LOOP
+        idx := i;
+        v_stream := p_streams[i];
+        v_kind := p_kinds[i];
+        v_to := v_from + p_counts[i] - 1;
+        version := NULL;
+        first_position := NULL;
+        last_position := NULL;
+        IF p_counts[i] > 0 AND EXISTS (
+            SELECT 1 FROM {schema}.events e
+            WHERE e.stream_id = v_stream AND e.event_id = ANY (p_ids[v_from:v_to])
+        ) THEN
+            status := 1;
+        ELSE
+            SELECT max(e.stream_version) INTO v_current
+            FROM {schema}.events e WHERE e.stream_id = v_stream;
+            IF (v_kind = 1 AND v_current IS NOT NULL)
+                OR (v_kind = 2 AND v_current IS NULL)
+                OR (v_kind = 3 AND v_current IS DISTINCT FROM p_expected[i]) THEN
+                status := 2;
+                version := v_current;
+            ELSE
+                v_current := coalesce(v_current, 0);
+                first_position := v_head + 1;
+                last_position := v_head + p_counts[i];
+                IF p_counts[i] > 0 THEN
+                    INSERT INTO {schema}.events
+                        (position, stream_id, stream_version, event_id, event_type,
+                         event_time, event)
+                    SELECT v_head + u.n, v_stream, v_current + u.n, u.id, u.ty, u.tm,
+                           (u.ev || ',"streamversion":' || (v_current + u.n)
+                               || ',"globalposition":' || (v_head + u.n) || '}')::json
+                    FROM unnest(p_ids[v_from:v_to], p_types[v_from:v_to],
+                                p_times[v_from:v_to], p_events[v_from:v_to])
+                         WITH ORDINALITY AS u(id, ty, tm, ev, n);
+                    v_head := v_head + p_counts[i];
+                    v_written := true;
+                END IF;
+                version := v_current + p_counts[i];
+                status := 0;
+            END IF;
+        END IF;
+        v_from := v_to + 1;
+        RETURN NEXT;
+    END LOOP;
+    IF v_written THEN
+        PERFORM pg_notify(p_channel, v_head::text);
+    END IF;
 END
 $fn$;
 "#;

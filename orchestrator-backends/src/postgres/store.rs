@@ -11,13 +11,12 @@ use orchestrator_core::{
     AppendResult, Error, EventEnvelope, EventFilter, EventStore, EventStream, ExpectedVersion,
     Inbox, Lease, ReadAll, Result, StoreCapabilities, StoredPosition, cloudevents,
 };
-use tokio_postgres::error::SqlState;
-use tokio_postgres::types::ToSql;
 
+use super::commit::{Committer, Prepared, Request};
 use super::config::{PostgresConfig, quote_ident};
 use super::conn::{BACKEND, check_text, clamp_i64, client, pg_error, to_u64};
 use super::follow::Notifier;
-use super::schema::{APPEND_LOCK_CLASS, migrate};
+use super::schema::migrate;
 use super::{PostgresInbox, PostgresLease};
 
 /// How many rows one read fetches at most.
@@ -51,18 +50,17 @@ pub struct PostgresEventStore {
 pub(crate) struct Inner {
     pub(crate) pool: Pool,
     pub(crate) config: PostgresConfig,
-    /// The schema's `hashtext`: the second key of the append lock.
-    pub(crate) lock_key: i32,
     /// The `NOTIFY` channel of this schema's appends.
     pub(crate) channel: String,
     pub(crate) sql: Sql,
     pub(crate) notifier: Notifier,
     inbox: Arc<PostgresInbox>,
+    /// The group commit of this store's appends.
+    committer: Committer,
 }
 
 /// The statements, with the schema filled in.
 pub(crate) struct Sql {
-    append: String,
     ids: String,
     read_stream: String,
     pub(crate) read_all: String,
@@ -74,10 +72,6 @@ impl Sql {
     fn new(schema: &str) -> Self {
         let t = format!("{}.events", quote_ident(schema));
         Self {
-            append: format!(
-                "SELECT * FROM {}.append_events($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
-                quote_ident(schema)
-            ),
             ids: format!(
                 "SELECT event_id, stream_version, position FROM {t} \
                  WHERE stream_id = $1 AND event_id = ANY($2)"
@@ -111,15 +105,6 @@ impl std::fmt::Debug for PostgresEventStore {
     }
 }
 
-/// One event of an append, encoded before the lock is taken.
-struct Prepared {
-    id: String,
-    event_type: String,
-    time: DateTime<Utc>,
-    /// The CloudEvents JSON without its closing `}`: the positions are added under the lock.
-    open_json: String,
-}
-
 impl PostgresEventStore {
     /// Connects to PostgreSQL, creates the schema and its tables or migrates them to this
     /// build's version (safe when several processes start at once), and opens a pool of
@@ -132,13 +117,19 @@ impl PostgresEventStore {
         drop(conn);
         let channel = format!("orchestrator_events_{:08x}", lock_key.cast_unsigned());
         let inbox = Arc::new(PostgresInbox::on_pool(pool.clone(), config.clone()));
+        let committer = Committer::new(
+            pool.clone(),
+            &quote_ident(&config.schema),
+            lock_key,
+            channel.clone(),
+        );
         Ok(Self {
             inner: Arc::new(Inner {
+                committer,
                 sql: Sql::new(&config.schema),
                 notifier: Notifier::new(config.pg_config(), channel.clone()),
                 pool,
                 config,
-                lock_key,
                 channel,
                 inbox,
             }),
@@ -296,10 +287,6 @@ impl EventStore for PostgresEventStore {
                 open_json: json,
             });
         }
-        let ids: Vec<&str> = prepared.iter().map(|p| p.id.as_str()).collect();
-        let types: Vec<&str> = prepared.iter().map(|p| p.event_type.as_str()).collect();
-        let times: Vec<DateTime<Utc>> = prepared.iter().map(|p| p.time).collect();
-        let jsons: Vec<&str> = prepared.iter().map(|p| p.open_json.as_str()).collect();
         let (kind, exact): (i32, i64) = match expected {
             ExpectedVersion::Any => (0, 0),
             ExpectedVersion::NoStream | ExpectedVersion::Exact(0) => (1, 0),
@@ -307,60 +294,27 @@ impl EventStore for PostgresEventStore {
             // Versions are bigints: one past i64::MAX is never reached (-1 matches none).
             ExpectedVersion::Exact(n) => (3, i64::try_from(n).unwrap_or(-1)),
         };
-
-        let conn = client(&inner.pool).await?;
-        let append = conn
-            .prepare_cached(&inner.sql.append)
-            .await
-            .map_err(pg_error)?;
-        let params: [&(dyn ToSql + Sync); 10] = [
-            &stream,
-            &kind,
-            &exact,
-            &ids,
-            &types,
-            &times,
-            &jsons,
-            &APPEND_LOCK_CLASS,
-            &inner.lock_key,
-            &inner.channel,
-        ];
-        // One round trip: BEGIN, the append (which takes the lock), COMMIT, sent together,
-        // so the lock is held for the statement and the commit only. The three requests are
-        // queued on the connection at the first poll, so a caller that goes away cannot
-        // leave the transaction open: it commits, or rolls back on an error.
-        let (_, row, _) = futures::try_join!(
-            conn.batch_execute("BEGIN"),
-            conn.query_one(&append, &params),
-            conn.batch_execute("COMMIT"),
-        )
-        .map_err(|error| {
-            // Under the lock no other append can take these versions; a writer that bypasses
-            // it (SQL by hand) can, and the unique constraints stop it there.
-            if error.code() == Some(&SqlState::UNIQUE_VIOLATION) {
-                Error::backend(
-                    BACKEND,
-                    true,
-                    format!(
-                        "stream `{stream}`: a row written without the append lock took a \
-                         version or id of this append ({error}); nothing was written"
-                    ),
-                )
-            } else {
-                pg_error(error)
-            }
-        })?;
-        let status: i32 = row.get(0);
-        let version = row
-            .get::<_, Option<i64>>(1)
+        // Queued for the next group commit, which checks and writes it under the append lock
+        // as if it ran alone.
+        let outcome = inner
+            .committer
+            .append(Request {
+                stream: stream.to_owned(),
+                kind,
+                exact,
+                events: prepared,
+            })
+            .await?;
+        let version = outcome
+            .version
             .map(|v| to_u64("stream version", v))
             .transpose()?;
-        match status {
+        match outcome.status {
             0 => {
                 let result = AppendResult {
                     next_expected_version: version.unwrap_or(0),
-                    first_position: to_u64("position", row.get(2))?,
-                    last_position: to_u64("position", row.get::<_, i64>(3).max(0))?,
+                    first_position: to_u64("position", outcome.first_position.unwrap_or(0))?,
+                    last_position: to_u64("position", outcome.last_position.unwrap_or(0).max(0))?,
                 };
                 tracing::debug!(stream, events = events.len(), ?result, "appended");
                 Ok(result)
@@ -368,6 +322,8 @@ impl EventStore for PostgresEventStore {
             1 => {
                 // The stream holds some of the ids: a retry or a clash, which no later append
                 // can change (rows are never rewritten), so it is told apart after the lock.
+                let ids: Vec<String> = events.iter().map(|e| e.id().to_string()).collect();
+                let conn = client(&inner.pool).await?;
                 let lookup = conn
                     .prepare_cached(&inner.sql.ids)
                     .await
