@@ -62,12 +62,24 @@
 //!
 //! # The event store
 //!
-//! **An append** is one round trip: `BEGIN`, `SELECT * FROM <schema>.append_events(…)` and
-//! `COMMIT`, pipelined. The function (installed by migration 2) takes the schema's append
-//! lock (`pg_advisory_xact_lock`), answers "some of these ids are in the stream" or "the
-//! expected version fails" without writing, or else writes the whole batch with one
-//! `INSERT … SELECT FROM unnest(…)` — each row's JSON completed with its version and
-//! position — and `pg_notify`s the store's channel. When ids were found, the library then
+//! **Appends are group-committed.** Each store has one writer task: an append is encoded,
+//! queued, and carried by the next transaction, which takes every append queued while the
+//! previous one was in flight (up to 512 appends or 10,000 events; several streams, each with
+//! its own expected version and ids). A transaction is one round trip: `BEGIN`,
+//! `SELECT … FROM <schema>.append_batch(…)` and `COMMIT`, pipelined. The function (installed
+//! by migration 3) takes the schema's append lock (`pg_advisory_xact_lock`) and then, for each
+//! append in turn, exactly what a lone append does: it answers "some of these ids are in the
+//! stream" or "the expected version fails" for that append without writing it, or else
+//! writes it with one `INSERT … SELECT FROM unnest(…)` — each row's JSON completed with its
+//! version and position. It returns a row per append, and `pg_notify`s the store's channel
+//! once. Appends of one transaction see the ones before them (a second append to a stream
+//! expects the version the first left), so each caller gets exactly the result — and the
+//! typed error, [`WrongExpectedVersion`](orchestrator_core::Error::WrongExpectedVersion) or
+//! [`DuplicateEvent`](orchestrator_core::Error::DuplicateEvent) — it would have had alone, in
+//! the order the writer ran them. If the server refuses the transaction as a whole (a
+//! trigger of yours, a row written without the lock), nothing of it was written and each of
+//! its appends is run again alone, so one failing append fails alone. An append, once queued,
+//! is carried out even if its caller stops waiting. When ids were found, the library then
 //! tells a retry (the original result is returned) from a clash
 //! ([`DuplicateEvent`](orchestrator_core::Error::DuplicateEvent)) by the rules every store
 //! follows ([idempotent appends](orchestrator_core::store#idempotent-appends)); stored rows
@@ -75,7 +87,9 @@
 //! writers that bypass the lock. The append lock is
 //! `pg_advisory_xact_lock(1330791233, hashtext('<schema>'))` (the first key is `'ORCA'` in
 //! ASCII); migrations take `(1330791245, hashtext('<schema>'))` (`'ORCM'`). A tool that must
-//! write rows itself takes the append lock first, in the same transaction.
+//! write rows itself takes the append lock first, in the same transaction. (Migration 2's
+//! `append_events`, one append per call, stays installed for schemas shared with older
+//! builds.)
 //!
 //! **The global order is gap-safe.** Positions are `max(position) + 1 …`, read *after* the
 //! append lock is taken, and the lock is released only when the transaction has committed
@@ -88,20 +102,28 @@
 //! append takes the same positions.
 //!
 //! **The cost**: appends to one schema are serialised from the lock to the end of the commit,
-//! whatever their streams, so concurrent appends cannot share a WAL flush (PostgreSQL's group
-//! commit): the append rate is about one per flush. Measured once on a loaded 2-core machine
-//! (release build, 200-byte payloads, `synchronous_commit = on`), against raw tokio-postgres
-//! `BEGIN; INSERT; COMMIT` in the same run: one writer, 381 appends/s against 423 raw
-//! (0.9×); 16 writers, 390/s against 3,220 raw (0.12×: what the lock costs); 100-event
-//! batches, 22,800 events/s; `read_all`, 164,000 events/s; a subscription at about 1k
+//! whatever their streams, so transactions cannot share a WAL flush (PostgreSQL's group
+//! commit): a schema commits about one transaction per flush. Group commit is the answer
+//! within a process — concurrent appends share a transaction and its flush — but appends from
+//! several processes still take turns. Measured with `benches/postgres.rs` (release build,
+//! 200-byte payloads, `synchronous_commit = on`, a loaded 2-core machine whose WAL flush time
+//! varied from 0.3 to 3 ms during the runs) against raw tokio-postgres `BEGIN; INSERT;
+//! COMMIT` into a table with the same columns, indexes and unique version check, in the same
+//! run: 16 concurrent writers, 10,975 appends/s against 7,526 raw (1.48×) and 18,382 against
+//! 9,116 (2.02×) while flushes were fast, but 2,000–3,100 against 5,400–8,400 raw (0.28–0.58×)
+//! while they were slow (there, one transaction of 16 rows costs ~1.5× a one-row one, and
+//! 16 raw connections flush in parallel); before group commit it was 390/s against 3,220
+//! (0.12×). One writer, 0.55–1.17× (it pays the lock, the checks and the writer hop and
+//! cannot batch); 100-event batches, 18,000–72,700 events/s, 0.38–0.95× raw (the library
+//! also encodes each event to CloudEvents JSON, which raw does before its clock starts).
+//! Measured before group commit: `read_all`, 164,000 events/s; a subscription at about 1k
 //! events/s sees an event 1.4 ms (median) and 13 ms (p99) after its append was called.
 //! Reads and subscriptions never take the lock. Batches amortise it (one lock and one flush
-//! per batch); writers that need more single appends per second shard by schema (one store
-//! each). The alternative — positions from a sequence, and readers that wait out
-//! in-flight transactions below a high-water mark — writes in parallel but delays every
-//! subscriber by the slowest open transaction, and needs care with the transaction-id
-//! horizon; the lock is simpler to get right, and its cost is measurable
-//! (BENCHMARKS.md).
+//! per batch); writers in several processes that need more appends per second shard by
+//! schema (one store each). The alternative — positions from a sequence, and readers that
+//! wait out in-flight transactions below a high-water mark — writes in parallel but delays
+//! every subscriber by the slowest open transaction, and needs care with the transaction-id
+//! horizon; the lock is simpler to get right, and its cost is measurable (BENCHMARKS.md).
 //!
 //! **Reads** are index range scans: by `(stream_id, stream_version)` for a stream, by
 //! `position` for the global order. Filters are applied in SQL (types, stream prefix, time

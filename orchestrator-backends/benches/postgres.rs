@@ -1,0 +1,410 @@
+//! PostgreSQL event store appends against raw tokio-postgres doing the same INSERTs, in the
+//! same run.
+//!
+//! `cargo bench -p orchestrator-backends --features postgres --bench postgres`
+//!
+//! - single-event appends, 1 writer and 16 concurrent writers (a stream each, each append
+//!   expecting the stream's exact version): raw `BEGIN; INSERT … VALUES (…); COMMIT`
+//!   pipelined in one round trip on a connection per writer, against
+//!   `PostgresEventStore::append` of 1 event (group commit: the 16 writers' appends share
+//!   transactions);
+//! - 100-event batches, 1 writer: raw `BEGIN; INSERT … SELECT FROM unnest(…); COMMIT`
+//!   against `PostgresEventStore::append` of 100 events.
+//!
+//! The raw table has the library's columns, indexes and version check — `UNIQUE (stream_id,
+//! stream_version)`, the versions computed by the writer — with positions from an identity
+//! column (not gap-safe: the library's global order costs its lock). The library's work that
+//! raw skips: encoding each event to CloudEvents JSON (raw's is made before the clock
+//! starts), checking ids and the expected version before writing, and the global order. Raw writes the same
+//! bytes (the CloudEvents JSON of a 200-byte JSON payload); events are made before the clock
+//! starts. Each group runs back to back, raw first in even rounds and last in odd ones, tables
+//! emptied in between; the bench prints the median rate of each and the median of the
+//! per-round ratios ours / raw. `PG_BENCH_ROUNDS` overrides the number of rounds (5). Needs the
+//! PostgreSQL at `ORCHESTRATOR_POSTGRES_URL`; if it is unreachable the bench says so and exits
+//! successfully. It works in a schema of its own, dropped afterwards.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use orchestrator_backends::postgres::{PostgresConfig, PostgresEventStore};
+use orchestrator_core::{EventEnvelope, EventStore, ExpectedVersion, cloudevents};
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{Client, NoTls};
+
+const ROUNDS: usize = 5;
+const WRITERS: usize = 16;
+/// Appends by the single writer.
+const SINGLE: usize = 400;
+/// Appends by each of the 16 writers.
+const PER_WRITER: usize = 100;
+const BATCH: usize = 100;
+const BATCHES: usize = 200;
+
+/// A 200-byte JSON object.
+fn payload() -> Vec<u8> {
+    let mut value = serde_json::json!({
+        "order_id": "o-00000042",
+        "customer": "c-000042",
+        "amount_cents": 129_900,
+        "currency": "EUR",
+        "items": [{"sku": "sku-1", "qty": 2}, {"sku": "sku-2", "qty": 1}],
+        "note": "",
+    });
+    let len = serde_json::to_vec(&value).unwrap().len();
+    value["note"] = "x".repeat(200usize.saturating_sub(len)).into();
+    serde_json::to_vec(&value).unwrap()
+}
+
+/// Events made before the clock starts.
+fn events(n: usize) -> Vec<EventEnvelope> {
+    let payload = payload();
+    (0..n)
+        .map(|_| {
+            EventEnvelope::from_bytes("bench.order", "application/json", payload.clone()).unwrap()
+        })
+        .collect()
+}
+
+/// An event as raw tokio-postgres writes it: the columns the library fills.
+#[derive(Clone)]
+struct Row {
+    id: String,
+    event_type: String,
+    time: DateTime<Utc>,
+    json: String,
+}
+
+fn rows(events: &[EventEnvelope], stream: &str) -> Vec<Row> {
+    events
+        .iter()
+        .map(|e| Row {
+            id: e.id().to_string(),
+            event_type: e.event_type().to_owned(),
+            time: e.time(),
+            json: String::from_utf8(
+                cloudevents::encode(&e.clone().with_stream_id(stream)).unwrap(),
+            )
+            .unwrap(),
+        })
+        .collect()
+}
+
+struct Bench {
+    schema: String,
+    store: PostgresEventStore,
+    raw: Vec<Client>,
+    run: usize,
+}
+
+async fn connect(url: &str) -> Result<Client, tokio_postgres::Error> {
+    let (client, connection) = tokio_postgres::connect(url, NoTls).await?;
+    tokio::spawn(connection);
+    Ok(client)
+}
+
+impl Bench {
+    fn stream(&mut self, what: &str) -> String {
+        self.run += 1;
+        format!("{what}-{}", self.run)
+    }
+
+    fn insert_one(&self) -> String {
+        format!(
+            "INSERT INTO \"{}\".raw_events \
+             (stream_id, stream_version, event_id, event_type, event_time, event) \
+             VALUES ($1, $2, $3, $4, $5, $6::text::json)",
+            self.schema
+        )
+    }
+
+    async fn clean(&self) {
+        self.raw[0]
+            .batch_execute(&format!(
+                "TRUNCATE \"{0}\".raw_events; TRUNCATE \"{0}\".events",
+                self.schema
+            ))
+            .await
+            .unwrap();
+    }
+
+    /// `writers` connections, each appending `per_writer` single events to a stream of its own.
+    async fn raw_single(&mut self, writers: usize, per_writer: usize) -> f64 {
+        let sql = self.insert_one();
+        let mut work = Vec::new();
+        let streams: Vec<String> = (0..writers).map(|_| self.stream("raw")).collect();
+        for (w, stream) in streams.into_iter().enumerate() {
+            let rows = rows(&events(per_writer), &stream);
+            let client = &self.raw[w];
+            let statement = client.prepare(&sql).await.unwrap();
+            work.push((client, statement, stream, rows));
+        }
+        let started = Instant::now();
+        let tasks = work
+            .into_iter()
+            .map(|(client, statement, stream, rows)| async move {
+                for (i, row) in rows.iter().enumerate() {
+                    let version = i as i64 + 1;
+                    let params: [&(dyn ToSql + Sync); 6] = [
+                        &stream,
+                        &version,
+                        &row.id,
+                        &row.event_type,
+                        &row.time,
+                        &row.json,
+                    ];
+                    futures::try_join!(
+                        client.batch_execute("BEGIN"),
+                        client.execute(&statement, &params),
+                        client.batch_execute("COMMIT"),
+                    )
+                    .unwrap();
+                }
+            });
+        futures::future::join_all(tasks).await;
+        rate(writers * per_writer, started)
+    }
+
+    async fn store_single(&mut self, writers: usize, per_writer: usize) -> f64 {
+        let mut work = Vec::new();
+        for _ in 0..writers {
+            work.push((self.stream("ours"), events(per_writer)));
+        }
+        let started = Instant::now();
+        let tasks = work.into_iter().map(|(stream, events)| {
+            let store = self.store.clone();
+            async move {
+                for (i, event) in events.into_iter().enumerate() {
+                    store
+                        .append(&stream, ExpectedVersion::Exact(i as u64), vec![event])
+                        .await
+                        .unwrap();
+                }
+            }
+        });
+        futures::future::join_all(tasks).await;
+        rate(writers * per_writer, started)
+    }
+
+    async fn raw_batched(&mut self) -> f64 {
+        let sql = format!(
+            "INSERT INTO \"{}\".raw_events \
+             (stream_id, stream_version, event_id, event_type, event_time, event) \
+             SELECT $1, $2 + u.n, u.id, u.ty, u.tm, u.ev::json \
+             FROM unnest($3::text[], $4::text[], $5::timestamptz[], $6::text[]) \
+             WITH ORDINALITY AS u(id, ty, tm, ev, n)",
+            self.schema
+        );
+        let stream = self.stream("raw");
+        let all = rows(&events(BATCH * BATCHES), &stream);
+        let client = &self.raw[0];
+        let statement = client.prepare(&sql).await.unwrap();
+        let started = Instant::now();
+        for (b, batch) in all.chunks(BATCH).enumerate() {
+            let base = (b * BATCH) as i64;
+            let ids: Vec<&str> = batch.iter().map(|r| r.id.as_str()).collect();
+            let types: Vec<&str> = batch.iter().map(|r| r.event_type.as_str()).collect();
+            let times: Vec<DateTime<Utc>> = batch.iter().map(|r| r.time).collect();
+            let jsons: Vec<&str> = batch.iter().map(|r| r.json.as_str()).collect();
+            let params: [&(dyn ToSql + Sync); 6] = [&stream, &base, &ids, &types, &times, &jsons];
+            futures::try_join!(
+                client.batch_execute("BEGIN"),
+                client.execute(&statement, &params),
+                client.batch_execute("COMMIT"),
+            )
+            .unwrap();
+        }
+        rate(BATCH * BATCHES, started)
+    }
+
+    async fn store_batched(&mut self) -> f64 {
+        let stream = self.stream("ours");
+        let mut all = events(BATCH * BATCHES).into_iter();
+        let batches: Vec<Vec<EventEnvelope>> = (0..BATCHES)
+            .map(|_| all.by_ref().take(BATCH).collect())
+            .collect();
+        let started = Instant::now();
+        for (b, batch) in batches.into_iter().enumerate() {
+            self.store
+                .append(&stream, ExpectedVersion::Exact((b * BATCH) as u64), batch)
+                .await
+                .unwrap();
+        }
+        rate(BATCH * BATCHES, started)
+    }
+
+    async fn drop_schema(&self) {
+        self.store.drop_schema().await.unwrap();
+    }
+}
+
+fn rate(n: usize, started: Instant) -> f64 {
+    n as f64 / started.elapsed().as_secs_f64()
+}
+
+fn median(mut samples: Vec<f64>) -> f64 {
+    samples.sort_by(f64::total_cmp);
+    samples[samples.len() / 2]
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let url = orchestrator_core::testkit::services::postgres_url();
+    let shown = orchestrator_core::redact::redact_url(&url);
+    let raw = async {
+        let mut raw = Vec::new();
+        for _ in 0..WRITERS {
+            raw.push(connect(&url).await?);
+        }
+        Ok::<_, tokio_postgres::Error>(raw)
+    };
+    let raw = match tokio::time::timeout(Duration::from_secs(3), raw).await {
+        Ok(Ok(raw)) => raw,
+        Ok(Err(e)) => {
+            return println!("postgres bench skipped: PostgreSQL at {shown} is unreachable ({e})");
+        }
+        Err(_) => return println!("postgres bench skipped: PostgreSQL at {shown} does not answer"),
+    };
+    let schema = format!("orch_bench_{}", uuid::Uuid::now_v7().simple());
+    let config = PostgresConfig::new(&url)
+        .unwrap()
+        .with_schema(&schema)
+        .unwrap()
+        .with_pool_size(WRITERS + 2);
+    let store = PostgresEventStore::connect(config).await.unwrap();
+    raw[0]
+        .batch_execute(&format!(
+            "CREATE TABLE \"{schema}\".raw_events (
+                 position       bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+                 stream_id      text        NOT NULL,
+                 stream_version bigint      NOT NULL,
+                 event_id       text        NOT NULL,
+                 event_type     text        NOT NULL,
+                 event_time     timestamptz NOT NULL,
+                 recorded_at    timestamptz NOT NULL DEFAULT now(),
+                 event          json        NOT NULL,
+                 UNIQUE (stream_id, stream_version),
+                 UNIQUE (stream_id, event_id)
+             );
+             CREATE INDEX ON \"{schema}\".raw_events (event_type, position);
+             CREATE INDEX ON \"{schema}\".raw_events (event_time);"
+        ))
+        .await
+        .unwrap();
+    let settings = raw[0]
+        .query_one(
+            "SELECT current_setting('synchronous_commit'), current_setting('server_version')",
+            &[],
+        )
+        .await
+        .unwrap();
+    println!(
+        "postgres bench: {shown}, PostgreSQL {}, synchronous_commit = {}, payload {} B of JSON \
+         ({} B as a CloudEvent), medians",
+        settings.get::<_, String>(1),
+        settings.get::<_, String>(0),
+        payload().len(),
+        cloudevents::encode(&events(1)[0]).unwrap().len()
+    );
+    let mut bench = Bench {
+        schema,
+        store,
+        raw,
+        run: 0,
+    };
+
+    let rounds = std::env::var("PG_BENCH_ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(ROUNDS);
+    let mut one = Group::new(&[
+        "raw INSERT, 1 writer",
+        "PostgresEventStore::append, 1 writer",
+    ]);
+    let mut many = Group::new(&[
+        "raw INSERT, 16 writers",
+        "PostgresEventStore::append, 16 writers",
+    ]);
+    let mut batched = Group::new(&[
+        "raw INSERT unnest 100, 1 writer",
+        "PostgresEventStore::append, 100 events",
+    ]);
+    for round in 0..rounds {
+        let reverse = round % 2 == 1;
+        for i in order(2, reverse) {
+            let rate = match i {
+                0 => bench.raw_single(1, SINGLE).await,
+                _ => bench.store_single(1, SINGLE).await,
+            };
+            one.samples[i].push(rate);
+            bench.clean().await;
+        }
+        for i in order(2, reverse) {
+            let rate = match i {
+                0 => bench.raw_single(WRITERS, PER_WRITER).await,
+                _ => bench.store_single(WRITERS, PER_WRITER).await,
+            };
+            many.samples[i].push(rate);
+            bench.clean().await;
+        }
+        for i in order(2, reverse) {
+            let rate = match i {
+                0 => bench.raw_batched().await,
+                _ => bench.store_batched().await,
+            };
+            batched.samples[i].push(rate);
+            bench.clean().await;
+        }
+        eprintln!("round {}/{rounds} done", round + 1);
+    }
+    bench.drop_schema().await;
+    println!(
+        "{:<42} {:>14} {:>16}",
+        "", "median events/s", "ours/raw median"
+    );
+    for group in [&one, &many, &batched] {
+        group.print();
+    }
+    println!(
+        "(ours/raw is the median of the per-round ratios to the first line of each group; target >= 0.8)"
+    );
+}
+
+fn order(n: usize, reverse: bool) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..n).collect();
+    if reverse {
+        order.reverse();
+    }
+    order
+}
+
+/// Measurements compared with the first one, the raw client.
+struct Group {
+    names: Vec<&'static str>,
+    samples: Vec<Vec<f64>>,
+}
+
+impl Group {
+    fn new(names: &[&'static str]) -> Self {
+        Self {
+            names: names.to_vec(),
+            samples: names.iter().map(|_| Vec::new()).collect(),
+        }
+    }
+
+    fn print(&self) {
+        for (i, name) in self.names.iter().enumerate() {
+            let rate = median(self.samples[i].clone());
+            if i == 0 {
+                println!("{name:<42} {rate:>14.0}");
+            } else {
+                let ratios = self.samples[i]
+                    .iter()
+                    .zip(&self.samples[0])
+                    .map(|(ours, raw)| ours / raw)
+                    .collect();
+                println!("{name:<42} {rate:>14.0} {:>16.2}", median(ratios));
+            }
+        }
+    }
+}
