@@ -32,7 +32,7 @@ impl Notifier {
 
     /// A receiver of the wake-ups, starting the listener if it is not running; fails when the
     /// first connection cannot be made.
-    async fn watch(&self) -> Result<watch::Receiver<u64>> {
+    pub(crate) async fn watch(&self) -> Result<watch::Receiver<u64>> {
         let mut wakeups = self.wakeups.lock().await;
         if let Some(rx) = wakeups.as_ref()
             && rx.has_changed().is_ok()

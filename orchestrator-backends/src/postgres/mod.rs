@@ -1,5 +1,6 @@
-//! PostgreSQL: [`PostgresEventStore`] (feature `postgres`), with the [`PostgresLease`] and the
-//! durable [`PostgresInbox`] the store hands out. A PostgreSQL transport is not built yet.
+//! PostgreSQL (feature `postgres`): [`PostgresEventStore`], with the [`PostgresLease`] and the
+//! durable [`PostgresInbox`] the store hands out, and [`PostgresTransport`] with its
+//! [`PostgresDeadLetterQueue`].
 //!
 //! Requires PostgreSQL 11 or later (`starts_with`, `GENERATED … AS IDENTITY`); tested on 15.
 //!
@@ -52,6 +53,9 @@
 //! | `events` | one row per event: `position` (global position, primary key), `stream_id`, `stream_version`, `event_id`, `event_type`, `event_time`, `recorded_at`, `event` (the CloudEvents 1.0 JSON, `json`, as stored: with the extensions `streamid`, `streamversion`, `globalposition`); unique `(stream_id, stream_version)` and `(stream_id, event_id)`; indexes on `(event_type, position)` and `event_time` |
 //! | `inbox` | a [`PostgresInbox`]: `group_name`, `event_id` (key), `seq`, `recorded_at` |
 //! | `leases` | a [`PostgresLease`] per row: `name` (key), `holder` (the holder's token), `expires_at` |
+//! | `transport_subscriptions` | a [`PostgresTransport`] group's patterns: `group_name`, `pattern`, `regex` (the pattern as a regular expression), `ephemeral` |
+//! | `transport_queue` | one row per (group, published event): `id` (identity, the delivery order), `group_name`, `topic`, `event` (the CloudEvents 1.0 JSON, `text`), `attempt`, `first_attempt_at`, `last_error`, `not_before` (due time), `locked_until` (claimed until) |
+//! | `dead_letters` | the [`PostgresDeadLetterQueue`]: `seq` (identity, oldest first), `id` (the letter's id, unique), `event_type`, `subscription`, `letter` (the letter's JSON), `dead_at` |
 //!
 //! **Migrations** are versioned: each runs once, in one transaction with its row in
 //! `migrations`, under a transaction-scoped advisory lock of the schema, so processes that
@@ -144,6 +148,48 @@
 //! [`PostgresLease`] (a row in `leases`, 5 s time to live) and
 //! [`inbox`](orchestrator_core::EventStore::inbox) a [`PostgresInbox`] (rows in `inbox`),
 //! both in the store's schema and on its pool.
+//!
+//! # The transport
+//!
+//! [`PostgresTransport::connect`] migrates the same schema as the store (a store and a
+//! transport may share one schema or use two). Messages travel as CloudEvents 1.0 JSON
+//! (structured mode), like on every backend.
+//!
+//! - **Subscribing** records the group's patterns in `transport_subscriptions`, each with its
+//!   regular expression ([`TopicPattern::to_regex`](orchestrator_core::TopicPattern::to_regex):
+//!   `*` one segment, `#` any depth, the same meaning as on every transport). Once
+//!   `subscribe` has returned, the group receives every event published afterwards, by any
+//!   process.
+//! - **Publishing** is one statement (its own transaction): it inserts one row per group
+//!   whose patterns match the topic (`topic ~ regex`), in the order of the events, and
+//!   `NOTIFY`s the transport's channel ([`PostgresTransport::channel`]) at commit. A topic
+//!   nobody subscribes to stores nothing. A batch is one statement.
+//! - **Consuming**: each consumer has a task that claims due rows of its group, oldest first
+//!   (`SELECT … ORDER BY id LIMIT n FOR UPDATE SKIP LOCKED`, then `locked_until = now() +`
+//!   the visibility timeout), as many as the consumer has room for (its prefetch), so the
+//!   consumers of a group compete for rows and never get the same one. Idle, it waits for a
+//!   notification of the channel (one `LISTEN` connection per transport), for the next row
+//!   of the group to fall due (a nack's delay, an expiring lock), or for the poll interval
+//!   ([`PostgresConfig::with_poll_interval`]), whichever is first: a lost notification delays a
+//!   delivery, never loses it.
+//! - **Settling**: an ack deletes the row; a nack makes it due again after its delay
+//!   (`not_before`) as its next attempt, with the reason as its last error; a dead letter
+//!   deletes the row and inserts the letter in `dead_letters`, in one statement; a delivery
+//!   dropped unsettled is made due again at once. A consumer that dies without settling
+//!   (its process killed) holds its rows until their visibility timeout
+//!   ([`PostgresTransport::with_visibility_timeout`], default 30 s), after which any consumer
+//!   of the group gets them as their next attempt. So delivery is at least once: a handler
+//!   slower than the visibility timeout sees its event again.
+//! - **Order**: one consumer receives a group's events in publish order (per key and overall)
+//!   until a nack or an expired lock puts one back; competing consumers share the order.
+//! - A row that holds no valid event (written by hand: not JSON, not a CloudEvent, over
+//!   [`PostgresConfig::with_max_event_size`]) is dead-lettered with the reason, its bytes
+//!   kept as the letter's payload, and the consumer goes on.
+//! - **Ephemeral groups** lose their subscriptions and rows when their stream is dropped;
+//!   a process that dies first leaves them behind (remove them with SQL:
+//!   `DELETE FROM <schema>.transport_subscriptions WHERE ephemeral`).
+//! - **What survives a restart**: everything published and not yet acked, every dead letter
+//!   and every durable subscription — they are rows, as durable as PostgreSQL's commits.
 
 mod commit;
 mod config;
@@ -153,8 +199,10 @@ mod inbox;
 mod lease;
 mod schema;
 mod store;
+mod transport;
 
 pub use config::{DEFAULT_POLL_INTERVAL, DEFAULT_POOL_SIZE, DEFAULT_SCHEMA, PostgresConfig};
 pub use inbox::PostgresInbox;
 pub use lease::PostgresLease;
 pub use store::PostgresEventStore;
+pub use transport::{DEFAULT_VISIBILITY_TIMEOUT, PostgresDeadLetterQueue, PostgresTransport};

@@ -75,6 +75,41 @@ CREATE TABLE {schema}.leases (
         description: "append_batch: several appends in one transaction, a result each",
         sql: APPEND_BATCH,
     },
+    Migration {
+        version: 4,
+        description: "transport: subscriptions, queue, dead letters",
+        sql: r"
+CREATE TABLE {schema}.transport_subscriptions (
+    group_name text    NOT NULL,
+    pattern    text    NOT NULL,
+    regex      text    NOT NULL,
+    ephemeral  boolean NOT NULL DEFAULT false,
+    PRIMARY KEY (group_name, pattern)
+);
+
+CREATE TABLE {schema}.transport_queue (
+    id               bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    group_name       text        NOT NULL,
+    topic            text        NOT NULL,
+    event            text        NOT NULL,
+    attempt          integer     NOT NULL DEFAULT 1,
+    first_attempt_at timestamptz NOT NULL DEFAULT now(),
+    last_error       text,
+    not_before       timestamptz NOT NULL DEFAULT now(),
+    locked_until     timestamptz
+);
+CREATE INDEX transport_queue_group_idx ON {schema}.transport_queue (group_name, id);
+
+CREATE TABLE {schema}.dead_letters (
+    seq          bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    id           text        NOT NULL UNIQUE,
+    event_type   text        NOT NULL,
+    subscription text        NOT NULL,
+    letter       text        NOT NULL,
+    dead_at      timestamptz NOT NULL DEFAULT now()
+);
+",
+    },
 ];
 
 /// An append, server-side, so that the lock is held for the statement and the commit only
