@@ -1,7 +1,7 @@
 //! The orchestrator with its event store on PostgreSQL: events published, handled and kept
 //! in a table, a saga logged there, dead letters, and an event-sourced aggregate whose
-//! stream is a run of rows. Events travel in-process (there is no PostgreSQL transport
-//! yet).
+//! stream is a run of rows. Events travel through the PostgreSQL transport (a queue table in
+//! the same schema), and dead letters land in its `dead_letters` table.
 //!
 //! Needs a PostgreSQL at `ORCHESTRATOR_POSTGRES_URL` (default
 //! `postgres://postgres@127.0.0.1:5432/test`; `cargo xtask services up` checks it). The run
@@ -12,7 +12,7 @@ mod common;
 
 use std::sync::Arc;
 
-use orchestrator::backends::postgres::{PostgresConfig, PostgresEventStore};
+use orchestrator::backends::postgres::{PostgresConfig, PostgresEventStore, PostgresTransport};
 use orchestrator::core::EventStore;
 use orchestrator::cqrs::{Aggregate, AggregateEvent, AggregateRepository};
 use orchestrator::prelude::*;
@@ -87,16 +87,22 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());
     // This run's tables in a schema of its own, dropped at the end.
     let config = PostgresConfig::new(&url)?.with_schema(common::run_name())?;
-    let store = PostgresEventStore::connect(config).await?;
+    let store = PostgresEventStore::connect(config.clone()).await?;
+    let transport = PostgresTransport::connect(config).await?;
     let orchestrator = EventOrchestrator::builder()
         .store(Arc::new(store.clone()))
+        .transport(Arc::new(transport.clone()))
         .build()
         .await?;
-    // Or, in the default schema: .store_url("postgres://user@host/db") (`?schema=NAME` to
-    // choose one).
+    // Or, in the default schema: .store_url("postgres://user@host/db") and the same
+    // .transport_url(…) (`?schema=NAME` to choose one).
 
     let toured = common::tour(&orchestrator).await;
     let accounts = account_tour(Arc::new(store.clone())).await;
+    orchestrator
+        .shutdown(std::time::Duration::from_secs(5))
+        .await;
+    transport.close().await;
     store.drop_schema().await?;
     toured?;
     accounts

@@ -8,7 +8,7 @@
 //! | `redis://…` (`rediss://…`) | `RedisEventStore` | `RedisTransport` | `redis` (`redis-tls`) |
 //! | `amqp://…` (`amqps://…`) | `RabbitMqEventStore` | `RabbitMqTransport` | `rabbitmq` (`rabbitmq-tls`) |
 //! | `kafka://host:port[,host:port…][?key=value&…]` | `KafkaEventStore` | `KafkaTransport` | `kafka` |
-//! | `postgres://…[?schema=NAME]` (`postgresql://…`) | `PostgresEventStore` in schema `NAME` (default `orchestrator`) | — (not yet) | `postgres` |
+//! | `postgres://…[?schema=NAME]` (`postgresql://…`) | `PostgresEventStore` in schema `NAME` (default `orchestrator`) | `PostgresTransport` in schema `NAME` | `postgres` |
 //!
 //! A URL whose backend is not compiled in is [`Error::FeatureDisabled`], naming the feature
 //! to enable. Credentials in URLs never appear in errors or `Debug` output ([`redact`]).
@@ -226,18 +226,12 @@ pub async fn transport_with_limit(url: &str, limit: MaxEventSize) -> Result<Arc<
         Backend::File(_) => Err(Error::Core(orchestrator_core::Error::invalid(
             "transport URL",
             "there is no file transport: events travel in-process (memory:) or through a \
-             broker (redis://, amqp://, kafka://); file:// names a store",
+             broker (redis://, amqp://, kafka://, postgres://); file:// names a store",
         ))),
         Backend::Redis(url) => redis_transport(&url, limit).await,
         Backend::Amqp(url) => rabbitmq_transport(&url, limit).await,
         Backend::Kafka(url) => kafka_transport(&url, limit).await,
-        Backend::Postgres(_) => Err(Error::Core(orchestrator_core::Error::Unsupported {
-            backend: "postgres",
-            operation: "transport",
-            hint: "there is no PostgreSQL transport yet: keep the store on postgres:// and \
-                   carry events in-process (memory:) or through a broker (redis://, amqp://, \
-                   kafka://)",
-        })),
+        Backend::Postgres(url) => postgres_transport(&url, limit).await,
     }
 }
 
@@ -348,6 +342,19 @@ async fn postgres_store(url: &str, limit: MaxEventSize) -> Result<Arc<dyn EventS
     Ok(Arc::new(
         PostgresEventStore::connect(PostgresConfig::new(url)?.with_max_event_size(limit)).await?,
     ))
+}
+
+#[cfg(feature = "postgres")]
+async fn postgres_transport(url: &str, limit: MaxEventSize) -> Result<Arc<dyn Transport>> {
+    use orchestrator_backends::postgres::{PostgresConfig, PostgresTransport};
+    Ok(Arc::new(
+        PostgresTransport::connect(PostgresConfig::new(url)?.with_max_event_size(limit)).await?,
+    ))
+}
+
+#[cfg(not(feature = "postgres"))]
+async fn postgres_transport(url: &str, _limit: MaxEventSize) -> Result<Arc<dyn Transport>> {
+    Err(disabled(url, "postgres"))
 }
 
 #[cfg(not(feature = "postgres"))]
@@ -482,22 +489,28 @@ mod tests {
                 "{err}"
             );
         }
-        // No PostgreSQL transport yet, with or without the feature: said so, without the
-        // password.
-        let Err(err) = transport("postgres://u:s3cret@127.0.0.1:5432/test").await else {
-            panic!("a PostgreSQL transport was made")
-        };
-        assert!(
-            matches!(
-                err,
-                Error::Core(orchestrator_core::Error::Unsupported {
-                    backend: "postgres",
-                    ..
-                })
-            ),
-            "{err}"
-        );
-        assert!(!err.to_string().contains("s3cret"));
+        if !cfg!(feature = "postgres") {
+            let Err(err) = transport("postgres://u:s3cret@127.0.0.1:5432/test").await else {
+                panic!("postgres is not compiled in")
+            };
+            assert!(
+                matches!(
+                    err,
+                    Error::FeatureDisabled {
+                        feature: "postgres",
+                        ..
+                    }
+                ),
+                "{err}"
+            );
+            assert!(!err.to_string().contains("s3cret"));
+        } else {
+            // A bad port: refused, with the password hidden.
+            let Err(err) = transport("postgres://u:s3cret@127.0.0.1:notaport/test").await else {
+                panic!("a bad port was accepted")
+            };
+            assert!(!err.to_string().contains("s3cret"), "{err}");
+        }
     }
 
     /// `postgres://` opens a working store (skipped, with the reason, when PostgreSQL is

@@ -70,8 +70,8 @@
 //!
 //! - `redis`, `rabbitmq`, `kafka` — the broker backends (`orchestrator::backends::…`, and
 //!   `redis://`, `amqp://`, `kafka://` URLs in the builder and the CLI).
-//! - `postgres` — the PostgreSQL event store (`orchestrator::backends::postgres`, and
-//!   `postgres://` store URLs in the builder and the CLI; no PostgreSQL transport yet).
+//! - `postgres` — the PostgreSQL event store and transport (`orchestrator::backends::postgres`,
+//!   and `postgres://` store and transport URLs in the builder and the CLI).
 //! - `rabbitmq-tls` — `amqps://` for the RabbitMQ backend.
 //! - `redis-tls` — `rediss://` for the Redis backend.
 //! - `cli` — the `orchestrator` command-line tool (`tail`, `publish`, `dlq`, `replay`,

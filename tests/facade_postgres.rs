@@ -213,3 +213,88 @@ async fn one_process_relays_and_a_standby_takes_over_when_it_dies() {
         .unwrap();
     standby.shutdown(Duration::from_secs(5)).await;
 }
+
+/// Store and transport both on PostgreSQL, chosen by URL (`postgres://…?schema=…` for each):
+/// published events are stored, carried through the transport's queue table to the handler
+/// with their stored positions, and acked (the queue is empty afterwards).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_and_transport_on_postgres() {
+    let schema = schema("transport");
+    let Some(store) = store(&schema).await else {
+        return;
+    };
+    let _cleanup = DropSchema(schema.clone());
+    let base = postgres_url();
+    let separator = if base.contains('?') { '&' } else { '?' };
+    let url = format!("{base}{separator}schema={schema}");
+    let orchestrator = EventOrchestrator::builder()
+        .store_url(&url)
+        .transport_url(&url)
+        .build()
+        .await
+        .unwrap();
+    let handled: Arc<Mutex<Vec<Handled>>> = Arc::default();
+    let seen = Arc::clone(&handled);
+    orchestrator
+        .subscribe_with(
+            SubscriptionConfig::new("order.*").named("orders"),
+            move |event: EventEnvelope| {
+                let seen = Arc::clone(&seen);
+                async move {
+                    seen.lock()
+                        .unwrap()
+                        .push((event.event_type().to_owned(), event.global_position()));
+                    Ok::<_, HandlerError>(())
+                }
+            },
+        )
+        .await
+        .unwrap();
+    for event_type in ["order.placed", "order.shipped", "order.delivered"] {
+        orchestrator
+            .publish_event(event_type, json!({ "order_id": "o-1" }))
+            .await
+            .unwrap();
+    }
+    wait_until("three events handled", Duration::from_secs(20), || {
+        handled.lock().unwrap().len() == 3
+    })
+    .await;
+    let mut handled = handled.lock().unwrap().clone();
+    handled.sort_by_key(|(_, position)| *position);
+    let types: Vec<&str> = handled.iter().map(|(t, _)| t.as_str()).collect();
+    assert_eq!(types, ["order.placed", "order.shipped", "order.delivered"]);
+    assert!(
+        handled.iter().all(|(_, position)| position.is_some()),
+        "handlers see the stored positions: {handled:?}"
+    );
+    // The events went through the transport's table, and every delivery was acked.
+    let conn = store.pool().get().await.unwrap();
+    let mut left = i64::MAX;
+    for _ in 0..100 {
+        left = conn
+            .query_one(
+                &format!("SELECT count(*) FROM \"{schema}\".transport_queue"),
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if left == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(left, 0, "every delivery acked");
+    let subscribed: i64 = conn
+        .query_one(
+            &format!("SELECT count(*) FROM \"{schema}\".transport_subscriptions"),
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(subscribed > 0, "the subscription went through PostgreSQL");
+    drop(conn);
+    orchestrator.shutdown(Duration::from_secs(5)).await;
+}

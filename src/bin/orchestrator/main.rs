@@ -4,7 +4,7 @@
 //!
 //! The backend is chosen by URL: `--store` (`file://DIR`, `redis://…`, `amqp://…`,
 //! `kafka://host:port`, `postgres://…`, `memory:`) and `--transport` (`memory:`, `redis://…`, `amqp://…`,
-//! `kafka://host:port`). Output is readable by default; `--json` prints JSON for scripts.
+//! `kafka://host:port`, `postgres://…`). Output is readable by default; `--json` prints JSON for scripts.
 //! Built with the `cli` feature (plus the feature of each broker backend wanted):
 //! `cargo run --features cli --bin orchestrator -- --help`.
 
@@ -40,7 +40,7 @@ struct Cli {
     /// The transport, which carries published events to subscribers and keeps the
     /// dead-letter queue: memory: (this process only; with --store file://DIR, dead letters
     /// are the embedded application's, in DIR/dead-letters), redis://…, amqp://…,
-    /// kafka://host:port[?…] (TLS and SASL as for --store).
+    /// kafka://host:port[?…] (TLS and SASL as for --store), postgres://user@host/db[?schema=NAME].
     #[arg(
         long,
         global = true,
