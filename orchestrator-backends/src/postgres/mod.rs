@@ -179,7 +179,9 @@
 //!   (its process killed) holds its rows until their visibility timeout
 //!   ([`PostgresTransport::with_visibility_timeout`], default 30 s), after which any consumer
 //!   of the group gets them as their next attempt. So delivery is at least once: a handler
-//!   slower than the visibility timeout sees its event again.
+//!   slower than the visibility timeout sees its event again — and the timeout runs from the
+//!   claim, which is made up to the consumer's prefetch deliveries ahead of its handler, so
+//!   keep prefetch × handling time under it.
 //! - **Order**: one consumer receives a group's events in publish order (per key and overall)
 //!   until a nack or an expired lock puts one back; competing consumers share the order.
 //! - A row that holds no valid event (written by hand: not JSON, not a CloudEvent, over

@@ -119,12 +119,18 @@ impl Sql {
                  not_before))) - now())::float8 FROM {q} WHERE group_name = $1"
             ),
             ack: format!("DELETE FROM {q} WHERE id = $1"),
+            // Both notify, so that idle consumers of the group look again for the next row
+            // to fall due.
             nack: format!(
-                "UPDATE {q} SET attempt = attempt + 1, last_error = $2, locked_until = NULL, \
-                 not_before = now() + make_interval(secs => $3) WHERE id = $1"
+                "WITH u AS (UPDATE {q} SET attempt = attempt + 1, last_error = $2, \
+                   locked_until = NULL, not_before = now() + make_interval(secs => $3) \
+                   WHERE id = $1 RETURNING 1) \
+                 SELECT pg_notify($4, '') FROM u"
             ),
             release: format!(
-                "UPDATE {q} SET attempt = attempt + 1, locked_until = NULL WHERE id = $1"
+                "WITH u AS (UPDATE {q} SET attempt = attempt + 1, locked_until = NULL \
+                   WHERE id = $1 RETURNING 1) \
+                 SELECT pg_notify($2, '') FROM u"
             ),
             dead_letter: format!(
                 "WITH d AS (DELETE FROM {q} WHERE id = $1) \
@@ -505,15 +511,8 @@ impl Acknowledge for PgAck {
         let id = self.id;
         let reason = reason.replace('\0', "\u{fffd}");
         let secs = delay.as_secs_f64().min(1e9);
-        self.run(&inner.sql.nack, &[&id, &reason, &secs]).await?;
-        // Wake the group's consumers if the row is due at once.
-        if delay.is_zero() {
-            let conn = client(&inner.pool).await?;
-            conn.execute("SELECT pg_notify($1, '')", &[&inner.channel])
-                .await
-                .map_err(pg_error)?;
-        }
-        Ok(())
+        self.run(&inner.sql.nack, &[&id, &reason, &secs, &inner.channel])
+            .await
     }
 
     async fn dead_letter(mut self: Box<Self>, letter: DeadLetter) -> Result<()> {
@@ -543,10 +542,7 @@ impl Drop for PgAck {
             runtime.spawn(async move {
                 let released = async {
                     let conn = client(&inner.pool).await?;
-                    conn.execute(&inner.sql.release, &[&id])
-                        .await
-                        .map_err(pg_error)?;
-                    conn.execute("SELECT pg_notify($1, '')", &[&inner.channel])
+                    conn.execute(&inner.sql.release, &[&id, &inner.channel])
                         .await
                         .map_err(pg_error)
                 };
