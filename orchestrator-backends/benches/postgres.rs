@@ -27,8 +27,10 @@
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use orchestrator_backends::postgres::{PostgresConfig, PostgresEventStore};
-use orchestrator_core::{EventEnvelope, EventStore, ExpectedVersion, cloudevents};
+use orchestrator_backends::postgres::{PostgresConfig, PostgresEventStore, PostgresTransport};
+use orchestrator_core::{
+    EventEnvelope, EventStore, ExpectedVersion, SubscribeOptions, Transport, cloudevents,
+};
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, NoTls};
 
@@ -40,6 +42,10 @@ const SINGLE: usize = 400;
 const PER_WRITER: usize = 100;
 const BATCH: usize = 100;
 const BATCHES: usize = 200;
+const PUBLISHED: usize = 400;
+const CONSUMED: usize = 5_000;
+const TOPIC: &str = "bench.order";
+const GROUP: &str = "bench";
 
 /// A 200-byte JSON object.
 fn payload() -> Vec<u8> {
@@ -93,6 +99,7 @@ fn rows(events: &[EventEnvelope], stream: &str) -> Vec<Row> {
 struct Bench {
     schema: String,
     store: PostgresEventStore,
+    transport: PostgresTransport,
     raw: Vec<Client>,
     run: usize,
 }
@@ -121,7 +128,8 @@ impl Bench {
     async fn clean(&self) {
         self.raw[0]
             .batch_execute(&format!(
-                "TRUNCATE \"{0}\".raw_events; TRUNCATE \"{0}\".events",
+                "TRUNCATE \"{0}\".raw_events; TRUNCATE \"{0}\".events; \
+                 TRUNCATE \"{0}\".raw_queue; TRUNCATE \"{0}\".transport_queue",
                 self.schema
             ))
             .await
@@ -233,6 +241,117 @@ impl Bench {
         rate(BATCH * BATCHES, started)
     }
 
+    /// `PUBLISHED` events, one publish each, to a topic one durable group subscribes to: a
+    /// row each in the queue table.
+    async fn publish(&mut self) -> f64 {
+        let events = events(PUBLISHED);
+        let started = Instant::now();
+        for event in events {
+            self.transport.publish(TOPIC, event).await.unwrap();
+        }
+        rate(PUBLISHED, started)
+    }
+
+    /// Raw: the same rows, one autocommitted INSERT each.
+    async fn raw_publish(&mut self) -> f64 {
+        let rows = rows(&events(PUBLISHED), "");
+        let client = &self.raw[0];
+        let statement = client
+            .prepare(&format!(
+                "INSERT INTO \"{}\".raw_queue (group_name, topic, event) VALUES ($1, $2, $3)",
+                self.schema
+            ))
+            .await
+            .unwrap();
+        let started = Instant::now();
+        for row in &rows {
+            client
+                .execute(&statement, &[&GROUP, &TOPIC, &row.json])
+                .await
+                .unwrap();
+        }
+        rate(PUBLISHED, started)
+    }
+
+    /// `CONSUMED` events queued, then received through a subscription (prefetch 100) and
+    /// acked one by one.
+    async fn consume(&mut self) -> f64 {
+        let mut all = events(CONSUMED).into_iter();
+        for _ in 0..CONSUMED / BATCH {
+            let batch: Vec<EventEnvelope> = all.by_ref().take(BATCH).collect();
+            self.transport.publish_batch(TOPIC, batch).await.unwrap();
+        }
+        let options = SubscribeOptions::new(GROUP, TOPIC).unwrap().prefetch(BATCH);
+        let started = Instant::now();
+        let mut sub = self.transport.subscribe(options).await.unwrap();
+        for _ in 0..CONSUMED {
+            let delivery = sub.next().await.unwrap().unwrap();
+            delivery.ack().await.unwrap();
+        }
+        rate(CONSUMED, started)
+    }
+
+    /// Raw: the same rows claimed 100 at a time with the library's claim (`FOR UPDATE SKIP
+    /// LOCKED`, `locked_until`), each deleted on its own, with the library's commit setting
+    /// (`synchronous_commit = off` for a consumer's statements); no decoding.
+    async fn raw_consume(&mut self) -> f64 {
+        let rows = rows(&events(CONSUMED), "");
+        let client = &self.raw[0];
+        let q = format!("\"{}\".raw_queue", self.schema);
+        for chunk in rows.chunks(BATCH) {
+            let jsons: Vec<&str> = chunk.iter().map(|r| r.json.as_str()).collect();
+            client
+                .execute(
+                    &format!(
+                        "INSERT INTO {q} (group_name, topic, event) \
+                         SELECT $1, $2, u FROM unnest($3::text[]) u"
+                    ),
+                    &[&GROUP, &TOPIC, &jsons],
+                )
+                .await
+                .unwrap();
+        }
+        let claim = client
+            .prepare(&format!(
+                "WITH c AS (SELECT id FROM {q} WHERE group_name = $1 AND not_before <= now() \
+                   AND (locked_until IS NULL OR locked_until <= now()) \
+                   ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED) \
+                 UPDATE {q} t SET locked_until = now() + interval '30 seconds' \
+                 FROM c WHERE t.id = c.id RETURNING t.id, t.event"
+            ))
+            .await
+            .unwrap();
+        let delete = client
+            .prepare(&format!("DELETE FROM {q} WHERE id = $1"))
+            .await
+            .unwrap();
+        let limit = BATCH as i64;
+        let started = Instant::now();
+        let mut done = 0;
+        while done < CONSUMED {
+            let params: [&(dyn ToSql + Sync); 2] = [&GROUP, &limit];
+            let (_, claimed, _) = futures::try_join!(
+                client.batch_execute("BEGIN; SET LOCAL synchronous_commit TO off"),
+                client.query(&claim, &params),
+                client.batch_execute("COMMIT"),
+            )
+            .unwrap();
+            for row in &claimed {
+                let id: i64 = row.get(0);
+                let _event: &str = row.get(1);
+                let params: [&(dyn ToSql + Sync); 1] = [&id];
+                futures::try_join!(
+                    client.batch_execute("BEGIN; SET LOCAL synchronous_commit TO off"),
+                    client.execute(&delete, &params),
+                    client.batch_execute("COMMIT"),
+                )
+                .unwrap();
+                done += 1;
+            }
+        }
+        rate(CONSUMED, started)
+    }
+
     async fn drop_schema(&self) {
         self.store.drop_schema().await.unwrap();
     }
@@ -271,7 +390,15 @@ async fn main() {
         .with_schema(&schema)
         .unwrap()
         .with_pool_size(WRITERS + 2);
-    let store = PostgresEventStore::connect(config).await.unwrap();
+    let store = PostgresEventStore::connect(config.clone()).await.unwrap();
+    let transport = PostgresTransport::connect(config).await.unwrap();
+    // A durable group: every publish queues a row for it.
+    drop(
+        transport
+            .subscribe(SubscribeOptions::new(GROUP, TOPIC).unwrap())
+            .await
+            .unwrap(),
+    );
     raw[0]
         .batch_execute(&format!(
             "CREATE TABLE \"{schema}\".raw_events (
@@ -287,7 +414,8 @@ async fn main() {
                  UNIQUE (stream_id, event_id)
              );
              CREATE INDEX ON \"{schema}\".raw_events (event_type, position);
-             CREATE INDEX ON \"{schema}\".raw_events (event_time);"
+             CREATE INDEX ON \"{schema}\".raw_events (event_time);
+             CREATE TABLE \"{schema}\".raw_queue (LIKE \"{schema}\".transport_queue INCLUDING ALL);"
         ))
         .await
         .unwrap();
@@ -309,6 +437,7 @@ async fn main() {
     let mut bench = Bench {
         schema,
         store,
+        transport,
         raw,
         run: 0,
     };
@@ -324,6 +453,14 @@ async fn main() {
     let mut many = Group::new(&[
         "raw INSERT, 16 writers",
         "PostgresEventStore::append, 16 writers",
+    ]);
+    let mut publish = Group::new(&[
+        "raw INSERT queue row, 1 publisher",
+        "PostgresTransport::publish",
+    ]);
+    let mut consume = Group::new(&[
+        "raw claim 100 + DELETE each",
+        "PostgresTransport consume + ack each",
     ]);
     let mut batched = Group::new(&[
         "raw INSERT unnest 100, 1 writer",
@@ -355,6 +492,22 @@ async fn main() {
             batched.samples[i].push(rate);
             bench.clean().await;
         }
+        for i in order(2, reverse) {
+            let rate = match i {
+                0 => bench.raw_publish().await,
+                _ => bench.publish().await,
+            };
+            publish.samples[i].push(rate);
+            bench.clean().await;
+        }
+        for i in order(2, reverse) {
+            let rate = match i {
+                0 => bench.raw_consume().await,
+                _ => bench.consume().await,
+            };
+            consume.samples[i].push(rate);
+            bench.clean().await;
+        }
         eprintln!("round {}/{rounds} done", round + 1);
     }
     bench.drop_schema().await;
@@ -362,7 +515,7 @@ async fn main() {
         "{:<42} {:>14} {:>16}",
         "", "median events/s", "ours/raw median"
     );
-    for group in [&one, &many, &batched] {
+    for group in [&one, &many, &batched, &publish, &consume] {
         group.print();
     }
     println!(

@@ -78,7 +78,11 @@ async fn concurrent_connects_migrate_once() {
         .await
         .unwrap();
     let versions: Vec<i32> = rows.iter().map(|row| row.get(0)).collect();
-    assert_eq!(versions, [1, 2, 3, 4], "each migration applied once, in order");
+    assert_eq!(
+        versions,
+        [1, 2, 3, 4],
+        "each migration applied once, in order"
+    );
     assert_eq!(again.head_position().await.unwrap(), 0);
 }
 

@@ -182,6 +182,14 @@
 //!   slower than the visibility timeout sees its event again — and the timeout runs from the
 //!   claim, which is made up to the consumer's prefetch deliveries ahead of its handler, so
 //!   keep prefetch × handling time under it.
+//! - **Commits**: a publish commits as the server is configured (`synchronous_commit`, on
+//!   by default): once `publish` returns, the rows survive a server crash. A consumer's
+//!   statements (claims, acks, nacks, releases, dead letters) commit with
+//!   `synchronous_commit = off`, without waiting for the WAL flush: a server crash can lose
+//!   the last few of them, whole, which puts their rows back as they were — delivered again,
+//!   never lost. Measured with `benches/postgres.rs` against raw tokio-postgres doing the
+//!   same statements in the same run: publish one at a time, 0.84× (3,310/s); consume and
+//!   ack each, 0.69× (6,726/s, raw claiming 100 at a time and deleting each row).
 //! - **Order**: one consumer receives a group's events in publish order (per key and overall)
 //!   until a nack or an expired lock puts one back; competing consumers share the order.
 //! - A row that holds no valid event (written by hand: not JSON, not a CloudEvent, over

@@ -406,10 +406,7 @@ async fn claim(inner: &Arc<Inner>, group: &Arc<str>, room: usize) -> Result<Vec<
     // Milliseconds as seconds: exact enough for a lock that lasts at least 100 ms.
     #[allow(clippy::cast_precision_loss)]
     let visibility = inner.visibility_ms.load(Ordering::Relaxed) as f64 / 1000.0;
-    let rows = conn
-        .query(&statement, &[&group_name, &limit, &visibility])
-        .await
-        .map_err(pg_error)?;
+    let rows = without_flush_wait(&conn, &statement, &[&group_name, &limit, &visibility]).await?;
     drop(conn);
     let mut rows: Vec<_> = rows
         .iter()
@@ -492,10 +489,31 @@ impl PgAck {
     ) -> Result<()> {
         let conn = client(&self.inner.pool).await?;
         let statement = conn.prepare_cached(sql).await.map_err(pg_error)?;
-        conn.execute(&statement, params).await.map_err(pg_error)?;
+        without_flush_wait(&conn, &statement, params).await?;
         self.settled = true;
         Ok(())
     }
+}
+
+/// Runs a consumer's statement (a claim, an ack, a nack, a release, a dead letter) in a
+/// transaction that commits without waiting for the WAL flush (`synchronous_commit = off`),
+/// in one round trip. Safe because losing such a commit in a server crash loses no message:
+/// the transaction is lost whole, so the row is back as it was — claimable again, to be
+/// delivered once more, which at-least-once delivery allows. Publishes wait for the flush.
+async fn without_flush_wait(
+    conn: &deadpool_postgres::Object,
+    statement: &tokio_postgres::Statement,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+) -> Result<Vec<tokio_postgres::Row>> {
+    // Queued on the connection together at the first poll, so a caller that goes away
+    // cannot leave the transaction open.
+    let (_, rows, _) = futures::try_join!(
+        conn.batch_execute("BEGIN; SET LOCAL synchronous_commit TO off"),
+        conn.query(statement, params),
+        conn.batch_execute("COMMIT"),
+    )
+    .map_err(pg_error)?;
+    Ok(rows)
 }
 
 #[async_trait]
@@ -542,9 +560,13 @@ impl Drop for PgAck {
             runtime.spawn(async move {
                 let released = async {
                     let conn = client(&inner.pool).await?;
-                    conn.execute(&inner.sql.release, &[&id, &inner.channel])
+                    let statement = conn
+                        .prepare_cached(&inner.sql.release)
                         .await
-                        .map_err(pg_error)
+                        .map_err(pg_error)?;
+                    without_flush_wait(&conn, &statement, &[&id, &inner.channel])
+                        .await
+                        .map(drop)
                 };
                 if let Err(error) = released.await {
                     tracing::warn!(%error, "postgres transport: cannot release a delivery; its lock will run out");
