@@ -425,6 +425,29 @@ produce  ratio ours/raw 0.94
             (850_000.0, 900_000.0, 0.94)
         );
 
+        // The store rows: a heading line, then indented lines without it.
+        let kafka_store = "\
+kafka store bench: broker 127.0.0.1:9092, 3 reps; single appends: 5000 by 64 tasks
+store append, single events, 64 in flight
+    raw  median       8527 msg/s   [9k 9k 8k]
+    ours median       8381 msg/s   [8k 8k 9k]
+    ratio ours/raw 0.98
+store append, batches of 100
+    raw  median      12024 msg/s   [12k 12k 12k]
+    ours median      11317 msg/s   [11k 12k 11k]
+    ratio ours/raw 0.94
+";
+        let found = comparisons(kafka_store);
+        let labels: Vec<&str> = found.iter().map(|c| c.label.as_str()).collect();
+        assert_eq!(
+            labels,
+            [
+                "store append, single events, 64 in flight",
+                "store append, batches of 100"
+            ]
+        );
+        assert_eq!((found[1].ours, found[1].baseline), (11_317.0, 12_024.0));
+
         let rabbit = "\
 work                                            raw msg/s   ours msg/s ours/raw
 publish persistent, 500 in flight                   18300        17000     0.93
