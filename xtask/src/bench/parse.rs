@@ -297,6 +297,9 @@ pub(crate) struct E2eLine {
     pub(crate) ratio: f64,
     /// Events ÷ (first publish → last `publish` returned): how fast the publishers went.
     pub(crate) publish_rate: f64,
+    /// The slowest event's latency, in microseconds (`None` from a bench that did not print
+    /// it).
+    pub(crate) max_us: Option<f64>,
 }
 
 /// A combination (or one of its concurrencies) the end-to-end bench did not measure.
@@ -347,7 +350,8 @@ pub(crate) fn e2e_report(output: &str) -> (Vec<E2eLine>, Vec<E2eAbsence>) {
                 append_rate,
                 ratio,
                 publish_rate,
-            ] => Some(E2eLine {
+                ref max_us @ ..,
+            ] if max_us.len() <= 1 => Some(E2eLine {
                 combination: row.label,
                 concurrency: concurrency as u32,
                 events: events as u64,
@@ -357,6 +361,7 @@ pub(crate) fn e2e_report(output: &str) -> (Vec<E2eLine>, Vec<E2eAbsence>) {
                 append_rate,
                 ratio,
                 publish_rate,
+                max_us: max_us.first().copied(),
             }),
             _ => None,
         })
@@ -496,8 +501,8 @@ e2e: memory/memory at concurrency 1, 20000 events
 e2e failed: Redis/Redis at concurrency 64: end to end, round 2: redis failed: timeout
 
 facade end to end (publish → handler) vs plain append, medians of 5 rounds
-combination          concurrency   events   e2e ev/s    p50 µs    p99 µs  append ev/s  e2e/append publish ev/s
-memory/memory                  1    20000     150000       6.1      30.2       900000        0.17       800000
+combination          concurrency   events   e2e ev/s    p50 µs    p99 µs  append ev/s  e2e/append publish ev/s     max µs
+memory/memory                  1    20000     150000       6.1      30.2       900000        0.17       800000       95.5
 RabbitMQ/RabbitMQ             64     3000       2500    8000.0   21000.5         2600        0.96         2550
 (e2e/append is the median of the per-round ratios; target >= 0.7)
 ";
@@ -513,6 +518,8 @@ RabbitMQ/RabbitMQ             64     3000       2500    8000.0   21000.5        
             (rows[0].append_rate, rows[0].ratio, rows[0].publish_rate),
             (900_000.0, 0.17, 800_000.0)
         );
+        // The slowest event's latency, when the bench printed it.
+        assert_eq!((rows[0].max_us, rows[1].max_us), (Some(95.5), None));
         assert_eq!(rows[1].combination, "RabbitMQ/RabbitMQ");
         assert_eq!(rows[1].concurrency, 64);
         assert_eq!(
