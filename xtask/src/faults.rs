@@ -138,7 +138,7 @@ pub(crate) fn scenarios(short: bool) -> Vec<Scenario> {
             pick(900, 180),
         ));
     }
-    for target in ["file-memory", "file-redis", "redis-redis"] {
+    for target in ["file-memory", "file-redis", "redis-redis", "postgres-redis"] {
         all.push(scenario(
             format!("publisher-crash-{target}"),
             vec![
@@ -148,6 +148,7 @@ pub(crate) fn scenarios(short: bool) -> Vec<Scenario> {
                 // 50 kills in CI too, as the store-first issue asks (about a minute each).
                 "50".into(),
             ],
+            // postgres-redis: the binary says when PostgreSQL cannot be reached.
             target.contains("redis").then_some("redis"),
             pick(600, 600),
         ));
