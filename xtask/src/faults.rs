@@ -546,7 +546,7 @@ mod tests {
     fn the_short_suite_is_the_same_suite_smaller() {
         let (full, short) = (scenarios(false), scenarios(true));
         assert_eq!(full.len(), short.len());
-        assert_eq!(full.len(), 3 + 1 + 5 + 3 + 2 + 3 + 1 + 1);
+        assert_eq!(full.len(), 3 + 1 + 5 + 4 + 2 + 3 + 1 + 1);
         let restart = short.iter().find(|s| s.name == "restart-kafka").unwrap();
         assert!(restart.args.contains(&"10000".to_owned()));
         assert_eq!(restart.service, None, "it runs a tansu of its own");
@@ -557,6 +557,11 @@ mod tests {
             .find(|s| s.name == "publisher-crash-file-memory")
             .unwrap();
         assert_eq!(crash.service, None, "the embedded store and transport");
+        let on_postgres = short
+            .iter()
+            .find(|s| s.name == "publisher-crash-postgres-redis")
+            .unwrap();
+        assert_eq!(on_postgres.service, Some("redis"));
         assert!(
             crash
                 .args
