@@ -19,8 +19,9 @@
 //!
 //! The broker: with `ORCHESTRATOR_KAFKA_BROKERS` set, that one. Otherwise the bench starts a
 //! tansu of its own (the one `cargo xtask services up` installs) with
-//! `--storage-engine memory://tansu/` on a spare loopback port — it measures the client, not
-//! a disk, and leaves the shared test broker alone — and stops it at the end. Without either,
+//! `--storage-engine sqlite://tansu.db` (the store rows read the log back, which the memory
+//! engine does not reliably serve) on a spare loopback port — it leaves the shared test
+//! broker alone — and stops it at the end. Without either,
 //! or when the broker does not answer, it says why and exits successfully.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -91,7 +92,7 @@ fn main() {
     drop(own);
 }
 
-/// A tansu with memory storage on a spare port, killed when dropped.
+/// A tansu with sqlite storage on a spare port, killed when dropped (its folder removed).
 struct OwnBroker {
     child: std::process::Child,
     dir: std::path::PathBuf,
@@ -116,7 +117,7 @@ impl OwnBroker {
         let child = std::process::Command::new(binary)
             .current_dir(&dir)
             .args(["--listener-url", &url, "--advertised-listener-url", &url])
-            .args(["--storage-engine", "memory://tansu/"])
+            .args(["--storage-engine", "sqlite://tansu.db"])
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
@@ -131,7 +132,7 @@ impl OwnBroker {
             std::thread::sleep(Duration::from_millis(50));
         }
         println!(
-            "kafka bench: started tansu (memory storage) at {}",
+            "kafka bench: started tansu (sqlite storage) at {}",
             broker.address()
         );
         Some(broker)

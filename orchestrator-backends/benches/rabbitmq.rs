@@ -8,7 +8,12 @@
 //!   `publish_batch` of 500;
 //! - publish, each confirm awaited: raw publish + await, vs `publish`;
 //! - consume with prefetch 500, ack each: raw `basic_consume`, vs `subscribe` + `ack`
-//!   (which also decodes each CloudEvent).
+//!   (which also decodes each CloudEvent);
+//! - store appends: raw `basic_publish` of the very messages `RabbitMqEventStore::append`
+//!   writes (CloudEvents body, the store's properties and headers) into a stream queue, each
+//!   confirm awaited, vs `append` (which also waits for its log reader to see the write, to
+//!   learn the positions): single events by 64 tasks at once, and batches of 100 from one
+//!   task.
 //!
 //! Each measurement runs `ROUNDS` times; the medians and the ratio ours/raw are printed.
 //! When the broker is unreachable it says so and exits 0.
@@ -22,8 +27,14 @@ use lapin::options::{
 };
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
-use orchestrator_backends::rabbitmq::{RabbitMqConfig, RabbitMqTransport};
-use orchestrator_core::{EventEnvelope, SubscribeOptions, Transport, cloudevents};
+use std::sync::Arc;
+
+use orchestrator_backends::rabbitmq::{
+    RabbitMqConfig, RabbitMqEventStore, RabbitMqStoreConfig, RabbitMqTransport,
+};
+use orchestrator_core::{
+    EventEnvelope, EventStore, ExpectedVersion, SubscribeOptions, Transport, cloudevents,
+};
 use serde_json::json;
 
 const ROUNDS: usize = 5;
@@ -31,6 +42,12 @@ const IN_FLIGHT: usize = 500;
 const BATCH_MESSAGES: usize = 10_000;
 const SINGLE_MESSAGES: usize = 1_000;
 const CONSUME_MESSAGES: usize = BATCH_MESSAGES + SINGLE_MESSAGES;
+/// Single-event store appends per round, by [`STORE_WRITERS`] tasks at once.
+const STORE_SINGLES: usize = 5_000;
+const STORE_WRITERS: usize = 64;
+/// Store batches per round, of [`STORE_BATCH`] events, one after another.
+const STORE_BATCHES: usize = 50;
+const STORE_BATCH: usize = 100;
 
 type BenchResult<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
 
@@ -189,6 +206,32 @@ async fn run() -> BenchResult<()> {
         sample.len()
     );
 
+    // The store rows: a stream queue each, the raw one declared as the store declares its own.
+    let store = Arc::new(
+        RabbitMqEventStore::connect(
+            RabbitMqStoreConfig::new(&url).with_stream(format!("bench.store.{tag}")),
+        )
+        .await?,
+    );
+    let raw_log = format!("bench.rawlog.{tag}");
+    let mut stream_arguments = FieldTable::default();
+    stream_arguments.insert(
+        "x-queue-type".into(),
+        lapin::types::AMQPValue::LongString("stream".into()),
+    );
+    channel
+        .queue_declare(
+            raw_log.as_str().into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..QueueDeclareOptions::default()
+            },
+            stream_arguments,
+        )
+        .await?;
+    let (mut raw_single, mut our_single, mut raw_batches, mut our_batches) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+
     let (mut raw_batch, mut our_batch, mut raw_each, mut our_each) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let (mut raw_cons, mut our_cons) = (Vec::new(), Vec::new());
@@ -209,6 +252,41 @@ async fn run() -> BenchResult<()> {
             delivery.ack().await?;
         }
         our_cons.push(rate(CONSUME_MESSAGES, start.elapsed()));
+
+        let singles: Arc<[EventEnvelope]> = events(topic, STORE_SINGLES).into();
+        raw_single.push(
+            concurrently(&singles, |event| {
+                let (channel, queue) = (channel.clone(), raw_log.clone());
+                async move { raw_append(&channel, &queue, std::slice::from_ref(&event)).await }
+            })
+            .await?,
+        );
+        our_single.push(
+            concurrently(&singles, |event| {
+                let store = Arc::clone(&store);
+                async move {
+                    store
+                        .append("single", ExpectedVersion::Any, vec![event])
+                        .await
+                        .map(drop)
+                        .map_err(Into::into)
+                }
+            })
+            .await?,
+        );
+        let batches: Vec<Vec<EventEnvelope>> = (0..STORE_BATCHES)
+            .map(|_| events(topic, STORE_BATCH))
+            .collect();
+        let start = Instant::now();
+        for batch in &batches {
+            raw_append(&channel, &raw_log, batch).await?;
+        }
+        raw_batches.push(rate(STORE_BATCHES * STORE_BATCH, start.elapsed()));
+        let start = Instant::now();
+        for batch in batches {
+            store.append("batch", ExpectedVersion::Any, batch).await?;
+        }
+        our_batches.push(rate(STORE_BATCHES * STORE_BATCH, start.elapsed()));
     }
 
     let rows = [
@@ -219,6 +297,12 @@ async fn run() -> BenchResult<()> {
             our_each,
         ),
         ("consume prefetch 500, ack each", raw_cons, our_cons),
+        (
+            "store append, single events, 64 in flight",
+            raw_single,
+            our_single,
+        ),
+        ("store append, batches of 100", raw_batches, our_batches),
     ];
     println!(
         "{:<44} {:>12} {:>12} {:>8}",
@@ -232,9 +316,86 @@ async fn run() -> BenchResult<()> {
     channel
         .queue_delete(raw_q.as_str().into(), QueueDeleteOptions::default())
         .await?;
+    channel
+        .queue_delete(raw_log.as_str().into(), QueueDeleteOptions::default())
+        .await?;
+    store.delete_log().await?;
+    store.close().await;
     transport.delete_topology().await?;
     transport.close().await;
     connection.close(200, "bench done".into()).await?;
+    Ok(())
+}
+
+/// Runs `append` on every event, [`STORE_WRITERS`] tasks at once; events/s.
+async fn concurrently<F, Fut>(events: &Arc<[EventEnvelope]>, append: F) -> BenchResult<f64>
+where
+    F: Fn(EventEnvelope) -> Fut,
+    Fut: std::future::Future<Output = BenchResult<()>> + Send + 'static,
+{
+    let start = Instant::now();
+    let mut tasks = Vec::with_capacity(STORE_WRITERS);
+    for task in 0..STORE_WRITERS {
+        let mine: Vec<Fut> = (task..events.len())
+            .step_by(STORE_WRITERS)
+            .map(|i| append(events[i].clone()))
+            .collect();
+        tasks.push(tokio::spawn(async move {
+            for one in mine {
+                one.await?;
+            }
+            Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
+        }));
+    }
+    for task in tasks {
+        task.await??;
+    }
+    Ok(rate(events.len(), start.elapsed()))
+}
+
+/// Raw: the messages `RabbitMqEventStore::append` publishes for `events` into the stream
+/// queue `queue` (CloudEvents JSON with the stream id, the store's properties and stream and
+/// write-id headers), then every confirm awaited.
+async fn raw_append(channel: &Channel, queue: &str, events: &[EventEnvelope]) -> BenchResult<()> {
+    let mut confirms = Vec::with_capacity(events.len());
+    for event in events {
+        let event = event.clone().with_stream_id("raw");
+        let body = cloudevents::encode(&event)?;
+        let mut headers = FieldTable::default();
+        headers.insert(
+            "x-orchestrator-stream-id".into(),
+            lapin::types::AMQPValue::LongString("raw".into()),
+        );
+        headers.insert(
+            "x-orchestrator-write-id".into(),
+            lapin::types::AMQPValue::LongString(uuid::Uuid::now_v7().simple().to_string().into()),
+        );
+        let properties = BasicProperties::default()
+            .with_content_type("application/cloudevents+json".into())
+            .with_delivery_mode(2)
+            .with_message_id(event.id().as_str().into())
+            .with_type(event.event_type().into())
+            .with_headers(headers);
+        confirms.push(
+            channel
+                .basic_publish(
+                    "".into(),
+                    queue.into(),
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..BasicPublishOptions::default()
+                    },
+                    &body,
+                    properties,
+                )
+                .await?,
+        );
+    }
+    for confirm in confirms {
+        if !confirm.await?.is_ack() {
+            return Err("nacked".into());
+        }
+    }
     Ok(())
 }
 

@@ -275,7 +275,8 @@ async fn bad_input_is_a_typed_error() {
     let store = store(&url, &schema).await;
     let far = Utc.with_ymd_and_hms(9999, 12, 31, 23, 59, 59).unwrap();
     let beyond = EventEnvelope::new("t.far", &1).unwrap().with_time(far);
-    // Years RFC 3339 cannot write (the CloudEvents time): refused before anything is sent.
+    // Years RFC 3339 cannot write (the CloudEvents time): refused by the encoder, as on
+    // every store that writes CloudEvents, before anything is sent.
     for time in [
         chrono::DateTime::<Utc>::MIN_UTC,
         chrono::DateTime::<Utc>::MAX_UTC,
@@ -284,7 +285,7 @@ async fn bad_input_is_a_typed_error() {
         let odd = EventEnvelope::new("t.far", &1).unwrap().with_time(time);
         assert!(matches!(
             store.append("s", ExpectedVersion::Any, vec![odd]).await,
-            Err(Error::InvalidInput { .. })
+            Err(Error::Encode { .. })
         ));
     }
     // An id PostgreSQL text cannot hold.

@@ -47,7 +47,7 @@
 use std::collections::BTreeMap;
 
 use base64::Engine as _;
-use chrono::{DateTime, SecondsFormat, Utc};
+use chrono::{DateTime, Datelike as _, SecondsFormat, Utc};
 use serde::de::{DeserializeSeed, MapAccess, Visitor};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
@@ -246,6 +246,15 @@ pub fn encode(event: &EventEnvelope) -> Result<Vec<u8>> {
     if let Some(why) = headers_over_limits(&event.headers) {
         return Err(Error::encode(format!("event {}: {why}", event.id)));
     }
+    // RFC 3339 writes four-digit years: a time outside them would be written in a form no
+    // decoder reads back, and the event stored or sent unreadable.
+    if !(0..=9999).contains(&event.time.year()) {
+        return Err(Error::encode(format!(
+            "event {}: its time {} is outside the years 0000 to 9999 that an RFC 3339 \
+             timestamp (the CloudEvents `time`) can hold; give it a time in that range",
+            event.id, event.time
+        )));
+    }
     let json_data = !event.data.is_empty() && is_json_content_type(&event.content_type);
     if json_data && !event.data_is_json.0 {
         // Bytes given as JSON by the caller: check them before sending them as such.
@@ -312,9 +321,22 @@ pub fn decode(bytes: &[u8]) -> Result<EventEnvelope> {
     let event_type = crate::envelope::checked_event_type(&event_type)
         .map_err(|e| Error::decode("type", e.to_string()))?;
     let time = match take_string(&mut attrs, "time")? {
-        Some(t) => DateTime::parse_from_rfc3339(&t)
-            .map_err(|e| Error::decode("time", format!("`{t}` is not an RFC 3339 timestamp: {e}")))?
-            .with_timezone(&Utc),
+        Some(t) => {
+            let time = DateTime::parse_from_rfc3339(&t)
+                .map_err(|e| {
+                    Error::decode("time", format!("`{t}` is not an RFC 3339 timestamp: {e}"))
+                })?
+                .with_timezone(&Utc);
+            // An offset can carry a four-digit year out of range in UTC: such an event
+            // could not be written again (see `encode`).
+            if !(0..=9999).contains(&time.year()) {
+                return Err(Error::decode(
+                    "time",
+                    format!("`{t}` is outside the years 0000 to 9999 in UTC"),
+                ));
+            }
+            time
+        }
         None => Utc::now(),
     };
     let subject = take_string(&mut attrs, "subject")?;

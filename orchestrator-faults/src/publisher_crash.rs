@@ -13,6 +13,8 @@
 //! - `file-redis`: the file store and the Redis transport; the subscriber (a named consumer
 //!   group) lives in this parent process, which is never killed.
 //! - `redis-redis`: the Redis store and transport, the relay elected by the store's lease.
+//! - `postgres-redis`: the PostgreSQL store (a schema of the run's own) and the Redis
+//!   transport, the relay elected by the store's lease row.
 //!
 //! Every publish that returns appends the event's id to an `acked` file, every handled event
 //! its id to a `handled` file (one `O_APPEND` write each). The child process is this binary
@@ -48,6 +50,7 @@ enum Target {
     FileMemory,
     FileRedis,
     RedisRedis,
+    PostgresRedis,
 }
 
 impl Target {
@@ -56,8 +59,13 @@ impl Target {
             "file-memory" => Ok(Self::FileMemory),
             "file-redis" => Ok(Self::FileRedis),
             "redis-redis" => Ok(Self::RedisRedis),
+            "postgres-redis" => Ok(Self::PostgresRedis),
             other => Err(Failure::Failed(
-                format!("unknown target `{other}` (file-memory, file-redis, redis-redis)").into(),
+                format!(
+                    "unknown target `{other}` (file-memory, file-redis, redis-redis, \
+                     postgres-redis)"
+                )
+                .into(),
             )),
         }
     }
@@ -67,6 +75,7 @@ impl Target {
             Self::FileMemory => "file-memory",
             Self::FileRedis => "file-redis",
             Self::RedisRedis => "redis-redis",
+            Self::PostgresRedis => "postgres-redis",
         }
     }
 
@@ -75,6 +84,7 @@ impl Target {
             Self::FileMemory => "file store + in-process transport",
             Self::FileRedis => "file store + Redis transport",
             Self::RedisRedis => "Redis store + Redis transport",
+            Self::PostgresRedis => "PostgreSQL store + Redis transport",
         }
     }
 
@@ -90,6 +100,19 @@ fn redis_config(prefix: &str) -> Res<orchestrator::backends::redis::RedisConfig>
     let url =
         std::env::var("ORCHESTRATOR_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
     Ok(orchestrator::backends::redis::RedisConfig::new(&url)?.with_prefix(prefix.to_owned()))
+}
+
+/// The PostgreSQL configuration of a run: the shared server, in a schema named after the
+/// run's prefix.
+#[cfg(feature = "postgres")]
+fn postgres_config(prefix: &str) -> Res<orchestrator::backends::postgres::PostgresConfig> {
+    let url = std::env::var("ORCHESTRATOR_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+    let schema: String = prefix
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect();
+    Ok(orchestrator::backends::postgres::PostgresConfig::new(&url)?.with_schema(schema)?)
 }
 
 /// The store of a target.
@@ -109,6 +132,16 @@ async fn store(target: Target, dir: &Path, prefix: &str) -> Result<Arc<dyn Event
         }
         #[cfg(not(feature = "redis"))]
         Target::RedisRedis => Err(crate::not_built("redis")),
+        #[cfg(feature = "postgres")]
+        Target::PostgresRedis => {
+            let config = postgres_config(prefix)?;
+            let store = orchestrator::backends::postgres::PostgresEventStore::connect(config)
+                .await
+                .map_err(|e| Failure::CannotRun(format!("PostgreSQL: {e}")))?;
+            Ok(Arc::new(store))
+        }
+        #[cfg(not(feature = "postgres"))]
+        Target::PostgresRedis => Err(crate::not_built("postgres")),
     }
 }
 
@@ -118,7 +151,7 @@ async fn transport(target: Target, prefix: &str) -> Result<Option<Arc<dyn Transp
     match target {
         Target::FileMemory => Ok(None),
         #[cfg(feature = "redis")]
-        Target::FileRedis | Target::RedisRedis => {
+        Target::FileRedis | Target::RedisRedis | Target::PostgresRedis => {
             let config = redis_config(prefix)?;
             let transport = orchestrator::backends::redis::RedisTransport::connect(config)
                 .await
@@ -126,7 +159,9 @@ async fn transport(target: Target, prefix: &str) -> Result<Option<Arc<dyn Transp
             Ok(Some(Arc::new(transport)))
         }
         #[cfg(not(feature = "redis"))]
-        Target::FileRedis | Target::RedisRedis => Err(crate::not_built("redis")),
+        Target::FileRedis | Target::RedisRedis | Target::PostgresRedis => {
+            Err(crate::not_built("redis"))
+        }
     }
 }
 
@@ -294,6 +329,21 @@ pub(crate) fn parent(target: &str, rounds: usize) -> Result<(), Failure> {
         });
         if let Err(e) = cleanup {
             eprintln!("publisher-crash: could not delete the run's Redis keys: {e}");
+        }
+    }
+    #[cfg(feature = "postgres")]
+    if target == Target::PostgresRedis {
+        let cleanup = crate::runtime()?.block_on(async {
+            orchestrator::backends::postgres::PostgresEventStore::connect(postgres_config(
+                &prefix,
+            )?)
+            .await?
+            .drop_schema()
+            .await?;
+            Ok::<_, crate::BoxError>(())
+        });
+        if let Err(e) = cleanup {
+            eprintln!("publisher-crash: could not drop the run's PostgreSQL schema: {e}");
         }
     }
     result

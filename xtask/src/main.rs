@@ -63,7 +63,7 @@ Commands:
         and writes BENCHMARKS.md: each area's figure, the baseline measured in the
         same run, the ratio and the target. Backends whose service is down are
         reported as skipped; the kafka and e2e benches get a tansu of their own
-        with memory storage when tansu is installed. --quick is a smoke run (short
+        with sqlite storage when tansu is installed. --quick is a smoke run (short
         measurements, no rabbitmq/kafka/e2e) written under the target folder, as
         is a run of named benches only; --out picks the file.
   faults [--short] [--out <file>] [<scenario>...]

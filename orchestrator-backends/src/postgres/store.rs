@@ -269,17 +269,6 @@ impl EventStore for PostgresEventStore {
                 return Err(Error::encode("a CloudEvents encoding is not a JSON object"));
             }
             check_text("event id", event.id().as_str())?;
-            if !in_storable_range(event.time()) {
-                return Err(Error::invalid(
-                    "event time",
-                    format!(
-                        "event {}: {} is outside the years an RFC 3339 time (the \
-                         CloudEvents `time`) can hold, 0000 to 9999",
-                        event.id(),
-                        event.time()
-                    ),
-                ));
-            }
             prepared.push(Prepared {
                 id: event.id().to_string(),
                 event_type: event.event_type().to_owned(),

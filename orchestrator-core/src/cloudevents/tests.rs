@@ -51,6 +51,34 @@ fn binary_payloads_use_data_base64() {
 }
 
 #[test]
+fn times_outside_four_digit_years_are_refused_before_they_are_written() {
+    use chrono::TimeZone as _;
+    let last = Utc.with_ymd_and_hms(9999, 12, 31, 23, 59, 59).unwrap();
+    let event = EventEnvelope::new("a.b", &1).unwrap().with_time(last);
+    assert_eq!(decode(&encode(&event).unwrap()).unwrap().time(), last);
+    for year in [10_000, 200_000, -1] {
+        let time = Utc.with_ymd_and_hms(year, 1, 1, 0, 0, 0).unwrap();
+        let event = EventEnvelope::new("a.b", &1).unwrap().with_time(time);
+        match encode(&event) {
+            Err(Error::Encode { reason }) => {
+                assert!(reason.contains("0000 to 9999"), "{reason}");
+            }
+            other => panic!("year {year}: {other:?}"),
+        }
+    }
+    // Four-digit years whose offset takes them out of range in UTC are refused on decode,
+    // so whatever decodes can be encoded again.
+    let ok = r#""specversion":"1.0","id":"1","source":"s","type":"a.b""#;
+    for time in ["0000-01-01T00:00:00+01:00", "9999-12-31T23:00:00-02:00"] {
+        assert_eq!(
+            field_of(&format!(r#"{{{ok},"time":"{time}"}}"#)),
+            "time",
+            "{time}"
+        );
+    }
+}
+
+#[test]
 fn nanosecond_times_round_trip() {
     let time = DateTime::parse_from_rfc3339("2026-11-26T10:11:12.123456789Z")
         .unwrap()

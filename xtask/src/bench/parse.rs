@@ -297,6 +297,9 @@ pub(crate) struct E2eLine {
     pub(crate) ratio: f64,
     /// Events ÷ (first publish → last `publish` returned): how fast the publishers went.
     pub(crate) publish_rate: f64,
+    /// The slowest event's latency, in microseconds (`None` from a bench that did not print
+    /// it).
+    pub(crate) max_us: Option<f64>,
 }
 
 /// A combination (or one of its concurrencies) the end-to-end bench did not measure.
@@ -347,7 +350,8 @@ pub(crate) fn e2e_report(output: &str) -> (Vec<E2eLine>, Vec<E2eAbsence>) {
                 append_rate,
                 ratio,
                 publish_rate,
-            ] => Some(E2eLine {
+                ref max_us @ ..,
+            ] if max_us.len() <= 1 => Some(E2eLine {
                 combination: row.label,
                 concurrency: concurrency as u32,
                 events: events as u64,
@@ -357,6 +361,7 @@ pub(crate) fn e2e_report(output: &str) -> (Vec<E2eLine>, Vec<E2eAbsence>) {
                 append_rate,
                 ratio,
                 publish_rate,
+                max_us: max_us.first().copied(),
             }),
             _ => None,
         })
@@ -425,6 +430,29 @@ produce  ratio ours/raw 0.94
             (850_000.0, 900_000.0, 0.94)
         );
 
+        // The store rows: a heading line, then indented lines without it.
+        let kafka_store = "\
+kafka store bench: broker 127.0.0.1:9092, 3 reps; single appends: 5000 by 64 tasks
+store append, single events, 64 in flight
+    raw  median       8527 msg/s   [9k 9k 8k]
+    ours median       8381 msg/s   [8k 8k 9k]
+    ratio ours/raw 0.98
+store append, batches of 100
+    raw  median      12024 msg/s   [12k 12k 12k]
+    ours median      11317 msg/s   [11k 12k 11k]
+    ratio ours/raw 0.94
+";
+        let found = comparisons(kafka_store);
+        let labels: Vec<&str> = found.iter().map(|c| c.label.as_str()).collect();
+        assert_eq!(
+            labels,
+            [
+                "store append, single events, 64 in flight",
+                "store append, batches of 100"
+            ]
+        );
+        assert_eq!((found[1].ours, found[1].baseline), (11_317.0, 12_024.0));
+
         let rabbit = "\
 work                                            raw msg/s   ours msg/s ours/raw
 publish persistent, 500 in flight                   18300        17000     0.93
@@ -473,8 +501,8 @@ e2e: memory/memory at concurrency 1, 20000 events
 e2e failed: Redis/Redis at concurrency 64: end to end, round 2: redis failed: timeout
 
 facade end to end (publish → handler) vs plain append, medians of 5 rounds
-combination          concurrency   events   e2e ev/s    p50 µs    p99 µs  append ev/s  e2e/append publish ev/s
-memory/memory                  1    20000     150000       6.1      30.2       900000        0.17       800000
+combination          concurrency   events   e2e ev/s    p50 µs    p99 µs  append ev/s  e2e/append publish ev/s     max µs
+memory/memory                  1    20000     150000       6.1      30.2       900000        0.17       800000       95.5
 RabbitMQ/RabbitMQ             64     3000       2500    8000.0   21000.5         2600        0.96         2550
 (e2e/append is the median of the per-round ratios; target >= 0.7)
 ";
@@ -490,6 +518,8 @@ RabbitMQ/RabbitMQ             64     3000       2500    8000.0   21000.5        
             (rows[0].append_rate, rows[0].ratio, rows[0].publish_rate),
             (900_000.0, 0.17, 800_000.0)
         );
+        // The slowest event's latency, when the bench printed it.
+        assert_eq!((rows[0].max_us, rows[1].max_us), (Some(95.5), None));
         assert_eq!(rows[1].combination, "RabbitMQ/RabbitMQ");
         assert_eq!(rows[1].concurrency, 64);
         assert_eq!(
