@@ -15,6 +15,7 @@
 //! - `redis-redis`: the Redis store and transport, the relay elected by the store's lease.
 //! - `postgres-redis`: the PostgreSQL store (a schema of the run's own) and the Redis
 //!   transport, the relay elected by the store's lease row.
+//! - `postgres-postgres`: store and transport on PostgreSQL, in one schema of the run's own.
 //!
 //! Every publish that returns appends the event's id to an `acked` file, every handled event
 //! its id to a `handled` file (one `O_APPEND` write each). The child process is this binary
@@ -51,6 +52,7 @@ enum Target {
     FileRedis,
     RedisRedis,
     PostgresRedis,
+    PostgresPostgres,
 }
 
 impl Target {
@@ -60,10 +62,11 @@ impl Target {
             "file-redis" => Ok(Self::FileRedis),
             "redis-redis" => Ok(Self::RedisRedis),
             "postgres-redis" => Ok(Self::PostgresRedis),
+            "postgres-postgres" => Ok(Self::PostgresPostgres),
             other => Err(Failure::Failed(
                 format!(
                     "unknown target `{other}` (file-memory, file-redis, redis-redis, \
-                     postgres-redis)"
+                     postgres-redis, postgres-postgres)"
                 )
                 .into(),
             )),
@@ -76,6 +79,7 @@ impl Target {
             Self::FileRedis => "file-redis",
             Self::RedisRedis => "redis-redis",
             Self::PostgresRedis => "postgres-redis",
+            Self::PostgresPostgres => "postgres-postgres",
         }
     }
 
@@ -85,6 +89,7 @@ impl Target {
             Self::FileRedis => "file store + Redis transport",
             Self::RedisRedis => "Redis store + Redis transport",
             Self::PostgresRedis => "PostgreSQL store + Redis transport",
+            Self::PostgresPostgres => "PostgreSQL store + PostgreSQL transport",
         }
     }
 
@@ -133,7 +138,7 @@ async fn store(target: Target, dir: &Path, prefix: &str) -> Result<Arc<dyn Event
         #[cfg(not(feature = "redis"))]
         Target::RedisRedis => Err(crate::not_built("redis")),
         #[cfg(feature = "postgres")]
-        Target::PostgresRedis => {
+        Target::PostgresRedis | Target::PostgresPostgres => {
             let config = postgres_config(prefix)?;
             let store = orchestrator::backends::postgres::PostgresEventStore::connect(config)
                 .await
@@ -141,7 +146,7 @@ async fn store(target: Target, dir: &Path, prefix: &str) -> Result<Arc<dyn Event
             Ok(Arc::new(store))
         }
         #[cfg(not(feature = "postgres"))]
-        Target::PostgresRedis => Err(crate::not_built("postgres")),
+        Target::PostgresRedis | Target::PostgresPostgres => Err(crate::not_built("postgres")),
     }
 }
 
@@ -162,6 +167,16 @@ async fn transport(target: Target, prefix: &str) -> Result<Option<Arc<dyn Transp
         Target::FileRedis | Target::RedisRedis | Target::PostgresRedis => {
             Err(crate::not_built("redis"))
         }
+        #[cfg(feature = "postgres")]
+        Target::PostgresPostgres => {
+            let config = postgres_config(prefix)?;
+            let transport = orchestrator::backends::postgres::PostgresTransport::connect(config)
+                .await
+                .map_err(|e| Failure::CannotRun(format!("PostgreSQL: {e}")))?;
+            Ok(Some(Arc::new(transport)))
+        }
+        #[cfg(not(feature = "postgres"))]
+        Target::PostgresPostgres => Err(crate::not_built("postgres")),
     }
 }
 
@@ -319,7 +334,10 @@ pub(crate) fn parent(target: &str, rounds: usize) -> Result<(), Failure> {
     let result = crate::runtime()?.block_on(scenario(target, &dir, &prefix, rounds));
     let _ = std::fs::remove_dir_all(&dir);
     #[cfg(feature = "redis")]
-    if target != Target::FileMemory {
+    if matches!(
+        target,
+        Target::FileRedis | Target::RedisRedis | Target::PostgresRedis
+    ) {
         let cleanup = crate::runtime()?.block_on(async {
             let transport =
                 orchestrator::backends::redis::RedisTransport::connect(redis_config(&prefix)?)
@@ -332,7 +350,7 @@ pub(crate) fn parent(target: &str, rounds: usize) -> Result<(), Failure> {
         }
     }
     #[cfg(feature = "postgres")]
-    if target == Target::PostgresRedis {
+    if matches!(target, Target::PostgresRedis | Target::PostgresPostgres) {
         let cleanup = crate::runtime()?.block_on(async {
             orchestrator::backends::postgres::PostgresEventStore::connect(postgres_config(
                 &prefix,
@@ -414,13 +432,17 @@ async fn scenario(target: Target, dir: &Path, prefix: &str, rounds: usize) -> Re
     } else {
         parent_handled
     };
-    // On a broker the last deliveries may still be on their way to the parent.
-    let waited = Instant::now();
+    // On a broker the last deliveries may still be on their way to the parent: wait while
+    // they keep coming, and give up after 60 s without one.
+    let mut progress = (Instant::now(), 0);
     let handled = loop {
         let handled = read_ids(&handled_path)?;
-        if stored.iter().all(|id| handled.contains_key(id))
-            || waited.elapsed() > Duration::from_secs(60)
-        {
+        if stored.iter().all(|id| handled.contains_key(id)) {
+            break handled;
+        }
+        if handled.len() > progress.1 {
+            progress = (Instant::now(), handled.len());
+        } else if progress.0.elapsed() > Duration::from_secs(60) {
             break handled;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;

@@ -138,7 +138,13 @@ pub(crate) fn scenarios(short: bool) -> Vec<Scenario> {
             pick(900, 180),
         ));
     }
-    for target in ["file-memory", "file-redis", "redis-redis", "postgres-redis"] {
+    for target in [
+        "file-memory",
+        "file-redis",
+        "redis-redis",
+        "postgres-redis",
+        "postgres-postgres",
+    ] {
         all.push(scenario(
             format!("publisher-crash-{target}"),
             vec![
@@ -148,7 +154,7 @@ pub(crate) fn scenarios(short: bool) -> Vec<Scenario> {
                 // 50 kills in CI too, as the store-first issue asks (about a minute each).
                 "50".into(),
             ],
-            // postgres-redis: the binary says when PostgreSQL cannot be reached.
+            // postgres-*: the binary says when PostgreSQL cannot be reached.
             target.contains("redis").then_some("redis"),
             pick(600, 600),
         ));
@@ -546,7 +552,7 @@ mod tests {
     fn the_short_suite_is_the_same_suite_smaller() {
         let (full, short) = (scenarios(false), scenarios(true));
         assert_eq!(full.len(), short.len());
-        assert_eq!(full.len(), 3 + 1 + 5 + 4 + 2 + 3 + 1 + 1);
+        assert_eq!(full.len(), 3 + 1 + 5 + 5 + 2 + 3 + 1 + 1);
         let restart = short.iter().find(|s| s.name == "restart-kafka").unwrap();
         assert!(restart.args.contains(&"10000".to_owned()));
         assert_eq!(restart.service, None, "it runs a tansu of its own");

@@ -158,7 +158,7 @@ impl PostgresTransport {
     /// Connects, creates or migrates the schema's tables (the store's and the transport's),
     /// and opens a pool. Consumers share one more connection, for `LISTEN`.
     pub async fn connect(config: PostgresConfig) -> Result<Self> {
-        let pool = config.pool()?;
+        let pool = config.pool_planning_each_statement()?;
         let mut conn = client(&pool).await?;
         let key = migrate(&mut conn, &config.schema).await?;
         drop(conn);
