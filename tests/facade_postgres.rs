@@ -87,14 +87,9 @@ async fn wait_until(what: &str, within: Duration, mut ok: impl FnMut() -> bool) 
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn published_events_are_stored_handled_and_sagas_logged() {
-    let schema = schema("facade");
-    let Some(store) = store(&schema).await else {
-        return;
-    };
-    let _cleanup = DropSchema(schema.clone());
-    let orchestrator = process(&store).await;
+/// Subscribes the named group `orders` to `order.*`, recording each event's type and global
+/// position as handled.
+async fn record_orders(orchestrator: &EventOrchestrator) -> Arc<Mutex<Vec<Handled>>> {
     let handled: Arc<Mutex<Vec<Handled>>> = Arc::default();
     let seen = Arc::clone(&handled);
     orchestrator
@@ -112,6 +107,18 @@ async fn published_events_are_stored_handled_and_sagas_logged() {
         )
         .await
         .unwrap();
+    handled
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn published_events_are_stored_handled_and_sagas_logged() {
+    let schema = schema("facade");
+    let Some(store) = store(&schema).await else {
+        return;
+    };
+    let _cleanup = DropSchema(schema.clone());
+    let orchestrator = process(&store).await;
+    let handled = record_orders(&orchestrator).await;
     for event_type in ["order.placed", "order.shipped"] {
         orchestrator
             .publish_event(event_type, json!({ "order_id": "o-1" }))
@@ -233,23 +240,7 @@ async fn store_and_transport_on_postgres() {
         .build()
         .await
         .unwrap();
-    let handled: Arc<Mutex<Vec<Handled>>> = Arc::default();
-    let seen = Arc::clone(&handled);
-    orchestrator
-        .subscribe_with(
-            SubscriptionConfig::new("order.*").named("orders"),
-            move |event: EventEnvelope| {
-                let seen = Arc::clone(&seen);
-                async move {
-                    seen.lock()
-                        .unwrap()
-                        .push((event.event_type().to_owned(), event.global_position()));
-                    Ok::<_, HandlerError>(())
-                }
-            },
-        )
-        .await
-        .unwrap();
+    let handled = record_orders(&orchestrator).await;
     for event_type in ["order.placed", "order.shipped", "order.delivered"] {
         orchestrator
             .publish_event(event_type, json!({ "order_id": "o-1" }))
