@@ -9,8 +9,11 @@
 //!
 //! - `orchestrator/repository`: [`AggregateRepository::execute`], snapshots every 10 events
 //!   in an `InMemorySnapshotStore`;
-//! - `orchestrator/command-bus`: the same behind the [`CommandBus`] with typed commands
-//!   (serde round trip of command and result, validation, span, metrics);
+//! - `orchestrator/repository+cache`: the same with
+//!   [`AggregateRepository::with_cache`] (the state after each command kept in memory, so
+//!   the next command on the account skips the load);
+//! - `orchestrator/command-bus`: the cached repository behind the [`CommandBus`] with typed
+//!   commands (serde round trip of command and result, validation, span, metrics);
 //! - `cqrs-es/mem-store`: `CqrsFramework::execute` over `MemStore` (which has no
 //!   snapshots, replays every event on each command, and prints two lines to stdout per
 //!   command — run with stdout sent to `/dev/null`, the report goes to stderr).
@@ -61,7 +64,7 @@ enum BankError {
     InsufficientFunds,
 }
 
-#[derive(Debug, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 struct Account {
     open: bool,
     balance: i64,
@@ -177,16 +180,23 @@ fn command(i: usize) -> BankCommand {
 #[derive(Clone, Copy, Debug)]
 enum Variant {
     Repository,
+    RepositoryCached,
     CommandBus,
     CqrsEs,
 }
 
 impl Variant {
-    const ALL: [Self; 3] = [Self::Repository, Self::CommandBus, Self::CqrsEs];
+    const ALL: [Self; 4] = [
+        Self::Repository,
+        Self::RepositoryCached,
+        Self::CommandBus,
+        Self::CqrsEs,
+    ];
 
     fn name(self) -> &'static str {
         match self {
             Self::Repository => "orchestrator/repository",
+            Self::RepositoryCached => "orchestrator/repository+cache",
             Self::CommandBus => "orchestrator/command-bus",
             Self::CqrsEs => "cqrs-es/mem-store",
         }
@@ -199,6 +209,9 @@ enum Setup {
     CommandBus(CommandBus),
     CqrsEs(CqrsFramework<EsAccount, MemStore<EsAccount>>),
 }
+
+/// The cached variants' capacity: every account of a round fits.
+const CACHED: usize = 10_000;
 
 fn repository() -> AggregateRepository<Account> {
     AggregateRepository::<Account>::new(Arc::new(InMemoryEventStore::new()))
@@ -213,9 +226,10 @@ impl Setup {
     fn new(variant: Variant) -> Self {
         match variant {
             Variant::Repository => Self::Repository(repository()),
+            Variant::RepositoryCached => Self::Repository(repository().with_cache(CACHED)),
             Variant::CommandBus => {
                 let bus = CommandBus::new();
-                let accounts = repository();
+                let accounts = repository().with_cache(CACHED);
                 bus.register_command(move |c: AccountCommand| {
                     let accounts = accounts.clone();
                     async move {
@@ -331,14 +345,14 @@ fn report(runtime: &Runtime) {
         floor.sort_by(f64::total_cmp);
         eprintln!("-- sessions of {commands} commands (streams grow to {commands} events)");
         eprintln!(
-            "   {:<26} {:>10.0} events/s     {:>5.2}x cqrs-es (the store's own floor)",
+            "   {:<30} {:>10.0} events/s     {:>5.2}x cqrs-es (the store's own floor)",
             "build event + append only",
             floor[3],
             floor[3] / baseline
         );
         for (variant, rate) in rates {
             eprintln!(
-                "   {:<26} {:>10.0} commands/s   {:>5.2}x cqrs-es",
+                "   {:<30} {:>10.0} commands/s   {:>5.2}x cqrs-es",
                 variant.name(),
                 rate,
                 rate / baseline

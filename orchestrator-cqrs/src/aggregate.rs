@@ -14,6 +14,13 @@
 //!    `max_attempts` times in all, then fail with [`Error::Conflict`]: no update is lost;
 //! 5. after a successful append, save a snapshot when the [`SnapshotPolicy`] says one is due.
 //!
+//! With [`AggregateRepository::with_cache`] (for aggregates that are `Clone`), the state after
+//! each command is kept in memory, and the next command on that aggregate starts from it
+//! instead of reading the snapshot and the events back: step 1 costs nothing. The cache needs
+//! no invalidation: the append in step 3 still checks the version, so a state made stale by
+//! another writer (another process, or another repository) fails that check, and the retry
+//! loads from the store.
+//!
 //! The store must honour exact expected versions (its
 //! [`capabilities`](EventStore::capabilities)`().expected_version`). The stream of the
 //! aggregate with id `id` is `"{TYPE}-{id}"`. Events are stored as JSON with their
@@ -94,9 +101,10 @@
 //! # }
 //! ```
 
+use std::collections::HashMap;
 use std::fmt;
 use std::marker::PhantomData;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use orchestrator_core::{
@@ -213,6 +221,7 @@ pub struct AggregateRepository<A> {
     snapshots: Option<(Arc<dyn SnapshotStore>, SnapshotPolicy)>,
     retry: RetryPolicy,
     clock: Arc<dyn Clock>,
+    cache: Option<Arc<StateCache<A>>>,
     _aggregate: PhantomData<fn() -> A>,
 }
 
@@ -223,7 +232,86 @@ impl<A> Clone for AggregateRepository<A> {
             snapshots: self.snapshots.clone(),
             retry: self.retry,
             clock: self.clock.clone(),
+            cache: self.cache.clone(),
             _aggregate: PhantomData,
+        }
+    }
+}
+
+/// The states of recently used aggregates, by stream (see
+/// [`AggregateRepository::with_cache`]). A command takes its aggregate's entry out while it
+/// runs and puts the new state back once its events are appended: two commands on one
+/// aggregate at once never share an entry (the second loads from the store).
+struct StateCache<A> {
+    entries: Mutex<CacheEntries<A>>,
+    capacity: usize,
+    /// `A::clone`: the entry keeps one copy, the caller gets the other.
+    clone: fn(&A) -> A,
+}
+
+struct CacheEntries<A> {
+    by_stream: HashMap<String, Cached<A>>,
+    /// Bumped on every put: an entry's `used` says how recently it was put back.
+    tick: u64,
+}
+
+struct Cached<A> {
+    state: A,
+    version: u64,
+    position: u64,
+    snapshot_version: Option<u64>,
+    used: u64,
+}
+
+impl<A> StateCache<A> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, CacheEntries<A>> {
+        // Each critical section is one map operation (or an eviction that only removes):
+        // a panic cannot leave the map half-updated.
+        self.entries.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Takes `stream`'s entry out, as a loaded aggregate.
+    fn take(&self, stream: &str) -> Option<LoadedAggregate<A>> {
+        let cached = self.lock().by_stream.remove(stream)?;
+        Some(LoadedAggregate {
+            state: cached.state,
+            version: cached.version,
+            position: cached.position,
+            snapshot_version: cached.snapshot_version,
+            events_read: 0,
+        })
+    }
+
+    /// Keeps a copy of `state` for `stream`; when over capacity, forgets the least recently
+    /// put eighth of the entries.
+    fn put(
+        &self,
+        stream: &str,
+        state: &A,
+        version: u64,
+        position: u64,
+        snapshot_version: Option<u64>,
+    ) {
+        let state = (self.clone)(state);
+        let mut entries = self.lock();
+        entries.tick += 1;
+        let used = entries.tick;
+        entries.by_stream.insert(
+            stream.to_owned(),
+            Cached {
+                state,
+                version,
+                position,
+                snapshot_version,
+                used,
+            },
+        );
+        if entries.by_stream.len() > self.capacity {
+            let mut ages: Vec<u64> = entries.by_stream.values().map(|c| c.used).collect();
+            let forget = (self.capacity / 8).max(1);
+            let (_, cutoff, _) = ages.select_nth_unstable(forget - 1);
+            let cutoff = *cutoff;
+            entries.by_stream.retain(|_, c| c.used > cutoff);
         }
     }
 }
@@ -235,7 +323,29 @@ impl<A: Aggregate> fmt::Debug for AggregateRepository<A> {
             .field("store", &self.store.name())
             .field("snapshots", &self.snapshots.as_ref().map(|(_, p)| p))
             .field("retry", &self.retry)
+            .field("cache", &self.cache.as_ref().map(|c| c.capacity))
             .finish()
+    }
+}
+
+impl<A: Aggregate + Clone> AggregateRepository<A> {
+    /// Keeps the state of up to `capacity` recently used aggregates in memory, so that a
+    /// command on one of them skips the load (snapshot and events): see the
+    /// [module docs](self). A command that finds its aggregate's state stale (another writer
+    /// appended) fails its version check and reloads, as without a cache. `capacity` 0 turns
+    /// the cache off.
+    pub fn with_cache(mut self, capacity: usize) -> Self {
+        self.cache = (capacity > 0).then(|| {
+            Arc::new(StateCache {
+                entries: Mutex::new(CacheEntries {
+                    by_stream: HashMap::new(),
+                    tick: 0,
+                }),
+                capacity,
+                clone: A::clone,
+            })
+        });
+        self
     }
 }
 
@@ -265,6 +375,7 @@ impl<A: Aggregate> AggregateRepository<A> {
                 .with_max_delay(Duration::from_millis(100))
                 .with_jitter(Jitter::Full),
             clock: Arc::new(SystemClock),
+            cache: None,
             _aggregate: PhantomData,
         })
     }
@@ -289,6 +400,11 @@ impl<A: Aggregate> AggregateRepository<A> {
     pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
         self.clock = clock;
         self
+    }
+
+    /// Whether states are cached (see [`with_cache`](Self::with_cache)), and how many.
+    pub fn cached(&self) -> Option<usize> {
+        self.cache.as_ref().map(|c| c.lock().by_stream.len())
     }
 
     /// The event store.
@@ -352,12 +468,39 @@ impl<A: Aggregate> AggregateRepository<A> {
         let mut attempts = 0;
         loop {
             attempts += 1;
-            let loaded = self.load_stream(stream).await?;
-            let events = loaded.state.handle(command).map_err(|e| Error::Rejected {
-                aggregate: A::TYPE,
-                source: Box::new(e),
-            })?;
+            // From the cache on the first attempt only: after a conflict, what it held (if a
+            // command put something back meanwhile) is no fresher than the store.
+            let loaded = match self.cache.as_ref().filter(|_| attempts == 1) {
+                Some(cache) => match cache.take(stream) {
+                    Some(loaded) => loaded,
+                    None => self.load_stream(stream).await?,
+                },
+                None => self.load_stream(stream).await?,
+            };
+            let events = match loaded.state.handle(command) {
+                Ok(events) => events,
+                Err(e) => {
+                    self.keep(
+                        stream,
+                        &loaded.state,
+                        loaded.version,
+                        loaded.position,
+                        loaded.snapshot_version,
+                    );
+                    return Err(Error::Rejected {
+                        aggregate: A::TYPE,
+                        source: Box::new(e),
+                    });
+                }
+            };
             if events.is_empty() {
+                self.keep(
+                    stream,
+                    &loaded.state,
+                    loaded.version,
+                    loaded.position,
+                    loaded.snapshot_version,
+                );
                 return Ok(Executed {
                     state: loaded.state,
                     version: loaded.version,
@@ -407,6 +550,18 @@ impl<A: Aggregate> AggregateRepository<A> {
                         )
                         .await;
                     (executed.state, executed.snapshot_taken) = (state, taken);
+                    let snapshot_version = if taken {
+                        Some(executed.version)
+                    } else {
+                        loaded.snapshot_version
+                    };
+                    self.keep(
+                        stream,
+                        &executed.state,
+                        executed.version,
+                        written.last_position,
+                        snapshot_version,
+                    );
                     return Ok(executed);
                 }
                 Err(orchestrator_core::Error::WrongExpectedVersion { .. }) => {
@@ -423,6 +578,20 @@ impl<A: Aggregate> AggregateRepository<A> {
                 }
                 Err(e) => return Err(e.into()),
             }
+        }
+    }
+
+    /// Puts `state` (a copy) in the cache, if there is one.
+    fn keep(
+        &self,
+        stream: &str,
+        state: &A,
+        version: u64,
+        position: u64,
+        snapshot_version: Option<u64>,
+    ) {
+        if let Some(cache) = &self.cache {
+            cache.put(stream, state, version, position, snapshot_version);
         }
     }
 

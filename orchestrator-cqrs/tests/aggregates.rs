@@ -247,6 +247,92 @@ async fn refused_commands_write_nothing() {
 }
 
 #[tokio::test]
+async fn a_cached_aggregate_is_not_read_back_and_a_stale_one_is_caught_by_its_version() {
+    let events = store_with_open_account("a-1").await;
+    let store = Arc::new(BarrierStore::new(events.clone(), 0));
+    let accounts = AggregateRepository::<Account>::new(store.clone())
+        .unwrap()
+        .with_cache(16)
+        .with_retry(quick_retries(4));
+    accounts
+        .execute("a-1", AccountCommand::Deposit(10))
+        .await
+        .unwrap();
+    let reads = store.reads();
+    assert!(reads > 0, "the first command loads from the store");
+    for _ in 0..5 {
+        let done = accounts
+            .execute("a-1", AccountCommand::Deposit(1))
+            .await
+            .unwrap();
+        assert_eq!(done.attempts, 1);
+    }
+    // A refusal keeps the cached state too.
+    let refused = accounts
+        .execute("a-1", AccountCommand::Withdraw(1_000))
+        .await
+        .unwrap_err();
+    assert!(refused.rejection::<Refused>().is_some());
+    assert_eq!(store.reads(), reads, "later commands start from the cache");
+    assert_eq!(accounts.cached(), Some(1));
+
+    // Another writer appends behind the cache's back: the cached state's version check
+    // fails, and the retry loads the store's state.
+    AggregateRepository::<Account>::new(shared(events.clone()))
+        .unwrap()
+        .execute("a-1", AccountCommand::Deposit(100))
+        .await
+        .unwrap();
+    let done = accounts
+        .execute("a-1", AccountCommand::Deposit(1))
+        .await
+        .unwrap();
+    assert_eq!(done.attempts, 2, "one conflict, then a fresh load");
+    assert_eq!(done.state.balance, 10 + 5 + 100 + 1);
+    assert!(store.reads() > reads);
+    let loaded = accounts.load("a-1").await.unwrap();
+    assert_eq!((loaded.state, loaded.version), (done.state, done.version));
+    assert_eq!(done.version, 9);
+}
+
+#[tokio::test]
+async fn the_cache_keeps_at_most_its_capacity_and_forgets_the_least_recent() {
+    let events = shared(InMemoryEventStore::new());
+    let accounts = AggregateRepository::<Account>::new(events.clone())
+        .unwrap()
+        .with_cache(8);
+    for i in 0..20 {
+        accounts
+            .execute(
+                &format!("a-{i}"),
+                AccountCommand::Open {
+                    owner: format!("owner {i}"),
+                },
+            )
+            .await
+            .unwrap();
+        assert!(accounts.cached().unwrap() <= 8);
+    }
+    // Forgotten or not, every aggregate carries on from its stored state.
+    for i in 0..20 {
+        let done = accounts
+            .execute(&format!("a-{i}"), AccountCommand::Deposit(i + 1))
+            .await
+            .unwrap();
+        assert_eq!((done.state.balance, done.version), (i + 1, 2));
+        assert_eq!(done.state.owner, format!("owner {i}"));
+    }
+    assert!(
+        AggregateRepository::<Account>::new(events)
+            .unwrap()
+            .with_cache(0)
+            .cached()
+            .is_none(),
+        "capacity 0 turns the cache off"
+    );
+}
+
+#[tokio::test]
 async fn store_errors_come_through() {
     // A control character makes an invalid stream id: the store's error comes through.
     let accounts = AggregateRepository::<Account>::new(shared(InMemoryEventStore::new())).unwrap();

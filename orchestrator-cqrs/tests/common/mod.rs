@@ -103,6 +103,7 @@ pub struct BarrierStore<S> {
     barrier: Barrier,
     parties: usize,
     appends: AtomicUsize,
+    reads: AtomicUsize,
 }
 
 impl<S> BarrierStore<S> {
@@ -112,11 +113,17 @@ impl<S> BarrierStore<S> {
             barrier: Barrier::new(parties),
             parties,
             appends: AtomicUsize::new(0),
+            reads: AtomicUsize::new(0),
         }
     }
 
     pub fn appends(&self) -> usize {
         self.appends.load(Ordering::SeqCst)
+    }
+
+    /// How many `read_stream` calls it has answered.
+    pub fn reads(&self) -> usize {
+        self.reads.load(Ordering::SeqCst)
     }
 }
 
@@ -145,6 +152,7 @@ impl<S: EventStore> EventStore for BarrierStore<S> {
         from_version: u64,
         limit: usize,
     ) -> orchestrator_core::Result<Vec<EventEnvelope>> {
+        self.reads.fetch_add(1, Ordering::SeqCst);
         self.inner.read_stream(stream, from_version, limit).await
     }
     async fn read_all(&self, query: ReadAll) -> orchestrator_core::Result<Vec<EventEnvelope>> {
