@@ -1,5 +1,6 @@
 //! Handlers as the buses store them: JSON in, JSON out, validation first.
 
+use std::any::{Any, TypeId};
 use std::future::Future;
 use std::marker::PhantomData;
 use std::sync::Arc;
@@ -19,6 +20,28 @@ use crate::validation::{FieldError, Validator, decode_error};
 pub(crate) trait DynHandler: Send + Sync + 'static {
     /// Validates `input` and runs the handler.
     async fn call(&self, name: &str, input: Value) -> Result<Value>;
+
+    /// The type a typed handler takes, which [`call_typed`](Self::call_typed) accepts
+    /// boxed; `None` for a JSON handler.
+    fn input_type(&self) -> Option<TypeId> {
+        None
+    }
+
+    /// Validates and runs the handler on an input of its [`input_type`](Self::input_type),
+    /// without the JSON round trips of [`call`](Self::call): the output comes back boxed as
+    /// the handler returned it. An input of another type is a caller's bug, reported as an
+    /// error.
+    async fn call_typed(
+        &self,
+        name: &str,
+        input: Box<dyn Any + Send>,
+    ) -> Result<Box<dyn Any + Send>> {
+        drop(input);
+        Err(Error::invalid(
+            "command",
+            format!("the handler of `{name}` takes JSON, not a typed value"),
+        ))
+    }
 }
 
 /// A dynamic handler, with an optional validator.
@@ -69,6 +92,28 @@ where
     Fut: Future<Output = std::result::Result<O, E>> + Send + 'static,
     E: Into<HandlerError> + 'static,
 {
+    fn input_type(&self) -> Option<TypeId> {
+        Some(TypeId::of::<T>())
+    }
+
+    async fn call_typed(
+        &self,
+        name: &str,
+        input: Box<dyn Any + Send>,
+    ) -> Result<Box<dyn Any + Send>> {
+        let Ok(input) = input.downcast::<T>() else {
+            return Err(Error::invalid(
+                format!("{} input", self.kind),
+                format!("`{name}` was sent a value of another type than its handler takes"),
+            ));
+        };
+        check(self.kind, name, (self.validate)(&input))?;
+        let output = (self.handler)(*input)
+            .await
+            .map_err(|e| Error::from_handler(self.kind, name, e.into()))?;
+        Ok(Box::new(output))
+    }
+
     async fn call(&self, name: &str, input: Value) -> Result<Value> {
         let input: T = match serde_json::from_value(input) {
             Ok(input) => input,

@@ -480,3 +480,82 @@ async fn a_command_that_sends_another_reports_the_others_writes() {
     let outcome = bus.send("open_and_fund", json!({})).await.unwrap();
     assert_eq!((outcome.value, outcome.position), (json!(5), Some(2)));
 }
+
+/// A command that counts how often it is serialized.
+#[derive(Debug, Deserialize)]
+struct Counted {
+    n: i64,
+    #[serde(skip)]
+    serialized: Option<Arc<AtomicU32>>,
+}
+
+impl Serialize for Counted {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        if let Some(count) = &self.serialized {
+            count.fetch_add(1, Ordering::SeqCst);
+        }
+        #[derive(Serialize)]
+        struct Plain {
+            n: i64,
+        }
+        Plain { n: self.n }.serialize(serializer)
+    }
+}
+
+impl Command for Counted {
+    const NAME: &'static str = "counted";
+    type Output = Vec<i64>;
+
+    fn validate(&self) -> Vec<FieldError> {
+        let mut errors = FieldErrors::new();
+        errors.check(self.n >= 0, "/n", "must be zero or more");
+        errors.into_vec()
+    }
+}
+
+fn counted_bus(bus: CommandBus) -> CommandBus {
+    bus.register_command(|c: Counted| async move { Ok::<_, HandlerError>(vec![c.n, c.n * 2]) })
+        .unwrap();
+    bus
+}
+
+#[tokio::test]
+async fn typed_commands_skip_json_unless_a_middleware_reads_it() {
+    let serialized = Arc::new(AtomicU32::new(0));
+    let command = |n| Counted {
+        n,
+        serialized: Some(serialized.clone()),
+    };
+
+    // No middleware: the typed command reaches its handler as it is, still validated.
+    let bus = counted_bus(CommandBus::new());
+    let done = bus.execute(command(4)).await.unwrap();
+    assert_eq!((done.value, done.replayed), (vec![4, 8], false));
+    assert_eq!(serialized.load(Ordering::SeqCst), 0);
+    let err = bus.execute(command(-1)).await.unwrap_err();
+    assert_eq!(err.field_errors().unwrap()[0].field, "/n");
+    // The same handler still takes JSON.
+    let sent = bus.send("counted", json!({ "n": 3 })).await.unwrap();
+    assert_eq!(sent.value, json!([3, 6]));
+
+    // With middleware, it sees the command as JSON, as before.
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let bus = counted_bus(
+        CommandBus::builder()
+            .middleware(Trace("seen", log.clone()))
+            .build(),
+    );
+    let done = bus.execute(command(5)).await.unwrap();
+    assert_eq!(done.value, vec![5, 10]);
+    assert_eq!(serialized.load(Ordering::SeqCst), 1);
+    assert_eq!(*log.lock().unwrap(), ["seen in", "seen out"]);
+
+    // A JSON handler under the typed command's name gets it as JSON.
+    let bus = CommandBus::new();
+    bus.register("counted", |input: Value| async move {
+        Ok::<_, HandlerError>(json!([input["n"], 0]))
+    })
+    .unwrap();
+    assert_eq!(bus.execute(command(7)).await.unwrap().value, vec![7, 0]);
+    assert_eq!(serialized.load(Ordering::SeqCst), 2);
+}

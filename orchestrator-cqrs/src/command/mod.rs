@@ -19,6 +19,7 @@
 mod idempotency;
 pub mod middleware;
 
+use std::any::TypeId;
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::future::Future;
@@ -384,8 +385,32 @@ impl CommandBus {
         self.dispatch(CommandRequest::new(name, payload)).await
     }
 
-    /// Sends the typed command `command` and decodes its result.
+    /// Sends the typed command `command` and returns its handler's typed result.
+    ///
+    /// When the bus has no middleware (which sees commands as JSON) and `C`'s handler was
+    /// registered with [`register_command`](Self::register_command), the command and its
+    /// result go to and from the handler as they are; otherwise through JSON, as
+    /// [`dispatch`](Self::dispatch) sends them. Validation, the span and the metrics are the
+    /// same either way.
     pub async fn execute<C: Command>(&self, command: C) -> Result<CommandOutcome<C::Output>> {
+        if self.inner.middleware.is_empty() {
+            let registered = self.handlers().get(C::NAME).cloned();
+            if let Some(registered) =
+                registered.filter(|r| r.handler.input_type() == Some(TypeId::of::<C>()))
+            {
+                let run = async {
+                    let (output, position) = run_typed(&registered, Box::new(command)).await;
+                    let output = output?.downcast::<C::Output>().map_err(|_| {
+                        Error::invalid(
+                            "command result",
+                            format!("the handler of `{}` returned another type", C::NAME),
+                        )
+                    })?;
+                    Ok(CommandOutcome::new(*output, position))
+                };
+                return self.observed(&registered.name, None, run).await;
+            }
+        }
         self.dispatch(CommandRequest::from_command(&command)?)
             .await?
             .decode()
@@ -393,19 +418,15 @@ impl CommandBus {
 
     /// Sends a command with its id, correlation id, principal and headers.
     pub async fn dispatch(&self, request: CommandRequest) -> Result<CommandOutcome> {
-        let started = Instant::now();
         let registered = self.handlers().get(&*request.name).cloned();
         let label: Arc<str> = match &registered {
             Some(r) => r.name.clone(),
             // Unknown names are not labels: they would let callers grow the metric set.
             None => Arc::from("unknown"),
         };
-        let span = tracing::info_span!(
-            "cqrs.command",
-            command = %request.name,
-            command_id = request.id.as_deref().unwrap_or(""),
-        );
-        let outcome = async {
+        let name = Arc::clone(&request.name);
+        let id = request.id.clone();
+        let run = async {
             let Some(registered) = registered else {
                 return Err(Error::NoHandler {
                     kind: HandlerKind::Command,
@@ -415,9 +436,35 @@ impl CommandBus {
             Next::new(&self.inner.middleware, &registered)
                 .run(request)
                 .await
-        }
-        .instrument(span)
-        .await;
+        };
+        self.observed_as(&name, id.as_deref(), label, run).await
+    }
+
+    /// Runs a command to a registered handler in its span, and records its duration.
+    async fn observed<T>(
+        &self,
+        label: &Arc<str>,
+        id: Option<&str>,
+        run: impl Future<Output = Result<CommandOutcome<T>>>,
+    ) -> Result<CommandOutcome<T>> {
+        self.observed_as(label, id, Arc::clone(label), run).await
+    }
+
+    /// Runs the command `name` in its span, and records its duration under `label`.
+    async fn observed_as<T>(
+        &self,
+        name: &str,
+        id: Option<&str>,
+        label: Arc<str>,
+        run: impl Future<Output = Result<CommandOutcome<T>>>,
+    ) -> Result<CommandOutcome<T>> {
+        let started = Instant::now();
+        let span = tracing::info_span!(
+            "cqrs.command",
+            command = %name,
+            command_id = id.unwrap_or(""),
+        );
+        let outcome = run.instrument(span).await;
         let result = match &outcome {
             Ok(o) if o.replayed => "replayed",
             Ok(_) => "ok",
@@ -427,6 +474,20 @@ impl CommandBus {
             .record(started.elapsed().as_secs_f64());
         outcome
     }
+}
+
+/// Runs the typed handler of `registered` on `input`, in a command scope without an id
+/// (the typed path of [`CommandBus::execute`]).
+async fn run_typed(
+    registered: &Registered,
+    input: Box<dyn std::any::Any + Send>,
+) -> (Result<Box<dyn std::any::Any + Send>>, Option<u64>) {
+    let info = CommandInfo {
+        name: registered.name.clone(),
+        id: None,
+        correlation_id: None,
+    };
+    context::scoped(info, registered.handler.call_typed(&registered.name, input)).await
 }
 
 /// Runs the handler of `registered` for `request`: the end of the middleware chain.
