@@ -55,6 +55,8 @@
 //! | `leases` | a [`PostgresLease`] per row: `name` (key), `holder` (the holder's token), `expires_at` |
 //! | `transport_subscriptions` | a [`PostgresTransport`] group's patterns: `group_name`, `pattern`, `regex` (the pattern as a regular expression), `ephemeral` |
 //! | `transport_queue` | one row per (group, published event): `id` (identity, the delivery order), `group_name`, `topic`, `event` (the CloudEvents 1.0 JSON, `text`), `attempt`, `first_attempt_at`, `last_error`, `not_before` (due time), `locked_until` (claimed until) |
+//! | `read_model_documents` | a [`PostgresReadModelStore`]'s documents: `read_model`, `key` (together the key), `document` (`jsonb`), `updated_at` |
+//! | `read_model_positions` | each read model's position: `read_model` (key), `position` (the last event applied), `updated_at` |
 //! | `dead_letters` | the [`PostgresDeadLetterQueue`]: `seq` (identity, oldest first), `id` (the letter's id, unique), `event_type`, `subscription`, `letter` (the letter's JSON), `dead_at` |
 //!
 //! **Migrations** are versioned: each runs once, in one transaction with its row in
@@ -150,6 +152,17 @@
 //! [`inbox`](orchestrator_core::EventStore::inbox) a [`PostgresInbox`] (rows in `inbox`),
 //! both in the store's schema and on its pool.
 //!
+//! # Read models: exactly once
+//!
+//! A [`PostgresReadModelStore`] ([`PostgresEventStore::read_model_store`], or
+//! [`PostgresReadModelStore::connect`]) keeps a read model's documents (`jsonb`) and its
+//! position in the tables `read_model_documents` and `read_model_positions` (migration 5).
+//! It has transactions: the read model's projection (`orchestrator-cqrs`) applies each event
+//! in one, on one connection, and commits the event's writes with its position. A crash
+//! before the commit loses both, and the restart resumes at that event; so every event is
+//! applied once, and none is skipped. A second runner of the same read model waits on the
+//! position's row lock, then finds the event applied and steps aside.
+//!
 //! # The transport
 //!
 //! [`PostgresTransport::connect`] migrates the same schema as the store (a store and a
@@ -208,6 +221,7 @@ mod conn;
 mod follow;
 mod inbox;
 mod lease;
+mod read_model;
 mod schema;
 mod store;
 mod transport;
@@ -215,5 +229,6 @@ mod transport;
 pub use config::{DEFAULT_POLL_INTERVAL, DEFAULT_POOL_SIZE, DEFAULT_SCHEMA, PostgresConfig};
 pub use inbox::PostgresInbox;
 pub use lease::PostgresLease;
+pub use read_model::PostgresReadModelStore;
 pub use store::PostgresEventStore;
 pub use transport::{DEFAULT_VISIBILITY_TIMEOUT, PostgresDeadLetterQueue, PostgresTransport};
