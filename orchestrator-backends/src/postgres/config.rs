@@ -51,6 +51,7 @@ pub struct PostgresConfig {
     pub(crate) pool_size: usize,
     pub(crate) poll_interval: Duration,
     pub(crate) connect_timeout: Duration,
+    pub(crate) statement_timeout: Option<Duration>,
     pub(crate) max_event_size: MaxEventSize,
 }
 
@@ -62,6 +63,7 @@ impl std::fmt::Debug for PostgresConfig {
             .field("pool_size", &self.pool_size)
             .field("poll_interval", &self.poll_interval)
             .field("connect_timeout", &self.connect_timeout)
+            .field("statement_timeout", &self.statement_timeout)
             .field("max_event_size", &self.max_event_size)
             .finish()
     }
@@ -76,7 +78,7 @@ impl PostgresConfig {
     /// this backend does not speak TLS yet (see the [module docs](super#connecting)).
     pub fn new(url: &str) -> Result<Self> {
         let redacted_url = redact_url(url);
-        let (url, schema) = take_schema(url);
+        let (url, ours) = take_params(url);
         let pg: tokio_postgres::Config = url.parse().map_err(|e| {
             Error::invalid(
                 "PostgreSQL URL",
@@ -99,8 +101,12 @@ impl PostgresConfig {
             .get_connect_timeout()
             .copied()
             .unwrap_or(Duration::from_secs(10));
-        let schema = schema.unwrap_or_else(|| DEFAULT_SCHEMA.to_owned());
+        let schema = ours.schema.unwrap_or_else(|| DEFAULT_SCHEMA.to_owned());
         validate_schema(&schema)?;
+        let statement_timeout = ours
+            .statement_timeout
+            .map(|given| parse_timeout(&given))
+            .transpose()?;
         Ok(Self {
             pg,
             redacted_url,
@@ -108,6 +114,7 @@ impl PostgresConfig {
             pool_size: DEFAULT_POOL_SIZE,
             poll_interval: DEFAULT_POLL_INTERVAL,
             connect_timeout,
+            statement_timeout,
             max_event_size: MaxEventSize::DEFAULT,
         })
     }
@@ -144,6 +151,28 @@ impl PostgresConfig {
         self
     }
 
+    /// Has the server cancel any statement of the backend's sessions that runs longer than
+    /// `timeout` (PostgreSQL's `statement_timeout`, set for each session at connect; whole
+    /// milliseconds, at least 1). Default: none, or the URL's `statement_timeout=` (this
+    /// backend's parameter, like `schema`: milliseconds, or a number with `ms`, `s` or
+    /// `min`, e.g. `statement_timeout=5s`).
+    ///
+    /// The limit covers everything the backend runs, waits included: an append queued
+    /// behind the schema's append lock, a migration waiting for another process's. A
+    /// cancelled statement fails with an [`Error::Backend`] whose source is a
+    /// [`PostgresStatementTimeout`](super::PostgresStatementTimeout) (temporary: nothing of
+    /// it was written, and a retry may finish in time); the connection stays in the pool,
+    /// usable. Sessions that only `LISTEN` run no statements that could take long.
+    pub fn with_statement_timeout(mut self, timeout: Duration) -> Self {
+        self.statement_timeout = Some(timeout.max(Duration::from_millis(1)));
+        self
+    }
+
+    /// The statement timeout of the backend's sessions, if any.
+    pub fn statement_timeout(&self) -> Option<Duration> {
+        self.statement_timeout
+    }
+
     /// Refuses to store events larger than `limit` once encoded (default
     /// [`MaxEventSize::DEFAULT`]) with [`Error::TooLarge`].
     pub fn with_max_event_size(mut self, limit: MaxEventSize) -> Self {
@@ -174,13 +203,7 @@ impl PostgresConfig {
     /// cached plans were invalidated, then ran at about 5,000/s.
     pub(crate) fn pool_planning_each_statement(&self) -> Result<Pool> {
         let mut pg = self.pg_config();
-        let options = match pg.get_options() {
-            Some(given) if !given.trim().is_empty() => {
-                format!("{given} -c plan_cache_mode=force_custom_plan")
-            }
-            _ => "-c plan_cache_mode=force_custom_plan".to_owned(),
-        };
-        pg.options(&options);
+        add_option(&mut pg, "plan_cache_mode=force_custom_plan");
         self.pool_of(pg)
     }
 
@@ -201,35 +224,83 @@ impl PostgresConfig {
             .map_err(|e| Error::backend(BACKEND, false, e))
     }
 
-    /// The connection settings, with the configured timeout.
+    /// The connection settings, with the configured timeouts.
     pub(crate) fn pg_config(&self) -> tokio_postgres::Config {
         let mut pg = self.pg.clone();
         pg.connect_timeout(self.connect_timeout);
+        if let Some(timeout) = self.statement_timeout {
+            add_option(
+                &mut pg,
+                &format!("statement_timeout={}", timeout.as_millis().max(1)),
+            );
+        }
         pg
     }
 }
 
-/// Takes the `schema=NAME` parameter out of a URL's query (the last one wins; `%XX` escapes
-/// decoded), returning the URL without it.
-fn take_schema(url: &str) -> (String, Option<String>) {
-    let Some((base, query)) = url.split_once('?').filter(|_| url.contains("://")) else {
-        return (url.to_owned(), None);
+/// Adds `-c setting` to the options the server applies to each session, after any given.
+fn add_option(pg: &mut tokio_postgres::Config, setting: &str) {
+    let options = match pg.get_options() {
+        Some(given) if !given.trim().is_empty() => format!("{given} -c {setting}"),
+        _ => format!("-c {setting}"),
     };
-    let mut schema = None;
+    pg.options(&options);
+}
+
+/// This backend's own parameters of a URL's query, taken out before libpq's are parsed.
+#[derive(Default)]
+struct OwnParams {
+    schema: Option<String>,
+    statement_timeout: Option<String>,
+}
+
+/// A `statement_timeout=` value: milliseconds, or a number with `ms`, `s` or `min`.
+fn parse_timeout(given: &str) -> Result<Duration> {
+    let given = given.trim();
+    let split = given
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(given.len());
+    let (number, unit) = given.split_at(split);
+    let millis_per = match unit.trim() {
+        "" | "ms" => 1,
+        "s" => 1_000,
+        "min" => 60_000,
+        _ => 0,
+    };
+    match number.parse::<u64>() {
+        Ok(n) if n > 0 && millis_per > 0 => Ok(Duration::from_millis(n.saturating_mul(millis_per))),
+        _ => Err(Error::invalid(
+            "PostgreSQL statement_timeout",
+            format!("{given:?} is not a positive number of milliseconds (or with ms, s or min)"),
+        )),
+    }
+}
+
+/// Takes this backend's parameters (`schema=NAME`, `statement_timeout=…`) out of a URL's
+/// query (the last of each wins; `%XX` escapes decoded), returning the URL without them.
+fn take_params(url: &str) -> (String, OwnParams) {
+    let mut ours = OwnParams::default();
+    let Some((base, query)) = url.split_once('?').filter(|_| url.contains("://")) else {
+        return (url.to_owned(), ours);
+    };
     let kept: Vec<&str> = query
         .split('&')
         .filter(|pair| match pair.split_once('=') {
             Some(("schema", value)) => {
-                schema = Some(percent_decode(value));
+                ours.schema = Some(percent_decode(value));
+                false
+            }
+            Some(("statement_timeout", value)) => {
+                ours.statement_timeout = Some(percent_decode(value));
                 false
             }
             _ => true,
         })
         .collect();
     if kept.is_empty() {
-        (base.to_owned(), schema)
+        (base.to_owned(), ours)
     } else {
-        (format!("{base}?{}", kept.join("&")), schema)
+        (format!("{base}?{}", kept.join("&")), ours)
     }
 }
 
@@ -339,6 +410,60 @@ mod tests {
         ));
         assert_eq!(percent_decode("a%2"), "a%2");
         assert_eq!(percent_decode("%zz%41"), "%zzA");
+    }
+
+    #[test]
+    fn a_url_sets_the_statement_timeout() {
+        let config =
+            PostgresConfig::new("postgres://h/db?statement_timeout=1500&schema=s").unwrap();
+        assert_eq!(
+            config.statement_timeout(),
+            Some(Duration::from_millis(1500))
+        );
+        assert_eq!(config.schema(), "s");
+        assert_eq!(
+            config.pg_config().get_options(),
+            Some("-c statement_timeout=1500")
+        );
+        let config = PostgresConfig::new(
+            "postgres://h/db?statement_timeout=2s&options=-c%20search_path%3Dx",
+        )
+        .unwrap();
+        assert_eq!(config.statement_timeout(), Some(Duration::from_secs(2)));
+        assert_eq!(
+            config.pg_config().get_options(),
+            Some("-c search_path=x -c statement_timeout=2000")
+        );
+        assert_eq!(
+            PostgresConfig::new("postgres://h/db?statement_timeout=1min")
+                .unwrap()
+                .statement_timeout(),
+            Some(Duration::from_secs(60))
+        );
+        for bad in ["0", "soon", "5h", "-3"] {
+            assert!(
+                matches!(
+                    PostgresConfig::new(&format!("postgres://h/db?statement_timeout={bad}")),
+                    Err(Error::InvalidInput { .. })
+                ),
+                "{bad} was taken"
+            );
+        }
+        let config = PostgresConfig::new("postgres://h/db")
+            .unwrap()
+            .with_statement_timeout(Duration::from_micros(10));
+        assert_eq!(config.statement_timeout(), Some(Duration::from_millis(1)));
+        assert_eq!(
+            config.pg_config().get_options(),
+            Some("-c statement_timeout=1")
+        );
+        assert_eq!(
+            PostgresConfig::new("postgres://h/db")
+                .unwrap()
+                .pg_config()
+                .get_options(),
+            None
+        );
     }
 
     #[test]

@@ -34,6 +34,13 @@
 //! local socket until then. Passwords never appear in logs, errors or `Debug` output
 //! ([`PostgresConfig::redacted_url`]); event payloads are never logged.
 //!
+//! **Statement timeout**: [`PostgresConfig::with_statement_timeout`] (or
+//! `?statement_timeout=5s` in the URL, this backend's parameter) has the server cancel any
+//! statement of the backend's sessions that runs longer, waits for locks included. The
+//! statement writes nothing; its error is a temporary
+//! [`Backend`](orchestrator_core::Error::Backend) error whose source is a
+//! [`PostgresStatementTimeout`], and the connection goes back to the pool, usable.
+//!
 //! A failed statement is not retried by the backend; its error is a
 //! [`Backend`](orchestrator_core::Error::Backend) error with `backend: "postgres"` whose
 //! `is_temporary()` says whether retrying can help (a broken connection, a server starting
@@ -227,6 +234,7 @@ mod store;
 mod transport;
 
 pub use config::{DEFAULT_POLL_INTERVAL, DEFAULT_POOL_SIZE, DEFAULT_SCHEMA, PostgresConfig};
+pub use conn::PostgresStatementTimeout;
 pub use inbox::PostgresInbox;
 pub use lease::PostgresLease;
 pub use read_model::PostgresReadModelStore;
