@@ -150,7 +150,8 @@ impl ReadModel for Counter {
                 std::future::pending::<()>().await;
             }
             Trouble::FailAfterWriting(every)
-                if position % every == 0 && self.failed.lock().unwrap().insert(position) =>
+                if position.is_multiple_of(every)
+                    && self.failed.lock().unwrap().insert(position) =>
             {
                 return Err(HandlerError::retryable("failed after writing"));
             }
