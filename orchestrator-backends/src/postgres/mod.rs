@@ -28,10 +28,7 @@
 //! cache; and, unlike sqlx's checked queries, it needs no database and no offline query
 //! data at build time. Statements are prepared once per connection and kept.
 //!
-//! **TLS is not supported yet**: `sslmode=require` is refused with
-//! [`Error::Unsupported`](orchestrator_core::Error::Unsupported); the default
-//! `sslmode=prefer` connects in plain text. Reach PostgreSQL over a trusted network or its
-//! local socket until then. Passwords never appear in logs, errors or `Debug` output
+//! Passwords never appear in logs, errors or `Debug` output
 //! ([`PostgresConfig::redacted_url`]); event payloads are never logged.
 //!
 //! **Statement timeout**: [`PostgresConfig::with_statement_timeout`] (or
@@ -46,6 +43,25 @@
 //! `is_temporary()` says whether retrying can help (a broken connection, a server starting
 //! or shutting down). Retrying an append is safe: appends are idempotent by event id. Broken
 //! pooled connections are replaced on their next use. Subscriptions retry on their own.
+//!
+//! # TLS
+//!
+//! With the `postgres-tls` feature, connections speak TLS through rustls (ring provider),
+//! as the URL's `sslmode` says, with libpq's meanings:
+//!
+//! | `sslmode` | TLS | the server's certificate |
+//! |---|---|---|
+//! | `disable` | never | — |
+//! | `prefer` (default) | when the server offers it | not checked |
+//! | `require` | always | not checked: encrypted against eavesdropping, but not proof of whom you talk to |
+//! | `verify-ca` | always | must chain to a root of `sslrootcert=PATH` (PEM) or `PostgresConfig::with_tls_root_certificates`; the name is not checked |
+//! | `verify-full` | always | the chain, and it must be for the host connected to |
+//!
+//! As with libpq and a root file, `prefer` and `require` check the chain when roots are
+//! given. Every connection uses it — the pool's and the one that `LISTEN`s. There is no
+//! channel binding (SCRAM authenticates without it) and no client certificate. Without the
+//! feature, connections are plain text and the modes that require TLS (and `sslrootcert`)
+//! are refused with [`Error::Unsupported`](orchestrator_core::Error::Unsupported) naming it.
 //!
 //! # Tables
 //!
@@ -231,6 +247,8 @@ mod lease;
 mod read_model;
 mod schema;
 mod store;
+#[cfg(feature = "postgres-tls")]
+mod tls;
 mod transport;
 
 pub use config::{DEFAULT_POLL_INTERVAL, DEFAULT_POOL_SIZE, DEFAULT_SCHEMA, PostgresConfig};

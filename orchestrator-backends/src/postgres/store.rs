@@ -128,7 +128,11 @@ impl PostgresEventStore {
             inner: Arc::new(Inner {
                 committer,
                 sql: Sql::new(&config.schema),
-                notifier: Notifier::new(config.pg_config(), channel.clone()),
+                notifier: Notifier::new(
+                    config.pg_config(),
+                    config.connector.clone(),
+                    channel.clone(),
+                ),
                 pool,
                 config,
                 channel,
