@@ -139,10 +139,12 @@ async fn verify_modes_check_the_certificate_against_the_roots() {
     .unwrap();
     assert!(encrypted(&store).await);
     // ... but not for `127.0.0.1`, a name the certificate is not for.
-    let refused = connect(with_params(&url, &format!("sslmode=verify-full&{root}"))).await;
+    let refused = connect(with_params(&url, &format!("sslmode=verify-full&{root}")))
+        .await
+        .expect_err("verify-full accepted a certificate for another name");
     assert!(
-        refused.is_err(),
-        "verify-full accepted a certificate for another name"
+        !refused.is_temporary(),
+        "a refused certificate is temporary: {refused:?}"
     );
     // verify-ca checks the chain only.
     let store = connect(with_params(&url, &format!("sslmode=verify-ca&{root}")))
@@ -168,5 +170,9 @@ async fn verify_modes_check_the_certificate_against_the_roots() {
             .await
             .expect_err("verify-full accepted a certificate of an unknown issuer");
         eprintln!("refused as expected: {error}");
+        assert!(
+            !error.is_temporary(),
+            "a refused certificate is temporary: {error:?}"
+        );
     }
 }

@@ -13,6 +13,10 @@ pub(crate) fn is_temporary(error: &tokio_postgres::Error) -> bool {
     if error.is_closed() {
         return true;
     }
+    #[cfg(feature = "postgres-tls")]
+    if refused_certificate(error) {
+        return false;
+    }
     match error.code() {
         // No SQLSTATE: an I/O error, a timeout, a connection that went away.
         None => true,
@@ -26,6 +30,33 @@ pub(crate) fn is_temporary(error: &tokio_postgres::Error) -> bool {
                 || *code == SqlState::QUERY_CANCELED
         }
     }
+}
+
+/// Whether TLS refused the server's certificate (or the server's TLS as a whole): trying
+/// again meets the same certificate, so no retry can help.
+#[cfg(feature = "postgres-tls")]
+fn refused_certificate(error: &tokio_postgres::Error) -> bool {
+    use std::error::Error as _;
+    let mut cause = error.source();
+    while let Some(e) = cause {
+        if let Some(tls) = e.downcast_ref::<rustls::Error>() {
+            return matches!(
+                tls,
+                rustls::Error::InvalidCertificate(_)
+                    | rustls::Error::NoCertificatesPresented
+                    | rustls::Error::PeerIncompatible(_)
+            );
+        }
+        cause = match e.downcast_ref::<std::io::Error>() {
+            // tokio-rustls reports rustls errors inside an `io::Error`, whose `source()`
+            // skips the error it wraps.
+            Some(io) => io
+                .get_ref()
+                .map(|inner| inner as &(dyn std::error::Error + 'static)),
+            None => e.source(),
+        };
+    }
+    false
 }
 
 /// A tokio-postgres error as the core error.
