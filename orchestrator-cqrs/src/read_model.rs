@@ -55,6 +55,11 @@ pub use orchestrator_core::read_model::{
 pub trait ReadModel: Send + Sync + 'static {
     /// Applies one stored event. A retryable error is retried per the projection's policy;
     /// a permanent one parks the read model (see `orchestrator_store::projection`).
+    ///
+    /// Where the read model's store has transactions, `store` is the event's transaction
+    /// (see [exactly once](self#exactly-once)): write through it, not through a store kept
+    /// aside, or the writes escape the transaction. Return the errors of its calls: a
+    /// swallowed error leaves a transaction the store may refuse to commit.
     async fn apply(
         &self,
         event: EventEnvelope,
