@@ -72,6 +72,8 @@
 //!   `redis://`, `amqp://`, `kafka://` URLs in the builder and the CLI).
 //! - `postgres` — the PostgreSQL event store and transport (`orchestrator::backends::postgres`,
 //!   and `postgres://` store and transport URLs in the builder and the CLI).
+//! - `postgres-tls` — TLS for the PostgreSQL backend (`sslmode=require`, `verify-ca`,
+//!   `verify-full`).
 //! - `rabbitmq-tls` — `amqps://` for the RabbitMQ backend.
 //! - `redis-tls` — `rediss://` for the Redis backend.
 //! - `cli` — the `orchestrator` command-line tool (`tail`, `publish`, `dlq`, `replay`,

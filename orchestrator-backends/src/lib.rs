@@ -24,7 +24,10 @@
 //! - `redis-tls` — `rediss://` URLs for the Redis backend (rustls with the ring provider; the
 //!   system's roots, or the CAs given to `RedisConfig::with_tls_root_certificates`).
 //! - `postgres` — module `postgres`: PostgreSQL (tokio-postgres pooled by deadpool-postgres):
-//!   the event store, its lease and its inbox; no transport yet.
+//!   the event store, its lease and its inbox, the transport with its dead-letter queue, and
+//!   the read model store (exactly-once projections).
+//! - `postgres-tls` — TLS for the PostgreSQL backend (`sslmode=require`, `verify-ca`,
+//!   `verify-full`; rustls with the ring provider).
 //! - `kafka` — module `kafka`: Kafka (rdkafka with a bundled librdkafka built with the
 //!   system's OpenSSL, so TLS and SASL PLAIN/SCRAM/OAUTHBEARER are always available).
 

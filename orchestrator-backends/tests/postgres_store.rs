@@ -80,7 +80,7 @@ async fn concurrent_connects_migrate_once() {
     let versions: Vec<i32> = rows.iter().map(|row| row.get(0)).collect();
     assert_eq!(
         versions,
-        [1, 2, 3, 4],
+        [1, 2, 3, 4, 5],
         "each migration applied once, in order"
     );
     assert_eq!(again.head_position().await.unwrap(), 0);
@@ -498,4 +498,70 @@ async fn a_schema_given_by_an_administrator_is_enough() {
         ),
         "creating a schema without CREATE on the database: {elsewhere:?}"
     );
+}
+
+/// A row of `events` written by hand that holds no event (valid JSON, as the column
+/// demands, but no CloudEvent): reads report it as a typed decode error naming the field,
+/// and a subscription reports it and goes on to the events after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hand_written_row_that_is_no_event_is_reported_and_passed() {
+    let Some(url) = reachable().await else { return };
+    let schema = random_schema();
+    let _cleanup = Cleanup::new(&url, &schema);
+    let store = store(&url, &schema).await;
+    let first = EventEnvelope::new("order.placed", &1).unwrap();
+    store
+        .append("order-1", ExpectedVersion::NoStream, vec![first.clone()])
+        .await
+        .unwrap();
+    // Written as the module docs tell a tool to: under the append lock, at the next position.
+    let mut client = raw(&url).await;
+    let tx = client.transaction().await.unwrap();
+    tx.execute(
+        "SELECT pg_advisory_xact_lock(1330791233, hashtext($1))",
+        &[&schema],
+    )
+    .await
+    .unwrap();
+    tx.execute(
+        &format!(
+            "INSERT INTO \"{schema}\".events \
+             (position, stream_id, stream_version, event_id, event_type, event_time, event) \
+             VALUES (2, 'by-hand', 1, 'x-1', 'order.placed', now(), '{{\"specversion\":\"1.0\"}}')"
+        ),
+        &[],
+    )
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    let last = EventEnvelope::new("order.placed", &3).unwrap();
+    store
+        .append("order-3", ExpectedVersion::NoStream, vec![last.clone()])
+        .await
+        .unwrap();
+
+    let Err(error) = store.read_all(ReadAll::from(1, 10)).await else {
+        panic!("a row that is no event was read as one");
+    };
+    assert!(
+        matches!(&error, Error::Decode { field, .. } if field == "id"),
+        "{error:?}"
+    );
+    let mut events = store.subscribe(1, EventFilter::all()).await.unwrap();
+    let mut items = Vec::new();
+    for _ in 0..3 {
+        items.push(
+            tokio::time::timeout(Duration::from_secs(10), events.next())
+                .await
+                .expect("the subscription stalled at the bad row")
+                .unwrap(),
+        );
+    }
+    assert_eq!(items[0].as_ref().unwrap().id(), first.id());
+    assert!(
+        matches!(items[1], Err(Error::Decode { .. })),
+        "{:?}",
+        items[1]
+    );
+    assert_eq!(items[2].as_ref().unwrap().id(), last.id());
 }

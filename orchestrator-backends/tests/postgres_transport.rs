@@ -87,7 +87,17 @@ async fn bad_rows_are_dead_lettered_and_the_consumer_goes_on() {
         .await
         .unwrap();
     let client = raw(&url).await;
-    for bad in ["not json", r#"{"specversion":"1.0"}"#] {
+    let bad_rows = [
+        // Not JSON at all.
+        "not json",
+        // JSON, not a CloudEvent: the required attributes are missing.
+        r#"{"specversion":"1.0"}"#,
+        // A CloudEvent whose binary data is not base64.
+        r#"{"specversion":"1.0","id":"e-1","source":"/by-hand","type":"order.placed","data_base64":"%%%"}"#,
+        // A CloudEvent of a version this library does not speak.
+        r#"{"specversion":"0.1","id":"e-2","source":"/by-hand","type":"order.placed","data":{}}"#,
+    ];
+    for bad in bad_rows {
         client
             .execute(
                 &format!(
@@ -109,13 +119,30 @@ async fn bad_rows_are_dead_lettered_and_the_consumer_goes_on() {
         .list(&DeadLetterQuery::default())
         .await
         .unwrap();
-    assert_eq!(letters.len(), 2, "{letters:?}");
+    assert_eq!(letters.len(), bad_rows.len(), "{letters:?}");
+    for letter in &letters {
+        eprintln!("dead letter: {}", letter.reason);
+    }
     assert!(
         letters
             .iter()
             .all(|l| l.subscription == group && !l.reason.is_empty())
     );
-    assert_eq!(letters[0].event.data_bytes().as_ref(), b"not json");
+    // Each letter keeps the row's bytes and says what was wrong with them.
+    for (letter, (bad, cause)) in
+        letters.iter().zip(
+            bad_rows
+                .iter()
+                .zip(["JSON", "missing", "base64", "specversion"]),
+        )
+    {
+        assert_eq!(letter.event.data_bytes().as_ref(), bad.as_bytes());
+        assert!(
+            letter.reason.contains(cause),
+            "the reason for {bad:?} does not say {cause:?}: {}",
+            letter.reason
+        );
+    }
 }
 
 /// A consumer that claims a row and dies (its process, not its `Drop`) holds it only until

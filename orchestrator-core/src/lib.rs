@@ -2,7 +2,8 @@
 //!
 //! The vocabulary every orchestrator crate shares: the [`EventEnvelope`] and typed
 //! [`Event`]s, the CloudEvents wire codec, and the traits the concern crates build on —
-//! [`EventStore`], [`Transport`], [`DeadLetterQueue`], [`EventHandler`], [`Inbox`] — plus
+//! [`EventStore`], [`Transport`], [`DeadLetterQueue`], [`EventHandler`], [`Inbox`],
+//! [`ReadModelStore`] — plus
 //! [`RetryPolicy`], [`Clock`] and the one [`Error`] type.
 //!
 //! Implementations live elsewhere: the in-memory store in `orchestrator-store`, the
@@ -25,8 +26,9 @@
 //!
 //! ## Features
 //!
-//! - `testkit` — the conformance suites [`testkit::store`], [`testkit::transport`] and
-//!   [`testkit::inbox`], which any implementation runs with one call.
+//! - `testkit` — the conformance suites [`testkit::store`], [`testkit::transport`],
+//!   [`testkit::inbox`] and [`testkit::read_model`], which any implementation runs with one
+//!   call.
 
 pub mod clock;
 pub mod cloudevents;
@@ -39,6 +41,7 @@ pub mod handler;
 pub mod inbox;
 pub mod lease;
 pub mod pattern;
+pub mod read_model;
 pub mod redact;
 pub mod retry;
 pub mod schema;
@@ -59,6 +62,9 @@ pub use handler::{EventHandler, HandlerCall, HandlerSlot, JsonHandler};
 pub use inbox::{InMemoryInbox, Inbox, InboxRetention};
 pub use lease::{Lease, LocalLease};
 pub use pattern::TopicPattern;
+pub use read_model::{
+    InMemoryReadModelStore, ReadModelStore, ReadModelStoreExt, ReadModelTransaction,
+};
 pub use retry::{Jitter, RetryPolicy};
 pub use schema::{EventSchemas, NoSchemas};
 pub use size::MaxEventSize;

@@ -14,148 +14,39 @@
 //! documents record their position ([`ReadModelStore::position`], as the in-memory store
 //! does), the projection resumes from it rather than from the checkpoint — so an in-memory
 //! read model is rebuilt from the first event at every start, even over a durable store.
+//!
+//! # Exactly once
+//!
+//! Where the store has transactions ([`ReadModelStore::begin`]: the in-memory store, and
+//! `PostgresReadModelStore` of `orchestrator-backends`), each event the filter passes is
+//! applied in one: [`ReadModel::apply`] gets the transaction's view of the documents, and
+//! its writes commit together with the event's position, or not at all — a failed apply
+//! (retried, or parked) leaves nothing behind. The transaction first reads the position: if
+//! the event is already applied (a second runner of the same read model got there first),
+//! it steps aside. So with a durable transactional store, a read model applies each event
+//! exactly once, across crashes and restarts: a crash before the commit loses the event's
+//! writes and its position together, and the restart resumes with that event. A store
+//! without transactions takes the writes as they are made and the position after them (at
+//! least once). Events the filter does not pass only move the position.
 
-use std::collections::BTreeMap;
 use std::fmt;
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use orchestrator_core::{EventEnvelope, EventFilter, HandlerError};
 use orchestrator_store::projection::{
     Projection, ProjectionHandle, ProjectionOptions, ProjectionState, ProjectionStatus,
 };
-use serde::Serialize;
-use serde::de::DeserializeOwned;
-use serde_json::Value;
 use tokio::sync::watch;
 
 use crate::query::cache::Versions;
 use crate::telemetry;
 
-/// Where a read model keeps its documents: JSON values by key, plus the position of the last
-/// event applied.
-#[async_trait]
-pub trait ReadModelStore: Send + Sync + 'static {
-    /// The document at `key`.
-    async fn get(&self, key: &str) -> orchestrator_core::Result<Option<Value>>;
-    /// Stores `value` at `key`, replacing what was there.
-    async fn put(&self, key: &str, value: Value) -> orchestrator_core::Result<()>;
-    /// Removes the document at `key`, returning it.
-    async fn remove(&self, key: &str) -> orchestrator_core::Result<Option<Value>>;
-    /// Every document, sorted by key.
-    async fn list(&self) -> orchestrator_core::Result<Vec<(String, Value)>>;
-    /// Removes every document and forgets the position (before a rebuild).
-    async fn clear(&self) -> orchestrator_core::Result<()>;
-    /// The global position of the last event applied, if the store records it (`None`: the
-    /// projection's checkpoint decides where to resume).
-    async fn position(&self) -> orchestrator_core::Result<Option<u64>>;
-    /// Records the position of the last event applied.
-    async fn set_position(&self, position: u64) -> orchestrator_core::Result<()>;
-}
-
-/// Typed access to a [`ReadModelStore`]'s documents.
-pub trait ReadModelStoreExt: ReadModelStore {
-    /// The document at `key`, decoded into `T`.
-    fn get_as<T: DeserializeOwned>(
-        &self,
-        key: &str,
-    ) -> impl Future<Output = orchestrator_core::Result<Option<T>>> + Send {
-        async move {
-            match self.get(key).await? {
-                None => Ok(None),
-                Some(value) => serde_json::from_value(value).map(Some).map_err(|e| {
-                    orchestrator_core::Error::decode(key, format!("document does not fit: {e}"))
-                }),
-            }
-        }
-    }
-
-    /// Stores `value`, encoded as JSON, at `key`.
-    fn put_as<T: Serialize + Sync>(
-        &self,
-        key: &str,
-        value: &T,
-    ) -> impl Future<Output = orchestrator_core::Result<()>> + Send {
-        async move {
-            let value = serde_json::to_value(value).map_err(|e| {
-                orchestrator_core::Error::encode(format!("document does not serialize: {e}"))
-            })?;
-            self.put(key, value).await
-        }
-    }
-}
-
-impl<S: ReadModelStore + ?Sized> ReadModelStoreExt for S {}
-
-/// A [`ReadModelStore`] in memory (the default). Clones share the documents.
-#[derive(Debug, Clone, Default)]
-pub struct InMemoryReadModelStore {
-    inner: Arc<MemoryInner>,
-}
-
-#[derive(Debug, Default)]
-struct MemoryInner {
-    documents: RwLock<BTreeMap<String, Value>>,
-    position: AtomicU64,
-}
-
-impl InMemoryReadModelStore {
-    /// An empty store at position 0.
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    // Each critical section is one map operation: a panic cannot leave the map
-    // half-updated, so a poisoned lock is safe to use.
-    fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, Value>> {
-        self.inner
-            .documents
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-    }
-
-    fn write(&self) -> std::sync::RwLockWriteGuard<'_, BTreeMap<String, Value>> {
-        self.inner
-            .documents
-            .write()
-            .unwrap_or_else(PoisonError::into_inner)
-    }
-}
-
-#[async_trait]
-impl ReadModelStore for InMemoryReadModelStore {
-    async fn get(&self, key: &str) -> orchestrator_core::Result<Option<Value>> {
-        Ok(self.read().get(key).cloned())
-    }
-    async fn put(&self, key: &str, value: Value) -> orchestrator_core::Result<()> {
-        self.write().insert(key.to_owned(), value);
-        Ok(())
-    }
-    async fn remove(&self, key: &str) -> orchestrator_core::Result<Option<Value>> {
-        Ok(self.write().remove(key))
-    }
-    async fn list(&self) -> orchestrator_core::Result<Vec<(String, Value)>> {
-        Ok(self
-            .read()
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect())
-    }
-    async fn clear(&self) -> orchestrator_core::Result<()> {
-        self.write().clear();
-        self.inner.position.store(0, Ordering::SeqCst);
-        Ok(())
-    }
-    async fn position(&self) -> orchestrator_core::Result<Option<u64>> {
-        Ok(Some(self.inner.position.load(Ordering::SeqCst)))
-    }
-    async fn set_position(&self, position: u64) -> orchestrator_core::Result<()> {
-        self.inner.position.fetch_max(position, Ordering::SeqCst);
-        Ok(())
-    }
-}
+#[doc(inline)]
+pub use orchestrator_core::read_model::{
+    InMemoryReadModelStore, ReadModelStore, ReadModelStoreExt, ReadModelTransaction,
+};
 
 /// Applies events to a read model's documents. Any
 /// `Fn(EventEnvelope, Arc<dyn ReadModelStore>) -> Future<Output = Result<(), E>>` closure is
@@ -164,6 +55,11 @@ impl ReadModelStore for InMemoryReadModelStore {
 pub trait ReadModel: Send + Sync + 'static {
     /// Applies one stored event. A retryable error is retried per the projection's policy;
     /// a permanent one parks the read model (see `orchestrator_store::projection`).
+    ///
+    /// Where the read model's store has transactions, `store` is the event's transaction
+    /// (see [exactly once](self#exactly-once)): write through it, not through a store kept
+    /// aside, or the writes escape the transaction. Return the errors of its calls: a
+    /// swallowed error leaves a transaction the store may refuse to commit.
     async fn apply(
         &self,
         event: EventEnvelope,
@@ -393,20 +289,66 @@ pub(crate) struct Feed {
     pub(crate) versions: Arc<Versions>,
 }
 
+impl Feed {
+    /// Applies a matching event at `position` in a transaction of the documents, committed
+    /// with the position; `false` if the documents already had it.
+    async fn apply_in(
+        &self,
+        tx: Arc<dyn ReadModelTransaction>,
+        event: &EventEnvelope,
+        position: u64,
+    ) -> Result<bool, HandlerError> {
+        if tx.position().await?.is_some_and(|done| done >= position) {
+            tx.rollback().await?;
+            return Ok(false);
+        }
+        let documents: Arc<dyn ReadModelStore> = tx.clone();
+        if let Err(e) = self.model.apply(event.clone(), &documents).await {
+            // Dropping the transaction rolls it back too; this returns its connection at once.
+            if let Err(rollback) = tx.rollback().await {
+                tracing::warn!(read_model = %self.attached.name, "rollback failed: {rollback}");
+            }
+            return Err(e);
+        }
+        tx.set_position(position).await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+}
+
 #[async_trait]
 impl Projection for Feed {
     async fn apply(&self, event: EventEnvelope) -> Result<(), HandlerError> {
         let position = event.global_position();
+        // Whether the position is recorded already (committed with the writes).
+        let mut recorded = false;
         if self.filter.matches(&event) {
-            self.model
-                .apply(event.clone(), &self.attached.storage)
-                .await?;
-            // After the documents changed: a query that read them before this point cached
-            // a result under the old versions, which no longer match.
-            self.versions.event_applied(&self.attached.name, &event);
+            let tx = match position {
+                Some(_) => self.attached.storage.begin().await?,
+                None => None,
+            };
+            let applied = match (tx, position) {
+                (Some(tx), Some(position)) => {
+                    recorded = true;
+                    self.apply_in(tx, &event, position).await?
+                }
+                _ => {
+                    self.model
+                        .apply(event.clone(), &self.attached.storage)
+                        .await?;
+                    true
+                }
+            };
+            if applied {
+                // After the documents changed: a query that read them before this point
+                // cached a result under the old versions, which no longer match.
+                self.versions.event_applied(&self.attached.name, &event);
+            }
         }
         if let Some(position) = position {
-            self.attached.storage.set_position(position).await?;
+            if !recorded {
+                self.attached.storage.set_position(position).await?;
+            }
             self.attached.position.send_if_modified(|p| {
                 let newer = position > *p;
                 *p = (*p).max(position);

@@ -16,7 +16,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 
-use super::conn::{BACKEND, client, is_temporary};
+use super::conn::{BACKEND, PostgresStatementTimeout, client, is_temporary, statement_timeout};
 
 /// At most this many appends share a transaction.
 const MAX_APPENDS: usize = 512;
@@ -206,10 +206,15 @@ enum Failure {
     /// The connection or the pool failed: whether the transaction committed is unknown
     /// when it broke during the commit.
     Connection { temporary: bool, message: String },
+    /// The server cancelled the statement: it ran past `statement_timeout` (nothing written).
+    Timeout(PostgresStatementTimeout),
 }
 
 impl Failure {
     fn from_pg(error: tokio_postgres::Error) -> Self {
+        if let Some(timeout) = statement_timeout(&error) {
+            return Self::Timeout(timeout);
+        }
         if error.code().is_some() && !is_temporary(&error) {
             Self::Sql(error)
         } else {
@@ -226,6 +231,7 @@ impl Failure {
             Self::Connection { temporary, message } => {
                 Error::backend(BACKEND, *temporary, message.clone())
             }
+            Self::Timeout(timeout) => Error::backend(BACKEND, true, timeout.clone()),
         }
     }
 }

@@ -51,7 +51,47 @@ pub struct PostgresConfig {
     pub(crate) pool_size: usize,
     pub(crate) poll_interval: Duration,
     pub(crate) connect_timeout: Duration,
+    pub(crate) statement_timeout: Option<Duration>,
     pub(crate) max_event_size: MaxEventSize,
+    /// How much of the server's certificate is checked (`sslmode`).
+    verify: Verify,
+    /// The root certificates given (`sslrootcert=`, `with_tls_root_certificates`).
+    #[cfg(feature = "postgres-tls")]
+    roots: Vec<rustls::pki_types::CertificateDer<'static>>,
+    /// How connections are made, built from the above.
+    pub(crate) connector: Connector,
+}
+
+/// How much of the server's certificate TLS checks: libpq's `sslmode` values that use TLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Verify {
+    /// `prefer` and `require`: encryption only; any certificate is accepted (unless roots
+    /// are given: then the chain is checked, as libpq does with a root file).
+    Nothing,
+    /// `verify-ca`: the chain must lead to a given root; the name is not checked.
+    Chain,
+    /// `verify-full`: the chain and the host name.
+    Full,
+}
+
+/// How the backend's connections are made.
+#[derive(Clone)]
+pub(crate) enum Connector {
+    /// In plain text (`sslmode=disable`, or a build without `postgres-tls`).
+    Plain,
+    /// With TLS when the server offers it (`prefer`) or always (`require`, `verify-*`).
+    #[cfg(feature = "postgres-tls")]
+    Tls(super::tls::MakeRustlsConnect),
+}
+
+impl Connector {
+    fn is_tls(&self) -> bool {
+        match self {
+            Self::Plain => false,
+            #[cfg(feature = "postgres-tls")]
+            Self::Tls(_) => true,
+        }
+    }
 }
 
 impl std::fmt::Debug for PostgresConfig {
@@ -62,7 +102,9 @@ impl std::fmt::Debug for PostgresConfig {
             .field("pool_size", &self.pool_size)
             .field("poll_interval", &self.poll_interval)
             .field("connect_timeout", &self.connect_timeout)
+            .field("statement_timeout", &self.statement_timeout)
             .field("max_event_size", &self.max_event_size)
+            .field("tls", &self.tls_description())
             .finish()
     }
 }
@@ -71,13 +113,18 @@ impl PostgresConfig {
     /// Parses a connection URL (or `key=value` string), with an optional `schema=NAME` in a
     /// URL's query.
     ///
+    /// `sslmode` is libpq's: `disable`, `prefer` (the default: TLS if the server offers
+    /// it), `require`, `verify-ca`, `verify-full`, with the roots of `sslrootcert=PATH` (PEM)
+    /// — see the [module docs](super#tls). Without the `postgres-tls` feature, connections
+    /// are plain text and the modes that require TLS are refused.
+    ///
     /// Fails with [`Error::InvalidInput`] when it does not parse (the message shows the URL
-    /// with its password hidden), and with [`Error::Unsupported`] for `sslmode=require`:
-    /// this backend does not speak TLS yet (see the [module docs](super#connecting)).
+    /// with its password hidden) or `sslrootcert` cannot be read, and with
+    /// [`Error::Unsupported`] for a mode that requires TLS in a build without `postgres-tls`.
     pub fn new(url: &str) -> Result<Self> {
         let redacted_url = redact_url(url);
-        let (url, schema) = take_schema(url);
-        let pg: tokio_postgres::Config = url.parse().map_err(|e| {
+        let (url, ours) = take_params(url);
+        let mut pg: tokio_postgres::Config = url.parse().map_err(|e| {
             Error::invalid(
                 "PostgreSQL URL",
                 format!(
@@ -86,30 +133,125 @@ impl PostgresConfig {
                 ),
             )
         })?;
-        if pg.get_ssl_mode() == SslMode::Require {
+        // tokio-postgres knows `disable`, `prefer` and `require`; the checks of the others
+        // are ours, over `require`.
+        let verify = match ours.sslmode.as_deref() {
+            None => Verify::Nothing,
+            Some("verify-full") => Verify::Full,
+            Some("verify-ca") => Verify::Chain,
+            Some(other) => {
+                return Err(Error::invalid(
+                    "PostgreSQL sslmode",
+                    format!(
+                        "{other:?} is not one of disable, prefer, require, verify-ca, verify-full"
+                    ),
+                ));
+            }
+        };
+        if verify != Verify::Nothing {
+            pg.ssl_mode(SslMode::Require);
+        }
+        let roots_pem = ours
+            .sslrootcert
+            .map(|path| {
+                std::fs::read(&path).map_err(|e| {
+                    Error::invalid("PostgreSQL sslrootcert", format!("cannot read {path}: {e}"))
+                })
+            })
+            .transpose()?;
+        #[cfg(not(feature = "postgres-tls"))]
+        if pg.get_ssl_mode() == SslMode::Require || roots_pem.is_some() {
             return Err(Error::Unsupported {
                 backend: BACKEND,
-                operation: "sslmode=require",
-                hint: "this backend does not speak TLS yet: reach PostgreSQL over a trusted \
-                       network or its local socket, with sslmode=prefer (the default) or \
-                       sslmode=disable",
+                operation: "TLS (sslmode=require, verify-ca or verify-full; sslrootcert)",
+                hint: "this build has no PostgreSQL TLS: enable the `postgres-tls` feature (of \
+                       `orchestrator` or `orchestrator-backends`), or connect with \
+                       sslmode=prefer (the default) or disable",
             });
         }
         let connect_timeout = pg
             .get_connect_timeout()
             .copied()
             .unwrap_or(Duration::from_secs(10));
-        let schema = schema.unwrap_or_else(|| DEFAULT_SCHEMA.to_owned());
+        let schema = ours.schema.unwrap_or_else(|| DEFAULT_SCHEMA.to_owned());
         validate_schema(&schema)?;
-        Ok(Self {
+        let statement_timeout = ours
+            .statement_timeout
+            .map(|given| parse_timeout(&given))
+            .transpose()?;
+        let mut config = Self {
             pg,
             redacted_url,
             schema,
             pool_size: DEFAULT_POOL_SIZE,
             poll_interval: DEFAULT_POLL_INTERVAL,
             connect_timeout,
+            statement_timeout,
             max_event_size: MaxEventSize::DEFAULT,
-        })
+            verify,
+            #[cfg(feature = "postgres-tls")]
+            roots: Vec::new(),
+            connector: Connector::Plain,
+        };
+        #[cfg(feature = "postgres-tls")]
+        if let Some(pem) = roots_pem {
+            config.roots = super::tls::parse_roots("PostgreSQL sslrootcert", &pem)?;
+        }
+        config.connector = config.build_connector()?;
+        Ok(config)
+    }
+
+    /// Checks the server's certificate against these roots (PEM, one or more certificates;
+    /// added to any given before, e.g. by the URL's `sslrootcert`): `verify-ca` and
+    /// `verify-full` need roots, and `prefer` or `require` with roots check the chain as
+    /// `verify-ca` does (as libpq does when it finds a root file).
+    #[cfg(feature = "postgres-tls")]
+    pub fn with_tls_root_certificates(mut self, pem: impl AsRef<[u8]>) -> Result<Self> {
+        let roots = super::tls::parse_roots("PostgreSQL TLS root certificates", pem.as_ref())?;
+        self.roots.extend(roots);
+        self.connector = self.build_connector()?;
+        Ok(self)
+    }
+
+    /// The connector for the configured `sslmode`.
+    fn build_connector(&self) -> Result<Connector> {
+        if self.pg.get_ssl_mode() == SslMode::Disable {
+            return Ok(Connector::Plain);
+        }
+        #[cfg(feature = "postgres-tls")]
+        {
+            if self.missing_roots().is_err() {
+                // Refused when connecting: roots may still be given.
+                return Ok(Connector::Plain);
+            }
+            super::tls::MakeRustlsConnect::new(self.verify, &self.roots).map(Connector::Tls)
+        }
+        #[cfg(not(feature = "postgres-tls"))]
+        Ok(Connector::Plain)
+    }
+
+    /// An error when `verify-ca` or `verify-full` has no roots to verify with.
+    fn missing_roots(&self) -> Result<()> {
+        #[cfg(feature = "postgres-tls")]
+        if self.verify != Verify::Nothing && self.roots.is_empty() {
+            return Err(Error::invalid(
+                "PostgreSQL TLS",
+                "sslmode=verify-ca and verify-full need root certificates: sslrootcert=PATH \
+                 in the URL, or PostgresConfig::with_tls_root_certificates",
+            ));
+        }
+        Ok(())
+    }
+
+    /// What TLS the connections use, for `Debug`.
+    fn tls_description(&self) -> &'static str {
+        match (self.verify, self.pg.get_ssl_mode(), self.connector.is_tls()) {
+            (Verify::Full, _, _) => "verify-full",
+            (Verify::Chain, _, _) => "verify-ca",
+            (Verify::Nothing, _, false) => "off",
+            (Verify::Nothing, SslMode::Require, true) => "require",
+            (Verify::Nothing, _, true) => "prefer",
+        }
     }
 
     /// Keeps the backend's tables in `schema` (default [`DEFAULT_SCHEMA`]), created on
@@ -144,6 +286,28 @@ impl PostgresConfig {
         self
     }
 
+    /// Has the server cancel any statement of the backend's sessions that runs longer than
+    /// `timeout` (PostgreSQL's `statement_timeout`, set for each session at connect; whole
+    /// milliseconds, at least 1). Default: none, or the URL's `statement_timeout=` (this
+    /// backend's parameter, like `schema`: milliseconds, or a number with `ms`, `s` or
+    /// `min`, e.g. `statement_timeout=5s`).
+    ///
+    /// The limit covers everything the backend runs, waits included: an append queued
+    /// behind the schema's append lock, a migration waiting for another process's. A
+    /// cancelled statement fails with an [`Error::Backend`] whose source is a
+    /// [`PostgresStatementTimeout`](super::PostgresStatementTimeout) (temporary: nothing of
+    /// it was written, and a retry may finish in time); the connection stays in the pool,
+    /// usable. Sessions that only `LISTEN` run no statements that could take long.
+    pub fn with_statement_timeout(mut self, timeout: Duration) -> Self {
+        self.statement_timeout = Some(timeout.max(Duration::from_millis(1)));
+        self
+    }
+
+    /// The statement timeout of the backend's sessions, if any.
+    pub fn statement_timeout(&self) -> Option<Duration> {
+        self.statement_timeout
+    }
+
     /// Refuses to store events larger than `limit` once encoded (default
     /// [`MaxEventSize::DEFAULT`]) with [`Error::TooLarge`].
     pub fn with_max_event_size(mut self, limit: MaxEventSize) -> Self {
@@ -174,24 +338,20 @@ impl PostgresConfig {
     /// cached plans were invalidated, then ran at about 5,000/s.
     pub(crate) fn pool_planning_each_statement(&self) -> Result<Pool> {
         let mut pg = self.pg_config();
-        let options = match pg.get_options() {
-            Some(given) if !given.trim().is_empty() => {
-                format!("{given} -c plan_cache_mode=force_custom_plan")
-            }
-            _ => "-c plan_cache_mode=force_custom_plan".to_owned(),
-        };
-        pg.options(&options);
+        add_option(&mut pg, "plan_cache_mode=force_custom_plan");
         self.pool_of(pg)
     }
 
     fn pool_of(&self, pg: tokio_postgres::Config) -> Result<Pool> {
-        let manager = Manager::from_config(
-            pg,
-            NoTls,
-            ManagerConfig {
-                recycling_method: RecyclingMethod::Fast,
-            },
-        );
+        self.missing_roots()?;
+        let manager_config = ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        };
+        let manager = match &self.connector {
+            Connector::Plain => Manager::from_config(pg, NoTls, manager_config),
+            #[cfg(feature = "postgres-tls")]
+            Connector::Tls(tls) => Manager::from_config(pg, tls.clone(), manager_config),
+        };
         Pool::builder(manager)
             .max_size(self.pool_size)
             .runtime(Runtime::Tokio1)
@@ -201,35 +361,96 @@ impl PostgresConfig {
             .map_err(|e| Error::backend(BACKEND, false, e))
     }
 
-    /// The connection settings, with the configured timeout.
+    /// The connection settings, with the configured timeouts.
     pub(crate) fn pg_config(&self) -> tokio_postgres::Config {
         let mut pg = self.pg.clone();
         pg.connect_timeout(self.connect_timeout);
+        if let Some(timeout) = self.statement_timeout {
+            add_option(
+                &mut pg,
+                &format!("statement_timeout={}", timeout.as_millis().max(1)),
+            );
+        }
         pg
     }
 }
 
-/// Takes the `schema=NAME` parameter out of a URL's query (the last one wins; `%XX` escapes
-/// decoded), returning the URL without it.
-fn take_schema(url: &str) -> (String, Option<String>) {
-    let Some((base, query)) = url.split_once('?').filter(|_| url.contains("://")) else {
-        return (url.to_owned(), None);
+/// Adds `-c setting` to the options the server applies to each session, after any given.
+fn add_option(pg: &mut tokio_postgres::Config, setting: &str) {
+    let options = match pg.get_options() {
+        Some(given) if !given.trim().is_empty() => format!("{given} -c {setting}"),
+        _ => format!("-c {setting}"),
     };
-    let mut schema = None;
+    pg.options(&options);
+}
+
+/// This backend's own parameters of a URL's query, taken out before libpq's are parsed.
+#[derive(Default)]
+struct OwnParams {
+    schema: Option<String>,
+    statement_timeout: Option<String>,
+    /// `verify-ca` or `verify-full` (the other modes are left for tokio-postgres).
+    sslmode: Option<String>,
+    /// A file of PEM root certificates.
+    sslrootcert: Option<String>,
+}
+
+/// A `statement_timeout=` value: milliseconds, or a number with `ms`, `s` or `min`.
+fn parse_timeout(given: &str) -> Result<Duration> {
+    let given = given.trim();
+    let split = given
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(given.len());
+    let (number, unit) = given.split_at(split);
+    let millis_per = match unit.trim() {
+        "" | "ms" => 1,
+        "s" => 1_000,
+        "min" => 60_000,
+        _ => 0,
+    };
+    match number.parse::<u64>() {
+        Ok(n) if n > 0 && millis_per > 0 => Ok(Duration::from_millis(n.saturating_mul(millis_per))),
+        _ => Err(Error::invalid(
+            "PostgreSQL statement_timeout",
+            format!("{given:?} is not a positive number of milliseconds (or with ms, s or min)"),
+        )),
+    }
+}
+
+/// Takes this backend's parameters (`schema=NAME`, `statement_timeout=…`, and the TLS
+/// settings tokio-postgres does not parse: `sslmode=verify-…`, `sslrootcert=PATH`) out of a URL's
+/// query (the last of each wins; `%XX` escapes decoded), returning the URL without them.
+fn take_params(url: &str) -> (String, OwnParams) {
+    let mut ours = OwnParams::default();
+    let Some((base, query)) = url.split_once('?').filter(|_| url.contains("://")) else {
+        return (url.to_owned(), ours);
+    };
     let kept: Vec<&str> = query
         .split('&')
         .filter(|pair| match pair.split_once('=') {
             Some(("schema", value)) => {
-                schema = Some(percent_decode(value));
+                ours.schema = Some(percent_decode(value));
+                false
+            }
+            Some(("statement_timeout", value)) => {
+                ours.statement_timeout = Some(percent_decode(value));
+                false
+            }
+            Some(("sslmode", value)) if value.starts_with("verify-") => {
+                ours.sslmode = Some(percent_decode(value));
+                false
+            }
+            Some(("sslrootcert", value)) => {
+                ours.sslrootcert = Some(percent_decode(value));
                 false
             }
             _ => true,
         })
         .collect();
     if kept.is_empty() {
-        (base.to_owned(), schema)
+        (base.to_owned(), ours)
     } else {
-        (format!("{base}?{}", kept.join("&")), schema)
+        (format!("{base}?{}", kept.join("&")), ours)
     }
 }
 
@@ -307,8 +528,48 @@ mod tests {
         };
         assert!(!reason.contains("s3cret"), "{reason}");
         assert!(matches!(
-            PostgresConfig::new("postgres://h/db?sslmode=require"),
-            Err(Error::Unsupported { .. })
+            PostgresConfig::new("postgres://h/db?sslmode=verify-maybe"),
+            Err(Error::InvalidInput { .. })
+        ));
+        assert!(matches!(
+            PostgresConfig::new("postgres://h/db?sslmode=require&sslrootcert=/no/such/file.pem"),
+            Err(Error::InvalidInput { .. }) | Err(Error::Unsupported { .. })
+        ));
+    }
+
+    #[cfg(not(feature = "postgres-tls"))]
+    #[test]
+    fn tls_modes_name_the_tls_feature() {
+        for mode in ["require", "verify-ca", "verify-full"] {
+            let Err(Error::Unsupported { hint, .. }) =
+                PostgresConfig::new(&format!("postgres://h/db?sslmode={mode}"))
+            else {
+                panic!("sslmode={mode} accepted without TLS")
+            };
+            assert!(hint.contains("postgres-tls"), "{hint}");
+        }
+        let plain = PostgresConfig::new("postgres://h/db").unwrap();
+        assert!(format!("{plain:?}").contains(r#"tls: "off""#), "{plain:?}");
+    }
+
+    #[cfg(feature = "postgres-tls")]
+    #[test]
+    fn tls_modes_parse() {
+        let shown = |url: &str| format!("{:?}", PostgresConfig::new(url).unwrap());
+        assert!(shown("postgres://h/db").contains(r#"tls: "prefer""#));
+        assert!(shown("postgres://h/db?sslmode=disable").contains(r#"tls: "off""#));
+        assert!(shown("postgres://h/db?sslmode=require").contains(r#"tls: "require""#));
+        // Verifying needs roots: refused when the pool is made, once none were given.
+        for mode in ["verify-ca", "verify-full"] {
+            let config = PostgresConfig::new(&format!("postgres://h/db?sslmode={mode}")).unwrap();
+            assert!(format!("{config:?}").contains(mode));
+            assert!(matches!(config.pool(), Err(Error::InvalidInput { .. })));
+        }
+        assert!(matches!(
+            PostgresConfig::new("postgres://h/db")
+                .unwrap()
+                .with_tls_root_certificates("not a certificate"),
+            Err(Error::InvalidInput { .. })
         ));
     }
 
@@ -339,6 +600,60 @@ mod tests {
         ));
         assert_eq!(percent_decode("a%2"), "a%2");
         assert_eq!(percent_decode("%zz%41"), "%zzA");
+    }
+
+    #[test]
+    fn a_url_sets_the_statement_timeout() {
+        let config =
+            PostgresConfig::new("postgres://h/db?statement_timeout=1500&schema=s").unwrap();
+        assert_eq!(
+            config.statement_timeout(),
+            Some(Duration::from_millis(1500))
+        );
+        assert_eq!(config.schema(), "s");
+        assert_eq!(
+            config.pg_config().get_options(),
+            Some("-c statement_timeout=1500")
+        );
+        let config = PostgresConfig::new(
+            "postgres://h/db?statement_timeout=2s&options=-c%20search_path%3Dx",
+        )
+        .unwrap();
+        assert_eq!(config.statement_timeout(), Some(Duration::from_secs(2)));
+        assert_eq!(
+            config.pg_config().get_options(),
+            Some("-c search_path=x -c statement_timeout=2000")
+        );
+        assert_eq!(
+            PostgresConfig::new("postgres://h/db?statement_timeout=1min")
+                .unwrap()
+                .statement_timeout(),
+            Some(Duration::from_secs(60))
+        );
+        for bad in ["0", "soon", "5h", "-3"] {
+            assert!(
+                matches!(
+                    PostgresConfig::new(&format!("postgres://h/db?statement_timeout={bad}")),
+                    Err(Error::InvalidInput { .. })
+                ),
+                "{bad} was taken"
+            );
+        }
+        let config = PostgresConfig::new("postgres://h/db")
+            .unwrap()
+            .with_statement_timeout(Duration::from_micros(10));
+        assert_eq!(config.statement_timeout(), Some(Duration::from_millis(1)));
+        assert_eq!(
+            config.pg_config().get_options(),
+            Some("-c statement_timeout=1")
+        );
+        assert_eq!(
+            PostgresConfig::new("postgres://h/db")
+                .unwrap()
+                .pg_config()
+                .get_options(),
+            None
+        );
     }
 
     #[test]

@@ -1,14 +1,15 @@
 //! Subscriptions: catch up with range reads, then follow, woken by `LISTEN/NOTIFY` on one
 //! connection per store and by a timer, always reading after the last position handed over.
 
+use std::pin::Pin;
 use std::time::Duration;
 
-use futures::StreamExt;
+use futures::{Stream, StreamExt};
 use orchestrator_core::{Error, EventEnvelope, EventFilter, EventStream, Result, RetryPolicy};
 use tokio::sync::{Mutex, mpsc, oneshot, watch};
 use tokio_postgres::{AsyncMessage, NoTls};
 
-use super::config::quote_ident;
+use super::config::{Connector, quote_ident};
 use super::conn::pg_error;
 use super::store::{PAGE, PostgresEventStore};
 
@@ -17,14 +18,16 @@ use super::store::{PAGE, PostgresEventStore};
 /// subscriptions watch.
 pub(crate) struct Notifier {
     pg: tokio_postgres::Config,
+    connector: Connector,
     channel: String,
     wakeups: Mutex<Option<watch::Receiver<u64>>>,
 }
 
 impl Notifier {
-    pub(crate) fn new(pg: tokio_postgres::Config, channel: String) -> Self {
+    pub(crate) fn new(pg: tokio_postgres::Config, connector: Connector, channel: String) -> Self {
         Self {
             pg,
+            connector,
             channel,
             wakeups: Mutex::new(None),
         }
@@ -43,6 +46,7 @@ impl Notifier {
         let (ready_tx, ready_rx) = oneshot::channel();
         tokio::spawn(listen(
             self.pg.clone(),
+            self.connector.clone(),
             self.channel.clone(),
             tx,
             Some(ready_tx),
@@ -61,6 +65,30 @@ impl Notifier {
     }
 }
 
+/// What a connection's server sends besides replies: notifications, notices.
+type Messages =
+    Pin<Box<dyn Stream<Item = Result<AsyncMessage, tokio_postgres::Error>> + Send + 'static>>;
+
+/// A connection, and the messages of the server, which drive it while they are read.
+async fn connect(
+    pg: &tokio_postgres::Config,
+    connector: &Connector,
+) -> Result<(tokio_postgres::Client, Messages)> {
+    match connector {
+        Connector::Plain => {
+            let (client, mut connection) = pg.connect(NoTls).await.map_err(pg_error)?;
+            let messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
+            Ok((client, Box::pin(messages)))
+        }
+        #[cfg(feature = "postgres-tls")]
+        Connector::Tls(tls) => {
+            let (client, mut connection) = pg.connect(tls.clone()).await.map_err(pg_error)?;
+            let messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
+            Ok((client, Box::pin(messages)))
+        }
+    }
+}
+
 fn backoff() -> RetryPolicy {
     RetryPolicy::exponential(u32::MAX, Duration::from_millis(50))
         .with_max_delay(Duration::from_secs(2))
@@ -70,6 +98,7 @@ fn backoff() -> RetryPolicy {
 /// receiver of `tx` is gone. Reports the first connection's outcome on `ready`.
 async fn listen(
     pg: tokio_postgres::Config,
+    connector: Connector,
     channel: String,
     tx: watch::Sender<u64>,
     mut ready: Option<oneshot::Sender<Result<()>>>,
@@ -77,12 +106,11 @@ async fn listen(
     let mut failures = 0u32;
     loop {
         let attempt = async {
-            let (client, mut connection) = pg.connect(NoTls).await.map_err(pg_error)?;
+            let (client, mut messages) = connect(&pg, &connector).await?;
             let (done_tx, done_rx) = oneshot::channel::<()>();
             let bump = tx.clone();
             // Drives the connection, and with it the notifications, until it ends.
             tokio::spawn(async move {
-                let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
                 while let Some(message) = messages.next().await {
                     match message {
                         Ok(AsyncMessage::Notification(_)) => {

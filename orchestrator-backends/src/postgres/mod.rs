@@ -28,17 +28,40 @@
 //! cache; and, unlike sqlx's checked queries, it needs no database and no offline query
 //! data at build time. Statements are prepared once per connection and kept.
 //!
-//! **TLS is not supported yet**: `sslmode=require` is refused with
-//! [`Error::Unsupported`](orchestrator_core::Error::Unsupported); the default
-//! `sslmode=prefer` connects in plain text. Reach PostgreSQL over a trusted network or its
-//! local socket until then. Passwords never appear in logs, errors or `Debug` output
+//! Passwords never appear in logs, errors or `Debug` output
 //! ([`PostgresConfig::redacted_url`]); event payloads are never logged.
+//!
+//! **Statement timeout**: [`PostgresConfig::with_statement_timeout`] (or
+//! `?statement_timeout=5s` in the URL, this backend's parameter) has the server cancel any
+//! statement of the backend's sessions that runs longer, waits for locks included. The
+//! statement writes nothing; its error is a temporary
+//! [`Backend`](orchestrator_core::Error::Backend) error whose source is a
+//! [`PostgresStatementTimeout`], and the connection goes back to the pool, usable.
 //!
 //! A failed statement is not retried by the backend; its error is a
 //! [`Backend`](orchestrator_core::Error::Backend) error with `backend: "postgres"` whose
 //! `is_temporary()` says whether retrying can help (a broken connection, a server starting
 //! or shutting down). Retrying an append is safe: appends are idempotent by event id. Broken
 //! pooled connections are replaced on their next use. Subscriptions retry on their own.
+//!
+//! # TLS
+//!
+//! With the `postgres-tls` feature, connections speak TLS through rustls (ring provider),
+//! as the URL's `sslmode` says, with libpq's meanings:
+//!
+//! | `sslmode` | TLS | the server's certificate |
+//! |---|---|---|
+//! | `disable` | never | — |
+//! | `prefer` (default) | when the server offers it | not checked |
+//! | `require` | always | not checked: encrypted against eavesdropping, but not proof of whom you talk to |
+//! | `verify-ca` | always | must chain to a root of `sslrootcert=PATH` (PEM) or `PostgresConfig::with_tls_root_certificates`; the name is not checked |
+//! | `verify-full` | always | the chain, and it must be for the host connected to |
+//!
+//! As with libpq and a root file, `prefer` and `require` check the chain when roots are
+//! given. Every connection uses it — the pool's and the one that `LISTEN`s. There is no
+//! channel binding (SCRAM authenticates without it) and no client certificate. Without the
+//! feature, connections are plain text and the modes that require TLS (and `sslrootcert`)
+//! are refused with [`Error::Unsupported`](orchestrator_core::Error::Unsupported) naming it.
 //!
 //! # Tables
 //!
@@ -55,6 +78,8 @@
 //! | `leases` | a [`PostgresLease`] per row: `name` (key), `holder` (the holder's token), `expires_at` |
 //! | `transport_subscriptions` | a [`PostgresTransport`] group's patterns: `group_name`, `pattern`, `regex` (the pattern as a regular expression), `ephemeral` |
 //! | `transport_queue` | one row per (group, published event): `id` (identity, the delivery order), `group_name`, `topic`, `event` (the CloudEvents 1.0 JSON, `text`), `attempt`, `first_attempt_at`, `last_error`, `not_before` (due time), `locked_until` (claimed until) |
+//! | `read_model_documents` | a [`PostgresReadModelStore`]'s documents: `read_model`, `key` (together the key), `document` (`jsonb`), `updated_at` |
+//! | `read_model_positions` | each read model's position: `read_model` (key), `position` (the last event applied), `updated_at` |
 //! | `dead_letters` | the [`PostgresDeadLetterQueue`]: `seq` (identity, oldest first), `id` (the letter's id, unique), `event_type`, `subscription`, `letter` (the letter's JSON), `dead_at` |
 //!
 //! **Migrations** are versioned: each runs once, in one transaction with its row in
@@ -150,6 +175,17 @@
 //! [`inbox`](orchestrator_core::EventStore::inbox) a [`PostgresInbox`] (rows in `inbox`),
 //! both in the store's schema and on its pool.
 //!
+//! # Read models: exactly once
+//!
+//! A [`PostgresReadModelStore`] ([`PostgresEventStore::read_model_store`], or
+//! [`PostgresReadModelStore::connect`]) keeps a read model's documents (`jsonb`) and its
+//! position in the tables `read_model_documents` and `read_model_positions` (migration 5).
+//! It has transactions: the read model's projection (`orchestrator-cqrs`) applies each event
+//! in one, on one connection, and commits the event's writes with its position. A crash
+//! before the commit loses both, and the restart resumes at that event; so every event is
+//! applied once, and none is skipped. A second runner of the same read model waits on the
+//! position's row lock, then finds the event applied and steps aside.
+//!
 //! # The transport
 //!
 //! [`PostgresTransport::connect`] migrates the same schema as the store (a store and a
@@ -208,12 +244,17 @@ mod conn;
 mod follow;
 mod inbox;
 mod lease;
+mod read_model;
 mod schema;
 mod store;
+#[cfg(feature = "postgres-tls")]
+mod tls;
 mod transport;
 
 pub use config::{DEFAULT_POLL_INTERVAL, DEFAULT_POOL_SIZE, DEFAULT_SCHEMA, PostgresConfig};
+pub use conn::PostgresStatementTimeout;
 pub use inbox::PostgresInbox;
 pub use lease::PostgresLease;
+pub use read_model::PostgresReadModelStore;
 pub use store::PostgresEventStore;
 pub use transport::{DEFAULT_VISIBILITY_TIMEOUT, PostgresDeadLetterQueue, PostgresTransport};

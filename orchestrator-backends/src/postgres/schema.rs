@@ -110,6 +110,25 @@ CREATE TABLE {schema}.dead_letters (
 );
 ",
     },
+    Migration {
+        version: 5,
+        description: "read models: documents and positions",
+        sql: r"
+CREATE TABLE IF NOT EXISTS {schema}.read_model_documents (
+    read_model text        NOT NULL,
+    key        text        NOT NULL,
+    document   jsonb       NOT NULL,
+    updated_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (read_model, key)
+);
+
+CREATE TABLE IF NOT EXISTS {schema}.read_model_positions (
+    read_model text        PRIMARY KEY,
+    position   bigint      NOT NULL CHECK (position >= 0),
+    updated_at timestamptz NOT NULL DEFAULT now()
+);
+",
+    },
 ];
 
 /// An append, server-side, so that the lock is held for the statement and the commit only

@@ -16,8 +16,9 @@ use super::commit::{Committer, Prepared, Request};
 use super::config::{PostgresConfig, quote_ident};
 use super::conn::{BACKEND, check_text, clamp_i64, client, pg_error, to_u64};
 use super::follow::Notifier;
+use super::read_model::validate_name;
 use super::schema::migrate;
-use super::{PostgresInbox, PostgresLease};
+use super::{PostgresInbox, PostgresLease, PostgresReadModelStore};
 
 /// How many rows one read fetches at most.
 pub(crate) const PAGE: usize = 1000;
@@ -127,7 +128,11 @@ impl PostgresEventStore {
             inner: Arc::new(Inner {
                 committer,
                 sql: Sql::new(&config.schema),
-                notifier: Notifier::new(config.pg_config(), channel.clone()),
+                notifier: Notifier::new(
+                    config.pg_config(),
+                    config.connector.clone(),
+                    channel.clone(),
+                ),
                 pool,
                 config,
                 channel,
@@ -145,6 +150,18 @@ impl PostgresEventStore {
     /// kept in the same database).
     pub fn pool(&self) -> &Pool {
         &self.inner.pool
+    }
+
+    /// The documents of the read model `name`, in this store's schema and on its pool: a
+    /// [`PostgresReadModelStore`], whose projections are exactly-once. Fails only for an
+    /// empty name or one with a NUL character.
+    pub fn read_model_store(&self, name: impl Into<String>) -> Result<PostgresReadModelStore> {
+        let name = validate_name(name.into())?;
+        Ok(PostgresReadModelStore::on_pool(
+            self.inner.pool.clone(),
+            self.inner.config.clone(),
+            name,
+        ))
     }
 
     /// The `NOTIFY` channel every append of this store's schema notifies on commit, with the

@@ -169,7 +169,11 @@ impl PostgresTransport {
         });
         Ok(Self {
             inner: Arc::new(Inner {
-                notifier: Notifier::new(config.pg_config(), channel.clone()),
+                notifier: Notifier::new(
+                    config.pg_config(),
+                    config.connector.clone(),
+                    channel.clone(),
+                ),
                 sql: Sql::new(&config.schema),
                 visibility_ms: AtomicU64::new(millis(DEFAULT_VISIBILITY_TIMEOUT)),
                 pool,
