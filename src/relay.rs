@@ -31,7 +31,11 @@
 //!   long as it takes: a broker outage delays delivery, and loses nothing. An event the
 //!   transport can never take (its type is not a valid topic, it fails its schema) is put in
 //!   the transport's dead-letter queue with the subscription name `relay:<name>`, so that it
-//!   is not silently dropped and the relay goes on.
+//!   is not silently dropped and the relay goes on. So is a record of the store's log that
+//!   cannot be read as an event at all (a row written by hand, an event no upcaster can
+//!   read): reading it again would fail again, so the relay dead-letters an
+//!   [`UNDECODABLE_EVENT_TYPE`] event naming the store, the position after which it lies and
+//!   the decode error, and goes on with the events after it.
 //! - **Latency.** The relay is woken by the store's own live subscription (at once for the
 //!   in-memory and file stores) and publishes runs of events of one type with one
 //!   [`EventBus::publish_batch`] call.
@@ -40,8 +44,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use futures::StreamExt as _;
+use futures::{FutureExt as _, StreamExt as _};
 use orchestrator_bus::{EventBus, InProcessTransport};
+use orchestrator_core::dlq::UNDECODABLE_EVENT_TYPE;
 use orchestrator_core::{DeadLetter, Error, EventEnvelope, EventFilter, EventStore, Lease};
 use orchestrator_store::projection::Checkpoints;
 use tokio::sync::watch;
@@ -527,9 +532,38 @@ impl Worker {
         let mut unsaved = 0u64;
         // When the next checkpoint is due (`None`: nothing to save).
         let mut save_at: Option<tokio::time::Instant> = None;
+        // Looks left before waiting for the store to wake the relay (see `SPIN`).
+        let mut spin = 0u32;
         loop {
             if held.is_some_and(|h| !*h.borrow()) {
                 return Ended::LeaseLost;
+            }
+            if spin > 0
+                && !*stop.borrow()
+                && save_at.is_none_or(|at| Instant::now() < at.into_std())
+            {
+                spin -= 1;
+                match chunks.next().now_or_never() {
+                    Some(chunk) => {
+                        // Found more without being woken: keep looking after this chunk.
+                        spin = SPIN;
+                        match self
+                            .relay_chunk(
+                                chunk,
+                                held,
+                                checkpoints.as_mut(),
+                                &mut unsaved,
+                                &mut save_at,
+                            )
+                            .await
+                        {
+                            Ok(()) => {}
+                            Err(ended) => return ended,
+                        }
+                    }
+                    None => tokio::task::yield_now().await,
+                }
+                continue;
             }
             let next = tokio::select! {
                 biased;
@@ -552,28 +586,62 @@ impl Worker {
                     Err(ended) => ended,
                 };
             };
+            if self.in_process.is_some() {
+                spin = SPIN;
+            }
+            if let Err(ended) = self
+                .relay_chunk(
+                    chunk,
+                    held,
+                    checkpoints.as_mut(),
+                    &mut unsaved,
+                    &mut save_at,
+                )
+                .await
+            {
+                return ended;
+            }
+        }
+    }
+
+    /// Publishes one chunk read from the store's subscription (`None`: the subscription
+    /// ended), then checkpoints if enough events were published since the last one.
+    async fn relay_chunk(
+        &mut self,
+        chunk: Option<Vec<orchestrator_core::Result<EventEnvelope>>>,
+        held: Option<&watch::Receiver<bool>>,
+        mut checkpoints: Option<&mut Checkpoints>,
+        unsaved: &mut u64,
+        save_at: &mut Option<tokio::time::Instant>,
+    ) -> Result<(), Ended> {
+        {
             let Some(items) = chunk else {
-                return Ended::Failed(Error::Closed {
+                return Err(Ended::Failed(Error::Closed {
                     what: format!("the {} store's subscription", self.store.name()),
-                });
+                }));
             };
             let mut events = Vec::with_capacity(items.len());
             let mut failure = None;
+            let mut published = 0;
             for item in items {
                 match item {
                     Ok(event) => events.push(event),
+                    // A record that can never be read (written by hand, or not upcastable):
+                    // reading it again would fail again, and stop the relay for good.
+                    // What came before it is published first, in order.
+                    Err(error @ Error::Decode { .. }) => {
+                        published += self.publish_all(std::mem::take(&mut events), held).await?;
+                        self.park_unreadable(&error).await?;
+                    }
                     Err(e) => {
                         failure = Some(e);
                         break;
                     }
                 }
             }
-            let published = match self.publish_all(events, held).await {
-                Ok(published) => published,
-                Err(ended) => return ended,
-            };
+            published += self.publish_all(events, held).await?;
             if published > 0 {
-                unsaved += published;
+                *unsaved += published;
                 // Due an interval after the first event not checkpointed yet, so a steady
                 // stream is checkpointed at least that often too (a new lease holder then
                 // publishes again at most about an interval's worth).
@@ -581,17 +649,17 @@ impl Worker {
                     tokio::time::Instant::now() + self.options.checkpoint_interval
                 });
             }
-            if unsaved >= self.options.checkpoint_every {
-                match self.save(checkpoints.as_mut(), &mut unsaved).await {
-                    Ok(true) => save_at = None,
-                    Ok(false) => save_at = Some(tokio::time::Instant::now() + IDLE_RECHECK),
-                    Err(ended) => return ended,
+            if *unsaved >= self.options.checkpoint_every {
+                match self.save(checkpoints.as_deref_mut(), unsaved).await? {
+                    true => *save_at = None,
+                    false => *save_at = Some(tokio::time::Instant::now() + IDLE_RECHECK),
                 }
             }
             if let Some(error) = failure {
-                return Ended::Failed(error);
+                return Err(Ended::Failed(error));
             }
         }
+        Ok(())
     }
 
     fn checkpoint_name(&self) -> String {
@@ -798,12 +866,50 @@ impl Worker {
             %error,
             "the transport refuses a stored event; it goes to the dead-letter queue"
         );
+        let reason = format!("the outbox relay could not publish it: {error}");
+        self.dead_letter(event, reason).await
+    }
+
+    /// Dead-letters, as an [`UNDECODABLE_EVENT_TYPE`] event, a record of the store's log that
+    /// could not be read as an event, so that the relay goes on after it and someone sees it.
+    async fn park_unreadable(&mut self, error: &Error) -> Result<(), Ended> {
+        let after = self.status.borrow().relayed_position;
+        tracing::error!(
+            relay = %self.options.name,
+            after_position = after,
+            %error,
+            "a record of the store cannot be read as an event; it goes to the dead-letter queue"
+        );
+        let (field, why) = match error {
+            Error::Decode { field, reason } => (field.as_str(), reason.as_str()),
+            _ => ("$", ""),
+        };
+        let record = serde_json::json!({
+            "store": self.store.name(),
+            "after_position": after,
+            "field": field,
+            "reason": why,
+        });
+        let event = match EventEnvelope::new(UNDECODABLE_EVENT_TYPE, &record) {
+            Ok(event) => event,
+            Err(e) => return Err(Ended::Failed(e)),
+        };
+        let reason = format!(
+            "the outbox relay could not read a record of the {} store after position {after}: {error}",
+            self.store.name()
+        );
+        self.dead_letter(event, reason).await
+    }
+
+    /// Pushes `event` to the transport's dead-letter queue under the relay's name, retrying
+    /// until the queue takes it.
+    async fn dead_letter(&mut self, event: EventEnvelope, reason: String) -> Result<(), Ended> {
         let now = chrono::Utc::now();
         let letter = DeadLetter::new(
             event.clone(),
             event.event_type().to_owned(),
             format!("relay:{}", self.options.name),
-            format!("the outbox relay could not publish it: {error}"),
+            reason,
             1,
             now,
             now,
@@ -830,6 +936,15 @@ impl Worker {
 /// How long a due checkpoint holds the relay back for the in-process handlers to settle what
 /// was published, before it gives up until the next look.
 const DRAIN_WAIT: Duration = Duration::from_millis(100);
+
+/// With the in-process transport, how many times the relay looks again for new events
+/// (yielding in between) before it waits to be woken. Being woken costs more than the
+/// looks: the store wakes the relay on the publishing task's worker thread, in the slot that
+/// no idle worker takes from, so a relay that always waits runs on the publisher's thread,
+/// one after the other, while a relay that keeps running is taken by the idle worker and runs
+/// beside the publisher. Bounded: once nothing came for this many looks (tens of
+/// microseconds), it waits.
+const SPIN: u32 = 64;
 
 /// How soon a checkpoint that waits for the in-process transport to settle looks again.
 const IDLE_RECHECK: Duration = Duration::from_millis(50);

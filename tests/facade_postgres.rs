@@ -289,3 +289,87 @@ async fn store_and_transport_on_postgres() {
     drop(conn);
     orchestrator.shutdown(Duration::from_secs(5)).await;
 }
+
+/// A row of the log that is no event (written by hand) does not stop delivery: the relay
+/// dead-letters a record of it, naming where it was, and goes on with the events after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_row_is_dead_lettered_by_the_relay_and_delivery_goes_on() {
+    let schema = schema("unreadable");
+    let Some(store) = store(&schema).await else {
+        return;
+    };
+    let _cleanup = DropSchema(schema.clone());
+    let orchestrator = process(&store).await;
+    let handled = record_orders(&orchestrator).await;
+    orchestrator
+        .publish_event("order.placed", json!({ "order_id": "o-1" }))
+        .await
+        .unwrap();
+    wait_until("the first event handled", Duration::from_secs(10), || {
+        handled.lock().unwrap().len() == 1
+    })
+    .await;
+
+    // Written as the PostgreSQL module docs tell a tool to: under the append lock, at the
+    // next position; valid JSON, but no CloudEvent.
+    let (mut client, connection) = tokio_postgres::connect(&postgres_url(), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let tx = client.transaction().await.unwrap();
+    tx.execute(
+        "SELECT pg_advisory_xact_lock(1330791233, hashtext($1))",
+        &[&schema],
+    )
+    .await
+    .unwrap();
+    tx.execute(
+        &format!(
+            "INSERT INTO \"{schema}\".events \
+             (position, stream_id, stream_version, event_id, event_type, event_time, event) \
+             VALUES (2, 'by-hand', 1, 'x-1', 'order.placed', now(), '{{\"specversion\":\"1.0\"}}')"
+        ),
+        &[],
+    )
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+
+    orchestrator
+        .publish_event("order.shipped", json!({ "order_id": "o-1" }))
+        .await
+        .unwrap();
+    wait_until(
+        "the event after the bad row handled",
+        Duration::from_secs(10),
+        || handled.lock().unwrap().len() == 2,
+    )
+    .await;
+    let handled = handled.lock().unwrap().clone();
+    assert_eq!(
+        handled,
+        [
+            ("order.placed".to_owned(), Some(1)),
+            ("order.shipped".to_owned(), Some(3))
+        ]
+    );
+    let letters = orchestrator
+        .dead_letters()
+        .list(&orchestrator::core::DeadLetterQuery::default())
+        .await
+        .unwrap();
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    let letter = &letters[0];
+    assert_eq!(letter.event.event_type(), "orchestrator.undecodable");
+    assert_eq!(letter.subscription, "relay:default");
+    assert!(
+        letter.reason.contains("after position 1"),
+        "{}",
+        letter.reason
+    );
+    let record: Value = letter.event.data().unwrap();
+    assert_eq!(record["store"], "postgres");
+    assert_eq!(record["after_position"], 1);
+    assert_eq!(orchestrator.relay_status().dead_lettered, 1);
+    orchestrator.shutdown(Duration::from_secs(5)).await;
+}

@@ -6,6 +6,11 @@ use chrono::{DateTime, Utc};
 use crate::envelope::EventEnvelope;
 use crate::error::Result;
 
+/// The event type of a dead letter that stands for something that could not be read as an
+/// event: a broker message that is no CloudEvent, or a store record the outbox relay could
+/// not decode. Its payload says what was read, or why it could not be.
+pub const UNDECODABLE_EVENT_TYPE: &str = "orchestrator.undecodable";
+
 /// A delivery that failed for good, with the story of its failure.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DeadLetter {

@@ -29,7 +29,7 @@ pub(crate) const GROUP: &str = "orchestrator-group";
 /// The event type given to a dead letter whose message was not a CloudEvent; its payload
 /// is the message value as it arrived (`application/octet-stream`), and its headers
 /// `kafkatopic`, `kafkapartition` and `kafkaoffset` say where it was read.
-pub const UNDECODABLE_EVENT_TYPE: &str = "orchestrator.undecodable";
+pub use orchestrator_core::dlq::UNDECODABLE_EVENT_TYPE;
 
 /// Reasons and errors longer than this are cut, so headers stay small.
 const MAX_TEXT: usize = 8 * 1024;
