@@ -1,0 +1,144 @@
+//! The subscription root: live events over WebSocket (graphql-transport-ws).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_graphql::{Context, Result, Subscription};
+use futures::{Stream, StreamExt as _};
+use orchestrator::core::{EventEnvelope, EventFilter, EventStore, EventStream, TopicPattern};
+
+use super::ApiState;
+use super::error::ApiError;
+use super::types::Event;
+
+/// How often, at most, a live subscription compares its position with the store's head
+/// when fewer than half a window of events went by.
+const LAG_CHECK_INTERVAL: Duration = Duration::from_millis(100);
+
+/// The subscriptions.
+pub(crate) struct SubscriptionRoot;
+
+/// Live data over WebSocket (`/graphql/ws`, protocol graphql-transport-ws).
+#[Subscription]
+impl SubscriptionRoot {
+    /// Stored events whose type matches one of `types` (patterns: `order.*`, `order.#`;
+    /// none: every event), in global order: from `fromPosition` (the events already
+    /// stored first, then new ones as they are stored, with no gap and no duplicate at the
+    /// hand-over), or, without it, only events stored from now on.
+    ///
+    /// A client that falls more than the server's window behind the store's head once it
+    /// has caught up gets an error with the code `SLOW_CONSUMER` (and the position to
+    /// resume from), and the subscription ends.
+    async fn events(
+        &self,
+        ctx: &Context<'_>,
+        types: Option<Vec<String>>,
+        from_position: Option<u64>,
+    ) -> Result<impl Stream<Item = Result<Event>>> {
+        let state = ctx.data_unchecked::<ApiState>();
+        let patterns = types
+            .iter()
+            .flatten()
+            .map(|p| {
+                TopicPattern::parse(p)
+                    .map_err(|e| ApiError::BadInput(format!("event type pattern `{p}`: {e}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let store = Arc::clone(state.orchestrator.store());
+        let head = store.head_position().await.map_err(ApiError::backend)?;
+        let from = from_position.unwrap_or(head + 1);
+        let events = store
+            .subscribe(from, EventFilter::all())
+            .await
+            .map_err(ApiError::backend)?;
+        let follow = Follow {
+            events,
+            store,
+            patterns,
+            window: state.subscription_window,
+            caught_up_at: head,
+            live: false,
+            since_check: 0,
+            checked_at: Instant::now(),
+            ended: false,
+        };
+        Ok(futures::stream::unfold(follow, |mut follow| async move {
+            let item = follow.next().await?;
+            Some((item, follow))
+        }))
+    }
+}
+
+/// One client's subscription: the store's catch-up-then-live stream, filtered, watched for
+/// lag.
+struct Follow {
+    events: EventStream,
+    store: Arc<dyn EventStore>,
+    patterns: Vec<TopicPattern>,
+    window: u64,
+    /// The head when the subscription began: once past it, the client is live.
+    caught_up_at: u64,
+    live: bool,
+    since_check: u64,
+    checked_at: Instant,
+    ended: bool,
+}
+
+impl Follow {
+    /// The next matching event, the error that ends the subscription, or `None` once it
+    /// ended.
+    async fn next(&mut self) -> Option<Result<Event>> {
+        if self.ended {
+            return None;
+        }
+        loop {
+            let event = match self.events.next().await? {
+                Ok(event) => event,
+                Err(error) => {
+                    self.ended = true;
+                    return Some(Err(ApiError::backend(error).into()));
+                }
+            };
+            let position = event.global_position().unwrap_or(0);
+            if let Some(error) = self.lag(position).await {
+                self.ended = true;
+                return Some(Err(error.into()));
+            }
+            if self.matches(&event) {
+                return Some(Ok(Event(event)));
+            }
+        }
+    }
+
+    fn matches(&self, event: &EventEnvelope) -> bool {
+        self.patterns.is_empty() || self.patterns.iter().any(|p| p.matches(event.event_type()))
+    }
+
+    /// `SLOW_CONSUMER` when the client, live, is more than the window behind the head.
+    /// Catching up is not falling behind: those events are read from the store at the
+    /// client's pace, and nothing is buffered for it.
+    async fn lag(&mut self, position: u64) -> Option<ApiError> {
+        if !self.live {
+            self.live = position >= self.caught_up_at;
+            return None;
+        }
+        self.since_check += 1;
+        if self.since_check < (self.window / 2).max(1)
+            && self.checked_at.elapsed() < LAG_CHECK_INTERVAL
+        {
+            return None;
+        }
+        self.since_check = 0;
+        self.checked_at = Instant::now();
+        let head = match self.store.head_position().await {
+            Ok(head) => head,
+            Err(error) => return Some(ApiError::backend(error)),
+        };
+        let behind = head.saturating_sub(position);
+        (behind > self.window).then_some(ApiError::SlowConsumer {
+            behind,
+            window: self.window,
+            resume_from: position,
+        })
+    }
+}

@@ -1,0 +1,197 @@
+//! Live events over WebSocket (graphql-transport-ws): catch-up from a position then live
+//! with no gap, a slow subscriber told and cut off, a dropped connection that harms nothing.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use futures::{SinkExt as _, StreamExt as _};
+use hyper::{Method, StatusCode};
+use orchestrator::prelude::*;
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
+
+type Socket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+const EVENTS: &str = r"subscription($types: [String!], $from: Int) {
+  events(types: $types, fromPosition: $from) { type globalPosition data }
+}";
+
+/// A graphql-transport-ws connection, acknowledged.
+async fn connect(addr: SocketAddr) -> Socket {
+    let mut request = format!("ws://{addr}/graphql/ws")
+        .into_client_request()
+        .unwrap();
+    let headers = request.headers_mut();
+    headers.insert(
+        "sec-websocket-protocol",
+        "graphql-transport-ws".parse().unwrap(),
+    );
+    headers.insert(
+        "authorization",
+        format!("Bearer {}", support::TOKEN).parse().unwrap(),
+    );
+    let (mut socket, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+    send(&mut socket, json!({"type": "connection_init"})).await;
+    assert_eq!(receive(&mut socket).await["type"], "connection_ack");
+    socket
+}
+
+async fn send(socket: &mut Socket, message: Value) {
+    socket
+        .send(Message::text(message.to_string()))
+        .await
+        .unwrap();
+}
+
+/// The next protocol message (pings answered, other frames skipped).
+async fn receive(socket: &mut Socket) -> Value {
+    loop {
+        let frame = tokio::time::timeout(Duration::from_secs(30), socket.next())
+            .await
+            .expect("a message within 30 s")
+            .expect("the connection is open")
+            .unwrap();
+        if let Message::Text(text) = frame {
+            let message: Value = serde_json::from_str(text.as_str()).unwrap();
+            if message["type"] == "ping" {
+                send(socket, json!({"type": "pong"})).await;
+                continue;
+            }
+            return message;
+        }
+    }
+}
+
+async fn subscribe(socket: &mut Socket, variables: Value) {
+    send(
+        socket,
+        json!({"id": "1", "type": "subscribe", "payload": {"query": EVENTS, "variables": variables}}),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscription_catches_up_then_goes_live_without_a_gap() {
+    let orchestrator = EventOrchestrator::new();
+    let server = support::start(orchestrator.clone(), support::config()).await;
+    for n in 0..50 {
+        orchestrator
+            .publish_event("live.tick", json!({ "n": n }))
+            .await
+            .unwrap();
+        orchestrator
+            .publish_event("noise.tick", json!({ "n": n }))
+            .await
+            .unwrap();
+    }
+    let mut socket = connect(server.addr).await;
+    subscribe(&mut socket, json!({"types": ["live.*"], "from": 1})).await;
+    // The rest is published while the subscription catches up and after.
+    let publisher = tokio::spawn({
+        let orchestrator = orchestrator.clone();
+        async move {
+            for n in 50..200 {
+                orchestrator
+                    .publish_event("live.tick", json!({ "n": n }))
+                    .await
+                    .unwrap();
+            }
+        }
+    });
+    let mut last_position = 0;
+    for n in 0..200 {
+        let message = receive(&mut socket).await;
+        assert_eq!(message["type"], "next", "{message}");
+        let event = &message["payload"]["data"]["events"];
+        assert_eq!(event["type"], "live.tick");
+        assert_eq!(event["data"]["n"], n, "in order, none missing: {message}");
+        let position = event["globalPosition"].as_u64().unwrap();
+        assert!(position > last_position);
+        last_position = position;
+    }
+    publisher.await.unwrap();
+
+    // Dropped mid-stream: the server goes on serving.
+    drop(socket);
+    orchestrator
+        .publish_event("live.tick", json!({ "n": 200 }))
+        .await
+        .unwrap();
+    let (status, _) = support::request(server.addr, Method::GET, "/healthz", None, "").await;
+    assert_eq!(status, StatusCode::OK);
+    let mut again = connect(server.addr).await;
+    subscribe(
+        &mut again,
+        json!({"types": ["live.*"], "from": last_position + 1}),
+    )
+    .await;
+    let message = receive(&mut again).await;
+    assert_eq!(
+        message["payload"]["data"]["events"]["data"]["n"], 200,
+        "{message}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_subscriber_that_falls_behind_the_window_is_told_and_cut_off() {
+    let orchestrator = EventOrchestrator::new();
+    let server = support::start(
+        orchestrator.clone(),
+        support::config().subscription_window(10),
+    )
+    .await;
+    let mut socket = connect(server.addr).await;
+    // From the start of the (empty) store, so that the first event is not missed whether
+    // it is stored before or after the server opens the subscription.
+    subscribe(&mut socket, json!({"from": 1})).await;
+    orchestrator
+        .publish_event("burst.first", json!({}))
+        .await
+        .unwrap();
+    let first = receive(&mut socket).await;
+    assert_eq!(
+        first["payload"]["data"]["events"]["type"], "burst.first",
+        "{first}"
+    );
+
+    // A hundred events at once: far more than the window of 10 ahead of the subscriber.
+    let burst: Vec<EventEnvelope> = (0..100)
+        .map(|n| EventEnvelope::new("burst.event", &json!({ "n": n })).unwrap())
+        .collect();
+    orchestrator
+        .store()
+        .append("burst", ExpectedVersion::Any, burst)
+        .await
+        .unwrap();
+    let mut delivered = 0;
+    let error = loop {
+        let message = receive(&mut socket).await;
+        assert_eq!(message["type"], "next", "{message}");
+        if let Some(errors) = message["payload"]["errors"].as_array() {
+            break errors[0].clone();
+        }
+        delivered += 1;
+    };
+    assert!(delivered < 100, "cut off before the end of the burst");
+    assert_eq!(error["extensions"]["code"], "SLOW_CONSUMER", "{error}");
+    let resume_from = error["extensions"]["resumeFrom"].as_u64().unwrap();
+    assert_eq!(resume_from, 2 + delivered, "resumes where delivery stopped");
+    assert!(
+        error["message"].as_str().unwrap().contains("window of 10"),
+        "{error}"
+    );
+    assert_eq!(receive(&mut socket).await["type"], "complete");
+
+    // Resuming from the position it was given misses nothing.
+    subscribe(&mut socket, json!({"from": resume_from})).await;
+    let message = receive(&mut socket).await;
+    assert_eq!(
+        message["payload"]["data"]["events"]["data"]["n"], delivered,
+        "{message}"
+    );
+}
