@@ -12,6 +12,7 @@ use hyper::body::Bytes;
 use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use orchestrator::prelude::*;
+use orchestrator::store::schema::SchemaVersion;
 use orchestrator_server::{Server, ServerConfig};
 use serde_json::{Value, json};
 use tokio::sync::oneshot;
@@ -136,6 +137,14 @@ pub(crate) async fn api_story(orchestrator: EventOrchestrator, tag: &str) {
     let shipped = format!("{tag}.order.shipped");
     let signed_up = format!("{tag}.user.created");
     let correlation = format!("{tag}-request-1");
+    orchestrator
+        .schemas()
+        .register(SchemaVersion::new(
+            &signed_up,
+            1,
+            json!({"type": "object", "required": ["user"]}),
+        ))
+        .unwrap();
 
     // A request: three orders placed, the first one shipped (caused by it); and an
     // unrelated sign-up.
@@ -270,6 +279,30 @@ pub(crate) async fn api_story(orchestrator: EventOrchestrator, tag: &str) {
     assert_eq!(nodes[1]["parentId"], first.id().as_str());
     assert_eq!(nodes[2]["depth"], 0);
 
+    // Schemas, and the relay.
+    let data = query(
+        addr,
+        "{ schemas { eventType versions latestVersion } relay { state headPosition lag } }",
+        json!({}),
+    )
+    .await;
+    assert!(
+        data["schemas"]
+            .as_array()
+            .unwrap()
+            .contains(&json!({"eventType": signed_up, "versions": [1], "latestVersion": 1})),
+        "{data}"
+    );
+    assert!(
+        data["relay"]["headPosition"].as_u64().unwrap() >= 5,
+        "{data}"
+    );
+    assert!(
+        ["idle", "standby", "relaying"].contains(&data["relay"]["state"].as_str().unwrap()),
+        "{data}"
+    );
+
+    saga_story(&orchestrator, addr, tag).await;
     dead_letter_story(&orchestrator, addr, tag).await;
 
     // Operations.
@@ -291,6 +324,88 @@ pub(crate) async fn api_story(orchestrator: EventOrchestrator, tag: &str) {
     assert!(metrics.contains("orchestrator_dead_letters{"), "{metrics}");
     let (status, _) = request(addr, Method::GET, "/metrics", None, "").await;
     assert_eq!(status, StatusCode::UNAUTHORIZED, "/metrics needs the token");
+}
+
+async fn reserve(_context: Value) -> Result<Value, HandlerError> {
+    Ok(json!({"reservation": "R-1"}))
+}
+
+async fn release(_context: Value) -> Result<(), HandlerError> {
+    Ok(())
+}
+
+async fn charge(_context: Value) -> Result<Value, HandlerError> {
+    Err(HandlerError::permanent("card declined"))
+}
+
+/// A saga whose second step fails is compensated; the API lists it and shows its steps,
+/// failure, compensation and timed log, and its trace names it.
+async fn saga_story(orchestrator: &EventOrchestrator, addr: SocketAddr, tag: &str) {
+    let name = format!("{tag}-checkout");
+    orchestrator
+        .define_saga(
+            name.as_str(),
+            vec![
+                SagaStep::new("reserve", reserve).with_compensation(release),
+                SagaStep::new("charge", charge),
+            ],
+        )
+        .unwrap();
+    let outcome = orchestrator
+        .start_saga(&name, json!({"cart": "C-1"}))
+        .await
+        .unwrap();
+    assert_eq!(outcome.status, SagaStatus::Compensated);
+    let id = outcome.id.to_string();
+
+    let list = query(addr, "{ sagas { id saga status statusName } }", json!({})).await;
+    let listed = list["sagas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["id"] == id.as_str())
+        .unwrap_or_else(|| panic!("{list}"));
+    assert_eq!(listed["saga"], name.as_str());
+    assert_eq!(listed["status"], "COMPENSATED");
+
+    let detail = query(
+        addr,
+        "query($id: String!) { saga(id: $id) { status completedSteps compensatedSteps \
+         failure { step error } context log { type step offsetMs } } }",
+        json!({"id": id}),
+    )
+    .await;
+    let saga = &detail["saga"];
+    assert_eq!(saga["status"], "COMPENSATED", "{detail}");
+    assert_eq!(saga["completedSteps"], json!(["reserve"]));
+    assert_eq!(saga["compensatedSteps"], json!(["reserve"]));
+    assert_eq!(saga["failure"]["step"], "charge");
+    assert!(
+        saga["failure"]["error"]
+            .as_str()
+            .unwrap()
+            .contains("card declined")
+    );
+    assert_eq!(saga["context"]["reservation"], "R-1");
+    let log = saga["log"].as_array().unwrap();
+    assert!(log.len() >= 4, "start, steps, compensation, end: {detail}");
+    assert_eq!(log[0]["offsetMs"], 0.0);
+    assert!(log.iter().any(|r| r["step"] == "charge"), "{detail}");
+
+    let missing = query(
+        addr,
+        "query($id: String!) { saga(id: $id) { id } }",
+        json!({"id": "01890000-0000-7000-8000-000000000000"}),
+    )
+    .await;
+    assert!(missing["saga"].is_null(), "{missing}");
+    let trace = query(
+        addr,
+        "query($c: String!) { trace(correlationId: $c) { sagaIds } }",
+        json!({"c": id}),
+    )
+    .await;
+    assert_eq!(trace["trace"]["sagaIds"], json!([id]), "{trace}");
 }
 
 /// A handler fails an event for good; the API lists the dead letter, a mutation
