@@ -4,9 +4,12 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use async_graphql::http::ALL_WEBSOCKET_PROTOCOLS;
+use async_graphql_axum::{GraphQLProtocol, GraphQLWebSocket};
 use axum::body::Bytes;
+use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{Request, State};
-use axum::http::{Method, StatusCode, header};
+use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -46,12 +49,11 @@ pub fn router(orchestrator: EventOrchestrator, config: &ServerConfig) -> Result<
     let guarded = Router::new()
         .route("/graphql", post(graphql_request))
         .route("/metrics", get(ops::metrics))
-        .route_service(
-            "/graphql/ws",
-            async_graphql_axum::GraphQLSubscription::new(state.schema.clone()),
-        )
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     let app = Router::new()
+        // Checks the token itself: browsers cannot set headers on a WebSocket, so the token
+        // may also come in the `connection_init` message.
+        .route("/graphql/ws", get(graphql_ws))
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
         .merge(guarded)
@@ -93,17 +95,74 @@ async fn graphql_request(State(state): State<AppState>, body: Bytes) -> Response
     Json(state.schema.execute(request).await).into_response()
 }
 
+/// `GET /graphql/ws`: GraphQL over WebSocket (graphql-transport-ws, or the older
+/// graphql-ws). With a token configured, the upgrade request carries it in
+/// `Authorization: Bearer <token>`, or the `connection_init` payload does
+/// (`{"authorization": "Bearer <token>"}`); otherwise the connection is closed with a
+/// reason saying so.
+async fn graphql_ws(
+    State(state): State<AppState>,
+    protocol: GraphQLProtocol,
+    headers: HeaderMap,
+    upgrade: WebSocketUpgrade,
+) -> Response {
+    let token = state.token.clone();
+    let by_header = token.as_deref().is_none_or(|token| {
+        bearer(
+            headers
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok()),
+        )
+        .is_some_and(|given| same_secret(given.as_bytes(), token.as_bytes()))
+    });
+    let schema = state.schema.clone();
+    upgrade
+        .protocols(ALL_WEBSOCKET_PROTOCOLS)
+        .on_upgrade(move |socket| {
+            GraphQLWebSocket::new(socket, schema, protocol)
+                .on_connection_init(move |payload| async move {
+                    let by_payload = || {
+                        let given = ["authorization", "Authorization"]
+                            .iter()
+                            .find_map(|key| payload.get(key).and_then(|v| v.as_str()));
+                        token.as_deref().is_some_and(|token| {
+                            bearer(given).is_some_and(|given| {
+                                same_secret(given.as_bytes(), token.as_bytes())
+                            })
+                        })
+                    };
+                    if by_header || by_payload() {
+                        Ok(async_graphql::Data::default())
+                    } else {
+                        tracing::info!("WebSocket refused: missing or wrong bearer token");
+                        // The reason travels in a close frame: at most 123 bytes.
+                        Err(async_graphql::Error::new(
+                            "missing or wrong bearer token: send `authorization: Bearer <token>` \
+                             in the upgrade or the connection_init payload",
+                        ))
+                    }
+                })
+                .serve()
+        })
+}
+
+/// The token of an `Authorization: Bearer <token>` value.
+fn bearer(value: Option<&str>) -> Option<&str> {
+    value.and_then(|value| value.strip_prefix("Bearer "))
+}
+
 /// Lets a request through when no token is configured or it carries
 /// `Authorization: Bearer <token>`.
 async fn require_token(State(state): State<AppState>, request: Request, next: Next) -> Response {
     let Some(token) = &state.token else {
         return next.run(request).await;
     };
-    let given = request
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|value| value.to_str().ok())
-        .and_then(|value| value.strip_prefix("Bearer "));
+    let given = bearer(
+        request
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|value| value.to_str().ok()),
+    );
     match given {
         Some(given) if same_secret(given.as_bytes(), token.as_bytes()) => next.run(request).await,
         given => {

@@ -57,8 +57,10 @@
 //!
 //! ## Security
 //!
-//! - A bearer token ([`ServerConfig::bearer_token`]) guards `/graphql`, `/graphql/ws` (on
-//!   the upgrade request's `Authorization` header) and `/metrics`; it
+//! - A bearer token ([`ServerConfig::bearer_token`]) guards `/graphql`, `/graphql/ws` (in
+//!   the upgrade request's `Authorization` header, or — for browsers, which cannot set it —
+//!   as `{"authorization": "Bearer <token>"}` in the `connection_init` payload) and
+//!   `/metrics`; it
 //!   is **required** when the listen address is not loopback ([`Error::TokenRequired`]).
 //! - [`ServerConfig::read_only`] refuses every mutation.
 //! - Queries deeper or larger than the limits ([`ServerConfig::max_depth`],

@@ -195,3 +195,64 @@ async fn a_live_subscriber_that_falls_behind_the_window_is_told_and_cut_off() {
         "{message}"
     );
 }
+
+/// Opens `/graphql/ws` with `header` as the upgrade's bearer token (if any) and `payload` as
+/// the `connection_init` payload: the first message back, or the close frame's reason.
+async fn handshake(
+    addr: SocketAddr,
+    header: Option<&str>,
+    payload: Value,
+) -> Result<Value, String> {
+    let mut request = format!("ws://{addr}/graphql/ws")
+        .into_client_request()
+        .unwrap();
+    let headers = request.headers_mut();
+    headers.insert(
+        "sec-websocket-protocol",
+        "graphql-transport-ws".parse().unwrap(),
+    );
+    if let Some(token) = header {
+        headers.insert("authorization", format!("Bearer {token}").parse().unwrap());
+    }
+    let (mut socket, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+    send(
+        &mut socket,
+        json!({"type": "connection_init", "payload": payload}),
+    )
+    .await;
+    let frame = tokio::time::timeout(Duration::from_secs(30), socket.next())
+        .await
+        .expect("an answer within 30 s")
+        .expect("a frame")
+        .unwrap();
+    match frame {
+        Message::Text(text) => Ok(serde_json::from_str(text.as_str()).unwrap()),
+        Message::Close(Some(close)) => Err(close.reason.to_string()),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn websockets_need_the_token_in_the_upgrade_or_in_connection_init() {
+    let server = support::start(EventOrchestrator::new(), support::config()).await;
+    let addr = server.addr;
+    let ack = json!({"type": "connection_ack"});
+    assert_eq!(
+        handshake(addr, Some(support::TOKEN), json!({})).await,
+        Ok(ack.clone())
+    );
+    let in_payload = json!({"authorization": format!("Bearer {}", support::TOKEN)});
+    assert_eq!(handshake(addr, None, in_payload).await, Ok(ack));
+    for (header, payload) in [
+        (None, json!({})),
+        (Some("wrong"), json!({})),
+        (None, json!({"authorization": "Bearer wrong"})),
+        (None, json!({"authorization": support::TOKEN})),
+    ] {
+        let refused = handshake(addr, header, payload.clone()).await;
+        let reason = refused.expect_err(&format!("{header:?} {payload}"));
+        assert!(reason.contains("bearer token"), "{reason}");
+    }
+    let (status, _) = support::request(addr, hyper::Method::GET, "/healthz", None, "").await;
+    assert_eq!(status, StatusCode::OK);
+}
