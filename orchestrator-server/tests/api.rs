@@ -204,3 +204,31 @@ async fn cors_headers_only_for_configured_origins() {
         assert_eq!(origin.as_deref(), expect, "{addr}");
     }
 }
+
+#[tokio::test]
+async fn metrics_add_what_a_prometheus_recorder_collected() {
+    let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+    let handle = recorder.handle();
+    metrics::with_local_recorder(&recorder, || {
+        metrics::counter!("orchestrator_test_probe_total").increment(3);
+    });
+    let orchestrator = EventOrchestrator::new();
+    orchestrator
+        .publish_event("probe.sent", json!({}))
+        .await
+        .unwrap();
+    let server = start(orchestrator, config().prometheus(handle)).await;
+    let (status, text) = request(server.addr, Method::GET, "/metrics", Some(TOKEN), "").await;
+    assert_eq!(status, StatusCode::OK, "{text}");
+    assert!(text.contains("orchestrator_test_probe_total 3"), "{text}");
+    assert!(
+        text.contains("# TYPE orchestrator_store_head_position gauge"),
+        "{text}"
+    );
+    assert!(
+        text.contains(
+            "orchestrator_store_head_position{store=\"in-memory\",transport=\"in-process\"} 1"
+        ),
+        "{text}"
+    );
+}
