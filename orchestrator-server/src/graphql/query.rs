@@ -97,12 +97,21 @@ impl QueryRoot {
                     .is_none_or(|c| event.correlation_id() == Some(c))
         };
 
+        // When the store's filter is the whole filter, one more than a page tells whether
+        // another follows; otherwise read larger batches, as some events will be skipped.
+        let filtered_here = (!patterns.is_empty() && store_filter.event_types.is_empty())
+            || filter.stream.is_some()
+            || filter.correlation_id.is_some();
+        let read = if filtered_here {
+            (first + 1).max(SCAN_PAGE)
+        } else {
+            first + 1
+        };
         let store = state.orchestrator.store();
         let mut events = Vec::new();
         let mut last_seen = after;
         let mut scanned = 0;
         let has_next_page = 'scan: loop {
-            let read = (first + 1).max(SCAN_PAGE.min(SCAN_BUDGET));
             let from = last_seen.map_or(1, |p| p + 1);
             let page = store
                 .read_all(ReadAll::from(from, read).filter(store_filter.clone()))

@@ -201,6 +201,26 @@ pub(crate) async fn api_story(orchestrator: EventOrchestrator, tag: &str) {
     assert_eq!(events[1]["type"], shipped.as_str());
     assert_eq!(rest["events"]["pageInfo"]["hasNextPage"], false, "{rest}");
 
+    // An exact type, filtered by the store itself: pages of exactly what was asked.
+    let exact = query(
+        addr,
+        EVENTS,
+        json!({"filter": {"types": [placed]}, "first": 2}),
+    )
+    .await;
+    assert_eq!(exact["events"]["events"].as_array().unwrap().len(), 2);
+    assert_eq!(exact["events"]["pageInfo"]["hasNextPage"], true, "{exact}");
+    let exact_rest = query(
+        addr,
+        EVENTS,
+        json!({"filter": {"types": [placed]}, "first": 2, "after": exact["events"]["pageInfo"]["endCursor"]}),
+    )
+    .await;
+    let events = exact_rest["events"]["events"].as_array().unwrap();
+    assert_eq!(events.len(), 1, "{exact_rest}");
+    assert_eq!(events[0]["data"], json!({"order_id": 3}));
+    assert_eq!(exact_rest["events"]["pageInfo"]["hasNextPage"], false);
+
     // An exact type, a stream, a correlation id.
     let signups = query(addr, EVENTS, json!({"filter": {"types": [signed_up]}})).await;
     assert_eq!(signups["events"]["events"].as_array().unwrap().len(), 1);
