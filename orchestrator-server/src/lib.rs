@@ -46,7 +46,9 @@
 //!   type patterns, catching up from a position and then live, with no gap; a live
 //!   subscriber more than [`ServerConfig::subscription_window`] events behind the store's
 //!   head gets `SLOW_CONSUMER` (with `resumeFrom`) and its subscription ends. Nothing is
-//!   buffered per subscriber: each reads the store at its own pace.
+//!   buffered per subscriber: each reads the store at its own pace. `sagaUpdates(sagaId,
+//!   fromPosition)` streams saga transitions (started, steps, compensations, finished
+//!   with its status) the same way.
 //! - `GET /healthz` — liveness (`ok`).
 //! - `GET /readyz` — readiness: the store answers and the outbox relay is relaying,
 //!   standing by or idle (not retrying a failing transport); 503 otherwise, naming the

@@ -1,5 +1,6 @@
 //! Live events over WebSocket (graphql-transport-ws): catch-up from a position then live
-//! with no gap, a slow subscriber told and cut off, a dropped connection that harms nothing.
+//! with no gap, a slow subscriber told and cut off, a dropped connection that harms nothing,
+//! the token, saga updates.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod support;
@@ -255,4 +256,73 @@ async fn websockets_need_the_token_in_the_upgrade_or_in_connection_init() {
     }
     let (status, _) = support::request(addr, hyper::Method::GET, "/healthz", None, "").await;
     assert_eq!(status, StatusCode::OK);
+}
+
+async fn hold(_context: Value) -> Result<Value, HandlerError> {
+    Ok(json!({"held": true}))
+}
+
+async fn unhold(_context: Value) -> Result<(), HandlerError> {
+    Ok(())
+}
+
+async fn decline(_context: Value) -> Result<Value, HandlerError> {
+    Err(HandlerError::permanent("declined"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn saga_updates_follow_a_saga_to_its_end() {
+    let orchestrator = EventOrchestrator::new();
+    orchestrator
+        .define_saga(
+            "booking",
+            vec![
+                SagaStep::new("hold", hold).with_compensation(unhold),
+                SagaStep::new("pay", decline),
+            ],
+        )
+        .unwrap();
+    let server = support::start(orchestrator.clone(), support::config()).await;
+    let mut socket = connect(server.addr).await;
+    send(
+        &mut socket,
+        json!({"id": "s", "type": "subscribe", "payload": {"query":
+            "subscription { sagaUpdates(fromPosition: 1) { sagaId type saga step status } }"}}),
+    )
+    .await;
+    orchestrator
+        .publish_event("not.a.saga", json!({}))
+        .await
+        .unwrap();
+    let outcome = orchestrator.start_saga("booking", json!({})).await.unwrap();
+    let mut updates = Vec::new();
+    loop {
+        let message = receive(&mut socket).await;
+        assert_eq!(message["type"], "next", "{message}");
+        let update = message["payload"]["data"]["sagaUpdates"].clone();
+        assert_eq!(update["sagaId"], outcome.id.to_string(), "{message}");
+        let done = update["type"] == "saga.finished";
+        updates.push(update);
+        if done {
+            break;
+        }
+    }
+    assert_eq!(updates[0]["type"], "saga.started");
+    assert_eq!(updates[0]["saga"], "booking");
+    assert!(updates.iter().any(|u| u["step"] == "pay"), "{updates:?}");
+    assert_eq!(updates.last().unwrap()["status"], "COMPENSATED");
+
+    // One saga by id, and an id that is not one.
+    send(
+        &mut socket,
+        json!({"id": "bad", "type": "subscribe", "payload": {"query":
+            "subscription { sagaUpdates(sagaId: \"nope\") { type } }"}}),
+    )
+    .await;
+    let refused = receive(&mut socket).await;
+    assert_eq!(refused["id"], "bad", "{refused}");
+    assert_eq!(
+        refused["payload"]["errors"][0]["extensions"]["code"], "BAD_USER_INPUT",
+        "{refused}"
+    );
 }

@@ -6,10 +6,11 @@ use std::time::{Duration, Instant};
 use async_graphql::{Context, Result, Subscription};
 use futures::{Stream, StreamExt as _};
 use orchestrator::core::{EventEnvelope, EventFilter, EventStore, EventStream, TopicPattern};
+use orchestrator::saga::{STREAM_PREFIX, SagaId};
 
 use super::ApiState;
 use super::error::ApiError;
-use super::types::Event;
+use super::types::{Event, SagaUpdate};
 
 /// How often, at most, a live subscription compares its position with the store's head
 /// when fewer than half a window of events went by.
@@ -35,7 +36,6 @@ impl SubscriptionRoot {
         types: Option<Vec<String>>,
         from_position: Option<u64>,
     ) -> Result<impl Stream<Item = Result<Event>>> {
-        let state = ctx.data_unchecked::<ApiState>();
         let patterns = types
             .iter()
             .flatten()
@@ -44,28 +44,31 @@ impl SubscriptionRoot {
                     .map_err(|e| ApiError::BadInput(format!("event type pattern `{p}`: {e}")))
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let store = Arc::clone(state.orchestrator.store());
-        let head = store.head_position().await.map_err(ApiError::backend)?;
-        let from = from_position.unwrap_or(head + 1);
-        let events = store
-            .subscribe(from, EventFilter::all())
-            .await
-            .map_err(ApiError::backend)?;
-        let follow = Follow {
-            events,
-            store,
-            patterns,
-            window: state.subscription_window,
-            caught_up_at: head,
-            live: false,
-            since_check: 0,
-            checked_at: Instant::now(),
-            ended: false,
+        let follow = Follow::start(ctx, EventFilter::all(), patterns, from_position).await?;
+        Ok(follow.stream().map(|item| item.map(Event)))
+    }
+
+    /// Saga transitions as they are logged (started, step completed, retrying, failed,
+    /// compensation, finished with its status), of every saga or of the one `sagaId`
+    /// names, from `fromPosition` or from now on; bounded like `events`.
+    async fn saga_updates(
+        &self,
+        ctx: &Context<'_>,
+        saga_id: Option<String>,
+        from_position: Option<u64>,
+    ) -> Result<impl Stream<Item = Result<SagaUpdate>>> {
+        let prefix = match saga_id {
+            Some(id) => id
+                .parse::<SagaId>()
+                .map_err(|e| ApiError::BadInput(format!("saga id `{id}`: {e}")))?
+                .stream(),
+            None => STREAM_PREFIX.to_owned(),
         };
-        Ok(futures::stream::unfold(follow, |mut follow| async move {
-            let item = follow.next().await?;
-            Some((item, follow))
-        }))
+        let filter = EventFilter::all().stream_prefix(prefix);
+        let follow = Follow::start(ctx, filter, Vec::new(), from_position).await?;
+        Ok(follow
+            .stream()
+            .map(|item| item.map(|record| SagaUpdate::new(&record))))
     }
 }
 
@@ -85,9 +88,44 @@ struct Follow {
 }
 
 impl Follow {
+    /// Subscribes to the store from `from_position`, or from the event after the head.
+    async fn start(
+        ctx: &Context<'_>,
+        filter: EventFilter,
+        patterns: Vec<TopicPattern>,
+        from_position: Option<u64>,
+    ) -> Result<Self> {
+        let state = ctx.data_unchecked::<ApiState>();
+        let store = Arc::clone(state.orchestrator.store());
+        let head = store.head_position().await.map_err(ApiError::backend)?;
+        let events = store
+            .subscribe(from_position.unwrap_or(head + 1), filter)
+            .await
+            .map_err(ApiError::backend)?;
+        Ok(Self {
+            events,
+            store,
+            patterns,
+            window: state.subscription_window,
+            caught_up_at: head,
+            live: false,
+            since_check: 0,
+            checked_at: Instant::now(),
+            ended: false,
+        })
+    }
+
+    /// The matching events, then the error that ended the subscription, if one did.
+    fn stream(self) -> impl Stream<Item = Result<EventEnvelope>> {
+        futures::stream::unfold(self, |mut follow| async move {
+            let item = follow.next().await?;
+            Some((item, follow))
+        })
+    }
+
     /// The next matching event, the error that ends the subscription, or `None` once it
     /// ended.
-    async fn next(&mut self) -> Option<Result<Event>> {
+    async fn next(&mut self) -> Option<Result<EventEnvelope>> {
         if self.ended {
             return None;
         }
@@ -105,7 +143,7 @@ impl Follow {
                 return Some(Err(error.into()));
             }
             if self.matches(&event) {
-                return Some(Ok(Event(event)));
+                return Some(Ok(event));
             }
         }
     }

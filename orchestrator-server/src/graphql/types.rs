@@ -318,6 +318,46 @@ impl SagaDetail {
     }
 }
 
+/// One transition of a saga, as its log records it.
+#[derive(SimpleObject)]
+pub(crate) struct SagaUpdate {
+    /// The saga instance.
+    pub(crate) saga_id: String,
+    /// The record's event type (`saga.started`, `saga.step.completed`, `saga.finished`, …).
+    #[graphql(name = "type")]
+    pub(crate) record_type: String,
+    /// The saga's name, on `saga.started`.
+    pub(crate) saga: Option<String>,
+    /// The step, branch or wait the record is about, if any.
+    pub(crate) step: Option<String>,
+    /// How the saga ended, on `saga.finished`.
+    pub(crate) status: Option<SagaState>,
+    /// When it was logged.
+    pub(crate) time: DateTime<Utc>,
+    /// The record's global position (to resume from).
+    pub(crate) global_position: Option<u64>,
+}
+
+impl SagaUpdate {
+    pub(crate) fn new(record: &EventEnvelope) -> Self {
+        let data: Value = record.data().unwrap_or(Value::Null);
+        let text = |key: &str| data.get(key).and_then(Value::as_str).map(str::to_owned);
+        Self {
+            saga_id: record
+                .stream_id()
+                .and_then(|s| s.strip_prefix(orchestrator::saga::STREAM_PREFIX))
+                .unwrap_or_default()
+                .to_owned(),
+            record_type: record.event_type().to_owned(),
+            saga: text("saga"),
+            step: record_step(record),
+            status: text("status").map(|s| SagaState::of(&s)),
+            time: record.time(),
+            global_position: record.global_position(),
+        }
+    }
+}
+
 /// The step (or branch, or wait) a saga log record is about, if any.
 fn record_step(record: &EventEnvelope) -> Option<String> {
     let data: Value = record.data().ok()?;
