@@ -39,7 +39,8 @@
 //!   stream, stream prefix, time range, correlation id; cursor pagination), `eventAt`,
 //!   `event`, `streams`, `stream`, `sagas`, `saga` (steps with timings, compensations),
 //!   `deadLetters`, `deadLetter`, `trace` (the causation tree of a correlation id),
-//!   `schemas`, `relay` (checkpoint and lag), `system`. Mutations: `reprocessDeadLetter`,
+//!   `schemas`, `projections` (each checkpointing reader's checkpoint and lag), `relay`
+//!   (checkpoint and lag), `system`. Mutations: `reprocessDeadLetter`,
 //!   `discardDeadLetter`. Every event also reads as its CloudEvents JSON (`cloudEvent`).
 //! - `GET /graphql/ws` — GraphQL subscriptions over WebSocket (protocol
 //!   `graphql-transport-ws`): `events(types, fromPosition)` streams stored events matching

@@ -6,11 +6,13 @@ use async_graphql::{Context, InputObject, Object};
 use chrono::{DateTime, Utc};
 use orchestrator::core::{DeadLetterQuery, EventEnvelope, EventFilter, ReadAll, TopicPattern};
 use orchestrator::saga::{STREAM_PREFIX, SagaId};
+use orchestrator::store::projection::{CHECKPOINT_EVENT_TYPE, checkpoint_stream};
 
 use super::error::{ApiError, ApiResult};
 use super::types::{
-    DeadLetterInfo, Event, EventPage, PageInfo, RelayInfo, SagaDetail, SagaState, SagaSummary,
-    SchemaInfo, StreamEvents, StreamPage, StreamSummary, SystemInfo, Trace, TraceNode, millis,
+    DeadLetterInfo, Event, EventPage, PageInfo, ProjectionInfo, RelayInfo, SagaDetail, SagaState,
+    SagaSummary, SchemaInfo, StreamEvents, StreamPage, StreamSummary, SystemInfo, Trace, TraceNode,
+    millis,
 };
 use super::{ApiState, relay_state_name};
 
@@ -395,6 +397,49 @@ impl QueryRoot {
                 versions: versions.collect(),
             })
             .collect()
+    }
+
+    /// The readers of the global log that checkpoint in the store (projections run by a
+    /// `ProjectionRunner`, the outbox relay): each one's last checkpoint and how far it is
+    /// behind the store's head.
+    async fn projections(&self, ctx: &Context<'_>) -> ApiResult<Vec<ProjectionInfo>> {
+        let store = ctx.data_unchecked::<ApiState>().orchestrator.store();
+        let filter = EventFilter::all()
+            .event_type(CHECKPOINT_EVENT_TYPE)
+            .stream_prefix(checkpoint_stream(""));
+        let mut latest: BTreeMap<String, (u64, DateTime<Utc>)> = BTreeMap::new();
+        let mut from = 1;
+        loop {
+            let page = store
+                .read_all(ReadAll::from(from, SCAN_PAGE).filter(filter.clone()))
+                .await
+                .map_err(ApiError::backend)?;
+            let full = page.len() == SCAN_PAGE;
+            for event in &page {
+                let Ok(checkpoint) = event.data::<serde_json::Value>() else {
+                    continue;
+                };
+                let name = checkpoint["projection"].as_str();
+                let position = checkpoint["position"].as_u64();
+                if let (Some(name), Some(position)) = (name, position) {
+                    latest.insert(name.to_owned(), (position, event.time()));
+                }
+            }
+            match page.last().and_then(EventEnvelope::global_position) {
+                Some(last) if full => from = last + 1,
+                _ => break,
+            }
+        }
+        let head = store.head_position().await.map_err(ApiError::backend)?;
+        Ok(latest
+            .into_iter()
+            .map(|(name, (checkpoint, at))| ProjectionInfo {
+                name,
+                checkpoint,
+                lag: head.saturating_sub(checkpoint),
+                checkpointed_at: at,
+            })
+            .collect())
     }
 
     /// What the outbox relay is doing, and how far it is behind the store.

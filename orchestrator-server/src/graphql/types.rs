@@ -457,6 +457,19 @@ pub(crate) struct SchemaInfo {
     pub(crate) latest_version: u32,
 }
 
+/// A reader of the global log and its checkpoint.
+#[derive(SimpleObject)]
+pub(crate) struct ProjectionInfo {
+    /// Its name (the relay's is the relay's name).
+    pub(crate) name: String,
+    /// The global position it has processed up to.
+    pub(crate) checkpoint: u64,
+    /// Events stored after its checkpoint (the store's head minus the checkpoint).
+    pub(crate) lag: u64,
+    /// When the checkpoint was written.
+    pub(crate) checkpointed_at: DateTime<Utc>,
+}
+
 /// What the outbox relay is doing.
 #[derive(SimpleObject)]
 pub(crate) struct RelayInfo {

@@ -12,6 +12,7 @@ use hyper::body::Bytes;
 use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use orchestrator::prelude::*;
+use orchestrator::store::projection::Checkpoints;
 use orchestrator::store::schema::SchemaVersion;
 use orchestrator_server::{Server, ServerConfig};
 use serde_json::{Value, json};
@@ -321,6 +322,29 @@ pub(crate) async fn api_story(orchestrator: EventOrchestrator, tag: &str) {
         ["idle", "standby", "relaying"].contains(&data["relay"]["state"].as_str().unwrap()),
         "{data}"
     );
+
+    // A projection's checkpoint, written as a ProjectionRunner writes it.
+    let projection = format!("{tag}-orders-view");
+    let store = orchestrator.store();
+    let (mut checkpoints, _) = Checkpoints::load(store.as_ref(), &projection)
+        .await
+        .unwrap();
+    checkpoints
+        .save(store.as_ref(), &projection, 2)
+        .await
+        .unwrap();
+    // The relay may checkpoint too (on durable stores), moving the head: the lag is at least
+    // what it was when the checkpoint was written.
+    let head = store.head_position().await.unwrap();
+    let data = query(addr, "{ projections { name checkpoint lag } }", json!({})).await;
+    let view = data["projections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == projection.as_str())
+        .unwrap_or_else(|| panic!("{data}"));
+    assert_eq!(view["checkpoint"], 2);
+    assert!(view["lag"].as_u64().unwrap() >= head - 2, "{data}");
 
     saga_story(&orchestrator, addr, tag).await;
     dead_letter_story(&orchestrator, addr, tag).await;
