@@ -14,6 +14,9 @@ pub const DEFAULT_MAX_PAGE_SIZE: usize = 500;
 /// How far (in events) a live subscriber may fall behind the store's head before it is
 /// told so and its subscription ends, unless configured otherwise.
 pub const DEFAULT_SUBSCRIPTION_WINDOW: u64 = 10_000;
+/// The most stored events one request may read for queries that scan the store (`event` by
+/// id, `streams`, `trace`), unless configured otherwise.
+pub const DEFAULT_MAX_SCAN: usize = 1_000_000;
 /// The deepest query accepted, unless configured otherwise (GraphQL introspection, as
 /// GraphiQL sends it, is 13 levels deep).
 pub const DEFAULT_MAX_DEPTH: usize = 15;
@@ -44,6 +47,7 @@ pub struct ServerConfig {
     pub(crate) max_depth: usize,
     pub(crate) max_complexity: usize,
     pub(crate) subscription_window: u64,
+    pub(crate) max_scan: usize,
     pub(crate) cors_origins: Vec<String>,
     pub(crate) prometheus: Option<PrometheusHandle>,
 }
@@ -59,6 +63,7 @@ impl fmt::Debug for ServerConfig {
             .field("max_depth", &self.max_depth)
             .field("max_complexity", &self.max_complexity)
             .field("subscription_window", &self.subscription_window)
+            .field("max_scan", &self.max_scan)
             .field("cors_origins", &self.cors_origins)
             .field("prometheus", &self.prometheus.is_some())
             .finish()
@@ -78,6 +83,7 @@ impl ServerConfig {
             max_depth: DEFAULT_MAX_DEPTH,
             max_complexity: DEFAULT_MAX_COMPLEXITY,
             subscription_window: DEFAULT_SUBSCRIPTION_WINDOW,
+            max_scan: DEFAULT_MAX_SCAN,
             cors_origins: Vec::new(),
             prometheus: None,
         }
@@ -134,6 +140,14 @@ impl ServerConfig {
         self
     }
 
+    /// The most stored events one request may read for the queries that scan the store
+    /// (`event` by id, `streams`, `trace`); past it they fail with `SCAN_LIMIT`
+    /// ([`DEFAULT_MAX_SCAN`]). `events` pages are bounded on their own.
+    pub fn max_scan(mut self, events: usize) -> Self {
+        self.max_scan = events;
+        self
+    }
+
     /// Allows browser requests from `origin` (`https://ops.example.com`). Without any,
     /// the server sends no CORS headers, so browsers allow only same-origin requests.
     pub fn allow_origin(mut self, origin: impl Into<String>) -> Self {
@@ -167,6 +181,7 @@ impl ServerConfig {
             ("max_page_size", self.max_page_size),
             ("max_depth", self.max_depth),
             ("max_complexity", self.max_complexity),
+            ("max_scan", self.max_scan),
             (
                 "subscription_window",
                 usize::try_from(self.subscription_window).unwrap_or(usize::MAX),

@@ -68,7 +68,8 @@
 //! - [`ServerConfig::read_only`] refuses every mutation.
 //! - Queries deeper or larger than the limits ([`ServerConfig::max_depth`],
 //!   [`ServerConfig::max_complexity`]) are refused before they run; pages are capped
-//!   ([`ServerConfig::max_page_size`]).
+//!   ([`ServerConfig::max_page_size`]), and so is what one request may scan
+//!   ([`ServerConfig::max_scan`]).
 //! - No CORS headers unless origins are allowed ([`ServerConfig::allow_origin`]).
 //! - The token never appears in `Debug` output or logs.
 //!
@@ -78,7 +79,8 @@
 //! body (`{"errors": [{"message", "extensions": {"code"}}]}`): `BAD_REQUEST` (not a GraphQL
 //! request), `UNAUTHENTICATED` (401). Errors of an executed request come back with status
 //! 200 in `errors`, with `extensions.code`: `PAGE_TOO_LARGE` (with `maxPageSize`),
-//! `BAD_USER_INPUT`, `NOT_FOUND`, `READ_ONLY`, `BACKEND_ERROR`, `SLOW_CONSUMER`; syntax, validation, depth
+//! `BAD_USER_INPUT`, `NOT_FOUND`, `READ_ONLY`, `BACKEND_ERROR`, `SCAN_LIMIT`,
+//! `SLOW_CONSUMER`; syntax, validation, depth
 //! and complexity errors carry the parser's message.
 //!
 //! ## Features
@@ -108,8 +110,8 @@ use std::net::SocketAddr;
 use orchestrator::EventOrchestrator;
 
 pub use config::{
-    DEFAULT_MAX_COMPLEXITY, DEFAULT_MAX_DEPTH, DEFAULT_MAX_PAGE_SIZE, DEFAULT_SUBSCRIPTION_WINDOW,
-    ServerConfig,
+    DEFAULT_MAX_COMPLEXITY, DEFAULT_MAX_DEPTH, DEFAULT_MAX_PAGE_SIZE, DEFAULT_MAX_SCAN,
+    DEFAULT_SUBSCRIPTION_WINDOW, ServerConfig,
 };
 pub use error::{Error, Result};
 pub use graphql::schema_sdl;

@@ -232,3 +232,46 @@ async fn metrics_add_what_a_prometheus_recorder_collected() {
         "{text}"
     );
 }
+
+#[tokio::test]
+async fn queries_that_scan_the_store_stop_at_the_scan_limit() {
+    let orchestrator = EventOrchestrator::new();
+    for n in 0..5 {
+        orchestrator
+            .publish_event("scan.me", json!({ "n": n }))
+            .await
+            .unwrap();
+    }
+    let server = start(orchestrator.clone(), config().max_scan(5)).await;
+    let data = query(
+        server.addr,
+        "{ streams { streams { id events } } }",
+        json!({}),
+    )
+    .await;
+    assert_eq!(
+        data["streams"]["streams"][0]["events"], 5,
+        "at the limit: {data}"
+    );
+    orchestrator
+        .publish_event("scan.me", json!({ "n": 5 }))
+        .await
+        .unwrap();
+    for over in [
+        "{ streams { streams { id } } }",
+        r#"{ trace(correlationId: "any") { nodes { depth } } }"#,
+        r#"{ event(id: "any") { id } }"#,
+    ] {
+        let (status, response) = graphql(server.addr, over, json!({})).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(error_code(&response), "SCAN_LIMIT", "{over}: {response}");
+    }
+    // Pages of `events` are bounded on their own.
+    let data = query(
+        server.addr,
+        "{ events(first: 10) { events { id } } }",
+        json!({}),
+    )
+    .await;
+    assert_eq!(data["events"]["events"].as_array().unwrap().len(), 6);
+}

@@ -15,6 +15,8 @@ pub(crate) enum ApiError {
     ReadOnly,
     /// The store, transport or dead-letter queue failed.
     Backend(String),
+    /// A query that scans the store would read more than the server allows.
+    ScanLimit { max: usize },
     /// A live subscriber fell more than the window behind the store's head.
     SlowConsumer {
         behind: u64,
@@ -35,6 +37,7 @@ impl ApiError {
             Self::NotFound(_) => "NOT_FOUND",
             Self::ReadOnly => "READ_ONLY",
             Self::Backend(_) => "BACKEND_ERROR",
+            Self::ScanLimit { .. } => "SCAN_LIMIT",
             Self::SlowConsumer { .. } => "SLOW_CONSUMER",
         }
     }
@@ -49,6 +52,10 @@ impl ApiError {
             Self::NotFound(what) => format!("{what} not found"),
             Self::ReadOnly => "this server is read-only: mutations are disabled".to_owned(),
             Self::Backend(why) => why.clone(),
+            Self::ScanLimit { max } => format!(
+                "this query scans the store and would read more than this server's limit of \
+                 {max} events: use `events` with filters and pages instead"
+            ),
             Self::SlowConsumer {
                 behind,
                 window,

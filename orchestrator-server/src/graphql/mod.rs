@@ -26,6 +26,7 @@ pub(crate) struct ApiState {
     pub(crate) read_only: bool,
     pub(crate) max_page_size: usize,
     pub(crate) subscription_window: u64,
+    pub(crate) max_scan: usize,
 }
 
 impl ApiState {
@@ -53,6 +54,7 @@ pub(crate) fn schema(orchestrator: EventOrchestrator, config: &ServerConfig) -> 
             read_only: config.read_only,
             max_page_size: config.max_page_size,
             subscription_window: config.subscription_window,
+            max_scan: config.max_scan,
         })
         .limit_depth(config.max_depth)
         .limit_complexity(config.max_complexity)

@@ -497,13 +497,15 @@ fn parse_cursor(cursor: Option<&str>) -> Result<Option<u64>, ApiError> {
         .transpose()
 }
 
-/// Calls `visit` with every stored event in global order, until it returns `false`.
+/// Calls `visit` with every stored event in global order, until it returns `false`; fails
+/// with `SCAN_LIMIT` rather than read more than the server's `max_scan` events.
 async fn for_each_event(
     state: &ApiState,
     mut visit: impl FnMut(EventEnvelope) -> bool,
 ) -> ApiResult<()> {
     let store = state.orchestrator.store();
     let mut from = 1;
+    let mut scanned = 0usize;
     loop {
         let page = store
             .read_all(ReadAll::from(from, SCAN_PAGE))
@@ -515,6 +517,13 @@ async fn for_each_event(
             .and_then(EventEnvelope::global_position)
             .map(|p| p + 1);
         for event in page {
+            if scanned == state.max_scan {
+                return Err(ApiError::ScanLimit {
+                    max: state.max_scan,
+                }
+                .into());
+            }
+            scanned += 1;
             if !visit(event) {
                 return Ok(());
             }
