@@ -49,7 +49,8 @@
 //!   head gets `SLOW_CONSUMER` (with `resumeFrom`) and its subscription ends. Nothing is
 //!   buffered per subscriber: each reads the store at its own pace. `sagaUpdates(sagaId,
 //!   fromPosition)` streams saga transitions (started, steps, compensations, finished
-//!   with its status) the same way.
+//!   with its status) the same way; `deadLetterArrivals(since, pollMs)` pushes dead
+//!   letters as they are parked (by polling the queue, which has no change feed).
 //! - `GET /healthz` — liveness (`ok`).
 //! - `GET /readyz` — readiness: the store answers and the outbox relay is relaying,
 //!   standing by or idle (not retrying a failing transport); 503 otherwise, naming the

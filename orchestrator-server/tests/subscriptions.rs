@@ -326,3 +326,59 @@ async fn saga_updates_follow_a_saga_to_its_end() {
         "{refused}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letter_arrivals_are_pushed_as_they_are_parked() {
+    let orchestrator = EventOrchestrator::new();
+    let _billing = orchestrator
+        .subscribe_with(
+            SubscriptionConfig::new("pay.failed").named("billing"),
+            |_event: EventEnvelope| async {
+                Err::<(), _>(HandlerError::permanent("the bank is down"))
+            },
+        )
+        .await
+        .unwrap();
+    // Parked before: not an arrival.
+    orchestrator
+        .publish_event("pay.failed", json!({"n": 0}))
+        .await
+        .unwrap();
+    support::wait_until(
+        "the first letter is parked",
+        Duration::from_secs(30),
+        || {
+            let orchestrator = orchestrator.clone();
+            async move { orchestrator.dead_letters().count().await.unwrap() == 1 }
+        },
+    )
+    .await;
+    // Given as `since`, so that the next letter counts as an arrival however the
+    // subscription's first look at the queue and its parking are ordered.
+    let since = chrono::Utc::now();
+    let server = support::start(orchestrator.clone(), support::config()).await;
+    let mut socket = connect(server.addr).await;
+    send(
+        &mut socket,
+        json!({"id": "d", "type": "subscribe", "payload": {
+            "query": "subscription($since: DateTime) { deadLetterArrivals(since: $since, pollMs: 50) { reason subscription event { data } } }",
+            "variables": {"since": since.to_rfc3339()},
+        }}),
+    )
+    .await;
+    for n in 1..=2 {
+        orchestrator
+            .publish_event("pay.failed", json!({ "n": n }))
+            .await
+            .unwrap();
+        let message = receive(&mut socket).await;
+        assert_eq!(message["type"], "next", "{message}");
+        let letter = &message["payload"]["data"]["deadLetterArrivals"];
+        assert_eq!(letter["event"]["data"]["n"], n, "{message}");
+        assert_eq!(letter["subscription"], "billing");
+        assert!(
+            letter["reason"].as_str().unwrap().contains("bank is down"),
+            "{message}"
+        );
+    }
+}

@@ -1,16 +1,21 @@
 //! The subscription root: live events over WebSocket (graphql-transport-ws).
 
+use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_graphql::{Context, Result, Subscription};
+use chrono::{DateTime, Utc};
 use futures::{Stream, StreamExt as _};
-use orchestrator::core::{EventEnvelope, EventFilter, EventStore, EventStream, TopicPattern};
+use orchestrator::bus::DeadLetters;
+use orchestrator::core::{
+    DeadLetter, DeadLetterQuery, EventEnvelope, EventFilter, EventStore, EventStream, TopicPattern,
+};
 use orchestrator::saga::{STREAM_PREFIX, SagaId};
 
 use super::ApiState;
 use super::error::ApiError;
-use super::types::{Event, SagaUpdate};
+use super::types::{DeadLetterInfo, Event, SagaUpdate};
 
 /// How often, at most, a live subscription compares its position with the store's head
 /// when fewer than half a window of events went by.
@@ -69,6 +74,96 @@ impl SubscriptionRoot {
         Ok(follow
             .stream()
             .map(|item| item.map(|record| SagaUpdate::new(&record))))
+    }
+
+    /// Dead letters as they are parked, oldest first: those parked from now on, and with
+    /// `since`, those already parked whose last failure was at or after it. The queue has
+    /// no change feed, so the server lists it every `pollMs` milliseconds (default 1000, at
+    /// least 50) and sends what is new; a queue longer than the server's scan limit is seen
+    /// up to it.
+    async fn dead_letter_arrivals(
+        &self,
+        ctx: &Context<'_>,
+        since: Option<DateTime<Utc>>,
+        poll_ms: Option<u64>,
+    ) -> Result<impl Stream<Item = Result<DeadLetterInfo>>> {
+        let state = ctx.data_unchecked::<ApiState>();
+        let dead_letters = state.orchestrator.dead_letters();
+        let seen = DeadLetterWatch::list(&dead_letters, state.max_scan)
+            .await?
+            .into_iter()
+            .filter(|letter| since.is_none_or(|since| letter.last_failure_at < since))
+            .map(|letter| letter.id)
+            .collect();
+        let every = poll_ms.map_or(DEFAULT_DLQ_POLL, Duration::from_millis);
+        let mut ticker = tokio::time::interval(every.max(MIN_DLQ_POLL));
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let watch = DeadLetterWatch {
+            dead_letters,
+            seen,
+            arrived: VecDeque::new(),
+            ticker,
+            max: state.max_scan,
+            ended: false,
+        };
+        Ok(futures::stream::unfold(watch, |mut watch| async move {
+            let item = watch.next().await?;
+            Some((item, watch))
+        }))
+    }
+}
+
+/// The fastest a `deadLetterArrivals` subscription may poll.
+const MIN_DLQ_POLL: Duration = Duration::from_millis(50);
+/// How often a `deadLetterArrivals` subscription polls unless told otherwise.
+const DEFAULT_DLQ_POLL: Duration = Duration::from_secs(1);
+
+/// Dead letters parked after a `deadLetterArrivals` subscription began, found by polling:
+/// the queue has no change feed.
+struct DeadLetterWatch {
+    dead_letters: DeadLetters,
+    /// The ids listed at the last poll: what is not among them is new.
+    seen: HashSet<String>,
+    arrived: VecDeque<DeadLetter>,
+    ticker: tokio::time::Interval,
+    max: usize,
+    ended: bool,
+}
+
+impl DeadLetterWatch {
+    async fn list(dead_letters: &DeadLetters, max: usize) -> Result<Vec<DeadLetter>> {
+        let query = DeadLetterQuery {
+            limit: max,
+            ..DeadLetterQuery::default()
+        };
+        Ok(dead_letters.list(&query).await.map_err(ApiError::backend)?)
+    }
+
+    async fn next(&mut self) -> Option<Result<DeadLetterInfo>> {
+        if self.ended {
+            return None;
+        }
+        loop {
+            if let Some(letter) = self.arrived.pop_front() {
+                return Some(Ok(DeadLetterInfo(letter)));
+            }
+            self.ticker.tick().await;
+            let letters = match Self::list(&self.dead_letters, self.max).await {
+                Ok(letters) => letters,
+                Err(error) => {
+                    self.ended = true;
+                    return Some(Err(error));
+                }
+            };
+            let mut seen = HashSet::with_capacity(letters.len());
+            for letter in letters {
+                seen.insert(letter.id.clone());
+                if !self.seen.contains(&letter.id) {
+                    self.arrived.push_back(letter);
+                }
+            }
+            self.seen = seen;
+        }
     }
 }
 
