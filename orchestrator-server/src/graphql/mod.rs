@@ -3,6 +3,7 @@
 mod error;
 mod query;
 mod subscription;
+mod tree;
 mod types;
 
 use async_graphql::{Context, Object, Schema};

@@ -1,6 +1,6 @@
 //! The query root.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 
 use async_graphql::{Context, InputObject, Object};
 use chrono::{DateTime, Utc};
@@ -9,10 +9,10 @@ use orchestrator::saga::{STREAM_PREFIX, SagaId};
 use orchestrator::store::projection::{CHECKPOINT_EVENT_TYPE, checkpoint_stream};
 
 use super::error::{ApiError, ApiResult};
+use super::tree::causation_tree;
 use super::types::{
     DeadLetterInfo, Event, EventPage, PageInfo, ProjectionInfo, RelayInfo, SagaDetail, SagaState,
-    SagaSummary, SchemaInfo, StreamEvents, StreamPage, StreamSummary, SystemInfo, Trace, TraceNode,
-    millis,
+    SagaSummary, SchemaInfo, StreamEvents, StreamPage, StreamSummary, SystemInfo, Trace,
 };
 use super::{ApiState, relay_state_name};
 
@@ -533,82 +533,4 @@ async fn for_each_event(
             _ => return Ok(()),
         }
     }
-}
-
-/// `events` (in global order) as a depth-first causation tree: each event followed by the
-/// events it caused. An event whose cause is not among them is a root.
-fn causation_tree(events: Vec<EventEnvelope>) -> Vec<TraceNode> {
-    let Some(start) = events.iter().min_by_key(|e| e.time()).cloned() else {
-        return Vec::new();
-    };
-    // The parent of each event (its index), when its cause is one of `events`.
-    let parents: Vec<Option<usize>> = {
-        let index: HashMap<&str, usize> = events
-            .iter()
-            .enumerate()
-            .map(|(i, e)| (e.id().as_str(), i))
-            .collect();
-        events
-            .iter()
-            .enumerate()
-            .map(|(i, e)| {
-                e.causation_id()
-                    .and_then(|c| index.get(c).copied())
-                    .filter(|&p| p != i)
-            })
-            .collect()
-    };
-    let mut children: Vec<Vec<usize>> = vec![Vec::new(); events.len()];
-    for (i, parent) in parents.iter().enumerate() {
-        if let Some(p) = parent {
-            children[*p].push(i);
-        }
-    }
-    let mut order: Vec<(usize, u32)> = Vec::with_capacity(events.len());
-    let mut placed = vec![false; events.len()];
-    let mut stack: Vec<(usize, u32)> = (0..events.len())
-        .rev()
-        .filter(|&i| parents[i].is_none())
-        .map(|i| (i, 0))
-        .collect();
-    // A causation cycle (ids reused by hand-made events) has no root: its events are
-    // placed as roots once the trees of the real roots are done.
-    let mut next_unplaced = 0;
-    loop {
-        while let Some((i, depth)) = stack.pop() {
-            if std::mem::replace(&mut placed[i], true) {
-                continue;
-            }
-            order.push((i, depth));
-            stack.extend(children[i].iter().rev().map(|&k| (k, depth + 1)));
-        }
-        while next_unplaced < events.len() && placed[next_unplaced] {
-            next_unplaced += 1;
-        }
-        if next_unplaced == events.len() {
-            break;
-        }
-        stack.push((next_unplaced, 0));
-    }
-    let parent_ids: Vec<Option<String>> = parents
-        .iter()
-        .map(|p| p.map(|p| events[p].id().as_str().to_owned()))
-        .collect();
-    let mut events: Vec<Option<EventEnvelope>> = events.into_iter().map(Some).collect();
-    order
-        .into_iter()
-        .filter_map(|(i, depth)| {
-            let event = events[i].take()?;
-            Some(TraceNode {
-                offset_ms: millis(&start, &event),
-                event: Event(event),
-                parent_id: if depth == 0 {
-                    None
-                } else {
-                    parent_ids[i].clone()
-                },
-                depth,
-            })
-        })
-        .collect()
 }
