@@ -46,6 +46,7 @@ async fn it_serves_with_a_token() {
             "127.0.0.1:0",
             "--read-only",
         ])
+        .args(["--max-page-size", "7", "--max-scan", "100"])
         .env("ORCHESTRATOR_SERVER_TOKEN", support::TOKEN)
         .spawn()
         .unwrap();
@@ -62,8 +63,9 @@ async fn it_serves_with_a_token() {
         .unwrap();
     let (status, body) = support::request(addr, Method::GET, "/healthz", None, "").await;
     assert_eq!((status, body.as_str()), (StatusCode::OK, "ok\n"));
-    let data = support::query(addr, "{ system { store readOnly } }", json!({})).await;
+    let data = support::query(addr, "{ system { store readOnly maxPageSize } }", json!({})).await;
     assert_eq!(data["system"]["readOnly"], true);
+    assert_eq!(data["system"]["maxPageSize"], 7);
     let (status, _) = support::request(addr, Method::POST, "/graphql", None, "{}").await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
     child.kill().await.unwrap();

@@ -15,7 +15,9 @@ use std::time::Duration;
 
 use clap::Parser;
 use orchestrator::EventOrchestrator;
-use orchestrator_server::{DEFAULT_MAX_PAGE_SIZE, Server, ServerConfig};
+use orchestrator_server::{
+    DEFAULT_MAX_PAGE_SIZE, DEFAULT_MAX_SCAN, DEFAULT_SUBSCRIPTION_WINDOW, Server, ServerConfig,
+};
 
 /// Serve an orchestrator deployment's GraphQL API (`/graphql`), `/healthz`, `/readyz` and
 /// `/metrics`.
@@ -60,6 +62,16 @@ struct Cli {
     #[arg(long, value_name = "EVENTS", default_value_t = DEFAULT_MAX_PAGE_SIZE)]
     max_page_size: usize,
 
+    /// The most stored events one request may read for the queries that scan the store
+    /// (`event` by id, `streams`, `trace`).
+    #[arg(long, value_name = "EVENTS", default_value_t = DEFAULT_MAX_SCAN)]
+    max_scan: usize,
+
+    /// How many events a live WebSocket subscriber may fall behind the store before its
+    /// subscription ends with SLOW_CONSUMER.
+    #[arg(long, value_name = "EVENTS", default_value_t = DEFAULT_SUBSCRIPTION_WINDOW)]
+    subscription_window: u64,
+
     /// Allow browser requests from this origin (repeatable); none: no CORS headers.
     #[arg(long, value_name = "ORIGIN")]
     allow_origin: Vec<String>,
@@ -74,7 +86,9 @@ type CliResult<T = ()> = Result<T, Box<dyn std::error::Error>>;
 async fn run(cli: Cli) -> CliResult {
     let mut config = ServerConfig::new(cli.listen)
         .read_only(cli.read_only)
-        .max_page_size(cli.max_page_size);
+        .max_page_size(cli.max_page_size)
+        .max_scan(cli.max_scan)
+        .subscription_window(cli.subscription_window);
     if let Some(token) = cli.token {
         config = config.bearer_token(token);
     }
