@@ -91,7 +91,7 @@ pub(crate) struct MutationRoot;
 
 /// Changes: the dead-letter queue's reprocess and discard (refused with `READ_ONLY` on a
 /// read-only server).
-#[Object]
+#[Object(name = "Mutation")]
 impl MutationRoot {
     /// Delivers a dead letter's event again to the subscription that failed it (attempt
     /// count reset) and removes it from the queue. Returns the letter as it was.

@@ -48,7 +48,7 @@ pub(crate) struct QueryRoot;
 
 /// Read access to the orchestrator: events, streams, sagas, dead letters, traces, schemas,
 /// the relay.
-#[Object]
+#[Object(name = "Query")]
 impl QueryRoot {
     /// Events in global order, filtered, a page at a time: pass the previous page's
     /// `pageInfo.endCursor` as `after`. `first` defaults to 50 and may not exceed the

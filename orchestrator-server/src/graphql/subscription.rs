@@ -25,7 +25,7 @@ const LAG_CHECK_INTERVAL: Duration = Duration::from_millis(100);
 pub(crate) struct SubscriptionRoot;
 
 /// Live data over WebSocket (`/graphql/ws`, protocol graphql-transport-ws).
-#[Subscription]
+#[Subscription(name = "Subscription")]
 impl SubscriptionRoot {
     /// Stored events whose type matches one of `types` (patterns: `order.*`, `order.#`;
     /// none: every event), in global order: from `fromPosition` (the events already
