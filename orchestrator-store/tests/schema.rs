@@ -133,6 +133,14 @@ fn a_version_without_an_upcaster_from_the_previous_is_refused() {
         .into();
     assert!(matches!(err, CoreError::InvalidInput { .. }), "{err}");
     assert_eq!(registry.latest_version(PLACED), Some(3));
+    registry
+        .register(SchemaVersion::new("a.first", 1, json!({})))
+        .unwrap();
+    assert_eq!(
+        registry.event_types(),
+        vec![("a.first".to_owned(), 1..=1), (PLACED.to_owned(), 1..=3)],
+        "every registered type, sorted, with its versions"
+    );
 }
 
 #[test]

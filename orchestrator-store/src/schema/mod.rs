@@ -244,6 +244,17 @@ impl SchemaRegistry {
         self.read().get(event_type).map(TypeSchemas::range)
     }
 
+    /// Every registered event type with its versions, sorted by event type.
+    pub fn event_types(&self) -> Vec<(String, RangeInclusive<u32>)> {
+        let mut types: Vec<_> = self
+            .read()
+            .iter()
+            .map(|(event_type, schemas)| (event_type.clone(), schemas.range()))
+            .collect();
+        types.sort_by(|a, b| a.0.cmp(&b.0));
+        types
+    }
+
     /// The latest version of `event_type`, if it is registered.
     pub fn latest_version(&self, event_type: &str) -> Option<u32> {
         self.read().get(event_type).map(TypeSchemas::latest)
