@@ -610,7 +610,7 @@ impl Worker {
         &mut self,
         chunk: Option<Vec<orchestrator_core::Result<EventEnvelope>>>,
         held: Option<&watch::Receiver<bool>>,
-        mut checkpoints: Option<&mut Checkpoints>,
+        checkpoints: Option<&mut Checkpoints>,
         unsaved: &mut u64,
         save_at: &mut Option<tokio::time::Instant>,
     ) -> Result<(), Ended> {
@@ -650,10 +650,11 @@ impl Worker {
                 });
             }
             if *unsaved >= self.options.checkpoint_every {
-                match self.save(checkpoints.as_deref_mut(), unsaved).await? {
-                    true => *save_at = None,
-                    false => *save_at = Some(tokio::time::Instant::now() + IDLE_RECHECK),
-                }
+                *save_at = if self.save(checkpoints, unsaved).await? {
+                    None
+                } else {
+                    Some(tokio::time::Instant::now() + IDLE_RECHECK)
+                };
             }
             if let Some(error) = failure {
                 return Err(Ended::Failed(error));
