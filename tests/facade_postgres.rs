@@ -4,6 +4,10 @@
 #![cfg(feature = "postgres")]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod pg_support;
+
+use pg_support::{DropSchema, config, schema};
+
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -16,60 +20,18 @@ use serde_json::{Value, json};
 /// A store in a schema of this test's own, or `None` (after saying why) when PostgreSQL is
 /// unreachable.
 async fn store(schema: &str) -> Option<PostgresEventStore> {
-    let url = postgres_url();
-    let config = PostgresConfig::new(&url)
-        .unwrap()
-        .with_schema(schema)
-        .unwrap()
-        .with_pool_size(4);
-    match PostgresEventStore::connect(config).await {
+    match PostgresEventStore::connect(config(schema)).await {
         Ok(store) => Some(store),
         Err(error) => {
+            let url = postgres_url();
             unreachable("PostgreSQL", &orchestrator::connect::redact(&url), &error);
             None
         }
     }
 }
 
-fn schema(test: &str) -> String {
-    format!(
-        "orch_test_{test}_{}",
-        orchestrator::core::EventId::new().as_str().replace('-', "")
-    )
-}
-
 /// An event type a handler saw, with the global position it saw.
 type Handled = (String, Option<u64>);
-
-/// Drops the test's schema when dropped, also when the test panics.
-struct DropSchema(String);
-
-impl Drop for DropSchema {
-    fn drop(&mut self) {
-        let schema = self.0.clone();
-        // A runtime of its own on a thread of its own: `Drop` may run inside the test's.
-        let dropped = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .map_err(|e| e.to_string())?;
-            runtime.block_on(async {
-                let config = PostgresConfig::new(&postgres_url())
-                    .and_then(|c| c.with_schema(schema))
-                    .map_err(|e| e.to_string())?;
-                let store = PostgresEventStore::connect(config)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                store.drop_schema().await.map_err(|e| e.to_string())
-            })
-        })
-        .join()
-        .unwrap_or_else(|_| Err("the cleanup thread panicked".into()));
-        if let Err(why) = dropped {
-            eprintln!("cleanup of schema `{}` failed: {why}", self.0);
-        }
-    }
-}
 
 async fn process(store: &PostgresEventStore) -> EventOrchestrator {
     EventOrchestrator::builder()

@@ -5,12 +5,16 @@
 #![cfg(feature = "postgres")]
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod pg_support;
+
+use pg_support::{DropSchema, config, schema};
+
 use std::sync::Arc;
 use std::sync::mpsc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use orchestrator::backends::postgres::{PostgresConfig, PostgresEventStore};
+use orchestrator::backends::postgres::PostgresEventStore;
 use orchestrator::core::testkit::services::{postgres_url, unreachable};
 use orchestrator::core::{
     EventEnvelope, EventStore, ExpectedVersion, HandlerError, ReadModelStore, RetryPolicy,
@@ -21,14 +25,6 @@ use serde_json::{Value, json};
 
 /// How many events each test appends.
 const EVENTS: u64 = 120;
-
-fn config(schema: &str) -> PostgresConfig {
-    PostgresConfig::new(&postgres_url())
-        .unwrap()
-        .with_schema(schema)
-        .unwrap()
-        .with_pool_size(4)
-}
 
 /// A store in a schema of the test's own with [`EVENTS`] events at positions 1 ..= EVENTS,
 /// or `None` (after saying why) when PostgreSQL is unreachable.
@@ -56,39 +52,6 @@ async fn store_with_events(schema: &str) -> Option<PostgresEventStore> {
     }
     assert_eq!(store.head_position().await.unwrap(), EVENTS);
     Some(store)
-}
-
-fn schema(test: &str) -> String {
-    format!(
-        "orch_test_{test}_{}",
-        orchestrator::core::EventId::new().as_str().replace('-', "")
-    )
-}
-
-/// Drops the test's schema when dropped, also when the test panics.
-struct DropSchema(String);
-
-impl Drop for DropSchema {
-    fn drop(&mut self) {
-        let schema = self.0.clone();
-        let dropped = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .map_err(|e| e.to_string())?;
-            runtime.block_on(async {
-                let store = PostgresEventStore::connect(config(&schema))
-                    .await
-                    .map_err(|e| e.to_string())?;
-                store.drop_schema().await.map_err(|e| e.to_string())
-            })
-        })
-        .join()
-        .unwrap_or_else(|_| Err("the cleanup thread panicked".into()));
-        if let Err(why) = dropped {
-            eprintln!("cleanup of schema `{}` failed: {why}", self.0);
-        }
-    }
 }
 
 /// What the counter does besides counting, to break its own runs.

@@ -257,10 +257,27 @@ struct CacheEntries<A> {
 
 struct Cached<A> {
     state: A,
+    at: CachedAt,
+    used: u64,
+}
+
+/// Where a cached state stands: its stream version, the global position of its last event,
+/// and the version of the last snapshot taken of it.
+#[derive(Clone, Copy)]
+struct CachedAt {
     version: u64,
     position: u64,
     snapshot_version: Option<u64>,
-    used: u64,
+}
+
+impl CachedAt {
+    fn of<A>(loaded: &LoadedAggregate<A>) -> Self {
+        Self {
+            version: loaded.version,
+            position: loaded.position,
+            snapshot_version: loaded.snapshot_version,
+        }
+    }
 }
 
 impl<A> StateCache<A> {
@@ -275,37 +292,23 @@ impl<A> StateCache<A> {
         let cached = self.lock().by_stream.remove(stream)?;
         Some(LoadedAggregate {
             state: cached.state,
-            version: cached.version,
-            position: cached.position,
-            snapshot_version: cached.snapshot_version,
+            version: cached.at.version,
+            position: cached.at.position,
+            snapshot_version: cached.at.snapshot_version,
             events_read: 0,
         })
     }
 
     /// Keeps a copy of `state` for `stream`; when over capacity, forgets the least recently
     /// put eighth of the entries.
-    fn put(
-        &self,
-        stream: &str,
-        state: &A,
-        version: u64,
-        position: u64,
-        snapshot_version: Option<u64>,
-    ) {
+    fn put(&self, stream: &str, state: &A, at: CachedAt) {
         let state = (self.clone)(state);
         let mut entries = self.lock();
         entries.tick += 1;
         let used = entries.tick;
-        entries.by_stream.insert(
-            stream.to_owned(),
-            Cached {
-                state,
-                version,
-                position,
-                snapshot_version,
-                used,
-            },
-        );
+        entries
+            .by_stream
+            .insert(stream.to_owned(), Cached { state, at, used });
         if entries.by_stream.len() > self.capacity {
             let mut ages: Vec<u64> = entries.by_stream.values().map(|c| c.used).collect();
             let forget = (self.capacity / 8).max(1);
@@ -480,13 +483,7 @@ impl<A: Aggregate> AggregateRepository<A> {
             let events = match loaded.state.handle(command) {
                 Ok(events) => events,
                 Err(e) => {
-                    self.keep(
-                        stream,
-                        &loaded.state,
-                        loaded.version,
-                        loaded.position,
-                        loaded.snapshot_version,
-                    );
+                    self.keep(stream, &loaded.state, CachedAt::of(&loaded));
                     return Err(Error::Rejected {
                         aggregate: A::TYPE,
                         source: Box::new(e),
@@ -494,13 +491,7 @@ impl<A: Aggregate> AggregateRepository<A> {
                 }
             };
             if events.is_empty() {
-                self.keep(
-                    stream,
-                    &loaded.state,
-                    loaded.version,
-                    loaded.position,
-                    loaded.snapshot_version,
-                );
+                self.keep(stream, &loaded.state, CachedAt::of(&loaded));
                 return Ok(Executed {
                     state: loaded.state,
                     version: loaded.version,
@@ -555,13 +546,12 @@ impl<A: Aggregate> AggregateRepository<A> {
                     } else {
                         loaded.snapshot_version
                     };
-                    self.keep(
-                        stream,
-                        &executed.state,
-                        executed.version,
-                        written.last_position,
+                    let at = CachedAt {
+                        version: executed.version,
+                        position: written.last_position,
                         snapshot_version,
-                    );
+                    };
+                    self.keep(stream, &executed.state, at);
                     return Ok(executed);
                 }
                 Err(orchestrator_core::Error::WrongExpectedVersion { .. }) => {
@@ -582,16 +572,9 @@ impl<A: Aggregate> AggregateRepository<A> {
     }
 
     /// Puts `state` (a copy) in the cache, if there is one.
-    fn keep(
-        &self,
-        stream: &str,
-        state: &A,
-        version: u64,
-        position: u64,
-        snapshot_version: Option<u64>,
-    ) {
+    fn keep(&self, stream: &str, state: &A, at: CachedAt) {
         if let Some(cache) = &self.cache {
-            cache.put(stream, state, version, position, snapshot_version);
+            cache.put(stream, state, at);
         }
     }
 
