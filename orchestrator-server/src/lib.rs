@@ -94,8 +94,9 @@
 //!
 //! - `redis` — serve an orchestrator on the Redis backend (forwards `orchestrator/redis`).
 //! - `cli` — the `orchestrator-server` binary: `--store URL --transport URL --listen ADDR`,
-//!   the token from `ORCHESTRATOR_SERVER_TOKEN`, `--read-only`, `--max-page-size`,
-//!   `--allow-origin` (`cargo run -p orchestrator-server --features cli,redis -- --help`).
+//!   the token from `ORCHESTRATOR_SERVER_TOKEN`, `--read-only`, `--no-dashboard`,
+//!   `--max-page-size`, `--allow-origin`
+//!   (`cargo run -p orchestrator-server --features cli,redis -- --help`).
 //!
 //! ## Why a crate above the umbrella
 //!
