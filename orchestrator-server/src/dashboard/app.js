@@ -409,6 +409,8 @@
         if (event.globalPosition !== null && event.globalPosition !== undefined) state.lastPosition = event.globalPosition;
         countEvent(event);
         incoming.push(event);
+        // Frames do not run in a background tab: keep only what the table could show.
+        if (incoming.length > MAX_ROWS) incoming.splice(0, incoming.length - MAX_ROWS);
         if (!flushScheduled) {
           flushScheduled = true;
           requestAnimationFrame(flushEvents);
@@ -799,7 +801,11 @@
     try {
       await refreshOverview();
     } catch (error) {
+      if (error instanceof AuthError) return;
+      // The server may be starting or briefly unreachable: try again.
+      setConnection("offline");
       report(error);
+      setTimeout(start, 3000);
       return;
     }
     $("signout").hidden = !state.token;
