@@ -486,7 +486,8 @@
     $("live-empty").hidden = false;
     $("live-count").textContent = "";
     state.lastPosition = null;
-    state.startFrom = Math.max(1, state.head - CATCH_UP + 1);
+    const from = Number.parseInt($("from").value, 10);
+    state.startFrom = Number.isFinite(from) && from >= 1 ? from : Math.max(1, state.head - CATCH_UP + 1);
     subscribeEvents();
   }
 
