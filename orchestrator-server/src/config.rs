@@ -50,6 +50,7 @@ pub struct ServerConfig {
     pub(crate) max_scan: usize,
     pub(crate) cors_origins: Vec<String>,
     pub(crate) prometheus: Option<PrometheusHandle>,
+    pub(crate) dashboard: bool,
 }
 
 impl fmt::Debug for ServerConfig {
@@ -66,6 +67,7 @@ impl fmt::Debug for ServerConfig {
             .field("max_scan", &self.max_scan)
             .field("cors_origins", &self.cors_origins)
             .field("prometheus", &self.prometheus.is_some())
+            .field("dashboard", &self.dashboard)
             .finish()
     }
 }
@@ -86,6 +88,7 @@ impl ServerConfig {
             max_scan: DEFAULT_MAX_SCAN,
             cors_origins: Vec::new(),
             prometheus: None,
+            dashboard: true,
         }
     }
 
@@ -99,6 +102,13 @@ impl ServerConfig {
     /// loopback address.
     pub fn bearer_token(mut self, token: impl Into<String>) -> Self {
         self.token = Some(Arc::from(token.into()));
+        self
+    }
+
+    /// Serves the dashboard at `/` (its assets under `/assets/`): on by default. The page
+    /// is public, as it holds no data; what it shows comes from the API, behind the token.
+    pub fn dashboard(mut self, yes: bool) -> Self {
+        self.dashboard = yes;
         self
     }
 

@@ -20,6 +20,7 @@ use serde_json::json;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
 use crate::config::ServerConfig;
+use crate::dashboard;
 use crate::error::{Error, Result};
 use crate::graphql::{self, ApiSchema};
 use crate::ops;
@@ -34,7 +35,9 @@ pub(crate) struct AppState {
 }
 
 /// The server's routes over `orchestrator`, to serve yourself or to nest in an axum
-/// application: `POST /graphql`, `GET /graphql/ws` (subscriptions over WebSocket), `GET /healthz`, `GET /readyz`, `GET /metrics`.
+/// application: `POST /graphql`, `GET /graphql/ws` (subscriptions over WebSocket), `GET /healthz`,
+/// `GET /readyz`, `GET /metrics`, and the dashboard (`GET /`, `GET /assets/…`) unless
+/// [`ServerConfig::dashboard`] turned it off.
 ///
 /// Fails like [`ServerConfig::validate`] (the listen address decides whether a token is
 /// required, even though this does not listen).
@@ -50,14 +53,18 @@ pub fn router(orchestrator: EventOrchestrator, config: &ServerConfig) -> Result<
         .route("/graphql", post(graphql_request))
         .route("/metrics", get(ops::metrics))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
-    let app = Router::new()
+    let mut app = Router::new()
         // Checks the token itself: browsers cannot set headers on a WebSocket, so the token
         // may also come in the `connection_init` message.
         .route("/graphql/ws", get(graphql_ws))
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
-        .merge(guarded)
-        .with_state(state);
+        .merge(guarded);
+    if config.dashboard {
+        // Public: the page holds no data, and asks for the token the API needs.
+        app = app.merge(dashboard::routes());
+    }
+    let app = app.with_state(state);
     let origins = config.origin_headers()?;
     if origins.is_empty() {
         return Ok(app);

@@ -51,6 +51,12 @@
 //!   fromPosition)` streams saga transitions (started, steps, compensations, finished
 //!   with its status) the same way; `deadLetterArrivals(since, pollMs)` pushes dead
 //!   letters as they are parked (by polling the queue, which has no change feed).
+//! - `GET /` — the dashboard (assets under `/assets/`, embedded in the binary, nothing
+//!   fetched from elsewhere): live events with a type filter, event detail as CloudEvents
+//!   JSON, a request's trace as a waterfall, sagas with their timelines, the dead-letter
+//!   queue with reprocess and discard, throughput, DLQ depth and projection lag. It talks
+//!   to `/graphql` and `/graphql/ws` like any client, asking for the token when the server
+//!   has one; [`ServerConfig::dashboard`] turns it off.
 //! - `GET /healthz` — liveness (`ok`).
 //! - `GET /readyz` — readiness: the store answers and the outbox relay is relaying,
 //!   standing by or idle (not retrying a failing transport); 503 otherwise, naming the
@@ -88,8 +94,9 @@
 //!
 //! - `redis` — serve an orchestrator on the Redis backend (forwards `orchestrator/redis`).
 //! - `cli` — the `orchestrator-server` binary: `--store URL --transport URL --listen ADDR`,
-//!   the token from `ORCHESTRATOR_SERVER_TOKEN`, `--read-only`, `--max-page-size`,
-//!   `--allow-origin` (`cargo run -p orchestrator-server --features cli,redis -- --help`).
+//!   the token from `ORCHESTRATOR_SERVER_TOKEN`, `--read-only`, `--no-dashboard`,
+//!   `--max-page-size`, `--allow-origin`
+//!   (`cargo run -p orchestrator-server --features cli,redis -- --help`).
 //!
 //! ## Why a crate above the umbrella
 //!
@@ -100,6 +107,7 @@
 //! `orchestrator serve` subcommand.
 
 mod config;
+mod dashboard;
 mod error;
 mod graphql;
 mod http;

@@ -58,6 +58,10 @@ struct Cli {
     #[arg(long)]
     read_only: bool,
 
+    /// Do not serve the dashboard at `/`.
+    #[arg(long)]
+    no_dashboard: bool,
+
     /// The largest page a query may ask for.
     #[arg(long, value_name = "EVENTS", default_value_t = DEFAULT_MAX_PAGE_SIZE)]
     max_page_size: usize,
@@ -86,6 +90,7 @@ type CliResult<T = ()> = Result<T, Box<dyn std::error::Error>>;
 async fn run(cli: Cli) -> CliResult {
     let mut config = ServerConfig::new(cli.listen)
         .read_only(cli.read_only)
+        .dashboard(!cli.no_dashboard)
         .max_page_size(cli.max_page_size)
         .max_scan(cli.max_scan)
         .subscription_window(cli.subscription_window);
