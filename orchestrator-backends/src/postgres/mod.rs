@@ -203,13 +203,16 @@
 //!   nobody subscribes to stores nothing. A batch is one statement.
 //! - **Consuming**: each consumer has a task that claims due rows of its group, oldest first
 //!   (`SELECT … ORDER BY id LIMIT n FOR UPDATE SKIP LOCKED`, then `locked_until = now() +`
-//!   the visibility timeout), as many as the consumer has room for (its prefetch), so the
-//!   consumers of a group compete for rows and never get the same one. Idle, it waits for a
+//!   the visibility timeout), as many as the consumer has room for (its prefetch), once it
+//!   has room for half of it (not a claim per delivery handled), so the consumers of a group
+//!   compete for rows and never get the same one. Idle, it waits for a
 //!   notification of the channel (one `LISTEN` connection per transport), for the next row
 //!   of the group to fall due (a nack's delay, an expiring lock), or for the poll interval
 //!   ([`PostgresConfig::with_poll_interval`]), whichever is first: a lost notification delays a
 //!   delivery, never loses it.
-//! - **Settling**: an ack deletes the row; a nack makes it due again after its delay
+//! - **Settling**: an ack deletes the row, and returns once it is deleted; the acks of a
+//!   subscription that come while one is being written wait and go together, in one
+//!   `DELETE … WHERE id = ANY(…)`, so handlers that ack concurrently share statements; a nack makes it due again after its delay
 //!   (`not_before`) as its next attempt, with the reason as its last error; a dead letter
 //!   deletes the row and inserts the letter in `dead_letters`, in one statement; a delivery
 //!   dropped unsettled is made due again at once. A consumer that dies without settling
@@ -221,8 +224,9 @@
 //!   keep prefetch × handling time under it.
 //! - **Commits**: a publish commits as the server is configured (`synchronous_commit`, on
 //!   by default): once `publish` returns, the rows survive a server crash. A consumer's
-//!   statements (claims, acks, nacks, releases, dead letters) commit with
-//!   `synchronous_commit = off`, without waiting for the WAL flush: a server crash can lose
+//!   statements (claims, acks, nacks, releases, dead letters) run on a second pool whose
+//!   sessions commit with `synchronous_commit = off`, each its own transaction, without
+//!   waiting for the WAL flush: a server crash can lose
 //!   the last few of them, whole, which puts their rows back as they were — delivered again,
 //!   never lost. Measured with `benches/postgres.rs` against raw tokio-postgres doing the
 //!   same statements in the same run: publish one at a time, 0.84× (3,310/s); consume and
