@@ -10,6 +10,15 @@
 //!   transactions);
 //! - 100-event batches, 1 writer: raw `BEGIN; INSERT … SELECT FROM unnest(…); COMMIT`
 //!   against `PostgresEventStore::append` of 100 events.
+//! - reading 20,000 stored events back: raw pages of 1,000 with the library's `read_all`
+//!   SELECT (the JSON taken as text, not decoded) against `PostgresEventStore::read_all` in
+//!   pages of 1,000 and against a subscription from position 0 (its catch-up);
+//! - the transport: publish one at a time against raw INSERTs of the queue row; consume
+//!   (prefetch 100) acking each delivery before the next against raw claiming 100 and
+//!   deleting each row; and consume with up to 100 acks in flight (each in a task; the
+//!   library batches the deletes of acks that wait together) against raw claiming 100 and
+//!   deleting them in one statement. Raw's consumer statements run autocommitted in a
+//!   session with `synchronous_commit = off`, as the library's do.
 //!
 //! The raw table has the library's columns, indexes and version check — `UNIQUE (stream_id,
 //! stream_version)`, the versions computed by the writer — with positions from an identity
@@ -19,17 +28,20 @@
 //! bytes (the CloudEvents JSON of a 200-byte JSON payload); events are made before the clock
 //! starts. Each group runs back to back, raw first in even rounds and last in odd ones, tables
 //! emptied in between; the bench prints the median rate of each and the median of the
-//! per-round ratios ours / raw. `PG_BENCH_ROUNDS` overrides the number of rounds (5). Needs the
-//! PostgreSQL at `ORCHESTRATOR_POSTGRES_URL`; if it is unreachable the bench says so and exits
-//! successfully. It works in a schema of its own, dropped afterwards.
+//! per-round ratios ours / raw. `PG_BENCH_ROUNDS` overrides the number of rounds (5);
+//! `PG_BENCH_ONLY=read,consume` runs only the groups named (single, many, batched, read,
+//! publish, consume). Needs the PostgreSQL at `ORCHESTRATOR_POSTGRES_URL`; if it is
+//! unreachable the bench says so and exits successfully. It works in a schema of its own, dropped afterwards.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
+use futures::StreamExt;
 use orchestrator_backends::postgres::{PostgresConfig, PostgresEventStore, PostgresTransport};
 use orchestrator_core::{
-    EventEnvelope, EventStore, ExpectedVersion, SubscribeOptions, Transport, cloudevents,
+    EventEnvelope, EventFilter, EventStore, ExpectedVersion, ReadAll, SubscribeOptions, Transport,
+    cloudevents,
 };
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, NoTls};
@@ -44,6 +56,10 @@ const BATCH: usize = 100;
 const BATCHES: usize = 200;
 const PUBLISHED: usize = 400;
 const CONSUMED: usize = 5_000;
+/// Events read back by `read_all` and a subscription.
+const READ: usize = 20_000;
+/// The page `read_all` and the raw read ask for.
+const PAGE: usize = 1_000;
 const TOPIC: &str = "bench.order";
 const GROUP: &str = "bench";
 
@@ -274,8 +290,10 @@ impl Bench {
     }
 
     /// `CONSUMED` events queued, then received through a subscription (prefetch 100) and
-    /// acked one by one.
-    async fn consume(&mut self) -> f64 {
+    /// acked: one by one, each awaited before the next delivery (`concurrent` false), or
+    /// each in a task of its own, up to 100 at a time (the library batches the deletes of
+    /// acks that wait together).
+    async fn consume(&mut self, concurrent: bool) -> f64 {
         let mut all = events(CONSUMED).into_iter();
         for _ in 0..CONSUMED / BATCH {
             let batch: Vec<EventEnvelope> = all.by_ref().take(BATCH).collect();
@@ -284,17 +302,30 @@ impl Bench {
         let options = SubscribeOptions::new(GROUP, TOPIC).unwrap().prefetch(BATCH);
         let started = Instant::now();
         let mut sub = self.transport.subscribe(options).await.unwrap();
+        let mut acks = tokio::task::JoinSet::<orchestrator_core::Result<()>>::new();
         for _ in 0..CONSUMED {
             let delivery = sub.next().await.unwrap().unwrap();
-            delivery.ack().await.unwrap();
+            if concurrent {
+                while acks.len() >= BATCH {
+                    acks.join_next().await.unwrap().unwrap().unwrap();
+                }
+                acks.spawn(delivery.ack());
+            } else {
+                delivery.ack().await.unwrap();
+            }
+        }
+        while let Some(acked) = acks.join_next().await {
+            acked.unwrap().unwrap();
         }
         rate(CONSUMED, started)
     }
 
     /// Raw: the same rows claimed 100 at a time with the library's claim (`FOR UPDATE SKIP
-    /// LOCKED`, `locked_until`), each deleted on its own, with the library's commit setting
-    /// (`synchronous_commit = off` for a consumer's statements); no decoding.
-    async fn raw_consume(&mut self) -> f64 {
+    /// LOCKED`, `locked_until`), each deleted on its own (`batched` false) or the 100 in one
+    /// `DELETE … WHERE id = ANY($1)`, each statement autocommitted in a session with the
+    /// library's commit setting for a consumer's statements (`synchronous_commit = off`); no
+    /// decoding.
+    async fn raw_consume(&mut self, batched: bool) -> f64 {
         let rows = rows(&events(CONSUMED), "");
         let client = &self.raw[0];
         let q = format!("\"{}\".raw_queue", self.schema);
@@ -325,31 +356,123 @@ impl Bench {
             .prepare(&format!("DELETE FROM {q} WHERE id = $1"))
             .await
             .unwrap();
+        let delete_all = client
+            .prepare(&format!("DELETE FROM {q} WHERE id = ANY($1)"))
+            .await
+            .unwrap();
+        client
+            .batch_execute("SET synchronous_commit TO off")
+            .await
+            .unwrap();
         let limit = BATCH as i64;
         let started = Instant::now();
         let mut done = 0;
         while done < CONSUMED {
             let params: [&(dyn ToSql + Sync); 2] = [&GROUP, &limit];
-            let (_, claimed, _) = futures::try_join!(
-                client.batch_execute("BEGIN; SET LOCAL synchronous_commit TO off"),
-                client.query(&claim, &params),
-                client.batch_execute("COMMIT"),
-            )
-            .unwrap();
+            let claimed = client.query(&claim, &params).await.unwrap();
+            if batched {
+                let ids: Vec<i64> = claimed.iter().map(|row| row.get(0)).collect();
+                client.execute(&delete_all, &[&ids]).await.unwrap();
+                done += ids.len();
+                continue;
+            }
             for row in &claimed {
                 let id: i64 = row.get(0);
                 let _event: &str = row.get(1);
-                let params: [&(dyn ToSql + Sync); 1] = [&id];
-                futures::try_join!(
-                    client.batch_execute("BEGIN; SET LOCAL synchronous_commit TO off"),
-                    client.execute(&delete, &params),
-                    client.batch_execute("COMMIT"),
-                )
-                .unwrap();
+                client.execute(&delete, &[&id]).await.unwrap();
                 done += 1;
             }
         }
-        rate(CONSUMED, started)
+        let rate = rate(CONSUMED, started);
+        client
+            .batch_execute("RESET synchronous_commit")
+            .await
+            .unwrap();
+        rate
+    }
+
+    /// `READ` events in the store, written before the clock starts (200 to an append).
+    async fn fill_store(&mut self) {
+        let stream = self.stream("read");
+        let mut all = events(READ).into_iter();
+        for b in 0..READ / 200 {
+            let batch: Vec<EventEnvelope> = all.by_ref().take(200).collect();
+            self.store
+                .append(&stream, ExpectedVersion::Exact((b * 200) as u64), batch)
+                .await
+                .unwrap();
+        }
+    }
+
+    /// Raw: the store's `events` table read from the start in pages of 1,000 with the
+    /// library's statement (`SELECT position, event::text … WHERE position >= $1 … ORDER BY
+    /// position LIMIT 1000`), the JSON taken as text and not decoded.
+    async fn raw_read_all(&mut self) -> f64 {
+        let client = &self.raw[0];
+        let statement = client
+            .prepare(&format!(
+                "SELECT position, event::text FROM \"{}\".events WHERE position >= $1 \
+                 AND ($2::text[] IS NULL OR event_type = ANY($2)) \
+                 AND ($3::timestamptz IS NULL OR event_time >= $3) \
+                 AND ($4::timestamptz IS NULL OR event_time <= $4) \
+                 AND ($5::text IS NULL OR starts_with(stream_id, $5)) \
+                 ORDER BY position LIMIT $6",
+                self.schema
+            ))
+            .await
+            .unwrap();
+        // No filter: every bound NULL, as the library sends it.
+        let types: Option<Vec<String>> = None;
+        let (after, before): (Option<DateTime<Utc>>, Option<DateTime<Utc>>) = (None, None);
+        let prefix: Option<String> = None;
+        let page = PAGE as i64;
+        let started = Instant::now();
+        let (mut from, mut read) = (1i64, 0);
+        loop {
+            let params: [&(dyn ToSql + Sync); 6] = [&from, &types, &after, &before, &prefix, &page];
+            let rows = client.query(&statement, &params).await.unwrap();
+            for row in &rows {
+                from = row.get::<_, i64>(0) + 1;
+                let _event: &str = row.get(1);
+            }
+            read += rows.len();
+            if rows.len() < PAGE {
+                break;
+            }
+        }
+        assert_eq!(read, READ);
+        rate(READ, started)
+    }
+
+    /// `PostgresEventStore::read_all` from the start, 1,000 events a call.
+    async fn store_read_all(&mut self) -> f64 {
+        let started = Instant::now();
+        let (mut from, mut read) = (1, 0);
+        loop {
+            let events = self
+                .store
+                .read_all(ReadAll::from(from, PAGE))
+                .await
+                .unwrap();
+            read += events.len();
+            match events.last() {
+                Some(last) if events.len() == PAGE => from = last.global_position().unwrap() + 1,
+                _ => break,
+            }
+        }
+        assert_eq!(read, READ);
+        rate(READ, started)
+    }
+
+    /// A subscription from the start of the store, until it has handed out every event (the
+    /// catch-up: the library reads pages and decodes them as the raw read does its SELECTs).
+    async fn store_subscribe(&mut self) -> f64 {
+        let started = Instant::now();
+        let mut events = self.store.subscribe(0, EventFilter::all()).await.unwrap();
+        for _ in 0..READ {
+            events.next().await.unwrap().unwrap();
+        }
+        rate(READ, started)
     }
 
     async fn drop_schema(&self) {
@@ -462,13 +585,29 @@ async fn main() {
         "raw claim 100 + DELETE each",
         "PostgresTransport consume + ack each",
     ]);
+    let mut consume_batched = Group::new(&[
+        "raw claim 100 + DELETE the 100",
+        "PostgresTransport consume, 100 acks in flight",
+    ]);
+    let mut read_all = Group::new(&[
+        "raw SELECT pages of 1000, no decoding",
+        "PostgresEventStore::read_all, pages of 1000",
+    ]);
+    let mut subscription = Group::new(&[
+        "raw SELECT pages of 1000, no decoding",
+        "PostgresEventStore::subscribe, catch-up",
+    ]);
     let mut batched = Group::new(&[
         "raw INSERT unnest 100, 1 writer",
         "PostgresEventStore::append, 100 events",
     ]);
+    // `PG_BENCH_ONLY=consume,batched` runs only the groups named (single, many, batched,
+    // read, publish, consume); all by default.
+    let only = std::env::var("PG_BENCH_ONLY").unwrap_or_default();
+    let runs = |group: &str| only.is_empty() || only.split(',').any(|g| g.trim() == group);
     for round in 0..rounds {
         let reverse = round % 2 == 1;
-        for i in order(2, reverse) {
+        for i in order(2, reverse).into_iter().filter(|_| runs("single")) {
             let rate = match i {
                 0 => bench.raw_single(1, SINGLE).await,
                 _ => bench.store_single(1, SINGLE).await,
@@ -476,7 +615,7 @@ async fn main() {
             one.samples[i].push(rate);
             bench.clean().await;
         }
-        for i in order(2, reverse) {
+        for i in order(2, reverse).into_iter().filter(|_| runs("many")) {
             let rate = match i {
                 0 => bench.raw_single(WRITERS, PER_WRITER).await,
                 _ => bench.store_single(WRITERS, PER_WRITER).await,
@@ -484,7 +623,7 @@ async fn main() {
             many.samples[i].push(rate);
             bench.clean().await;
         }
-        for i in order(2, reverse) {
+        for i in order(2, reverse).into_iter().filter(|_| runs("batched")) {
             let rate = match i {
                 0 => bench.raw_batched().await,
                 _ => bench.store_batched().await,
@@ -492,7 +631,26 @@ async fn main() {
             batched.samples[i].push(rate);
             bench.clean().await;
         }
-        for i in order(2, reverse) {
+        if runs("read") {
+            bench.fill_store().await;
+            for i in order(3, reverse) {
+                let rate = match i {
+                    0 => bench.raw_read_all().await,
+                    1 => bench.store_read_all().await,
+                    _ => bench.store_subscribe().await,
+                };
+                match i {
+                    0 => {
+                        read_all.samples[0].push(rate);
+                        subscription.samples[0].push(rate);
+                    }
+                    1 => read_all.samples[1].push(rate),
+                    _ => subscription.samples[1].push(rate),
+                }
+            }
+            bench.clean().await;
+        }
+        for i in order(2, reverse).into_iter().filter(|_| runs("publish")) {
             let rate = match i {
                 0 => bench.raw_publish().await,
                 _ => bench.publish().await,
@@ -500,12 +658,20 @@ async fn main() {
             publish.samples[i].push(rate);
             bench.clean().await;
         }
-        for i in order(2, reverse) {
+        for i in order(2, reverse).into_iter().filter(|_| runs("consume")) {
             let rate = match i {
-                0 => bench.raw_consume().await,
-                _ => bench.consume().await,
+                0 => bench.raw_consume(false).await,
+                _ => bench.consume(false).await,
             };
             consume.samples[i].push(rate);
+            bench.clean().await;
+        }
+        for i in order(2, reverse).into_iter().filter(|_| runs("consume")) {
+            let rate = match i {
+                0 => bench.raw_consume(true).await,
+                _ => bench.consume(true).await,
+            };
+            consume_batched.samples[i].push(rate);
             bench.clean().await;
         }
         eprintln!("round {}/{rounds} done", round + 1);
@@ -515,7 +681,16 @@ async fn main() {
         "{:<42} {:>14} {:>16}",
         "", "median events/s", "ours/raw median"
     );
-    for group in [&one, &many, &batched, &publish, &consume] {
+    for group in [
+        &one,
+        &many,
+        &batched,
+        &read_all,
+        &subscription,
+        &publish,
+        &consume,
+        &consume_batched,
+    ] {
         group.print();
     }
     println!(
@@ -546,6 +721,9 @@ impl Group {
     }
 
     fn print(&self) {
+        if self.samples.iter().any(Vec::is_empty) {
+            return;
+        }
         for (i, name) in self.names.iter().enumerate() {
             let rate = median(self.samples[i].clone());
             if i == 0 {

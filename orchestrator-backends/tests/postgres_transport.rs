@@ -181,3 +181,66 @@ async fn a_crashed_consumers_rows_come_back_after_the_visibility_timeout() {
     assert_eq!(delivery.attempt(), 2);
     delivery.ack().await.unwrap();
 }
+
+/// Acks given together (their deletes batched) are each answered only once their rows are
+/// gone, and a nack among them still brings its event back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_acks_delete_every_row_and_nacks_among_them_come_back() {
+    let Some(url) = reachable().await else { return };
+    let schema = random_schema();
+    let _cleanup = Cleanup::new(&url, &schema);
+    let transport = PostgresTransport::connect(config(&url, &schema))
+        .await
+        .unwrap();
+    let topic = format!("t{}.order.placed", suffix());
+    let group = format!("g{}", suffix());
+    let options = SubscribeOptions::new(&group, &topic).unwrap().prefetch(100);
+    let mut sub = transport.subscribe(options).await.unwrap();
+    let events: Vec<EventEnvelope> = (0..300)
+        .map(|n| EventEnvelope::new(&topic, &serde_json::json!({ "n": n })).unwrap())
+        .collect();
+    transport
+        .publish_batch(&topic, events.clone())
+        .await
+        .unwrap();
+    let nacked = events[7].id().clone();
+    let mut settles = tokio::task::JoinSet::new();
+    let mut redelivered = None;
+    // The 300 events and the nacked one once more, in whatever order they come.
+    for _ in 0..=events.len() {
+        let delivery = recv(&mut sub, "a published event").await;
+        if *delivery.event().id() == nacked && delivery.attempt() == 1 {
+            settles.spawn(delivery.nack(Duration::ZERO, "once more"));
+            continue;
+        }
+        if *delivery.event().id() == nacked {
+            redelivered = Some(delivery.attempt());
+        }
+        settles.spawn(delivery.ack());
+    }
+    while let Some(settled) = settles.join_next().await {
+        settled.unwrap().unwrap();
+    }
+    assert_eq!(
+        redelivered,
+        Some(2),
+        "the nacked event came back as attempt 2"
+    );
+    // Every acked row is gone by the time its ack returned.
+    let left: i64 = raw(&url)
+        .await
+        .query_one(
+            &format!("SELECT count(*) FROM \"{schema}\".transport_queue WHERE group_name = $1"),
+            &[&group],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 0);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), sub.next())
+            .await
+            .is_err(),
+        "nothing comes again"
+    );
+}

@@ -330,15 +330,13 @@ impl PostgresConfig {
         self.pool_of(self.pg_config())
     }
 
-    /// A pool like [`pool`](Self::pool) whose sessions plan each statement for its
-    /// parameters (`plan_cache_mode = force_custom_plan`), for the transport's queue table:
-    /// its size changes by orders of magnitude within a session, and a generic plan made
-    /// while it was nearly empty (a sequential scan) would be kept. Measured on the fault
-    /// suite's crash run: claims fell to about 530 rows/s with a 170k-row backlog until the
-    /// cached plans were invalidated, then ran at about 5,000/s.
-    pub(crate) fn pool_planning_each_statement(&self) -> Result<Pool> {
+    /// A pool like [`pool`](Self::pool) whose sessions commit without waiting for the WAL
+    /// flush (`synchronous_commit = off`): for the transport's consumer statements, whose
+    /// commits a crash may lose whole without losing a message (the row is as it was, and
+    /// is delivered again).
+    pub(crate) fn pool_committing_without_flush_wait(&self) -> Result<Pool> {
         let mut pg = self.pg_config();
-        add_option(&mut pg, "plan_cache_mode=force_custom_plan");
+        add_option(&mut pg, "synchronous_commit=off");
         self.pool_of(pg)
     }
 
@@ -354,6 +352,11 @@ impl PostgresConfig {
         };
         Pool::builder(manager)
             .max_size(self.pool_size)
+            // The connection used last goes out first: under a light load the same one
+            // or two stay busy, hot in their server processes, instead of each request
+            // waking the least recently used of them (it helped the bench's one-at-a-time
+            // transport acks, within the noise of a loaded machine).
+            .queue_mode(deadpool::managed::QueueMode::Lifo)
             .runtime(Runtime::Tokio1)
             .create_timeout(Some(self.connect_timeout))
             .wait_timeout(Some(self.connect_timeout.saturating_mul(3)))

@@ -146,7 +146,10 @@
 //! (0.12×). One writer, 0.55–1.17× (it pays the lock, the checks and the writer hop and
 //! cannot batch); 100-event batches, 18,000–72,700 events/s, 0.38–0.95× raw (the library
 //! also encodes each event to CloudEvents JSON, which raw does before its clock starts).
-//! Measured before group commit: `read_all`, 164,000 events/s; a subscription at about 1k
+//! `read_all` of 20,000 events in pages of 1,000: 107,000–211,000 events/s, 0.53–0.79× raw
+//! SELECTs of the same pages that do not decode the JSON (the library asks for the next
+//! page while it decodes one); a subscription's catch-up over them, 104,000–209,000/s
+//! (0.43–0.87×). Measured before group commit: a subscription at about 1k
 //! events/s sees an event 1.4 ms (median) and 13 ms (p99) after its append was called.
 //! Reads and subscriptions never take the lock. Batches amortise it (one lock and one flush
 //! per batch); writers in several processes that need more appends per second shard by
@@ -203,13 +206,16 @@
 //!   nobody subscribes to stores nothing. A batch is one statement.
 //! - **Consuming**: each consumer has a task that claims due rows of its group, oldest first
 //!   (`SELECT … ORDER BY id LIMIT n FOR UPDATE SKIP LOCKED`, then `locked_until = now() +`
-//!   the visibility timeout), as many as the consumer has room for (its prefetch), so the
-//!   consumers of a group compete for rows and never get the same one. Idle, it waits for a
+//!   the visibility timeout), as many as the consumer has room for (its prefetch), once it
+//!   has room for half of it (not a claim per delivery handled), so the consumers of a group
+//!   compete for rows and never get the same one. Idle, it waits for a
 //!   notification of the channel (one `LISTEN` connection per transport), for the next row
 //!   of the group to fall due (a nack's delay, an expiring lock), or for the poll interval
 //!   ([`PostgresConfig::with_poll_interval`]), whichever is first: a lost notification delays a
 //!   delivery, never loses it.
-//! - **Settling**: an ack deletes the row; a nack makes it due again after its delay
+//! - **Settling**: an ack deletes the row, and returns once it is deleted; the acks of a
+//!   subscription that come while one is being written wait and go together, in one
+//!   `DELETE … WHERE id = ANY(…)`, so handlers that ack concurrently share statements; a nack makes it due again after its delay
 //!   (`not_before`) as its next attempt, with the reason as its last error; a dead letter
 //!   deletes the row and inserts the letter in `dead_letters`, in one statement; a delivery
 //!   dropped unsettled is made due again at once. A consumer that dies without settling
@@ -221,12 +227,17 @@
 //!   keep prefetch × handling time under it.
 //! - **Commits**: a publish commits as the server is configured (`synchronous_commit`, on
 //!   by default): once `publish` returns, the rows survive a server crash. A consumer's
-//!   statements (claims, acks, nacks, releases, dead letters) commit with
-//!   `synchronous_commit = off`, without waiting for the WAL flush: a server crash can lose
+//!   statements (claims, acks, nacks, releases, dead letters) run on a second pool whose
+//!   sessions commit with `synchronous_commit = off`, each its own transaction, without
+//!   waiting for the WAL flush: a server crash can lose
 //!   the last few of them, whole, which puts their rows back as they were — delivered again,
 //!   never lost. Measured with `benches/postgres.rs` against raw tokio-postgres doing the
-//!   same statements in the same run: publish one at a time, 0.84× (3,310/s); consume and
-//!   ack each, 0.69× (6,726/s, raw claiming 100 at a time and deleting each row).
+//!   same statements in the same run (a 2-core machine with a build running beside it, so
+//!   the ranges are wide): publish one at a time, 0.84× (3,310/s); consume acking each
+//!   delivery before the next, 0.46–0.78× (4,300–6,200/s, raw claiming 100 at a time and
+//!   deleting each row autocommitted in a `synchronous_commit = off` session: 6,500–12,200/s);
+//!   with 100 acks in flight, 0.41–0.49× (24,000–32,000/s, raw deleting the 100 claimed
+//!   rows in one statement: 59,000–66,000/s).
 //! - **Order**: one consumer receives a group's events in publish order (per key and overall)
 //!   until a nack or an expired lock puts one back; competing consumers share the order.
 //! - A row that holds no valid event (written by hand: not JSON, not a CloudEvent, over

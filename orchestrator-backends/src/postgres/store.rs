@@ -191,6 +191,16 @@ impl PostgresEventStore {
         filter: &EventFilter,
         limit: usize,
     ) -> Result<Vec<(u64, Result<EventEnvelope>)>> {
+        decode_rows(&self.scan_rows(from, filter, limit).await?)
+    }
+
+    /// The rows [`scan`](Self::scan) decodes: `(position, event as text)`.
+    async fn scan_rows(
+        &self,
+        from: u64,
+        filter: &EventFilter,
+        limit: usize,
+    ) -> Result<Vec<tokio_postgres::Row>> {
         // Stored stream ids and types hold no NUL (PostgreSQL text cannot): a filter value
         // with one matches nothing, and is not sent.
         let types_sent: Vec<&String> = filter
@@ -230,14 +240,19 @@ impl PostgresEventStore {
             )
             .await
             .map_err(pg_error)?;
-        rows.iter()
-            .map(|row| {
-                let position = to_u64("position", row.get(0))?;
-                let json: &str = row.get(1);
-                Ok((position, cloudevents::decode(json.as_bytes())))
-            })
-            .collect()
+        Ok(rows)
     }
+}
+
+/// Rows of [`PostgresEventStore::scan_rows`] as positions and events.
+fn decode_rows(rows: &[tokio_postgres::Row]) -> Result<Vec<(u64, Result<EventEnvelope>)>> {
+    rows.iter()
+        .map(|row| {
+            let position = to_u64("position", row.get(0))?;
+            let json: &str = row.get(1);
+            Ok((position, cloudevents::decode(json.as_bytes())))
+        })
+        .collect()
 }
 
 /// Whether `time` can be stored: its year is one RFC 3339 (the CloudEvents `time`) can
@@ -398,12 +413,34 @@ impl EventStore for PostgresEventStore {
     async fn read_all(&self, query: ReadAll) -> Result<Vec<EventEnvelope>> {
         let mut out = Vec::new();
         let mut from = query.from_position.max(1);
-        while out.len() < query.limit {
-            let page = (query.limit - out.len()).min(PAGE);
-            let rows = self.scan(from, &query.filter, page).await?;
+        let mut page = query.limit.min(PAGE);
+        if page == 0 {
+            return Ok(out);
+        }
+        let mut rows = self.scan_rows(from, &query.filter, page).await?;
+        loop {
             let full = rows.len() == page;
-            for (position, event) in rows {
-                from = position + 1;
+            if let Some(last) = rows.last() {
+                from = to_u64("position", last.get(0))? + 1;
+            }
+            // The next page is asked for while this one is decoded, as big as the limit
+            // allows if every row of this one matches (the exact filter may drop some, which
+            // only leaves room for another page).
+            let next_page = query.limit.saturating_sub(out.len() + rows.len()).min(PAGE);
+            let ahead = full && next_page > 0;
+            let filter = &query.filter;
+            // The query is polled first, so that it is on its way before the decoding runs.
+            let (next, decoded) = futures::join!(
+                async move {
+                    if ahead {
+                        Some(self.scan_rows(from, filter, next_page).await)
+                    } else {
+                        None
+                    }
+                },
+                async { decode_rows(&rows) },
+            );
+            for (_, event) in decoded? {
                 let event = event?;
                 if query.filter.matches(&event) {
                     out.push(event);
@@ -412,6 +449,19 @@ impl EventStore for PostgresEventStore {
             if !full {
                 break;
             }
+            rows = match next {
+                Some(next) => {
+                    page = next_page;
+                    next?
+                }
+                None => {
+                    page = query.limit.saturating_sub(out.len()).min(PAGE);
+                    if page == 0 {
+                        break;
+                    }
+                    self.scan_rows(from, &query.filter, page).await?
+                }
+            };
         }
         Ok(out)
     }
