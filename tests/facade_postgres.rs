@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use orchestrator::RelayState;
-use orchestrator::backends::postgres::{PostgresConfig, PostgresEventStore};
+use orchestrator::backends::postgres::PostgresEventStore;
 use orchestrator::core::testkit::services::{postgres_url, unreachable};
 use orchestrator::prelude::*;
 use serde_json::{Value, json};
@@ -136,14 +136,7 @@ async fn one_process_relays_and_a_standby_takes_over_when_it_dies() {
         let schema = schema.clone();
         holder_runtime
             .spawn(async move {
-                let store = PostgresEventStore::connect(
-                    PostgresConfig::new(&postgres_url())
-                        .unwrap()
-                        .with_schema(schema)
-                        .unwrap(),
-                )
-                .await
-                .unwrap();
+                let store = PostgresEventStore::connect(config(&schema)).await.unwrap();
                 let holder = process(&store).await;
                 // With the in-process transport the relay starts with the first publish;
                 // started here, its task runs on this runtime.

@@ -9,11 +9,12 @@
 
 mod support;
 
+use support::{Socket, receive, send};
+
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use futures::{SinkExt as _, StreamExt as _};
 use http_body_util::{BodyExt as _, Empty};
 use hyper::body::Bytes;
 use hyper::{Method, Request, StatusCode};
@@ -22,7 +23,6 @@ use orchestrator::prelude::*;
 use orchestrator::store::projection::Checkpoints;
 use serde_json::{Value, json};
 use support::{TOKEN, config, error_code, graphql, request, start, wait_until};
-use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
 
 /// The one `http://` string the assets may hold: the SVG namespace, a name that is never
@@ -254,9 +254,6 @@ async fn run(addr: SocketAddr, name: &str, operation: &str, variables: Value) ->
     response["data"].clone()
 }
 
-type Socket =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
-
 /// Connects as a browser does: no `Authorization` header, the token in `connection_init`.
 async fn connect_like_a_browser(addr: SocketAddr) -> Socket {
     let mut request = format!("ws://{addr}/graphql/ws")
@@ -274,31 +271,6 @@ async fn connect_like_a_browser(addr: SocketAddr) -> Socket {
     .await;
     assert_eq!(receive(&mut socket).await["type"], "connection_ack");
     socket
-}
-
-async fn send(socket: &mut Socket, message: Value) {
-    socket
-        .send(Message::text(message.to_string()))
-        .await
-        .unwrap();
-}
-
-async fn receive(socket: &mut Socket) -> Value {
-    loop {
-        let frame = tokio::time::timeout(Duration::from_secs(30), socket.next())
-            .await
-            .expect("a message within 30 s")
-            .expect("the connection is open")
-            .unwrap();
-        if let Message::Text(text) = frame {
-            let message: Value = serde_json::from_str(text.as_str()).unwrap();
-            if message["type"] == "ping" {
-                send(socket, json!({"type": "pong"})).await;
-                continue;
-            }
-            return message;
-        }
-    }
 }
 
 /// The first result of a subscription, which must carry no error.

@@ -5,18 +5,17 @@
 
 mod support;
 
+use support::{Socket, receive, send};
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use futures::{SinkExt as _, StreamExt as _};
+use futures::StreamExt as _;
 use hyper::{Method, StatusCode};
 use orchestrator::prelude::*;
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
-
-type Socket =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 const EVENTS: &str = r"subscription($types: [String!], $from: Int) {
   events(types: $types, fromPosition: $from) { type globalPosition data }
@@ -40,32 +39,6 @@ async fn connect(addr: SocketAddr) -> Socket {
     send(&mut socket, json!({"type": "connection_init"})).await;
     assert_eq!(receive(&mut socket).await["type"], "connection_ack");
     socket
-}
-
-async fn send(socket: &mut Socket, message: Value) {
-    socket
-        .send(Message::text(message.to_string()))
-        .await
-        .unwrap();
-}
-
-/// The next protocol message (pings answered, other frames skipped).
-async fn receive(socket: &mut Socket) -> Value {
-    loop {
-        let frame = tokio::time::timeout(Duration::from_secs(30), socket.next())
-            .await
-            .expect("a message within 30 s")
-            .expect("the connection is open")
-            .unwrap();
-        if let Message::Text(text) = frame {
-            let message: Value = serde_json::from_str(text.as_str()).unwrap();
-            if message["type"] == "ping" {
-                send(socket, json!({"type": "pong"})).await;
-                continue;
-            }
-            return message;
-        }
-    }
 }
 
 async fn subscribe(socket: &mut Socket, variables: Value) {

@@ -541,3 +541,38 @@ async fn dead_letter_story(orchestrator: &EventOrchestrator, addr: SocketAddr, t
     assert_eq!(status, StatusCode::OK);
     assert_eq!(error_code(&response), "NOT_FOUND", "{response}");
 }
+
+/// A WebSocket client connection to the server.
+pub(crate) type Socket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Sends one graphql-transport-ws message.
+pub(crate) async fn send(socket: &mut Socket, message: Value) {
+    use futures::SinkExt as _;
+    socket
+        .send(tokio_tungstenite::tungstenite::Message::text(
+            message.to_string(),
+        ))
+        .await
+        .unwrap();
+}
+
+/// The next protocol message (pings answered, other frames skipped).
+pub(crate) async fn receive(socket: &mut Socket) -> Value {
+    use futures::StreamExt as _;
+    loop {
+        let frame = tokio::time::timeout(Duration::from_secs(30), socket.next())
+            .await
+            .expect("a message within 30 s")
+            .expect("the connection is open")
+            .unwrap();
+        if let tokio_tungstenite::tungstenite::Message::Text(text) = frame {
+            let message: Value = serde_json::from_str(text.as_str()).unwrap();
+            if message["type"] == "ping" {
+                send(socket, json!({"type": "pong"})).await;
+                continue;
+            }
+            return message;
+        }
+    }
+}
