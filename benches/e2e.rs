@@ -150,6 +150,16 @@ impl Combination {
         }
     }
 
+    /// The name (`/proc/<pid>/comm`) of the broker's server process, if there is one.
+    fn broker_process(self) -> Option<&'static str> {
+        match self {
+            Self::Memory | Self::FileInProcess => None,
+            Self::FileRedis | Self::Redis => Some("redis-server"),
+            Self::RabbitMq => Some("beam.smp"),
+            Self::Kafka => Some("tansu"),
+        }
+    }
+
     /// Whether `filters` (the command line's names) pick this combination.
     fn picked(self, filters: &[String]) -> bool {
         let name = self.name().to_lowercase();
@@ -382,6 +392,69 @@ async fn kafka_parts(_env: &Env, _transport: bool) -> BenchResult<Parts> {
     Err(NOT_COMPILED.into())
 }
 
+/// CPU time spent by this process and by the broker's processes, read from `/proc` (Linux;
+/// elsewhere, or when `/proc` cannot be read, nothing is reported). Clock ticks are 10 ms,
+/// so a measurement needs a few hundred milliseconds to say much: the bench reports the
+/// medians over rounds, per event.
+#[derive(Debug, Clone, Copy, Default)]
+struct CpuTime {
+    /// This process (publishers, relay, subscriber, handler, the clients' I/O).
+    client: Duration,
+    /// The broker's server processes (Redis, RabbitMQ's Erlang VM, tansu).
+    broker: Duration,
+}
+
+impl CpuTime {
+    /// Now, for `combination`'s broker.
+    fn now(combination: Combination) -> Option<Self> {
+        let client = process_cpu("self")?;
+        let broker = match combination.broker_process() {
+            None => Duration::ZERO,
+            Some(name) => {
+                let mut total = Duration::ZERO;
+                for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+                    let pid = entry.file_name();
+                    let Some(pid) = pid
+                        .to_str()
+                        .filter(|p| p.bytes().all(|b| b.is_ascii_digit()))
+                    else {
+                        continue;
+                    };
+                    let comm =
+                        std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+                    if comm.trim() == name {
+                        total += process_cpu(pid).unwrap_or_default();
+                    }
+                }
+                total
+            }
+        };
+        Some(Self { client, broker })
+    }
+
+    /// What was spent since `earlier`, in microseconds per event: (client, broker).
+    fn per_event(self, earlier: Self, events: usize) -> (f64, f64) {
+        let per = |d: Duration| d.as_secs_f64() * 1e6 / events as f64;
+        (
+            per(self.client.saturating_sub(earlier.client)),
+            per(self.broker.saturating_sub(earlier.broker)),
+        )
+    }
+}
+
+/// User and system CPU time of process `pid` (`self` for this one), all its threads.
+fn process_cpu(pid: &str) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces), from field 3 on: utime is
+    // field 14, stime 15.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let mut fields = rest.split(' ').skip(11);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    // USER_HZ is 100 on every Linux this bench runs on.
+    Some(Duration::from_millis((utime + stime) * 10))
+}
+
 /// FNV-1a: the probe's map is looked up in the handler, on the path being measured, and
 /// SipHash over a 36-byte id costs more than it needs to (the ids are not attacker-chosen).
 #[derive(Default)]
@@ -491,6 +564,7 @@ impl Probe {
             p50_us: latencies[n / 2] as f64 / 1e3,
             p99_us: latencies[(n * 99 / 100).min(n - 1)] as f64 / 1e3,
             max_us: latencies[n - 1] as f64 / 1e3,
+            cpu: None,
         }
     }
 }
@@ -505,6 +579,8 @@ struct Sample {
     p99_us: f64,
     /// The slowest event's latency: with many publishers, whether back-pressure is fair.
     max_us: f64,
+    /// CPU per event, µs: this process's and the broker's (`None`: `/proc` unreadable).
+    cpu: Option<(f64, f64)>,
 }
 
 /// `publish` → handler, `n` events by `concurrency` tasks, on fresh backends (deleted
@@ -574,6 +650,7 @@ async fn measure_end_to_end(
     });
     // Task `t` publishes events t, t + concurrency, t + 2 × concurrency, … one by one.
     let timed: Arc<[EventEnvelope]> = timed.into();
+    let cpu_before = CpuTime::now(combination);
     let mut publishers = Vec::with_capacity(concurrency);
     for task in 0..concurrency {
         let (orchestrator, probe, timed) = (orchestrator.clone(), probe.clone(), timed.clone());
@@ -600,40 +677,46 @@ async fn measure_end_to_end(
                 orchestrator.relay_status()
             )
         })?;
+    let cpu_after = CpuTime::now(combination);
     if let Some(tracer) = tracer {
         tracer.abort();
     }
-    let sample = probe.sample();
+    let mut sample = probe.sample();
+    sample.cpu = cpu_before
+        .zip(cpu_after)
+        .map(|(before, after)| after.per_event(before, n));
     drop(subscription);
     orchestrator.shutdown(Duration::from_secs(10)).await;
     Ok(sample)
 }
 
 /// The store's plain `append`, `n` events of one each by `concurrency` tasks, on a fresh
-/// store (deleted afterwards); events/s.
+/// store (deleted afterwards): events/s, and the CPU per event (as [`Sample::cpu`]).
 async fn plain_append(
     combination: Combination,
     env: &Env,
     n: usize,
     concurrency: usize,
-) -> BenchResult<f64> {
+) -> BenchResult<(f64, Option<(f64, f64)>)> {
     let parts = combination.parts(env, false).await?;
-    let rate = measure_append(Arc::clone(&parts.store), n, concurrency).await;
+    let rate = measure_append(combination, Arc::clone(&parts.store), n, concurrency).await;
     (parts.cleanup)().await;
     rate
 }
 
 async fn measure_append(
+    combination: Combination,
     store: Arc<dyn EventStore>,
     n: usize,
     concurrency: usize,
-) -> BenchResult<f64> {
+) -> BenchResult<(f64, Option<(f64, f64)>)> {
     for event in events(WARM_UP) {
         store
             .append(EVENT_TYPE, ExpectedVersion::Any, vec![event])
             .await?;
     }
     let timed: Arc<[EventEnvelope]> = events(n).into();
+    let cpu_before = CpuTime::now(combination);
     let started = Instant::now();
     let mut appenders = Vec::with_capacity(concurrency);
     for task in 0..concurrency {
@@ -650,7 +733,11 @@ async fn measure_append(
     for appender in appenders {
         appender.await??;
     }
-    Ok(n as f64 / started.elapsed().as_secs_f64())
+    let rate = n as f64 / started.elapsed().as_secs_f64();
+    let cpu = cpu_before
+        .zip(CpuTime::now(combination))
+        .map(|(before, after)| after.per_event(before, n));
+    Ok((rate, cpu))
 }
 
 /// Whether the combination's broker answers; why not, if it does not.
@@ -687,6 +774,8 @@ struct Row {
     events: usize,
     samples: Vec<Sample>,
     appends: Vec<f64>,
+    /// The plain appends' CPU per event, as [`Sample::cpu`].
+    append_cpu: Vec<(f64, f64)>,
 }
 
 impl Row {
@@ -765,6 +854,7 @@ async fn main() {
                 events,
                 samples: Vec::new(),
                 appends: Vec::new(),
+                append_cpu: Vec::new(),
             };
             // A measurement that fails (a backend error, events that never arrive) ends its
             // row: the bench says so and goes on with the others.
@@ -779,12 +869,11 @@ async fn main() {
                                     .map_err(|e| format!("end to end, round {}: {e}", round + 1))?;
                             row.samples.push(sample);
                         } else {
-                            let rate = plain_append(combination, &env, events, concurrency)
+                            let (rate, cpu) = plain_append(combination, &env, events, concurrency)
                                 .await
-                                .map_err(|e| {
-                                format!("plain append, round {}: {e}", round + 1)
-                            })?;
+                                .map_err(|e| format!("plain append, round {}: {e}", round + 1))?;
                             row.appends.push(rate);
+                            row.append_cpu.extend(cpu);
                         }
                     }
                 }
@@ -800,6 +889,7 @@ async fn main() {
             rows.push(row);
         }
     }
+    print_cpu(&rows, rounds);
     println!("\nfacade end to end (publish → handler) vs plain append, medians of {rounds} rounds");
     println!(
         "{:<20} {:>11} {:>8} {:>10} {:>9} {:>9} {:>12} {:>11} {:>12} {:>10}",
@@ -822,5 +912,55 @@ async fn main() {
          memory/memory at concurrency 1, and max <= 10 × p50 in process at concurrency 64; \
          publish ev/s: events ÷ (first publish → last publish returned), how fast the \
          publishers went while the relay delivered; max µs: the slowest event's latency)"
+    );
+}
+
+/// Where the CPU went, per event: this process and the broker, end to end against plain
+/// append. Printed before the main table (whose parser reads the lines after its heading).
+fn print_cpu(rows: &[Row], rounds: usize) {
+    if rows.iter().all(|r| r.append_cpu.is_empty()) {
+        return;
+    }
+    println!(
+        "\nCPU per event, µs (this process + the broker's processes, from /proc), medians of {rounds} rounds"
+    );
+    println!(
+        "{:<20} {:>11} {:>11} {:>11} {:>11} {:>11} {:>10} {:>10}",
+        "combination",
+        "concurrency",
+        "e2e client",
+        "e2e broker",
+        "app client",
+        "app broker",
+        "e2e cores",
+        "cpu ratio"
+    );
+    for row in rows {
+        let e2e: Vec<(f64, f64)> = row.samples.iter().filter_map(|s| s.cpu).collect();
+        if e2e.is_empty() || row.append_cpu.is_empty() {
+            continue;
+        }
+        let client = median(e2e.iter().map(|c| c.0).collect());
+        let broker = median(e2e.iter().map(|c| c.1).collect());
+        let app_client = median(row.append_cpu.iter().map(|c| c.0).collect());
+        let app_broker = median(row.append_cpu.iter().map(|c| c.1).collect());
+        // Cores busy while end to end ran: CPU per event × events per second.
+        let rate = median(row.samples.iter().map(|s| s.rate).collect());
+        let cores = (client + broker) * rate / 1e6;
+        println!(
+            "{:<20} {:>11} {:>11.1} {:>11.1} {:>11.1} {:>11.1} {:>10.2} {:>10.2}",
+            row.combination.name(),
+            row.concurrency,
+            client,
+            broker,
+            app_client,
+            app_broker,
+            cores,
+            (app_client + app_broker) / (client + broker),
+        );
+    }
+    println!(
+        "(cpu ratio: a plain append's CPU ÷ an end-to-end event's; on a machine whose cores are \
+         all busy, the throughput ratio cannot be above it)"
     );
 }
