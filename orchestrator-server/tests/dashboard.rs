@@ -4,7 +4,7 @@
 //! (so a schema change that breaks the page fails here); a read-only server says so to the
 //! page.
 //!
-//! No browser runs here: `tests/browser.rs` drives the page itself in headless Chromium.
+//! No browser runs here: `tests/browser/` drives the page itself in headless Chromium.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod support;

@@ -1,4 +1,4 @@
-//! The browser the dashboard's test drives (`orchestrator-server/tests/browser.rs`):
+//! The browser the dashboard's test drives (`orchestrator-server/tests/browser/`):
 //! Debian's `chromium` and `chromium-driver`, installed with apt when missing.
 //!
 //! Not a row of [`SERVICES`](crate::services::SERVICES): nothing runs in the background.

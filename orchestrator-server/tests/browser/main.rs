@@ -1,8 +1,8 @@
 //! The dashboard in a real browser: Debian's Chromium, headless, driven through chromedriver
 //! against a live server on the in-memory store. It signs in with the token, watches events
 //! published through the orchestrator appear live, filters them, opens one and its trace,
-//! and reprocesses a dead letter by clicking, until the queue is empty and the handler has
-//! the event. The browser's console must hold no error at the end.
+//! reprocesses a dead letter by clicking, until the queue is empty and the handler has the
+//! event, and opens a compensated saga. The browser's console must hold no error at the end.
 //!
 //! Screenshots of each view go to `<target dir>/screenshots/dashboard-*.png` for a person to
 //! look at (a failed wait saves `dashboard-failed-*.png` there too).
@@ -12,288 +12,35 @@
 //! the paths in `ORCHESTRATOR_CHROMIUM` / `ORCHESTRATOR_CHROMEDRIVER`. Without them the test
 //! is skipped with a printed reason, except under `CI=true`, where it fails.
 //!
+//! `driver.rs` holds the browser side; this file, the story.
+//!
 //! The WebDriver client is fantoccini rather than thirtyfour: it talks plain HTTP to the
 //! loopback chromedriver through hyper, which the tests already build, with no TLS stack;
 //! thirtyfour brings reqwest and turns on serde_json's `preserve_order` for the whole
 //! workspace's test build.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[path = "../support/mod.rs"]
 mod support;
 
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+mod driver;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use fantoccini::wd::WebDriverCompatibleCommand;
-use fantoccini::{Client, ClientBuilder, Locator};
-use hyper_util::client::legacy::connect::HttpConnector;
+use driver::{Chromedriver, Page, WAIT, browser_programs};
+use fantoccini::Locator;
 use orchestrator::prelude::*;
 use serde_json::{Value, json};
 use support::{TOKEN, config, start};
 
-/// How long any one thing may take to show in the page.
-const WAIT: Duration = Duration::from_secs(30);
-/// The window, and so the screenshots.
-const WINDOW: (u32, u32) = (1440, 1000);
+/// A function of a CSS selector: whether every element it selects shows all its text (none
+/// cut by `overflow: hidden` and an ellipsis).
+const UNCUT: &str = "(css => Array.from(document.querySelectorAll(css)).every(e => e.scrollWidth <= e.clientWidth))";
 
-/// Whether we run under CI, where a missing browser fails the test instead of skipping it.
-fn in_ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| v.eq_ignore_ascii_case("true") || v == "1")
-}
-
-/// `$variable`, else `default`.
-fn program(variable: &str, default: &str) -> PathBuf {
-    std::env::var_os(variable)
-        .filter(|path| !path.is_empty())
-        .map_or_else(|| PathBuf::from(default), PathBuf::from)
-}
-
-/// Chromium and chromedriver, when both are installed. Outside CI a missing one skips the
-/// test with the reason printed; under CI it fails it.
-fn browser_programs() -> Option<(PathBuf, PathBuf)> {
-    let chromium = program("ORCHESTRATOR_CHROMIUM", "/usr/bin/chromium");
-    let chromedriver = program("ORCHESTRATOR_CHROMEDRIVER", "/usr/bin/chromedriver");
-    let missing: Vec<String> = [&chromium, &chromedriver]
-        .into_iter()
-        .filter(|path| !path.is_file())
-        .map(|path| path.display().to_string())
-        .collect();
-    if missing.is_empty() {
-        return Some((chromium, chromedriver));
-    }
-    let why = format!(
-        "{} not found: install Debian's chromium and chromium-driver (`cargo xtask services up \
-         chromium` does), or point ORCHESTRATOR_CHROMIUM / ORCHESTRATOR_CHROMEDRIVER at them",
-        missing.join(" and ")
-    );
-    assert!(!in_ci(), "the dashboard's browser test cannot run: {why}");
-    eprintln!("skipping the dashboard's browser test: {why}");
-    None
-}
-
-/// Where screenshots go: `<target dir>/screenshots`, the target dir found from this test's
-/// own executable (`<target dir>/debug/deps/browser-…`), so `CARGO_TARGET_DIR` and
-/// `build.target-dir` both count.
-fn screenshot_dir() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let target = exe
-        .ancestors()
-        .nth(3)
-        .map_or_else(|| PathBuf::from("target"), Path::to_path_buf);
-    let dir = target.join("screenshots");
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-/// A chromedriver of this test's own on a free loopback port, in a process group of its own
-/// (with the browsers it starts): killed, group and all, when dropped.
-struct Chromedriver {
-    child: Child,
-    port: u16,
-}
-
-impl Chromedriver {
-    /// Starts chromedriver and waits until it accepts connections; its output goes to
-    /// `log`.
-    fn start(program: &Path, log: &Path) -> Self {
-        // Free now; chromedriver binds it a moment later. Another process taking the port in
-        // between would fail the readiness wait below with chromedriver's own message.
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let output = std::fs::File::create(log).unwrap();
-        let mut command = Command::new(program);
-        command
-            .arg(format!("--port={port}"))
-            .stdin(Stdio::null())
-            .stdout(output.try_clone().unwrap())
-            .stderr(output);
-        std::os::unix::process::CommandExt::process_group(&mut command, 0);
-        let child = command
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {}: {e}", program.display()));
-        let mut driver = Self { child, port };
-        let started = Instant::now();
-        let addr = SocketAddr::from(([127, 0, 0, 1], port));
-        while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
-            if let Some(status) = driver.child.try_wait().unwrap() {
-                panic!(
-                    "chromedriver exited ({status}): {}",
-                    std::fs::read_to_string(log).unwrap_or_default()
-                );
-            }
-            assert!(
-                started.elapsed() < WAIT,
-                "chromedriver listens on {addr} within {WAIT:?}: {}",
-                std::fs::read_to_string(log).unwrap_or_default()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        driver
-    }
-
-    fn url(&self) -> String {
-        format!("http://127.0.0.1:{}/", self.port)
-    }
-}
-
-impl Drop for Chromedriver {
-    fn drop(&mut self) {
-        // The group is chromedriver's pid (`process_group(0)`): Chromium goes with it, even
-        // when a failed test never closed its session.
-        let group = format!("-{}", self.child.id());
-        let _ = Command::new("kill")
-            .args(["-KILL", "--", &group])
-            .stderr(Stdio::null())
-            .status();
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// chromedriver's console log of the page (`POST /session/{id}/se/log`): not in the W3C
-/// protocol, so not in fantoccini's API.
-#[derive(Debug)]
-struct BrowserLog;
-
-impl WebDriverCompatibleCommand for BrowserLog {
-    fn endpoint(
-        &self,
-        base_url: &url::Url,
-        session_id: Option<&str>,
-    ) -> Result<url::Url, url::ParseError> {
-        base_url.join(&format!(
-            "session/{}/se/log",
-            session_id.unwrap_or_default()
-        ))
-    }
-
-    fn method_and_body(&self, _: &url::Url) -> (hyper::Method, Option<String>) {
-        (
-            hyper::Method::POST,
-            Some(json!({"type": "browser"}).to_string()),
-        )
-    }
-}
-
-/// The browser, on the dashboard, with the helpers the story needs.
-struct Page {
-    client: Client,
-    base: String,
-    shots: PathBuf,
-    /// Console entries read so far (reading the log empties it).
-    console: Vec<Value>,
-}
-
-impl Page {
-    /// A headless Chromium with a fresh profile in `profile`, through `driver`.
-    async fn open(chromium: &Path, driver: &Chromedriver, profile: &Path, base: String) -> Self {
-        let capabilities = json!({
-            "browserName": "chrome",
-            "goog:chromeOptions": {
-                "binary": chromium,
-                "args": [
-                    "--headless=new",
-                    "--no-sandbox",
-                    "--disable-gpu",
-                    "--disable-dev-shm-usage",
-                    format!("--user-data-dir={}", profile.display()),
-                    format!("--window-size={},{}", WINDOW.0, WINDOW.1),
-                    "--force-device-scale-factor=1",
-                    "--no-first-run",
-                    "--lang=en-US",
-                ],
-            },
-            "goog:loggingPrefs": {"browser": "ALL"},
-        });
-        let serde_json::Value::Object(capabilities) = capabilities else {
-            unreachable!("a JSON object literal")
-        };
-        let client = ClientBuilder::new(HttpConnector::new())
-            .capabilities(capabilities)
-            .connect(&driver.url())
-            .await
-            .unwrap_or_else(|e| panic!("a Chromium session through chromedriver: {e}"));
-        Self {
-            client,
-            base,
-            shots: screenshot_dir(),
-            console: Vec::new(),
-        }
-    }
-
-    /// Polls `condition`, a JavaScript expression (its arguments in `args`, as `arguments[i]`),
-    /// until it is true. After [`WAIT`]: a screenshot, the console, and a panic saying `what`.
-    async fn wait(&mut self, what: &str, condition: &str, args: Vec<Value>) {
-        let script = format!("return Boolean({condition});");
-        let started = Instant::now();
-        loop {
-            let value = self
-                .client
-                .execute(&script, args.clone())
-                .await
-                .unwrap_or_else(|e| panic!("{what}: running `{condition}`: {e}"));
-            if value == Value::Bool(true) {
-                return;
-            }
-            if started.elapsed() > WAIT {
-                let name = format!(
-                    "failed-{}",
-                    what.replace(|c: char| !c.is_ascii_alphanumeric(), "-")
-                );
-                self.screenshot(&name).await;
-                let console = self.read_console().await;
-                panic!(
-                    "waited {WAIT:?} for {what} (`{condition}`); screenshot \
-                     dashboard-{name}.png in {}; the console: {console:#?}",
-                    self.shots.display()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    /// The value of a JavaScript expression.
-    async fn eval(&self, expression: &str, args: Vec<Value>) -> Value {
-        self.client
-            .execute(&format!("return ({expression});"), args)
-            .await
-            .unwrap_or_else(|e| panic!("`{expression}`: {e}"))
-    }
-
-    /// Clicks the element `css` selects.
-    async fn click(&self, css: &str) {
-        self.client
-            .find(Locator::Css(css))
-            .await
-            .unwrap_or_else(|e| panic!("an element `{css}`: {e}"))
-            .click()
-            .await
-            .unwrap_or_else(|e| panic!("a click on `{css}`: {e}"));
-    }
-
-    /// Saves the window as `dashboard-{name}.png`.
-    async fn screenshot(&self, name: &str) {
-        let png = self.client.screenshot().await.unwrap();
-        let path = self.shots.join(format!("dashboard-{name}.png"));
-        std::fs::write(&path, png).unwrap();
-        eprintln!("screenshot: {}", path.display());
-    }
-
-    /// Every console entry so far.
-    async fn read_console(&mut self) -> Vec<Value> {
-        match self.client.issue_cmd(BrowserLog).await {
-            Ok(Value::Array(entries)) => self.console.extend(entries),
-            other => panic!("the browser's console log: {other:?}"),
-        }
-        self.console.clone()
-    }
-}
+/// The type of each row of the live table, top (newest) first.
+const LIVE_TYPES: &str = "Array.from(document.querySelectorAll('#live-rows tr td:nth-child(3)')).map(td => td.textContent)";
 
 async fn reserve_stock(_context: Value) -> Result<Value, HandlerError> {
     Ok(json!({"reservation": "R-7"}))
@@ -306,13 +53,6 @@ async fn release_stock(_context: Value) -> Result<(), HandlerError> {
 async fn charge_card(_context: Value) -> Result<Value, HandlerError> {
     Err(HandlerError::permanent("card declined"))
 }
-
-/// A function of a CSS selector: whether every element it selects shows all its text (none
-/// cut by `overflow: hidden` and an ellipsis).
-const UNCUT: &str = "(css => Array.from(document.querySelectorAll(css)).every(e => e.scrollWidth <= e.clientWidth))";
-
-/// The type of each row of the live table, top (newest) first.
-const LIVE_TYPES: &str = "Array.from(document.querySelectorAll('#live-rows tr td:nth-child(3)')).map(td => td.textContent)";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_dashboard_works_in_a_real_browser() {
@@ -341,7 +81,50 @@ async fn the_dashboard_works_in_a_real_browser() {
     )
     .await;
 
-    // The server needs a token: the page asks for it.
+    sign_in(&mut page).await;
+    let (placed, correlation) = live_events(&orchestrator, &mut page).await;
+    event_and_trace(&mut page, &placed, correlation).await;
+    dead_letter_reprocessed_by_a_click(&orchestrator, &mut page).await;
+    compensated_saga(&orchestrator, &mut page).await;
+
+    // Back to the live view, for the picture of the whole.
+    page.click("nav.tabs a[data-view=live]").await;
+    page.wait(
+        "the live view",
+        &format!("!document.getElementById('view-live').hidden && {LIVE_TYPES}.includes('invoice.requested')"),
+        vec![],
+    )
+    .await;
+    page.screenshot("overview").await;
+
+    // Nothing went wrong in the page. The one expected error: the first request, sent
+    // before the token was given, was refused (401) — which also shows the log is read.
+    let console = page.read_console().await;
+    let refused = |entry: &Value| {
+        entry["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("/graphql") && m.contains("401"))
+    };
+    assert!(
+        console.iter().any(refused),
+        "the refused first request in the console: {console:#?}"
+    );
+    let errors: Vec<Value> = console
+        .into_iter()
+        .filter(|entry| entry["level"] == "SEVERE")
+        .filter(|entry| !refused(entry))
+        .collect();
+    assert!(
+        errors.is_empty(),
+        "errors in the browser's console: {errors:#?}"
+    );
+
+    page.client.close().await.unwrap();
+    drop(driver);
+}
+
+/// The server needs a token: the page asks for it, and shows the stream once it has it.
+async fn sign_in(page: &mut Page) {
     page.client.goto(&page.base).await.unwrap();
     assert_eq!(
         page.client.title().await.unwrap(),
@@ -380,7 +163,15 @@ async fn the_dashboard_works_in_a_real_browser() {
         vec![],
     )
     .await;
+}
 
+/// A request published while the page is open appears live, newest on top; more events fill
+/// the key numbers and the chart; a type pattern filters the stream. Returns the request's
+/// first event and its correlation id.
+async fn live_events(
+    orchestrator: &EventOrchestrator,
+    page: &mut Page,
+) -> (EventEnvelope, &'static str) {
     // A request published while the page is open: an order placed, paid because of it,
     // shipped because of the payment. They appear live, newest on top.
     let correlation = "checkout-7f3a";
@@ -455,8 +246,12 @@ async fn the_dashboard_works_in_a_real_browser() {
     )
     .await;
 
-    // One event: its detail in the drawer, then its trace. A click on its type: its
-    // correlation cell is a link of its own, to the trace.
+    (placed, correlation)
+}
+
+/// One event: its detail in the drawer, then its trace, each event under its cause.
+async fn event_and_trace(page: &mut Page, placed: &EventEnvelope, correlation: &str) {
+    // A click on its type: its correlation cell is a link of its own, to the trace.
     page.client
         .find(Locator::XPath(&format!(
             "//tbody[@id='live-rows']/tr[td[5]/a/@title='{correlation}'][td[3]='order.placed']/td[3]"
@@ -525,8 +320,11 @@ async fn the_dashboard_works_in_a_real_browser() {
     )
     .await;
     page.screenshot("trace").await;
+}
 
-    // A handler that fails for good: the event is dead-lettered, and the page says so.
+/// A handler that fails for good dead-letters an event; the page shows it, and a click on
+/// Reprocess, once the handler is healthy, delivers it and empties the queue.
+async fn dead_letter_reprocessed_by_a_click(orchestrator: &EventOrchestrator, page: &mut Page) {
     let healthy = Arc::new(AtomicBool::new(false));
     let (handled, mut handled_rx) = tokio::sync::mpsc::unbounded_channel();
     let _billing = orchestrator
@@ -614,8 +412,10 @@ async fn the_dashboard_works_in_a_real_browser() {
     )
     .await;
     page.screenshot("dead-letters-empty").await;
+}
 
-    // A checkout saga whose payment is declined: compensated. Its steps and timeline.
+/// A checkout saga whose payment is declined is compensated: its steps and timeline.
+async fn compensated_saga(orchestrator: &EventOrchestrator, page: &mut Page) {
     orchestrator
         .define_saga(
             "checkout",
@@ -655,39 +455,4 @@ async fn the_dashboard_works_in_a_real_browser() {
     )
     .await;
     page.screenshot("saga").await;
-
-    // Back to the live view, for the picture of the whole.
-    page.click("nav.tabs a[data-view=live]").await;
-    page.wait(
-        "the live view",
-        &format!("!document.getElementById('view-live').hidden && {LIVE_TYPES}.includes('invoice.requested')"),
-        vec![],
-    )
-    .await;
-    page.screenshot("overview").await;
-
-    // Nothing went wrong in the page. The one expected error: the first request, sent
-    // before the token was given, was refused (401) — which also shows the log is read.
-    let console = page.read_console().await;
-    let refused = |entry: &Value| {
-        entry["message"]
-            .as_str()
-            .is_some_and(|m| m.contains("/graphql") && m.contains("401"))
-    };
-    assert!(
-        console.iter().any(refused),
-        "the refused first request in the console: {console:#?}"
-    );
-    let errors: Vec<Value> = console
-        .into_iter()
-        .filter(|entry| entry["level"] == "SEVERE")
-        .filter(|entry| !refused(entry))
-        .collect();
-    assert!(
-        errors.is_empty(),
-        "errors in the browser's console: {errors:#?}"
-    );
-
-    page.client.close().await.unwrap();
-    drop(driver);
 }
