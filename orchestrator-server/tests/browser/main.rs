@@ -25,15 +25,14 @@ mod support;
 
 mod driver;
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use driver::{Chromedriver, Page, WAIT, browser_programs};
 use fantoccini::Locator;
 use orchestrator::prelude::*;
 use serde_json::{Value, json};
-use support::{TOKEN, config, start};
+use support::{Billing, TOKEN, config, start};
 
 /// A function of a CSS selector: whether every element it selects shows all its text (none
 /// cut by `overflow: hidden` and an ellipsis).
@@ -41,18 +40,6 @@ const UNCUT: &str = "(css => Array.from(document.querySelectorAll(css)).every(e 
 
 /// The type of each row of the live table, top (newest) first.
 const LIVE_TYPES: &str = "Array.from(document.querySelectorAll('#live-rows tr td:nth-child(3)')).map(td => td.textContent)";
-
-async fn reserve_stock(_context: Value) -> Result<Value, HandlerError> {
-    Ok(json!({"reservation": "R-7"}))
-}
-
-async fn release_stock(_context: Value) -> Result<(), HandlerError> {
-    Ok(())
-}
-
-async fn charge_card(_context: Value) -> Result<Value, HandlerError> {
-    Err(HandlerError::permanent("card declined"))
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_dashboard_works_in_a_real_browser() {
@@ -325,30 +312,12 @@ async fn event_and_trace(page: &mut Page, placed: &EventEnvelope, correlation: &
 /// A handler that fails for good dead-letters an event; the page shows it, and a click on
 /// Reprocess, once the handler is healthy, delivers it and empties the queue.
 async fn dead_letter_reprocessed_by_a_click(orchestrator: &EventOrchestrator, page: &mut Page) {
-    let healthy = Arc::new(AtomicBool::new(false));
-    let (handled, mut handled_rx) = tokio::sync::mpsc::unbounded_channel();
-    let _billing = orchestrator
-        .subscribe_with(
-            SubscriptionConfig::new("invoice.requested").named("billing"),
-            {
-                let healthy = Arc::clone(&healthy);
-                move |event: EventEnvelope| {
-                    let healthy = Arc::clone(&healthy);
-                    let handled = handled.clone();
-                    async move {
-                        if !healthy.load(Ordering::SeqCst) {
-                            return Err(HandlerError::permanent(
-                                "the billing service answered 503 Service Unavailable",
-                            ));
-                        }
-                        handled.send(event.id().clone()).ok();
-                        Ok(())
-                    }
-                }
-            },
-        )
-        .await
-        .unwrap();
+    let mut billing = Billing::subscribe(
+        orchestrator,
+        SubscriptionConfig::new("invoice.requested").named("billing"),
+        "the billing service answered 503 Service Unavailable",
+    )
+    .await;
     let invoice = orchestrator
         .publish_event("invoice.requested", json!({"order": 7}))
         .await
@@ -386,7 +355,7 @@ async fn dead_letter_reprocessed_by_a_click(orchestrator: &EventOrchestrator, pa
     page.screenshot("dead-letters").await;
 
     // The billing service is back: reprocess by clicking.
-    healthy.store(true, Ordering::SeqCst);
+    billing.healthy.store(true, Ordering::SeqCst);
     page.click("#dlq-rows tr button.primary").await;
     page.wait(
         "the queue to empty",
@@ -395,7 +364,7 @@ async fn dead_letter_reprocessed_by_a_click(orchestrator: &EventOrchestrator, pa
         vec![],
     )
     .await;
-    let delivered = tokio::time::timeout(WAIT, handled_rx.recv())
+    let delivered = tokio::time::timeout(WAIT, billing.handled.recv())
         .await
         .expect("the reprocessed event reaches the handler")
         .unwrap();
@@ -420,8 +389,9 @@ async fn compensated_saga(orchestrator: &EventOrchestrator, page: &mut Page) {
         .define_saga(
             "checkout",
             vec![
-                SagaStep::new("reserve_stock", reserve_stock).with_compensation(release_stock),
-                SagaStep::new("charge_card", charge_card),
+                SagaStep::new("reserve_stock", support::reserve)
+                    .with_compensation(support::release),
+                SagaStep::new("charge_card", support::charge),
             ],
         )
         .unwrap();
