@@ -4,7 +4,7 @@
 //! (so a schema change that breaks the page fails here); a read-only server says so to the
 //! page.
 //!
-//! No browser runs here: the page's behaviour (rendering, clicks) is not exercised.
+//! No browser runs here: `tests/browser/` drives the page itself in headless Chromium.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod support;
@@ -22,7 +22,9 @@ use hyper_util::rt::TokioIo;
 use orchestrator::prelude::*;
 use orchestrator::store::projection::Checkpoints;
 use serde_json::{Value, json};
-use support::{TOKEN, config, error_code, graphql, request, start, wait_until};
+use support::{
+    TOKEN, charge, config, error_code, graphql, release, request, reserve, start, wait_until,
+};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
 
 /// The one `http://` string the assets may hold: the SVG namespace, a name that is never
@@ -228,19 +230,6 @@ fn operations(js: &str) -> BTreeMap<String, String> {
         rest = &body[end + 1..];
     }
     operations
-}
-
-/// Saga steps for the data.
-async fn reserve(_context: Value) -> Result<Value, HandlerError> {
-    Ok(json!({"reservation": "R-7"}))
-}
-
-async fn release(_context: Value) -> Result<(), HandlerError> {
-    Ok(())
-}
-
-async fn charge(_context: Value) -> Result<Value, HandlerError> {
-    Err(HandlerError::permanent("card declined"))
 }
 
 /// The `data` of a query that must run without errors.

@@ -73,8 +73,10 @@ fn parse_version(text: &str) -> Option<String> {
     words.next().map(str::to_owned)
 }
 
-/// `cargo deny --all-features check bans licenses sources` in `root`, run through cargo so
-/// that cargo-deny finds the same toolchain.
+/// `cargo deny --workspace --all-features check bans licenses sources` in `root`, run
+/// through cargo so that cargo-deny finds the same toolchain. `--workspace`: the root
+/// manifest is a package too, and without it cargo-deny checks only that package's graph
+/// (not orchestrator-server's, orchestrator-faults' or xtask's).
 pub(crate) fn check_command(root: &Path, binary: &Path) -> Command {
     let mut cmd = cargo(root);
     let bin_dir = binary.parent().map(Path::to_path_buf).unwrap_or_default();
@@ -85,7 +87,8 @@ pub(crate) fn check_command(root: &Path, binary: &Path) -> Command {
     if let Ok(joined) = std::env::join_paths(dirs) {
         cmd.env("PATH", joined);
     }
-    cmd.args(["deny", "--all-features", "check"]).args(CHECKS);
+    cmd.args(["deny", "--workspace", "--all-features", "check"])
+        .args(CHECKS);
     cmd
 }
 
@@ -114,6 +117,7 @@ mod tests {
             args,
             [
                 "deny",
+                "--workspace",
                 "--all-features",
                 "check",
                 "bans",

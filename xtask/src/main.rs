@@ -4,6 +4,7 @@
 //! fresh clone, and one function per subcommand. See `cargo xtask help`.
 
 mod bench;
+mod browser;
 mod deny;
 mod endpoint;
 mod faults;
@@ -44,7 +45,8 @@ Commands:
         each against a fresh broker, and reports every run; --load keeps THREADS
         threads (default: one per core) spinning meanwhile. To prove the Kafka
         suites: `cargo xtask test-all --filter kafka --repeat 20 --load`.
-        Missing services skip backend tests, except with CI=true where they fail.
+        Missing services skip backend tests (and a missing Chromium the browser
+        test), except with CI=true where they fail.
   services up|status|down [<service>...]
         Start (if needed) and wait for, report on, or stop the brokers backend
         tests use: redis (ORCHESTRATOR_REDIS_URL, default redis://127.0.0.1:6379),
@@ -53,7 +55,9 @@ Commands:
         postgres://postgres@127.0.0.1:5432/test: the machine's cluster on that port,
         started with pg_ctlcluster when down) and kafka (ORCHESTRATOR_KAFKA_BROKERS, default 127.0.0.1:9092: the tansu
         Kafka-protocol broker, installed into ~/.cache/orchestrator/tools when
-        missing; sqlite storage, emptied at each start). Each line says where the
+        missing; sqlite storage, emptied at each start), and chromium (Debian's
+        chromium and chromium-driver, installed with apt-get when missing, for the
+        dashboard's browser test; nothing to start or stop). Each line says where the
         service keeps its data. `status` exits 1 unless all are up.
         `down` is for use by hand: other sessions and CI rely on these services.
   bench [--quick] [--out <file>] [<bench>...]

@@ -2,7 +2,8 @@
 //!
 //! Every service is a row of [`SERVICES`]: where its address comes from, how to
 //! tell it is ready (its real protocol, not just an open port), how to start and
-//! stop it. A new backend adds a row.
+//! stop it. A new backend adds a row. The browser the dashboard's test drives is not a
+//! row (nothing runs in the background): `up` installs it, see [`browser`].
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
@@ -13,7 +14,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use crate::endpoint::{Endpoint, parse_url};
-use crate::{Result, describe, tansu};
+use crate::{Result, browser, describe, tansu};
 
 /// How long to wait for a TCP connection to a service.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
@@ -707,29 +708,41 @@ fn log_tail(path: &Path) -> String {
     tail.iter().map(|line| format!("\n    | {line}")).collect()
 }
 
-/// The services named in `names`, or all of them when `names` is empty.
-fn select(names: &[String]) -> Result<Vec<&'static Service>> {
+/// The services named in `names`, or all of them when `names` is empty, and whether the
+/// browser ([`browser::NAME`]) is among them (it is when `names` is empty).
+fn select(names: &[String]) -> Result<(Vec<&'static Service>, bool)> {
     if names.is_empty() {
-        return Ok(SERVICES.iter().collect());
+        return Ok((SERVICES.iter().collect(), true));
     }
-    names
+    let browser = names.iter().any(|name| name == browser::NAME);
+    let services = names
         .iter()
+        .filter(|name| *name != browser::NAME)
         .map(|name| {
             SERVICES.iter().find(|s| s.name == name).ok_or_else(|| {
-                let known: Vec<&str> = SERVICES.iter().map(|s| s.name).collect();
+                let known: Vec<&str> = SERVICES
+                    .iter()
+                    .map(|s| s.name)
+                    .chain([browser::NAME])
+                    .collect();
                 format!("unknown service `{name}`; known: {}", known.join(", "))
             })
         })
-        .collect()
+        .collect::<Result<_>>()?;
+    Ok((services, browser))
 }
 
 /// `services up`: every selected service answers afterwards, or an error lists those
 /// that do not. Tries them all before failing.
 pub(crate) fn up(names: &[String]) -> Result<()> {
-    let failures: Vec<String> = select(names)?
+    let (services, browser) = select(names)?;
+    let mut failures: Vec<String> = services
         .into_iter()
         .filter_map(|service| service.up().err())
         .collect();
+    if browser && let Err(why) = browser::up() {
+        failures.push(why);
+    }
     if failures.is_empty() {
         Ok(())
     } else {
@@ -740,7 +753,8 @@ pub(crate) fn up(names: &[String]) -> Result<()> {
 /// `services status`: prints each service's address and state; success only if all are up.
 pub(crate) fn status(names: &[String]) -> Result<ExitCode> {
     let mut all_up = true;
-    for service in select(names)? {
+    let (services, browser) = select(names)?;
+    for service in services {
         let endpoint = service.resolve()?;
         let (state, detail) = match (service.probe)(&endpoint) {
             Health::Ready(how) => ("up", how),
@@ -751,6 +765,20 @@ pub(crate) fn status(names: &[String]) -> Result<ExitCode> {
         };
         let address = endpoint.to_string();
         println!("{:<10} {address:<22} {state:<5} ({detail})", service.name);
+    }
+    if browser {
+        let (state, detail) = match browser::status() {
+            Ok(versions) => ("up", versions),
+            Err(why) => {
+                all_up = false;
+                ("down", why)
+            }
+        };
+        println!(
+            "{:<10} {:<22} {state:<5} ({detail})",
+            browser::NAME,
+            "/usr/bin"
+        );
     }
     Ok(if all_up {
         ExitCode::SUCCESS
@@ -765,7 +793,9 @@ pub(crate) fn down(names: &[String]) -> Result<()> {
         "warning: other sessions and CI run against these services; stop them only if you \
          know nobody needs them (`cargo xtask services up` brings them back)"
     );
-    let failures: Vec<String> = select(names)?
+    // The browser runs only while the test drives it: there is nothing to stop.
+    let (services, _) = select(names)?;
+    let failures: Vec<String> = services
         .into_iter()
         .filter_map(|service| service.down().err())
         .collect();
@@ -949,6 +979,27 @@ mod tests {
         assert_eq!(
             health,
             super::Health::Ready("ApiVersions: 1 APIs, 1 broker(s)".to_owned())
+        );
+    }
+
+    #[test]
+    fn the_browser_is_selected_by_name_or_with_everything() {
+        let names = |list: &[&str]| list.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+        let picked = |list: &[&str]| {
+            super::select(&names(list))
+                .map(|(services, browser)| (services.iter().map(|s| s.name).collect(), browser))
+        };
+        let all: Vec<&str> = SERVICES.iter().map(|s| s.name).collect();
+        assert_eq!(picked(&[]), Ok((all, true)));
+        assert_eq!(picked(&["chromium"]), Ok((vec![], true)));
+        assert_eq!(picked(&["redis", "chromium"]), Ok((vec!["redis"], true)));
+        assert_eq!(picked(&["redis"]), Ok((vec!["redis"], false)));
+        let unknown = picked(&["chrome"]);
+        assert!(
+            unknown.as_ref().is_err_and(
+                |why| why.contains("unknown service `chrome`") && why.contains("chromium")
+            ),
+            "{unknown:?}"
         );
     }
 

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crate::{Result, cargo, deny, describe, faults, metadata, services, tansu};
+use crate::{Result, browser, cargo, deny, describe, faults, metadata, services, tansu};
 
 /// Command-line options of `test-all`.
 #[derive(Debug, PartialEq, Eq)]
@@ -155,7 +155,8 @@ impl Run<'_> {
 
     /// `services up` for the services this machine runs (Redis, RabbitMQ, PostgreSQL, and Kafka only
     /// when `ORCHESTRATOR_KAFKA_BROKERS` names one: otherwise each test run gets a broker of
-    /// its own). Fatal under CI, otherwise a warning that backend tests will skip.
+    /// its own) and for Chromium, which the dashboard's browser test drives. Fatal under CI,
+    /// otherwise a warning that backend tests (and the browser test) will skip.
     fn services(&mut self) -> Result<()> {
         let name = "services up";
         eprintln!("\n==> {name}");
@@ -164,12 +165,14 @@ impl Run<'_> {
             .iter()
             .filter(|s| s.name != "kafka" || kafka_from_env().is_some())
             .map(|s| s.name.to_owned())
+            .chain([browser::NAME.to_owned()])
             .collect();
         match services::up(&names) {
             Err(why) if !in_ci() => {
                 eprintln!(
-                    "warning: {why}\nwarning: tests of backends whose service is down will be \
-                     skipped (with CI=true this is an error)"
+                    "warning: {why}\nwarning: tests of backends whose service is down, and the \
+                     browser test without Chromium, will be skipped (with CI=true this is an \
+                     error)"
                 );
                 self.steps
                     .push((name.to_owned(), Outcome::Warned, started.elapsed()));

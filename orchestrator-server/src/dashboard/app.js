@@ -87,6 +87,15 @@
     return Number.isNaN(d.getTime()) ? String(iso) : d.toLocaleString();
   }
 
+  /** The time of day, with the date in front when it is not today. */
+  function fmtWhen(iso) {
+    const d = new Date(iso);
+    if (!iso || Number.isNaN(d.getTime())) return String(iso || "");
+    const time = fmtTime(iso).slice(0, 8);
+    if (d.toDateString() === new Date().toDateString()) return time;
+    return d.toLocaleDateString(undefined, { month: "short", day: "numeric" }) + " " + time;
+  }
+
   function fmtMs(ms) {
     if (ms === null || ms === undefined) return "";
     if (ms < 1) return ms.toFixed(2) + " ms";
@@ -345,6 +354,16 @@
     return data;
   }
 
+  let overviewSoon = null;
+  /** One refresh of the overview shortly, however many events ask for it meanwhile. */
+  function refreshOverviewSoon() {
+    if (overviewSoon) return;
+    overviewSoon = setTimeout(() => {
+      overviewSoon = null;
+      refreshOverview().catch(() => {});
+    }, 250);
+  }
+
   function badge(label, value, tone) {
     return h("span", { class: "badge " + tone }, h("span", { class: "label" }, label), value);
   }
@@ -406,7 +425,12 @@
       }),
       (data) => {
         const event = data.events;
-        if (event.globalPosition !== null && event.globalPosition !== undefined) state.lastPosition = event.globalPosition;
+        if (event.globalPosition !== null && event.globalPosition !== undefined) {
+          state.lastPosition = event.globalPosition;
+          // The store moved past the key numbers: refresh them now rather than at the next
+          // poll, so the head never lags the table below it.
+          if (event.globalPosition > state.head) refreshOverviewSoon();
+        }
         countEvent(event);
         incoming.push(event);
         // Frames do not run in a background tab: keep only what the table could show.
@@ -679,11 +703,12 @@
       const from = record.offsetMs - record.sincePreviousMs;
       const kind = /compensat/.test(record.type) ? "k-comp" : /fail|timed|retry/.test(record.type) ? "k-fail" : /complet|finish/.test(record.type) ? "k-ok" : "k-info";
       timeline.append(h("div", { class: "wf-row " + kind },
-        h("div", { class: "wf-label" }, h("span", { class: "mono" }, record.type), record.step ? h("span", { class: "chip" }, record.step) : null),
+        h("div", { class: "wf-label", title: record.type + (record.step ? " · " + record.step : "") },
+          h("span", { class: "mono" }, record.type.replace(/^saga\./, "")), record.step ? h("span", { class: "chip" }, record.step) : null),
         h("div", { class: "wf-track" },
           record.sincePreviousMs > 0 ? h("div", { class: "wf-bar", style: { left: pct(from).toFixed(3) + "%", width: (pct(record.offsetMs) - pct(from)).toFixed(3) + "%" } }) : null,
           h("div", { class: "wf-dot", style: { left: pct(record.offsetMs).toFixed(3) + "%" } }),
-          h("span", { class: "wf-time" }, "+" + fmtMs(record.offsetMs) + " · " + fmtTime(record.time)))));
+          h("span", { class: "wf-time", title: fmtTime(record.time) }, "+" + fmtMs(record.offsetMs)))));
     }
     const failures = [saga.failure, ...saga.compensationFailures].filter(Boolean);
     out.append(
@@ -710,7 +735,7 @@
     $("dlq-empty").hidden = letters.length > 0;
     for (const letter of letters.slice().reverse()) {
       body.append(h("tr", { class: "clickable" + (letter.id === currentLetter ? " selected" : ""), onclick: () => { location.hash = route("dlq", letter.id); } },
-        h("td", { class: "time", title: letter.lastFailureAt }, fmtDateTime(letter.lastFailureAt)),
+        h("td", { class: "time", title: fmtDateTime(letter.lastFailureAt) }, fmtWhen(letter.lastFailureAt)),
         h("td", {}, h("span", { class: "type " + typeClass(letter.event.type) }, letter.event.type)),
         h("td", { class: "mono" }, letter.subscription),
         h("td", { class: "num" }, letter.attempts),

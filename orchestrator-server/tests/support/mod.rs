@@ -370,15 +370,18 @@ pub(crate) async fn api_story(orchestrator: EventOrchestrator, tag: &str) {
     assert_eq!(status, StatusCode::UNAUTHORIZED, "/metrics needs the token");
 }
 
-async fn reserve(_context: Value) -> Result<Value, HandlerError> {
+/// A saga step that reserves: `{"reservation": "R-1"}`.
+pub(crate) async fn reserve(_context: Value) -> Result<Value, HandlerError> {
     Ok(json!({"reservation": "R-1"}))
 }
 
-async fn release(_context: Value) -> Result<(), HandlerError> {
+/// The compensation of [`reserve`].
+pub(crate) async fn release(_context: Value) -> Result<(), HandlerError> {
     Ok(())
 }
 
-async fn charge(_context: Value) -> Result<Value, HandlerError> {
+/// A saga step that always fails for good: "card declined".
+pub(crate) async fn charge(_context: Value) -> Result<Value, HandlerError> {
     Err(HandlerError::permanent("card declined"))
 }
 
@@ -452,32 +455,61 @@ async fn saga_story(orchestrator: &EventOrchestrator, addr: SocketAddr, tag: &st
     assert_eq!(trace["trace"]["sagaIds"], json!([id]), "{trace}");
 }
 
-/// A handler fails an event for good; the API lists the dead letter, a mutation
-/// reprocesses it, the handler (now healthy) gets it, and the queue is empty again.
-async fn dead_letter_story(orchestrator: &EventOrchestrator, addr: SocketAddr, tag: &str) {
-    let failed = format!("{tag}.payment.failed");
-    let healthy = Arc::new(AtomicBool::new(false));
-    let (handled, mut handled_rx) = tokio::sync::mpsc::unbounded_channel();
-    let _subscription = orchestrator
-        .subscribe_with(
-            SubscriptionConfig::new(&failed).named(format!("{tag}-billing")),
-            {
+/// A handler that fails every event for good (so it is dead-lettered) until `healthy` is
+/// set, then hands each event's id to `handled`.
+pub(crate) struct Billing {
+    /// Set it, and the handler succeeds from then on.
+    pub(crate) healthy: Arc<AtomicBool>,
+    /// The id of each event handled successfully.
+    pub(crate) handled: tokio::sync::mpsc::UnboundedReceiver<EventId>,
+    /// The subscription, alive as long as this is.
+    pub(crate) subscription: Subscription,
+}
+
+impl Billing {
+    /// Subscribes the handler with `config`; until healthy it fails with `reason`.
+    pub(crate) async fn subscribe(
+        orchestrator: &EventOrchestrator,
+        config: SubscriptionConfig,
+        reason: &'static str,
+    ) -> Self {
+        let healthy = Arc::new(AtomicBool::new(false));
+        let (handled, handled_rx) = tokio::sync::mpsc::unbounded_channel();
+        let subscription = orchestrator
+            .subscribe_with(config, {
                 let healthy = Arc::clone(&healthy);
                 move |event: EventEnvelope| {
                     let healthy = Arc::clone(&healthy);
                     let handled = handled.clone();
                     async move {
                         if !healthy.load(Ordering::SeqCst) {
-                            return Err(HandlerError::permanent("the billing service is down"));
+                            return Err(HandlerError::permanent(reason));
                         }
                         handled.send(event.id().clone()).ok();
                         Ok(())
                     }
                 }
-            },
-        )
-        .await
-        .unwrap();
+            })
+            .await
+            .unwrap();
+        Self {
+            healthy,
+            handled: handled_rx,
+            subscription,
+        }
+    }
+}
+
+/// A handler fails an event for good; the API lists the dead letter, a mutation
+/// reprocesses it, the handler (now healthy) gets it, and the queue is empty again.
+async fn dead_letter_story(orchestrator: &EventOrchestrator, addr: SocketAddr, tag: &str) {
+    let failed = format!("{tag}.payment.failed");
+    let mut billing = Billing::subscribe(
+        orchestrator,
+        SubscriptionConfig::new(&failed).named(format!("{tag}-billing")),
+        "the billing service is down",
+    )
+    .await;
     let id = orchestrator
         .publish_event(&failed, json!({"payment": "P-1"}))
         .await
@@ -512,7 +544,7 @@ async fn dead_letter_story(orchestrator: &EventOrchestrator, addr: SocketAddr, t
     .await;
     assert_eq!(inspected["deadLetter"]["id"], letter_id.as_str());
 
-    healthy.store(true, Ordering::SeqCst);
+    billing.healthy.store(true, Ordering::SeqCst);
     let reprocessed = query(
         addr,
         "mutation($id: String!) { reprocessDeadLetter(id: $id) { id event { id } } }",
@@ -523,7 +555,7 @@ async fn dead_letter_story(orchestrator: &EventOrchestrator, addr: SocketAddr, t
         reprocessed["reprocessDeadLetter"]["event"]["id"],
         id.as_str()
     );
-    let got = tokio::time::timeout(Duration::from_secs(30), handled_rx.recv())
+    let got = tokio::time::timeout(Duration::from_secs(30), billing.handled.recv())
         .await
         .expect("the reprocessed event reaches the handler within 30 s")
         .unwrap();
