@@ -617,3 +617,150 @@ async fn unnamed_subscriptions_are_named_after_the_application() {
     let (unnamed, _) = collect(&anonymous, "order.#").await;
     assert!(unnamed.name().starts_with("sub-"), "{}", unnamed.name());
 }
+
+/// A transport the relay takes for a broker (it does not say it is the in-process one)
+/// that records the size of every publish call, and hands them to an in-process transport.
+struct Recording {
+    inner: orchestrator::bus::InProcessTransport,
+    calls: Mutex<Vec<usize>>,
+}
+
+#[async_trait::async_trait]
+impl Transport for Recording {
+    fn name(&self) -> &'static str {
+        "recording"
+    }
+
+    async fn publish(&self, topic: &str, event: EventEnvelope) -> orchestrator::core::Result<()> {
+        self.calls.lock().unwrap().push(1);
+        self.inner.publish(topic, event).await
+    }
+
+    async fn publish_batch(
+        &self,
+        topic: &str,
+        events: Vec<EventEnvelope>,
+    ) -> orchestrator::core::Result<()> {
+        self.calls.lock().unwrap().push(events.len());
+        self.inner.publish_batch(topic, events).await
+    }
+
+    async fn subscribe(
+        &self,
+        options: orchestrator::core::SubscribeOptions,
+    ) -> orchestrator::core::Result<Box<dyn orchestrator::core::DeliveryStream>> {
+        self.inner.subscribe(options).await
+    }
+
+    async fn redeliver(
+        &self,
+        group: &str,
+        topic: &str,
+        event: EventEnvelope,
+    ) -> orchestrator::core::Result<()> {
+        self.inner.redeliver(group, topic, event).await
+    }
+
+    fn dead_letter_queue(&self) -> Arc<dyn orchestrator::core::DeadLetterQueue> {
+        self.inner.dead_letter_queue()
+    }
+}
+
+impl Recording {
+    fn new() -> Arc<Self> {
+        Arc::new(Self {
+            inner: orchestrator::bus::InProcessTransport::new(),
+            calls: Mutex::new(Vec::new()),
+        })
+    }
+
+    fn calls(&self) -> Vec<usize> {
+        self.calls.lock().unwrap().clone()
+    }
+}
+
+/// An orchestrator relaying to `transport` with `options`, and a subscription to `order.#`.
+async fn recorded(
+    transport: &Arc<Recording>,
+    options: RelayOptions,
+) -> (
+    EventOrchestrator,
+    Subscription,
+    mpsc::UnboundedReceiver<EventEnvelope>,
+) {
+    let orchestrator = EventOrchestrator::builder()
+        .transport(transport.clone() as Arc<dyn Transport>)
+        .relay(options)
+        .build()
+        .await
+        .unwrap();
+    let (subscription, rx) = collect(&orchestrator, "order.#").await;
+    (orchestrator, subscription, rx)
+}
+
+/// Publishes 200 events one at a time, a millisecond apart (the relay runs in between),
+/// and returns the sizes of the relay's publish calls once all are delivered in order.
+async fn paced_stream(linger: Duration) -> Vec<usize> {
+    let transport = Recording::new();
+    let (orchestrator, _subscription, mut rx) =
+        recorded(&transport, RelayOptions::default().linger(linger).batch(50)).await;
+    for i in 1..=200u64 {
+        orchestrator
+            .publish_event("order.placed", json!({ "n": i }))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let got = take(&mut rx, 200).await;
+    assert_eq!(
+        got.iter().map(n).collect::<Vec<_>>(),
+        (1..=200).collect::<Vec<_>>(),
+        "delivered in publish order"
+    );
+    let calls = transport.calls();
+    assert_eq!(calls.iter().sum::<usize>(), 200, "{calls:?}");
+    calls
+}
+
+/// On a broker transport, a steady stream of events published one at a time goes out in
+/// batches (the relay lingers for more); without a linger each goes on its own.
+#[tokio::test]
+async fn a_steady_stream_is_relayed_in_batches() {
+    let lingering = paced_stream(Duration::from_millis(200)).await;
+    assert_eq!(
+        lingering[0], 1,
+        "the first event went at once: {lingering:?}"
+    );
+    assert!(
+        lingering.len() <= 20,
+        "the stream went in batches, not one event per call: {lingering:?}"
+    );
+    let eager = paced_stream(Duration::ZERO).await;
+    assert!(
+        eager.len() >= 100,
+        "without a linger, events a millisecond apart go one by one: {eager:?}"
+    );
+}
+
+/// An event after a quiet spell (longer than the linger) is published at once.
+#[tokio::test]
+async fn a_lone_event_is_relayed_at_once() {
+    let transport = Recording::new();
+    let linger = Duration::from_secs(1);
+    let (orchestrator, _subscription, mut rx) =
+        recorded(&transport, RelayOptions::default().linger(linger)).await;
+    for i in 0..3u64 {
+        orchestrator
+            .publish_event("order.placed", json!({ "n": i }))
+            .await
+            .unwrap();
+        // Delivery takes milliseconds; had the relay waited for the linger, a second.
+        let event = timeout(linger / 2, rx.recv())
+            .await
+            .expect("delivered without waiting for the linger")
+            .unwrap();
+        assert_eq!(n(&event), i);
+        tokio::time::sleep(linger + linger / 2).await;
+    }
+    assert_eq!(transport.calls(), [1, 1, 1]);
+}
