@@ -14,7 +14,7 @@ use std::time::Duration;
 use orchestrator::prelude::*;
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt as _, BufReader, Lines};
-use tokio::process::{Child, ChildStderr, Command};
+use tokio::process::{Child, ChildStderr, ChildStdout, Command};
 
 /// The umbrella crate's `orchestrator` binary, built in this test's target directory and
 /// profile: Cargo builds only this package's binaries for its tests
@@ -398,18 +398,18 @@ async fn every_command_runs_through_the_server_of_an_app_holding_its_store() {
     );
 
     // Replay: the application's own subscriber gets the orders again.
-    let before = placed_seen.load(Ordering::SeqCst);
+    let orders_handled = |count: usize| {
+        let placed_seen = Arc::clone(&placed_seen);
+        move || {
+            let seen = placed_seen.load(Ordering::SeqCst);
+            async move { seen == count }
+        }
+    };
+    let wait = Duration::from_secs(30);
+    support::wait_until("the three orders are handled", wait, orders_handled(3)).await;
     let replayed = stdout(&through(url, &["replay", "--type", "order.placed"]).await);
     assert_eq!(replayed.trim(), "replayed 3 events");
-    support::wait_until(
-        "the replayed orders are handled",
-        Duration::from_secs(30),
-        || {
-            let seen = placed_seen.load(Ordering::SeqCst);
-            async move { seen >= before + 3 }
-        },
-    )
-    .await;
+    support::wait_until("the replayed orders are handled", wait, orders_handled(6)).await;
 
     // The dead-letter queue: listed, shown, reprocessed into the application's handler.
     let payment = app
@@ -562,25 +562,41 @@ async fn a_tail_that_falls_behind_goes_on_where_the_server_stopped_it() {
     // A window of one event: a batch stored at once puts a live tail over it at once.
     let server = support::start(app.clone(), support::config().subscription_window(1)).await;
     let url = format!("http://{}", server.addr);
-    let (tail, mut said) = start_tail(&url, &["batch.*", "--count", "40"]).await;
-    let batch: Vec<EventEnvelope> = (0..40)
+    let (mut tail, mut said) = start_tail(&url, &["batch.*", "--count", "41"]).await;
+    let mut printed = BufReader::new(tail.stdout.take().unwrap()).lines();
+    let next_line = async |printed: &mut Lines<BufReader<ChildStdout>>| {
+        tokio::time::timeout(Duration::from_secs(60), printed.next_line())
+            .await
+            .expect("the tail prints a line within 60 s")
+            .unwrap()
+            .expect("the tail goes on")
+    };
+    // One event first: once the tail printed it, its subscription is live on the server.
+    let first = EventEnvelope::new("batch.item", &json!({ "n": 0 })).unwrap();
+    app.store()
+        .append("batch", ExpectedVersion::Any, vec![first])
+        .await
+        .unwrap();
+    assert!(next_line(&mut printed).await.ends_with(r#"{"n":0}"#));
+    let batch: Vec<EventEnvelope> = (1..=40)
         .map(|n| EventEnvelope::new("batch.item", &json!({ "n": n })).unwrap())
         .collect();
     app.store()
         .append("batch", ExpectedVersion::Any, batch)
         .await
         .unwrap();
-    let output = tokio::time::timeout(Duration::from_secs(60), tail.wait_with_output())
+    let mut numbers = Vec::new();
+    for _ in 1..=40 {
+        let line = next_line(&mut printed).await;
+        numbers.push(line.rsplit(' ').next().unwrap().to_owned());
+    }
+    let expected: Vec<String> = (1..=40).map(|n| format!(r#"{{"n":{n}}}"#)).collect();
+    assert_eq!(numbers, expected, "every event once, in order");
+    let ended = tokio::time::timeout(Duration::from_secs(60), tail.wait())
         .await
-        .expect("the tail prints the batch within 60 s")
+        .expect("the tail ends after --count events")
         .unwrap();
-    let printed = stdout(&output);
-    let numbers: Vec<String> = printed
-        .lines()
-        .map(|l| l.rsplit(' ').next().unwrap().to_owned())
-        .collect();
-    let expected: Vec<String> = (0..40).map(|n| format!(r#"{{"n":{n}}}"#)).collect();
-    assert_eq!(numbers, expected, "every event once, in order: {printed}");
+    assert!(ended.success(), "{ended:?}");
     let note = tokio::time::timeout(Duration::from_secs(10), said.next_line())
         .await
         .expect("the tail said it went on")

@@ -44,7 +44,8 @@ pub(crate) enum DlqCommand {
     /// command is not part of. Appending the event to the store again would not help: the
     /// relay would publish it to every subscription of its type, not only the one that
     /// failed, and store it twice. Reprocess from the application
-    /// (`orchestrator.dead_letters().reprocess(id)`), or discard the letter here.
+    /// (`orchestrator.dead_letters().reprocess(id)`), or discard the letter here. Through
+    /// --server it works: the server runs inside the application.
     Reprocess {
         /// The dead letter's id.
         id: String,

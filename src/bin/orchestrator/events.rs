@@ -24,7 +24,7 @@ use crate::{Access, CliResult, Context, time};
 pub(crate) struct TailArgs {
     /// The event type or pattern: `user.created`, `user.*`, `order.#`, `#` for everything.
     pattern: String,
-    /// Start with the events already stored (only when tailing the store).
+    /// Start with the events already stored (when tailing the store, or through --server).
     #[arg(long)]
     from_start: bool,
     /// Stop after this many events.
@@ -33,7 +33,7 @@ pub(crate) struct TailArgs {
     /// The consumer group to tail as, when tailing a broker transport: a durable group that
     /// outlives this command and resumes where it stopped. Without it the tail is
     /// ephemeral: its group is removed when the command ends (or, if it is killed, by the
-    /// broker after a while).
+    /// broker after a while). Not through --server, whose subscriptions read the store.
     #[arg(long, value_name = "NAME")]
     group: Option<String>,
 }

@@ -88,7 +88,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Print events as they arrive (from the transport if one is given, else from the
-    /// store).
+    /// store; through --server, from the server's store).
     Tail(events::TailArgs),
     /// Publish one event: appended to the store; with a broker transport, also on the broker
     /// before the command returns (else the application's relay delivers it).
