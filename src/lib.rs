@@ -77,7 +77,8 @@
 //! - `rabbitmq-tls` — `amqps://` for the RabbitMQ backend.
 //! - `redis-tls` — `rediss://` for the Redis backend.
 //! - `cli` — the `orchestrator` command-line tool (`tail`, `publish`, `dlq`, `replay`,
-//!   `streams`, `sagas`, `trace`).
+//!   `streams`, `sagas`, `trace`), on the backends directly or, with `--server URL`, through
+//!   a running `orchestrator-server` (its client: hyper and tokio-tungstenite, plain HTTP).
 //!
 //! No feature is on by default: the embedded default needs no broker.
 

@@ -112,8 +112,8 @@ impl ServerConfig {
         self
     }
 
-    /// Refuses every mutation (dead-letter reprocess and discard) with the error code
-    /// `READ_ONLY`; queries work as usual.
+    /// Refuses every mutation (publish, replay, dead-letter reprocess and discard) with the
+    /// error code `READ_ONLY`; queries work as usual.
     pub fn read_only(mut self, yes: bool) -> Self {
         self.read_only = yes;
         self

@@ -40,8 +40,10 @@
 //!   `event`, `streams`, `stream`, `sagas`, `saga` (steps with timings, compensations),
 //!   `deadLetters`, `deadLetter`, `trace` (the causation tree of a correlation id),
 //!   `schemas`, `projections` (each checkpointing reader's checkpoint and lag), `relay`
-//!   (checkpoint and lag), `system`. Mutations: `reprocessDeadLetter`,
-//!   `discardDeadLetter`. Every event also reads as its CloudEvents JSON (`cloudEvent`).
+//!   (checkpoint and lag), `system`. Mutations: `publishEvent` (stored, then delivered by
+//!   the relay), `replayEvents`, `reprocessDeadLetter`, `discardDeadLetter`. Every event
+//!   also reads as its CloudEvents JSON (`cloudEvent`). The `orchestrator` CLI's
+//!   `--server URL` runs its commands through these.
 //! - `GET /graphql/ws` — GraphQL subscriptions over WebSocket (protocol
 //!   `graphql-transport-ws`): `events(types, fromPosition)` streams stored events matching
 //!   type patterns, catching up from a position and then live, with no gap; a live

@@ -149,14 +149,88 @@ async fn a_read_only_server_refuses_mutations_and_answers_queries() {
     .await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(error_code(&response), "READ_ONLY", "{response}");
+    for mutation in [
+        r#"mutation { publishEvent(type: "order.placed", data: {}) { id } }"#,
+        "mutation { replayEvents }",
+    ] {
+        let (_, response) = graphql(server.addr, mutation, json!({})).await;
+        assert_eq!(error_code(&response), "READ_ONLY", "{mutation}: {response}");
+    }
     let data = query(
         server.addr,
-        "{ system { readOnly } deadLetters { id } }",
+        "{ system { readOnly headPosition } deadLetters { id } }",
         json!({}),
     )
     .await;
     assert_eq!(data["system"]["readOnly"], true);
+    assert_eq!(data["system"]["headPosition"], 0, "nothing was published");
     assert_eq!(data["deadLetters"], json!([]));
+}
+
+#[tokio::test]
+async fn publish_and_replay_mutations_store_deliver_and_check_their_input() {
+    let orchestrator = EventOrchestrator::new();
+    let (delivered_tx, mut delivered) = tokio::sync::mpsc::unbounded_channel();
+    let _subscription = orchestrator
+        .subscribe("order.placed", move |event: EventEnvelope| {
+            let delivered_tx = delivered_tx.clone();
+            async move {
+                delivered_tx.send(event.data::<serde_json::Value>()?).ok();
+                Ok::<_, HandlerError>(())
+            }
+        })
+        .await
+        .unwrap();
+    let server = start(orchestrator.clone(), config()).await;
+    let published = query(
+        server.addr,
+        "mutation($data: JSON!) { publishEvent(type: \"order.placed\", data: $data, \
+         stream: \"order-7\", correlationId: \"req-7\") { id type stream } }",
+        json!({"data": {"order_id": 7}}),
+    )
+    .await;
+    let published = &published["publishEvent"];
+    assert_eq!(published["type"], "order.placed");
+    assert_eq!(published["stream"], "order-7");
+    let stored = orchestrator
+        .store()
+        .read_stream("order-7", 1, 10)
+        .await
+        .unwrap();
+    assert_eq!(stored.len(), 1);
+    assert_eq!(stored[0].id().as_str(), published["id"].as_str().unwrap());
+    assert_eq!(stored[0].correlation_id(), Some("req-7"));
+    let wait = std::time::Duration::from_secs(30);
+    let first = tokio::time::timeout(wait, delivered.recv()).await.unwrap();
+    assert_eq!(first, Some(json!({"order_id": 7})), "the relay delivers it");
+
+    let replayed = query(
+        server.addr,
+        r#"mutation { replayEvents(types: ["order.placed"]) }"#,
+        json!({}),
+    )
+    .await;
+    assert_eq!(replayed["replayEvents"], 1);
+    let again = tokio::time::timeout(wait, delivered.recv()).await.unwrap();
+    assert_eq!(again, Some(json!({"order_id": 7})), "delivered again");
+
+    for (bad, says) in [
+        (
+            r#"mutation { publishEvent(type: "not a type!", data: {}) { id } }"#,
+            "event type",
+        ),
+        (
+            r#"mutation { replayEvents(types: ["order.*"]) }"#,
+            "not patterns",
+        ),
+    ] {
+        let (status, response) = graphql(server.addr, bad, json!({})).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(error_code(&response), "BAD_USER_INPUT", "{bad}: {response}");
+        let message = response["errors"][0]["message"].as_str().unwrap();
+        assert!(message.contains(says), "{bad}: {message}");
+    }
+    assert_eq!(orchestrator.store().head_position().await.unwrap(), 1);
 }
 
 #[tokio::test]

@@ -54,7 +54,7 @@ struct Cli {
     )]
     token: Option<String>,
 
-    /// Refuse every mutation (dead-letter reprocess and discard).
+    /// Refuse every mutation (publish, replay, dead-letter reprocess and discard).
     #[arg(long)]
     read_only: bool,
 

@@ -6,13 +6,16 @@ mod subscription;
 mod tree;
 mod types;
 
-use async_graphql::{Context, Object, Schema};
-use orchestrator::{EventOrchestrator, RelayState};
+use async_graphql::{Context, Json, Object, Schema};
+use chrono::{DateTime, Utc};
+use orchestrator::core::{EventEnvelope, TopicPattern};
+use orchestrator::{EventOrchestrator, RelayState, ReplayFilter};
+use serde_json::Value;
 
 use self::error::{ApiError, ApiResult};
 use self::query::QueryRoot;
 use self::subscription::SubscriptionRoot;
-use self::types::DeadLetterInfo;
+use self::types::{DeadLetterInfo, PublishedEvent};
 use crate::config::ServerConfig;
 
 /// The page size when `first` is not given (capped by the server's maximum).
@@ -89,10 +92,97 @@ pub(crate) fn relay_state_name(state: &RelayState) -> &'static str {
 /// The mutations.
 pub(crate) struct MutationRoot;
 
-/// Changes: the dead-letter queue's reprocess and discard (refused with `READ_ONLY` on a
-/// read-only server).
+/// Changes: publishing an event, replaying stored events, and the dead-letter queue's
+/// reprocess and discard (each refused with `READ_ONLY` on a read-only server).
 #[Object(name = "Mutation")]
 impl MutationRoot {
+    /// Publishes an event through the orchestrator, as `EventOrchestrator::publish` does:
+    /// validated against its registered schema, appended to `stream` (default: the stream
+    /// named after its type), then delivered to subscribers by the outbox relay. Returns
+    /// once it is stored.
+    async fn publish_event(
+        &self,
+        ctx: &Context<'_>,
+        #[graphql(name = "type", desc = "The event type, dot-separated: `order.placed`.")]
+        event_type: String,
+        #[graphql(desc = "The payload.")] data: Json<Value>,
+        #[graphql(desc = "The stream to append to.")] stream: Option<String>,
+        #[graphql(desc = "The correlation id (none: the event starts a causation tree).")]
+        correlation_id: Option<String>,
+        #[graphql(desc = "The id of the event (or command) that caused this one.")]
+        causation_id: Option<String>,
+    ) -> ApiResult<PublishedEvent> {
+        let state = writable(ctx)?;
+        let mut event = EventEnvelope::new(&event_type, &data.0)
+            .map_err(|e| ApiError::BadInput(e.to_string()))?;
+        if let Some(stream) = &stream {
+            event = event.with_stream_id(stream.clone());
+        }
+        if let Some(id) = correlation_id {
+            event = event.with_correlation_id(id);
+        }
+        if let Some(id) = causation_id {
+            event = event.with_causation_id(id);
+        }
+        let id = state
+            .orchestrator
+            .publish(event)
+            .await
+            .map_err(|error| match error {
+                orchestrator::Error::Core(
+                    error @ orchestrator::core::Error::InvalidInput { .. },
+                ) => ApiError::BadInput(error.to_string()),
+                error => ApiError::backend(error),
+            })?;
+        tracing::info!(event = %id, event_type = %event_type, "event published through the server");
+        Ok(PublishedEvent {
+            id: id.to_string(),
+            stream: stream.unwrap_or_else(|| event_type.clone()),
+            event_type,
+        })
+    }
+
+    /// Delivers stored events again to the transport's subscribers, in global order
+    /// (`EventOrchestrator::replay_events`): those of `types` (exact event types; none:
+    /// every event) stored at or after `fromTime` and before `toTime`. Returns how many
+    /// were delivered once they all were.
+    async fn replay_events(
+        &self,
+        ctx: &Context<'_>,
+        #[graphql(desc = "Only events of these types.")] types: Option<Vec<String>>,
+        #[graphql(desc = "Only events at or after this time.")] from_time: Option<DateTime<Utc>>,
+        #[graphql(desc = "Only events before this time.")] to_time: Option<DateTime<Utc>>,
+    ) -> ApiResult<u64> {
+        let state = writable(ctx)?;
+        let mut filter = ReplayFilter::all();
+        for event_type in types.into_iter().flatten() {
+            match TopicPattern::parse(&event_type) {
+                Ok(pattern) if pattern.is_exact() => {}
+                _ => {
+                    return Err(ApiError::BadInput(format!(
+                        "`{event_type}` is not an event type: replay takes exact types \
+                         (`order.placed`), not patterns"
+                    ))
+                    .into());
+                }
+            }
+            filter = filter.and_event_type(event_type);
+        }
+        if let Some(from) = from_time {
+            filter = filter.from_time(from);
+        }
+        if let Some(to) = to_time {
+            filter = filter.to_time(to);
+        }
+        let replayed = state
+            .orchestrator
+            .replay_events(filter)
+            .await
+            .map_err(ApiError::backend)?;
+        tracing::info!(replayed, "events replayed through the server");
+        Ok(replayed)
+    }
+
     /// Delivers a dead letter's event again to the subscription that failed it (attempt
     /// count reset) and removes it from the queue. Returns the letter as it was.
     async fn reprocess_dead_letter(

@@ -507,3 +507,15 @@ pub(crate) struct SystemInfo {
     /// The largest page a query may ask for.
     pub(crate) max_page_size: u64,
 }
+
+/// An event `publishEvent` stored.
+#[derive(SimpleObject)]
+pub(crate) struct PublishedEvent {
+    /// Its id.
+    pub(crate) id: String,
+    /// Its event type.
+    #[graphql(name = "type")]
+    pub(crate) event_type: String,
+    /// The stream it was appended to.
+    pub(crate) stream: String,
+}

@@ -3,7 +3,8 @@
 //! Dead letters live where the transport parks them: a broker's queue, or — in embedded mode
 //! (`--store file://DIR` with the in-process transport `memory:`) — the files of
 //! `DIR/dead-letters`, which this command reads and edits directly, without opening the
-//! store, so it works while the application runs.
+//! store, so it works while the application runs. Through `--server`, the server's
+//! orchestrator does it all, reprocessing included: it runs inside the application.
 
 use std::path::Path;
 
@@ -13,6 +14,7 @@ use orchestrator::store::FileDeadLetterQueue;
 use serde_json::{Value, json};
 
 use crate::output::{event_json, payload, print_json, shorten, time};
+use crate::remote::{self, Server};
 use crate::{Access, CliResult, Context};
 
 #[derive(Debug, Subcommand)]
@@ -42,7 +44,8 @@ pub(crate) enum DlqCommand {
     /// command is not part of. Appending the event to the store again would not help: the
     /// relay would publish it to every subscription of its type, not only the one that
     /// failed, and store it twice. Reprocess from the application
-    /// (`orchestrator.dead_letters().reprocess(id)`), or discard the letter here.
+    /// (`orchestrator.dead_letters().reprocess(id)`), or discard the letter here. Through
+    /// --server it works: the server runs inside the application.
     Reprocess {
         /// The dead letter's id.
         id: String,
@@ -55,6 +58,9 @@ pub(crate) enum DlqCommand {
 }
 
 pub(crate) async fn run(cx: &Context, command: DlqCommand) -> CliResult {
+    if let Some(server) = &cx.server {
+        return through(cx, server, command).await;
+    }
     if let Some(store_dir) = cx.embedded_store_dir()? {
         return embedded(cx, &store_dir, command).await;
     }
@@ -133,6 +139,97 @@ async fn embedded(cx: &Context, store_dir: &Path, command: DlqCommand) -> CliRes
             report(cx, "discarded", &id)
         }
     }
+}
+
+/// The fields of a `DeadLetter` that [`letter`] reads.
+const LETTER_FIELDS: &str = "id topic subscription reason attempts firstFailureAt \
+                             lastFailureAt event { cloudEvent }";
+
+/// How many letters one `deadLetters` query asks for (under every server's page cap).
+const LETTER_PAGE: usize = 100;
+
+/// The dead letters of the server's orchestrator, through its API.
+async fn through(cx: &Context, server: &Server, command: DlqCommand) -> CliResult {
+    match command {
+        DlqCommand::List {
+            event_type,
+            subscription,
+            limit,
+        } => {
+            let query = format!(
+                "query($type: String, $subscription: String, $offset: Int, $first: Int) {{ \
+                 deadLetters(eventType: $type, subscription: $subscription, offset: $offset, \
+                 first: $first) {{ {LETTER_FIELDS} }} }}"
+            );
+            let mut letters = Vec::new();
+            while letters.len() < limit {
+                let first = (limit - letters.len()).min(LETTER_PAGE);
+                let data = server
+                    .query(
+                        &query,
+                        json!({
+                            "type": event_type,
+                            "subscription": subscription,
+                            "offset": letters.len(),
+                            "first": first,
+                        }),
+                    )
+                    .await?;
+                let page = remote::list(server, &data, "deadLetters")?;
+                for value in page {
+                    letters.push(letter(server, value)?);
+                }
+                if page.len() < first {
+                    break;
+                }
+            }
+            print_list(cx, &letters)
+        }
+        DlqCommand::Show { id } => {
+            let data = server
+                .query(
+                    &format!("query($id: String!) {{ deadLetter(id: $id) {{ {LETTER_FIELDS} }} }}"),
+                    json!({ "id": id }),
+                )
+                .await?;
+            match remote::field(server, &data, "deadLetter")? {
+                Value::Null => Err(not_found(&id).into()),
+                value => print_letter(cx, &letter(server, value)?),
+            }
+        }
+        DlqCommand::Reprocess { id } => {
+            change(cx, server, "reprocessDeadLetter", "reprocessed", &id).await
+        }
+        DlqCommand::Discard { id } => {
+            change(cx, server, "discardDeadLetter", "discarded", &id).await
+        }
+    }
+}
+
+/// Runs `mutation` on the dead letter `id` through the server, and reports it `done`.
+async fn change(cx: &Context, server: &Server, mutation: &str, done: &str, id: &str) -> CliResult {
+    server
+        .query(
+            &format!("mutation($id: String!) {{ {mutation}(id: $id) {{ id }} }}"),
+            json!({ "id": id }),
+        )
+        .await?;
+    report(cx, done, id)
+}
+
+/// A dead letter of the API (selected with [`LETTER_FIELDS`]).
+fn letter(server: &Server, value: &Value) -> CliResult<DeadLetter> {
+    let attempts = remote::number(server, value, "attempts")?;
+    Ok(DeadLetter {
+        id: remote::text(server, value, "id")?.to_owned(),
+        event: remote::event(server, remote::field(server, value, "event")?)?,
+        topic: remote::text(server, value, "topic")?.to_owned(),
+        subscription: remote::text(server, value, "subscription")?.to_owned(),
+        reason: remote::text(server, value, "reason")?.to_owned(),
+        attempts: u32::try_from(attempts).unwrap_or(u32::MAX),
+        first_failure_at: remote::time(server, value, "firstFailureAt")?,
+        last_failure_at: remote::time(server, value, "lastFailureAt")?,
+    })
 }
 
 /// Why the CLI does not reprocess an embedded application's dead letter, and what to do.

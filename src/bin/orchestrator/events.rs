@@ -16,6 +16,7 @@ use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
 use crate::output::{event_json, event_line, print_json};
+use crate::remote::{self, Server};
 use crate::{Access, CliResult, Context, time};
 
 /// `tail <pattern>`.
@@ -23,7 +24,7 @@ use crate::{Access, CliResult, Context, time};
 pub(crate) struct TailArgs {
     /// The event type or pattern: `user.created`, `user.*`, `order.#`, `#` for everything.
     pattern: String,
-    /// Start with the events already stored (only when tailing the store).
+    /// Start with the events already stored (when tailing the store, or through --server).
     #[arg(long)]
     from_start: bool,
     /// Stop after this many events.
@@ -32,7 +33,7 @@ pub(crate) struct TailArgs {
     /// The consumer group to tail as, when tailing a broker transport: a durable group that
     /// outlives this command and resumes where it stopped. Without it the tail is
     /// ephemeral: its group is removed when the command ends (or, if it is killed, by the
-    /// broker after a while).
+    /// broker after a while). Not through --server, whose subscriptions read the store.
     #[arg(long, value_name = "NAME")]
     group: Option<String>,
 }
@@ -85,6 +86,9 @@ pub(crate) async fn publish(cx: &Context, args: PublishArgs) -> CliResult {
     if let Some(id) = args.causation_id {
         event = event.with_causation_id(id);
     }
+    if let Some(server) = &cx.server {
+        return publish_through(cx, server, &event).await;
+    }
     let orchestrator = cx.connect(true, Access::Write).await?;
     let id = event.id().clone();
     let delivered = if cx.relays(Access::Write) {
@@ -122,8 +126,40 @@ pub(crate) async fn publish(cx: &Context, args: PublishArgs) -> CliResult {
     Ok(())
 }
 
+/// `publish` through the server: its orchestrator stores the event, and its relay delivers
+/// it.
+async fn publish_through(cx: &Context, server: &Server, event: &EventEnvelope) -> CliResult {
+    let data: Value = event.data()?;
+    let published = server
+        .query(
+            "mutation($type: String!, $data: JSON!, $stream: String, $correlationId: String, \
+             $causationId: String) { publishEvent(type: $type, data: $data, stream: $stream, \
+             correlationId: $correlationId, causationId: $causationId) { id type stream } }",
+            json!({
+                "type": event.event_type(),
+                "data": data,
+                "stream": event.stream_id(),
+                "correlationId": event.correlation_id(),
+                "causationId": event.causation_id(),
+            }),
+        )
+        .await?;
+    let published = remote::field(server, &published, "publishEvent")?;
+    let id = remote::text(server, published, "id")?;
+    let outcome = "stored by the server's orchestrator; its relay delivers it to subscribers";
+    if cx.json {
+        print_json(&json!({ "id": id, "type": event.event_type(), "outcome": outcome }))
+    } else {
+        println!("published {} {id} ({outcome})", event.event_type());
+        Ok(())
+    }
+}
+
 pub(crate) async fn tail(cx: &Context, args: TailArgs) -> CliResult {
     let pattern = TopicPattern::parse(&args.pattern)?;
+    if let Some(server) = &cx.server {
+        return tail_through(cx, server, &args, &pattern).await;
+    }
     let (tx, mut rx) = mpsc::unbounded_channel::<EventEnvelope>();
     let mut printed = 0;
     let limit = args.count.unwrap_or(u64::MAX);
@@ -201,6 +237,90 @@ pub(crate) async fn tail(cx: &Context, args: TailArgs) -> CliResult {
     Ok(())
 }
 
+/// `tail` through the server: its `events` subscription, from the event after the head
+/// (or from the start), catching up and then live.
+async fn tail_through(
+    cx: &Context,
+    server: &Server,
+    args: &TailArgs,
+    pattern: &TopicPattern,
+) -> CliResult {
+    if args.group.is_some() {
+        return Err(remote::unsupported(
+            "tail --group",
+            "the server's subscriptions read its store, not a broker's consumer group; tail \
+             without --group (it resumes from nothing: use --from-start to see what is stored)",
+        )
+        .into());
+    }
+    // From the head seen now, so that nothing stored after the "tailing" line is missed.
+    let from = if args.from_start {
+        1
+    } else {
+        let system = server
+            .query("{ system { headPosition } }", Value::Null)
+            .await?;
+        remote::number(
+            server,
+            remote::field(server, &system, "system")?,
+            "headPosition",
+        )? + 1
+    };
+    let query = format!(
+        "subscription($types: [String!], $from: Int) {{ events(types: $types, fromPosition: \
+         $from) {{ {} }} }}",
+        remote::EVENT_FIELDS
+    );
+    let subscribe =
+        |from: u64| server.subscribe(&query, json!({ "types": [pattern.as_str()], "from": from }));
+    let mut events = subscribe(from).await?;
+    if !cx.json {
+        eprintln!(
+            "tailing `{}` through {}{} (Ctrl-C to stop)",
+            args.pattern,
+            server.url(),
+            if args.from_start {
+                " from the start"
+            } else {
+                ""
+            }
+        );
+    }
+    let limit = args.count.unwrap_or(u64::MAX);
+    let mut printed = 0;
+    while printed < limit {
+        let data = match events.next().await {
+            Ok(Some(data)) => data,
+            Ok(None) => {
+                return Err(
+                    format!("the server at {} ended the subscription", server.url()).into(),
+                );
+            }
+            // The server ends a subscription that fell too far behind (this terminal, or
+            // what reads it, was slow) and says where to go on from: go on from there.
+            Err(remote::RemoteError::GraphQl {
+                code: Some(code),
+                resume_from: Some(position),
+                ..
+            }) if code == "SLOW_CONSUMER" => {
+                if !cx.json {
+                    eprintln!("(fell behind the server's window: going on from @{position})");
+                }
+                events = subscribe(position).await?;
+                continue;
+            }
+            Err(error) => return Err(error.into()),
+        };
+        let event = remote::event(server, remote::field(server, &data, "events")?)?;
+        if is_system_event(&event) || !pattern.matches(event.event_type()) {
+            continue;
+        }
+        print_event(cx, &event)?;
+        printed += 1;
+    }
+    Ok(())
+}
+
 /// How often `tail` looks for events a running application appended to a `file://` store.
 const FOLLOW_EVERY: Duration = Duration::from_millis(250);
 
@@ -257,6 +377,9 @@ pub(crate) async fn replay(cx: &Context, args: ReplayArgs) -> CliResult {
     if let Some(to) = args.to {
         filter = filter.to_time(to);
     }
+    if let Some(server) = &cx.server {
+        return replay_through(cx, server, &args).await;
+    }
     let orchestrator = cx.connect(true, Access::Read).await?;
     if cx.in_process_transport() {
         eprintln!(
@@ -289,4 +412,30 @@ pub(crate) async fn replay(cx: &Context, args: ReplayArgs) -> CliResult {
         println!("replayed {replayed} events");
     }
     Ok(())
+}
+
+/// `replay` through the server: its orchestrator delivers the events to its transport's
+/// subscribers (an embedded application's own, with the in-process transport).
+async fn replay_through(cx: &Context, server: &Server, args: &ReplayArgs) -> CliResult {
+    if !cx.json {
+        eprintln!("replaying through {} …", server.url());
+    }
+    let replayed = server
+        .query(
+            "mutation($types: [String!], $from: DateTime, $to: DateTime) { \
+             replayEvents(types: $types, fromTime: $from, toTime: $to) }",
+            json!({
+                "types": (!args.event_types.is_empty()).then_some(&args.event_types),
+                "from": args.from.map(|t| t.to_rfc3339()),
+                "to": args.to.map(|t| t.to_rfc3339()),
+            }),
+        )
+        .await?;
+    let replayed = remote::number(server, &replayed, "replayEvents")?;
+    if cx.json {
+        print_json(&json!({ "replayed": replayed }))
+    } else {
+        println!("replayed {replayed} events");
+        Ok(())
+    }
 }

@@ -5,12 +5,16 @@
 //! The backend is chosen by URL: `--store` (`file://DIR`, `redis://…`, `amqp://…`,
 //! `kafka://host:port`, `postgres://…`, `memory:`) and `--transport` (`memory:`, `redis://…`, `amqp://…`,
 //! `kafka://host:port`, `postgres://…`). Output is readable by default; `--json` prints JSON for scripts.
+//! With `--server http://HOST:PORT` (and `--token`), every command runs instead through a
+//! running `orchestrator-server`'s GraphQL API — the way into an embedded deployment whose
+//! store directory the application holds.
 //! Built with the `cli` feature (plus the feature of each broker backend wanted):
 //! `cargo run --features cli --bin orchestrator -- --help`.
 
 mod dlq;
 mod events;
 mod output;
+mod remote;
 mod sagas;
 mod streams;
 mod time;
@@ -50,11 +54,30 @@ struct Cli {
     )]
     transport: String,
 
+    /// Run the command through a running orchestrator-server (http://HOST:PORT, as it
+    /// prints on start) instead of opening --store and --transport: its GraphQL API over
+    /// HTTP, and over WebSocket for `tail`. The way into an embedded application whose
+    /// store directory it holds: serve its orchestrator (`orchestrator_server::serve`) and
+    /// point this at it. Plain http:// only.
+    #[arg(long, global = true, env = "ORCHESTRATOR_SERVER", value_name = "URL")]
+    server: Option<String>,
+
+    /// The server's bearer token (required by a server listening off loopback). Prefer the
+    /// environment variable: arguments show in `ps`.
+    #[arg(
+        long,
+        global = true,
+        env = "ORCHESTRATOR_TOKEN",
+        value_name = "TOKEN",
+        hide_env_values = true
+    )]
+    token: Option<String>,
+
     /// Print JSON instead of text (events as CloudEvents).
     #[arg(long, global = true)]
     json: bool,
 
-    /// Give up connecting to the backends after this many seconds.
+    /// Give up connecting to the backends (or the server) after this many seconds.
     #[arg(long, global = true, value_name = "SECONDS", default_value_t = 10)]
     connect_timeout: u64,
 
@@ -65,7 +88,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Print events as they arrive (from the transport if one is given, else from the
-    /// store).
+    /// store; through --server, from the server's store).
     Tail(events::TailArgs),
     /// Publish one event: appended to the store; with a broker transport, also on the broker
     /// before the command returns (else the application's relay delivers it).
@@ -86,8 +109,10 @@ enum Command {
     Trace(trace::TraceArgs),
 }
 
-/// What every command needs: the backends and how to print.
+/// What every command needs: the backends (or the server) and how to print.
 struct Context {
+    /// With `--server`: the server every command goes through instead of the backends.
+    server: Option<remote::Server>,
     store: Option<String>,
     transport: String,
     json: bool,
@@ -254,11 +279,26 @@ impl Context {
 }
 
 async fn run(cli: Cli) -> CliResult {
+    let connect_timeout = Duration::from_secs(cli.connect_timeout);
+    let server = match cli.server {
+        Some(url) => {
+            // Both would be ambiguous: the server reads its own store and transport.
+            if cli.store.is_some() || cli.transport != "memory:" {
+                return Err("--server and --store/--transport (or ORCHESTRATOR_STORE/\
+                            ORCHESTRATOR_TRANSPORT) were both given: through a server, \
+                            commands use the server's store and transport; drop one"
+                    .into());
+            }
+            Some(remote::Server::new(&url, cli.token, connect_timeout)?)
+        }
+        None => None,
+    };
     let cx = Context {
+        server,
         store: cli.store,
         transport: cli.transport,
         json: cli.json,
-        connect_timeout: Duration::from_secs(cli.connect_timeout),
+        connect_timeout,
     };
     match cli.command {
         Command::Tail(args) => events::tail(&cx, args).await,

@@ -3,7 +3,8 @@
 //! The tree is rebuilt from the store: every event whose correlation id (or own id) is the
 //! one asked for, placed under the event its causation id names; saga logs whose saga id is
 //! the one asked for (saga records carry their saga id as correlation id) are shown step by
-//! step. Times are offsets from the first event found.
+//! step. Times are offsets from the first event found. Through `--server`, the server's
+//! `trace` query finds the events and the sagas, whose logs are read with `stream`.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
@@ -13,6 +14,7 @@ use orchestrator::saga::STREAM_PREFIX;
 use serde_json::{Value, json};
 
 use crate::output::{event_json, payload, print_json, time};
+use crate::remote::{self, Server};
 use crate::sagas::{millis, record_step};
 use crate::streams::for_each_event;
 use crate::{Access, CliResult, Context};
@@ -25,37 +27,94 @@ pub(crate) struct TraceArgs {
 }
 
 /// The events of one trace, in global order, split into plain events and saga logs.
+#[derive(Default)]
 struct Found {
     events: Vec<EventEnvelope>,
     sagas: BTreeMap<String, Vec<EventEnvelope>>,
 }
 
+/// Whether `event` belongs to the trace of `wanted`.
+fn in_trace(event: &EventEnvelope, wanted: &str) -> bool {
+    event.correlation_id() == Some(wanted) || event.id().as_str() == wanted
+}
+
+impl Found {
+    /// Files `event` under its saga, or with the plain events.
+    fn add(&mut self, event: EventEnvelope) {
+        match event
+            .stream_id()
+            .and_then(|s| s.strip_prefix(STREAM_PREFIX))
+        {
+            Some(saga) => self.sagas.entry(saga.to_owned()).or_default().push(event),
+            None => self.events.push(event),
+        }
+    }
+}
+
+/// How many records of one saga's log a trace through the server reads at most.
+const SAGA_LOG_LIMIT: usize = 100_000;
+
+/// The trace's events and saga logs through the server: the `trace` query, then each
+/// saga's log stream.
+async fn found_through(server: &Server, wanted: &str) -> CliResult<Found> {
+    let data = server
+        .query(
+            &format!(
+                "query($id: String!) {{ trace(correlationId: $id) {{ nodes {{ event {{ {} }} }} \
+                 sagaIds }} }}",
+                remote::EVENT_FIELDS
+            ),
+            json!({ "id": wanted }),
+        )
+        .await?;
+    let trace = remote::field(server, &data, "trace")?;
+    let mut found = Found::default();
+    for node in remote::list(server, trace, "nodes")? {
+        found.add(remote::event(
+            server,
+            remote::field(server, node, "event")?,
+        )?);
+    }
+    // Depth first from the server; in global order, as read from the store, here.
+    found.events.sort_by_key(EventEnvelope::global_position);
+    for saga in remote::list(server, trace, "sagaIds")? {
+        let saga = saga
+            .as_str()
+            .ok_or_else(|| format!("a saga id of the trace is not a string: {saga}"))?;
+        let log = crate::streams::read_stream(
+            server,
+            &format!("{STREAM_PREFIX}{saga}"),
+            1,
+            SAGA_LOG_LIMIT,
+        )
+        .await?;
+        log.into_iter()
+            .filter(|record| in_trace(record, wanted))
+            .for_each(|record| found.add(record));
+    }
+    Ok(found)
+}
+
 pub(crate) async fn run(cx: &Context, args: TraceArgs) -> CliResult {
-    let orchestrator = cx.connect(true, Access::Read).await?;
     let wanted = args
         .id
         .strip_prefix(STREAM_PREFIX)
         .unwrap_or(&args.id)
         .to_owned();
-    let mut found = Found {
-        events: Vec::new(),
-        sagas: BTreeMap::new(),
+    let found = match &cx.server {
+        Some(server) => found_through(server, &wanted).await?,
+        None => {
+            let orchestrator = cx.connect(true, Access::Read).await?;
+            let mut found = Found::default();
+            for_each_event(orchestrator.store().as_ref(), |event| {
+                if in_trace(&event, &wanted) {
+                    found.add(event);
+                }
+            })
+            .await?;
+            found
+        }
     };
-    for_each_event(orchestrator.store().as_ref(), |event| {
-        let matches =
-            event.correlation_id() == Some(wanted.as_str()) || event.id().as_str() == wanted;
-        if !matches {
-            return;
-        }
-        match event
-            .stream_id()
-            .and_then(|s| s.strip_prefix(STREAM_PREFIX))
-        {
-            Some(saga) => found.sagas.entry(saga.to_owned()).or_default().push(event),
-            None => found.events.push(event),
-        }
-    })
-    .await?;
     let Some(start) = found
         .events
         .iter()
