@@ -19,8 +19,10 @@ use tokio::process::{Child, ChildStderr, ChildStdout, Command};
 /// The umbrella crate's `orchestrator` binary, built in this test's target directory and
 /// profile: Cargo builds only this package's binaries for its tests
 /// (`CARGO_BIN_EXE_orchestrator` is the umbrella's own), so it is built here — a no-op when
-/// it is fresh, and never a stale binary. It gets the backends this package was built with
-/// (`redis`), so that building it does not rebuild the umbrella for other features.
+/// it is fresh, and never a stale binary. It is built as `cargo test --workspace
+/// --all-features` (what `cargo xtask test-all` runs) builds it, so that there it is fresh
+/// already, and the binary the umbrella's own CLI tests run is not swapped for one with
+/// other features. (Run alone, this test builds the umbrella with every backend once.)
 fn orchestrator_bin() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
@@ -33,16 +35,11 @@ fn orchestrator_bin() -> &'static Path {
             Some(other) => other,
             None => panic!("no profile directory above {}", exe.display()),
         };
-        let features = if cfg!(feature = "redis") {
-            "cli,redis"
-        } else {
-            "cli"
-        };
         let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| env!("CARGO").to_owned());
         let built = std::process::Command::new(cargo)
             .current_dir(workspace)
-            .args(["build", "--package", "orchestrator", "--features", features])
+            .args(["build", "--workspace", "--all-features"])
             .args([
                 "--bin",
                 "orchestrator",
