@@ -37,7 +37,30 @@ fn orchestrator_bin() -> &'static Path {
         };
         let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| env!("CARGO").to_owned());
-        let built = std::process::Command::new(cargo)
+        let mut build = std::process::Command::new(cargo);
+        // Not the variables Cargo sets for this test: a build script that watches one of
+        // them (ring's watches `CARGO_MANIFEST_DIR`) would be rebuilt here, and again by the
+        // next `cargo test`, each time.
+        for (variable, _) in std::env::vars_os() {
+            let name = variable.to_string_lossy();
+            if name.starts_with("CARGO_PKG_")
+                || name.starts_with("CARGO_BIN_EXE_")
+                || [
+                    "CARGO_MANIFEST_DIR",
+                    "CARGO_MANIFEST_PATH",
+                    "CARGO_CRATE_NAME",
+                    "CARGO_BIN_NAME",
+                    "CARGO_PRIMARY_PACKAGE",
+                    "CARGO_TARGET_TMPDIR",
+                    "CARGO_RUSTC_CURRENT_DIR",
+                    "OUT_DIR",
+                ]
+                .contains(&name.as_ref())
+            {
+                build.env_remove(&variable);
+            }
+        }
+        let built = build
             .current_dir(workspace)
             .args(["build", "--workspace", "--all-features"])
             .args([
