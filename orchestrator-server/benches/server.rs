@@ -20,7 +20,9 @@
 //!   fromPosition)`, live) while one publisher calls `EventOrchestrator::publish` at a paced
 //!   rate for a few seconds; each payload carries the instant of its `publish` call and its
 //!   sequence number, and each client measures publish → message received and checks that
-//!   it got every event in order. From 10,000 events/s down, rate after rate, until one is
+//!   it got every event once, in increasing global position (publishes overlap when one
+//!   waits for a file store's sync, so sequence numbers may be stored out of order). From
+//!   10,000 events/s down, rate after rate, until one is
 //!   sustained: nothing lost, the publisher reached 95% of the rate and deliveries 90% of
 //!   the rate × subscribers. CPU comes from `/proc`: the server runtime's threads (the HTTP
 //!   and WebSocket server, GraphQL, the orchestrator's relay) and the whole process (the
