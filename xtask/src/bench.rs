@@ -136,6 +136,17 @@ const BENCHES: &[Bench] = &[
         timeout: Duration::from_secs(900),
         slow: true,
     },
+    // The query server: the GraphQL events query against reading the store directly, and
+    // WebSocket fan-out to 100 subscribers, rate after rate from 10k events/s down.
+    Bench {
+        name: "server",
+        criterion: false,
+        service: None,
+        own_tansu: None,
+        discard_stdout: false,
+        timeout: Duration::from_secs(600),
+        slow: false,
+    },
 ];
 
 /// Command-line options of `bench`.
@@ -378,7 +389,9 @@ fn run_bench(
     }
     if options.quick {
         cmd.env("REDIS_BENCH_ROUNDS", "3")
-            .env("E2E_BENCH_ROUNDS", "3");
+            .env("E2E_BENCH_ROUNDS", "3")
+            .env("SERVER_BENCH_SECONDS", "1")
+            .env("SERVER_BENCH_REQUESTS", "50");
     }
     let stdout_path = logs.join(format!("{}.stdout", bench.name));
     let stderr_path = logs.join(format!("{}.stderr", bench.name));

@@ -6,6 +6,10 @@ use std::path::Path;
 
 use crate::json;
 
+mod server;
+
+pub(crate) use server::{ServerFanOutLine, ServerReport, server_report};
+
 /// One criterion benchmark's result.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct Estimate {

@@ -1,6 +1,8 @@
 //! Turning bench results into `BENCHMARKS.md`: one table per area, each row our figure,
 //! the baseline measured in the same run, the ratio and the target.
 
+mod server;
+
 use std::fmt::Write as _;
 use std::time::Duration;
 
@@ -655,6 +657,7 @@ pub(crate) fn markdown(run: &Run<'_>) -> String {
         }
     }
     e2e_markdown(run, &mut md, &mut met, &mut missed);
+    server::markdown(run, &mut md, &mut met, &mut missed);
     let _ = writeln!(md, "## Summary\n");
     let _ = writeln!(md, "{met} targets met, {} missed.", missed.len());
     for what in &missed {
@@ -723,6 +726,7 @@ pub(crate) fn terminal_summary(run: &Run<'_>) -> String {
         let verdict = if absent.failed { "FAILED" } else { "skipped" };
         let _ = writeln!(out, "    {}: {verdict}: {}", absent.what, absent.why);
     }
+    server::terminal(run, &mut out);
     out
 }
 
