@@ -81,6 +81,8 @@
 //!   a running `orchestrator-server` (its client: hyper and tokio-tungstenite, plain HTTP).
 //!
 //! No feature is on by default: the embedded default needs no broker.
+// On docs.rs (`--cfg docsrs`, a nightly rustdoc): label what needs a feature.
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod connect;
 mod error;

@@ -30,6 +30,8 @@
 //!   `verify-full`; rustls with the ring provider).
 //! - `kafka` — module `kafka`: Kafka (rdkafka with a bundled librdkafka built with the
 //!   system's OpenSSL, so TLS and SASL PLAIN/SCRAM/OAUTHBEARER are always available).
+// On docs.rs (`--cfg docsrs`, a nightly rustdoc): label what needs a feature.
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 #[cfg(feature = "kafka")]
 pub mod kafka;

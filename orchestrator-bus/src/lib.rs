@@ -6,11 +6,11 @@
 //!
 //! - [`EventBus`]: publish events; subscribe handlers to topic patterns (`user.created`,
 //!   `user.*`, `order.#`) with a [`SubscriptionConfig`] — filter, transform, concurrency
-//!   limit, per-key order, [middleware](middleware), per-subscription
+//!   limit, per-key order, [middleware], per-subscription
 //!   [`RetryPolicy`](orchestrator_core::RetryPolicy), idempotent consumer on an
 //!   [`Inbox`](orchestrator_core::Inbox) (in memory, or durable: across restarts); consumer groups
 //!   (named subscriptions compete, different names each get everything); graceful
-//!   [`shutdown`](EventBus::shutdown); [metrics](metrics) and `tracing` spans.
+//!   [`shutdown`](EventBus::shutdown); [metrics] and `tracing` spans.
 //! - [`DeadLetters`]: list, inspect, reprocess, discard, and a failure report.
 //! - [`memory`]: [`InProcessTransport`] (one bounded queue per consumer group: slow consumers
 //!   slow publishers instead of growing memory) and [`InMemoryDeadLetterQueue`].
@@ -48,12 +48,14 @@
 //!
 //! ## Features
 //!
-//! - `testkit` — [`testkit`](crate::testkit) (when enabled): the bus's conformance cases over
+//! - `testkit` — [`testkit`] (when enabled): the bus's conformance cases over
 //!   any transport, run by every backend's tests.
 //!
 //! Use the bus inside a tokio runtime. The in-process transport passes the core
 //! conformance suite (`orchestrator_core::testkit::transport`), like every broker
 //! transport.
+// On docs.rs (`--cfg docsrs`, a nightly rustdoc): label what needs a feature.
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod bus;
 pub mod dead_letters;

@@ -29,6 +29,8 @@
 //! - `testkit` — the conformance suites [`testkit::store`], [`testkit::transport`],
 //!   [`testkit::inbox`] and [`testkit::read_model`], which any implementation runs with one
 //!   call.
+// On docs.rs (`--cfg docsrs`, a nightly rustdoc): label what needs a feature.
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod clock;
 pub mod cloudevents;

@@ -96,6 +96,8 @@
 //! ## Features
 //!
 //! This crate has no cargo features.
+// On docs.rs (`--cfg docsrs`, a nightly rustdoc): label what needs a feature.
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod definition;
 mod engine;

@@ -107,6 +107,8 @@
 //! it (Cargo allows no cycle). `EventOrchestrator::serve(addr)` is therefore the extension
 //! trait [`ServeExt`], and the command line is this crate's own binary rather than an
 //! `orchestrator serve` subcommand.
+// On docs.rs (`--cfg docsrs`, a nightly rustdoc): label what needs a feature.
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod config;
 mod dashboard;

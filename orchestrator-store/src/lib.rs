@@ -48,6 +48,8 @@
 //! ## Features
 //!
 //! None: everything is always built.
+// On docs.rs (`--cfg docsrs`, a nightly rustdoc): label what needs a feature.
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod error;
 pub mod file;

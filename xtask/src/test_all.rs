@@ -438,7 +438,7 @@ pub(crate) fn test_all(root: &Path, options: &Options) -> Result<()> {
 }
 
 impl Run<'_> {
-    /// cargo fmt and the clippy runs.
+    /// cargo fmt, cargo deny, the clippy runs and the API docs.
     fn checks(&mut self, options: &Options) -> Result<()> {
         let mut fmt = cargo(self.root);
         fmt.args(["fmt", "--all", "--", "--check"]);
@@ -457,7 +457,13 @@ impl Run<'_> {
         self.clippy(
             "clippy (all features)",
             &["--workspace", "--all-targets", "--all-features"],
-        )
+        )?;
+        // The API docs as docs.rs builds them (every feature), with broken or redundant
+        // links, unclosed HTML and the like as errors.
+        let mut doc = cargo(self.root);
+        doc.args(["doc", "--workspace", "--no-deps", "--all-features"])
+            .env("RUSTDOCFLAGS", "-D warnings");
+        self.step("cargo doc (all features, warnings denied)", doc)
     }
 
     /// One run of `cargo test --workspace --all-features` (only `targets`, when given)
