@@ -510,3 +510,48 @@ async fn typed_events() {
         }
     );
 }
+
+/// `event.data()?` on a payload that does not decode fails the handler for good: the event
+/// is dead-lettered after one attempt, with the decode error, as with `subscribe_typed`.
+#[tokio::test]
+async fn a_payload_that_does_not_decode_is_dead_lettered_at_once() {
+    #[derive(serde::Deserialize)]
+    struct Order {
+        #[allow(dead_code)]
+        quantity: u64,
+    }
+    let orchestrator = EventOrchestrator::new();
+    let attempts = Arc::new(AtomicU32::new(0));
+    let counted = Arc::clone(&attempts);
+    let _subscription = orchestrator
+        .subscribe("order.placed", move |event: EventEnvelope| {
+            let counted = Arc::clone(&counted);
+            async move {
+                counted.fetch_add(1, Ordering::SeqCst);
+                let _order: Order = event.data()?;
+                Ok::<_, HandlerError>(())
+            }
+        })
+        .await
+        .unwrap();
+    orchestrator
+        .publish_event("order.placed", json!({ "quantity": "three" }))
+        .await
+        .unwrap();
+    let dead = orchestrator.dead_letters();
+    timeout(Duration::from_secs(10), async {
+        while dead.count().await.unwrap() == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the event is dead-lettered");
+    let letter = dead
+        .list(&DeadLetterQuery::default())
+        .await
+        .unwrap()
+        .remove(0);
+    assert_eq!(letter.attempts, 1, "{letter:?}");
+    assert_eq!(attempts.load(Ordering::SeqCst), 1);
+    assert!(letter.reason.contains("decode"), "{}", letter.reason);
+}

@@ -291,17 +291,64 @@ impl std::fmt::Display for HandlerError {
 
 // `HandlerError` deliberately does not implement `std::error::Error`, so that every error type
 // converts into it with `?` (the same trick as `anyhow::Error`).
+/// Any error converts with `?` as a retryable failure, except this crate's own
+/// [`Error::Decode`] (a payload that does not decode, as `event.data()?` reports it: no
+/// retry makes it decode, so it is dead-lettered at once with the decode error, as a typed
+/// subscription does) and [`Error::Handler`] (which keeps its own classification).
 impl<E> From<E> for HandlerError
 where
     E: std::error::Error + Send + Sync + 'static,
 {
     fn from(error: E) -> Self {
-        Self::from_error(error, true)
+        let source: BoxError = Box::new(error);
+        let retryable = match source.downcast_ref::<Error>() {
+            Some(Error::Decode { .. }) => false,
+            Some(Error::Handler(inner)) => inner.is_retryable(),
+            _ => true,
+        };
+        Self::from_error(source, retryable)
     }
 }
 
 impl From<HandlerError> for Error {
     fn from(error: HandlerError) -> Self {
         Self::Handler(error)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn handler_error(result: Result<()>) -> HandlerError {
+        let failed = || -> std::result::Result<(), HandlerError> {
+            result?;
+            Ok(())
+        };
+        failed().unwrap_err()
+    }
+
+    #[test]
+    fn a_payload_that_does_not_decode_is_a_permanent_failure() {
+        let error = handler_error(Err(Error::decode("data", "expected u64, found a string")));
+        assert!(!error.is_retryable());
+        assert!(
+            error.message().contains("expected u64"),
+            "{}",
+            error.message()
+        );
+    }
+
+    #[test]
+    fn other_errors_are_retryable_and_handler_errors_keep_their_kind() {
+        let timeout = handler_error(Err(Error::backend("redis", true, "connection reset")));
+        assert!(timeout.is_retryable());
+        let io = || -> std::result::Result<(), HandlerError> {
+            Err(std::io::Error::other("disk"))?;
+            Ok(())
+        };
+        assert!(io().unwrap_err().is_retryable());
+        let permanent = handler_error(Err(Error::Handler(HandlerError::permanent("bad order"))));
+        assert!(!permanent.is_retryable());
     }
 }
