@@ -23,7 +23,8 @@ use crate::{Result, cargo, describe, json, machine, reachable, tansu};
 /// Features that turn on every benchmark (the backend benches need theirs; the umbrella's
 /// end-to-end bench measures the broker combinations its features carry).
 pub(crate) const ALL_BACKENDS: &str = "orchestrator-backends/redis,orchestrator-backends/rabbitmq,\
-     orchestrator-backends/kafka,orchestrator/redis,orchestrator/rabbitmq,orchestrator/kafka";
+     orchestrator-backends/kafka,orchestrator-backends/postgres,orchestrator/redis,\
+     orchestrator/rabbitmq,orchestrator/kafka";
 
 /// One benchmark executable.
 #[derive(Debug, Clone, Copy)]
@@ -32,7 +33,7 @@ struct Bench {
     name: &'static str,
     /// Whether it is a criterion bench (takes criterion's arguments, writes estimates).
     criterion: bool,
-    /// The service it needs, if any (without it, it is skipped).
+    /// The service it needs, if any (without it, it is skipped; under `CI=true` it fails).
     service: Option<&'static str>,
     /// The storage of the tansu of its own it gets when tansu is installed (its address in
     /// `ORCHESTRATOR_KAFKA_BROKERS`), if it gets one.
@@ -120,6 +121,19 @@ const BENCHES: &[Bench] = &[
         discard_stdout: false,
         timeout: Duration::from_secs(540),
         slow: true,
+    },
+    // Store appends (1 and 16 writers, batches of 100), read_all, subscription catch-up,
+    // transport publish and consume, each against raw tokio-postgres in the same round.
+    Bench {
+        name: "postgres",
+        criterion: false,
+        service: Some("postgres"),
+        own_tansu: None,
+        discard_stdout: false,
+        // 22 s for 5 rounds when the WAL flushed fast (2026-12-07); the single-event
+        // appends and publishes run ten times slower when it flushes slowly.
+        timeout: Duration::from_secs(300),
+        slow: false,
     },
     // Skips the combinations whose broker is unreachable itself (printing why): memory and
     // file need none.
@@ -376,7 +390,7 @@ fn run_bench(
             if let Some(service) = bench.service
                 && let Err(why) = reachable::service(service)
             {
-                return Outcome::Skipped(why);
+                return service_down(why, reachable::in_ci());
             }
         }
     }
@@ -389,6 +403,7 @@ fn run_bench(
     }
     if options.quick {
         cmd.env("REDIS_BENCH_ROUNDS", "3")
+            .env("PG_BENCH_ROUNDS", "3")
             .env("E2E_BENCH_ROUNDS", "3")
             .env("SERVER_BENCH_SECONDS", "1")
             .env("SERVER_BENCH_REQUESTS", "50");
@@ -426,6 +441,18 @@ fn run_bench(
             stderr_path.display(),
             tail(&stderr, 8)
         )),
+    }
+}
+
+/// What becomes of a bench whose service is down (`why`): skipped, or under CI failed, as
+/// backend tests do, so that CI never passes by skipping a backend.
+fn service_down(why: String, ci: bool) -> Outcome {
+    if ci {
+        Outcome::Failed(format!(
+            "{why}, and CI=true: a bench cannot skip its service"
+        ))
+    } else {
+        Outcome::Skipped(why)
     }
 }
 
@@ -498,7 +525,7 @@ pub(crate) fn bench(root: &Path, options: &Options) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::{Options, executables};
+    use super::{Options, Outcome, executables, service_down};
 
     fn args(list: &[&str]) -> Vec<String> {
         list.iter().map(|s| (*s).to_owned()).collect()
@@ -520,9 +547,23 @@ mod tests {
         let quick = Options::parse(&args(&["--quick"])).unwrap();
         let names: Vec<&str> = quick.selected().iter().map(|b| b.name).collect();
         assert!(names.contains(&"bus") && !names.contains(&"kafka"));
+        assert!(names.contains(&"postgres"));
         let chosen = Options::parse(&args(&["--quick", "kafka"])).unwrap();
         let names: Vec<&str> = chosen.selected().iter().map(|b| b.name).collect();
         assert_eq!(names, ["kafka"]);
+    }
+
+    #[test]
+    fn a_service_down_fails_the_bench_under_ci() {
+        let why = "PostgreSQL at 127.0.0.1:5432 is down (connection refused)";
+        assert!(matches!(
+            service_down(why.to_owned(), false),
+            Outcome::Skipped(text) if text == why
+        ));
+        assert!(matches!(
+            service_down(why.to_owned(), true),
+            Outcome::Failed(text) if text.starts_with(why) && text.contains("CI=true")
+        ));
     }
 
     #[test]

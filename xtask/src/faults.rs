@@ -251,11 +251,6 @@ pub(crate) enum Outcome {
     Failed(String),
 }
 
-/// Whether we run under CI, where a scenario that cannot run is a failure.
-fn in_ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| v.eq_ignore_ascii_case("true") || v == "1")
-}
-
 /// Reads the `result …` line: `result passed k=v …`, `result failed reason=…`,
 /// `result cannot-run reason=…`.
 pub(crate) fn parse_result(line: &str) -> Option<Outcome> {
@@ -487,7 +482,7 @@ pub(crate) fn faults(root: &Path, options: &Options) -> Result<()> {
         out.display(),
         started.elapsed().as_secs_f64() / 60.0
     );
-    let ci = in_ci();
+    let ci = reachable::in_ci();
     let bad: Vec<String> = outcomes
         .iter()
         .filter(|(_, o)| {

@@ -62,14 +62,15 @@ Commands:
         `down` is for use by hand: other sessions and CI rely on these services.
   bench [--quick] [--out <file>] [<bench>...]
         Builds and runs every benchmark (codec, bus, store, saga, cqrs, the
-        redis, rabbitmq and kafka backends against their raw clients, and e2e: the
-        facade from publish to handler against plain appends) one after another,
-        and writes BENCHMARKS.md: each area's figure, the baseline measured in the
-        same run, the ratio and the target. Backends whose service is down are
-        reported as skipped; the kafka and e2e benches get a tansu of their own
-        with sqlite storage when tansu is installed. --quick is a smoke run (short
-        measurements, no rabbitmq/kafka/e2e) written under the target folder, as
-        is a run of named benches only; --out picks the file.
+        redis, rabbitmq, kafka and postgres backends against their raw clients,
+        and e2e: the facade from publish to handler against plain appends) one
+        after another, and writes BENCHMARKS.md: each area's figure, the baseline
+        measured in the same run, the ratio and the target. Backends whose service
+        is down are reported as skipped, except with CI=true where they fail; the
+        kafka and e2e benches get a tansu of their own with sqlite storage when
+        tansu is installed. --quick is a smoke run (short measurements, 3 rounds
+        of the redis and postgres benches, no rabbitmq/kafka/e2e) written under
+        the target folder, as is a run of named benches only; --out picks the file.
   faults [--short] [--out <file>] [<scenario>...]
         The fault suite, each scenario a run of orchestrator-faults' `faults`
         binary: a broker restart in the middle of a publish/consume run (redis,

@@ -9,6 +9,12 @@ use crate::services::{Health, SERVICES};
 /// Where Kafka is when `ORCHESTRATOR_KAFKA_BROKERS` is unset.
 const DEFAULT_KAFKA_BROKERS: &str = "127.0.0.1:9092";
 
+/// Whether this run is CI (`CI=true` or `1`), where a service that cannot be reached fails
+/// what needs it instead of skipping it.
+pub(crate) fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v.eq_ignore_ascii_case("true") || v == "1")
+}
+
 /// `Ok(how it answered)` if the service called `name` (`redis`, `rabbitmq`, `kafka`)
 /// answers, else `Err(why not)`, both naming the address.
 pub(crate) fn service(name: &str) -> Result<String, String> {

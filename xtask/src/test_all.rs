@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crate::{Result, browser, cargo, deny, describe, faults, metadata, services, tansu};
+use crate::{Result, browser, cargo, deny, describe, faults, metadata, reachable, services, tansu};
 
 /// Command-line options of `test-all`.
 #[derive(Debug, PartialEq, Eq)]
@@ -87,11 +87,6 @@ impl Options {
     }
 }
 
-/// Whether we run under CI, where missing services are an error rather than a skip.
-fn in_ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| v.eq_ignore_ascii_case("true") || v == "1")
-}
-
 /// How a step ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Outcome {
@@ -168,7 +163,7 @@ impl Run<'_> {
             .chain([browser::NAME.to_owned()])
             .collect();
         match services::up(&names) {
-            Err(why) if !in_ci() => {
+            Err(why) if !reachable::in_ci() => {
                 eprintln!(
                     "warning: {why}\nwarning: tests of backends whose service is down, and the \
                      browser test without Chromium, will be skipped (with CI=true this is an \
@@ -491,7 +486,7 @@ impl Run<'_> {
                     test.env("ORCHESTRATOR_KAFKA_BROKERS", broker.address());
                     kafka = Some(broker);
                 }
-                Err(why) if in_ci() => {
+                Err(why) if reachable::in_ci() => {
                     return self
                         .record("Kafka broker for the tests", started, Err(why))
                         .map(|()| false);

@@ -233,7 +233,10 @@
 //!   the last few of them, whole, which puts their rows back as they were — delivered again,
 //!   never lost. Measured with `benches/postgres.rs` against raw tokio-postgres doing the
 //!   same statements in the same run (a 2-core machine with a build running beside it, so
-//!   the ranges are wide): publish one at a time, 0.84× (3,310/s); consume acking each
+//!   the ranges are wide): publish one at a time, 0.72–0.75× (~2,900/s) when the WAL
+//!   flushes fast and about 1× when it flushes slowly (the fan-out to matching groups and
+//!   the notification cost ~90 µs per publish that raw's INSERT does not pay; BENCHMARKS.md
+//!   has the runs); consume acking each
 //!   delivery before the next, 0.46–0.78× (4,300–6,200/s, raw claiming 100 at a time and
 //!   deleting each row autocommitted in a `synchronous_commit = off` session: 6,500–12,200/s);
 //!   with 100 acks in flight, 0.41–0.49× (24,000–32,000/s, raw deleting the 100 claimed

@@ -219,6 +219,25 @@ pub(crate) fn comparisons(output: &str) -> Vec<Comparison> {
     found
 }
 
+/// What the PostgreSQL bench printed.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub(crate) struct PostgresReport {
+    /// Its settings: the `postgres bench:` line without that prefix.
+    pub(crate) settings: Option<String>,
+    /// Each of our rows against the raw tokio-postgres row heading its group.
+    pub(crate) rows: Vec<Comparison>,
+}
+
+/// Reads the PostgreSQL bench's output: groups of the Redis shape (a `raw …  rate` line, then
+/// each of ours as `label  rate  ratio`), after its `postgres bench:` line.
+pub(crate) fn postgres_report(output: &str) -> PostgresReport {
+    PostgresReport {
+        settings: line_with(output, "postgres bench:")
+            .map(|line| line.trim_start_matches("postgres bench:").trim().to_owned()),
+        rows: comparisons(output),
+    }
+}
+
 /// A line of the CQRS bench's report: `label  <rate> commands/s  <ratio>x cqrs-es`.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct CqrsLine {
@@ -465,6 +484,71 @@ publish persistent, 500 in flight                   18300        17000     0.93
         assert_eq!(found.len(), 1);
         assert_eq!(found[0].ratio, 0.93);
         assert_eq!((found[0].ours, found[0].baseline), (17_000.0, 18_300.0));
+    }
+
+    #[test]
+    fn postgres_groups_and_settings() {
+        // A run of the bench, 2026-12-07 23:22 UTC (the `postgres bench:` line shortened).
+        let output = "\
+postgres bench: postgres://***@127.0.0.1:5432/test, PostgreSQL 15.20, synchronous_commit = on, payload 200 B of JSON (417 B as a CloudEvent), 5 rounds, medians
+                                           median events/s  ours/raw median
+raw INSERT, 1 writer                                 3117
+PostgresEventStore::append, 1 writer                 2071             0.66
+raw INSERT, 16 writers                              11248
+PostgresEventStore::append, 16 writers              10711             1.05
+raw INSERT unnest 100, 1 writer                     80452
+PostgresEventStore::append, 100 events              60857             0.77
+raw SELECT pages of 1000, no decoding              518693
+PostgresEventStore::read_all, pages of 1000         237161             0.44
+raw SELECT pages of 1000, no decoding              518693
+PostgresEventStore::subscribe, catch-up            255883             0.50
+raw INSERT queue row, 1 publisher                    3969
+PostgresTransport::publish                           2816             0.71
+raw claim 100 + DELETE each                          8760
+PostgresTransport consume + ack each                 5637             0.65
+raw claim 100 + DELETE the 100                      70476
+PostgresTransport consume, 100 acks in flight          37509             0.54
+(ours/raw is the median of the per-round ratios to the first line of each group; target >= 0.8)
+";
+        let report = postgres_report(output);
+        assert_eq!(
+            report.settings.as_deref(),
+            Some(
+                "postgres://***@127.0.0.1:5432/test, PostgreSQL 15.20, synchronous_commit = on, \
+                 payload 200 B of JSON (417 B as a CloudEvent), 5 rounds, medians"
+            )
+        );
+        let labels: Vec<&str> = report.rows.iter().map(|c| c.label.as_str()).collect();
+        assert_eq!(
+            labels,
+            [
+                "PostgresEventStore::append, 1 writer",
+                "PostgresEventStore::append, 16 writers",
+                "PostgresEventStore::append, 100 events",
+                "PostgresEventStore::read_all, pages of 1000",
+                "PostgresEventStore::subscribe, catch-up",
+                "PostgresTransport::publish",
+                "PostgresTransport consume + ack each",
+                "PostgresTransport consume, 100 acks in flight",
+            ]
+        );
+        let batched = &report.rows[2];
+        assert_eq!(batched.baseline_label, "raw INSERT unnest 100, 1 writer");
+        assert_eq!(
+            (batched.ours, batched.baseline, batched.ratio),
+            (60_857.0, 80_452.0, 0.77)
+        );
+        // Both reads are compared with the same raw SELECTs.
+        assert_eq!(report.rows[4].baseline, 518_693.0);
+        // A label longer than the bench's padding still splits from its figures.
+        let acks = &report.rows[7];
+        assert_eq!(acks.baseline_label, "raw claim 100 + DELETE the 100");
+        assert_eq!((acks.ours, acks.ratio), (37_509.0, 0.54));
+        // Without PostgreSQL: no settings, no rows.
+        let skipped = postgres_report(
+            "postgres bench skipped: PostgreSQL at postgres://***@127.0.0.1:5432/test does not answer\n",
+        );
+        assert_eq!(skipped, PostgresReport::default());
     }
 
     #[test]
