@@ -77,8 +77,7 @@ pub struct RelayOptions {
     /// With a broker transport, while events keep coming (the store woke the relay less
     /// than this long after its last publish) but fewer than [`batch`](Self::batch) at a
     /// time: how long the relay waits for more before it publishes them (default 1 ms;
-    /// zero: never). It does not wait while a caller of
-    /// [`publish_and_wait`](crate::EventOrchestrator::publish_and_wait) does. A steady stream of events published one at a time would otherwise cost
+    /// zero: never). A steady stream of events published one at a time would otherwise cost
     /// the broker, the relay and every subscriber a round trip per event; waiting lets them
     /// go in batches, at the price of at most this much latency. An event after a quiet
     /// spell goes at once, and the in-process transport never waits.
@@ -199,8 +198,6 @@ pub(crate) struct Relay {
     pace: Arc<Pace>,
     /// Publishers giving way to the relay (see [`Relay::give_way`]).
     giving_way: AtomicU64,
-    /// Callers of [`Relay::wait_for`] (the relay does not linger while one waits).
-    waiters: Arc<Waiters>,
     /// Told every position up to which events are relayed (the bounded in-memory store
     /// evicts only those).
     on_relayed: Option<OnRelayed>,
@@ -212,33 +209,6 @@ pub(crate) struct GivingWay<'a>(&'a AtomicU64);
 impl Drop for GivingWay<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-/// The callers waiting for the relay to publish a position ([`Relay::wait_for`]): while
-/// there are any, the relay publishes what it has at once rather than lingering for more
-/// ([`RelayOptions::linger`]), so that a loop of `publish_and_wait` is not slowed by it.
-#[derive(Debug, Default)]
-struct Waiters {
-    count: std::sync::atomic::AtomicUsize,
-    /// Told when a caller starts waiting (a lingering relay stops lingering).
-    arrived: tokio::sync::Notify,
-}
-
-/// A caller of [`Relay::wait_for`], counted until dropped.
-struct Waiting<'a>(&'a Waiters);
-
-impl<'a> Waiting<'a> {
-    fn new(waiters: &'a Waiters) -> Self {
-        waiters.count.fetch_add(1, Ordering::AcqRel);
-        waiters.arrived.notify_one();
-        Self(waiters)
-    }
-}
-
-impl Drop for Waiting<'_> {
-    fn drop(&mut self) {
-        self.0.count.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -299,7 +269,6 @@ impl Relay {
             started: AtomicBool::new(false),
             pace: Arc::new(Pace(AtomicU64::new(Pace::NOT_RELAYING))),
             giving_way: AtomicU64::new(0),
-            waiters: Arc::default(),
             on_relayed: None,
         }
     }
@@ -356,7 +325,6 @@ impl Relay {
             stop: self.stop.subscribe(),
             lease: self.lease.clone(),
             pace: Arc::clone(&self.pace),
-            waiters: Arc::clone(&self.waiters),
             in_process: self
                 .bus
                 .transport()
@@ -377,7 +345,6 @@ impl Relay {
     pub(crate) async fn wait_for(&self, position: u64) -> orchestrator_core::Result<()> {
         self.ensure_started();
         let mut status = self.status.subscribe();
-        let _waiting = Waiting::new(&self.waiters);
         loop {
             {
                 let now = status.borrow_and_update();
@@ -472,7 +439,6 @@ struct Worker {
     stop: watch::Receiver<bool>,
     lease: Option<Arc<dyn Lease>>,
     pace: Arc<Pace>,
-    waiters: Arc<Waiters>,
     /// The transport, when it is the in-process one (checkpoints wait for it to settle).
     in_process: Option<InProcessTransport>,
     on_relayed: Option<OnRelayed>,
@@ -648,8 +614,7 @@ impl Worker {
             let chunk = match chunk {
                 Some(items)
                     if self.in_process.is_none()
-                        && last_published.is_some_and(|at| at.elapsed() < self.options.linger)
-                        && self.waiters.count.load(Ordering::Acquire) == 0 =>
+                        && last_published.is_some_and(|at| at.elapsed() < self.options.linger) =>
                 {
                     Some(self.linger(items, &mut chunks, &mut stop).await)
                 }
@@ -689,11 +654,10 @@ impl Worker {
             return items;
         }
         let deadline = tokio::time::Instant::now() + linger;
-        while items.len() < self.options.batch && self.waiters.count.load(Ordering::Acquire) == 0 {
+        while items.len() < self.options.batch {
             tokio::select! {
                 biased;
                 () = stopped(stop) => break,
-                () = self.waiters.arrived.notified() => {}
                 () = tokio::time::sleep_until(deadline) => break,
                 more = chunks.next() => match more {
                     Some(more) => items.extend(more),

@@ -764,31 +764,3 @@ async fn a_lone_event_is_relayed_at_once() {
     }
     assert_eq!(transport.calls(), [1, 1, 1]);
 }
-
-/// `publish_and_wait` is not held back by the linger: the relay publishes at once while a
-/// caller waits, so a loop of them runs at the transport's pace.
-#[tokio::test]
-async fn publish_and_wait_is_not_held_back_by_the_linger() {
-    let transport = Recording::new();
-    // Had the relay lingered while a caller waits, each call after the first would take a
-    // minute.
-    let (orchestrator, _subscription, mut rx) = recorded(
-        &transport,
-        RelayOptions::default().linger(Duration::from_secs(60)),
-    )
-    .await;
-    timeout(Duration::from_secs(20), async {
-        for i in 0..20u64 {
-            let event = EventEnvelope::new("order.placed", &json!({ "n": i })).unwrap();
-            orchestrator.publish_and_wait(event).await.unwrap();
-        }
-    })
-    .await
-    .expect("20 publish_and_wait calls in a row, none waiting for the linger");
-    let got = take(&mut rx, 20).await;
-    assert_eq!(
-        got.iter().map(n).collect::<Vec<_>>(),
-        (0..20).collect::<Vec<_>>()
-    );
-    assert_eq!(transport.calls().iter().sum::<usize>(), 20);
-}
