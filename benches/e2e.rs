@@ -31,7 +31,6 @@
 //! topic prefix) which are deleted afterwards. Each round measures both back to back, end to
 //! end first in even rounds and last in odd ones; the bench prints the medians over rounds
 //! and the median of the per-round ratios. `E2E_BENCH_ROUNDS` overrides the rounds (5);
-//! `E2E_BENCH_LINGER_US` sets the relay's [`RelayOptions::linger`] (default: the default);
 //! `E2E_BENCH_TRACE`, when set, prints every 100 ms how far the store, the relay and the
 //! handler have got. Arguments other than `--bench` pick combinations by name (`memory`,
 //! `file`, `redis`, …). A measurement that fails ends its row with an `e2e failed:` line and
@@ -49,12 +48,12 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
+use orchestrator::EventOrchestrator;
 use orchestrator::core::testkit::services;
 use orchestrator::core::{
     EventEnvelope, EventId, EventStore, ExpectedVersion, HandlerError, Transport,
 };
 use orchestrator::store::{FileEventStore, InMemoryEventStore};
-use orchestrator::{EventOrchestrator, RelayOptions};
 use tokio::sync::Notify;
 
 /// Rounds unless `E2E_BENCH_ROUNDS` says otherwise.
@@ -605,12 +604,6 @@ async fn measure_end_to_end(
     concurrency: usize,
 ) -> BenchResult<Sample> {
     let mut builder = EventOrchestrator::builder().store(Arc::clone(&parts.store));
-    if let Some(linger) = std::env::var("E2E_BENCH_LINGER_US")
-        .ok()
-        .and_then(|us| us.parse().ok())
-    {
-        builder = builder.relay(RelayOptions::default().linger(Duration::from_micros(linger)));
-    }
     if let Some(transport) = &parts.transport {
         builder = builder.transport(Arc::clone(transport));
     }

@@ -38,11 +38,7 @@
 //!   the decode error, and goes on with the events after it.
 //! - **Latency.** The relay is woken by the store's own live subscription (at once for the
 //!   in-memory and file stores) and publishes runs of events of one type with one
-//!   [`EventBus::publish_batch`] call. On a broker transport, while events keep coming
-//!   (woken within [`RelayOptions::linger`], 1 ms by default, of its last publish), it waits
-//!   up to that long for a fuller batch: a stream of single publishes then costs the broker,
-//!   the relay and the subscribers a round trip per batch instead of per event. An event
-//!   after a quiet spell goes at once.
+//!   [`EventBus::publish_batch`] call.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -74,14 +70,6 @@ pub struct RelayOptions {
     pub checkpoint_interval: Duration,
     /// Streams whose id starts with one of these are not published (default `$` and `saga-`).
     pub skip_stream_prefixes: Vec<String>,
-    /// With a broker transport, while events keep coming (the store woke the relay less
-    /// than this long after its last publish) but fewer than [`batch`](Self::batch) at a
-    /// time: how long the relay waits for more before it publishes them (default 1 ms;
-    /// zero: never). A steady stream of events published one at a time would otherwise cost
-    /// the broker, the relay and every subscriber a round trip per event; waiting lets them
-    /// go in batches, at the price of at most this much latency. An event after a quiet
-    /// spell goes at once, and the in-process transport never waits.
-    pub linger: Duration,
 }
 
 impl Default for RelayOptions {
@@ -93,7 +81,6 @@ impl Default for RelayOptions {
             checkpoint_every: 1_000,
             checkpoint_interval: Duration::from_secs(1),
             skip_stream_prefixes: vec!["$".to_owned(), "saga-".to_owned()],
-            linger: DEFAULT_LINGER,
         }
     }
 }
@@ -130,13 +117,6 @@ impl RelayOptions {
     /// Read at most `events` per step (at least 1).
     pub fn batch(mut self, events: usize) -> Self {
         self.batch = events.max(1);
-        self
-    }
-
-    /// How long the relay waits for more events before publishing a partial batch on a
-    /// broker transport ([`linger`](Self::linger); zero: never).
-    pub fn linger(mut self, linger: Duration) -> Self {
-        self.linger = linger;
         self
     }
 
@@ -554,8 +534,6 @@ impl Worker {
         let mut save_at: Option<tokio::time::Instant> = None;
         // Looks left before waiting for the store to wake the relay (see `SPIN`).
         let mut spin = 0u32;
-        // When the last chunk was published (for `linger`).
-        let mut last_published: Option<Instant> = None;
         loop {
             if held.is_some_and(|h| !*h.borrow()) {
                 return Ended::LeaseLost;
@@ -611,15 +589,6 @@ impl Worker {
             if self.in_process.is_some() {
                 spin = SPIN;
             }
-            let chunk = match chunk {
-                Some(items)
-                    if self.in_process.is_none()
-                        && last_published.is_some_and(|at| at.elapsed() < self.options.linger) =>
-                {
-                    Some(self.linger(items, &mut chunks, &mut stop).await)
-                }
-                other => other,
-            };
             if let Err(ended) = self
                 .relay_chunk(
                     chunk,
@@ -632,40 +601,7 @@ impl Worker {
             {
                 return ended;
             }
-            last_published = Some(Instant::now());
         }
-    }
-
-    /// Adds to `items` what the store's subscription yields within
-    /// [`RelayOptions::linger`], until they are [`RelayOptions::batch`] events or more (a
-    /// read adds up to a batch); returns early when asked to stop or when the subscription
-    /// ends (the next read reports it).
-    async fn linger<S>(
-        &self,
-        mut items: Vec<orchestrator_core::Result<EventEnvelope>>,
-        chunks: &mut S,
-        stop: &mut watch::Receiver<bool>,
-    ) -> Vec<orchestrator_core::Result<EventEnvelope>>
-    where
-        S: futures::Stream<Item = Vec<orchestrator_core::Result<EventEnvelope>>> + Unpin,
-    {
-        let linger = self.options.linger;
-        if linger.is_zero() || items.len() >= self.options.batch {
-            return items;
-        }
-        let deadline = tokio::time::Instant::now() + linger;
-        while items.len() < self.options.batch {
-            tokio::select! {
-                biased;
-                () = stopped(stop) => break,
-                () = tokio::time::sleep_until(deadline) => break,
-                more = chunks.next() => match more {
-                    Some(more) => items.extend(more),
-                    None => break,
-                },
-            }
-        }
-        items
     }
 
     /// Publishes one chunk read from the store's subscription (`None`: the subscription
@@ -1013,9 +949,6 @@ const SPIN: u32 = 64;
 
 /// How soon a checkpoint that waits for the in-process transport to settle looks again.
 const IDLE_RECHECK: Duration = Duration::from_millis(50);
-
-/// [`RelayOptions::linger`]'s default.
-const DEFAULT_LINGER: Duration = Duration::from_millis(1);
 
 /// Sleeps until `at`; never resolves for `None`.
 async fn sleep_until(at: Option<tokio::time::Instant>) {
