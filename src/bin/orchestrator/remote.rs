@@ -116,8 +116,8 @@ fn unauthorized(url: &str, token_given: bool) -> String {
 /// A result of the client.
 pub(crate) type RemoteResult<T> = Result<T, RemoteError>;
 
-/// Where the server is and how to talk to it.
-#[derive(Debug, Clone)]
+/// Where the server is and how to talk to it. Its `Debug` leaves the token out.
+#[derive(Clone)]
 pub(crate) struct Server {
     /// The URL as given, without a trailing `/` (for messages).
     url: String,
@@ -130,6 +130,16 @@ pub(crate) struct Server {
     base: String,
     token: Option<String>,
     connect_timeout: Duration,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("url", &self.url)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("connect_timeout", &self.connect_timeout)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Server {
