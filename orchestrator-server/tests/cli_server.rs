@@ -624,3 +624,69 @@ async fn a_tail_that_falls_behind_goes_on_where_the_server_stopped_it() {
         .unwrap_or_default();
     assert!(note.contains("fell behind the server's window"), "{note}");
 }
+
+/// `orchestrator serve` runs the server binary beside it over `--store`, handing the store
+/// and the token over through its environment, and passes the server's own options on.
+#[cfg(feature = "cli")]
+#[tokio::test(flavor = "multi_thread")]
+async fn orchestrator_serve_runs_the_server_over_the_store() {
+    // The server binary this package builds for its tests sits next to the CLI.
+    let server = Path::new(env!("CARGO_BIN_EXE_orchestrator-server"));
+    assert_eq!(server.parent(), orchestrator_bin().parent());
+    let dir = tempfile::tempdir().unwrap();
+    // Events in the store before it is served.
+    let seeded = direct(dir.path(), &["publish", "order.placed", r#"{"n":1}"#]).await;
+    stdout(&seeded);
+
+    let mut child = cli()
+        .arg("--store")
+        .arg(format!("file://{}", dir.path().display()))
+        .args(["--token", support::TOKEN])
+        .args(["serve", "--listen", "127.0.0.1:0", "--read-only"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+        .await
+        .expect("the server says where it listens within 30 s")
+        .unwrap()
+        .unwrap();
+    let url = line
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| panic!("{line}"))
+        .to_owned();
+    // Read through the served store, with the token `serve` was given.
+    let streams = through(&url, &["--json", "streams", "list"]).await;
+    assert!(
+        stdout(&streams).contains("order.placed"),
+        "{}",
+        stdout(&streams)
+    );
+    // --read-only reached the server.
+    let refused = through(&url, &["publish", "order.placed", "{}"]).await;
+    assert!(
+        failure(&refused).contains("READ_ONLY"),
+        "{}",
+        failure(&refused)
+    );
+    // Without the token the server refuses.
+    let anonymous = cli()
+        .args(["--server", &url, "streams", "list"])
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        failure(&anonymous).contains("401"),
+        "{}",
+        failure(&anonymous)
+    );
+    child.kill().await.unwrap();
+}
+
+/// `serve` without a store says what to pass.
+#[tokio::test]
+async fn orchestrator_serve_needs_a_store() {
+    let output = cli().args(["serve"]).output().await.unwrap();
+    assert!(failure(&output).contains("--store"), "{}", failure(&output));
+}

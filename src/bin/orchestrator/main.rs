@@ -16,6 +16,7 @@ mod events;
 mod output;
 mod remote;
 mod sagas;
+mod serve;
 mod streams;
 mod time;
 mod trace;
@@ -107,6 +108,10 @@ enum Command {
     /// The causation tree of a correlation id (or of an event or saga id): events and saga
     /// steps, with their timings.
     Trace(trace::TraceArgs),
+    /// Serve --store and --transport over HTTP: the GraphQL API, WebSocket subscriptions,
+    /// the dashboard at /, /healthz, /readyz and /metrics (runs the orchestrator-server
+    /// binary; --token is the bearer token it will require).
+    Serve(serve::ServeArgs),
 }
 
 /// What every command needs: the backends (or the server) and how to print.
@@ -289,7 +294,11 @@ async fn run(cli: Cli) -> CliResult {
                             commands use the server's store and transport; drop one"
                     .into());
             }
-            Some(remote::Server::new(&url, cli.token, connect_timeout)?)
+            Some(remote::Server::new(
+                &url,
+                cli.token.clone(),
+                connect_timeout,
+            )?)
         }
         None => None,
     };
@@ -308,6 +317,7 @@ async fn run(cli: Cli) -> CliResult {
         Command::Streams(command) => streams::run(&cx, command).await,
         Command::Sagas(command) => sagas::run(&cx, command).await,
         Command::Trace(args) => trace::run(&cx, args).await,
+        Command::Serve(args) => serve::serve(&cx, cli.token.as_deref(), args),
     }
 }
 
