@@ -5,11 +5,9 @@
 mod support;
 
 use std::process::Stdio;
-use std::time::Duration;
 
 use hyper::{Method, StatusCode};
 use serde_json::json;
-use tokio::io::{AsyncBufReadExt as _, BufReader};
 use tokio::process::Command;
 
 fn server() -> Command {
@@ -50,17 +48,7 @@ async fn it_serves_with_a_token() {
         .env("ORCHESTRATOR_SERVER_TOKEN", support::TOKEN)
         .spawn()
         .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
-        .await
-        .expect("the server says where it listens within 30 s")
-        .unwrap()
-        .unwrap();
-    let addr = line
-        .strip_prefix("listening on http://")
-        .unwrap_or_else(|| panic!("{line}"))
-        .parse()
-        .unwrap();
+    let addr = support::listening_on(child.stdout.take().unwrap()).await;
     let (status, body) = support::request(addr, Method::GET, "/healthz", None, "").await;
     assert_eq!((status, body.as_str()), (StatusCode::OK, "ok\n"));
     let data = support::query(addr, "{ system { store readOnly maxPageSize } }", json!({})).await;

@@ -646,16 +646,10 @@ async fn orchestrator_serve_runs_the_server_over_the_store() {
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
-        .await
-        .expect("the server says where it listens within 30 s")
-        .unwrap()
-        .unwrap();
-    let url = line
-        .strip_prefix("listening on ")
-        .unwrap_or_else(|| panic!("{line}"))
-        .to_owned();
+    let url = format!(
+        "http://{}",
+        support::listening_on(child.stdout.take().unwrap()).await
+    );
     // Read through the served store, with the token `serve` was given.
     let streams = through(&url, &["--json", "streams", "list"]).await;
     assert!(

@@ -608,3 +608,19 @@ pub(crate) async fn receive(socket: &mut Socket) -> Value {
         }
     }
 }
+
+/// Where a server binary listens: the first line it prints on stdout
+/// (`listening on http://ADDR`), within 30 s.
+pub(crate) async fn listening_on(stdout: tokio::process::ChildStdout) -> SocketAddr {
+    use tokio::io::AsyncBufReadExt as _;
+    let mut lines = tokio::io::BufReader::new(stdout).lines();
+    let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+        .await
+        .expect("the server says where it listens within 30 s")
+        .unwrap()
+        .unwrap();
+    line.strip_prefix("listening on http://")
+        .unwrap_or_else(|| panic!("{line}"))
+        .parse()
+        .unwrap()
+}
