@@ -404,7 +404,7 @@ async fn embedded_dead_letters_are_listed_shown_and_discarded_beside_a_running_a
         .store_url(format!("file://{}", d.display()))
         .build()
         .await
-        .unwrap();
+        .unwrap_or_else(|e| panic!("reopening the store after shutdown and drop: {e}"));
     let left = app
         .dead_letters()
         .list(&DeadLetterQuery::default())
