@@ -6,7 +6,7 @@
 //! print their own medians and ratios against the raw client. Results are read back from
 //! criterion's `estimates.json` files and from the printed tables, and written as one
 //! table per area: our figure, the baseline measured in the same run, the ratio, and
-//! the target from DESIGN.md.
+//! the project's target for it (the design's performance targets and the issues').
 
 mod parse;
 mod report;

@@ -86,7 +86,7 @@
 //!
 //! # Wire format
 //!
-//! As DESIGN.md fixes for every backend: the message value is the event as a CloudEvents 1.0
+//! The wire contract every backend shares: the message value is the event as a CloudEvents 1.0
 //! JSON object (structured mode, see [`orchestrator_core::cloudevents`]), with the headers
 //! `content-type: application/cloudevents+json` and, when the event carries trace context,
 //! `traceparent` (and `tracestate`). Any client can publish to an event topic. A message that

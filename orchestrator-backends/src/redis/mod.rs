@@ -83,7 +83,7 @@
 //!
 //! # Wire format
 //!
-//! As DESIGN.md fixes for every backend: each entry's field `type` is the event type and
+//! The wire contract every backend shares: each entry's field `type` is the event type and
 //! field `event` is the event as a CloudEvents 1.0 JSON object (structured mode, see
 //! [`orchestrator_core::cloudevents`]). Stored events carry the extensions `streamid`,
 //! `streamversion` and `globalposition` in that JSON. Any client can write a topic entry

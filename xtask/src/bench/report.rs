@@ -621,7 +621,7 @@ pub(crate) fn markdown(run: &Run<'_>) -> String {
         md,
         "Written by `cargo xtask bench`{} — every figure next to its baseline measured in the \
          same run on the same machine (the raw client or primitive doing the same work), and \
-         the target from DESIGN.md. Rates are medians. Machines here are shared and noisy: \
+         the project's target for it. Rates are medians. Machines here are shared and noisy: \
          read the ratios, not the absolute figures.\n",
         if run.quick {
             " **--quick (a smoke run: short measurements, not figures to quote)**"
