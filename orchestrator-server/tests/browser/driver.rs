@@ -251,13 +251,29 @@ impl Page {
 
     /// Clicks the element `css` selects.
     pub(crate) async fn click(&self, css: &str) {
-        self.client
-            .find(Locator::Css(css))
-            .await
-            .unwrap_or_else(|e| panic!("an element `{css}`: {e}"))
-            .click()
-            .await
-            .unwrap_or_else(|e| panic!("a click on `{css}`: {e}"));
+        self.click_on(Locator::Css(css), css).await;
+    }
+
+    /// Clicks the element `locator` finds (`what` names it in failures). The page re-renders
+    /// its tables as data arrives (live events, the dead letters' poll), so an element found
+    /// may be replaced before the click reaches it: a stale element is looked up again, for
+    /// up to 10 s.
+    pub(crate) async fn click_on(&self, locator: Locator<'_>, what: &str) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let element = self
+                .client
+                .find(locator)
+                .await
+                .unwrap_or_else(|e| panic!("an element `{what}`: {e}"));
+            match element.click().await {
+                Ok(()) => return,
+                Err(e) if e.is_stale_element_reference() && Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => panic!("a click on `{what}`: {e}"),
+            }
+        }
     }
 
     /// Saves the window as `dashboard-{name}.png`.

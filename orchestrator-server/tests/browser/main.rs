@@ -239,15 +239,14 @@ async fn live_events(
 /// One event: its detail in the drawer, then its trace, each event under its cause.
 async fn event_and_trace(page: &mut Page, placed: &EventEnvelope, correlation: &str) {
     // A click on its type: its correlation cell is a link of its own, to the trace.
-    page.client
-        .find(Locator::XPath(&format!(
-            "//tbody[@id='live-rows']/tr[td[5]/a/@title='{correlation}'][td[3]='order.placed']/td[3]"
-        )))
-        .await
-        .expect("the order placed in the table")
-        .click()
-        .await
-        .unwrap();
+    let placed_cell = format!(
+        "//tbody[@id='live-rows']/tr[td[5]/a/@title='{correlation}'][td[3]='order.placed']/td[3]"
+    );
+    page.click_on(
+        Locator::XPath(&placed_cell),
+        "the order placed in the table",
+    )
+    .await;
     page.wait(
         "the event's detail",
         "!document.getElementById('drawer').hidden && \
