@@ -24,6 +24,21 @@ pub(crate) struct Run<'a> {
     pub(crate) estimates: &'a [Estimate],
 }
 
+#[cfg(test)]
+impl<'a> Run<'a> {
+    /// A full run of a minute on 2 cores with these outcomes and no criterion results, for
+    /// the report's tests.
+    pub(crate) fn for_test(outcomes: &'a [(&'static str, Outcome)]) -> Self {
+        Self {
+            machine: "2 cores".to_owned(),
+            quick: false,
+            took: Duration::from_secs(60),
+            outcomes,
+            estimates: &[],
+        }
+    }
+}
+
 /// A measured figure.
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Figure {

@@ -81,13 +81,7 @@ PostgresTransport::publish                           2816             0.71
 
     fn run_with(outcome: Outcome) -> String {
         let outcomes = [("postgres", outcome)];
-        let run = Run {
-            machine: "2 cores".to_owned(),
-            quick: false,
-            took: Duration::from_secs(60),
-            outcomes: &outcomes,
-            estimates: &[],
-        };
+        let run = Run::for_test(&outcomes);
         format!("{}\n{}", markdown(&run), terminal_summary(&run))
     }
 

@@ -242,13 +242,7 @@ memory          2000            2000           199000     600000    600000      
                 took: Duration::from_secs(60),
             },
         )];
-        let run = Run {
-            machine: "2 cores".to_owned(),
-            quick: false,
-            took: Duration::from_secs(60),
-            outcomes: &outcomes,
-            estimates: &[],
-        };
+        let run = Run::for_test(&outcomes);
         let md = markdown(&run);
         assert!(
             md.contains("| memory | 5.01 ms | 7.00 ms | 1.50 ms | 2.00 ms | 0.30× | (reference) |"),
